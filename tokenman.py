@@ -1,0 +1,3090 @@
+#!/usr/bin/env python3
+"""tokenman: a local reverse proxy for LLM API calls, in one standard-library file.
+
+Point the Anthropic or OpenAI SDK, Claude Code, Cursor or curl at it and it relays
+`/v1/messages` and `/v1/chat/completions` (streaming included) to the provider, recording exact
+usage and cost of every call in a SQLite request log.
+
+Quick start (CPython >= 3.11, nothing to install):
+    python tokenman.py                        # proxy on http://127.0.0.1:7677, built-in defaults
+    ANTHROPIC_BASE_URL=http://127.0.0.1:7677 claude
+    OPENAI_BASE_URL=http://127.0.0.1:7677/v1 python my_app.py
+    python tokenman.py stats --since 24h      # usage and cost from the request log
+    python -m unittest -v test_tokenman       # the test suite
+
+Sections (search for the banner mark, e.g. "§05"). Each section only uses the ones above it.
+    §01 constants and limits            §10 accounting: usage, token estimate, prices
+    §02 errors                          §11 store: SQLite request log, one writer thread
+    §03 small utilities and the logger
+    §04 config                          §14 proxy handler and SSE relay
+    §05 HTTP wire, sans-IO              §17 App: wiring, start, graceful stop
+    §06 connections over asyncio        §18 command line
+    §07 HTTP server
+    §08 HTTP client (upstream pool)
+(Sections §09, §13, §15 and §16 are reserved for resilience, the policy pipeline, the dashboard
+API and the dashboard page.)
+"""
+from __future__ import annotations
+
+__version__ = "0.2.0"
+__all__ = [
+    "App", "Config", "ConfigError", "HTTPError", "TokenmanError", "UpstreamError",
+    "Usage", "PriceTable", "Store", "estimate_tokens", "load_config", "main",
+]
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import datetime
+import email.utils
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import tomllib
+import types
+import urllib.parse
+import urllib.request
+import uuid
+
+# ================================================================================================
+# §01 constants and limits: every number the wire layer enforces, with where it comes from
+# ================================================================================================
+
+MAX_REQUEST_LINE = 8 * 1024      # 414 past this: CPython http.server and nginx use 8 KiB
+MAX_HEAD = 64 * 1024             # 431 past this: the whole request head (h11 uses 16 KiB; SDKs
+                                 # send large anthropic-beta lists, so we allow more)
+MAX_HEADERS = 100                # 431 past this many header lines (CPython http.client's limit)
+MAX_CHUNK_LINE = 4 * 1024        # a chunk-size line with extensions (RFC 9112 7.1.1)
+MAX_TRAILERS = 16 * 1024         # trailer section after the last chunk
+MAX_UPSTREAM_HEAD = 64 * 1024    # a provider's response head
+SSE_MAX_EVENT = 10 * 1024 * 1024 # one SSE event the side parser follows (long tool outputs, base64)
+READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one read
+READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
+READ_LOW_WATER = 64 * 1024       # and resume below this
+POOL_MAX_IDLE = 32               # idle keep-alive connections kept per upstream origin
+POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
+STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
+STORE_BATCH = 500                # rows written in one transaction
+STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
+STORED_BODY_MAX = 1024 * 1024    # bodies kept in the log when server.store_body is on
+
+TOKEN_CHARS = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+))
+# Headers tokenman itself owns on the way upstream (framing, routing, its own controls).
+UPSTREAM_DROP = HOP_BY_HOP | frozenset((b"host", b"content-length", b"expect"))
+REASONS = types.MappingProxyType({
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    413: "Content Too Large", 414: "URI Too Long", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported", 529: "Overloaded",
+})
+# Provider-native error types by status, for errors tokenman produces itself.
+ANTHROPIC_ERROR_TYPES = types.MappingProxyType({
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    529: "overloaded_error",
+})
+OPENAI_ERROR_TYPES = types.MappingProxyType({
+    400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+    404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+})
+LOG_LEVELS = types.MappingProxyType({
+    "trace": 5, "debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "fatal": 50,
+})
+API_ANTHROPIC = "anthropic"
+API_OPENAI = "openai"
+API_FORMATS = (API_ANTHROPIC, API_OPENAI)
+
+# ================================================================================================
+# §02 errors: exceptions that know how they look on the wire
+# ================================================================================================
+
+
+class TokenmanError(Exception):
+    """Base of every error tokenman raises on purpose."""
+
+
+class HTTPError(TokenmanError):
+    """A request tokenman answers itself: status, a client-safe message, whether to close."""
+
+    def __init__(self, status: int, detail: str, close: bool = False, kind: str = "") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.close = close
+        self.kind = kind
+
+
+class ConfigError(TokenmanError):
+    """Every problem found in a configuration, reported together."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class UpstreamError(TokenmanError):
+    """The provider could not be reached, answered garbage or too slowly (timeout=True)."""
+
+    def __init__(self, detail: str, timeout: bool = False) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+
+
+class ConnectionGone(TokenmanError):
+    """The peer closed the connection before a read could complete."""
+
+    def __init__(self, partial: bool = False) -> None:
+        super().__init__("connection closed")
+        self.partial = partial
+
+
+class HeadTooLarge(TokenmanError):
+    """A head grew past its limit before its blank line arrived."""
+
+
+# ================================================================================================
+# §03 small utilities: ids, time, escaping, secrets, JSON patching, the logger
+# ================================================================================================
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def utc_iso(ts: float) -> str:
+    """Seconds since the epoch as a sortable UTC string with milliseconds."""
+    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def escape_log(text: str) -> str:
+    """Control characters become visible escapes so a value cannot forge log lines."""
+    if _CONTROL_RE.search(text):
+        return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text
+
+
+def redact_secrets(text: str) -> str:
+    """Masks API keys and bearer tokens that might sit inside an error text."""
+    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from an int/float or a string such as "30s", "5m", "1h", "250ms"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if m:
+            scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+            return float(m.group(1)) * scale
+    raise ValueError(f"expected seconds or a duration like '30s', got {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as "10MiB", "512KiB", "1GB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", value, re.I)
+        if m:
+            unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+            return int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+    raise ValueError(f"expected bytes or a size like '10MiB', got {value!r}")
+
+
+def parse_since(text: str, now: float) -> float:
+    """An absolute start time from "24h", "7d", "30m" (relative to now)."""
+    return now - parse_duration(text)
+
+
+def json_dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_JSON_WS = " \t\n\r"
+
+
+def _top_level_members(text: str) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Spans of the members of a top-level JSON object: key -> (member start, value start, value
+    end), plus the index of the closing brace. Raises ValueError on anything but an object."""
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip(_JSON_WS))
+    if i >= len(text) or text[i] != "{":
+        raise ValueError("not a JSON object")
+    i += 1
+    members: dict[str, tuple[int, int, int]] = {}
+    while True:
+        while i < len(text) and text[i] in _JSON_WS:
+            i += 1
+        if i < len(text) and text[i] == "}" and not members:
+            return members, i
+        start = i
+        if i >= len(text) or text[i] != '"':
+            raise ValueError("expected a key")
+        key, i = json.decoder.scanstring(text, i + 1)
+        while text[i] in _JSON_WS:
+            i += 1
+        if text[i] != ":":
+            raise ValueError("expected ':'")
+        i += 1
+        while text[i] in _JSON_WS:
+            i += 1
+        _, end = decoder.raw_decode(text, i)
+        members[key] = (start, i, end)
+        i = end
+        while text[i] in _JSON_WS:
+            i += 1
+        if text[i] == "}":
+            return members, i
+        if text[i] != ",":
+            raise ValueError("expected ',' or '}'")
+        i += 1
+
+
+def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
+    """The original JSON object with only the named top-level members replaced, added (value
+    given) or removed (value is REMOVE). Every other byte, unknown fields included, is kept."""
+    text = raw.decode("utf-8")
+    members, close = _top_level_members(text)
+    edits: list[tuple[int, int, str]] = []
+    additions: list[str] = []
+    for key, value in changes.items():
+        if key in members:
+            start, vstart, vend = members[key]
+            if value is REMOVE:
+                edits.append(_removal_span(text, start, vend))
+            else:
+                edits.append((vstart, vend, json.dumps(value, ensure_ascii=False)))
+        elif value is not REMOVE:
+            additions.append(json.dumps(key) + ":" + json.dumps(value, ensure_ascii=False))
+    if additions:
+        remaining = len(members) - sum(1 for k, v in changes.items() if k in members and v is REMOVE)
+        sep = "," if remaining else ""
+        edits.append((close, close, sep + ",".join(additions)))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text.encode("utf-8")
+
+
+def _removal_span(text: str, start: int, vend: int) -> tuple[int, int, str]:
+    """The span that removes one member together with one neighbouring comma."""
+    j = vend
+    while text[j] in _JSON_WS:
+        j += 1
+    if text[j] == ",":
+        return (start, j + 1, "")
+    k = start - 1
+    while text[k] in _JSON_WS:
+        k -= 1
+    if text[k] == ",":
+        return (k, vend, "")
+    return (start, vend, "")
+
+
+REMOVE = object()  # marker for json_patch: delete this member
+
+
+def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
+    """Every string value (not key) inside a decoded JSON value, for token estimates."""
+    if depth > 64:
+        return
+    if isinstance(obj, str):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _json_strings(value, out, depth + 1)
+    elif isinstance(obj, list):
+        for value in obj:
+            _json_strings(value, out, depth + 1)
+
+
+class Logger:
+    """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
+    happens for enabled levels; values are escaped so no client input can forge a line."""
+    __slots__ = ("level", "stream")
+
+    def __init__(self, level: str = "info", stream=None) -> None:
+        self.level = LOG_LEVELS.get(level.lower(), 20)
+        self.stream = stream if stream is not None else sys.stderr
+
+    def enabled(self, level: int) -> bool:
+        return level >= self.level
+
+    def _emit(self, name: str, msg: str, fields: dict) -> None:
+        parts = [utc_iso(time.time()), name, escape_log(msg)]
+        for key, value in fields.items():
+            text = escape_log(redact_secrets(str(value)))
+            if not text or " " in text or '"' in text or "=" in text:
+                text = json.dumps(text)
+            parts.append(f"{key}={text}")
+        try:
+            self.stream.write(" ".join(parts) + "\n")
+        except (OSError, ValueError):
+            pass  # a closed or full log stream never fails a request
+
+    def debug(self, msg: str, **fields: object) -> None:
+        if self.level <= 10:
+            self._emit("DEBUG", msg, fields)
+
+    def info(self, msg: str, **fields: object) -> None:
+        if self.level <= 20:
+            self._emit("INFO", msg, fields)
+
+    def warn(self, msg: str, **fields: object) -> None:
+        if self.level <= 30:
+            self._emit("WARN", msg, fields)
+
+    def error(self, msg: str, **fields: object) -> None:
+        if self.level <= 40:
+            self._emit("ERROR", msg, fields)
+
+# ================================================================================================
+# §04 config: frozen dataclasses; TOML file -> built-in defaults -> TOKENMAN_* env -> validation
+# ================================================================================================
+# Each field carries its kind (how a TOML or environment value is coerced) and a one-line doc,
+# which `init-config` writes next to every key, so the example file and the code cannot drift.
+
+
+def _f(default: object, doc: str, kind: str = "") -> dataclasses.Field:
+    kind = kind or {bool: "bool", int: "int", float: "float", str: "str", tuple: "list",
+                    dict: "map"}[type(default)]
+    if isinstance(default, (tuple, dict)):
+        frozen = default if isinstance(default, tuple) else types.MappingProxyType(default)
+        return dataclasses.field(default_factory=lambda: frozen,
+                                 metadata={"kind": kind, "doc": doc})
+    return dataclasses.field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    bind_address: str = _f("127.0.0.1", "address both servers listen on (0.0.0.0 in containers)")
+    proxy_port: int = _f(7677, "port of the LLM API proxy")
+    dashboard_port: int = _f(7678, "port of the dashboard (must differ from proxy_port)")
+    log_level: str = _f("info", "trace, debug, info, warn, error or fatal")
+    data_dir: str = _f("~/.tokenman", "directory of the request log database (created 0700)")
+    tls_enabled: bool = _f(False, "serve HTTPS with cert_file and key_file")
+    cert_file: str = _f("", "PEM certificate chain, when tls_enabled")
+    key_file: str = _f("", "PEM private key, when tls_enabled")
+    read_timeout: float = _f(10.0, "seconds a client may take to send a request head and body",
+                             "duration")
+    idle_timeout: float = _f(120.0, "seconds an idle keep-alive client connection is kept",
+                             "duration")
+    write_timeout: float = _f(60.0, "seconds a client may stall reading a response", "duration")
+    stream_timeout: float = _f(600.0, "longest total duration of one streamed response (0 = none)",
+                               "duration")
+    shutdown_timeout: float = _f(30.0, "seconds in-flight requests get to finish on stop",
+                                 "duration")
+    max_body_size: int = _f(10 * 1024 * 1024, "largest request body in bytes (413 past it)",
+                            "size")
+    max_response_size: int = _f(100 * 1024 * 1024,
+                                "largest non-streamed upstream response in bytes (502 past it)",
+                                "size")
+    store_body: bool = _f(False, "keep request and response bodies (up to 1 MiB) in the log")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    name: str = _f("", "display name (defaults to the table key)")
+    format: str = _f("", "API format: anthropic or openai (inferred from the key when empty)")
+    api_base: str = _f("", "base URL, e.g. https://api.anthropic.com")
+    key_ref: str = _f("", "env:VAR or file:///path; empty = passthrough of the client's own key")
+    models: tuple = _f((), "model ids served here (exact, or with * wildcards); empty = any")
+    enabled: bool = _f(True, "false removes the provider from routing")
+    priority: int = _f(0, "lower is preferred when several providers serve a model")
+    timeout: float = _f(600.0, "read timeout in seconds: first byte, and between stream chunks",
+                        "duration")
+    connect_timeout: float = _f(10.0, "TCP + TLS connect timeout in seconds", "duration")
+    ca_file: str = _f("", "extra PEM CA bundle for this provider's TLS (private gateways)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    default_provider: str = _f("", "provider for models no provider lists (empty = the first "
+                                   "provider of the request's format with an empty models list)")
+    model_map: dict = _f({}, "model id -> provider key, checked first")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    retention_days: int = _f(30, "request log rows older than this are pruned hourly "
+                                 "(0 = keep forever)")
+
+
+BUILTIN_PROVIDERS = types.MappingProxyType({
+    "anthropic": {"api_base": "https://api.anthropic.com", "format": API_ANTHROPIC,
+                  "name": "anthropic", "priority": 1},
+    "openai": {"api_base": "https://api.openai.com", "format": API_OPENAI, "name": "openai",
+               "priority": 2},
+})
+PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+SECTIONS = (("server", ServerConfig), ("routing", RoutingConfig), ("metrics", MetricsConfig))
+_OPENAI_HINTS = ("openai", "azure", "vllm", "ollama", "openrouter", "groq", "together",
+                 "deepseek", "mistral", "lmstudio", "llamacpp", "litellm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One validated, immutable configuration snapshot, passed explicitly everywhere."""
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    providers: types.MappingProxyType = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+    routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    pricing: types.MappingProxyType = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+    source: str = ""
+    warnings: tuple = ()
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.expanduser(self.server.data_dir)
+
+
+def _coerce(kind: str, value: object, from_env: bool) -> object:
+    """A TOML (or, with from_env, an environment string) value converted to the field's kind."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_env and str(value).strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "int":
+        if from_env and isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if kind == "float":
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"expected a number, got {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if kind == "list":
+        if from_env and isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    if kind == "map":
+        if from_env and isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if all(len(p) == 2 for p in pairs):
+                return types.MappingProxyType({k.strip(): v.strip() for k, v in pairs})
+        elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return types.MappingProxyType(dict(value))
+        raise ValueError(f"expected a table of strings, got {value!r}")
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "size":
+        return parse_size(value)
+    raise AssertionError(kind)
+
+
+def _env_name(*parts: str) -> str:
+    return "TOKENMAN_" + "_".join(re.sub(r"[^A-Za-z0-9]", "_", p).upper() for p in parts)
+
+
+def _build_section(cls: type, path: str, raw: object, env: dict, errors: list[str],
+                   warnings: list[str], env_parts: tuple[str, ...],
+                   base: dict | None = None) -> object:
+    """One frozen section: defaults, then the file's table, then environment overrides."""
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table")
+        raw = {}
+    values = dict(base or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            warnings.append(f"{path}.{key}: unknown key, ignored")
+    for name, field in known.items():
+        kind = field.metadata["kind"]
+        if name in raw:
+            try:
+                values[name] = _coerce(kind, raw[name], from_env=False)
+            except ValueError as exc:
+                errors.append(f"{path}.{name}: {exc}")
+        env_key = _env_name(*env_parts, name)
+        if env_key in env:
+            try:
+                values[name] = _coerce(kind, env[env_key], from_env=True)
+            except ValueError as exc:
+                errors.append(f"{env_key}: {exc}")
+    return cls(**values)
+
+
+def find_config_file(explicit: str | None, env: dict) -> str:
+    """The config file to read: explicit path, $TOKENMAN_CONFIG, ~/.tokenman/tokenman.toml,
+    ./tokenman.toml; "" when there is none (built-in defaults)."""
+    if explicit:
+        return explicit
+    if env.get("TOKENMAN_CONFIG"):
+        return env["TOKENMAN_CONFIG"]
+    for candidate in (os.path.expanduser("~/.tokenman/tokenman.toml"), "tokenman.toml"):
+        if os.path.isfile(candidate):
+            return candidate
+    return ""
+
+
+def load_config(path: str | None = None, env: dict | None = None) -> Config:
+    """Reads, merges and validates the configuration; raises ConfigError with every problem."""
+    env = dict(os.environ if env is None else env)
+    source = find_config_file(path, env)
+    raw: dict = {}
+    if source:
+        try:
+            with open(source, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{source}: no such file"]) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"{source}: {exc}"]) from None
+    return config_from_dict(raw, env, source)
+
+
+def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
+    errors: list[str] = []
+    warnings: list[str] = []
+    known_sections = {name for name, _ in SECTIONS} | {"providers", "pricing"}
+    for key in raw:
+        if key not in known_sections:
+            warnings.append(f"[{key}]: unknown section, ignored")
+    sections = {name: _build_section(cls, name, raw.get(name, {}), env, errors, warnings, (name,))
+                for name, cls in SECTIONS}
+    providers = _build_providers(raw.get("providers"), env, errors, warnings)
+    pricing = _build_pricing(raw.get("pricing", {}), errors)
+    cfg = Config(server=sections["server"], providers=providers, routing=sections["routing"],
+                 metrics=sections["metrics"], pricing=pricing, source=source)
+    errors.extend(validate_config(cfg))
+    if errors:
+        raise ConfigError(errors)
+    server = dataclasses.replace(cfg.server, log_level=cfg.server.log_level.lower()
+                                 .replace("warning", "warn"))
+    return dataclasses.replace(cfg, server=server, warnings=tuple(warnings))
+
+
+def _build_providers(raw: object, env: dict, errors: list[str],
+                     warnings: list[str]) -> types.MappingProxyType:
+    tables = raw if isinstance(raw, dict) and raw else dict(BUILTIN_PROVIDERS)
+    if raw is not None and not isinstance(raw, dict):
+        errors.append("providers: expected a table of provider tables")
+    out = {}
+    for key, table in tables.items():
+        base = dict(BUILTIN_PROVIDERS.get(key, {}))
+        base.setdefault("name", key)
+        lowered = key.lower()
+        if "anthropic" in lowered or "claude" in lowered:
+            base.setdefault("format", API_ANTHROPIC)
+        elif any(hint in lowered for hint in _OPENAI_HINTS):
+            base.setdefault("format", API_OPENAI)
+        prov = _build_section(ProviderConfig, f"providers.{key}", table, env, errors, warnings,
+                              ("providers", key), base)
+        out[key] = dataclasses.replace(prov, format=prov.format.lower())
+    return types.MappingProxyType(out)
+
+
+def _build_pricing(raw: object, errors: list[str]) -> types.MappingProxyType:
+    out = {}
+    if not isinstance(raw, dict):
+        errors.append("pricing: expected a table of model tables")
+        return types.MappingProxyType(out)
+    for model, table in raw.items():
+        if not isinstance(table, dict):
+            errors.append(f"pricing.{model}: expected a table")
+            continue
+        entry = {}
+        for key, value in table.items():
+            if key not in PRICE_FIELDS:
+                errors.append(f"pricing.{model}.{key}: unknown price field "
+                              f"(use {', '.join(PRICE_FIELDS)})")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                errors.append(f"pricing.{model}.{key}: expected a number >= 0 (USD per million)")
+            else:
+                entry[key] = float(value)
+        if "input" not in entry or "output" not in entry:
+            errors.append(f"pricing.{model}: input and output prices are required")
+        out[model] = types.MappingProxyType(entry)
+    return types.MappingProxyType(out)
+
+
+def validate_config(cfg: Config) -> list[str]:
+    """Every semantic problem of an assembled config (types were checked while coercing)."""
+    errs: list[str] = []
+    s = cfg.server
+    for name in ("proxy_port", "dashboard_port"):
+        if not 0 <= getattr(s, name) <= 65535:
+            errs.append(f"server.{name}: must be between 1 and 65535 (0 = any free port)")
+    if s.proxy_port == s.dashboard_port and s.proxy_port:
+        errs.append("server.dashboard_port: must differ from server.proxy_port")
+    if s.log_level.lower() not in LOG_LEVELS:
+        errs.append(f"server.log_level: must be one of trace, debug, info, warn, error, fatal "
+                    f"(got {s.log_level!r})")
+    if not s.data_dir.strip():
+        errs.append("server.data_dir: must not be empty")
+    if s.tls_enabled and not (s.cert_file and s.key_file):
+        errs.append("server.tls_enabled: cert_file and key_file are required")
+    for name in ("read_timeout", "idle_timeout", "write_timeout", "stream_timeout",
+                 "shutdown_timeout", "max_body_size", "max_response_size"):
+        if getattr(s, name) < 0:
+            errs.append(f"server.{name}: must be >= 0")
+    for key, p in cfg.providers.items():
+        where = f"providers.{key}"
+        if p.format not in API_FORMATS:
+            errs.append(f"{where}.format: must be anthropic or openai (got {p.format!r}; it "
+                        f"cannot be inferred from the name {key!r})")
+        url = urllib.parse.urlsplit(p.api_base)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            errs.append(f"{where}.api_base: must be an http:// or https:// URL "
+                        f"(got {p.api_base!r})")
+        if p.key_ref and not p.key_ref.startswith(("env:", "file://")):
+            errs.append(f"{where}.key_ref: must be env:VAR, file:///path or empty "
+                        f"(passthrough); got {p.key_ref.split(':')[0]!r}:...")
+        if p.priority < 0:
+            errs.append(f"{where}.priority: must be >= 0")
+        if p.timeout <= 0 or p.connect_timeout <= 0:
+            errs.append(f"{where}: timeout and connect_timeout must be > 0")
+    r = cfg.routing
+    if r.default_provider and r.default_provider not in cfg.providers:
+        errs.append(f"routing.default_provider: {r.default_provider!r} is not a configured "
+                    f"provider")
+    for model, target in r.model_map.items():
+        if target not in cfg.providers:
+            errs.append(f"routing.model_map.{model}: {target!r} is not a configured provider")
+    if cfg.metrics.retention_days < 0:
+        errs.append("metrics.retention_days: must be >= 0")
+    return errs
+
+
+def resolve_key(key_ref: str, env: dict) -> str:
+    """The provider key a key_ref names ("" = passthrough). Raises ValueError when unresolvable."""
+    if not key_ref:
+        return ""
+    if key_ref.startswith("env:"):
+        value = env.get(key_ref[4:], "").strip()
+        if not value:
+            raise ValueError(f"environment variable {key_ref[4:]} is not set")
+        return value
+    if key_ref.startswith("file://"):
+        path = urllib.parse.unquote(key_ref[7:])
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
+        if not value:
+            raise ValueError(f"key file {path} is empty")
+        return value
+    raise ValueError("unsupported key_ref format")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, types.MappingProxyType):
+        return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
+    raise AssertionError(type(value))
+
+
+def render_default_config() -> str:
+    """The full default configuration as commented TOML (init-config, tokenman.example.toml)."""
+    cfg = config_from_dict({}, {})
+    lines = ["# tokenman configuration: every key with its default.",
+             "# Environment variables override the file: TOKENMAN_<SECTION>_<KEY>, e.g.",
+             "# TOKENMAN_SERVER_PROXY_PORT=8080 or TOKENMAN_PROVIDERS_OPENAI_API_BASE=http://...",
+             ""]
+
+    def section(title: str, obj: object) -> None:
+        lines.append(f"[{title}]")
+        for field in dataclasses.fields(obj):
+            lines.append(f"# {field.metadata['doc']}")
+            lines.append(f"{field.name} = {_toml_value(getattr(obj, field.name))}")
+        lines.append("")
+
+    section("server", cfg.server)
+    lines.append("# Providers. When the file names none, these two built-ins are used, in "
+                 "passthrough mode.")
+    lines.append("")
+    for key, prov in cfg.providers.items():
+        section(f"providers.{key}", prov)
+    section("routing", cfg.routing)
+    section("metrics", cfg.metrics)
+    lines += ["# Prices in USD per million tokens override or extend the built-in table; the",
+              "# longest matching model-id prefix wins. cache_* default to Anthropic's ratios",
+              "# of the input price (1.25x, 2x, 0.1x).",
+              '# [pricing."my-model"]',
+              "# input = 1.0", "# output = 2.0", "# cache_write_5m = 1.25",
+              "# cache_write_1h = 2.0", "# cache_read = 0.1", ""]
+    return "\n".join(lines)
+
+# ================================================================================================
+# §05 HTTP wire, sans-IO: heads, framing, chunk sizes, SSE events (bytes in, values out)
+# ================================================================================================
+
+_METHOD_RE = re.compile(rb"[" + TOKEN_CHARS + rb"]+")
+_HEADER_RE = re.compile(rb"([" + TOKEN_CHARS + rb"]+):[ \t]*(.*?)[ \t]*")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CL_RE = re.compile(rb"[0-9]{1,19}")
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+_STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+
+
+class Headers:
+    """Header fields in arrival order with their raw casing, plus a lowercase lookup.
+    Repeated fields are combined with ", " (RFC 9110 5.3) in the lookup."""
+    __slots__ = ("raw", "map", "repeated")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+        self.map: dict[bytes, bytes] = {}
+        self.repeated: set[bytes] | None = None
+        for name, value in raw:
+            lower = name.lower()
+            if lower in self.map:
+                self.map[lower] += b", " + value
+                if self.repeated is None:
+                    self.repeated = set()
+                self.repeated.add(lower)
+            else:
+                self.map[lower] = value
+
+    def get(self, lower: bytes, default: bytes | None = None) -> bytes | None:
+        return self.map.get(lower, default)
+
+    def text(self, lower: bytes, default: str = "") -> str:
+        value = self.map.get(lower)
+        return default if value is None else value.decode("latin-1")
+
+
+class Request:
+    """One parsed client request. The body is filled in once it has been read."""
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
+                 "t0", "expect_continue")
+
+    def __init__(self, method: str, target: str, version: int, headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        conn = headers.map.get(b"connection", b"").lower()
+        self.keep_alive = (b"close" not in conn) if version == 1 else (b"keep-alive" in conn)
+        self.expect_continue = headers.map.get(b"expect", b"").lower() == b"100-continue"
+        self.t0 = 0.0
+
+
+def _split_head(data: bytes) -> list[bytes]:
+    """The lines of a head that ends with CRLF CRLF; bare CR, bare LF and NUL are refused."""
+    if b"\x00" in data or data.count(b"\n") != data.count(b"\r\n") \
+            or data.count(b"\r") != data.count(b"\r\n"):
+        raise HTTPError(400, "malformed request head", close=True)
+    if _BAD_VALUE_RE.search(data):
+        raise HTTPError(400, "control character in request head", close=True)
+    return data[:-4].split(b"\r\n")
+
+
+def _parse_fields(lines: list[bytes], limit: int) -> Headers:
+    if len(lines) > limit:
+        raise HTTPError(431, "too many header fields", close=True)
+    raw = []
+    for line in lines:
+        m = _HEADER_RE.fullmatch(line)
+        if m is None:  # includes obs-fold (leading SP/HTAB) and space before the colon
+            raise HTTPError(400, "malformed header field", close=True)
+        raw.append((m.group(1), m.group(2)))
+    return Headers(raw)
+
+
+def parse_request_head(data: bytes) -> Request:
+    """A request head (through the blank line) as a Request; HTTPError on anything invalid."""
+    data = data.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before the request line
+    lines = _split_head(data)
+    line = lines[0]
+    if len(line) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long", close=True)
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or not parts[1]:
+        raise HTTPError(400, "malformed request line", close=True)
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        ver = 1
+    elif version == b"HTTP/1.0":
+        ver = 0
+    elif re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+        raise HTTPError(505, "HTTP version not supported", close=True)
+    else:
+        raise HTTPError(400, "malformed request line", close=True)
+    headers = _parse_fields(lines[1:], MAX_HEADERS)
+    try:
+        target_s = target.decode("ascii")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "non-ASCII request target", close=True) from None
+    if target_s.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
+        split = urllib.parse.urlsplit(target_s)
+        target_s = (split.path or "/") + ("?" + split.query if split.query else "")
+    elif not target_s.startswith("/") and not (target_s == "*" and method == b"OPTIONS"):
+        raise HTTPError(400, "invalid request target", close=True)
+    if ver == 1 and (b"host" not in headers.map or (headers.repeated and b"host" in
+                                                     headers.repeated)):
+        raise HTTPError(400, "exactly one Host header is required", close=True)
+    return Request(method.decode("ascii"), target_s, ver, headers)
+
+
+def content_length(headers: Headers) -> int | None:
+    """The declared body length; None when absent. Duplicates must agree (RFC 9110 8.6)."""
+    value = headers.map.get(b"content-length")
+    if value is None:
+        return None
+    values = {v.strip(b" \t") for v in value.split(b",")}
+    if len(values) != 1:
+        raise HTTPError(400, "conflicting Content-Length", close=True)
+    only = values.pop()
+    if not _CL_RE.fullmatch(only):
+        raise HTTPError(400, "invalid Content-Length", close=True)
+    return int(only)
+
+
+def request_framing(headers: Headers) -> int | None:
+    """The request body length, or None for chunked. Refuses ambiguous framing (smuggling)."""
+    te = headers.map.get(b"transfer-encoding")
+    if te is not None:
+        if b"content-length" in headers.map:
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length", close=True)
+        if te.strip(b" \t").lower() != b"chunked":
+            raise HTTPError(501, "unsupported Transfer-Encoding", close=True)
+        return None
+    length = content_length(headers)
+    return 0 if length is None else length
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (with CRLF); ValueError when it is not strict hex."""
+    m = _CHUNK_SIZE_RE.fullmatch(line)
+    if m is None:
+        raise ValueError("invalid chunk size line")
+    return int(m.group(1), 16)
+
+
+class ResponseHead:
+    """A parsed upstream status line and header fields."""
+    __slots__ = ("status", "reason", "version", "headers")
+
+    def __init__(self, status: int, reason: bytes, version: int, headers: Headers) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+
+
+def parse_response_head(data: bytes) -> ResponseHead:
+    """An upstream response head; UpstreamError on anything a strict client would refuse."""
+    try:
+        lines = _split_head(data)
+        m = _STATUS_RE.fullmatch(lines[0])
+        if m is None:
+            raise HTTPError(502, "bad status line")
+        headers = _parse_fields(lines[1:], MAX_HEADERS * 2)
+    except HTTPError as exc:
+        raise UpstreamError(f"malformed upstream response head: {exc.detail}") from None
+    return ResponseHead(int(m.group(2)), m.group(3) or b"", int(m.group(1)), headers)
+
+
+def response_framing(head: ResponseHead, method: str) -> tuple[str, int]:
+    """How an upstream body is delimited: ("none"|"length"|"chunked"|"close", length)."""
+    if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+        return "none", 0
+    te = head.headers.map.get(b"transfer-encoding")
+    if te is not None:
+        last = te.split(b",")[-1].strip(b" \t").lower()
+        return ("chunked", 0) if last == b"chunked" else ("close", 0)
+    try:
+        length = content_length(head.headers)
+    except HTTPError:
+        raise UpstreamError("invalid Content-Length from upstream") from None
+    if length is None:
+        return "close", 0
+    return ("length", length) if length else ("none", 0)
+
+
+def render_head(status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b"") -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "").encode())]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class SSESplitter:
+    """Cuts a byte stream into complete SSE events (each with its terminating blank line),
+    leaving the bytes untouched. An event larger than `limit` is passed on in pieces and
+    flagged, so relaying never stalls and memory stays bounded."""
+    __slots__ = ("buf", "limit", "crlf", "oversize")
+
+    def __init__(self, limit: int = SSE_MAX_EVENT) -> None:
+        self.buf = bytearray()
+        self.limit = limit
+        self.crlf = False
+        self.oversize = False  # the current event overflowed: its rest is passed through raw
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self.buf
+        start = max(0, len(buf) - 3)
+        buf += data
+        if not self.crlf and b"\r" in data:
+            self.crlf = True
+        events = []
+        pos = 0
+        while True:
+            end = self._boundary(buf, max(pos, start))
+            if end < 0:
+                break
+            event = bytes(buf[pos:end])
+            if self.oversize:
+                self.oversize = False
+                event = b"\x00" + event  # marks a tail that is not a whole event
+            events.append(event)
+            pos = end
+        if pos:
+            del buf[:pos]
+        if len(buf) > self.limit:
+            events.append(b"\x00" + bytes(buf))
+            buf.clear()
+            self.oversize = True
+        return events
+
+    def _boundary(self, buf: bytearray, start: int) -> int:
+        """End index (exclusive) of the first complete event at or after start, or -1."""
+        best = buf.find(b"\n\n", start)
+        best = best + 2 if best >= 0 else -1
+        if self.crlf:
+            for sep in (b"\r\n\r\n", b"\r\r"):
+                i = buf.find(sep, start)
+                if i >= 0 and (best < 0 or i + len(sep) < best):
+                    best = i + len(sep)
+        return best
+
+    def flush(self) -> bytes:
+        """Whatever is left when the stream ends (an unterminated last event)."""
+        rest = bytes(self.buf)
+        self.buf.clear()
+        return rest
+
+
+def sse_fields(event: bytes) -> tuple[bytes, bytes]:
+    """The event name and the joined data of one raw SSE event (WHATWG SSE parsing rules)."""
+    name = b""
+    data: list[bytes] = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            value = line[6:]
+            name = value[1:] if value.startswith(b" ") else value
+    return name, b"\n".join(data)
+
+# ================================================================================================
+# §06 connections over asyncio: one Protocol with awaitable reads, used by server and client
+# ================================================================================================
+# A hand-made Protocol instead of asyncio streams: reads take an absolute deadline and arm a
+# timer only when they must wait, the peer going away runs a hook at once (the relay uses it to
+# abort the upstream call when the client disconnects), and TCP_NODELAY is set on every socket.
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class Channel(asyncio.Protocol):
+    """One TCP or TLS connection with a read buffer and backpressure in both directions."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False
+        self.lost = False
+        self._waiter: asyncio.Future | None = None
+        self._drain: asyncio.Future | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self.on_lost = None  # callable run once when the peer goes away
+        self.on_made = None  # callable(channel) run when the connection is established
+
+    # -- protocol callbacks ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > READ_HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # let the transport close; a half-closed peer counts as gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.eof = True
+        self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionGone())
+        hook = self.on_lost
+        if hook is not None:
+            self.on_lost = None
+            hook()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def _wait(self, deadline: float | None) -> None:
+        if self._waiter is not None:
+            raise RuntimeError("concurrent reads on one channel")
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        fut = self.loop.create_future()
+        self._waiter = fut
+        timer = self.loop.call_at(deadline, _expire, fut) if deadline else None
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _consumed(self) -> None:
+        if self._read_paused and len(self.buf) < READ_LOW_WATER:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    async def read_head(self, limit: int, deadline: float | None) -> bytes:
+        """Bytes through the first CRLF CRLF. ConnectionGone at EOF, HeadTooLarge past limit."""
+        buf = self.buf
+        start = 0
+        while True:
+            i = buf.find(b"\r\n\r\n", start)
+            if i >= 0:
+                head = bytes(buf[:i + 4])
+                del buf[:i + 4]
+                self._consumed()
+                return head
+            if len(buf) > limit:
+                raise HeadTooLarge()
+            if self.eof:
+                raise ConnectionGone(partial=bool(buf.strip()))
+            start = max(0, len(buf) - 3)
+            await self._wait(deadline)
+
+    async def read_line(self, limit: int, deadline: float | None) -> bytes:
+        buf = self.buf
+        while True:
+            i = buf.find(b"\n")
+            if i >= 0:
+                line = bytes(buf[:i + 1])
+                del buf[:i + 1]
+                self._consumed()
+                return line
+            if len(buf) > limit:
+                raise HeadTooLarge()
+            if self.eof:
+                raise ConnectionGone(partial=True)
+            await self._wait(deadline)
+
+    async def read_exactly(self, n: int, deadline: float | None) -> bytes:
+        buf = self.buf
+        while len(buf) < n:
+            if self.eof:
+                raise ConnectionGone(partial=True)
+            await self._wait(deadline)
+        data = bytes(buf[:n])
+        del buf[:n]
+        self._consumed()
+        return data
+
+    async def read_some(self, n: int, deadline: float | None) -> bytes:
+        """Up to n bytes as soon as any are there; b"" at EOF."""
+        buf = self.buf
+        while not buf:
+            if self.eof:
+                return b""
+            await self._wait(deadline)
+        if len(buf) <= n:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._consumed()
+        return data
+
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.lost:
+            self.transport.write(data)
+
+    async def drain(self, deadline: float | None) -> None:
+        """Waits while the peer is not reading; TimeoutError past the deadline."""
+        if self.lost:
+            raise ConnectionGone()
+        if not self._write_paused:
+            return
+        fut = self.loop.create_future()
+        self._drain = fut
+        timer = self.loop.call_at(deadline, _expire, fut) if deadline else None
+        try:
+            await fut
+        finally:
+            self._drain = None
+            if timer is not None:
+                timer.cancel()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class BodyReader:
+    """Reads one message body (content-length, chunked or close-delimited) piece by piece."""
+    __slots__ = ("chan", "mode", "remaining", "done", "trailer_limit")
+
+    def __init__(self, chan: Channel, mode: str, length: int = 0) -> None:
+        self.chan = chan
+        self.mode = mode  # "none", "length", "chunked", "close"
+        self.remaining = length if mode == "length" else 0
+        self.done = mode == "none"
+        self.trailer_limit = MAX_TRAILERS
+
+    async def read(self, deadline: float | None) -> bytes:
+        """The next piece of the body, b"" once it is complete. ConnectionGone if cut short,
+        ValueError on bad chunked framing, TimeoutError past the deadline."""
+        if self.done:
+            return b""
+        chan = self.chan
+        if self.mode == "length":
+            data = await chan.read_some(min(self.remaining, READ_CHUNK), deadline)
+            if not data:
+                raise ConnectionGone(partial=True)
+            self.remaining -= len(data)
+            self.done = self.remaining == 0
+            return data
+        if self.mode == "close":
+            data = await chan.read_some(READ_CHUNK, deadline)
+            self.done = not data
+            return data
+        while True:  # chunked
+            if self.remaining == 0:
+                line = await chan.read_line(MAX_CHUNK_LINE, deadline)
+                size = parse_chunk_size(line)
+                if size == 0:
+                    await self._skip_trailers(deadline)
+                    self.done = True
+                    return b""
+                self.remaining = size
+            data = await chan.read_some(min(self.remaining, READ_CHUNK), deadline)
+            if not data:
+                raise ConnectionGone(partial=True)
+            self.remaining -= len(data)
+            if self.remaining == 0:
+                if await chan.read_exactly(2, deadline) != b"\r\n":
+                    raise ValueError("chunk data not followed by CRLF")
+            return data
+
+    async def _skip_trailers(self, deadline: float | None) -> None:
+        used = 0
+        while True:
+            line = await self.chan.read_line(MAX_CHUNK_LINE, deadline)
+            used += len(line)
+            if used > self.trailer_limit:
+                raise ValueError("trailer section too large")
+            if line == b"\r\n":
+                return
+            if not line.endswith(b"\r\n"):
+                raise ValueError("malformed trailer line")
+
+    async def read_all(self, limit: int, deadline: float | None) -> bytes:
+        """The whole body; HeadTooLarge when it exceeds limit (0 = no limit)."""
+        if self.mode == "length":
+            if limit and self.remaining > limit:
+                raise HeadTooLarge()
+            data = await self.chan.read_exactly(self.remaining, deadline)
+            self.remaining = 0
+            self.done = True
+            return data
+        parts = bytearray()
+        while True:
+            data = await self.read(deadline)
+            if not data:
+                return bytes(parts)
+            parts += data
+            if limit and len(parts) > limit:
+                raise HeadTooLarge()
+
+# ================================================================================================
+# §07 HTTP server: accept, one guarded loop per connection, keep-alive, limits and timeouts
+# ================================================================================================
+
+
+def api_for(path: str, headers: Headers | None) -> str:
+    """Which provider API a path (or, for shared paths like /v1/models, the headers) speaks."""
+    if path.startswith(("/v1/messages", "/v1/complete")):
+        return API_ANTHROPIC
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")):
+        return API_OPENAI
+    if headers is not None and (b"anthropic-version" in headers.map
+                                or b"x-api-key" in headers.map):
+        return API_ANTHROPIC
+    return API_OPENAI
+
+
+def native_error(api: str, status: int, message: str, kind: str = "") -> bytes:
+    """An error body in the client's own API shape, so its SDK raises the right exception."""
+    if api == API_ANTHROPIC:
+        etype = kind or ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        return json_dumps({"type": "error", "error": {"type": etype, "message": message}})
+    etype = kind or OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else
+                                           "invalid_request_error")
+    return json_dumps({"error": {"message": message, "type": etype, "param": None,
+                                 "code": None}})
+
+
+class _DateCache:
+    """The IMF-fixdate for the Date header, formatted once per second."""
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def now(self) -> bytes:
+        sec = int(time.time())
+        if sec != self.second:
+            self.second = sec
+            self.value = email.utils.formatdate(sec, usegmt=True).encode()
+        return self.value
+
+
+class ServerConn:
+    """The server side of one client connection: what handlers use to answer."""
+    __slots__ = ("server", "chan", "busy", "chunked", "close_after")
+
+    def __init__(self, server: "HTTPServer", chan: Channel) -> None:
+        self.server = server
+        self.chan = chan
+        self.busy = False
+        self.chunked = False
+        self.close_after = False
+
+    @property
+    def lost(self) -> bool:
+        return self.chan.lost
+
+    def send(self, req: Request | None, status: int, headers: list[tuple[bytes, bytes]],
+             body: bytes, reason: bytes = b"") -> None:
+        """A complete response with Content-Length."""
+        keep = req is not None and req.keep_alive and not self.close_after \
+            and not self.server.draining
+        if not keep:
+            self.close_after = True
+            headers = headers + [(b"Connection", b"close")]
+        head = render_head(status, headers + [(b"Content-Length", b"%d" % len(body))], reason)
+        if req is not None and req.method == "HEAD":
+            body = b""
+        self.chan.write(head + body)
+
+    def send_error(self, req: Request | None, api: str, status: int, message: str,
+                   extra: list[tuple[bytes, bytes]] = (), kind: str = "") -> None:
+        headers = [(b"Content-Type", b"application/json"), (b"Date", self.server.date.now())]
+        self.send(req, status, headers + list(extra), native_error(api, status, message, kind))
+
+    def start_stream(self, req: Request, status: int, headers: list[tuple[bytes, bytes]],
+                     reason: bytes = b"") -> None:
+        """Response head for a body of unknown length: chunked to HTTP/1.1 clients,
+        close-delimited to HTTP/1.0 ones."""
+        self.chunked = req.version == 1
+        if self.chunked:
+            headers = headers + [(b"Transfer-Encoding", b"chunked")]
+            if not req.keep_alive or self.server.draining:
+                self.close_after = True
+                headers.append((b"Connection", b"close"))
+        else:
+            self.close_after = True
+            headers = headers + [(b"Connection", b"close")]
+        self.chan.write(render_head(status, headers, reason))
+
+    def stream_write(self, data: bytes) -> None:
+        if data:
+            self.chan.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def end_stream(self) -> None:
+        if self.chunked:
+            self.chan.write(b"0\r\n\r\n")
+
+    async def drain(self) -> None:
+        await self.chan.drain(self.server.loop.time() + self.server.cfg.write_timeout
+                              if self.server.cfg.write_timeout else None)
+
+
+class HTTPServer:
+    """An HTTP/1.1 server over Channel. `handler(req, conn)` answers each request; everything
+    about framing, limits, 100-continue, keep-alive and slow clients is settled here."""
+
+    def __init__(self, handler, cfg: ServerConfig, log: "Logger",
+                 ssl_ctx: ssl.SSLContext | None = None, name: str = "proxy") -> None:
+        self.handler = handler
+        self.cfg = cfg
+        self.log = log
+        self.ssl_ctx = ssl_ctx
+        self.name = name
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[ServerConn] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
+        self.date = _DateCache()
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.loop = asyncio.get_running_loop()
+        loop = self.loop
+
+        def factory() -> Channel:
+            chan = Channel(loop)
+            chan.on_made = self._accepted
+            return chan
+
+        self.server = await loop.create_server(factory, host, port, ssl=self.ssl_ctx,
+                                               reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    def _accepted(self, chan: Channel) -> None:
+        task = self.loop.create_task(self._serve(chan))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, chan: Channel) -> None:
+        conn = ServerConn(self, chan)
+        self.conns.add(conn)
+        try:
+            await self._requests(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the guard: one connection never takes the server down
+            self.log.error("connection failed", server=self.name,
+                           error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.conns.discard(conn)
+            chan.close()
+
+    async def _requests(self, conn: ServerConn) -> None:
+        chan = conn.chan
+        cfg = self.cfg
+        loop = self.loop
+        while True:
+            conn.busy = False
+            if self.draining:
+                return
+            if not chan.buf:
+                if chan.eof:
+                    return
+                try:
+                    await chan._wait(loop.time() + cfg.idle_timeout if cfg.idle_timeout else None)
+                except TimeoutError:
+                    return
+                if not chan.buf or self.draining and not chan.buf.strip():
+                    return
+            conn.busy = True
+            t0 = time.perf_counter()
+            req = await self._read_request(conn, t0)
+            if req is None:
+                return
+            await self.handler(req, conn)
+            if not req.keep_alive or conn.close_after or chan.lost:
+                return
+
+    async def _read_request(self, conn: ServerConn, t0: float) -> Request | None:
+        """The next request with its body, or None after answering an error / on EOF."""
+        chan = conn.chan
+        cfg = self.cfg
+        deadline = self.loop.time() + cfg.read_timeout if cfg.read_timeout else None
+        req = None
+        try:
+            try:
+                head = await chan.read_head(MAX_HEAD, deadline)
+            except HeadTooLarge:
+                first = chan.buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+                if first < 0 and len(chan.buf.lstrip(b"\r\n")) > MAX_REQUEST_LINE:
+                    raise HTTPError(414, "request line too long", close=True) from None
+                raise HTTPError(431, "request head too large", close=True) from None
+            req = parse_request_head(head)
+            length = request_framing(req.headers)
+            limit = cfg.max_body_size
+            if length is not None and limit and length > limit:
+                raise HTTPError(413, "request body too large", close=True)
+            if req.expect_continue and (length is None or length > 0):
+                chan.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if length is None:
+                try:
+                    req.body = await BodyReader(chan, "chunked").read_all(limit, deadline)
+                except HeadTooLarge:
+                    raise HTTPError(413, "request body too large", close=True) from None
+                except ValueError:
+                    raise HTTPError(400, "malformed chunked body", close=True) from None
+            elif length:
+                req.body = await chan.read_exactly(length, deadline)
+        except HTTPError as exc:
+            self.log.debug("bad request", server=self.name, status=exc.status, error=exc.detail)
+            conn.close_after = True
+            api = api_for(req.path if req else "", req.headers if req else None)
+            conn.send_error(req, api, exc.status, exc.detail)
+            return None
+        except TimeoutError:
+            if req is not None or chan.buf.strip():
+                conn.close_after = True
+                conn.send_error(req, api_for(req.path if req else "", None), 408,
+                                "request not received in time")
+            return None
+        except ConnectionGone:
+            return None
+        req.t0 = t0
+        if self.draining:
+            req.keep_alive = False
+        return req
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.conns):
+            if not conn.busy:
+                conn.chan.close()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits until no request is in flight (True) or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout
+        while any(conn.busy for conn in self.conns):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def close(self) -> None:
+        for conn in list(self.conns):
+            conn.chan.abort()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+# ================================================================================================
+# §08 HTTP client: per-origin keep-alive pool, TLS with SNI, CONNECT proxies, streaming bodies
+# ================================================================================================
+
+
+class Origin:
+    """Where one provider lives: scheme, host, port, base path and its TLS context."""
+    __slots__ = ("scheme", "host", "port", "base_path", "ssl", "key", "host_header")
+
+    def __init__(self, api_base: str, ca_file: str = "") -> None:
+        url = urllib.parse.urlsplit(api_base)
+        self.scheme = url.scheme
+        self.host = url.hostname or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.base_path = url.path.rstrip("/")
+        self.ssl = None
+        if url.scheme == "https":
+            self.ssl = ssl.create_default_context(cafile=ca_file or None)
+        default_port = self.port == (443 if url.scheme == "https" else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if default_port else f"{host}:{self.port}").encode()
+        self.key = (self.scheme, self.host, self.port, ca_file)
+
+    def target(self, path_and_query: str) -> str:
+        """The upstream request target; a base ending in /v1 is not doubled for /v1/ paths."""
+        base = self.base_path
+        if base.endswith("/v1") and path_and_query.startswith("/v1/"):
+            base = base[:-3]
+        return base + path_and_query
+
+
+class UpstreamResponse:
+    """A provider's response whose body is read on demand; release() or close() it."""
+    __slots__ = ("head", "body", "chan", "pool", "origin", "reusable")
+
+    def __init__(self, head: ResponseHead, body: BodyReader, chan: Channel, pool: "UpstreamPool",
+                 origin: Origin) -> None:
+        self.head = head
+        self.body = body
+        self.chan = chan
+        self.pool = pool
+        self.origin = origin
+        conn = head.headers.map.get(b"connection", b"").lower()
+        self.reusable = head.version == 1 and b"close" not in conn and body.mode != "close"
+
+    @property
+    def status(self) -> int:
+        return self.head.status
+
+    def release(self) -> None:
+        """Returns the connection to the pool when the body was read to its end."""
+        if self.body.done and self.reusable and not self.chan.lost and not self.chan.buf:
+            self.pool.put(self.origin, self.chan)
+        else:
+            self.chan.abort()
+
+    def close(self) -> None:
+        self.chan.abort()
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class UpstreamPool:
+    """Keep-alive connections to providers, per origin, with idle eviction and a cap."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        self.idle: dict[tuple, collections.deque] = {}
+        env = os.environ if env is None else env
+        self.proxies = {k.lower(): v for k, v in urllib.request.getproxies_environment().items()} \
+            if env is os.environ else {k[:-6].lower(): v for k, v in env.items()
+                                       if k.lower().endswith("_proxy") and v}
+        self.opened = 0  # connections opened since start (tests and metrics read it)
+
+    def size(self) -> int:
+        return sum(len(q) for q in self.idle.values())
+
+    def put(self, origin: Origin, chan: Channel) -> None:
+        idle = self.idle.setdefault(origin.key, collections.deque())
+        idle.append((chan, time.monotonic()))
+        while len(idle) > POOL_MAX_IDLE:
+            idle.popleft()[0].abort()
+        chan.on_lost = None
+
+    def take(self, origin: Origin) -> Channel | None:
+        idle = self.idle.get(origin.key)
+        now = time.monotonic()
+        while idle:
+            chan, since = idle.pop()
+            if chan.lost or chan.eof or chan.buf or now - since > POOL_IDLE_SECONDS:
+                chan.abort()
+                continue
+            return chan
+        return None
+
+    def close_all(self) -> None:
+        for idle in self.idle.values():
+            while idle:
+                idle.pop()[0].abort()
+        self.idle.clear()
+
+    def _proxy_for(self, origin: Origin) -> urllib.parse.SplitResult | None:
+        if _is_loopback(origin.host):
+            return None
+        url = self.proxies.get(origin.scheme)
+        if not url:
+            return None
+        no_proxy = self.proxies.get("no", "")
+        if no_proxy and urllib.request.proxy_bypass_environment(origin.host,
+                                                                {"no": no_proxy}):
+            return None
+        return urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+
+    async def connect(self, origin: Origin, timeout: float) -> Channel:
+        loop = asyncio.get_running_loop()
+        proxy = self._proxy_for(origin)
+        try:
+            async with asyncio.timeout(timeout):
+                if proxy is None:
+                    _, chan = await loop.create_connection(
+                        lambda: Channel(loop), origin.host, origin.port, ssl=origin.ssl,
+                        server_hostname=origin.host if origin.ssl else None)
+                else:
+                    chan = await self._connect_via(loop, proxy, origin, timeout)
+        except TimeoutError:
+            raise UpstreamError(f"connect to {origin.host}:{origin.port} timed out",
+                                timeout=True) from None
+        except (OSError, ssl.SSLError, ConnectionGone, HeadTooLarge) as exc:
+            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        self.opened += 1
+        return chan
+
+    async def _connect_via(self, loop: asyncio.AbstractEventLoop, proxy: urllib.parse.SplitResult,
+                           origin: Origin, timeout: float) -> Channel:
+        """A tunnel through an HTTP CONNECT proxy (HTTPS_PROXY), then TLS to the origin."""
+        _, chan = await loop.create_connection(lambda: Channel(loop), proxy.hostname,
+                                               proxy.port or 80)
+        authority = f"{origin.host}:{origin.port}".encode()
+        lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
+        if proxy.username:
+            import base64  # only proxies with credentials need it
+            cred = f"{urllib.parse.unquote(proxy.username)}:" \
+                   f"{urllib.parse.unquote(proxy.password or '')}"
+            lines.append(b"Proxy-Authorization: Basic " + base64.b64encode(cred.encode()))
+        chan.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        head = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD, None))
+        if head.status != 200:
+            chan.abort()
+            raise OSError(f"proxy refused CONNECT with status {head.status}")
+        if origin.ssl is not None:
+            chan.transport = await loop.start_tls(chan.transport, chan, origin.ssl,
+                                                  server_hostname=origin.host)
+        return chan
+
+    async def request(self, origin: Origin, method: str, target: str,
+                      headers: list[tuple[bytes, bytes]], body: bytes, connect_timeout: float,
+                      read_timeout: float, watch: Channel | None = None) -> UpstreamResponse:
+        """Sends one request and reads the response head. UpstreamError when the provider
+        cannot be reached or answers badly; ConnectionGone when `watch` (the client) left."""
+        head = [f"{method} {target} HTTP/1.1\r\n".encode(), b"Host: ", origin.host_header,
+                b"\r\n"]
+        for name, value in headers:
+            head += (name, b": ", value, b"\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        head.append(b"\r\n")
+        payload = b"".join(head) + body
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            chan = self.take(origin) if attempt == 0 else None
+            reused = chan is not None
+            if chan is None:
+                chan = await self.connect(origin, connect_timeout)
+            if watch is not None:
+                if watch.lost:
+                    chan.abort()
+                    raise ConnectionGone()
+                watch.on_lost = chan.abort
+            chan.write(payload)
+            try:
+                while True:
+                    rhead = parse_response_head(
+                        await chan.read_head(MAX_UPSTREAM_HEAD, loop.time() + read_timeout))
+                    if not 100 <= rhead.status < 200 or rhead.status == 101:
+                        break
+            except ConnectionGone as exc:
+                chan.abort()
+                if watch is not None and watch.lost:
+                    raise
+                if reused and not exc.partial:
+                    continue  # a kept-alive connection the provider had closed: one fresh try
+                raise UpstreamError("upstream closed the connection before answering") from None
+            except TimeoutError:
+                chan.abort()
+                raise UpstreamError("upstream did not answer in time", timeout=True) from None
+            except HeadTooLarge:
+                chan.abort()
+                raise UpstreamError("upstream response head too large") from None
+            except UpstreamError:
+                chan.abort()
+                raise
+            mode, length = response_framing(rhead, method)
+            return UpstreamResponse(rhead, BodyReader(chan, mode, length), chan, self, origin)
+        raise AssertionError("unreachable")
+
+# ================================================================================================
+# §10 accounting: provider usage (buffered and streamed), the local token estimate, prices
+# ================================================================================================
+# Token counts are kept in one provider-neutral shape: `input` is uncached input, and cache reads
+# and writes are separate, as Anthropic reports them. OpenAI's prompt_tokens (which include cached
+# tokens) are split accordingly, so a cost is always sum(count x price) over disjoint counts.
+
+_EST_WORD_RE = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A vocabulary-free token estimate, used only when a provider reports no usage.
+    Latin words count about one token per 4.5 letters (at least one), digit runs one per three,
+    every other visible character one token (punctuation, CJK, emoji)."""
+    if not text:
+        return 0
+    total = 0
+    for piece in _EST_WORD_RE.findall(text):
+        c = piece[0]
+        if c.isascii() and c.isalpha():
+            total += 1 + (len(piece) - 1) * 2 // 9
+        elif c.isdigit():
+            total += (len(piece) + 2) // 3
+        else:
+            total += 1
+    return total
+
+
+class Usage:
+    """Token counts of one call. `reported` is False while they come only from an estimate."""
+    __slots__ = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read",
+                 "reasoning", "reported", "estimated")
+
+    def __init__(self) -> None:
+        self.input = self.output = self.cache_write_5m = self.cache_write_1h = 0
+        self.cache_read = self.reasoning = 0
+        self.reported = False
+        self.estimated = False
+
+    @property
+    def cache_write(self) -> int:
+        return self.cache_write_5m + self.cache_write_1h
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def apply_anthropic(self, u: object) -> None:
+        """Overwrites with the counts in an Anthropic usage object. Streamed message_delta usage
+        is cumulative, so later values replace earlier ones; nothing is ever added twice."""
+        if not isinstance(u, dict):
+            return
+        if _is_count(u.get("input_tokens")):
+            self.input = u["input_tokens"]
+        if _is_count(u.get("output_tokens")):
+            self.output = u["output_tokens"]
+        if _is_count(u.get("cache_read_input_tokens")):
+            self.cache_read = u["cache_read_input_tokens"]
+        split = u.get("cache_creation")
+        total = u.get("cache_creation_input_tokens")
+        if isinstance(split, dict):
+            m5 = split.get("ephemeral_5m_input_tokens")
+            h1 = split.get("ephemeral_1h_input_tokens")
+            self.cache_write_5m = m5 if _is_count(m5) else 0
+            self.cache_write_1h = h1 if _is_count(h1) else 0
+            if _is_count(total) and total > self.cache_write:
+                self.cache_write_5m += total - self.cache_write  # tokens the split leaves out
+        elif _is_count(total) and total != self.cache_write:
+            self.cache_write_1h = min(self.cache_write_1h, total)
+            self.cache_write_5m = total - self.cache_write_1h
+        details = u.get("output_tokens_details")
+        if isinstance(details, dict) and _is_count(details.get("thinking_tokens")):
+            self.reasoning = details["thinking_tokens"]
+        self.reported = True
+
+    def apply_openai(self, u: object) -> None:
+        """Sets the counts from an OpenAI usage object (chat completions or responses API)."""
+        if not isinstance(u, dict):
+            return
+        prompt = u.get("prompt_tokens", u.get("input_tokens"))
+        completion = u.get("completion_tokens", u.get("output_tokens"))
+        pdet = u.get("prompt_tokens_details", u.get("input_tokens_details"))
+        cdet = u.get("completion_tokens_details", u.get("output_tokens_details"))
+        pdet = pdet if isinstance(pdet, dict) else {}
+        cdet = cdet if isinstance(cdet, dict) else {}
+        cached = pdet.get("cached_tokens")
+        written = pdet.get("cache_write_tokens")
+        self.cache_read = cached if _is_count(cached) else 0
+        self.cache_write_5m = written if _is_count(written) else 0
+        self.cache_write_1h = 0
+        if _is_count(prompt):
+            self.input = max(0, prompt - self.cache_read - self.cache_write_5m)
+        if _is_count(completion):
+            self.output = completion
+        if _is_count(cdet.get("reasoning_tokens")):
+            self.reasoning = cdet["reasoning_tokens"]
+        self.reported = True
+
+    def apply(self, api: str, u: object) -> None:
+        if api == API_ANTHROPIC:
+            self.apply_anthropic(u)
+        else:
+            self.apply_openai(u)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+class Price:
+    """USD per million tokens for one model family."""
+    __slots__ = PRICE_FIELDS
+
+    def __init__(self, input: float, output: float, cache_write_5m: float | None = None,
+                 cache_write_1h: float | None = None, cache_read: float | None = None) -> None:
+        self.input = input
+        self.output = output
+        self.cache_write_5m = input * 1.25 if cache_write_5m is None else cache_write_5m
+        self.cache_write_1h = input * 2.0 if cache_write_1h is None else cache_write_1h
+        self.cache_read = input * 0.1 if cache_read is None else cache_read
+
+    def cost(self, u: Usage) -> float:
+        return (u.input * self.input + u.output * self.output
+                + u.cache_write_5m * self.cache_write_5m + u.cache_write_1h * self.cache_write_1h
+                + u.cache_read * self.cache_read) / 1_000_000
+
+
+# Built-in list prices (USD per million tokens): input, output, cache write 5m, cache write 1h,
+# cache read. Standard tier, no batch or long-context surcharges. Compiled 2026-11-27 from the
+# providers' pricing pages; OpenAI bills cache writes only from GPT-5.6 on (earlier: = input).
+# Override or extend with [pricing."<model>"] in the config.
+BUILTIN_PRICES = (
+    ("claude-fable-5-1", 10, 50, 12.5, 20, 0.25),
+    ("claude-mythos-5-1", 10, 50, 12.5, 20, 0.25),
+    ("claude-fable-5", 10, 50, 12.5, 20, 1.0),
+    ("claude-mythos-5", 10, 50, 12.5, 20, 1.0),
+    ("claude-opus-5-5", 4, 20, 5, 8, 0.2),
+    ("claude-opus-5", 5, 25, 6.25, 10, 0.5),
+    ("claude-opus-4-8", 5, 25, 6.25, 10, 0.5),
+    ("claude-opus-4-7", 5, 25, 6.25, 10, 0.5),
+    ("claude-opus-4-6", 5, 25, 6.25, 10, 0.5),
+    ("claude-opus-4-5", 5, 25, 6.25, 10, 0.5),
+    ("claude-opus-4-1", 15, 75, 18.75, 30, 1.5),
+    ("claude-opus-4", 15, 75, 18.75, 30, 1.5),
+    ("claude-sonnet-5-5", 2, 10, 2.5, 4, 0.1),
+    ("claude-sonnet-5", 2, 10, 2.5, 4, 0.2),
+    ("claude-sonnet-4-6", 3, 15, 3.75, 6, 0.3),
+    ("claude-sonnet-4-5", 3, 15, 3.75, 6, 0.3),
+    ("claude-sonnet-4", 3, 15, 3.75, 6, 0.3),
+    ("claude-3-7-sonnet", 3, 15, 3.75, 6, 0.3),
+    ("claude-3-5-sonnet", 3, 15, 3.75, 6, 0.3),
+    ("claude-haiku-5-5", 0.1, 0.5, 0.125, 0.2, 0.01),
+    ("claude-haiku-4-5", 1, 5, 1.25, 2, 0.1),
+    ("claude-3-5-haiku", 0.8, 4, 1, 1.6, 0.08),
+    ("claude-3-opus", 15, 75, 18.75, 30, 1.5),
+    ("claude-3-haiku", 0.25, 1.25, 0.3, 0.5, 0.03),
+    ("gpt-6.2-sol", 2, 10, 2.5, 2.5, 0.1),
+    ("gpt-6.1-sol", 2, 10, 2.5, 2.5, 0.1),
+    ("gpt-6-sol", 2, 10, 2.5, 2.5, 0.2),
+    ("gpt-6-luna", 0.1, 0.5, 0.125, 0.125, 0.01),
+    ("gpt-6-astra", 10, 50, 12.5, 12.5, 1),
+    ("gpt-5.6-sol", 4, 20, 5, 5, 0.4),
+    ("gpt-5.6-terra", 2, 12, 2.5, 2.5, 0.2),
+    ("gpt-5.6-luna", 0.2, 1.2, 0.25, 0.25, 0.02),
+    ("gpt-5.5-pro", 30, 180, 30, 30, 30),
+    ("gpt-5.5", 5, 30, 5, 5, 0.5),
+    ("gpt-5.4-mini", 0.75, 4.5, 0.75, 0.75, 0.075),
+    ("gpt-5.4-nano", 0.2, 1.25, 0.2, 0.2, 0.02),
+    ("gpt-5.4", 2.5, 15, 2.5, 2.5, 0.25),
+    ("gpt-5.3-codex", 1.75, 14, 1.75, 1.75, 0.175),
+    ("gpt-5.2", 1.75, 14, 1.75, 1.75, 0.175),
+    ("gpt-5.1", 1.25, 10, 1.25, 1.25, 0.125),
+    ("gpt-5-codex", 1.25, 10, 1.25, 1.25, 0.125),
+    ("gpt-5-pro", 15, 120, 15, 15, 15),
+    ("gpt-5-mini", 0.25, 2, 0.25, 0.25, 0.025),
+    ("gpt-5-nano", 0.05, 0.4, 0.05, 0.05, 0.005),
+    ("gpt-5", 1.25, 10, 1.25, 1.25, 0.125),
+    ("gpt-4.1-mini", 0.4, 1.6, 0.4, 0.4, 0.1),
+    ("gpt-4.1-nano", 0.1, 0.4, 0.1, 0.1, 0.025),
+    ("gpt-4.1", 2, 8, 2, 2, 0.5),
+    ("gpt-4o-mini", 0.15, 0.6, 0.15, 0.15, 0.075),
+    ("gpt-4o-2024-05-13", 5, 15, 5, 5, 5),
+    ("gpt-4o", 2.5, 10, 2.5, 2.5, 1.25),
+    ("o1-pro", 150, 600, 150, 150, 150),
+    ("o1-mini", 1.1, 4.4, 1.1, 1.1, 0.55),
+    ("o1", 15, 60, 15, 15, 7.5),
+    ("o3-pro", 20, 80, 20, 20, 20),
+    ("o3-mini", 1.1, 4.4, 1.1, 1.1, 0.55),
+    ("o3", 2, 8, 2, 2, 0.5),
+    ("o4-mini", 1.1, 4.4, 1.1, 1.1, 0.275),
+    ("gpt-4-turbo", 10, 30, 10, 10, 10),
+    ("gpt-3.5-turbo", 0.5, 1.5, 0.5, 0.5, 0.5),
+)
+_MODEL_BOUNDARY = "-@:[_"  # a prefix must end where the id's next part begins
+
+
+class PriceTable:
+    """Longest-prefix price lookup on model ids (a dated id takes its family's entry, never a
+    shorter unrelated one: gpt-4o-mini-2024-07-18 is gpt-4o-mini, gpt-5.1 is not gpt-5)."""
+
+    def __init__(self, overrides: types.MappingProxyType | dict | None = None,
+                 warn=None) -> None:
+        self.prices: dict[str, Price] = {row[0]: Price(*row[1:]) for row in BUILTIN_PRICES}
+        for model, entry in (overrides or {}).items():
+            self.prices[model] = Price(**dict(entry))
+        self._memo: dict[str, Price | None] = {}
+        self._warned: set[str] = set()
+        self._warn = warn
+
+    def lookup(self, model: str) -> Price | None:
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        found = self._find(model)
+        if found is None and "/" in model:  # "anthropic/claude-..." style ids of routers
+            found = self._find(model.rsplit("/", 1)[1])
+        if len(self._memo) < 4096:
+            self._memo[model] = found
+        return found
+
+    def _find(self, model: str) -> Price | None:
+        best = ""
+        for prefix in self.prices:
+            if len(prefix) > len(best) and model.startswith(prefix) and (
+                    len(model) == len(prefix) or model[len(prefix)] in _MODEL_BOUNDARY):
+                best = prefix
+        return self.prices[best] if best else None
+
+    def cost(self, model: str, usage: Usage) -> float | None:
+        """USD for the usage; None (not 0) when the model has no price, warned once per model."""
+        price = self.lookup(model)
+        if price is None:
+            if not (usage.input or usage.output or usage.cache_read or usage.cache_write):
+                return 0.0
+            if model not in self._warned and len(self._warned) < 1024:
+                self._warned.add(model)
+                if self._warn is not None:
+                    self._warn(model)
+            return None
+        return price.cost(usage)
+
+
+_DELTA_TEXT_RE = re.compile(
+    rb'"(?:text|thinking|partial_json|content|arguments|refusal)":"((?:[^"\\]|\\.)*)"')
+_TEXT_KEEP = 2 * 1024 * 1024  # generated text kept per stream for an estimate, at the most
+
+
+class StreamMeter:
+    """Follows one SSE stream beside the relay: model, usage (last value wins), generated text
+    for an estimate if the stream is cut short, and provider error events. Only the few event
+    kinds that carry usage are parsed as JSON; content deltas are scanned with one regex."""
+    __slots__ = ("api", "usage", "model", "pieces", "kept", "error", "complete",
+                 "drop_usage_chunk", "events")
+
+    def __init__(self, api: str, drop_usage_chunk: bool = False) -> None:
+        self.api = api
+        self.usage = Usage()
+        self.model = ""
+        self.pieces: list[bytes] = []
+        self.kept = 0
+        self.error = ""
+        self.complete = False
+        self.drop_usage_chunk = drop_usage_chunk
+        self.events = 0
+
+    def _keep_text(self, raw: bytes) -> None:
+        if self.kept < _TEXT_KEEP:
+            for m in _DELTA_TEXT_RE.finditer(raw):
+                self.pieces.append(m.group(1))
+                self.kept += len(m.group(1))
+
+    def on_event(self, raw: bytes) -> bool:
+        """Notes one complete event; False means: do not pass it to the client."""
+        self.events += 1
+        if self.api == API_ANTHROPIC:
+            if raw.startswith(b"event: content_block_delta"):
+                self._keep_text(raw)
+                return True
+            name, data = sse_fields(raw)
+            if name in (b"message_start", b"message_delta"):
+                obj = _loads(data)
+                if isinstance(obj, dict):
+                    if name == b"message_start":
+                        msg = obj.get("message")
+                        if isinstance(msg, dict):
+                            self.model = str(msg.get("model") or self.model)
+                            self.usage.apply_anthropic(msg.get("usage"))
+                    else:
+                        self.usage.apply_anthropic(obj.get("usage"))
+            elif name == b"message_stop":
+                self.complete = True
+            elif name == b"error":
+                self.error = _error_text(_loads(data)) or "error event"
+            elif name == b"content_block_start":
+                self._keep_text(raw)
+            return True
+        return self._on_openai(raw)
+
+    def _on_openai(self, raw: bytes) -> bool:
+        i = raw.find(b"data:")
+        if i < 0:
+            return True
+        if raw.startswith(b"[DONE]", i + 5 + (raw[i + 5:i + 6] == b" ")):
+            self.complete = True
+            return True
+        u = raw.find(b'"usage"')
+        has_usage = u >= 0 and raw[u + 7:u + 12].lstrip(b": ")[:1] not in (b"n", b"")
+        if has_usage or not self.model or b'"error"' in raw:
+            _, data = sse_fields(raw)
+            obj = _loads(data)
+            if isinstance(obj, dict):
+                self.model = self.model or str(obj.get("model") or "")
+                if obj.get("error"):
+                    self.error = _error_text(obj) or "error event"
+                if has_usage and isinstance(obj.get("usage"), dict):
+                    self.usage.apply_openai(obj["usage"])
+                    if self.drop_usage_chunk and obj.get("choices") == []:
+                        return False
+        self._keep_text(raw)
+        return True
+
+    def estimate_output(self) -> int:
+        text = b"".join(self.pieces).decode("utf-8", "replace")
+        try:
+            text = json.loads('"' + text + '"')
+        except ValueError:
+            pass
+        return estimate_tokens(text)
+
+
+def _loads(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _error_text(obj: object) -> str:
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict):
+            return str(err.get("type") or "") + ": " + str(err.get("message") or "")
+        if isinstance(err, str):
+            return err
+    return ""
+
+
+def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
+    """Usage and model from a whole (non-streamed) response body."""
+    usage = Usage()
+    model = ""
+    if isinstance(obj, dict):
+        usage.apply(api, obj.get("usage"))
+        model = str(obj.get("model") or "")
+    return usage, model
+
+
+def estimate_request_tokens(obj: object) -> int:
+    """Input tokens of a request from its text-bearing fields, when the provider says nothing."""
+    strings: list[str] = []
+    if isinstance(obj, dict):
+        for key in ("system", "messages", "tools", "input", "prompt", "instructions"):
+            if key in obj:
+                _json_strings(obj[key], strings)
+    return estimate_tokens("\n".join(strings)) + 4 * len(strings)
+
+# ================================================================================================
+# §11 store: the SQLite request log; one writer thread owns the write connection
+# ================================================================================================
+# The event loop only puts rows on a queue (a C-level put, never a wait). The writer commits them
+# in small batches; when the database refuses (locked, read-only, full) rows stay in a bounded
+# in-memory backlog and are retried, so a storage fault never fails or slows a client request.
+
+ROW_COLUMNS = (
+    "id", "timestamp", "method", "path", "format", "model", "provider", "project",
+    "status_code", "outcome", "streaming", "latency_ms", "ttfb_ms", "overhead_ms",
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens", "cost_usd",
+    "estimated", "error_message", "upstream_request_id", "request_body", "response_body",
+)
+OUTCOMES = ("ok", "upstream_error", "rejected", "client_closed", "upstream_failed")
+MIGRATIONS = (
+    # v1: the request log
+    """
+    CREATE TABLE IF NOT EXISTS requests (
+        id TEXT PRIMARY KEY,
+        timestamp TEXT NOT NULL,
+        method TEXT NOT NULL DEFAULT '',
+        path TEXT NOT NULL DEFAULT '',
+        format TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '',
+        provider TEXT NOT NULL DEFAULT '',
+        project TEXT NOT NULL DEFAULT 'default',
+        status_code INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT NOT NULL DEFAULT 'ok',
+        streaming INTEGER NOT NULL DEFAULT 0,
+        latency_ms REAL NOT NULL DEFAULT 0,
+        ttfb_ms REAL,
+        overhead_ms REAL,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_write_5m_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL,
+        estimated INTEGER NOT NULL DEFAULT 0,
+        error_message TEXT NOT NULL DEFAULT '',
+        upstream_request_id TEXT NOT NULL DEFAULT '',
+        request_body TEXT,
+        response_body TEXT
+    );
+    CREATE INDEX IF NOT EXISTS idx_requests_timestamp ON requests(timestamp);
+    CREATE INDEX IF NOT EXISTS idx_requests_model ON requests(model);
+    CREATE INDEX IF NOT EXISTS idx_requests_project ON requests(project, timestamp);
+    """,
+)
+_INSERT_SQL = (f"INSERT OR REPLACE INTO requests ({', '.join(ROW_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(ROW_COLUMNS))})")
+_STOP = object()
+
+
+def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
+                               timeout=5.0, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = %d" % (5000 if readonly else 1000))
+    return conn
+
+
+def open_database(data_dir: str) -> str:
+    """Creates the data dir (0700) and database file (0600), migrates; returns the path."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    try:
+        os.chmod(data_dir, 0o700)
+    except OSError:
+        pass
+    path = os.path.join(data_dir, "tokenman.db")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    conn = _connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS, start=1):
+            if number > version:
+                conn.executescript("BEGIN IMMEDIATE;" + script
+                                   + f"PRAGMA user_version = {number}; COMMIT;")
+    finally:
+        conn.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except OSError:
+            pass
+    return path
+
+
+class Store:
+    """The request log: rows in through record(), read through query() on other connections."""
+
+    def __init__(self, path: str, log: Logger, max_pending: int = STORE_MAX_PENDING) -> None:
+        self.path = path
+        self.log = log
+        self.max_pending = max_pending
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.errors = 0      # failed write attempts
+        self.dropped = 0     # rows given up because the backlog was full
+        self.written = 0     # rows committed
+        self.backlog = 0     # rows waiting for a retry
+        self.last_error = ""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tokenman-store", daemon=True)
+        self._thread.start()
+
+    def record(self, row: tuple) -> None:
+        """Queues one row (a tuple in ROW_COLUMNS order). Never blocks, never raises."""
+        self._q.put(row)
+
+    def submit(self, job) -> None:
+        """Runs job(connection) on the writer thread (maintenance such as pruning)."""
+        self._q.put(job)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Blocks (call from a worker thread) until all queued rows were attempted."""
+        done = threading.Event()
+        self._q.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        pending: collections.deque = collections.deque()
+        events: list[threading.Event] = []
+        stopping = False
+        while True:
+            try:
+                item = self._q.get(timeout=STORE_RETRY_SECONDS if pending else None)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, tuple):
+                    pending.append(item)
+                elif isinstance(item, threading.Event):
+                    events.append(item)
+                elif callable(item):
+                    conn = self._job(conn, item)
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    item = None
+            if pending:
+                conn = self._write(conn, pending)
+            for event in events:
+                event.set()
+            events.clear()
+            if stopping:
+                if pending:
+                    self.log.error("request log rows lost at shutdown", rows=len(pending),
+                                   error=self.last_error)
+                if conn is not None:
+                    conn.close()
+                return
+
+    def _write(self, conn: sqlite3.Connection | None, pending: collections.deque):
+        while pending:
+            batch = [pending[i] for i in range(min(STORE_BATCH, len(pending)))]
+            try:
+                if conn is None:
+                    conn = _connect(self.path)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_INSERT_SQL, batch)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self.errors += 1
+                if self.last_error != str(exc) or self.errors % 100 == 1:
+                    self.log.error("request log write failed; rows kept for retry",
+                                   error=str(exc), backlog=len(pending))
+                self.last_error = str(exc)
+                while len(pending) > self.max_pending:
+                    pending.popleft()
+                    self.dropped += 1
+                self.backlog = len(pending)
+                if conn is not None:
+                    conn.close()  # reopen next time: the fault may have been the connection's
+                return None
+            for _ in batch:
+                pending.popleft()
+            self.written += len(batch)
+        if self.backlog:
+            self.log.info("request log writes recovered", written=self.written)
+        self.backlog = 0
+        return conn
+
+    def _job(self, conn: sqlite3.Connection | None, job) -> sqlite3.Connection | None:
+        try:
+            if conn is None:
+                conn = _connect(self.path)
+            job(conn)
+        except Exception as exc:  # a maintenance job never kills the writer
+            self.errors += 1
+            self.log.error("request log maintenance failed", error=str(exc))
+        return conn
+
+    # -- reading (any thread; each call opens its own read-only connection) ---------------------
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        conn = _connect(self.path, readonly=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def ping(self) -> str:
+        """"" when the database answers, else the error text."""
+        try:
+            self.query("SELECT 1")
+            return ""
+        except sqlite3.Error as exc:
+            return str(exc)
+
+
+def prune_job(retention_days: int, now: float):
+    """A writer job deleting rows older than the retention period."""
+    cutoff = utc_iso(now - retention_days * 86400)
+
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM requests WHERE timestamp < ?", (cutoff,))
+    return job
+
+
+STATS_GROUPS = types.MappingProxyType({"model": "model", "provider": "provider",
+                                       "project": "project", "outcome": "outcome"})
+
+
+def usage_summary(store: Store, since: float, by: str) -> list[dict]:
+    """Requests, tokens and cost per group since a time (the `stats` command and the API)."""
+    column = STATS_GROUPS[by]
+    rows = store.query(
+        f"SELECT {column} AS grp, COUNT(*) AS requests, SUM(input_tokens) AS input_tokens, "
+        "SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens, "
+        "SUM(cache_write_tokens) AS cache_write_tokens, SUM(cost_usd) AS cost_usd, "
+        "SUM(cost_usd IS NULL AND (input_tokens + output_tokens) > 0) AS unpriced, "
+        "SUM(estimated) AS estimated, SUM(status_code >= 400 OR outcome != 'ok') AS errors "
+        f"FROM requests WHERE timestamp >= ? GROUP BY {column} ORDER BY cost_usd DESC, "
+        "requests DESC", (utc_iso(since),))
+    return [{by: r["grp"], "requests": r["requests"], "input_tokens": r["input_tokens"] or 0,
+             "output_tokens": r["output_tokens"] or 0,
+             "cache_read_tokens": r["cache_read_tokens"] or 0,
+             "cache_write_tokens": r["cache_write_tokens"] or 0,
+             "cost_usd": round(r["cost_usd"] or 0.0, 8), "unpriced_requests": r["unpriced"] or 0,
+             "estimated_requests": r["estimated"] or 0, "errors": r["errors"] or 0}
+            for r in rows]
+
+# ================================================================================================
+# §14 proxy handler: routing, header rules, buffered and SSE relay, one log row per request
+# ================================================================================================
+
+ANTHROPIC_PATH = "/v1/messages"
+OPENAI_PATH = "/v1/chat/completions"
+ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
+                                          OPENAI_PATH: API_OPENAI})
+_PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")
+
+
+class Provider:
+    """A configured provider made ready: its origin, resolved key and model matcher."""
+    __slots__ = ("key", "cfg", "origin", "api_key", "exact", "patterns", "error")
+
+    def __init__(self, key: str, cfg: ProviderConfig, env: dict) -> None:
+        self.key = key
+        self.cfg = cfg
+        self.error = ""
+        self.api_key = ""
+        try:
+            self.api_key = resolve_key(cfg.key_ref, env)
+        except ValueError as exc:
+            self.error = str(exc)
+        self.origin = Origin(cfg.api_base, cfg.ca_file)
+        self.exact = frozenset(m for m in cfg.models if "*" not in m)
+        self.patterns = tuple(re.compile(re.escape(m).replace(r"\*", ".*"))
+                              for m in cfg.models if "*" in m)
+
+    @property
+    def usable(self) -> bool:
+        return self.cfg.enabled and not self.error
+
+    def serves(self, model: str) -> bool:
+        return model in self.exact or any(p.fullmatch(model) for p in self.patterns)
+
+
+class Router:
+    """Picks the provider for (API format, model): model_map, then providers listing the model
+    (lowest priority), then routing.default_provider, then any provider with no model list."""
+
+    def __init__(self, cfg: Config, env: dict, log: Logger) -> None:
+        self.providers = {key: Provider(key, p, env) for key, p in cfg.providers.items()}
+        for prov in self.providers.values():
+            if prov.cfg.enabled and prov.error:
+                log.warn("provider unusable", provider=prov.key, error=prov.error)
+        order = {key: i for i, key in enumerate(self.providers)}
+        self.by_format = {api: sorted((p for p in self.providers.values()
+                                       if p.usable and p.cfg.format == api),
+                                      key=lambda p: (p.cfg.priority, order[p.key]))
+                          for api in API_FORMATS}
+        self.model_map = cfg.routing.model_map
+        self.default = cfg.routing.default_provider
+        self._memo: dict[tuple[str, str], Provider | None] = {}
+
+    def resolve(self, api: str, model: str) -> Provider | None:
+        key = (api, model)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        found = self._resolve(api, model)
+        if len(self._memo) < 4096:
+            self._memo[key] = found
+        return found
+
+    def _resolve(self, api: str, model: str) -> Provider | None:
+        candidates = self.by_format[api]
+        mapped = self.providers.get(self.model_map.get(model, ""))
+        if mapped is not None and mapped in candidates:
+            return mapped
+        for prov in candidates:
+            if (prov.exact or prov.patterns) and prov.serves(model):
+                return prov
+        default = self.providers.get(self.default)
+        if default is not None and default in candidates:
+            return default
+        for prov in candidates:
+            if not prov.exact and not prov.patterns:
+                return prov
+        return None
+
+    def usable_count(self) -> int:
+        return sum(len(v) for v in self.by_format.values())
+
+
+class Call:
+    """What tokenman knows about one proxied request; becomes one row of the request log."""
+    __slots__ = ("id", "req", "api", "model", "provider", "project", "streaming", "status",
+                 "outcome", "usage", "cost", "error", "wall", "ttfb", "upstream_s",
+                 "upstream_request_id", "response_body", "drop_usage_chunk", "obj")
+
+    def __init__(self, req: Request, api: str) -> None:
+        rid = req.headers.map.get(b"x-request-id")
+        self.id = rid.decode("latin-1")[:128] if rid else new_request_id()
+        self.req = req
+        self.api = api
+        self.model = ""
+        self.provider = ""
+        project = req.headers.map.get(b"x-tokenman-project")
+        self.project = _PROJECT_RE.sub("_", project.decode("latin-1"))[:64] if project \
+            else "default"
+        self.streaming = False
+        self.status = 0
+        self.outcome = "ok"
+        self.usage = Usage()
+        self.cost: float | None = 0.0
+        self.error = ""
+        self.wall = time.time()
+        self.ttfb: float | None = None
+        self.upstream_s = 0.0
+        self.upstream_request_id = ""
+        self.response_body: bytes | None = None
+        self.drop_usage_chunk = False
+        self.obj: object = None
+
+
+class Proxy:
+    """Answers every request on the proxy port."""
+
+    def __init__(self, cfg: Config, router: Router, pool: UpstreamPool, store: Store,
+                 prices: PriceTable, log: Logger) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.pool = pool
+        self.store = store
+        self.prices = prices
+        self.log = log
+        self.started = time.time()
+        self.in_flight = 0
+
+    async def handle(self, req: Request, conn: ServerConn) -> None:
+        path = req.path
+        if path.startswith("/v1/"):
+            self.in_flight += 1
+            try:
+                await self.relay(req, conn)
+            finally:
+                self.in_flight -= 1
+        elif path == "/health" and req.method in ("GET", "HEAD"):
+            self._json(req, conn, 200, {"status": "ok"})
+        elif path == "/health/ready" and req.method in ("GET", "HEAD"):
+            await self.ready(req, conn)
+        else:
+            conn.send_error(req, api_for(path, req.headers), 404,
+                            f"no route for {req.method} {path[:200]}")
+
+    def _json(self, req: Request, conn: ServerConn, status: int, obj: object) -> None:
+        conn.send(req, status, [(b"Content-Type", b"application/json")], json_dumps(obj))
+
+    async def ready(self, req: Request, conn: ServerConn) -> None:
+        db_error = await asyncio.to_thread(self.store.ping)
+        checks = [{"name": "database", "status": "fail" if db_error else "ok"},
+                  {"name": "providers", "status": "ok" if self.router.usable_count() else "fail"}]
+        if db_error:
+            checks[0]["error"] = db_error
+        if not self.router.usable_count():
+            checks[1]["error"] = "no usable provider (check enabled and key_ref)"
+        ok = all(c["status"] == "ok" for c in checks)
+        self._json(req, conn, 200 if ok else 503,
+                   {"status": "ready" if ok else "not_ready", "checks": checks})
+
+    # -- the relay ------------------------------------------------------------------------------
+    async def relay(self, req: Request, conn: ServerConn) -> None:
+        call = Call(req, api_for(req.path, req.headers))
+        try:
+            prov, body = self._prepare(req, call)
+            await self._forward(req, conn, call, prov, body)
+        except HTTPError as exc:
+            call.status = exc.status
+            call.outcome = "rejected"
+            call.error = exc.detail
+            if not conn.lost:
+                conn.send_error(req, call.api, exc.status, exc.detail,
+                                [(b"X-Request-Id", call.id.encode("latin-1"))], exc.kind)
+        self._finish(call)
+
+    def _prepare(self, req: Request, call: Call) -> tuple[Provider, bytes]:
+        """Parses what routing and accounting need; returns the provider and upstream body."""
+        body = req.body
+        accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
+        obj = None
+        if accounted or (body[:1] == b"{" and req.method == "POST"):
+            try:
+                obj = json.loads(body)
+            except (ValueError, RecursionError):
+                if accounted:
+                    raise HTTPError(400, "request body is not valid JSON") from None
+            if accounted and not isinstance(obj, dict):
+                raise HTTPError(400, "request body must be a JSON object")
+        if isinstance(obj, dict):
+            call.obj = obj
+            model = obj.get("model")
+            call.model = model if isinstance(model, str) else ""
+            call.streaming = obj.get("stream") is True
+            if accounted and call.api == API_OPENAI and call.streaming:
+                opts = obj.get("stream_options")
+                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                    opts = dict(opts) if isinstance(opts, dict) else {}
+                    opts["include_usage"] = True
+                    body = json_patch(body, {"stream_options": opts})
+                    call.drop_usage_chunk = True
+        prov = self.router.resolve(call.api, call.model)
+        if prov is None:
+            what = f"model {call.model!r}" if call.model else "this request"
+            raise HTTPError(404, f"no configured {call.api} provider serves {what}")
+        call.provider = prov.key
+        return prov, body
+
+    def _upstream_headers(self, req: Request, prov: Provider,
+                          call: Call) -> list[tuple[bytes, bytes]]:
+        nominated = req.headers.map.get(b"connection")
+        drop = UPSTREAM_DROP
+        if nominated:
+            drop = drop | {t.strip().lower() for t in nominated.split(b",")}
+        replace_auth = bool(prov.api_key)
+        out = []
+        has_version = False
+        for name, value in req.headers.raw:
+            lower = name.lower()
+            if lower in drop or lower.startswith(b"x-tokenman-") or lower == b"x-request-id" \
+                    or lower == b"accept-encoding":
+                continue
+            if replace_auth and lower in (b"authorization", b"x-api-key", b"api-key"):
+                continue
+            if lower == b"anthropic-version":
+                has_version = True
+            out.append((name, value))
+        if prov.cfg.format == API_ANTHROPIC:
+            if replace_auth:
+                out.append((b"x-api-key", prov.api_key.encode("latin-1")))
+            if not has_version:
+                out.append((b"anthropic-version", b"2023-06-01"))
+        elif replace_auth:
+            out.append((b"Authorization", b"Bearer " + prov.api_key.encode("latin-1")))
+        out.append((b"X-Request-Id", call.id.encode("latin-1")))
+        # Bodies are read for usage, so ask for them uncompressed.
+        out.append((b"Accept-Encoding", b"identity"))
+        return out
+
+    def _client_headers(self, head: ResponseHead, call: Call) -> list[tuple[bytes, bytes]]:
+        nominated = head.headers.map.get(b"connection")
+        drop = HOP_BY_HOP
+        if nominated:
+            drop = drop | {t.strip().lower() for t in nominated.split(b",")}
+        out = []
+        for name, value in head.headers.raw:
+            lower = name.lower()
+            if lower in drop or lower == b"content-length":
+                continue
+            if lower == b"x-request-id":
+                call.upstream_request_id = value.decode("latin-1")[:128]
+                out.append((b"X-Upstream-Request-Id", value))
+                continue
+            if lower == b"request-id":
+                call.upstream_request_id = value.decode("latin-1")[:128]
+            out.append((name, value))
+        out.append((b"X-Request-Id", call.id.encode("latin-1")))
+        return out
+
+    async def _forward(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+                       body: bytes) -> None:
+        t_up = time.perf_counter()
+        try:
+            resp = await self.pool.request(
+                prov.origin, req.method, prov.origin.target(req.target),
+                self._upstream_headers(req, prov, call), body, prov.cfg.connect_timeout,
+                prov.cfg.timeout, watch=conn.chan)
+        except ConnectionGone:
+            call.status = 499
+            call.outcome = "client_closed"
+            call.error = "client disconnected before the upstream answered"
+            return
+        except UpstreamError as exc:
+            call.upstream_s = time.perf_counter() - t_up
+            status = 504 if exc.timeout else 502
+            call.status = status
+            call.outcome = "upstream_failed"
+            call.error = str(exc)
+            message = "upstream timed out" if exc.timeout else "upstream unavailable"
+            conn.send_error(req, call.api, status, message,
+                            [(b"X-Request-Id", call.id.encode("latin-1"))])
+            return
+        finally:
+            conn.chan.on_lost = None
+        call.status = resp.status
+        if resp.status >= 400:
+            call.outcome = "upstream_error"
+        conn.chan.on_lost = resp.chan.abort
+        try:
+            ctype = resp.head.headers.map.get(b"content-type", b"")
+            if ctype.startswith(b"text/event-stream"):
+                call.streaming = True
+                await self._relay_sse(req, conn, call, prov, resp, t_up)
+            elif req.path in ACCOUNTED_PATHS or ctype.startswith(b"application/json"):
+                await self._relay_buffered(req, conn, call, prov, resp, t_up)
+            else:
+                await self._relay_raw(req, conn, call, prov, resp)
+        finally:
+            conn.chan.on_lost = None
+            if not resp.chan.lost and not resp.body.done:
+                resp.close()
+
+    async def _relay_buffered(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+                              resp: UpstreamResponse, t_up: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            data = await resp.body.read_all(self.cfg.server.max_response_size,
+                                            loop.time() + prov.cfg.timeout)
+        except HeadTooLarge:
+            return self._fail(req, conn, call, 502, "upstream response too large")
+        except TimeoutError:
+            return self._fail(req, conn, call, 504, "upstream timed out")
+        except (ConnectionGone, ValueError):
+            if conn.lost:
+                call.outcome = "client_closed"
+                call.error = "client disconnected while the upstream answered"
+                return None
+            return self._fail(req, conn, call, 502, "upstream response cut short")
+        resp.release()
+        now = time.perf_counter()
+        call.upstream_s = now - t_up
+        if call.outcome == "ok":
+            self._account_body(call, data)
+        else:
+            call.error = redact_secrets(data[:500].decode("utf-8", "replace"))
+        headers = self._client_headers(resp.head, call)
+        if call.cost is not None and call.outcome == "ok":
+            headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % call.cost))
+        overhead = (now - call.req.t0 - call.upstream_s) * 1000
+        headers.append((b"X-Tokenman-Overhead-Ms", b"%.3f" % overhead))
+        call.ttfb = now
+        conn.send(req, resp.status, headers, data, resp.head.reason)
+        if self.cfg.server.store_body:
+            call.response_body = data
+
+    def _account_body(self, call: Call, data: bytes) -> None:
+        obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
+        usage, model = usage_from_body(call.api, obj)
+        if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
+                                                                        dict):
+            usage, model = usage_from_body(call.api, obj["response"])
+        if model:
+            call.model = model
+        if not usage.reported and call.req.path in ACCOUNTED_PATHS:
+            usage.input = estimate_request_tokens(call.obj)
+            strings: list[str] = []
+            if isinstance(obj, dict):
+                _json_strings(obj.get("content", obj.get("choices")), strings)
+            usage.output = estimate_tokens("\n".join(strings))
+            usage.estimated = True
+        call.usage = usage
+        call.cost = self.prices.cost(call.model, usage)
+
+    def _fail(self, req: Request, conn: ServerConn, call: Call, status: int,
+              message: str) -> None:
+        """An upstream problem found after its head arrived, before anything was sent."""
+        call.status = status
+        call.outcome = "upstream_failed"
+        call.error = message
+        conn.send_error(req, call.api, status, message,
+                        [(b"X-Request-Id", call.id.encode("latin-1"))])
+
+    async def _relay_sse(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+                         resp: UpstreamResponse, t_up: float) -> None:
+        """Relays events as they arrive, bytes unchanged, one write per upstream read."""
+        loop = asyncio.get_running_loop()
+        meter = StreamMeter(call.api, call.drop_usage_chunk and call.outcome == "ok")
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, call),
+                          resp.head.reason)
+        splitter = SSESplitter()
+        body = resp.body
+        read_timeout = prov.cfg.timeout
+        stream_timeout = self.cfg.server.stream_timeout
+        end = loop.time() + stream_timeout if stream_timeout else None
+        failure = ""
+        try:
+            while True:
+                deadline = loop.time() + read_timeout
+                if end is not None and end < deadline:
+                    deadline = end
+                data = await body.read(deadline)
+                if not data:
+                    break
+                out = []
+                for event in splitter.feed(data):
+                    if event[:1] == b"\x00":
+                        out.append(event[1:])
+                    elif meter.on_event(event):
+                        out.append(event)
+                if out:
+                    conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
+                    if call.ttfb is None:
+                        call.ttfb = time.perf_counter()
+                        call.upstream_s = call.ttfb - t_up  # the upstream's share of the TTFB
+                    if conn.chan._write_paused:
+                        await conn.drain()
+            rest = splitter.flush()
+            if rest and meter.on_event(rest):
+                conn.stream_write(rest)
+        except TimeoutError:
+            failure = "upstream stream timed out" if end is None or loop.time() < end \
+                else "stream_timeout reached"
+        except (ConnectionGone, ValueError, OSError) as exc:
+            failure = "upstream stream broken" if not isinstance(exc, ValueError) \
+                else f"upstream stream malformed: {exc}"
+        if body.done:
+            resp.release()
+        if conn.lost:
+            call.outcome = "client_closed"
+            call.error = "client disconnected mid-stream"
+        elif failure:
+            call.outcome = "upstream_failed"
+            call.error = failure
+            conn.stream_write(self._stream_error_event(call.api, failure))
+            conn.close_after = True
+        if not conn.lost:
+            conn.end_stream()
+        if meter.error and call.outcome == "ok":
+            call.outcome = "upstream_error"
+            call.error = meter.error
+        self._account_stream(call, meter)
+
+    def _stream_error_event(self, api: str, message: str) -> bytes:
+        if api == API_ANTHROPIC:
+            return b"event: error\ndata: " + native_error(api, 502, message) + b"\n\n"
+        return b"data: " + native_error(api, 502, message) + b"\n\n"
+
+    def _account_stream(self, call: Call, meter: StreamMeter) -> None:
+        usage = meter.usage
+        if meter.model:
+            call.model = meter.model
+        if call.req.path in ACCOUNTED_PATHS or usage.reported:
+            if not usage.reported:
+                usage.input = estimate_request_tokens(call.obj)
+                usage.output = meter.estimate_output()
+                usage.estimated = True
+            elif call.outcome != "ok" and not meter.complete:
+                guess = meter.estimate_output()
+                if guess > usage.output:  # generated before the cut, not yet reported
+                    usage.output = guess
+                    usage.estimated = True
+        call.usage = usage
+        call.cost = self.prices.cost(call.model, usage)
+
+    async def _relay_raw(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+                         resp: UpstreamResponse) -> None:
+        """Any other body (files, audio, HTML errors) passes through as it arrives."""
+        loop = asyncio.get_running_loop()
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, call),
+                          resp.head.reason)
+        try:
+            while True:
+                data = await resp.body.read(loop.time() + prov.cfg.timeout)
+                if not data:
+                    break
+                conn.stream_write(data)
+                if call.ttfb is None:
+                    call.ttfb = time.perf_counter()
+                if conn.chan._write_paused:
+                    await conn.drain()
+            resp.release()
+        except (TimeoutError, ConnectionGone, ValueError, OSError) as exc:
+            call.outcome = "client_closed" if conn.lost else "upstream_failed"
+            call.error = f"relay stopped: {type(exc).__name__}"
+            conn.close_after = True
+            return
+        conn.end_stream()
+
+    # -- the log row ----------------------------------------------------------------------------
+    def _finish(self, call: Call) -> None:
+        req = call.req
+        now = time.perf_counter()
+        latency = (now - req.t0) * 1000
+        ttfb = (call.ttfb - req.t0) * 1000 if call.ttfb is not None else None
+        if call.streaming:  # streams: tokenman's share of the time to the first event
+            overhead = None if ttfb is None else max(0.0, ttfb - call.upstream_s * 1000)
+        else:
+            overhead = max(0.0, latency - call.upstream_s * 1000)
+        u = call.usage
+        store_body = self.cfg.server.store_body
+        self.store.record((
+            call.id, utc_iso(call.wall), req.method, req.path, call.api, call.model,
+            call.provider, call.project, call.status, call.outcome, int(call.streaming),
+            round(latency, 3), None if ttfb is None else round(ttfb, 3),
+            None if overhead is None else round(overhead, 3),
+            u.input, u.output, u.cache_read, u.cache_write, u.cache_write_5m, u.cache_write_1h,
+            u.reasoning, call.cost, int(u.estimated), call.error, call.upstream_request_id,
+            req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
+            call.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
+            if store_body and call.response_body is not None else None,
+        ))
+        log = self.log
+        if log.level <= 20:
+            log.info("request", id=call.id, method=req.method, path=req.path, model=call.model,
+                     provider=call.provider, status=call.status, outcome=call.outcome,
+                     ms=f"{latency:.1f}", tokens_in=u.input + u.cache_read + u.cache_write,
+                     tokens_out=u.output,
+                     cost="" if call.cost is None else f"{call.cost:.6f}",
+                     error=call.error)
+
+# ================================================================================================
+# §17 App: builds every component from one config snapshot, starts, and stops gracefully
+# ================================================================================================
+
+
+class App:
+    """Owns the store, the upstream pool, the proxy and its server, and background tasks."""
+
+    def __init__(self, cfg: Config, env: dict | None = None, log: Logger | None = None) -> None:
+        self.cfg = cfg
+        self.env = dict(os.environ if env is None else env)
+        self.log = log or Logger(cfg.server.log_level)
+        self.store: Store | None = None
+        self.pool: UpstreamPool | None = None
+        self.proxy: Proxy | None = None
+        self.server: HTTPServer | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        for warning in cfg.warnings:
+            self.log.warn("config", problem=warning)
+        path = await asyncio.to_thread(open_database, cfg.data_dir)
+        self.store = Store(path, self.log)
+        self.store.start()
+        self.pool = UpstreamPool(self.env)
+        prices = PriceTable(cfg.pricing, warn=lambda model: self.log.warn(
+            "no price for model; its cost is recorded as null", model=model))
+        router = Router(cfg, self.env, self.log)
+        self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log)
+        ssl_ctx = None
+        if cfg.server.tls_enabled:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
+        self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx)
+        self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._pruner()))
+        scheme = "https" if ssl_ctx else "http"
+        self.log.info("tokenman started", version=__version__,
+                      proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
+                      config=cfg.source or "built-in defaults", database=path,
+                      providers=",".join(p.key for ps in router.by_format.values() for p in ps))
+
+    async def _pruner(self) -> None:
+        days = self.cfg.metrics.retention_days
+        while days > 0:
+            self.store.submit(prune_job(days, time.time()))
+            await asyncio.sleep(3600)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), stop background tasks,
+        then flush and close the store."""
+        if self.server is not None:
+            self.server.stop_accepting()
+            if not await self.server.wait_idle(self.cfg.server.shutdown_timeout):
+                self.log.warn("shutdown timeout reached; closing requests still in flight")
+            await self.server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.pool is not None:
+            self.pool.close_all()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        self.log.info("tokenman stopped")
+
+    async def run(self) -> int:
+        """Foreground mode: runs until SIGINT/SIGTERM, then stops gracefully; a second signal
+        exits at once."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def first_signal() -> None:
+            self.log.info("stopping (a second signal exits at once)")
+            stop.set()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, os._exit, 1)
+
+        await self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, first_signal)
+        await stop.wait()
+        await self.stop()
+        return 0
+
+
+# ================================================================================================
+# §18 command line: argparse subcommands; main(argv) -> exit code
+# ================================================================================================
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenman", description="A local reverse proxy for LLM API calls. With no command "
+        "it runs the proxy in the foreground.")
+    parser.add_argument("--config", "-c", help="config file (default: $TOKENMAN_CONFIG, "
+                        "~/.tokenman/tokenman.toml, ./tokenman.toml, else built-in defaults)")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    start = sub.add_parser("start", help="run the proxy")
+    start.add_argument("--foreground", "-f", action="store_true",
+                       help="stay in the foreground (the only mode in this version)")
+    start.add_argument("--config", "-c", dest="sub_config")
+    init = sub.add_parser("init-config", help="write the full default config")
+    init.add_argument("path", nargs="?", default="~/.tokenman/tokenman.toml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    check = sub.add_parser("check-config", help="validate a config and list every problem")
+    check.add_argument("--config", "-c", dest="sub_config")
+    sub.add_parser("version", help="print the version")
+    stats = sub.add_parser("stats", help="usage and cost from the request log")
+    stats.add_argument("--config", "-c", dest="sub_config")
+    stats.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d (default 24h)")
+    stats.add_argument("--by", choices=tuple(STATS_GROUPS), default="model")
+    stats.add_argument("--json", action="store_true", help="JSON for scripts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config_path = getattr(args, "sub_config", None) or args.config
+    command = args.command or "start"
+    if command == "version":
+        print(f"tokenman {__version__} (python {sys.version.split()[0]})")
+        return 0
+    if command == "init-config":
+        return _init_config(os.path.expanduser(args.path), args.force)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        print(f"tokenman: {exc}", file=sys.stderr)
+        return 1
+    if command == "check-config":
+        print(f"configuration ok: {cfg.source or 'built-in defaults'}")
+        for warning in cfg.warnings:
+            print(f"warning: {warning}")
+        return 0
+    if command == "stats":
+        return _stats(cfg, args)
+    try:
+        return asyncio.run(App(cfg).run())
+    except OSError as exc:  # typically the port is taken
+        print(f"tokenman: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _init_config(path: str, force: bool) -> int:
+    if os.path.exists(path) and not force:
+        print(f"tokenman: {path} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(render_default_config())
+    print(f"wrote {path}")
+    return 0
+
+
+def _stats(cfg: Config, args: argparse.Namespace) -> int:
+    path = os.path.join(cfg.data_dir, "tokenman.db")
+    if not os.path.exists(path):
+        print(f"tokenman: no request log at {path}", file=sys.stderr)
+        return 1
+    try:
+        since = parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"tokenman: --since: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = usage_summary(Store(path, Logger("error")), since, args.by)
+    except sqlite3.Error as exc:
+        print(f"tokenman: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"since": utc_iso(since), "by": args.by, "rows": rows}, indent=2))
+        return 0
+    cols = (args.by, "requests", "input_tokens", "output_tokens", "cache_read_tokens",
+            "cache_write_tokens", "cost_usd", "errors")
+    table = [[str(r[c]) if c != "cost_usd" else f"{r[c]:.6f}" for c in cols] for r in rows]
+    total = ["TOTAL"] + [str(sum(r[c] for r in rows)) for c in cols[1:6]] + \
+        [f"{sum(r['cost_usd'] for r in rows):.6f}", str(sum(r["errors"] for r in rows))]
+    widths = [max(len(c), *(len(row[i]) for row in table + [total])) for i, c in enumerate(cols)]
+    print(f"usage since {utc_iso(since)} by {args.by}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in table + [total]:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(row, widths))))
+    unpriced = sum(r["unpriced_requests"] for r in rows)
+    if unpriced:
+        print(f"note: {unpriced} request(s) used models without a price (cost unknown, not 0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
