@@ -1135,6 +1135,8 @@ class Channel(asyncio.Protocol):
         while True:
             i = buf.find(b"\r\n\r\n", start)
             if i >= 0:
+                if i + 4 > limit:
+                    raise HeadTooLarge()
                 head = bytes(buf[:i + 4])
                 del buf[:i + 4]
                 self._consumed()
@@ -2004,7 +2006,7 @@ class PriceTable:
 
 
 _DELTA_TEXT_RE = re.compile(
-    rb'"(?:text|thinking|partial_json|content|arguments|refusal)":"((?:[^"\\]|\\.)*)"')
+    rb'"(?:text|thinking|partial_json|content|arguments|refusal)":\s*"((?:[^"\\]|\\.)*)"')
 _TEXT_KEEP = 2 * 1024 * 1024  # generated text kept per stream for an estimate, at the most
 
 
@@ -2277,7 +2279,9 @@ class Store:
                     pending.append(item)
                 elif isinstance(item, threading.Event):
                     events.append(item)
-                elif callable(item):
+                elif callable(item):  # rows queued before a job are written before it runs
+                    if pending:
+                        conn = self._write(conn, pending)
                     conn = self._job(conn, item)
                 try:
                     item = self._q.get_nowait()
@@ -2307,7 +2311,8 @@ class Store:
                     conn.executemany(_INSERT_SQL, batch)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLITE_FULL and friends roll back by themselves
+                        conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 self.errors += 1

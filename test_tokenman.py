@@ -1,0 +1,1557 @@
+"""Tests for tokenman.py: pure tables first, then components, then end-to-end over loopback.
+
+Every end-to-end test runs the real server on 127.0.0.1 port 0 in front of FakeUpstream, a
+scripted asyncio server that records the exact bytes it received. Nothing here touches the
+network beyond loopback, and nothing sleeps to pass: waits are on events with a deadline.
+Run: python -m unittest -v test_tokenman   (pytest works too)
+"""
+import ast
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import tokenman as tm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WAIT = 10.0  # the most any single await may take before the test fails
+
+
+# ================================================================================================
+# helpers: a scripted upstream, a raw HTTP client, a proxy harness, provider fixture streams
+# ================================================================================================
+
+
+class Recorded:
+    """One request as the fake upstream received it, bytes exact."""
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head = head
+        self.body = body
+        lines = head.split(b"\r\n")
+        self.method, self.target, _ = lines[0].split(b" ")
+        self.headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                self.headers[name.strip().lower()] = value.strip()
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class FakeUpstream:
+    """A scripted provider. `handler(rec, reader, writer)` writes each response; it returns
+    False to close the connection afterwards."""
+
+    def __init__(self, handler=None) -> None:
+        self.handler = handler or (lambda rec, r, w: json_reply(w, {"ok": True}))
+        self.requests: list[Recorded] = []
+        self.connections = 0
+        self.closed = 0
+        self.closed_event = asyncio.Event()
+        self.server = None
+        self.port = 0
+
+    async def start(self) -> "FakeUpstream":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _conn(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                chunked = False
+                for line in head.split(b"\r\n"):
+                    low = line.lower()
+                    if low.startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    if low.startswith(b"transfer-encoding:") and b"chunked" in low:
+                        chunked = True
+                body = await reader.readexactly(length) if not chunked else b""
+                rec = Recorded(head, body)
+                self.requests.append(rec)
+                keep = await self.handler(rec, reader, writer)
+                await writer.drain()
+                if keep is False:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self.closed += 1
+            self.closed_event.set()
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+async def json_reply(writer, obj, status=200, headers=(), reason=b"OK"):
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    extra = b"".join(h + b"\r\n" for h in headers)
+    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                 b"%s\r\n%s" % (status, reason, len(body), extra, body))
+
+
+async def sse_reply(writer, events, headers=(), gate=None, after=None):
+    """Sends events as chunks (one per event); waits on `gate` after `after` events."""
+    extra = b"".join(h + b"\r\n" for h in headers)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                 b"transfer-encoding: chunked\r\n%s\r\n" % extra)
+    for i, event in enumerate(events):
+        if gate is not None and i == after:
+            await writer.drain()
+            await gate.wait()
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+
+
+class Response:
+    def __init__(self, status, headers, body, raw_head):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+
+    def json(self):
+        return json.loads(self.body)
+
+
+async def read_response(reader) -> Response:
+    """A minimal independent HTTP/1.1 response parser (not tokenman's own)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    while head.split(b" ")[1].startswith(b"1"):  # interim 1xx
+        head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    else:
+        body = await reader.read()
+    return Response(status, headers, body, head)
+
+
+async def http(port, method="GET", path="/", body=b"", headers=None):
+    """One request on a fresh connection; returns the Response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        hdrs = {"Host": "localhost", "Content-Length": str(len(body))}
+        hdrs.update(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            hdrs["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        writer.write(head.encode() + b"\r\n" + body)
+        return await asyncio.wait_for(read_response(reader), WAIT)
+    finally:
+        writer.close()
+
+
+async def raw_exchange(port, data: bytes, read_all=True):
+    """Writes raw bytes and returns everything read until the server closes (or WAIT)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if read_all:
+            return await asyncio.wait_for(reader.read(), WAIT)
+        return await asyncio.wait_for(read_response(reader), WAIT)
+    finally:
+        writer.close()
+
+
+class ProxyTestCase(unittest.IsolatedAsyncioTestCase):
+    """Starts FakeUpstream and a tokenman App pointed at it for each test."""
+
+    providers = None  # overrides of the provider tables
+
+    async def asyncSetUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.up = await FakeUpstream().start()
+        self.addAsyncCleanup(self.up.stop)
+
+    async def start_proxy(self, extra=None, env=None, providers=None):
+        raw = {"server": {"proxy_port": 0, "data_dir": self.tmp.name, "log_level": "error",
+                          "read_timeout": 5, "shutdown_timeout": 2}}
+        raw["providers"] = providers or {
+            "anthropic": {"api_base": self.up.base},
+            "openai": {"api_base": self.up.base},
+        }
+        for section, values in (extra or {}).items():
+            raw.setdefault(section, {}).update(values)
+        cfg = tm.config_from_dict(raw, env or {})
+        self.app = tm.App(cfg, env=env or {}, log=tm.Logger("fatal"))
+        await self.app.start()
+        self.addAsyncCleanup(self.app.stop)
+        self.port = self.app.port
+        return self.app
+
+    async def rows(self, count=1, where="1=1"):
+        """Request log rows once `count` of them are there (polled with a deadline)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            await asyncio.to_thread(self.app.store.flush)
+            rows = await asyncio.to_thread(
+                self.app.store.query, f"SELECT * FROM requests WHERE {where} ORDER BY timestamp")
+            if len(rows) >= count or time.monotonic() > deadline:
+                return [dict(r) for r in rows]
+            await asyncio.sleep(0.01)
+
+
+def anthropic_events(*objs) -> list[bytes]:
+    return [b"event: %s\ndata: %s\n\n" % (o["type"].encode(), json.dumps(o).encode())
+            for o in objs]
+
+
+def openai_events(*objs) -> list[bytes]:
+    return [b"data: %s\n\n" % (o if isinstance(o, bytes) else json.dumps(o).encode())
+            for o in objs]
+
+
+# Fixture answers in the providers' published formats: each is (streamed events, buffered body).
+# Usage in streams arrives as message_start + cumulative message_delta (Anthropic) or a final
+# usage chunk (OpenAI); the buffered body carries the same totals.
+ANTHROPIC_USAGE_START = {"input_tokens": 12, "cache_creation_input_tokens": 3000,
+                         "cache_read_input_tokens": 20000,
+                         "cache_creation": {"ephemeral_5m_input_tokens": 1000,
+                                            "ephemeral_1h_input_tokens": 2000},
+                         "output_tokens": 1}
+ANTHROPIC_USAGE_FINAL = dict(ANTHROPIC_USAGE_START, output_tokens=420)
+
+
+def anthropic_fixture(kind: str):
+    model = "claude-sonnet-4-5-20250929"
+    blocks = []
+    if kind == "thinking":
+        blocks.append(({"type": "thinking", "thinking": "", "signature": ""},
+                       [{"type": "thinking_delta", "thinking": "Let me think."},
+                        {"type": "signature_delta", "signature": "EqQBCgIYAh"}],
+                       {"type": "thinking", "thinking": "Let me think.", "signature": "EqQBCgIYAh"}))
+    blocks.append(({"type": "text", "text": ""},
+                   [{"type": "text_delta", "text": "Hello"}, {"type": "text_delta", "text": "!"}],
+                   {"type": "text", "text": "Hello!"}))
+    if kind == "tool":
+        blocks.append(({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+                       [{"type": "input_json_delta", "partial_json": "{\"city\": \"Pa"},
+                        {"type": "input_json_delta", "partial_json": "ris\"}"}],
+                       {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                        "input": {"city": "Paris"}}))
+    objs = [{"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": model,
+        "stop_reason": None, "stop_sequence": None, "usage": ANTHROPIC_USAGE_START}}]
+    for i, (start, deltas, _) in enumerate(blocks):
+        objs.append({"type": "content_block_start", "index": i, "content_block": start})
+        if i == 0:
+            objs.append({"type": "ping"})
+        objs += [{"type": "content_block_delta", "index": i, "delta": d} for d in deltas]
+        objs.append({"type": "content_block_stop", "index": i})
+    stop = "tool_use" if kind == "tool" else "end_turn"
+    objs.append({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                 "usage": {"output_tokens": 200}})
+    objs.append({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                 "usage": {"input_tokens": 12, "cache_creation_input_tokens": 3000,
+                           "cache_read_input_tokens": 20000, "output_tokens": 420}})
+    objs.append({"type": "message_stop"})
+    body = {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [b[2] for b in blocks], "stop_reason": stop, "stop_sequence": None,
+            "usage": ANTHROPIC_USAGE_FINAL}
+    return anthropic_events(*objs), body
+
+
+OPENAI_USAGE = {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+                "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 192, "audio_tokens": 0}}
+
+
+def openai_fixture(kind: str):
+    model = "gpt-4o-mini-2024-07-18"
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1764200000,
+            "model": model, "system_fingerprint": "fp_1"}
+    null = {"usage": None}
+    chunks = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None}], **null)]
+    if kind == "tool":
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\":"}}]},
+            "finish_reason": None}], **null))
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": "\"Paris\"}"}}]}, "finish_reason": None}],
+            **null))
+        finish = "tool_calls"
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}
+    else:
+        chunks += [dict(base, choices=[{"index": 0, "delta": {"content": t},
+                                        "finish_reason": None}], **null) for t in ("Hel", "lo")]
+        finish = "stop"
+        message = {"role": "assistant", "content": "Hello"}
+    if kind == "usage_in_last_choice":  # a final chunk whose choices is not empty
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}],
+                           usage=OPENAI_USAGE))
+    else:
+        chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}],
+                           **null))
+        chunks.append(dict(base, choices=[], usage=OPENAI_USAGE))
+    events = openai_events(*chunks, b"[DONE]")
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1764200000,
+            "model": model, "choices": [{"index": 0, "message": message,
+                                         "finish_reason": finish}], "usage": OPENAI_USAGE}
+    return events, body
+
+
+def fixture_handler(events, body, gate=None, after=None):
+    async def handler(rec, reader, writer):
+        if rec.json().get("stream"):
+            await sse_reply(writer, events, gate=gate, after=after)
+        else:
+            await json_reply(writer, body)
+    return handler
+
+
+ANTHROPIC_REQ = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 100,
+                 "messages": [{"role": "user", "content": "Hi"}]}
+OPENAI_REQ = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+# ================================================================================================
+# §00 the module's shape: standard library only, no import-time effects
+# ================================================================================================
+
+
+class TestModuleShape(unittest.TestCase):
+    def test_imports_only_standard_library(self):
+        with open(os.path.join(HERE, "tokenman.py"), encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        outside = {n for n in names if n not in sys.stdlib_module_names and n != "__future__"}
+        self.assertEqual(outside, set())
+        self.assertIn("asyncio", names)
+
+    def test_section_banners_in_order(self):
+        with open(os.path.join(HERE, "tokenman.py"), encoding="utf-8") as fh:
+            marks = [int(line[3:5]) for line in fh if line.startswith("# §")]
+        self.assertEqual(marks, sorted(marks))
+        self.assertGreaterEqual(len(marks), 10)
+
+
+# ================================================================================================
+# §03 small utilities
+# ================================================================================================
+
+
+class TestJsonPatch(unittest.TestCase):
+    def test_table(self):
+        cases = [
+            (b'{"a":1}', {"b": 2}, b'{"a":1,"b":2}'),
+            (b'{}', {"b": 2}, b'{"b":2}'),
+            (b' { "a" : 1 , "z":{"x":[1,2]} } ', {"a": 5}, b' { "a" : 5 , "z":{"x":[1,2]} } '),
+            (b'{"a":1,"b":2,"c":3}', {"b": tm.REMOVE}, b'{"a":1,"c":3}'),
+            (b'{"a":1,"b":2}', {"b": tm.REMOVE}, b'{"a":1}'),
+            (b'{"a":1}', {"a": tm.REMOVE, "n": None}, b'{"n":null}'),
+            (b'{"u":"\\u00e9","big":12345678901234567890,"f":1.0e2}', {"s": True},
+             b'{"u":"\\u00e9","big":12345678901234567890,"f":1.0e2,"s":true}'),
+        ]
+        for raw, changes, expected in cases:
+            with self.subTest(raw=raw, changes=changes):
+                self.assertEqual(tm.json_patch(raw, changes), expected)
+
+    def test_rejects_non_objects(self):
+        for raw in (b"[]", b"1", b'"x"', b"{", b'{"a" 1}'):
+            with self.subTest(raw=raw), self.assertRaises(ValueError):
+                tm.json_patch(raw, {"a": 1})
+
+
+class TestUtilities(unittest.TestCase):
+    def test_durations_and_sizes(self):
+        self.assertEqual(tm.parse_duration(30), 30.0)
+        self.assertEqual(tm.parse_duration("5m"), 300.0)
+        self.assertEqual(tm.parse_duration("250ms"), 0.25)
+        self.assertEqual(tm.parse_size("10MiB"), 10 * 1024 * 1024)
+        self.assertEqual(tm.parse_size("512k"), 512 * 1024)
+        for bad in ("fast", True, "5 parsecs"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                tm.parse_duration(bad)
+
+    def test_log_escaping_and_secret_redaction(self):
+        self.assertEqual(tm.escape_log("a\nb\x1b"), "a\\x0ab\\x1b")
+        self.assertNotIn("abcdefghijklmnop", tm.redact_secrets("key sk-ant-abcdefghijklmnop"))
+        self.assertNotIn("tok123", tm.redact_secrets("Authorization: Bearer tok123"))
+
+    def test_logger_formats_only_enabled_levels(self):
+        import io
+        out = io.StringIO()
+        log = tm.Logger("warn", out)
+        log.info("hidden", x=1)
+        log.warn("shown", path="/a b\nforged=1", key="sk-proj-123456789012345")
+        text = out.getvalue()
+        self.assertNotIn("hidden", text)
+        self.assertEqual(text.count("\n"), 1)
+        self.assertIn('path="/a b\\\\x0aforged=1"', text)
+        self.assertNotIn("123456789012345", text)
+
+
+# ================================================================================================
+# §04 config
+# ================================================================================================
+
+
+class TestConfig(unittest.TestCase):
+    def test_defaults_have_builtin_passthrough_providers(self):
+        cfg = tm.config_from_dict({}, {})
+        self.assertEqual(set(cfg.providers), {"anthropic", "openai"})
+        self.assertEqual(cfg.providers["anthropic"].format, "anthropic")
+        self.assertEqual(cfg.providers["openai"].key_ref, "")
+        self.assertEqual(cfg.server.proxy_port, 7677)
+        self.assertEqual(cfg.server.bind_address, "127.0.0.1")
+
+    def test_all_errors_reported_together(self):
+        raw = {"server": {"proxy_port": 70000, "log_level": "loud", "read_timeout": "soon"},
+               "providers": {"mystery": {"api_base": "ftp://x"}},
+               "routing": {"default_provider": "nope"}}
+        with self.assertRaises(tm.ConfigError) as ctx:
+            tm.config_from_dict(raw, {})
+        text = str(ctx.exception)
+        for needle in ("proxy_port", "log_level", "read_timeout", "providers.mystery.format",
+                       "providers.mystery.api_base", "default_provider"):
+            self.assertIn(needle, text)
+        self.assertGreaterEqual(len(ctx.exception.problems), 6)
+
+    def test_env_overrides_and_enum_normalisation(self):
+        env = {"TOKENMAN_SERVER_PROXY_PORT": "8081", "TOKENMAN_SERVER_LOG_LEVEL": "WARNING",
+               "TOKENMAN_SERVER_STORE_BODY": "true", "TOKENMAN_SERVER_READ_TIMEOUT": "2m",
+               "TOKENMAN_PROVIDERS_OPENAI_API_BASE": "http://127.0.0.1:9/v1",
+               "TOKENMAN_PROVIDERS_OPENAI_MODELS": "gpt-4o, gpt-5",
+               "TOKENMAN_ROUTING_MODEL_MAP": "x=openai"}
+        cfg = tm.config_from_dict({"server": {"proxy_port": 9000}}, env)
+        self.assertEqual(cfg.server.proxy_port, 8081)
+        self.assertEqual(cfg.server.log_level, "warn")
+        self.assertTrue(cfg.server.store_body)
+        self.assertEqual(cfg.server.read_timeout, 120.0)
+        self.assertEqual(cfg.providers["openai"].api_base, "http://127.0.0.1:9/v1")
+        self.assertEqual(cfg.providers["openai"].models, ("gpt-4o", "gpt-5"))
+        self.assertEqual(dict(cfg.routing.model_map), {"x": "openai"})
+
+    def test_bad_env_value_is_reported(self):
+        with self.assertRaises(tm.ConfigError) as ctx:
+            tm.config_from_dict({}, {"TOKENMAN_SERVER_PROXY_PORT": "eighty"})
+        self.assertIn("TOKENMAN_SERVER_PROXY_PORT", str(ctx.exception))
+
+    def test_timeouts_accept_integers_and_strings(self):
+        cfg = tm.config_from_dict({"providers": {"vllm": {
+            "api_base": "http://127.0.0.1:8000/v1", "timeout": "5m", "connect_timeout": 3}}}, {})
+        prov = cfg.providers["vllm"]
+        self.assertEqual((prov.timeout, prov.connect_timeout, prov.format), (300.0, 3.0, "openai"))
+        self.assertEqual(set(cfg.providers), {"vllm"})  # the built-ins give way
+
+    def test_provider_table_keeps_defaults_for_omitted_keys(self):
+        cfg = tm.config_from_dict({"providers": {"anthropic": {"key_ref": "env:K"}}}, {})
+        prov = cfg.providers["anthropic"]
+        self.assertTrue(prov.enabled)
+        self.assertEqual(prov.api_base, "https://api.anthropic.com")
+
+    def test_unknown_keys_warn(self):
+        cfg = tm.config_from_dict({"server": {"prxy_port": 1}, "extra": {}}, {})
+        self.assertTrue(any("prxy_port" in w for w in cfg.warnings))
+        self.assertTrue(any("extra" in w for w in cfg.warnings))
+
+    def test_key_refs(self):
+        with tempfile.NamedTemporaryFile("w", delete=False) as fh:
+            fh.write("  sk-from-file\n")
+        self.addCleanup(os.unlink, fh.name)
+        self.assertEqual(tm.resolve_key("file://" + fh.name, {}), "sk-from-file")
+        self.assertEqual(tm.resolve_key("env:K", {"K": "sk-env"}), "sk-env")
+        self.assertEqual(tm.resolve_key("", {}), "")
+        with self.assertRaises(ValueError):
+            tm.resolve_key("env:MISSING", {})
+        with self.assertRaises(tm.ConfigError):
+            tm.config_from_dict({"providers": {"anthropic": {"key_ref": "keyring://x"}}}, {})
+
+    def test_example_file_is_the_rendered_default(self):
+        with open(os.path.join(HERE, "tokenman.example.toml"), encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), tm.render_default_config())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "x.toml")
+            with open(path, "w") as fh:
+                fh.write(tm.render_default_config())
+            cfg = tm.load_config(path, env={})
+            self.assertEqual(cfg.warnings, ())
+            self.assertEqual(cfg.server, tm.config_from_dict({}, {}).server)
+
+    def test_missing_and_broken_files(self):
+        with self.assertRaises(tm.ConfigError):
+            tm.load_config("/nonexistent/tokenman.toml", env={})
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+            fh.write("[server\nproxy_port = ")
+        self.addCleanup(os.unlink, fh.name)
+        with self.assertRaises(tm.ConfigError):
+            tm.load_config(fh.name, env={})
+
+
+# ================================================================================================
+# §05 HTTP wire
+# ================================================================================================
+
+
+def head(*lines: str) -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class TestWire(unittest.TestCase):
+    def test_valid_request_heads(self):
+        req = tm.parse_request_head(head("POST /v1/messages?beta=true HTTP/1.1",
+                                         "Host: x", "X-Api-Key: k", "X-Multi: a", "x-multi: b"))
+        self.assertEqual((req.method, req.path, req.query), ("POST", "/v1/messages", "beta=true"))
+        self.assertEqual(req.headers.get(b"x-multi"), b"a, b")
+        self.assertEqual(req.headers.raw[1], (b"X-Api-Key", b"k"))
+        self.assertTrue(req.keep_alive)
+        req = tm.parse_request_head(head("GET http://example.com/health HTTP/1.1", "Host: x"))
+        self.assertEqual(req.path, "/health")
+        req = tm.parse_request_head(head("GET / HTTP/1.0"))
+        self.assertFalse(req.keep_alive)
+
+    def test_invalid_request_heads(self):
+        # Each row: head bytes, expected status. RFC 9112 sections 2-5 and 6.
+        cases = [
+            (head("GET / HTTP/1.1"), 400),                            # no Host
+            (head("GET / HTTP/1.1", "Host: a", "Host: b"), 400),      # two Hosts
+            (head("GET /  HTTP/1.1", "Host: a"), 400),                # double space
+            (head("GET / HTTP/2.0", "Host: a"), 505),
+            (head("GET / HTTX/1.1", "Host: a"), 400),
+            (head("G@T / HTTP/1.1", "Host: a"), 400),
+            (head("GET x HTTP/1.1", "Host: a"), 400),                 # not origin-form
+            (head("GET / HTTP/1.1", "Host: a", " folded"), 400),      # obs-fold
+            (head("GET / HTTP/1.1", "Host : a"), 400),                # space before colon
+            (head("GET / HTTP/1.1", "Host: a", "X: a\x00b"), 400),    # NUL in value
+            (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),       # bare LF
+            (b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),       # bare CR
+            (head("GET /" + "a" * 9000 + " HTTP/1.1", "Host: a"), 414),
+            (head("GET / HTTP/1.1", "Host: a", *[f"X{i}: v" for i in range(101)]), 431),
+            (head("GET /\xe9 HTTP/1.1", "Host: a"), 400),
+        ]
+        for data, status in cases:
+            with self.subTest(data=data[:60]), self.assertRaises(tm.HTTPError) as ctx:
+                tm.parse_request_head(data)
+            self.assertEqual(ctx.exception.status, status)
+
+    def test_body_framing_refuses_smuggling(self):
+        # CL.TE / TE.CL / TE.TE desync vectors (RFC 9112 6.1-6.3; CVE-2019-16276 style).
+        cases = [
+            (["Content-Length: 5", "Transfer-Encoding: chunked"], 400),
+            (["Transfer-Encoding: chunked, identity"], 501),
+            (["Transfer-Encoding: identity"], 501),
+            (["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"], 501),
+            (["Transfer-Encoding: xchunked"], 501),
+            (["Content-Length: 5", "Content-Length: 6"], 400),
+            (["Content-Length: 5, 6"], 400),
+            (["Content-Length: +12"], 400),
+            (["Content-Length: 1_0"], 400),
+            (["Content-Length: 0x1f"], 400),
+            (["Content-Length: -1"], 400),
+            (["Content-Length: \u0661\u0662".encode().decode("latin-1")], 400),
+            (["Content-Length: 99999999999999999999"], 400),
+        ]
+        for fields, status in cases:
+            with self.subTest(fields=fields), self.assertRaises(tm.HTTPError) as ctx:
+                req = tm.parse_request_head(head("POST / HTTP/1.1", "Host: a", *fields))
+                tm.request_framing(req.headers)
+            self.assertEqual(ctx.exception.status, status)
+            self.assertTrue(ctx.exception.close)
+
+    def test_accepted_framing(self):
+        for fields, expected in ((["Content-Length: 5"], 5), (["Content-Length: 5",
+                                  "Content-Length: 5"], 5), (["Transfer-Encoding:\tChunked"],
+                                 None), ([], 0)):
+            with self.subTest(fields=fields):
+                req = tm.parse_request_head(head("POST / HTTP/1.1", "Host: a", *fields))
+                self.assertEqual(tm.request_framing(req.headers), expected)
+
+    def test_chunk_sizes(self):
+        self.assertEqual(tm.parse_chunk_size(b"1f\r\n"), 31)
+        self.assertEqual(tm.parse_chunk_size(b"A;name=value\r\n"), 10)
+        for bad in (b"\r\n", b"0x10\r\n", b"-1\r\n", b"1" * 17 + b"\r\n", b"g\r\n", b"5\n"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                tm.parse_chunk_size(bad)
+
+    def test_response_heads(self):
+        rh = tm.parse_response_head(b"HTTP/1.1 529 Overloaded\r\nRetry-After: 3\r\n\r\n")
+        self.assertEqual((rh.status, rh.reason), (529, b"Overloaded"))
+        self.assertEqual(tm.response_framing(rh, "POST"), ("close", 0))
+        for bad in (b"HTTP/1.1 2000 OK\r\n\r\n", b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nX\r\n\r\n"):
+            with self.subTest(bad=bad), self.assertRaises(tm.UpstreamError):
+                tm.parse_response_head(bad)
+
+    def test_sse_splitter_keeps_bytes_and_handles_split_boundaries(self):
+        stream = b"event: a\ndata: 1\n\nevent: b\r\ndata: 2\r\n\r\ndata: 3\n\n: comment\n\n"
+        for step in (1, 2, 3, 7, len(stream)):
+            with self.subTest(step=step):
+                sp = tm.SSESplitter()
+                events = []
+                for i in range(0, len(stream), step):
+                    events += sp.feed(stream[i:i + step])
+                self.assertEqual(b"".join(events), stream)
+                self.assertEqual(len(events), 4)
+                self.assertEqual(sp.flush(), b"")
+
+    def test_sse_splitter_bounds_an_oversized_event(self):
+        sp = tm.SSESplitter(limit=100)
+        out = sp.feed(b"data: " + b"x" * 150)
+        out += sp.feed(b"yyy\n\ndata: ok\n\n")
+        self.assertEqual(b"".join(e[1:] if e[:1] == b"\x00" else e for e in out),
+                         b"data: " + b"x" * 150 + b"yyy\n\ndata: ok\n\n")
+        self.assertEqual(out[-1], b"data: ok\n\n")
+
+    def test_sse_fields(self):
+        self.assertEqual(tm.sse_fields(b"event: x\ndata: a\ndata:b\nid: 1\n\n"), (b"x", b"a\nb"))
+        self.assertEqual(tm.sse_fields(b"data: [DONE]\n\n"), (b"", b"[DONE]"))
+
+
+# ================================================================================================
+# §10 accounting
+# ================================================================================================
+
+
+class TestUsage(unittest.TestCase):
+    def test_anthropic_usage_with_ttl_split(self):
+        u = tm.Usage()
+        u.apply_anthropic(ANTHROPIC_USAGE_FINAL)
+        self.assertEqual((u.input, u.output, u.cache_read, u.cache_write_5m, u.cache_write_1h),
+                         (12, 420, 20000, 1000, 2000))
+
+    def test_anthropic_cumulative_deltas_are_not_summed(self):
+        u = tm.Usage()
+        u.apply_anthropic(ANTHROPIC_USAGE_START)
+        u.apply_anthropic({"output_tokens": 200})
+        u.apply_anthropic({"output_tokens": 420, "cache_read_input_tokens": 20000,
+                           "cache_creation_input_tokens": 3000})
+        self.assertEqual((u.output, u.cache_read, u.cache_write_5m, u.cache_write_1h),
+                         (420, 20000, 1000, 2000))
+
+    def test_anthropic_creation_without_split_is_5m(self):
+        u = tm.Usage()
+        u.apply_anthropic({"input_tokens": 1, "cache_creation_input_tokens": 700,
+                           "output_tokens": 2})
+        self.assertEqual((u.cache_write_5m, u.cache_write_1h), (700, 0))
+
+    def test_openai_usage_splits_cached_from_prompt(self):
+        u = tm.Usage()
+        u.apply_openai(OPENAI_USAGE)
+        self.assertEqual((u.input, u.cache_read, u.output, u.reasoning), (86, 1920, 300, 192))
+        u = tm.Usage()
+        u.apply_openai({"prompt_tokens": 100, "completion_tokens": 5,
+                        "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 40}})
+        self.assertEqual((u.input, u.cache_read, u.cache_write_5m), (50, 10, 40))
+
+    def test_garbage_usage_is_ignored(self):
+        u = tm.Usage()
+        for junk in (None, [], "x", {"input_tokens": "5", "output_tokens": -1}):
+            u.apply_anthropic(junk)
+            u.apply_openai(junk)
+        self.assertEqual((u.input, u.output), (0, 0))
+
+
+class TestPrices(unittest.TestCase):
+    def test_longest_prefix_and_dated_ids(self):
+        table = tm.PriceTable()
+        cases = [("gpt-4o-mini-2024-07-18", 0.15), ("gpt-4o-2024-08-06", 2.5),
+                 ("gpt-4o-2024-05-13", 5), ("claude-sonnet-4-5-20250929", 3),
+                 ("claude-opus-4-1-20250805", 15), ("claude-opus-4-5-20251101", 5),
+                 ("claude-haiku-4-5", 1), ("o3-mini-2025-01-31", 1.1), ("o3-2025-04-16", 2),
+                 ("gpt-5.1", 1.25), ("gpt-5-mini-2025-08-07", 0.25),
+                 ("anthropic/claude-3-5-haiku-20241022", 0.8)]
+        for model, price in cases:
+            with self.subTest(model=model):
+                self.assertEqual(table.lookup(model).input, price)
+        for model in ("gpt-5.9-hypothetical", "gpt-4omni", "llama-3-70b", ""):
+            with self.subTest(model=model):
+                self.assertIsNone(table.lookup(model))
+
+    def test_cost_of_every_token_kind(self):
+        u = tm.Usage()
+        u.apply_anthropic(ANTHROPIC_USAGE_FINAL)
+        cost = tm.PriceTable().cost("claude-sonnet-4-5", u)
+        expected = (12 * 3 + 420 * 15 + 1000 * 3.75 + 2000 * 6 + 20000 * 0.3) / 1e6
+        self.assertAlmostEqual(cost, expected, places=12)
+
+    def test_unknown_model_costs_null_and_warns_once(self):
+        warned = []
+        table = tm.PriceTable(warn=warned.append)
+        u = tm.Usage()
+        u.input = 10
+        self.assertIsNone(table.cost("mystery-1", u))
+        self.assertIsNone(table.cost("mystery-1", u))
+        self.assertEqual(warned, ["mystery-1"])
+        self.assertEqual(table.cost("mystery-1", tm.Usage()), 0.0)
+
+    def test_config_overrides_and_extends(self):
+        table = tm.PriceTable({"gpt-4o": {"input": 1.0, "output": 2.0},
+                               "my-model": {"input": 4.0, "output": 8.0, "cache_read": 0.0}})
+        self.assertEqual(table.lookup("gpt-4o-2024-08-06").input, 1.0)
+        self.assertEqual(table.lookup("my-model-v2").cache_write_5m, 5.0)
+        self.assertEqual(table.lookup("my-model").cache_read, 0.0)
+
+
+class TestEstimate(unittest.TestCase):
+    def test_estimate_is_in_range_for_prose(self):
+        text = ("The quick brown fox jumps over the lazy dog. " * 20).strip()
+        est = tm.estimate_tokens(text)
+        self.assertTrue(180 <= est <= 260, est)  # cl100k counts 200 tokens for this text
+        self.assertEqual(tm.estimate_tokens(""), 0)
+        self.assertGreater(tm.estimate_tokens("日本語のテキスト"), 5)
+
+
+class TestStreamMeter(unittest.TestCase):
+    def test_openai_usage_chunk_dropped_only_when_injected(self):
+        events, _ = openai_fixture("text")
+        for drop in (True, False):
+            meter = tm.StreamMeter("openai", drop_usage_chunk=drop)
+            kept = [e for e in events if meter.on_event(e)]
+            self.assertEqual(len(kept), len(events) - (1 if drop else 0))
+            self.assertEqual(meter.usage.output, 300)
+            self.assertTrue(meter.complete)
+            self.assertEqual(meter.model, "gpt-4o-mini-2024-07-18")
+
+    def test_usage_in_a_chunk_with_choices_is_kept(self):
+        events, _ = openai_fixture("usage_in_last_choice")
+        meter = tm.StreamMeter("openai", drop_usage_chunk=True)
+        self.assertEqual(sum(meter.on_event(e) for e in events), len(events))
+        self.assertEqual(meter.usage.cache_read, 1920)
+
+
+# ================================================================================================
+# §11 store
+# ================================================================================================
+
+
+def sample_row(rid: str, ts: float = None) -> tuple:
+    values = dict.fromkeys(tm.ROW_COLUMNS, 0)
+    values.update(id=rid, timestamp=tm.utc_iso(ts or time.time()), method="POST",
+                  path="/v1/messages", format="anthropic", model="m", provider="p",
+                  project="default", outcome="ok", cost_usd=0.5, error_message="",
+                  upstream_request_id="", request_body=None, response_body=None,
+                  ttfb_ms=None, overhead_ms=None)
+    return tuple(values[c] for c in tm.ROW_COLUMNS)
+
+
+class TestStore(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.path = tm.open_database(os.path.join(self.tmp.name, "data"))
+        self.store = tm.Store(self.path, tm.Logger("fatal"))
+        self.store.start()
+        self.addCleanup(self.store.close)
+
+    def count(self):
+        return self.store.query("SELECT COUNT(*) AS n FROM requests")[0]["n"]
+
+    def test_files_are_private_and_migrated(self):
+        self.assertEqual(os.stat(os.path.dirname(self.path)).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        conn = sqlite3.connect(self.path)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], len(tm.MIGRATIONS))
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        conn.close()
+        tm.open_database(os.path.dirname(self.path))  # idempotent
+
+    def test_rows_survive_a_locked_database(self):
+        blocker = sqlite3.connect(self.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        for i in range(50):
+            self.store.record(sample_row(f"r{i}"))
+        self.store.flush()
+        self.assertGreater(self.store.errors, 0)
+        self.assertEqual(self.store.backlog, 50)
+        blocker.execute("COMMIT")
+        blocker.close()
+        deadline = time.monotonic() + WAIT
+        while self.store.written < 50 and time.monotonic() < deadline:
+            self.store.flush(0.5)
+        self.assertEqual(self.count(), 50)
+        self.assertEqual(self.store.backlog, 0)
+
+    def test_a_full_database_keeps_rows_until_space_returns(self):
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.close()
+        limit = [pages]
+
+        def limit_pages(c):
+            c.execute(f"PRAGMA max_page_count = {limit[0]}")
+        self.store.submit(limit_pages)
+        big = sample_row("big")
+        big = big[:tm.ROW_COLUMNS.index("error_message")] + ("x" * 200_000,) + \
+            big[tm.ROW_COLUMNS.index("error_message") + 1:]
+        self.store.record(big)
+        self.store.flush()
+        self.assertGreater(self.store.errors, 0)
+        self.assertIn("full", self.store.last_error)
+        limit[0] = 1_000_000  # space returns (the connection is reopened after the failure)
+        self.store.submit(limit_pages)
+        deadline = time.monotonic() + WAIT
+        while self.count() < 1 and time.monotonic() < deadline:
+            self.store.flush(0.5)
+        self.assertEqual(self.count(), 1)
+
+    def test_backlog_is_bounded(self):
+        self.store.close()
+        store = tm.Store(self.path, tm.Logger("fatal"), max_pending=10)
+        blocker = sqlite3.connect(self.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        store.start()
+        for i in range(25):
+            store.record(sample_row(f"b{i}"))
+        store.flush()
+        blocker.execute("COMMIT")
+        blocker.close()
+        deadline = time.monotonic() + WAIT
+        while store.backlog and time.monotonic() < deadline:
+            store.flush(0.5)
+        store.close()
+        self.assertEqual(store.dropped, 15)
+        self.assertEqual(self.count(), 10)
+
+    def test_prune_and_summary(self):
+        old = time.time() - 40 * 86400
+        self.store.record(sample_row("old", old))
+        self.store.record(sample_row("new"))
+        self.store.submit(tm.prune_job(30, time.time()))
+        self.store.flush()
+        self.assertEqual([r["id"] for r in self.store.query("SELECT id FROM requests")], ["new"])
+        summary = tm.usage_summary(self.store, time.time() - 3600, "model")
+        self.assertEqual(summary[0]["requests"], 1)
+        self.assertEqual(summary[0]["cost_usd"], 0.5)
+
+    def test_shutdown_flushes_the_queue(self):
+        for i in range(300):
+            self.store.record(sample_row(f"s{i}"))
+        self.store.close()
+        self.assertEqual(self.count(), 300)
+
+
+# ================================================================================================
+# §14 end to end: the relay over real sockets
+# ================================================================================================
+
+A_HEADERS = {"x-api-key": "sk-ant-client", "anthropic-version": "2023-06-01",
+             "anthropic-beta": "prompt-caching-2024-07-31", "User-Agent": "Anthropic/Python 1.0",
+             "Content-Type": "application/json"}
+O_HEADERS = {"Authorization": "Bearer sk-client", "OpenAI-Organization": "org-1",
+             "Content-Type": "application/json"}
+
+
+class TestRelay(ProxyTestCase):
+    async def test_anthropic_body_and_headers_pass_through(self):
+        body = (b'{"model": "claude-sonnet-4-5-20250929", "max_tokens": 10, '
+                b'"future_field": {"x": [1, 2.50, 1e3]}, "messages": [{"role": "user", '
+                b'"content": "caf\\u00e9"}], "metadata": {"provider": "mine"}}')
+        self.up.handler = lambda rec, r, w: json_reply(
+            w, {"model": "claude-sonnet-4-5-20250929", "content": [],
+                "usage": {"input_tokens": 100, "output_tokens": 50}},
+            headers=[b"request-id: req_up_1", b"anthropic-ratelimit-requests-remaining: 99",
+                     b"Connection: keep-alive", b"Keep-Alive: timeout=5"])
+        await self.start_proxy()
+        headers = dict(A_HEADERS, Connection="keep-alive, X-Hop", **{"X-Hop": "1",
+                       "X-Tokenman-Project": "team-a", "X-Request-Id": "client-id-1"})
+        resp = await http(self.port, "POST", "/v1/messages?beta=true", body, headers)
+        self.assertEqual(resp.status, 200)
+        rec = self.up.requests[0]
+        self.assertEqual(rec.body, body)  # byte for byte
+        self.assertEqual(rec.target, b"/v1/messages?beta=true")
+        for name in (b"x-api-key", b"anthropic-version", b"anthropic-beta", b"user-agent"):
+            self.assertEqual(rec.headers[name], headers[
+                next(k for k in headers if k.lower() == name.decode())].encode())
+        self.assertNotIn(b"x-hop", rec.headers)
+        self.assertNotIn(b"x-tokenman-project", rec.headers)
+        self.assertEqual(rec.headers[b"x-request-id"], b"client-id-1")
+        self.assertEqual(resp.headers["x-request-id"], "client-id-1")
+        self.assertEqual(resp.headers["request-id"], "req_up_1")
+        self.assertEqual(resp.headers["anthropic-ratelimit-requests-remaining"], "99")
+        self.assertNotIn("keep-alive", resp.headers)
+        expected_cost = (100 * 3 + 50 * 15) / 1e6
+        self.assertAlmostEqual(float(resp.headers["x-tokenman-cost-usd"]), expected_cost)
+        self.assertGreaterEqual(float(resp.headers["x-tokenman-overhead-ms"]), 0)
+        row = (await self.rows())[0]
+        self.assertEqual((row["id"], row["project"], row["provider"], row["outcome"]),
+                         ("client-id-1", "team-a", "anthropic", "ok"))
+        self.assertEqual((row["input_tokens"], row["output_tokens"], row["estimated"]),
+                         (100, 50, 0))
+        self.assertAlmostEqual(row["cost_usd"], expected_cost)
+        self.assertEqual(row["upstream_request_id"], "req_up_1")
+        self.assertIsNone(row["request_body"])
+
+    async def test_openai_non_streaming(self):
+        _, body = openai_fixture("text")
+        self.up.handler = lambda rec, r, w: json_reply(w, body, headers=[b"x-request-id: up-9"])
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(resp.json(), body)
+        self.assertEqual(self.up.requests[0].headers[b"authorization"], b"Bearer sk-client")
+        self.assertEqual(self.up.requests[0].headers[b"openai-organization"], b"org-1")
+        self.assertEqual(resp.headers["x-upstream-request-id"], "up-9")
+        self.assertTrue(resp.headers["x-request-id"].startswith("req_"))
+        row = (await self.rows())[0]
+        self.assertEqual((row["input_tokens"], row["cache_read_tokens"], row["output_tokens"],
+                          row["reasoning_tokens"], row["model"]),
+                         (86, 1920, 300, 192, "gpt-4o-mini-2024-07-18"))
+
+    async def test_configured_key_replaces_client_credentials(self):
+        await self.start_proxy(
+            env={"ANT": "sk-ant-server", "OAI": "sk-oai-server"},
+            providers={"anthropic": {"api_base": self.up.base, "key_ref": "env:ANT"},
+                       "openai": {"api_base": self.up.base, "key_ref": "env:OAI"}})
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                   {"x-api-key": "client", "Authorization": "Bearer client"})
+        await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                   {"Authorization": "Bearer client"})
+        a, o = self.up.requests
+        self.assertEqual(a.headers[b"x-api-key"], b"sk-ant-server")
+        self.assertNotIn(b"authorization", a.headers)
+        self.assertEqual(a.headers[b"anthropic-version"], b"2023-06-01")  # added when absent
+        self.assertEqual(o.headers[b"authorization"], b"Bearer sk-oai-server")
+        self.assertEqual(list(o.head.lower().split(b"authorization")).__len__(), 2)
+
+    async def test_other_v1_paths_pass_through(self):
+        async def handler(rec, r, w):
+            await json_reply(w, {"path": rec.target.decode(), "method": rec.method.decode()})
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages/count_tokens?beta=true",
+                          ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.json()["path"], "/v1/messages/count_tokens?beta=true")
+        resp = await http(self.port, "GET", "/v1/models?limit=5", b"", {"x-api-key": "k"})
+        self.assertEqual(resp.json(), {"path": "/v1/models?limit=5", "method": "GET"})
+        resp = await http(self.port, "POST", "/v1/embeddings", {"model": "text-embedding-3",
+                          "input": "x"}, O_HEADERS)
+        self.assertEqual(resp.json()["path"], "/v1/embeddings")
+
+    async def test_base_url_with_v1_suffix_is_not_doubled(self):
+        await self.start_proxy(providers={"vllm": {"api_base": self.up.base + "/v1"}})
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[0].target, b"/v1/chat/completions")
+
+    async def test_routing_by_model_list_map_and_format(self):
+        other = await FakeUpstream(lambda rec, r, w: json_reply(w, {"who": "other"})).start()
+        self.addAsyncCleanup(other.stop)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"who": "main"})
+        await self.start_proxy(providers={
+            "openai": {"api_base": self.up.base, "priority": 5},
+            "fast": {"api_base": other.base, "format": "openai", "models": ["gpt-fast*"],
+                     "priority": 1},
+            "anthropic": {"api_base": self.up.base}},
+            extra={"routing": {"model_map": {"special": "fast"}}})
+        who = []
+        for model in ("gpt-4o", "gpt-fast-1", "special"):
+            resp = await http(self.port, "POST", "/v1/chat/completions",
+                              {"model": model, "messages": []})
+            who.append(resp.json()["who"])
+        self.assertEqual(who, ["main", "other", "other"])
+
+    async def test_no_provider_for_format_is_a_native_404(self):
+        await self.start_proxy(providers={"anthropic": {"api_base": self.up.base}})
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ)
+        self.assertEqual(resp.status, 404)
+        self.assertEqual(set(resp.json()["error"]), {"message", "type", "param", "code"})
+        row = (await self.rows())[0]
+        self.assertEqual(row["outcome"], "rejected")
+
+    async def test_invalid_json_is_rejected_in_native_shape(self):
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", b'{"model": ', A_HEADERS)
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(resp.json()["type"], "error")
+        self.assertEqual(resp.json()["error"]["type"], "invalid_request_error")
+        resp = await http(self.port, "POST", "/v1/chat/completions", b"[1]", O_HEADERS)
+        self.assertEqual(resp.json()["error"]["type"], "invalid_request_error")
+        deep = b"[" * 100000 + b"]" * 100000
+        resp = await http(self.port, "POST", "/v1/messages", deep, A_HEADERS)
+        self.assertEqual(resp.status, 400)
+        rows = await self.rows(3)
+        self.assertEqual({r["outcome"] for r in rows}, {"rejected"})
+        self.assertEqual(len(self.up.requests), 0)
+
+    async def test_unknown_path_and_health(self):
+        await self.start_proxy()
+        resp = await http(self.port, "GET", "/nope")
+        self.assertEqual(resp.status, 404)
+        self.assertIn("error", resp.json())
+        self.assertEqual((await http(self.port, "GET", "/health")).json(), {"status": "ok"})
+        ready = await http(self.port, "GET", "/health/ready")
+        self.assertEqual(ready.status, 200)
+        self.assertEqual(ready.json()["status"], "ready")
+
+    async def test_readiness_fails_without_usable_provider(self):
+        await self.start_proxy(providers={"anthropic": {"api_base": self.up.base,
+                                                        "key_ref": "env:MISSING"}})
+        ready = await http(self.port, "GET", "/health/ready")
+        self.assertEqual(ready.status, 503)
+        self.assertEqual(ready.json()["checks"][1]["status"], "fail")
+
+    async def test_upstream_errors_pass_through_unchanged(self):
+        err = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+        self.up.handler = lambda rec, r, w: json_reply(
+            w, err, status=429, reason=b"Too Many Requests", headers=[b"retry-after: 7"])
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json(), resp.headers["retry-after"]),
+                         (429, err, "7"))
+        row = (await self.rows())[0]
+        self.assertEqual((row["status_code"], row["outcome"], row["cost_usd"]),
+                         (429, "upstream_error", 0.0))
+        self.assertIn("slow down", row["error_message"])
+
+    async def test_upstream_down_is_native_502(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+        sock.close()
+        await self.start_proxy(providers={"anthropic": {"api_base": f"http://127.0.0.1:{dead}"},
+                                          "openai": {"api_base": f"http://127.0.0.1:{dead}"}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(resp.json()["error"]["type"], "api_error")
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual((resp.status, resp.json()["error"]["type"]), (502, "server_error"))
+        rows = await self.rows(2)
+        self.assertEqual({r["outcome"] for r in rows}, {"upstream_failed"})
+
+    async def test_upstream_slow_is_504(self):
+        never = asyncio.Event()
+
+        async def slow(rec, r, w):
+            await never.wait()
+        self.up.handler = slow
+        await self.start_proxy(providers={"anthropic": {"api_base": self.up.base,
+                                                        "timeout": 0.2}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 504)
+        self.assertEqual(resp.json()["type"], "error")
+        never.set()
+
+    async def test_upstream_reset_and_garbage_are_502(self):
+        async def reset(rec, r, w):
+            w.transport.abort()
+            return False
+
+        async def garbage(rec, r, w):
+            w.write(b"SMTP ready\r\n\r\n")
+            return False
+
+        async def short(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: 100\r\n\r\n{\"partial\":")
+            return False
+        await self.start_proxy()
+        for handler in (reset, garbage, short):
+            with self.subTest(handler=handler.__name__):
+                self.up.handler = handler
+                resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+                self.assertEqual(resp.status, 502)
+                self.assertEqual(resp.json()["type"], "error")
+        self.assertEqual((await http(self.port, "GET", "/health")).status, 200)
+
+    async def test_keep_alive_connections_are_reused_upstream(self):
+        await self.start_proxy()
+        for _ in range(5):
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.connections, 1)
+        self.assertEqual(self.app.pool.size(), 1)
+
+    async def test_stale_pooled_connection_is_retried_once(self):
+        calls = []
+
+        async def close_after(rec, r, w):
+            calls.append(1)
+            await json_reply(w, {"n": len(calls)})
+            return False  # the upstream closes every connection after answering
+        self.up.handler = close_after
+        await self.start_proxy()
+        for _ in range(3):
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        self.assertEqual(len(calls), 3)
+
+    async def test_store_body_keeps_bodies(self):
+        await self.start_proxy({"server": {"store_body": True}})
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        row = (await self.rows())[0]
+        self.assertEqual(json.loads(row["request_body"]), ANTHROPIC_REQ)
+        self.assertEqual(json.loads(row["response_body"]), {"ok": True})
+
+    async def test_hundreds_of_concurrent_requests_all_land_as_rows(self):
+        _, body = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: json_reply(w, body)
+        await self.start_proxy()
+        results = await asyncio.gather(*(http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                              A_HEADERS) for _ in range(300)))
+        self.assertEqual({r.status for r in results}, {200})
+        rows = await self.rows(300)
+        self.assertEqual(len(rows), 300)
+        self.assertEqual(len({r["id"] for r in rows}), 300)
+        self.assertEqual({r["output_tokens"] for r in rows}, {420})
+
+    async def test_requests_succeed_while_the_database_is_locked(self):
+        await self.start_proxy()
+        blocker = sqlite3.connect(self.app.store.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            for _ in range(5):
+                resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+                self.assertEqual(resp.status, 200)
+            await asyncio.to_thread(self.app.store.flush)
+            self.assertGreater(self.app.store.errors, 0)
+            ready = await http(self.port, "GET", "/health/ready")
+            self.assertEqual(ready.status, 200)  # readers are not blocked by a writer's lock
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        rows = await self.rows(5)
+        self.assertEqual(len(rows), 5)
+
+
+class TestStreaming(ProxyTestCase):
+    async def stream(self, path, req, headers):
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(req).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                     .encode() + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+                     + b"\r\n" + body)
+        try:
+            return await asyncio.wait_for(read_response(reader), WAIT)
+        finally:
+            writer.close()
+
+    async def test_anthropic_stream_bytes_unchanged(self):
+        events, _ = anthropic_fixture("tool")
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        resp = await self.stream("/v1/messages", dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.headers["content-type"], "text/event-stream")
+        self.assertEqual(resp.body, b"".join(events))
+        row = (await self.rows())[0]
+        self.assertEqual((row["streaming"], row["outcome"], row["output_tokens"]), (1, "ok", 420))
+        self.assertIsNotNone(row["ttfb_ms"])
+        self.assertIsNotNone(row["overhead_ms"])
+
+    async def test_openai_stream_gets_usage_injected_and_the_extra_chunk_removed(self):
+        events, _ = openai_fixture("text")
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        raw = (b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"x":1},'
+               b'"messages":[],"zzz":1}')
+        resp = await http(self.port, "POST", "/v1/chat/completions", raw, O_HEADERS)
+        sent = self.up.requests[0].body
+        self.assertEqual(json.loads(sent)["stream_options"], {"x": 1, "include_usage": True})
+        self.assertTrue(sent.endswith(b',"messages":[],"zzz":1}'))
+        usage_chunk = events[-2]
+        self.assertEqual(resp.body, b"".join(e for e in events if e != usage_chunk))
+        row = (await self.rows())[0]
+        self.assertEqual((row["output_tokens"], row["cache_read_tokens"]), (300, 1920))
+
+    async def test_openai_stream_with_client_usage_is_untouched(self):
+        events, _ = openai_fixture("text")
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        raw = b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}'
+        resp = await http(self.port, "POST", "/v1/chat/completions", raw, O_HEADERS)
+        self.assertEqual(self.up.requests[0].body, raw)
+        self.assertEqual(resp.body, b"".join(events))
+
+    async def test_streamed_and_buffered_usage_and_cost_are_identical(self):
+        fixtures = [("anthropic", "/v1/messages", A_HEADERS, ANTHROPIC_REQ, anthropic_fixture, k)
+                    for k in ("text", "tool", "thinking")]
+        fixtures += [("openai", "/v1/chat/completions", O_HEADERS, OPENAI_REQ, openai_fixture, k)
+                     for k in ("text", "tool", "usage_in_last_choice")]
+        await self.start_proxy()
+        columns = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                   "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens",
+                   "cost_usd", "model", "estimated")
+        for api, path, headers, req, fixture, kind in fixtures:
+            with self.subTest(api=api, kind=kind):
+                events, body = fixture(kind)
+                self.up.handler = fixture_handler(events, body)
+                await http(self.port, "POST", path, req, headers)
+                await self.stream(path, dict(req, stream=True), headers)
+                rows = (await self.rows(2, where=f"format = '{api}'"))[-2:]
+                buffered, streamed = rows
+                self.assertEqual(streamed["streaming"], 1)
+                self.assertEqual([buffered[c] for c in columns], [streamed[c] for c in columns])
+                self.assertIsNotNone(buffered["cost_usd"])
+                self.assertGreater(buffered["cost_usd"], 0)
+                await asyncio.to_thread(self.app.store.submit,
+                                        lambda c: c.execute("DELETE FROM requests"))
+
+    async def test_client_disconnect_closes_upstream_and_records_partial_usage(self):
+        events, _ = anthropic_fixture("text")
+        upstream_saw_close = asyncio.Event()
+
+        async def handler(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for event in events[:4]:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            try:  # the provider is still generating; does tokenman hang up on it?
+                await reader.read(1)
+            except ConnectionError:
+                pass
+            upstream_saw_close.set()
+            return False
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        seen = b""
+        while seen.count(b"content_block_delta") < 1:
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        writer.close()  # the client goes away mid-stream
+        await asyncio.wait_for(upstream_saw_close.wait(), WAIT)
+        row = (await self.rows())[0]
+        self.assertEqual(row["outcome"], "client_closed")
+        self.assertEqual((row["input_tokens"], row["cache_read_tokens"]), (12, 20000))
+        self.assertGreaterEqual(row["output_tokens"], 1)
+        self.assertIsNotNone(row["cost_usd"])
+
+    async def test_upstream_failure_mid_stream_sends_error_event(self):
+        events, _ = anthropic_fixture("text")
+
+        async def handler(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for event in events[:3]:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await self.stream("/v1/messages", dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+        self.assertTrue(resp.body.startswith(b"".join(events[:3])))
+        name, data = tm.sse_fields(resp.body[len(b"".join(events[:3])):])
+        self.assertEqual(name, b"error")
+        self.assertEqual(json.loads(data)["type"], "error")
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["input_tokens"]), ("upstream_failed", 12))
+
+    async def test_stream_without_usage_is_estimated(self):
+        chunks = openai_events({"model": "local", "choices": [{"delta": {
+            "content": "hello there friend"}}]}, b"[DONE]")
+        self.up.handler = fixture_handler(chunks, None)
+        await self.start_proxy()
+        await self.stream("/v1/chat/completions", dict(OPENAI_REQ, stream=True), O_HEADERS)
+        row = (await self.rows())[0]
+        self.assertEqual(row["estimated"], 1)
+        self.assertGreater(row["output_tokens"], 0)
+        self.assertGreater(row["input_tokens"], 0)
+        self.assertIsNone(row["cost_usd"])  # "local" has no price: null, never 0
+
+    async def test_provider_error_event_marks_the_row(self):
+        events = anthropic_events(
+            {"type": "message_start", "message": {"model": "claude-haiku-4-5",
+                                                  "usage": {"input_tokens": 5}}},
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        resp = await self.stream("/v1/messages", dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+        self.assertEqual(resp.body, b"".join(events))
+        row = (await self.rows())[0]
+        self.assertEqual(row["outcome"], "upstream_error")
+        self.assertIn("overloaded_error", row["error_message"])
+
+    async def test_events_are_flushed_as_they_arrive(self):
+        gate = asyncio.Event()
+        events, _ = anthropic_fixture("text")
+        self.up.handler = fixture_handler(events, None, gate=gate, after=2)
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        seen = b""
+        while events[1] not in seen:  # arrives while the upstream still holds the rest
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        self.assertNotIn(events[2], seen)
+        gate.set()
+        writer.close()
+
+
+# ================================================================================================
+# §07 end to end: the server under malformed, oversized, slow and pipelined input
+# ================================================================================================
+
+
+class TestServerHardening(ProxyTestCase):
+    async def assert_still_serving(self):
+        resp = await http(self.port, "GET", "/health")
+        self.assertEqual(resp.status, 200)
+
+    async def test_smuggling_and_malformed_heads_get_status_and_close(self):
+        await self.start_proxy({"server": {"max_body_size": 1000}})
+        cases = [
+            # (raw request, expected status) — RFC 9112 6.1/6.3; CL.TE and TE.CL desync
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n", 400),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity"
+             b"\r\n\r\n0\r\n\r\n", 501),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+             b"Content-Length: 2\r\n\r\nab", 400),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: +12\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: v\r\n" % i for i in range(101))
+             + b"\r\n", 431),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"800\r\n" + b"a" * 2048 + b"\r\n0\r\n\r\n", 413),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"zz\r\n", 400),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"fffffffffffffffff\r\n", 400),  # chunk-size overflow
+            (b"BREW / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to plain port
+        ]
+        for raw, status in cases:
+            with self.subTest(raw=raw[:50]):
+                reply = await raw_exchange(self.port, raw)
+                self.assertTrue(reply.startswith(b"HTTP/1.1 %d " % status), reply[:80])
+                self.assertIn(b"connection: close", reply.lower())
+                self.assertEqual(reply.count(b"HTTP/1.1"), 1)  # nothing smuggled through
+        self.assertEqual(len(self.up.requests), 0)
+        await self.assert_still_serving()
+
+    async def test_chunked_request_body_with_extensions_and_trailers(self):
+        await self.start_proxy()
+        body = json.dumps(ANTHROPIC_REQ).encode()
+        raw = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x;ext=1\r\n%s\r\n" % (10, body[:10]) + b"%x\r\n%s\r\n" % (len(body) - 10,
+                                                                              body[10:])
+               + b"0\r\nX-Trailer: y\r\n\r\n")
+        resp = await raw_exchange(self.port, raw, read_all=False)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[0].body, body)
+
+    async def test_pipelined_requests_are_answered_in_order(self):
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses = [(await asyncio.wait_for(read_response(reader), WAIT)).status
+                    for _ in range(3)]
+        writer.close()
+        self.assertEqual(statuses, [200, 404, 200])
+
+    async def test_expect_100_continue(self):
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(ANTHROPIC_REQ).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        self.assertEqual(interim, b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(body)
+        resp = await asyncio.wait_for(read_response(reader), WAIT)
+        writer.close()
+        self.assertEqual(resp.status, 200)
+
+    async def test_slow_client_gets_408_and_idle_connection_is_closed(self):
+        await self.start_proxy({"server": {"read_timeout": 0.2, "idle_timeout": 0.2}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        reply = await asyncio.wait_for(reader.read(), WAIT)  # slowloris body
+        writer.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 408 "))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.assertEqual(await asyncio.wait_for(reader.read(), WAIT), b"")  # idle: closed
+        writer.close()
+        await self.assert_still_serving()
+
+    async def test_half_closed_and_reset_clients_do_not_hurt_the_server(self):
+        await self.start_proxy()
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(b"GET /hea")
+            writer.write_eof()
+            self.assertEqual(await asyncio.wait_for(reader.read(), WAIT), b"")
+            writer.close()
+            sock = socket.create_connection(("127.0.0.1", self.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            sock.close()  # RST
+        await self.assert_still_serving()
+
+    async def test_http10_client_gets_a_close_delimited_stream(self):
+        events, _ = anthropic_fixture("text")
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        reply = await raw_exchange(self.port, b"POST /v1/messages HTTP/1.0\r\nContent-Length: "
+                                   b"%d\r\n\r\n%s" % (len(body), body))
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(rest, b"".join(events))
+
+    async def test_graceful_stop_lets_in_flight_requests_finish(self):
+        release = asyncio.Event()
+        arrived = asyncio.Event()
+
+        async def slow(rec, r, w):
+            arrived.set()
+            await release.wait()
+            await json_reply(w, {"done": True})
+        self.up.handler = slow
+        await self.start_proxy()
+        pending = asyncio.create_task(http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                           A_HEADERS))
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        stopping = asyncio.create_task(self.app.stop())
+        await asyncio.sleep(0)  # let stop() begin: new connections are refused from here
+        with self.assertRaises(OSError):
+            await http(self.port, "GET", "/health")
+        release.set()
+        resp = await asyncio.wait_for(pending, WAIT)
+        await asyncio.wait_for(stopping, WAIT)
+        self.assertEqual(resp.json(), {"done": True})
+        conn = sqlite3.connect(os.path.join(self.tmp.name, "tokenman.db"))
+        self.assertEqual(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0], 1)
+        conn.close()
+
+
+# ================================================================================================
+# §18 command line
+# ================================================================================================
+
+
+class TestCLI(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def run_main(self, argv, env=None):
+        import contextlib
+        import io
+        out, err = io.StringIO(), io.StringIO()
+        old = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = tm.main(argv)
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_version_init_and_check(self):
+        code, out, _ = self.run_main(["version"])
+        self.assertEqual(code, 0)
+        self.assertIn(tm.__version__, out)
+        path = os.path.join(self.tmp.name, "sub", "t.toml")
+        self.assertEqual(self.run_main(["init-config", path])[0], 0)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(self.run_main(["init-config", path])[0], 1)  # no silent overwrite
+        code, out, _ = self.run_main(["check-config", "--config", path])
+        self.assertEqual(code, 0)
+        self.assertIn("configuration ok", out)
+        with open(path, "a") as fh:
+            fh.write('\n[routing.model_map]\nx = "nobody"\n')
+        with open(path) as fh:
+            text = fh.read().replace("proxy_port = 7677", "proxy_port = -1")
+        with open(path, "w") as fh:
+            fh.write(text.replace("model_map = {}\n", ""))
+        code, _, err = self.run_main(["check-config", "--config", path])
+        self.assertEqual(code, 1)
+        self.assertIn("proxy_port", err)
+        self.assertIn("nobody", err)
+
+    def test_stats_reads_the_log(self):
+        data = os.path.join(self.tmp.name, "data")
+        store = tm.Store(tm.open_database(data), tm.Logger("fatal"))
+        store.start()
+        store.record(sample_row("a"))
+        store.record(sample_row("b"))
+        store.close()
+        env = {"TOKENMAN_SERVER_DATA_DIR": data, "TOKENMAN_CONFIG": ""}
+        code, out, _ = self.run_main(["stats", "--since", "1h", "--json"], env)
+        self.assertEqual(code, 0)
+        rows = json.loads(out)["rows"]
+        self.assertEqual((rows[0]["model"], rows[0]["requests"], rows[0]["cost_usd"]),
+                         ("m", 2, 1.0))
+        code, out, _ = self.run_main(["stats", "--by", "project"], env)
+        self.assertEqual(code, 0)
+        self.assertIn("TOTAL", out)
+        code, _, err = self.run_main(["stats", "--since", "soon"], env)
+        self.assertEqual(code, 2)
+
+
+class TestSubprocess(unittest.TestCase):
+    def test_runs_from_the_command_line_and_stops_on_sigterm(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            path = os.path.join(tmp, "t.toml")
+            with open(path, "w") as fh:
+                fh.write(f'[server]\nproxy_port = {port}\ndata_dir = "{tmp}/data"\n')
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tokenman.py"),
+                                     "--config", path], stderr=subprocess.PIPE,
+                                    env=dict(os.environ, HOME=tmp))
+            try:
+                line = proc.stderr.readline().decode()
+                self.assertIn("tokenman started", line)
+                with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    reply = b""
+                    while chunk := conn.recv(4096):
+                        reply += chunk
+                self.assertTrue(reply.startswith(b"HTTP/1.1 200 "))
+                proc.terminate()
+                self.assertEqual(proc.wait(WAIT), 0)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.stderr.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
