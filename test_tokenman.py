@@ -1127,6 +1127,25 @@ class TestRelay(ProxyTestCase):
         self.assertEqual(len({r["id"] for r in rows}), 300)
         self.assertEqual({r["output_tokens"] for r in rows}, {420})
 
+    async def test_requests_refused_by_the_http_layer_are_logged(self):
+        await self.start_proxy({"server": {"max_body_size": 100}})
+        resp = await http(self.port, "POST", "/v1/messages", b"x" * 500, A_HEADERS)
+        self.assertEqual(resp.status, 413)
+        self.assertEqual(resp.json()["error"]["type"], "request_too_large")
+        row = (await self.rows())[0]
+        self.assertEqual((row["status_code"], row["outcome"], row["format"]),
+                         (413, "rejected", "anthropic"))
+
+    async def test_requests_succeed_while_the_database_is_read_only(self):
+        await self.start_proxy()
+        self.app.store.submit(lambda conn: conn.execute("PRAGMA query_only = ON"))
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        await asyncio.to_thread(self.app.store.flush)
+        self.assertIn("readonly", self.app.store.last_error)
+        rows = await self.rows(1)  # the writer reopens its connection and retries
+        self.assertEqual(len(rows), 1)
+
     async def test_requests_succeed_while_the_database_is_locked(self):
         await self.start_proxy()
         blocker = sqlite3.connect(self.app.store.path, isolation_level=None)
@@ -1313,6 +1332,92 @@ class TestStreaming(ProxyTestCase):
         self.assertNotIn(events[2], seen)
         gate.set()
         writer.close()
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy that sends every tunnel to 127.0.0.1 (the fake provider)."""
+
+    def __init__(self) -> None:
+        self.targets: list[bytes] = []
+
+    async def start(self) -> "ConnectProxy":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _conn(self, reader, writer) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        target = head.split(b" ")[1]
+        self.targets.append(target)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
+                                                             int(target.rsplit(b":", 1)[1]))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@unittest.skipUnless(__import__("shutil").which("openssl"), "needs the openssl command")
+class TestUpstreamTLSAndProxy(ProxyTestCase):
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        self.cert = os.path.join(self.tmp.name, "cert.pem")
+        key = os.path.join(self.tmp.name, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", key, "-out", self.cert, "-subj", "/CN=provider.test",
+                        "-addext", "subjectAltName=DNS:provider.test"],
+                       check=True, capture_output=True)
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, key)
+        self.tls_up = FakeUpstream()
+        self.tls_up.server = await asyncio.start_server(self.tls_up._conn, "127.0.0.1", 0,
+                                                        ssl=ctx)
+        self.tls_up.port = self.tls_up.server.sockets[0].getsockname()[1]
+        self.addAsyncCleanup(self.tls_up.stop)
+        self.proxy = await ConnectProxy().start()
+        # the aborted handshakes of the fake TLS server are expected; keep the output clean
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+
+    async def test_https_through_a_connect_proxy_with_sni_and_ca_file(self):
+        base = f"https://provider.test:{self.tls_up.port}"
+        await self.start_proxy(env={"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy.port}"},
+                               providers={"anthropic": {"api_base": base,
+                                                        "ca_file": self.cert}})
+        for _ in range(2):
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        self.assertEqual(self.proxy.targets, [b"provider.test:%d" % self.tls_up.port])
+        self.assertEqual(self.tls_up.requests[0].headers[b"host"],
+                         b"provider.test:%d" % self.tls_up.port)
+
+    async def test_untrusted_certificate_is_a_502(self):
+        base = f"https://provider.test:{self.tls_up.port}"
+        await self.start_proxy(env={"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy.port}"},
+                               providers={"anthropic": {"api_base": base}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(len(self.tls_up.requests), 0)
+        row = (await self.rows())[0]
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", row["error_message"])
+
+    async def test_no_proxy_bypasses_the_proxy(self):
+        await self.start_proxy(env={"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy.port}",
+                                    "NO_PROXY": "provider.test"},
+                               providers={"anthropic": {
+                                   "api_base": f"https://provider.test:{self.tls_up.port}",
+                                   "ca_file": self.cert}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 502)  # provider.test does not resolve without the proxy
+        self.assertEqual(self.proxy.targets, [])
 
 
 # ================================================================================================

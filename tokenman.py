@@ -1406,8 +1406,10 @@ class HTTPServer:
     about framing, limits, 100-continue, keep-alive and slow clients is settled here."""
 
     def __init__(self, handler, cfg: ServerConfig, log: "Logger",
-                 ssl_ctx: ssl.SSLContext | None = None, name: str = "proxy") -> None:
+                 ssl_ctx: ssl.SSLContext | None = None, name: str = "proxy",
+                 on_reject=None) -> None:
         self.handler = handler
+        self.on_reject = on_reject  # on_reject(req, status, detail): a parsed request refused
         self.cfg = cfg
         self.log = log
         self.ssl_ctx = ssl_ctx
@@ -1514,12 +1516,14 @@ class HTTPServer:
             conn.close_after = True
             api = api_for(req.path if req else "", req.headers if req else None)
             conn.send_error(req, api, exc.status, exc.detail)
+            self._rejected(req, t0, exc.status, exc.detail)
             return None
         except TimeoutError:
             if req is not None or chan.buf.strip():
                 conn.close_after = True
                 conn.send_error(req, api_for(req.path if req else "", None), 408,
                                 "request not received in time")
+                self._rejected(req, t0, 408, "request not received in time")
             return None
         except ConnectionGone:
             return None
@@ -1527,6 +1531,11 @@ class HTTPServer:
         if self.draining:
             req.keep_alive = False
         return req
+
+    def _rejected(self, req: Request | None, t0: float, status: int, detail: str) -> None:
+        if req is not None and self.on_reject is not None:
+            req.t0 = t0
+            self.on_reject(req, status, detail)
 
     def stop_accepting(self) -> None:
         self.draining = True
@@ -1625,10 +1634,12 @@ class UpstreamPool:
 
     def __init__(self, env: dict | None = None) -> None:
         self.idle: dict[tuple, collections.deque] = {}
-        env = os.environ if env is None else env
-        self.proxies = {k.lower(): v for k, v in urllib.request.getproxies_environment().items()} \
-            if env is os.environ else {k[:-6].lower(): v for k, v in env.items()
-                                       if k.lower().endswith("_proxy") and v}
+        self.proxies: dict[str, str] = {}  # scheme -> proxy URL, from HTTPS_PROXY & co.
+        for name, value in (os.environ if env is None else env).items():
+            if name.lower().endswith("_proxy") and value:
+                scheme = name[:-6].lower()
+                if name.islower() or scheme not in self.proxies:  # lowercase wins, as in curl
+                    self.proxies[scheme] = value
         self.opened = 0  # connections opened since start (tests and metrics read it)
 
     def size(self) -> int:
@@ -2557,6 +2568,15 @@ class Proxy:
         self._json(req, conn, 200 if ok else 503,
                    {"status": "ready" if ok else "not_ready", "checks": checks})
 
+    def rejected(self, req: Request, status: int, detail: str) -> None:
+        """Logs an API request the HTTP layer refused (body too large, bad framing, too slow)."""
+        if req.path.startswith("/v1/"):
+            call = Call(req, api_for(req.path, req.headers))
+            call.status = status
+            call.outcome = "rejected"
+            call.error = detail
+            self._finish(call)
+
     # -- the relay ------------------------------------------------------------------------------
     async def relay(self, req: Request, conn: ServerConn) -> None:
         call = Call(req, api_for(req.path, req.headers))
@@ -2917,6 +2937,7 @@ class App:
 
     async def start(self) -> None:
         cfg = self.cfg
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
         for warning in cfg.warnings:
             self.log.warn("config", problem=warning)
         path = await asyncio.to_thread(open_database, cfg.data_dir)
@@ -2931,7 +2952,8 @@ class App:
         if cfg.server.tls_enabled:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
-        self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx)
+        self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx,
+                                 on_reject=self.proxy.rejected)
         self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pruner()))
         scheme = "https" if ssl_ctx else "http"
@@ -2939,6 +2961,12 @@ class App:
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own reports (a failed TLS handshake, a callback error) in our log."""
+        exc = context.get("exception")
+        self.log.debug("event loop", message=context.get("message", ""),
+                       error=f"{type(exc).__name__}: {exc}" if exc else "")
 
     async def _pruner(self) -> None:
         days = self.cfg.metrics.retention_days
