@@ -1,0 +1,1383 @@
+#!/usr/bin/env python3
+"""bench/run.py: tokenman's performance harness (standard library only; wrk used when installed).
+
+Starts bench/mock_upstream.py and tokenman (with a profile config), drives load from a separate
+process (wrk when installed, else bench/loadgen.py) and prints, for each API and concurrency, the
+figures for a direct call to the mock next to the same figures through tokenman, with the
+difference and the ratio, then checks them against the budget of the performance issue.
+
+    python bench/run.py                         # default profile, full run (a few minutes)
+    python bench/run.py --quick                 # about a minute
+    python bench/run.py --all-profiles          # default, bare and full, one after the other
+    python bench/run.py --config my.toml --json new.json --compare old.json
+
+Pinning (2+ cores): tokenman on CPU 1; this script, the mock and the load generator on CPU 0.
+Everything is on 127.0.0.1, every phase is bounded in time, and every child process is stopped
+on exit, Ctrl-C or error (and, on Linux, killed by the kernel if this script dies).
+
+Sections: §01 constants  §02 machine and /proc  §03 child processes  §04 configs
+          §05 load runners  §06 scenarios  §07 budget  §08 report and compare  §09 command line
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import datetime
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+# ================================================================================================
+# §01 constants: scenario defaults, request bodies, budget limits
+# ================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOKENMAN = os.path.join(ROOT, "tokenman.py")
+MOCK = os.path.join(HERE, "mock_upstream.py")
+LOADGEN = os.path.join(HERE, "loadgen.py")
+PROFILES = {name: os.path.join(HERE, "profiles", name + ".toml")
+            for name in ("default", "bare", "full")}
+JSON_VERSION = 1
+
+APIS = ("anthropic", "openai")
+PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
+MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini"}
+HEADERS = {  # dummy keys: tokenman passes the client's own key through (no key_ref)
+    "anthropic": {"Content-Type": "application/json", "x-api-key": "sk-ant-bench-dummy",
+                  "anthropic-version": "2023-06-01"},
+    "openai": {"Content-Type": "application/json",
+               "Authorization": "Bearer sk-bench-dummy"},
+}
+PROMPT = ("You are a concise assistant. Answer the question in one short paragraph and do not "
+          "use lists. Question: what does a reverse proxy do for an application that calls "
+          "a large language model API over HTTPS?")
+
+CONCURRENCY = (1, 16, 64, 256)
+STREAM_CONCURRENCY = (1, 16, 64)
+STREAM_CHUNKS = 50
+STREAM_INTERVAL_MS = 1.0
+HOLD_STREAMS = 1000
+HOLD_CHUNKS = 20
+HOLD_INTERVAL_MS = 150.0
+PHASE_SECONDS = 5.0
+QUICK_PHASE_SECONDS = 2.0
+LOADGEN_WARMUP = 0.25          # seconds at the start of each asyncio phase not measured
+COLD_RUNS = 5
+START_TIMEOUT = 15.0           # a child that is not answering after this has failed
+STOP_TIMEOUT = 15.0
+NOFILE_WANTED = 65536          # 1,000 streams = 1,000 client + 1,000 upstream sockets, and more
+
+# The issue's budget, for the default pipeline: (key, description, limit, unit, kind)
+BUDGET = {
+    "added_p50_c1_us": 150.0,
+    "added_p99_c1_us": 1000.0,
+    "cpu_per_1k_s": 0.15,
+    "rps_c64": 5000.0,
+    "stream_added_ttfb_p50_us": 500.0,
+    "stream_added_chunk_delay_us": 50.0,   # "no added inter-chunk delay": 5 % of 1 ms pacing
+    "hold_rss_mb": 100.0,
+    "idle_rss_mb": 25.0,
+    "after_rss_ratio": 1.10,
+    "cold_start_ms": 300.0,
+}
+
+# ================================================================================================
+# §02 machine facts and /proc readers
+# ================================================================================================
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int, main_thread: bool = False) -> float | None:
+    """User + system CPU of a process (all its threads, dead ones included), from /proc; with
+    main_thread, of its first thread only (tokenman's event loop)."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    try:
+        with open(path, "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def rss_mb(pid: int) -> tuple[float | None, float | None]:
+    """(VmRSS, VmHWM) in MB (10^6 bytes), from /proc/PID/status."""
+    rss = hwm = None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024 / 1e6
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, hwm
+
+
+def reset_peak(pid: int) -> bool:
+    """Resets VmHWM to the current RSS (Linux clear_refs 5); False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine_info(pin: bool, wrk: str | None, script: str) -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            kb = int(fh.readline().split()[1])
+            mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    commit = _commit_of(script)
+    return {
+        "cpu_model": model or platform.processor() or "unknown",
+        "cpus": os.cpu_count(), "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": commit,
+        "tokenman": script,
+        "tokenman_sha256": _sha256(script)[:12],
+        "pinning": ("tokenman on CPU 1; run.py, mock and load generator on CPU 0" if pin
+                    else "none (fewer than 2 CPUs or --no-pin)"),
+        "generator": wrk or "asyncio loadgen (bench/loadgen.py)",
+    }
+
+
+def _commit_of(script: str) -> str:
+    """The git commit of a tokenman.py: from --rev's marker file, else its checkout's HEAD
+    (with +dirty when the file has uncommitted changes)."""
+    marker = os.path.join(os.path.dirname(script), "COMMIT")
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as fh:
+            return fh.read().strip()
+    where = os.path.dirname(script)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", script],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + "+dirty" if commit and dirty else commit
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def wrk_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=5)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0].split(" [")[0] if text else "wrk"
+    except (OSError, subprocess.SubprocessError):
+        return "wrk"
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(NOFILE_WANTED, hard)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+# ================================================================================================
+# §03 child processes: pinned, registered, always stopped
+# ================================================================================================
+
+
+_LIBC = None
+
+
+def _preexec(cpus: set[int] | None):
+    def setup() -> None:
+        if cpus is not None:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+        if _LIBC is not None:
+            try:
+                _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with this script
+            except Exception:
+                pass
+    return setup
+
+
+class Children:
+    """Every process this script starts; stop_all() runs on exit, error and Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, cmd: list[str], cpus: set[int] | None, **kw) -> subprocess.Popen:
+        global _LIBC
+        if _LIBC is None and sys.platform.startswith("linux"):
+            try:
+                _LIBC = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                _LIBC = False
+        proc = subprocess.Popen(cmd, preexec_fn=_preexec(cpus), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGINT,
+             timeout: float = STOP_TIMEOUT) -> int | None:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            except OSError:
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in list(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.procs.clear()
+
+
+CHILDREN = Children()
+
+
+def start_mock(cpus: set[int] | None, port: int = 0, extra: tuple = ()) -> tuple:
+    """Starts the mock; returns (proc, port) once it listens."""
+    proc = CHILDREN.spawn([sys.executable, MOCK, "--port", str(port), *extra], cpus,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+    line = proc.stdout.readline().decode() if ready else ""
+    m = re.search(r"listening on [0-9.]+:([0-9]+)", line)
+    if not m:
+        CHILDREN.stop(proc)
+        raise RuntimeError(f"mock did not start: {line!r}")
+    return proc, int(m.group(1))
+
+
+def start_tokenman(script: str, cfg_path: str, log_path: str, cpus: set[int] | None,
+                   cprofile: str = "") -> subprocess.Popen:
+    cmd = [sys.executable]
+    if cprofile:
+        cmd += ["-m", "cProfile", "-o", cprofile]
+    cmd += [script, "--config", cfg_path]
+    log = open(log_path, "ab")
+    try:
+        return CHILDREN.spawn(cmd, cpus, stdout=log, stderr=subprocess.STDOUT,
+                              cwd=os.path.dirname(cfg_path))
+    finally:
+        log.close()
+
+# ================================================================================================
+# §04 configs: profile TOML -> ports, data_dir and mock address filled in -> TOML
+# ================================================================================================
+
+
+def _toml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """A minimal TOML writer: scalars and arrays first, then nested tables."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_scalar(value)}")
+    out = ""
+    if prefix and (lines or not tables):
+        out += f"[{prefix}]\n"
+    out += "".join(line + "\n" for line in lines)
+    for key, value in tables:
+        name = f"{prefix}.{key}" if prefix else key
+        out += ("\n" if out else "") + dump_toml(value, name)
+    return out
+
+
+def render_config(profile_path: str, port: int, data_dir: str, mock_port: int) -> str:
+    with open(profile_path, "rb") as fh:
+        data = tomllib.load(fh)
+    server = data.setdefault("server", {})
+    server["bind_address"] = "127.0.0.1"
+    server["proxy_port"] = port
+    server["data_dir"] = data_dir
+    providers = data.setdefault("providers", {})
+    for name in APIS:
+        providers.setdefault(name, {})
+    for prov in providers.values():
+        if isinstance(prov, dict):
+            prov["api_base"] = f"http://127.0.0.1:{mock_port}"
+    return dump_toml(data)
+
+# ================================================================================================
+# §05 load runners: wrk (buffered requests) and the asyncio generator (everything else)
+# ================================================================================================
+
+
+def request_body(api: str, stream: bool = False, include_usage: bool = False) -> str:
+    obj: dict = {"model": MODELS[api], "max_tokens": 256}
+    if api == "anthropic":
+        obj["system"] = "You are a helpful assistant."
+        obj["messages"] = [{"role": "user", "content": PROMPT}]
+    else:
+        obj["messages"] = [{"role": "system", "content": "You are a helpful assistant."},
+                           {"role": "user", "content": PROMPT}]
+    if stream:
+        obj["stream"] = True
+        if include_usage:
+            obj["stream_options"] = {"include_usage": True}
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of a sorted list."""
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, math.ceil(p / 100 * len(values)) - 1))
+    return values[k]
+
+
+_WRK_LUA = r"""
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+%(headers)s
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "\nWRKJSON {\"requests\":%%d,\"duration_us\":%%d,\"connect\":%%d,\"read\":%%d," ..
+    "\"write\":%%d,\"status\":%%d,\"timeout\":%%d,\"p50\":%%.1f,\"p99\":%%.1f," ..
+    "\"p999\":%%.1f,\"mean\":%%.1f,\"max\":%%.1f}\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    latency.mean, latency.max))
+end
+"""
+
+
+class Sampler:
+    """Watches one process during a phase: CPU from /proc/PID/stat, peak RSS from VmHWM
+    (reset at the start) and from sampling every 20 ms."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.cpu0 = cpu_seconds(pid) if pid else None
+        self.main0 = cpu_seconds(pid, True) if pid else None
+        self.hwm_ok = reset_peak(pid) if pid else False
+        self.peak = 0.0
+        self.t0 = time.perf_counter()
+
+    def sample(self) -> None:
+        if self.pid:
+            rss, _ = rss_mb(self.pid)
+            if rss:
+                self.peak = max(self.peak, rss)
+
+    def finish(self) -> dict:
+        if not self.pid:
+            return {}
+        wall = time.perf_counter() - self.t0
+        cpu1 = cpu_seconds(self.pid)
+        main1 = cpu_seconds(self.pid, True)
+        rss, hwm = rss_mb(self.pid)
+        peak = max(self.peak, rss or 0.0, hwm or 0.0 if self.hwm_ok else 0.0)
+        cpu = (cpu1 - self.cpu0) if cpu1 is not None and self.cpu0 is not None else None
+        main = (main1 - self.main0) if main1 is not None and self.main0 is not None else None
+        return {"cpu_s": cpu, "cpu_util": cpu / wall if cpu is not None and wall else None,
+                "main_cpu_s": main,
+                "rss_peak_mb": peak, "rss_end_mb": rss}
+
+
+def wait_sampling(procs: list[subprocess.Popen], samplers: list[Sampler],
+                  timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        for s in samplers:
+            s.sample()
+        if time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            raise RuntimeError("load generator overran its time bound")
+        time.sleep(0.02)
+
+
+def run_wrk(wrk: str, port: int, api: str, conc: int, seconds: float, workdir: str,
+            samplers: list[Sampler], cpus: set[int] | None) -> dict:
+    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in HEADERS[api].items())
+    script = os.path.join(workdir, f"wrk-{api}.lua")
+    with open(script, "w") as fh:
+        fh.write(_WRK_LUA % {"body": request_body(api), "headers": headers})
+    cmd = [wrk, "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", script, f"http://127.0.0.1:{port}{PATHS[api]}"]
+    out_path = os.path.join(workdir, "wrk.out")
+    with open(out_path, "wb") as out:
+        proc = CHILDREN.spawn(cmd, cpus, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_sampling([proc], samplers, seconds + 30)
+        finally:
+            CHILDREN.stop(proc, signal.SIGKILL)
+    text = open(out_path, encoding="utf-8", errors="replace").read()
+    m = re.search(r"WRKJSON (\{.*\})", text)
+    if not m:
+        raise RuntimeError(f"wrk gave no result: {text[-500:]}")
+    w = json.loads(m.group(1))
+    secs = w["duration_us"] / 1e6
+    errors = w["connect"] + w["read"] + w["write"] + w["status"] + w["timeout"]
+    return {"generator": "wrk", "requests": w["requests"], "rps": w["requests"] / secs,
+            "p50_us": w["p50"], "p99_us": w["p99"], "p999_us": w["p999"],
+            "mean_us": w["mean"], "errors": errors,
+            "error_kinds": {k: w[k] for k in ("connect", "read", "write", "status", "timeout")
+                            if w[k]}}
+
+
+def run_loadgen(spec: dict, procs: int, samplers: list[Sampler], cpus: set[int] | None,
+                workdir: str) -> dict:
+    """Runs bench/loadgen.py in `procs` processes (connections split between them) and merges
+    their samples."""
+    conc = int(spec["concurrency"])
+    procs = max(1, min(procs, conc))
+    running = []
+    for i in range(procs):
+        part = dict(spec, concurrency=conc // procs + (1 if i < conc % procs else 0))
+        out_path = os.path.join(workdir, f"loadgen-{i}.json")
+        out = open(out_path, "wb")
+        running.append((CHILDREN.spawn([sys.executable, LOADGEN, json.dumps(part)], cpus,
+                                       stdout=out, stderr=subprocess.STDOUT), out, out_path))
+    bound = float(spec.get("duration", 5)) + float(spec.get("warmup", 0)) \
+        + float(spec.get("timeout", 10)) + 30
+    try:
+        wait_sampling([p for p, _, _ in running], samplers, bound)
+    finally:
+        for p, out, _ in running:
+            CHILDREN.stop(p, signal.SIGKILL)
+            out.close()
+    merged: dict = {"requests": 0, "measured": 0, "rps": 0.0, "errors": 0, "error_kinds": {},
+                    "lat": [], "ttfb": [], "gap": [], "body": [], "gen_cpu_s": 0.0,
+                    "max_open": 0, "first_error": ""}
+    for _, _, path in running:
+        text = open(path, encoding="utf-8", errors="replace").read()
+        try:
+            r = json.loads(text)
+        except ValueError:
+            raise RuntimeError(f"load generator failed: {text[-800:]}") from None
+        merged["requests"] += r["requests"]
+        merged["measured"] += r["measured"]
+        merged["rps"] += r["rps"]
+        for kind, n in r["errors"].items():
+            if n:
+                merged["errors"] += n
+                merged["error_kinds"][kind] = merged["error_kinds"].get(kind, 0) + n
+        merged["first_error"] = merged["first_error"] or r["first_error"]
+        for key in ("lat", "ttfb", "gap", "body"):
+            merged[key] += r[key + "_us"]
+        merged["gen_cpu_s"] += r["cpu_s"]
+        merged["max_open"] += r["max_open"]
+    for key in ("lat", "ttfb", "gap", "body"):
+        merged[key].sort()
+    return merged
+
+
+def summarize(res: dict) -> dict:
+    """Percentiles out of a merged loadgen result (the raw samples are dropped)."""
+    lat = res["lat"]
+    out = {"generator": "asyncio", "requests": res["requests"], "rps": res["rps"],
+           "p50_us": pct(lat, 50), "p99_us": pct(lat, 99), "p999_us": pct(lat, 99.9),
+           "mean_us": sum(lat) / len(lat) if lat else None,
+           "errors": res["errors"], "error_kinds": res["error_kinds"],
+           "gen_cpu_s": res["gen_cpu_s"]}
+    if res["first_error"]:
+        out["first_error"] = res["first_error"]
+    if res["ttfb"]:
+        out.update({"ttfb_p50_us": pct(res["ttfb"], 50), "ttfb_p99_us": pct(res["ttfb"], 99),
+                    "gap_p50_us": pct(res["gap"], 50), "gap_p99_us": pct(res["gap"], 99),
+                    "body_p50_us": pct(res["body"], 50), "body_p99_us": pct(res["body"], 99),
+                    "max_open": res["max_open"]})
+    return out
+
+# ================================================================================================
+# §06 scenarios
+# ================================================================================================
+
+
+class Bench:
+    """One run: the mock, the machine facts and the options; profiles are run one by one."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.pin = not args.no_pin and (os.cpu_count() or 1) >= 2 \
+            and hasattr(os, "sched_setaffinity")
+        self.load_cpus = {0} if self.pin else None
+        self.tm_cpus = {1} if self.pin else None
+        wrk = None if args.generator == "asyncio" else shutil.which("wrk")
+        if args.generator == "wrk" and not wrk:
+            raise SystemExit("run.py: --generator wrk but wrk is not installed")
+        self.wrk = wrk
+        self.workdir = tempfile.mkdtemp(prefix="tokenman-bench-")
+        self.mock = None
+        self.mock_port = 0
+        self.seconds = args.duration or (QUICK_PHASE_SECONDS if args.quick else PHASE_SECONDS)
+        self.progress = sys.stderr
+
+    def say(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=self.progress, flush=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _http(self, port: int, api: str, body: str, extra: dict | None = None,
+              timeout: float = 5.0) -> tuple[int, dict, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("POST", PATHS[api], body=body.encode(),
+                         headers={**HEADERS[api], **(extra or {})})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def _wait_ready(self, port: int, api: str, t0: float, proc: subprocess.Popen) -> float:
+        """Polls with a real proxied request until it succeeds; seconds since t0."""
+        body = request_body(api)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before answering")
+            try:
+                status, _, _ = self._http(port, api, body, timeout=2.0)
+                if status == 200:
+                    return time.perf_counter() - t0
+            except (ConnectionError, OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.001)
+        raise RuntimeError("no successful response before the start timeout")
+
+    def _load(self, port: int, api: str, conc: int, pids: list[int], stream: bool = False,
+              once: bool = False, extra_headers: dict | None = None, seconds: float = 0.0,
+              include_usage: bool = False, timeout: float = 10.0,
+              use_wrk: bool = True) -> tuple[dict, list[dict]]:
+        samplers = [Sampler(pid) for pid in pids]
+        seconds = seconds or self.seconds
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        if self.wrk and use_wrk and not stream and not once:
+            res = run_wrk(self.wrk, port, api, conc, seconds, self.workdir, samplers,
+                          self.load_cpus)
+        else:
+            spec = {"port": port, "path": PATHS[api],
+                    "body": request_body(api, stream, include_usage),
+                    "headers": {**HEADERS[api], **(extra_headers or {})},
+                    "concurrency": conc, "duration": seconds,
+                    "warmup": 0.0 if once else LOADGEN_WARMUP, "stream": stream,
+                    "once": once, "timeout": timeout}
+            res = summarize(run_loadgen(spec, self.args.procs, samplers, self.load_cpus,
+                                        self.workdir))
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter() - t0
+        res["gen_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+        res["gen_cpu_util"] = res["gen_cpu_s"] / wall if wall else None
+        return res, [s.finish() for s in samplers]
+
+    # -- the mock -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.mock, self.mock_port = start_mock(self.load_cpus)
+        self.say(f"mock on 127.0.0.1:{self.mock_port} (pid {self.mock.pid})")
+
+    def stop(self) -> None:
+        if self.mock is not None:
+            CHILDREN.stop(self.mock)
+            self.mock = None
+
+    def direct_cold_start(self, runs: int) -> dict:
+        samples = []
+        for _ in range(runs):
+            port = free_port()
+            t0 = time.perf_counter()
+            proc = CHILDREN.spawn([sys.executable, MOCK, "--port", str(port)], self.load_cpus,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                samples.append(self._wait_ready(port, "anthropic", t0, proc) * 1000)
+            finally:
+                CHILDREN.stop(proc)
+        return _cold_summary(samples)
+
+    # -- one profile ----------------------------------------------------------------------------
+    def run_profile(self, name: str, profile_path: str, direct_cold: dict) -> dict:
+        args = self.args
+        out: dict = {"name": name, "config": os.path.relpath(profile_path, ROOT)
+                     if profile_path.startswith(ROOT) else profile_path}
+        pdir = os.path.join(self.workdir, name)
+        os.makedirs(pdir, exist_ok=True)
+        out["import_time"] = import_time(args.tokenman)
+
+        # cold start: process start -> first successful proxied response, fresh data_dir
+        self.say(f"[{name}] cold start x{args.cold_runs}")
+        samples = []
+        for i in range(args.cold_runs):
+            port = free_port()
+            cfg = os.path.join(pdir, f"cold-{i}.toml")
+            with open(cfg, "w") as fh:
+                fh.write(render_config(profile_path, port, os.path.join(pdir, f"cold-data-{i}"),
+                                       self.mock_port))
+            t0 = time.perf_counter()
+            proc = start_tokenman(args.tokenman, cfg, os.path.join(pdir, f"cold-{i}.log"),
+                                  self.tm_cpus)
+            try:
+                samples.append(self._wait_ready(port, "anthropic", t0, proc) * 1000)
+            finally:
+                CHILDREN.stop(proc)
+        out["cold_start"] = {"direct": direct_cold, "tokenman": _cold_summary(samples)}
+
+        # the main instance
+        port = free_port()
+        cfg = os.path.join(pdir, "tokenman.toml")
+        data_dir = os.path.join(pdir, "data")
+        with open(cfg, "w") as fh:
+            fh.write(render_config(profile_path, port, data_dir, self.mock_port))
+        log_path = os.path.join(pdir, "tokenman.log")
+        prof_path = args.cprofile if args.cprofile else ""
+        tm = start_tokenman(args.tokenman, cfg, log_path, self.tm_cpus, prof_path)
+        t0 = time.perf_counter()
+        self._wait_ready(port, "anthropic", t0, tm)
+        time.sleep(1.0)
+        mem = {"idle_mb": rss_mb(tm.pid)[0], "direct_idle_mb": rss_mb(self.mock.pid)[0]}
+        self.say(f"[{name}] tokenman pid {tm.pid} on :{port}, idle RSS {mem['idle_mb']:.1f} MB")
+        tm_pid, mock_pid = tm.pid, self.mock.pid
+        try:
+            out["sanity"] = self.sanity(port)
+            bad = [s for s in out["sanity"] if not s["ok"]]
+            if bad:
+                self.say(f"[{name}] SANITY FAILED: {bad}")
+
+            # warm-up, both paths, both APIs
+            for api in self._apis():
+                for target_port in (self.mock_port, port):
+                    self._load(target_port, api, 16, [], seconds=1.0, use_wrk=False)
+            time.sleep(0.5)
+            mem["warm_mb"] = rss_mb(tm_pid)[0]
+            reset_peak(tm_pid)
+
+            # buffered requests: every API x concurrency, direct then tokenman
+            rows = []
+            for api in self._apis():
+                for conc in self._concurrency():
+                    self.say(f"[{name}] buffered {api} c={conc}")
+                    d, (dm,) = self._load(self.mock_port, api, conc, [mock_pid])
+                    t, (tmm, mm) = self._load(port, api, conc, [tm_pid, mock_pid])
+                    rows.append(_row("buffered", api, conc, d, dm, t, tmm, mm))
+            out["buffered"] = rows
+
+            # streams: 50 chunks paced 1 ms apart
+            srows = []
+            hdr = {"x-mock-chunks": str(args.chunks), "x-mock-interval-ms": str(args.interval_ms)}
+            for api in self._apis():
+                for conc in self._stream_concurrency():
+                    self.say(f"[{name}] streams {api} c={conc} ({args.chunks} chunks, "
+                             f"{args.interval_ms} ms apart)")
+                    d, (dm,) = self._load(self.mock_port, api, conc, [mock_pid], stream=True,
+                                          extra_headers=hdr)
+                    t, (tmm, mm) = self._load(port, api, conc, [tm_pid, mock_pid], stream=True,
+                                              extra_headers=hdr)
+                    srows.append(_row("stream", api, conc, d, dm, t, tmm, mm))
+            out["streams"] = srows
+            time.sleep(1.0)
+            mem["after_mb"] = rss_mb(tm_pid)[0]
+            mem["peak_mb"] = max([r["tokenman"].get("rss_peak_mb") or 0
+                                  for r in rows + srows] + [mem["warm_mb"] or 0])
+
+            # many concurrent slow streams held open at once
+            hrows = []
+            if args.hold:
+                hdr = {"x-mock-chunks": str(HOLD_CHUNKS),
+                       "x-mock-interval-ms": str(HOLD_INTERVAL_MS)}
+                bound = HOLD_CHUNKS * HOLD_INTERVAL_MS / 1000 + 20
+                for api in self._apis():
+                    self.say(f"[{name}] {args.hold} concurrent streams {api}")
+                    d, (dm,) = self._load(self.mock_port, api, args.hold, [mock_pid],
+                                          stream=True, once=True, extra_headers=hdr,
+                                          seconds=bound, timeout=bound)
+                    time.sleep(0.5)
+                    t, (tmm, mm) = self._load(port, api, args.hold, [tm_pid, mock_pid],
+                                              stream=True, once=True, extra_headers=hdr,
+                                              seconds=bound, timeout=bound)
+                    hrows.append(_row("hold", api, args.hold, d, dm, t, tmm, mm))
+                    time.sleep(0.5)
+                time.sleep(1.0)
+                mem["after_hold_mb"] = rss_mb(tm_pid)[0]
+            out["hold"] = hrows
+            out["memory"] = mem
+        finally:
+            self.say(f"[{name}] stopping tokenman")
+            out["exit_code"] = CHILDREN.stop(tm, signal.SIGINT, 60 if prof_path else STOP_TIMEOUT)
+        out["log"] = scan_log(log_path)
+        out["request_log"] = read_request_log(os.path.join(data_dir, "tokenman.db"))
+        if prof_path and os.path.exists(prof_path):
+            out["cprofile"] = top_functions(prof_path, 25)
+        out["budget"] = budget(out, self.args)
+        return out
+
+    def _apis(self) -> tuple:
+        return tuple(a for a in self.args.apis.split(",") if a)
+
+    def _concurrency(self) -> tuple:
+        return tuple(int(c) for c in self.args.concurrency.split(",") if c)
+
+    def _stream_concurrency(self) -> tuple:
+        return tuple(int(c) for c in self.args.stream_concurrency.split(",") if c)
+
+    # -- correctness spot checks ----------------------------------------------------------------
+    def sanity(self, port: int) -> list[dict]:
+        """Tokenman must relay bodies unchanged (bar the usage chunk it injected itself)."""
+        checks = []
+
+        def check(name: str, ok: bool, detail: str = "") -> None:
+            checks.append({"name": name, "ok": bool(ok), "detail": detail[:300]})
+
+        small = {"x-mock-chunks": "5"}
+        for api in self._apis():
+            body = request_body(api)
+            ds, _, db = self._http(self.mock_port, api, body)
+            ts, th, tb = self._http(port, api, body)
+            check(f"{api} buffered: same status and body", ds == ts == 200 and db == tb,
+                  f"direct {ds} {len(db)} B, tokenman {ts} {len(tb)} B")
+            check(f"{api} buffered: overhead and cost headers",
+                  "x-tokenman-overhead-ms" in th and "x-tokenman-cost-usd" in th,
+                  ",".join(sorted(k for k in th if k.startswith("x-tokenman"))))
+            sbody = request_body(api, stream=True)
+            ds, _, db = self._http(self.mock_port, api, sbody, small)
+            ts, th, tb = self._http(port, api, sbody, small)
+            if api == "anthropic":
+                check("anthropic stream: same events", ds == ts == 200 and db == tb,
+                      f"direct {len(db)} B, tokenman {len(tb)} B")
+            else:
+                # tokenman asked upstream for usage; the usage chunk must not reach the client
+                ubody = request_body(api, stream=True, include_usage=True)
+                us, _, ub = self._http(self.mock_port, api, ubody, small)
+                events = ub.split(b"\n\n")
+                expected = b"\n\n".join(e for e in events if b'"choices":[]' not in e)
+                check("openai stream: usage chunk injected upstream and dropped",
+                      ts == 200 and tb == expected and b"[DONE]" in tb,
+                      f"tokenman {len(tb)} B, expected {len(expected)} B")
+                ts2, _, tb2 = self._http(port, api, ubody, small)
+                check("openai stream with include_usage: same events", ts2 == 200 and tb2 == ub,
+                      f"direct {len(ub)} B, tokenman {len(tb2)} B")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            hb = r.read()
+            check("GET /health", r.status == 200 and b'"ok"' in hb, hb.decode(errors="replace"))
+        finally:
+            conn.close()
+        return checks
+
+
+def _cold_summary(samples: list[float]) -> dict:
+    s = sorted(samples)
+    return {"p50_ms": pct(s, 50), "min_ms": s[0] if s else None, "max_ms": s[-1] if s else None,
+            "samples_ms": [round(x, 1) for x in samples]}
+
+
+def _row(kind: str, api: str, conc: int, d: dict, dm: dict, t: dict, tmm: dict,
+         mm: dict) -> dict:
+    """One scenario: direct figures (with the mock's CPU) and tokenman figures (with
+    tokenman's CPU; the mock's CPU during the tokenman phase is kept for reference)."""
+    def per_1k(cpu: float | None, n: int) -> float | None:
+        return cpu / n * 1000 if cpu is not None and n else None
+    d = dict(d)
+    t = dict(t)
+    d.update({"cpu_per_1k_s": per_1k(dm.get("cpu_s"), d["requests"]),
+              "cpu_util": dm.get("cpu_util"), "rss_peak_mb": dm.get("rss_peak_mb")})
+    d["loop_cpu_per_1k_s"] = per_1k(dm.get("main_cpu_s"), d["requests"])
+    t["loop_cpu_per_1k_s"] = per_1k(tmm.get("main_cpu_s"), t["requests"])
+    t.update({"cpu_per_1k_s": per_1k(tmm.get("cpu_s"), t["requests"]),
+              "cpu_util": tmm.get("cpu_util"), "rss_peak_mb": tmm.get("rss_peak_mb"),
+              "mock_cpu_util": mm.get("cpu_util")})
+    for side, mock in ((d, dm), (t, mm)):
+        if mock.get("cpu_util") is not None and side.get("gen_cpu_util") is not None:
+            side["load_cpu_util"] = mock["cpu_util"] + side["gen_cpu_util"]
+    return {"kind": kind, "api": api, "c": conc, "direct": d, "tokenman": t}
+
+
+def import_time(script: str) -> dict:
+    """`python -X importtime tokenman.py version`: total and the slowest top-level imports."""
+    try:
+        out = subprocess.run([sys.executable, "-X", "importtime", script, "version"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = []
+    for line in out.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
+        if m and len(m.group(3)) <= 1:
+            rows.append((int(m.group(2)), m.group(4)))
+    rows.sort(reverse=True)
+    return {"total_ms": round(sum(r[0] for r in rows) / 1000, 1),
+            "top": [[name, round(us / 1000, 1)] for us, name in rows[:10]]}
+
+
+def scan_log(path: str) -> dict:
+    """Counts of request lines, errors and tracebacks in tokenman's stderr log."""
+    info = {"lines": 0, "errors": 0, "tracebacks": 0, "first_problems": []}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                info["lines"] += 1
+                bad = " ERROR " in line or " FATAL " in line
+                tb = line.startswith("Traceback")
+                info["errors"] += bad
+                info["tracebacks"] += tb
+                if (bad or tb) and len(info["first_problems"]) < 5:
+                    info["first_problems"].append(line.strip()[:300])
+    except OSError:
+        pass
+    return info
+
+
+def read_request_log(path: str) -> dict:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("SELECT outcome, streaming, COUNT(*), SUM(input_tokens), "
+                                "SUM(output_tokens), SUM(cost_usd IS NULL) FROM requests "
+                                "GROUP BY outcome, streaming").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return {"error": str(exc)}
+    return {"rows": sum(r[2] for r in rows),
+            "by_outcome": [{"outcome": r[0], "streaming": r[1], "rows": r[2],
+                            "input_tokens": r[3], "output_tokens": r[4], "unpriced": r[5]}
+                           for r in rows]}
+
+
+def top_functions(path: str, n: int) -> list[str]:
+    import io
+    import pstats
+    buf = io.StringIO()
+    stats = pstats.Stats(path, stream=buf)
+    stats.sort_stats("tottime").print_stats(n)
+    lines = buf.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+    return [line for line in lines[start:] if line.strip()]
+
+# ================================================================================================
+# §07 budget: the issue's limits, checked on the figures of one profile
+# ================================================================================================
+
+
+def _find(rows: list[dict], api: str, conc: int) -> dict | None:
+    return next((r for r in rows if r["api"] == api and r["c"] == conc), None)
+
+
+def _added(row: dict, key: str) -> float | None:
+    a, b = row["tokenman"].get(key), row["direct"].get(key)
+    return a - b if a is not None and b is not None else None
+
+
+def budget(out: dict, args: argparse.Namespace) -> list[dict]:
+    lines = []
+
+    def line(what: str, value: float | None, limit: float, unit: str, le: bool = True,
+             extra_ok: bool = True, note: str = "") -> None:
+        ok = value is not None and (value <= limit if le else value >= limit) and extra_ok
+        lines.append({"what": what, "value": value, "limit": limit, "unit": unit,
+                      "op": "<=" if le else ">=", "ok": ok, "note": note})
+
+    rows = out.get("buffered", [])
+    for api in APIS:
+        r1 = _find(rows, api, 1)
+        if r1:
+            line(f"added latency p50, c=1, {api}", _added(r1, "p50_us"), BUDGET["added_p50_c1_us"],
+                 "us")
+            line(f"added latency p99, c=1, {api}", _added(r1, "p99_us"), BUDGET["added_p99_c1_us"],
+                 "us")
+    for api in APIS:
+        for conc in (1, 64):
+            r = _find(rows, api, conc)
+            if r:
+                line(f"tokenman CPU per 1,000 requests, c={conc}, {api}",
+                     r["tokenman"].get("cpu_per_1k_s"), BUDGET["cpu_per_1k_s"], "s")
+    for api in APIS:
+        r = _find(rows, api, 64)
+        if r:
+            errs = r["tokenman"]["errors"]
+            line(f"throughput c=64, {api} (zero errors)", r["tokenman"]["rps"],
+                 BUDGET["rps_c64"], "req/s", le=False, extra_ok=errs == 0,
+                 note=f"{errs} errors" if errs else "")
+    srows = out.get("streams", [])
+    for api in APIS:
+        r = _find(srows, api, 1)
+        if r:
+            line(f"stream added TTFB p50, c=1, {api}", _added(r, "ttfb_p50_us"),
+                 BUDGET["stream_added_ttfb_p50_us"], "us")
+            body = _added(r, "body_p50_us")
+            per_chunk = body / max(1, args.chunks - 1) if body is not None else None
+            line(f"stream added delay per chunk (p50 body time / {args.chunks - 1}), c=1, {api}",
+                 per_chunk, BUDGET["stream_added_chunk_delay_us"], "us")
+    for r in out.get("hold", []):
+        t = r["tokenman"]
+        held = t.get("max_open", 0)
+        line(f"{r['c']} concurrent streams held, {r['api']}: tokenman peak RSS",
+             t.get("rss_peak_mb"), BUDGET["hold_rss_mb"], "MB",
+             extra_ok=held >= r["c"] and t["errors"] == 0,
+             note=f"{held} open at once, {t['errors']} errors")
+    mem = out.get("memory", {})
+    line("idle RSS", mem.get("idle_mb"), BUDGET["idle_rss_mb"], "MB")
+    if mem.get("after_mb") and mem.get("warm_mb"):
+        line("RSS after the load runs / post-warm-up RSS", mem["after_mb"] / mem["warm_mb"],
+             BUDGET["after_rss_ratio"], "x",
+             note=f"{mem['warm_mb']:.1f} MB -> {mem['after_mb']:.1f} MB")
+    cold = out.get("cold_start", {}).get("tokenman", {})
+    line("cold start to first proxied response (median)", cold.get("p50_ms"),
+         BUDGET["cold_start_ms"], "ms", note=f"max {cold.get('max_ms') or 0:.0f} ms")
+    return lines
+
+# ================================================================================================
+# §08 report: the side-by-side table, the budget verdicts, JSON, and --compare
+# ================================================================================================
+
+# (key, label, unit, kinds): the figures shown for each scenario, in order
+METRICS = (
+    ("rps", "req/s", "rate", ("buffered", "stream")),
+    ("p50_us", "latency p50", "us", ("buffered",)),
+    ("p99_us", "latency p99", "us", ("buffered",)),
+    ("p999_us", "latency p99.9", "us", ("buffered",)),
+    ("ttfb_p50_us", "TTFB p50", "us", ("stream", "hold")),
+    ("ttfb_p99_us", "TTFB p99", "us", ("stream", "hold")),
+    ("p50_us", "total p50", "us", ("stream", "hold")),
+    ("p99_us", "total p99", "us", ("stream", "hold")),
+    ("gap_p50_us", "chunk gap p50", "us", ("stream",)),
+    ("gap_p99_us", "chunk gap p99", "us", ("stream",)),
+    ("max_open", "open at once", "count", ("hold",)),
+    ("errors", "errors", "count", ("buffered", "stream", "hold")),
+    ("cpu_per_1k_s", "CPU s / 1k req", "s", ("buffered", "stream", "hold")),
+    ("loop_cpu_per_1k_s", "  of it main thread", "s", ("buffered", "stream", "hold")),
+    ("cpu_util", "server CPU util", "pct", ("buffered", "stream")),
+    ("load_cpu_util", "mock+gen CPU util", "pct", ("buffered", "stream")),
+    ("rss_peak_mb", "RSS peak", "MB", ("buffered", "stream", "hold")),
+)
+
+
+def fmt(value: object, unit: str, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    v = float(value)
+    sign = "+" if signed and v > 0 else ""
+    if unit == "us":
+        if abs(v) >= 10_000:
+            return f"{sign}{v / 1000:,.1f} ms"
+        return f"{sign}{v:,.0f} us"
+    if unit == "ms":
+        return f"{sign}{v:,.1f} ms"
+    if unit == "rate":
+        return f"{sign}{v:,.0f}"
+    if unit == "count":
+        return f"{sign}{v:,.0f}"
+    if unit == "s":
+        return f"{sign}{v:.3f} s"
+    if unit == "pct":
+        return f"{sign}{v * 100:.0f}%"
+    if unit == "MB":
+        return f"{sign}{v:.1f} MB"
+    if unit == "x":
+        return f"{sign}{v:.2f}x"
+    return f"{sign}{v}"
+
+
+def ratio(a: object, b: object) -> str:
+    if a is None or b is None or not b:
+        return "-"
+    return f"{float(a) / float(b):.2f}x"
+
+
+def _table(rows: list[list[str]], right: tuple = ()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    return out
+
+
+def scenario_label(r: dict, args_chunks: int | None = None) -> str:
+    kind = {"buffered": "buffered", "stream": "stream", "hold": "held streams"}[r["kind"]]
+    gen = r["tokenman"].get("generator", "")
+    return f"{r['api']} {kind} c={r['c']} [{gen}]"
+
+
+def report_profile(p: dict, settings: dict) -> list[str]:
+    out = [f"== profile {p['name']}: {p['config']} =="]
+    rows = [["scenario", "metric", "direct", "tokenman", "diff", "ratio"]]
+    for r in p.get("buffered", []) + p.get("streams", []) + p.get("hold", []):
+        label = scenario_label(r)
+        for key, name, unit, kinds in METRICS:
+            if r["kind"] not in kinds:
+                continue
+            d, t = r["direct"].get(key), r["tokenman"].get(key)
+            if d is None and t is None:
+                continue
+            diff = t - d if d is not None and t is not None else None
+            rows.append([label, name, fmt(d, unit), fmt(t, unit), fmt(diff, unit, True),
+                         ratio(t, d) if unit not in ("count",) or key == "max_open" else "-"])
+            label = ""
+    out += _table(rows, right=(2, 3, 4, 5))
+    mem = p.get("memory", {})
+    cold = p.get("cold_start", {})
+    out.append("")
+    rows = [["process figure", "direct (mock)", "tokenman", "diff", "ratio"]]
+    dc, tc = cold.get("direct", {}), cold.get("tokenman", {})
+    rows.append(["cold start p50 (start -> first 200)", fmt(dc.get("p50_ms"), "ms"),
+                 fmt(tc.get("p50_ms"), "ms"), fmt(_sub(tc.get("p50_ms"), dc.get("p50_ms")),
+                                                  "ms", True),
+                 ratio(tc.get("p50_ms"), dc.get("p50_ms"))])
+    rows.append(["cold start max", fmt(dc.get("max_ms"), "ms"), fmt(tc.get("max_ms"), "ms"),
+                 fmt(_sub(tc.get("max_ms"), dc.get("max_ms")), "ms", True),
+                 ratio(tc.get("max_ms"), dc.get("max_ms"))])
+    rows.append(["RSS idle", fmt(mem.get("direct_idle_mb"), "MB"), fmt(mem.get("idle_mb"), "MB"),
+                 fmt(_sub(mem.get("idle_mb"), mem.get("direct_idle_mb")), "MB", True),
+                 ratio(mem.get("idle_mb"), mem.get("direct_idle_mb"))])
+    for key, name in (("warm_mb", "RSS after warm-up"), ("peak_mb", "RSS peak (load runs)"),
+                      ("after_mb", "RSS after load runs (+1 s)"),
+                      ("after_hold_mb", "RSS after held streams (+1 s)")):
+        if mem.get(key) is not None:
+            rows.append([name, "", fmt(mem[key], "MB"), "", ""])
+    out += _table(rows, right=(1, 2, 3, 4))
+    imp = p.get("import_time") or {}
+    if imp:
+        out.append(f"imports (python -X importtime): {imp.get('total_ms')} ms; slowest: "
+                   + ", ".join(f"{n} {ms} ms" for n, ms in imp.get("top", [])[:6]))
+    # the mock's and the generator's own ceilings
+    ceil = []
+    for r in p.get("buffered", []):
+        d = r["direct"]
+        if d.get("cpu_per_1k_s"):
+            ceil.append(1000 / d["cpu_per_1k_s"])
+    if ceil:
+        out.append(f"mock ceiling: {max(ceil):,.0f} req/s per core (from its CPU per request "
+                   f"in the direct runs); tokenman runs reached at most "
+                   f"{max(r['tokenman']['rps'] for r in p['buffered']):,.0f} req/s")
+    sanity = p.get("sanity", [])
+    failed = [s for s in sanity if not s["ok"]]
+    out.append(f"relay checks: {len(sanity) - len(failed)}/{len(sanity)} passed"
+               + "".join(f"\n  FAILED {s['name']}: {s['detail']}" for s in failed))
+    log = p.get("log", {})
+    rl = p.get("request_log", {})
+    out.append(f"tokenman exit code {p.get('exit_code')}; log: {log.get('lines', 0)} lines, "
+               f"{log.get('errors', 0)} errors, {log.get('tracebacks', 0)} tracebacks; "
+               f"request log: {rl.get('rows', rl.get('error'))} rows "
+               + ", ".join(f"{o['outcome']}{'/stream' if o['streaming'] else ''}={o['rows']}"
+                           for o in rl.get("by_outcome", [])))
+    for line in log.get("first_problems", []):
+        out.append(f"  log: {line}")
+    out.append("")
+    out.append(f"budget ({p['name']} profile"
+               + ("; the issue's budget is for the default pipeline" if p["name"] != "default"
+                  else "") + ")")
+    rows = [["check", "measured", "limit", "verdict"]]
+    for b in p.get("budget", []):
+        unit = b["unit"]
+        val = fmt(b["value"], "x" if unit == "x" else ("rate" if unit == "req/s" else unit),
+                  signed=b["what"].startswith(("added", "stream added")))
+        lim = f"{b['op']} {fmt(b['limit'], 'x' if unit == 'x' else ('rate' if unit == 'req/s' else unit))}"
+        rows.append([b["what"], val, lim, ("ok" if b["ok"] else "MISSED")
+                     + (f" ({b['note']})" if b["note"] else "")])
+    out += _table(rows, right=(1,))
+    if p.get("cprofile"):
+        out.append("")
+        out.append("cProfile of tokenman over the whole run (top 25 by tottime; profiling "
+                   "slows it, so figures above are not budget figures):")
+        out += ["  " + line for line in p["cprofile"]]
+    return out
+
+
+def _sub(a: object, b: object) -> float | None:
+    return float(a) - float(b) if a is not None and b is not None else None
+
+
+def report(result: dict) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    lines = [
+        "tokenman benchmark",
+        f"machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['memory']}, {m['kernel']}, "
+        f"Python {m['python']}, {m['date']}",
+        f"tokenman: {m['tokenman']} (commit {m['commit'] or '?'}, "
+        f"sha256 {m['tokenman_sha256']})",
+        f"pinning: {m['pinning']}",
+        f"generator: {m['generator']} for buffered requests; asyncio loadgen for streams "
+        f"({s['procs']} process{'es' if s['procs'] > 1 else ''})",
+        f"phases: {s['seconds']} s each; streams {s['chunks']} chunks {s['interval_ms']} ms apart; "
+        f"held streams {s['hold']} x {HOLD_CHUNKS} chunks {HOLD_INTERVAL_MS:.0f} ms apart; "
+        f"cold start x{s['cold_runs']}",
+        "direct = the same request sent straight to the mock; diff = tokenman - direct; "
+        "for CPU and RSS the direct column is the mock process itself",
+        "",
+    ]
+    for p in result["profiles"]:
+        lines += report_profile(p, s)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _flat(p: dict) -> dict[str, tuple[float | None, float | None, str]]:
+    """(tokenman, added) per figure name, for --compare."""
+    flat = {}
+    for r in p.get("buffered", []) + p.get("streams", []) + p.get("hold", []):
+        label = f"{r['api']} {r['kind']} c={r['c']}"
+        for key, name, unit, kinds in METRICS:
+            if r["kind"] in kinds and r["tokenman"].get(key) is not None:
+                t = r["tokenman"][key]
+                d = r["direct"].get(key)
+                flat[f"{label} {name}"] = (t, t - d if d is not None else None, unit)
+    for k, name in (("idle_mb", "RSS idle"), ("after_mb", "RSS after load")):
+        v = p.get("memory", {}).get(k)
+        if v is not None:
+            flat[name] = (v, None, "MB")
+    c = p.get("cold_start", {}).get("tokenman", {}).get("p50_ms")
+    if c is not None:
+        flat["cold start p50"] = (c, None, "ms")
+    return flat
+
+
+def compare(old: dict, new: dict) -> str:
+    lines = [f"comparison: old {old['machine'].get('commit') or '?'} "
+             f"({old['machine'].get('date')}) -> new {new['machine'].get('commit') or '?'}"]
+    if old["machine"].get("cpu_model") != new["machine"].get("cpu_model"):
+        lines.append(f"warning: different machines ({old['machine'].get('cpu_model')} vs "
+                     f"{new['machine'].get('cpu_model')})")
+    olds = {p["name"]: p for p in old.get("profiles", [])}
+    for p in new["profiles"]:
+        if p["name"] not in olds:
+            lines.append(f"profile {p['name']}: not in the old file")
+            continue
+        a, b = _flat(olds[p["name"]]), _flat(p)
+        rows = [["figure", "old", "new", "change", "old added", "new added"]]
+        for key in b:
+            if key not in a:
+                continue
+            (ov, oa, unit), (nv, na, _) = a[key], b[key]
+            change = f"{(nv - ov) / ov * 100:+.1f}%" if ov else fmt(nv - ov, unit, True)
+            rows.append([key, fmt(ov, unit), fmt(nv, unit), change, fmt(oa, unit, True),
+                         fmt(na, unit, True)])
+        ob = {x["what"]: x["ok"] for x in olds[p["name"]].get("budget", [])}
+        for x in p.get("budget", []):
+            if x["what"] in ob and ob[x["what"]] != x["ok"]:
+                lines.append(f"budget {'now met' if x['ok'] else 'now MISSED'}: {x['what']}")
+        lines.append(f"== profile {p['name']} ==")
+        lines += _table(rows, right=(1, 2, 3, 4, 5))
+    return "\n".join(lines)
+
+# ================================================================================================
+# §09 command line
+# ================================================================================================
+
+
+def checkout_rev(rev: str) -> str:
+    """tokenman.py at a git revision, written to a temp dir (removed at exit)."""
+    try:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev + "^{commit}"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        src = subprocess.run(["git", "-C", ROOT, "show", f"{sha}:tokenman.py"],
+                             capture_output=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise SystemExit(f"run.py: cannot read tokenman.py at {rev!r}: {exc}") from None
+    where = tempfile.mkdtemp(prefix=f"tokenman-{sha}-")
+    atexit.register(shutil.rmtree, where, True)
+    path = os.path.join(where, "tokenman.py")
+    with open(path, "wb") as fh:
+        fh.write(src)
+    with open(os.path.join(where, "COMMIT"), "w") as fh:
+        fh.write(sha)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark tokenman against a direct call to a mock upstream.")
+    p.add_argument("--config", action="append", default=[],
+                   help="tokenman config (a profile); repeatable. run.py fills in ports, "
+                        "data_dir and the mock's address")
+    p.add_argument("--profile", action="append", default=[], choices=sorted(PROFILES),
+                   help="a shipped profile from bench/profiles/ (repeatable)")
+    p.add_argument("--all-profiles", action="store_true", help="default, bare and full")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: 2 s phases, streams at c=1,16, 3 cold starts")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds per load phase")
+    p.add_argument("--concurrency", default="", help="buffered concurrencies (1,16,64,256)")
+    p.add_argument("--stream-concurrency", default="", help="stream concurrencies (1,16,64)")
+    p.add_argument("--chunks", type=int, default=STREAM_CHUNKS, help="content chunks per stream")
+    p.add_argument("--interval-ms", type=float, default=STREAM_INTERVAL_MS,
+                   help="pause between stream chunks")
+    p.add_argument("--hold", type=int, default=HOLD_STREAMS,
+                   help="concurrent slow streams held at once (0 = skip)")
+    p.add_argument("--apis", default=",".join(APIS), help="anthropic,openai")
+    p.add_argument("--generator", choices=("auto", "wrk", "asyncio"), default="auto",
+                   help="buffered-request load generator (auto = wrk when installed)")
+    p.add_argument("--procs", type=int, default=1, help="asyncio load generator processes")
+    p.add_argument("--cold-runs", type=int, default=0, help="cold starts measured (5)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--compare", help="an earlier --json file: print the changes")
+    p.add_argument("--cprofile", help="run tokenman under cProfile, write the profile here and "
+                                      "print the top 25 functions (slows tokenman)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a budget line of the default profile is missed")
+    p.add_argument("--tokenman", default=TOKENMAN,
+                   help="the tokenman.py to run (e.g. an older checkout, to compare commits)")
+    p.add_argument("--rev", help="benchmark tokenman.py as committed at this git revision "
+                                 "(read with git show; the work tree is not touched)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs, DBs)")
+    args = p.parse_args(argv)
+    args.concurrency = args.concurrency or ",".join(map(str, CONCURRENCY))
+    args.stream_concurrency = args.stream_concurrency or (
+        "1,16" if args.quick else ",".join(map(str, STREAM_CONCURRENCY)))
+    args.cold_runs = args.cold_runs or (3 if args.quick else COLD_RUNS)
+    for api in args.apis.split(","):
+        if api and api not in APIS:
+            p.error(f"unknown api {api!r}")
+    if args.cprofile:
+        args.cprofile = os.path.abspath(args.cprofile)
+    args.tokenman = os.path.abspath(args.tokenman)
+    if args.rev:
+        args.tokenman = checkout_rev(args.rev)
+    if not os.path.exists(args.tokenman):
+        p.error(f"no such file: {args.tokenman}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configs = [(name, PROFILES[name]) for name in args.profile]
+    configs += [(os.path.splitext(os.path.basename(c))[0], os.path.abspath(c))
+                for c in args.config]
+    if args.all_profiles:
+        configs += [(n, PROFILES[n]) for n in ("default", "bare", "full")
+                    if (n, PROFILES[n]) not in configs]
+    if not configs:
+        configs = [("default", PROFILES["default"])]
+    for _, path in configs:
+        if not os.path.exists(path):
+            raise SystemExit(f"run.py: no such config: {path}")
+    old = None
+    if args.compare:
+        with open(args.compare, encoding="utf-8") as fh:
+            old = json.load(fh)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    atexit.register(CHILDREN.stop_all)
+    nofile = raise_nofile()
+    bench = Bench(args)
+    if bench.pin:
+        os.sched_setaffinity(0, bench.load_cpus)
+    wrk = wrk_version(bench.wrk) if bench.wrk else None
+    result = {"version": JSON_VERSION, "machine": machine_info(bench.pin, wrk, args.tokenman),
+              "settings": {"seconds": bench.seconds, "quick": args.quick,
+                           "concurrency": args.concurrency,
+                           "stream_concurrency": args.stream_concurrency,
+                           "chunks": args.chunks, "interval_ms": args.interval_ms,
+                           "hold": args.hold, "procs": args.procs, "cold_runs": args.cold_runs,
+                           "nofile": nofile, "cprofile": bool(args.cprofile)},
+              "profiles": []}
+    if args.hold and nofile < 2 * args.hold + 200:
+        bench.say(f"warning: RLIMIT_NOFILE is {nofile}; {args.hold} held streams may fail")
+    try:
+        bench.start()
+        bench.say("direct cold start (the mock)")
+        direct_cold = bench.direct_cold_start(args.cold_runs)
+        for name, path in configs:
+            result["profiles"].append(bench.run_profile(name, path, direct_cold))
+    except KeyboardInterrupt:
+        bench.say("interrupted; stopping every child process")
+        CHILDREN.stop_all()
+        return 130
+    finally:
+        bench.stop()
+        CHILDREN.stop_all()
+        if args.keep:
+            bench.say(f"kept {bench.workdir}")
+        else:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+    print(report(result))
+    if old is not None:
+        print(compare(old, result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        bench.say(f"wrote {args.json}")
+    missed = [b["what"] for p in result["profiles"] if p["name"] == "default"
+              for b in p["budget"] if not b["ok"]]
+    return 1 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
