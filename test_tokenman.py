@@ -642,6 +642,87 @@ class TestWire(unittest.TestCase):
 
 
 # ================================================================================================
+# §09 resilience
+# ================================================================================================
+
+
+def resilience(**kw):
+    return tm.config_from_dict({"resilience": kw}, {}).resilience
+
+
+class TestRetryPolicy(unittest.TestCase):
+    def test_full_jitter_bounds_with_injected_rng(self):
+        cfg = resilience(retry_base_delay_ms=500, retry_max_delay_ms=3000)
+        high = tm.RetryPolicy(cfg, rng=lambda: 1.0)
+        low = tm.RetryPolicy(cfg, rng=lambda: 0.0)
+        self.assertEqual([high.delay(n) for n in (1, 2, 3, 4, 5)], [0.5, 1.0, 2.0, 3.0, 3.0])
+        self.assertEqual(low.delay(3), 0.0)
+        self.assertEqual(high.delay(1, retry_after=2.0), 2.0)
+        self.assertEqual(high.delay(1, retry_after=120.0), 3.0)  # capped
+        self.assertEqual(tm.RetryPolicy(resilience(retry_enabled=False)).attempts, 1)
+
+    def test_retry_after_forms(self):
+        now = 1_700_000_000.0
+        date = tm.email.utils.formatdate(now + 30, usegmt=True).encode()
+        cases = [([(b"Retry-After", b"7")], 7.0), ([(b"Retry-After", date)], 30.0),
+                 ([(b"retry-after-ms", b"1500")], 1.5), ([(b"Retry-After", b"soon")], None),
+                 ([], None), ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], 0.0)]
+        for fields, expected in cases:
+            with self.subTest(fields=fields):
+                self.assertEqual(tm.parse_retry_after(tm.Headers(fields), now), expected)
+
+
+class TestCircuitBreaker(unittest.TestCase):
+    def setUp(self):
+        self.now = [0.0]
+        self.moves = []
+        self.cb = tm.CircuitBreaker(
+            "p", resilience(cb_failure_threshold=3, cb_reset_timeout_seconds=10,
+                            cb_half_open_max_calls=2),
+            clock=lambda: self.now[0], on_change=lambda b, old: self.moves.append(b.state))
+
+    def failures(self, n=1):
+        for _ in range(n):
+            self.cb.record(self.cb.allow(), False)
+
+    def test_opens_at_threshold_and_refuses_while_open(self):
+        self.failures(2)
+        self.cb.record(self.cb.allow(), True)  # a success resets the count
+        self.failures(2)
+        self.assertEqual(self.cb.state, "closed")
+        self.failures()
+        self.assertEqual(self.cb.state, "open")
+        self.assertIsNone(self.cb.allow())
+        self.now[0] = 9.9
+        self.assertIsNone(self.cb.allow())
+        self.assertAlmostEqual(self.cb.retry_in(), 0.1)
+
+    def test_half_open_admits_exactly_the_probe_count_and_closes(self):
+        self.failures(3)
+        self.now[0] = 10.0
+        a, b, c = self.cb.allow(), self.cb.allow(), self.cb.allow()
+        self.assertEqual((a, b, c), ("probe", "probe", None))
+        self.cb.record(a, True)
+        self.assertEqual(self.cb.state, "half_open")
+        d = self.cb.allow()  # a finished: one slot of the two is free again
+        self.assertEqual((d, self.cb.allow()), ("probe", None))
+        self.cb.record(b, True)
+        self.assertEqual(self.cb.state, "closed")
+        self.assertEqual(self.moves, ["open", "half_open", "closed"])
+
+    def test_failed_probe_reopens_and_released_probe_frees_its_slot(self):
+        self.failures(3)
+        self.now[0] = 10.0
+        a = self.cb.allow()
+        self.cb.release(a)  # the client left: no verdict
+        a = self.cb.allow()
+        self.assertEqual(a, "probe")
+        self.cb.record(a, False)
+        self.assertEqual(self.cb.state, "open")
+        self.assertIsNone(self.cb.allow())
+
+
+# ================================================================================================
 # §10 accounting
 # ================================================================================================
 
@@ -1423,6 +1504,238 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 502)  # provider.test does not resolve without the proxy
         self.assertEqual(self.proxy.targets, [])
+
+
+class TestResilience(ProxyTestCase):
+    FAST = {"retry_base_delay_ms": 1, "retry_max_delay_ms": 20}
+
+    def scripted(self, statuses, headers=()):
+        """An upstream answering each request with the next status (the last one repeats)."""
+        calls = []
+
+        async def handler(rec, r, w):
+            status = statuses[min(len(calls), len(statuses) - 1)]
+            calls.append(status)
+            if status == 200:
+                await json_reply(w, {"model": "claude-haiku-4-5", "content": [],
+                                     "usage": {"input_tokens": 3, "output_tokens": 4}})
+            else:
+                await json_reply(w, {"type": "error", "error": {"type": "overloaded_error",
+                                     "message": f"status {status}"}}, status=status,
+                                 reason=b"Err", headers=headers)
+        return handler, calls
+
+    async def test_fails_twice_then_succeeds(self):
+        self.up.handler, calls = self.scripted([529, 503, 200])
+        await self.start_proxy({"resilience": self.FAST})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(calls, [529, 503, 200])
+        row = (await self.rows())[0]
+        self.assertEqual((row["attempts"], row["outcome"], row["output_tokens"]), (3, "ok", 4))
+
+    async def test_persistent_429_is_returned_as_it_was_within_the_capped_time(self):
+        self.up.handler, calls = self.scripted([429], headers=[b"Retry-After: 2"])
+        await self.start_proxy({"resilience": dict(self.FAST, retry_max_delay_ms=50)})
+        started = time.monotonic()
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        elapsed = time.monotonic() - started
+        self.assertEqual((resp.status, resp.headers["retry-after"]), (429, "2"))
+        self.assertEqual(resp.json()["error"]["message"], "status 429")
+        self.assertEqual(len(calls), 3)
+        self.assertLess(elapsed, 1.9)  # two waits of 50 ms, not two of 2 s
+        row = (await self.rows())[0]
+        self.assertEqual((row["status_code"], row["outcome"], row["attempts"]),
+                         (429, "upstream_error", 3))
+
+    async def test_client_errors_are_not_retried(self):
+        self.up.handler, calls = self.scripted([400, 200])
+        await self.start_proxy({"resilience": self.FAST})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, len(calls)), (400, 1))
+
+    async def test_read_timeout_is_retried_only_when_configured(self):
+        release = asyncio.Event()
+        calls = []
+
+        async def hang(rec, r, w):
+            calls.append(1)
+            await release.wait()
+            return False
+        self.up.handler = hang
+        providers = {"anthropic": {"api_base": self.up.base, "timeout": 0.1}}
+        await self.start_proxy({"resilience": self.FAST}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, len(calls)), (504, 1))
+        await self.app.stop()
+        await self.start_proxy({"resilience": dict(self.FAST, retry_on_timeout=True)},
+                               providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, len(calls)), (504, 4))
+        release.set()
+
+    async def test_connect_errors_are_retried_then_502(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        sock.close()
+        await self.start_proxy({"resilience": self.FAST},
+                               providers={"anthropic": {"api_base": dead}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 502)
+        row = (await self.rows())[0]
+        self.assertEqual((row["attempts"], row["outcome"]), (3, "upstream_failed"))
+
+    async def test_breaker_opens_refuses_probes_and_closes(self):
+        self.up.handler, calls = self.scripted([500, 500, 200])
+        await self.start_proxy({"resilience": {"retry_enabled": False, "cb_failure_threshold": 2,
+                                               "cb_half_open_max_calls": 1},
+                                "routing": {"fallback_enabled": False}},
+                               providers={"anthropic": {"api_base": self.up.base}})
+        now = [0.0]
+        breaker = self.app.breakers["anthropic"]
+        breaker.clock = lambda: now[0]
+        statuses = [(await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                A_HEADERS)).status for _ in range(3)]
+        self.assertEqual(statuses, [500, 500, 503])  # the third never reached the upstream
+        self.assertEqual(len(calls), 2)
+        refused = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(refused.json()["error"]["type"], "overloaded_error")
+        self.assertEqual(refused.headers["retry-after"], "60")
+        now[0] = 61.0  # past cb_reset_timeout_seconds: one probe goes through and succeeds
+        self.assertEqual((await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                     A_HEADERS)).status, 200)
+        self.assertEqual(breaker.state, "closed")
+        self.assertEqual(len(calls), 3)
+
+    async def test_half_open_lets_one_concurrent_probe_through(self):
+        gate = asyncio.Event()
+        calls = []
+
+        async def handler(rec, r, w):
+            calls.append(1)
+            await gate.wait()
+            await json_reply(w, {"ok": True})
+        self.up.handler = handler
+        await self.start_proxy({"resilience": {"retry_enabled": False}},
+                               providers={"anthropic": {"api_base": self.up.base}})
+        now = [0.0]
+        breaker = self.app.breakers["anthropic"]
+        breaker.clock = lambda: now[0]
+        for _ in range(5):
+            breaker.record(breaker.allow(), False)
+        now[0] = 100.0
+        first = asyncio.create_task(http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                         A_HEADERS))
+        while not calls:
+            await asyncio.sleep(0.005)
+        second = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(second.status, 503)
+        gate.set()
+        self.assertEqual((await asyncio.wait_for(first, WAIT)).status, 200)
+        self.assertEqual((len(calls), breaker.state), (1, "closed"))
+
+    async def test_fallback_to_the_next_provider_before_the_first_byte(self):
+        backup = await FakeUpstream(lambda rec, r, w: json_reply(
+            w, {"from": "backup", "usage": {"input_tokens": 1, "output_tokens": 1}})).start()
+        self.addAsyncCleanup(backup.stop)
+        self.up.handler, calls = self.scripted([503])
+        providers = {"primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
+                     "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}}
+        await self.start_proxy({"resilience": self.FAST}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.json()["from"], "backup")
+        row = (await self.rows())[0]
+        self.assertEqual((row["provider"], row["attempts"]), ("backup", 4))
+        await self.app.stop()
+        await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_enabled": False}},
+                               providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 503)
+
+    async def test_no_fallback_once_the_stream_has_started(self):
+        events, _ = anthropic_fixture("text")
+        backup = await FakeUpstream().start()
+        self.addAsyncCleanup(backup.stop)
+
+        async def breaks(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for event in events[:3]:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        self.up.handler = breaks
+        await self.start_proxy(providers={
+            "primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
+            "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}})
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertIn(b"event: error", resp.body)
+        self.assertEqual(len(backup.requests), 0)
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["input_tokens"]), ("upstream_failed", 12))
+
+    async def test_fallback_models_rewrite_only_the_model(self):
+        self.up.handler, calls = self.scripted([503, 503, 503, 200])
+        await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_models": {
+            "claude-sonnet-4-5-20250929": ["claude-haiku-4-5"]}}},
+            providers={"anthropic": {"api_base": self.up.base}})
+        raw = b'{"model":"claude-sonnet-4-5-20250929","max_tokens":10,"x":[1.50],"messages":[]}'
+        resp = await http(self.port, "POST", "/v1/messages", raw, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[0].body, raw)
+        self.assertEqual(self.up.requests[3].body, raw.replace(
+            b"claude-sonnet-4-5-20250929", b"claude-haiku-4-5"))
+        row = (await self.rows())[0]
+        self.assertEqual(row["model"], "claude-haiku-4-5")
+
+    async def test_client_leaving_ends_the_backoff_sleep_at_once(self):
+        self.up.handler, calls = self.scripted([503], headers=[b"Retry-After: 60"])
+        await self.start_proxy({"resilience": {"retry_max_delay_ms": 60000}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(ANTHROPIC_REQ).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        while not calls:
+            await asyncio.sleep(0.005)
+        writer.close()
+        rows = await self.rows(1)  # within WAIT (10 s), far less than the 60 s backoff
+        self.assertEqual((rows[0]["outcome"], len(calls)), ("client_closed", 1))
+
+    async def test_stream_idle_timeout_interrupts_a_silent_upstream(self):
+        events, _ = anthropic_fixture("text")
+        release = asyncio.Event()
+        self.up.handler = fixture_handler(events, None, gate=release, after=2)
+        await self.start_proxy({"resilience": {"stream_idle_timeout": 0.2}})
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        release.set()
+        self.assertTrue(resp.body.startswith(b"".join(events[:2])))
+        self.assertIn(b"stream_idle_timeout", resp.body)
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["input_tokens"]), ("upstream_failed", 12))
+
+    async def test_a_bug_inside_tokenman_is_contained(self):
+        await self.start_proxy()
+
+        def broken(*args):
+            raise RuntimeError("boom")
+        self.app.proxy.prices.cost = broken
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()["type"]), (500, "error"))
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["error_message"]),
+                         ("internal_error", "RuntimeError: boom"))
+        self.assertEqual((await http(self.port, "GET", "/health")).status, 200)
+
+    async def test_response_size_limit_is_a_native_502(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {"pad": "x" * 5000})
+        await self.start_proxy({"server": {"max_response_size": 1000}})
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(resp.status, 502)
+        self.assertIn("too large", resp.json()["error"]["message"])
 
 
 # ================================================================================================

@@ -1397,7 +1397,7 @@ class _DateCache:
 
 class ServerConn:
     """The server side of one client connection: what handlers use to answer."""
-    __slots__ = ("server", "chan", "busy", "chunked", "close_after")
+    __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started")
 
     def __init__(self, server: "HTTPServer", chan: Channel) -> None:
         self.server = server
@@ -1405,6 +1405,7 @@ class ServerConn:
         self.busy = False
         self.chunked = False
         self.close_after = False
+        self.started = False  # a response head went out for the current request
 
     @property
     def lost(self) -> bool:
@@ -1421,6 +1422,7 @@ class ServerConn:
         head = render_head(status, headers + [(b"Content-Length", b"%d" % len(body))], reason)
         if req is not None and req.method == "HEAD":
             body = b""
+        self.started = True
         self.chan.write(head + body)
 
     def send_error(self, req: Request | None, api: str, status: int, message: str,
@@ -1441,6 +1443,7 @@ class ServerConn:
         else:
             self.close_after = True
             headers = headers + [(b"Connection", b"close")]
+        self.started = True
         self.chan.write(render_head(status, headers, reason))
 
     def stream_write(self, data: bytes) -> None:
@@ -1528,6 +1531,7 @@ class HTTPServer:
                 if not chan.buf or self.draining and not chan.buf.strip():
                     return
             conn.busy = True
+            conn.started = False
             t0 = time.perf_counter()
             req = await self._read_request(conn, t0)
             if req is None:
@@ -2420,7 +2424,8 @@ ROW_COLUMNS = (
     "estimated", "error_message", "upstream_request_id", "request_body", "response_body",
     "attempts", "client_request_id",
 )
-OUTCOMES = ("ok", "upstream_error", "rejected", "client_closed", "upstream_failed")
+OUTCOMES = ("ok", "upstream_error", "rejected", "client_closed", "upstream_failed",
+            "internal_error")
 MIGRATIONS = (
     # v1: the request log
     """
@@ -2514,6 +2519,7 @@ class Store:
         self.log = log
         self.max_pending = max_pending
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: collections.deque = collections.deque()  # rows waiting for a write
         self._thread: threading.Thread | None = None
         self.errors = 0      # failed write attempts
         self.dropped = 0     # rows given up because the backlog was full
@@ -2545,8 +2551,19 @@ class Store:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # never let the writer die: log and start over
+                self.errors += 1
+                self.log.error("request log writer crashed; restarting",
+                               error=f"{type(exc).__name__}: {exc}")
+                time.sleep(STORE_RETRY_SECONDS)
+
+    def _loop(self) -> None:
         conn: sqlite3.Connection | None = None
-        pending: collections.deque = collections.deque()
+        pending: collections.deque = self._pending
         events: list[threading.Event] = []
         stopping = False
         while True:
@@ -2988,6 +3005,18 @@ class Proxy:
             if not conn.lost:
                 conn.send_error(req, call.api, exc.status, exc.detail,
                                 [(b"X-Request-Id", call.xid)], exc.kind)
+        except Exception as exc:  # a bug: contained, answered, logged with context, counted
+            call.outcome = "internal_error"
+            call.error = f"{type(exc).__name__}: {exc}"
+            self.log.error("request failed inside tokenman", id=call.id, path=req.path,
+                           error=call.error)
+            if conn.started:
+                conn.close_after = True
+                conn.chan.abort()
+            elif not conn.lost:
+                call.status = 500
+                conn.send_error(req, call.api, 500, "internal error in tokenman",
+                                [(b"X-Request-Id", call.xid)])
         self._finish(call)
 
     def _prepare(self, req: Request, call: Call) -> list[tuple[Provider, str, bytes]]:
@@ -3411,7 +3440,10 @@ class App:
     async def _pruner(self) -> None:
         days = self.cfg.metrics.retention_days
         while days > 0:
-            self.store.submit(prune_job(days, time.time()))
+            try:
+                self.store.submit(prune_job(days, time.time()))
+            except Exception as exc:  # a background task logs and keeps going
+                self.log.error("pruner failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(3600)
 
     async def stop(self) -> None:
