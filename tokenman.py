@@ -2797,7 +2797,7 @@ class Router:
         return sum(len(v) for v in self.by_format.values())
 
 
-class Call:
+class Context:
     """What tokenman knows about one proxied request; becomes one row of the request log."""
     __slots__ = ("id", "client_id", "xid", "req", "api", "model", "provider", "project", "streaming", "status",
                  "outcome", "usage", "cost", "error", "wall", "ttfb", "upstream_s",
@@ -2858,7 +2858,7 @@ class Dispatcher:
         self.log = log
         self.clock = clock
 
-    async def send(self, proxy: "Proxy", req: Request, call: Call, conn: ServerConn,
+    async def send(self, proxy: "Proxy", req: Request, ctx: Context, conn: ServerConn,
                    plan: list[tuple[Provider, str, bytes]]):
         """An UpstreamResponse to relay (with the provider, model and breaker ticket), or a
         Failure. Raises ConnectionGone when the client leaves while waiting."""
@@ -2874,12 +2874,12 @@ class Dispatcher:
                 if ticket is None:
                     waits.append(breaker.retry_in())
                     break
-                call.attempts += 1
-                call.provider = prov.key
+                ctx.attempts += 1
+                ctx.provider = prov.key
                 try:
                     resp = await self.pool.request(
                         prov.origin, req.method, prov.origin.target(req.target),
-                        proxy.upstream_headers(req, prov, call), body,
+                        proxy.upstream_headers(req, prov, ctx), body,
                         prov.cfg.connect_timeout, prov.cfg.timeout, watch=conn.chan)
                 except ConnectionGone:
                     if breaker is not None:
@@ -2986,40 +2986,40 @@ class Proxy:
     def rejected(self, req: Request, status: int, detail: str) -> None:
         """Logs an API request the HTTP layer refused (body too large, bad framing, too slow)."""
         if req.path.startswith("/v1/"):
-            call = Call(req, api_for(req.path, req.headers))
-            call.status = status
-            call.outcome = "rejected"
-            call.error = detail
-            self._finish(call)
+            ctx = Context(req, api_for(req.path, req.headers))
+            ctx.status = status
+            ctx.outcome = "rejected"
+            ctx.error = detail
+            self._finish(ctx)
 
     # -- the relay ------------------------------------------------------------------------------
     async def relay(self, req: Request, conn: ServerConn) -> None:
-        call = Call(req, api_for(req.path, req.headers))
+        ctx = Context(req, api_for(req.path, req.headers))
         try:
-            plan = self._prepare(req, call)
-            await self._forward(req, conn, call, plan)
+            plan = self._prepare(req, ctx)
+            await self._forward(req, conn, ctx, plan)
         except HTTPError as exc:
-            call.status = exc.status
-            call.outcome = "rejected"
-            call.error = exc.detail
+            ctx.status = exc.status
+            ctx.outcome = "rejected"
+            ctx.error = exc.detail
             if not conn.lost:
-                conn.send_error(req, call.api, exc.status, exc.detail,
-                                [(b"X-Request-Id", call.xid)], exc.kind)
+                conn.send_error(req, ctx.api, exc.status, exc.detail,
+                                [(b"X-Request-Id", ctx.xid)], exc.kind)
         except Exception as exc:  # a bug: contained, answered, logged with context, counted
-            call.outcome = "internal_error"
-            call.error = f"{type(exc).__name__}: {exc}"
-            self.log.error("request failed inside tokenman", id=call.id, path=req.path,
-                           error=call.error)
+            ctx.outcome = "internal_error"
+            ctx.error = f"{type(exc).__name__}: {exc}"
+            self.log.error("request failed inside tokenman", id=ctx.id, path=req.path,
+                           error=ctx.error)
             if conn.started:
                 conn.close_after = True
                 conn.chan.abort()
             elif not conn.lost:
-                call.status = 500
-                conn.send_error(req, call.api, 500, "internal error in tokenman",
-                                [(b"X-Request-Id", call.xid)])
-        self._finish(call)
+                ctx.status = 500
+                conn.send_error(req, ctx.api, 500, "internal error in tokenman",
+                                [(b"X-Request-Id", ctx.xid)])
+        self._finish(ctx)
 
-    def _prepare(self, req: Request, call: Call) -> list[tuple[Provider, str, bytes]]:
+    def _prepare(self, req: Request, ctx: Context) -> list[tuple[Provider, str, bytes]]:
         """Parses what routing and accounting need; returns the plan of (provider, model,
         upstream body) to try."""
         body = req.body
@@ -3034,29 +3034,29 @@ class Proxy:
             if accounted and not isinstance(obj, dict):
                 raise HTTPError(400, "request body must be a JSON object")
         if isinstance(obj, dict):
-            call.obj = obj
+            ctx.obj = obj
             model = obj.get("model")
-            call.model = model if isinstance(model, str) else ""
-            call.streaming = obj.get("stream") is True
-            if accounted and call.api == API_OPENAI and call.streaming:
+            ctx.model = model if isinstance(model, str) else ""
+            ctx.streaming = obj.get("stream") is True
+            if accounted and ctx.api == API_OPENAI and ctx.streaming:
                 opts = obj.get("stream_options")
                 if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                     opts = dict(opts) if isinstance(opts, dict) else {}
                     opts["include_usage"] = True
                     body = json_patch(body, {"stream_options": opts})
-                    call.drop_usage_chunk = True
+                    ctx.drop_usage_chunk = True
         routing = self.cfg.routing
-        pairs = self.router.plan(call.api, call.model, routing.fallback_enabled,
-                                 routing.fallback_models.get(call.model, ()))
+        pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
+                                 routing.fallback_models.get(ctx.model, ()))
         if not pairs:
-            what = f"model {call.model!r}" if call.model else "this request"
-            raise HTTPError(404, f"no configured {call.api} provider serves {what}")
-        call.provider = pairs[0][0].key
-        return [(prov, model, body if model == call.model or obj is None
+            what = f"model {ctx.model!r}" if ctx.model else "this request"
+            raise HTTPError(404, f"no configured {ctx.api} provider serves {what}")
+        ctx.provider = pairs[0][0].key
+        return [(prov, model, body if model == ctx.model or obj is None
                  else json_patch(body, {"model": model})) for prov, model in pairs]
 
     def upstream_headers(self, req: Request, prov: Provider,
-                          call: Call) -> list[tuple[bytes, bytes]]:
+                          ctx: Context) -> list[tuple[bytes, bytes]]:
         nominated = req.headers.map.get(b"connection")
         drop = UPSTREAM_DROP
         if nominated:
@@ -3081,12 +3081,12 @@ class Proxy:
                 out.append((b"anthropic-version", b"2023-06-01"))
         elif replace_auth:
             out.append((b"Authorization", b"Bearer " + prov.api_key.encode("latin-1")))
-        out.append((b"X-Request-Id", call.xid))
+        out.append((b"X-Request-Id", ctx.xid))
         # Bodies are read for usage, so ask for them uncompressed.
         out.append((b"Accept-Encoding", b"identity"))
         return out
 
-    def _client_headers(self, head: ResponseHead, call: Call) -> list[tuple[bytes, bytes]]:
+    def _client_headers(self, head: ResponseHead, ctx: Context) -> list[tuple[bytes, bytes]]:
         nominated = head.headers.map.get(b"connection")
         drop = HOP_BY_HOP
         if nominated:
@@ -3098,152 +3098,152 @@ class Proxy:
             if lower in drop or lower == b"content-length":
                 continue
             if lower == b"x-request-id":
-                call.upstream_request_id = value.decode("latin-1")[:128]
-                if call.client_id:  # the client's id wins; the provider's stays visible
+                ctx.upstream_request_id = value.decode("latin-1")[:128]
+                if ctx.client_id:  # the client's id wins; the provider's stays visible
                     out.append((b"X-Upstream-Request-Id", value))
                     continue
                 own_id = False  # the provider's id is what its SDK shows users: keep it
             elif lower == b"request-id":
-                call.upstream_request_id = value.decode("latin-1")[:128]
+                ctx.upstream_request_id = value.decode("latin-1")[:128]
             out.append((name, value))
         if own_id:
-            out.append((b"X-Request-Id", call.xid))
+            out.append((b"X-Request-Id", ctx.xid))
         return out
 
-    async def _forward(self, req: Request, conn: ServerConn, call: Call,
+    async def _forward(self, req: Request, conn: ServerConn, ctx: Context,
                        plan: list[tuple[Provider, str, bytes]]) -> None:
         t_up = time.perf_counter()
         try:
-            sent = await self.dispatcher.send(self, req, call, conn, plan)
+            sent = await self.dispatcher.send(self, req, ctx, conn, plan)
         except ConnectionGone:
-            call.status = 499
-            call.outcome = "client_closed"
-            call.error = "client disconnected before the upstream answered"
+            ctx.status = 499
+            ctx.outcome = "client_closed"
+            ctx.error = "client disconnected before the upstream answered"
             return
         if isinstance(sent, Failure):
-            call.upstream_s = time.perf_counter() - t_up
-            return self._answer_failure(req, conn, call, sent)
+            ctx.upstream_s = time.perf_counter() - t_up
+            return self._answer_failure(req, conn, ctx, sent)
         resp, prov, model, ticket = sent
-        call.model = model
-        call.status = resp.status
+        ctx.model = model
+        ctx.status = resp.status
         if resp.status >= 400:
-            call.outcome = "upstream_error"
+            ctx.outcome = "upstream_error"
         conn.chan.on_lost = resp.chan.abort
         try:
             ctype = resp.head.headers.map.get(b"content-type", b"")
             if ctype.startswith(b"text/event-stream"):
-                call.streaming = True
-                await self._relay_sse(req, conn, call, prov, resp, t_up)
+                ctx.streaming = True
+                await self._relay_sse(req, conn, ctx, prov, resp, t_up)
             elif req.path in ACCOUNTED_PATHS or ctype.startswith(b"application/json"):
-                await self._relay_buffered(req, conn, call, prov, resp, t_up)
+                await self._relay_buffered(req, conn, ctx, prov, resp, t_up)
             else:
-                await self._relay_raw(req, conn, call, prov, resp)
+                await self._relay_raw(req, conn, ctx, prov, resp)
         finally:
             conn.chan.on_lost = None
             if not resp.chan.lost and not resp.body.done:
                 resp.close()
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
-                if call.outcome == "client_closed":
+                if ctx.outcome == "client_closed":
                     breaker.release(ticket)
                 else:
-                    breaker.record(ticket, call.outcome != "upstream_failed" and
-                                   call.status < 500 and call.status != 429)
+                    breaker.record(ticket, ctx.outcome != "upstream_failed" and
+                                   ctx.status < 500 and ctx.status != 429)
 
-    def _answer_failure(self, req: Request, conn: ServerConn, call: Call,
+    def _answer_failure(self, req: Request, conn: ServerConn, ctx: Context,
                         failure: Failure) -> None:
         """After the last attempt: the provider's own last answer as it was, else a native
         502/504, or 503 when every eligible provider's breaker is open."""
-        xid = [(b"X-Request-Id", call.xid)]
+        xid = [(b"X-Request-Id", ctx.xid)]
         if failure.head is not None:
             head = failure.head
-            call.status = head.status
-            call.outcome = "upstream_error"
-            call.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
-            headers = self._client_headers(head, call)
+            ctx.status = head.status
+            ctx.outcome = "upstream_error"
+            ctx.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
+            headers = self._client_headers(head, ctx)
             conn.send(req, head.status, headers, failure.body, head.reason)
         elif failure.error is not None:
             exc = failure.error
-            call.status = 504 if exc.timeout and not exc.connect else 502
-            call.outcome = "upstream_failed"
-            call.error = str(exc)
-            conn.send_error(req, call.api, call.status, "upstream timed out"
-                            if call.status == 504 else "upstream unavailable", xid)
+            ctx.status = 504 if exc.timeout and not exc.connect else 502
+            ctx.outcome = "upstream_failed"
+            ctx.error = str(exc)
+            conn.send_error(req, ctx.api, ctx.status, "upstream timed out"
+                            if ctx.status == 504 else "upstream unavailable", xid)
         else:
-            call.status = 503
-            call.outcome = "upstream_failed"
-            call.error = "circuit open for every eligible provider"
+            ctx.status = 503
+            ctx.outcome = "upstream_failed"
+            ctx.error = "circuit open for every eligible provider"
             wait = b"%d" % max(1, int(failure.retry_in + 0.999))
-            conn.send_error(req, call.api, 503, "upstream temporarily unavailable "
+            conn.send_error(req, ctx.api, 503, "upstream temporarily unavailable "
                             "(circuit open)", xid + [(b"Retry-After", wait)],
-                            "overloaded_error" if call.api == API_ANTHROPIC else "")
+                            "overloaded_error" if ctx.api == API_ANTHROPIC else "")
 
-    async def _relay_buffered(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+    async def _relay_buffered(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
                               resp: UpstreamResponse, t_up: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             data = await resp.body.read_all(self.cfg.server.max_response_size,
                                             loop.time() + prov.cfg.timeout)
         except HeadTooLarge:
-            return self._fail(req, conn, call, 502, "upstream response too large")
+            return self._fail(req, conn, ctx, 502, "upstream response too large")
         except TimeoutError:
-            return self._fail(req, conn, call, 504, "upstream timed out")
+            return self._fail(req, conn, ctx, 504, "upstream timed out")
         except (ConnectionGone, ValueError):
             if conn.lost:
-                call.outcome = "client_closed"
-                call.error = "client disconnected while the upstream answered"
+                ctx.outcome = "client_closed"
+                ctx.error = "client disconnected while the upstream answered"
                 return None
-            return self._fail(req, conn, call, 502, "upstream response cut short")
+            return self._fail(req, conn, ctx, 502, "upstream response cut short")
         resp.release()
         now = time.perf_counter()
-        call.upstream_s = now - t_up
-        if call.outcome == "ok":
-            self._account_body(call, data)
+        ctx.upstream_s = now - t_up
+        if ctx.outcome == "ok":
+            self._account_body(ctx, data)
         else:
-            call.error = redact_secrets(data[:500].decode("utf-8", "replace"))
-        headers = self._client_headers(resp.head, call)
-        if call.cost is not None and call.outcome == "ok":
-            headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % call.cost))
-        overhead = (now - call.req.t0 - call.upstream_s) * 1000
+            ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
+        headers = self._client_headers(resp.head, ctx)
+        if ctx.cost is not None and ctx.outcome == "ok":
+            headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % ctx.cost))
+        overhead = (now - ctx.req.t0 - ctx.upstream_s) * 1000
         headers.append((b"X-Tokenman-Overhead-Ms", b"%.3f" % overhead))
-        call.ttfb = now
+        ctx.ttfb = now
         conn.send(req, resp.status, headers, data, resp.head.reason)
         if self.cfg.server.store_body:
-            call.response_body = data
+            ctx.response_body = data
 
-    def _account_body(self, call: Call, data: bytes) -> None:
+    def _account_body(self, ctx: Context, data: bytes) -> None:
         obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
-        usage, model = usage_from_body(call.api, obj)
+        usage, model = usage_from_body(ctx.api, obj)
         if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
                                                                         dict):
-            usage, model = usage_from_body(call.api, obj["response"])
+            usage, model = usage_from_body(ctx.api, obj["response"])
         if model:
-            call.model = model
-        if not usage.reported and call.req.path in ACCOUNTED_PATHS:
-            usage.input = estimate_request_tokens(call.obj)
+            ctx.model = model
+        if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
+            usage.input = estimate_request_tokens(ctx.obj)
             strings: list[str] = []
             if isinstance(obj, dict):
                 _json_strings(obj.get("content", obj.get("choices")), strings)
             usage.output = estimate_tokens("\n".join(strings))
             usage.estimated = True
-        call.usage = usage
-        call.cost = self.prices.cost(call.model, usage)
+        ctx.usage = usage
+        ctx.cost = self.prices.cost(ctx.model, usage)
 
-    def _fail(self, req: Request, conn: ServerConn, call: Call, status: int,
+    def _fail(self, req: Request, conn: ServerConn, ctx: Context, status: int,
               message: str) -> None:
         """An upstream problem found after its head arrived, before anything was sent."""
-        call.status = status
-        call.outcome = "upstream_failed"
-        call.error = message
-        conn.send_error(req, call.api, status, message,
-                        [(b"X-Request-Id", call.xid)])
+        ctx.status = status
+        ctx.outcome = "upstream_failed"
+        ctx.error = message
+        conn.send_error(req, ctx.api, status, message,
+                        [(b"X-Request-Id", ctx.xid)])
 
-    async def _relay_sse(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+    async def _relay_sse(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
                          resp: UpstreamResponse, t_up: float) -> None:
         """Relays events as they arrive, bytes unchanged, one write per upstream read."""
         loop = asyncio.get_running_loop()
-        meter = StreamMeter(call.api, call.drop_usage_chunk and call.outcome == "ok")
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, call),
+        meter = StreamMeter(ctx.api, ctx.drop_usage_chunk and ctx.outcome == "ok")
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
                           resp.head.reason)
         splitter = SSESplitter()
         body = resp.body
@@ -3267,9 +3267,9 @@ class Proxy:
                         out.append(event)
                 if out:
                     conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
-                    if call.ttfb is None:
-                        call.ttfb = time.perf_counter()
-                        call.upstream_s = call.ttfb - t_up  # the upstream's share of the TTFB
+                    if ctx.ttfb is None:
+                        ctx.ttfb = time.perf_counter()
+                        ctx.upstream_s = ctx.ttfb - t_up  # the upstream's share of the TTFB
                     if conn.chan._write_paused:
                         await conn.drain()
             rest = splitter.flush()
@@ -3286,47 +3286,47 @@ class Proxy:
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
         if conn.lost and not meter.complete:
-            call.outcome = "client_closed"
-            call.error = "client disconnected mid-stream"
+            ctx.outcome = "client_closed"
+            ctx.error = "client disconnected mid-stream"
         elif failure:
-            call.outcome = "upstream_failed"
-            call.error = failure
-            conn.stream_write(self._stream_error_event(call.api, failure))
+            ctx.outcome = "upstream_failed"
+            ctx.error = failure
+            conn.stream_write(self._stream_error_event(ctx.api, failure))
             conn.close_after = True
         if not conn.lost:
             conn.end_stream()
-        if meter.error and call.outcome == "ok":
-            call.outcome = "upstream_error"
-            call.error = meter.error
-        self._account_stream(call, meter)
+        if meter.error and ctx.outcome == "ok":
+            ctx.outcome = "upstream_error"
+            ctx.error = meter.error
+        self._account_stream(ctx, meter)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
             return b"event: error\ndata: " + native_error(api, 502, message) + b"\n\n"
         return b"data: " + native_error(api, 502, message) + b"\n\n"
 
-    def _account_stream(self, call: Call, meter: StreamMeter) -> None:
+    def _account_stream(self, ctx: Context, meter: StreamMeter) -> None:
         usage = meter.usage
         if meter.model:
-            call.model = meter.model
-        if call.req.path in ACCOUNTED_PATHS or usage.reported:
+            ctx.model = meter.model
+        if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
             if not usage.reported:
-                usage.input = estimate_request_tokens(call.obj)
+                usage.input = estimate_request_tokens(ctx.obj)
                 usage.output = meter.estimate_output()
                 usage.estimated = True
-            elif call.outcome != "ok" and not meter.complete:
+            elif ctx.outcome != "ok" and not meter.complete:
                 guess = meter.estimate_output()
                 if guess > usage.output:  # generated before the cut, not yet reported
                     usage.output = guess
                     usage.estimated = True
-        call.usage = usage
-        call.cost = self.prices.cost(call.model, usage)
+        ctx.usage = usage
+        ctx.cost = self.prices.cost(ctx.model, usage)
 
-    async def _relay_raw(self, req: Request, conn: ServerConn, call: Call, prov: Provider,
+    async def _relay_raw(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
                          resp: UpstreamResponse) -> None:
         """Any other body (files, audio, HTML errors) passes through as it arrives."""
         loop = asyncio.get_running_loop()
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, call),
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
                           resp.head.reason)
         try:
             while True:
@@ -3334,50 +3334,50 @@ class Proxy:
                 if not data:
                     break
                 conn.stream_write(data)
-                if call.ttfb is None:
-                    call.ttfb = time.perf_counter()
+                if ctx.ttfb is None:
+                    ctx.ttfb = time.perf_counter()
                 if conn.chan._write_paused:
                     await conn.drain()
             resp.release()
         except (TimeoutError, ConnectionGone, ValueError, OSError) as exc:
-            call.outcome = "client_closed" if conn.lost else "upstream_failed"
-            call.error = f"relay stopped: {type(exc).__name__}"
+            ctx.outcome = "client_closed" if conn.lost else "upstream_failed"
+            ctx.error = f"relay stopped: {type(exc).__name__}"
             conn.close_after = True
             return
         conn.end_stream()
 
     # -- the log row ----------------------------------------------------------------------------
-    def _finish(self, call: Call) -> None:
-        req = call.req
+    def _finish(self, ctx: Context) -> None:
+        req = ctx.req
         now = time.perf_counter()
         latency = (now - req.t0) * 1000
-        ttfb = (call.ttfb - req.t0) * 1000 if call.ttfb is not None else None
-        if call.streaming:  # streams: tokenman's share of the time to the first event
-            overhead = None if ttfb is None else max(0.0, ttfb - call.upstream_s * 1000)
+        ttfb = (ctx.ttfb - req.t0) * 1000 if ctx.ttfb is not None else None
+        if ctx.streaming:  # streams: tokenman's share of the time to the first event
+            overhead = None if ttfb is None else max(0.0, ttfb - ctx.upstream_s * 1000)
         else:
-            overhead = max(0.0, latency - call.upstream_s * 1000)
-        u = call.usage
+            overhead = max(0.0, latency - ctx.upstream_s * 1000)
+        u = ctx.usage
         store_body = self.cfg.server.store_body
         self.store.record((
-            call.id, utc_iso(call.wall), req.method, req.path, call.api, call.model,
-            call.provider, call.project, call.status, call.outcome, int(call.streaming),
+            ctx.id, utc_iso(ctx.wall), req.method, req.path, ctx.api, ctx.model,
+            ctx.provider, ctx.project, ctx.status, ctx.outcome, int(ctx.streaming),
             round(latency, 3), None if ttfb is None else round(ttfb, 3),
             None if overhead is None else round(overhead, 3),
             u.input, u.output, u.cache_read, u.cache_write, u.cache_write_5m, u.cache_write_1h,
-            u.reasoning, call.cost, int(u.estimated), call.error, call.upstream_request_id,
+            u.reasoning, ctx.cost, int(u.estimated), ctx.error, ctx.upstream_request_id,
             req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
-            call.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
-            if store_body and call.response_body is not None else None,
-            call.attempts, call.client_id,
+            ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
+            if store_body and ctx.response_body is not None else None,
+            ctx.attempts, ctx.client_id,
         ))
         log = self.log
         if log.level <= 20:
-            log.info("request", id=call.id, method=req.method, path=req.path, model=call.model,
-                     provider=call.provider, status=call.status, outcome=call.outcome,
+            log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
+                     provider=ctx.provider, status=ctx.status, outcome=ctx.outcome,
                      ms=f"{latency:.1f}", tokens_in=u.input + u.cache_read + u.cache_write,
                      tokens_out=u.output,
-                     cost="" if call.cost is None else f"{call.cost:.6f}",
-                     error=call.error)
+                     cost="" if ctx.cost is None else f"{ctx.cost:.6f}",
+                     error=ctx.error)
 
 # ================================================================================================
 # §17 App: builds every component from one config snapshot, starts, and stops gracefully
