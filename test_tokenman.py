@@ -845,7 +845,7 @@ def sample_row(rid: str, ts: float = None) -> tuple:
                   path="/v1/messages", format="anthropic", model="m", provider="p",
                   project="default", outcome="ok", cost_usd=0.5, error_message="",
                   upstream_request_id="", request_body=None, response_body=None,
-                  ttfb_ms=None, overhead_ms=None, client_request_id="")
+                  ttfb_ms=None, overhead_ms=None, client_request_id="", pipeline_ms=None)
     return tuple(values[c] for c in tm.ROW_COLUMNS)
 
 

@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import datetime
 import email.utils
+import hashlib
 import json
 import os
 import queue
@@ -109,6 +110,10 @@ LOG_LEVELS = types.MappingProxyType({
 API_ANTHROPIC = "anthropic"
 API_OPENAI = "openai"
 API_FORMATS = (API_ANTHROPIC, API_OPENAI)
+ANTHROPIC_PATH = "/v1/messages"
+OPENAI_PATH = "/v1/chat/completions"
+ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
+                                          OPENAI_PATH: API_OPENAI})
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -165,6 +170,7 @@ class HeadTooLarge(TokenmanError):
 # ================================================================================================
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")  # characters not allowed in a project name
 _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
 
 
@@ -463,6 +469,69 @@ class MetricsConfig:
                                  "(0 = keep forever)")
 
 
+STAGE_NAMES = ("cache", "injection", "pii", "budget", "ratelimit")  # §13 registers each
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    order: tuple = _f(("cache", "injection", "pii", "budget", "ratelimit"),
+                      "policy stages in request order (responses pass them in reverse)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = _f(True, "answer repeated deterministic requests from the response cache")
+    ttl_seconds: float = _f(300.0, "how long an answer stays cached", "duration")
+    max_entries: int = _f(1000, "answers kept in memory (least recently used go first)")
+    max_rows: int = _f(10000, "answers kept in the database")
+    max_entry_bytes: int = _f(1024 * 1024, "larger answers are not cached", "size")
+    sampled: bool = _f(False, "also cache requests without temperature = 0")
+    tool_use: bool = _f(False, "also cache answers that call tools")
+
+
+PII_TYPES = ("email", "phone", "ssn", "credit_card", "api_key", "file_path")
+PII_ACTIONS = ("redact", "hash", "log", "block")
+INJECTION_ACTIONS = ("log", "warn", "sanitize", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class PIIConfig:
+    enabled: bool = _f(True, "detect personal data and secrets in every text field")
+    action: str = _f("redact", "redact (placeholders, restored in answers), hash, log or block")
+    allow_list: tuple = _f((), "exact values never treated as PII")
+    types: tuple = _f(PII_TYPES, "detectors to run")
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectionConfig:
+    enabled: bool = _f(True, "detect prompt-injection patterns in user messages and tool "
+                             "results")
+    action: str = _f("log", "log, warn (response header), sanitize or block")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    enabled: bool = _f(False, "enforce spend limits (USD)")
+    hourly_limit: float = _f(0.0, "USD per clock hour, all projects (0 = none)")
+    daily_limit: float = _f(0.0, "USD per UTC day, all projects (0 = none)")
+    monthly_limit: float = _f(0.0, "USD per UTC month, all projects (0 = none)")
+    alert_thresholds: tuple = _f((50.0, 75.0, 90.0), "percent of a limit that logs an alert",
+                                 "floats")
+    default_max_tokens: int = _f(4096, "output tokens reserved when a request sets no max")
+    projects: dict = _f({}, "per project limits: {\"team-a\" = {daily_limit = 5.0}}", "limits")
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    enabled: bool = _f(False, "enforce request and token rates")
+    default_rate: float = _f(10.0, "requests per second per provider")
+    default_burst: int = _f(20, "requests allowed at once above the rate")
+    tokens_per_minute: int = _f(0, "input+output tokens per minute per provider (0 = none)")
+    per_project: bool = _f(False, "separate buckets for each project")
+    provider_limits: dict = _f({}, "per provider: {openai = {rate = 5.0, burst = 10, "
+                                   "tokens_per_minute = 100000}}", "limits")
+
+
 BUILTIN_PROVIDERS = types.MappingProxyType({
     "anthropic": {"api_base": "https://api.anthropic.com", "format": API_ANTHROPIC,
                   "name": "anthropic", "priority": 1},
@@ -470,8 +539,15 @@ BUILTIN_PROVIDERS = types.MappingProxyType({
                "priority": 2},
 })
 PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
-SECTIONS = (("server", ServerConfig), ("routing", RoutingConfig),
-            ("resilience", ResilienceConfig), ("metrics", MetricsConfig))
+# (TOML path, Config attribute, class) of every plain section
+SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingConfig),
+            ("resilience", "resilience", ResilienceConfig), ("pipeline", "pipeline",
+                                                             PipelineConfig),
+            ("cache", "cache", CacheConfig), ("security.pii", "pii", PIIConfig),
+            ("security.injection", "injection", InjectionConfig),
+            ("security.budget", "budget", BudgetConfig),
+            ("security.rate_limit", "rate_limit", RateLimitConfig),
+            ("metrics", "metrics", MetricsConfig))
 _OPENAI_HINTS = ("openai", "azure", "vllm", "ollama", "openrouter", "groq", "together",
                  "deepseek", "mistral", "lmstudio", "llamacpp", "litellm")
 
@@ -484,6 +560,12 @@ class Config:
         default_factory=lambda: types.MappingProxyType({}))
     routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
     resilience: ResilienceConfig = dataclasses.field(default_factory=ResilienceConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    pii: PIIConfig = dataclasses.field(default_factory=PIIConfig)
+    injection: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
+    budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
+    rate_limit: RateLimitConfig = dataclasses.field(default_factory=RateLimitConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     pricing: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
@@ -549,6 +631,21 @@ def _coerce(kind: str, value: object, from_env: bool) -> object:
                                              for v in value.values()):
             return types.MappingProxyType({k: tuple(v) for k, v in value.items()})
         raise ValueError(f"expected a table of string lists, got {value!r}")
+    if kind == "floats":
+        items = value.split(",") if from_env and isinstance(value, str) else value
+        if isinstance(items, list):
+            try:
+                return tuple(float(v) for v in items if not isinstance(v, bool))
+            except (TypeError, ValueError):
+                pass
+        raise ValueError(f"expected a list of numbers, got {value!r}")
+    if kind == "limits":  # {name = {key = number, ...}, ...}
+        if isinstance(value, dict) and all(
+                isinstance(t, dict) and all(isinstance(n, (int, float)) and not isinstance(
+                    n, bool) and n >= 0 for n in t.values()) for t in value.values()):
+            return types.MappingProxyType({k: types.MappingProxyType(
+                {n: float(v) for n, v in t.items()}) for k, t in value.items()})
+        raise ValueError("expected tables of numbers >= 0, e.g. {name = {rate = 5.0}}")
     if kind == "duration":
         return parse_duration(value)
     if kind == "size":
@@ -620,23 +717,35 @@ def load_config(path: str | None = None, env: dict | None = None) -> Config:
 def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
     errors: list[str] = []
     warnings: list[str] = []
-    known_sections = {name for name, _ in SECTIONS} | {"providers", "pricing"}
+    known = {path.split(".")[0] for path, _, _ in SECTIONS} | {"providers", "pricing"}
     for key in raw:
-        if key not in known_sections:
+        if key not in known:
             warnings.append(f"[{key}]: unknown section, ignored")
-    sections = {name: _build_section(cls, name, raw.get(name, {}), env, errors, warnings, (name,))
-                for name, cls in SECTIONS}
+    security = raw.get("security", {})
+    if isinstance(security, dict):
+        for key in security:
+            if f"security.{key}" not in {path for path, _, _ in SECTIONS}:
+                warnings.append(f"[security.{key}]: unknown section, ignored")
+    sections = {}
+    for path, attr, cls in SECTIONS:
+        table = raw
+        for part in path.split("."):
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        sections[attr] = _build_section(cls, path, table, env, errors, warnings,
+                                        tuple(path.split(".")))
     providers = _build_providers(raw.get("providers"), env, errors, warnings)
     pricing = _build_pricing(raw.get("pricing", {}), errors)
-    cfg = Config(server=sections["server"], providers=providers, routing=sections["routing"],
-                 resilience=sections["resilience"], metrics=sections["metrics"],
-                 pricing=pricing, source=source)
+    cfg = Config(providers=providers, pricing=pricing, source=source, **sections)
     errors.extend(validate_config(cfg))
     if errors:
         raise ConfigError(errors)
-    server = dataclasses.replace(cfg.server, log_level=cfg.server.log_level.lower()
-                                 .replace("warning", "warn"))
-    return dataclasses.replace(cfg, server=server, warnings=tuple(warnings))
+    return dataclasses.replace(
+        cfg, warnings=tuple(warnings),
+        server=dataclasses.replace(cfg.server, log_level=cfg.server.log_level.lower()
+                                   .replace("warning", "warn")),
+        pii=dataclasses.replace(cfg.pii, action=cfg.pii.action.lower(),
+                                types=tuple(t.lower() for t in cfg.pii.types)),
+        injection=dataclasses.replace(cfg.injection, action=cfg.injection.action.lower()))
 
 
 def _build_providers(raw: object, env: dict, errors: list[str],
@@ -735,6 +844,41 @@ def validate_config(cfg: Config) -> list[str]:
             errs.append(f"resilience.{name}: must be >= 0")
     if res.cb_reset_timeout_seconds <= 0 or res.stream_idle_timeout <= 0:
         errs.append("resilience: cb_reset_timeout_seconds and stream_idle_timeout must be > 0")
+    from_order = set(cfg.pipeline.order) - set(STAGE_NAMES)
+    if from_order:
+        errs.append(f"pipeline.order: unknown stage(s) {', '.join(sorted(from_order))} "
+                    f"(known: {', '.join(STAGE_NAMES)})")
+    if cfg.pii.action.lower() not in PII_ACTIONS:
+        errs.append(f"security.pii.action: must be one of {', '.join(PII_ACTIONS)}")
+    unknown = {t.lower() for t in cfg.pii.types} - set(PII_TYPES)
+    if unknown:
+        errs.append(f"security.pii.types: unknown {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(PII_TYPES)})")
+    if cfg.injection.action.lower() not in INJECTION_ACTIONS:
+        errs.append(f"security.injection.action: must be one of {', '.join(INJECTION_ACTIONS)}")
+    b = cfg.budget
+    for name in ("hourly_limit", "daily_limit", "monthly_limit"):
+        if getattr(b, name) < 0:
+            errs.append(f"security.budget.{name}: must be >= 0")
+    if any(not 0 < t <= 100 for t in b.alert_thresholds):
+        errs.append("security.budget.alert_thresholds: each must be in (0, 100]")
+    for project, limits in b.projects.items():
+        bad = set(limits) - {"hourly_limit", "daily_limit", "monthly_limit"}
+        if bad:
+            errs.append(f"security.budget.projects.{project}: unknown {', '.join(sorted(bad))}")
+    rl = cfg.rate_limit
+    if rl.enabled and (rl.default_rate <= 0 or rl.default_burst < 1):
+        errs.append("security.rate_limit: default_rate must be > 0 and default_burst >= 1")
+    for name, limits in rl.provider_limits.items():
+        bad = set(limits) - {"rate", "burst", "tokens_per_minute"}
+        if bad:
+            errs.append(f"security.rate_limit.provider_limits.{name}: unknown "
+                        f"{', '.join(sorted(bad))}")
+        if rl.enabled and (limits.get("rate", 1) <= 0 or limits.get("burst", 1) < 1):
+            errs.append(f"security.rate_limit.provider_limits.{name}: rate must be > 0 and "
+                        f"burst >= 1")
+    if cfg.cache.max_entries < 0 or cfg.cache.max_rows < 0:
+        errs.append("cache: max_entries and max_rows must be >= 0")
     if cfg.metrics.retention_days < 0:
         errs.append("metrics.retention_days: must be >= 0")
     return errs
@@ -772,7 +916,7 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, types.MappingProxyType):
         return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) \
             + "}"
@@ -801,8 +945,8 @@ def render_default_config() -> str:
     for key, prov in cfg.providers.items():
         section(f"providers.{key}", prov)
     section("routing", cfg.routing)
-    section("resilience", cfg.resilience)
-    section("metrics", cfg.metrics)
+    for path, attr, _ in SECTIONS[2:]:
+        section(path, getattr(cfg, attr))
     lines += ["# Prices in USD per million tokens override or extend the built-in table; the",
               "# longest matching model-id prefix wins. cache_* default to Anthropic's ratios",
               "# of the input price (1.25x, 2x, 0.1x).",
@@ -810,6 +954,7 @@ def render_default_config() -> str:
               "# input = 1.0", "# output = 2.0", "# cache_write_5m = 1.25",
               "# cache_write_1h = 2.0", "# cache_read = 0.1", ""]
     return "\n".join(lines)
+
 
 # ================================================================================================
 # §05 HTTP wire, sans-IO: heads, framing, chunk sizes, SSE events (bytes in, values out)
@@ -2422,7 +2567,7 @@ ROW_COLUMNS = (
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens", "cost_usd",
     "estimated", "error_message", "upstream_request_id", "request_body", "response_body",
-    "attempts", "client_request_id",
+    "attempts", "client_request_id", "cache_hit", "tokens_saved", "savings_usd", "pipeline_ms",
 )
 OUTCOMES = ("ok", "upstream_error", "rejected", "client_closed", "upstream_failed",
             "internal_error")
@@ -2466,6 +2611,65 @@ MIGRATIONS = (
     """
     ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE requests ADD COLUMN client_request_id TEXT NOT NULL DEFAULT '';
+    """,
+    # v3: the policy pipeline: cache, detections, budgets
+    """
+    ALTER TABLE requests ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN tokens_saved INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN savings_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN pipeline_ms REAL;
+    CREATE TABLE IF NOT EXISTS cache (
+        key TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        model TEXT NOT NULL DEFAULT '',
+        status INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL
+    );
+    CREATE INDEX IF NOT EXISTS idx_cache_expires ON cache(expires);
+    CREATE TABLE IF NOT EXISTS pii_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        timestamp TEXT NOT NULL,
+        pii_type TEXT NOT NULL,
+        action TEXT NOT NULL,
+        field_path TEXT NOT NULL DEFAULT '',
+        context TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX IF NOT EXISTS idx_pii_timestamp ON pii_log(timestamp);
+    CREATE TABLE IF NOT EXISTS injection_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        timestamp TEXT NOT NULL,
+        category TEXT NOT NULL,
+        pattern TEXT NOT NULL,
+        action TEXT NOT NULL,
+        field_path TEXT NOT NULL DEFAULT '',
+        context TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX IF NOT EXISTS idx_injection_timestamp ON injection_log(timestamp);
+    CREATE TABLE IF NOT EXISTS budgets (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        period_start TEXT NOT NULL,
+        spent_usd REAL NOT NULL DEFAULT 0,
+        limit_usd REAL NOT NULL DEFAULT 0,
+        last_updated TEXT NOT NULL,
+        PRIMARY KEY (scope, period, period_start)
+    );
+    CREATE TABLE IF NOT EXISTS budget_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        timestamp TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        period_start TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        spent_usd REAL NOT NULL,
+        limit_usd REAL NOT NULL
+    );
     """,
 )
 _INSERT_SQL = (f"INSERT OR IGNORE INTO requests ({', '.join(ROW_COLUMNS)}) "
@@ -2532,8 +2736,12 @@ class Store:
         self._thread.start()
 
     def record(self, row: tuple) -> None:
-        """Queues one row (a tuple in ROW_COLUMNS order). Never blocks, never raises."""
-        self._q.put(row)
+        """Queues one request row (a tuple in ROW_COLUMNS order). Never blocks or raises."""
+        self._q.put((_INSERT_SQL, row))
+
+    def write(self, sql: str, row: tuple) -> None:
+        """Queues any other insert or upsert; written in order with the request rows."""
+        self._q.put((sql, row))
 
     def submit(self, job) -> None:
         """Runs job(connection) on the writer thread (maintenance such as pruning)."""
@@ -2602,12 +2810,16 @@ class Store:
     def _write(self, conn: sqlite3.Connection | None, pending: collections.deque):
         while pending:
             batch = [pending[i] for i in range(min(STORE_BATCH, len(pending)))]
+            groups: dict[str, list[tuple]] = {}
+            for sql, row in batch:
+                groups.setdefault(sql, []).append(row)
             try:
                 if conn is None:
                     conn = _connect(self.path)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(_INSERT_SQL, batch)
+                    for sql, rows in groups.items():
+                        conn.executemany(sql, rows)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:  # SQLITE_FULL and friends roll back by themselves
@@ -2668,6 +2880,9 @@ def prune_job(retention_days: int, now: float):
 
     def job(conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM requests WHERE timestamp < ?", (cutoff,))
+        conn.execute("DELETE FROM pii_log WHERE timestamp < ?", (cutoff,))
+        conn.execute("DELETE FROM injection_log WHERE timestamp < ?", (cutoff,))
+        conn.execute("DELETE FROM budget_events WHERE timestamp < ?", (cutoff,))
     return job
 
 
@@ -2695,14 +2910,1072 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
             for r in rows]
 
 # ================================================================================================
+# §12 pipeline core: the per-request Context, replies, the Stage interface and the Pipeline
+# ================================================================================================
+# A stage is a small class with a name and up to four hooks: request(ctx) may change the request
+# JSON (ctx.obj, marking changed top-level members in ctx.changes) or answer it (return a Reply);
+# response(ctx, body) and stream_event(ctx, event) rewrite what goes back, for the requests whose
+# stage opted in (ctx.hooks); finish(ctx) runs once for every request that passed the stage,
+# whatever its outcome (settle budgets, store the answer in the cache, write detections).
+# Pipelines are built once per config snapshot. Internal state lives on the Context, never in
+# the client's JSON.
+
+
+class Context:
+    """What tokenman knows about one proxied request; becomes one row of the request log."""
+    __slots__ = ("id", "client_id", "xid", "req", "api", "model", "provider", "project",
+                 "streaming", "status", "outcome", "usage", "cost", "error", "wall", "ttfb",
+                 "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
+                 "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
+                 "upstream_body", "cache_hit", "tokens_saved", "savings")
+
+    def __init__(self, req: Request, api: str) -> None:
+        self.id = new_request_id()  # the log row's own key: unique whatever clients send
+        rid = req.headers.map.get(b"x-request-id")
+        self.client_id = rid.decode("latin-1")[:128] if rid else ""
+        self.xid = rid[:128] if rid else self.id.encode()  # X-Request-Id we send and answer
+        self.req = req
+        self.api = api
+        self.model = ""
+        self.provider = ""
+        project = req.headers.map.get(b"x-tokenman-project")
+        self.project = _PROJECT_RE.sub("_", project.decode("latin-1"))[:64] if project \
+            else "default"
+        self.streaming = False
+        self.status = 0
+        self.outcome = "ok"
+        self.usage = Usage()
+        self.cost: float | None = 0.0
+        self.error = ""
+        self.wall = time.time()
+        self.ttfb: float | None = None
+        self.upstream_s = 0.0
+        self.upstream_request_id = ""
+        self.response_body: bytes | None = None
+        self.drop_usage_chunk = False
+        self.obj: object = None            # the parsed request JSON (stages may change it)
+        self.attempts = 0
+        self.changes: dict[str, object] = {}  # top-level members to patch into the body
+        self.hooks: list = []               # stages that rewrite this request's answer
+        self.passed: list = []              # stages whose request phase ran (for finish)
+        self.timings: dict[str, float] = {}  # seconds spent per stage and phase
+        self.headers_out: list[tuple[bytes, bytes]] = []  # extra response headers
+        self.notes: dict[str, object] = {}   # per-stage private state, keyed by stage name
+        self.upstream_body: bytes | None = None  # the provider's body before any rewrite
+        self.cache_hit = False
+        self.tokens_saved = 0
+        self.savings = 0.0
+
+    @property
+    def pipeline_ms(self) -> float | None:
+        return round(sum(self.timings.values()) * 1000, 3) if self.timings else None
+
+
+class Reply:
+    """An answer a stage gives instead of the provider: a JSON error or a cached answer, whole
+    (body) or as SSE events for a streaming request."""
+    __slots__ = ("status", "headers", "body", "events", "outcome")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                 events: list[bytes] | None = None, outcome: str = "rejected") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.events = events
+        self.outcome = outcome
+
+
+def error_reply(ctx: Context, status: int, message: str, kind: str = "",
+                headers: list[tuple[bytes, bytes]] = (), extra: dict | None = None) -> Reply:
+    """A native-shape error Reply; `extra` adds fields inside the error object."""
+    body = native_error(ctx.api, status, message, kind)
+    if extra:
+        obj = json.loads(body)
+        obj["error"].update(extra)
+        body = json_dumps(obj)
+    return Reply(status, [(b"Content-Type", b"application/json")] + list(headers), body)
+
+
+class Stage:
+    """Base of every pipeline stage. `fails_closed`: an internal error in this stage rejects the
+    request (security stages); otherwise the request goes on without it (optimisations)."""
+    name = ""
+    fails_closed = False
+    runs_on_hit = False  # also runs (after the cache) when the answer comes from the cache
+
+    async def request(self, ctx: Context) -> Reply | None:
+        return None
+
+    def response(self, ctx: Context, body: bytes) -> bytes:
+        return body
+
+    def stream_event(self, ctx: Context, event: bytes) -> bytes:
+        return event
+
+    def finish(self, ctx: Context) -> None:
+        pass
+
+    def close(self) -> None:
+        """Called when the pipeline is replaced or tokenman stops."""
+
+
+class Pipeline:
+    """The stages of one config snapshot, in order. Each hook is timed per request and runs
+    under a guard: an exception is logged, counted, and fails closed or open by stage."""
+
+    def __init__(self, stages: list[Stage], log: Logger) -> None:
+        self.stages = stages
+        self.log = log
+        self.errors: dict[str, int] = {}
+        self.finishers = [s for s in stages if type(s).finish is not Stage.finish]
+
+    def _failed(self, stage: Stage, ctx: Context, phase: str, exc: BaseException) -> None:
+        self.errors[stage.name] = self.errors.get(stage.name, 0) + 1
+        self.log.error("pipeline stage failed", stage=stage.name, phase=phase, id=ctx.id,
+                       fails="closed" if stage.fails_closed else "open",
+                       error=f"{type(exc).__name__}: {exc}")
+
+    async def request(self, ctx: Context) -> Reply | None:
+        """Runs the request phases; the first Reply answers the request. After a cache hit
+        only the stages marked runs_on_hit still run (they may still refuse it)."""
+        hit = None
+        for stage in self.stages:
+            if hit is not None and not stage.runs_on_hit:
+                continue
+            t0 = time.perf_counter()
+            try:
+                ctx.passed.append(stage)
+                reply = await stage.request(ctx)
+            except Exception as exc:
+                self._failed(stage, ctx, "request", exc)
+                reply = error_reply(ctx, 500, f"policy check {stage.name} failed") \
+                    if stage.fails_closed else None
+            ctx.timings[stage.name] = time.perf_counter() - t0
+            if reply is not None:
+                if reply.outcome != "cache_hit" or hit is not None:
+                    return reply
+                hit = reply
+        return hit
+
+    def response(self, ctx: Context, body: bytes) -> bytes:
+        for stage in reversed(ctx.hooks):
+            t0 = time.perf_counter()
+            try:
+                body = stage.response(ctx, body)
+            except Exception as exc:
+                self._failed(stage, ctx, "response", exc)
+            key = stage.name + ".response"
+            ctx.timings[key] = ctx.timings.get(key, 0.0) + time.perf_counter() - t0
+        return body
+
+    def stream_event(self, ctx: Context, event: bytes) -> bytes:
+        for stage in reversed(ctx.hooks):
+            try:
+                event = stage.stream_event(ctx, event)
+            except Exception as exc:
+                self._failed(stage, ctx, "stream", exc)
+        return event
+
+    def finish(self, ctx: Context) -> None:
+        for stage in self.finishers:
+            if stage in ctx.passed:
+                try:
+                    stage.finish(ctx)
+                except Exception as exc:
+                    self._failed(stage, ctx, "finish", exc)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+
+# ================================================================================================
+# §13 stages: response cache, prompt injection, PII, budgets, rate limits (REGISTRY at the end)
+# ================================================================================================
+
+
+def text_fields(api: str, obj: dict, roles: tuple | None = None):
+    """Every text-bearing string of a request, as (container, key, path, role): string and
+    array system prompts, every message's string or text parts, tool results (nested too),
+    tool-use inputs and tool-call arguments. `roles` limits which messages are visited.
+    Thinking blocks are skipped: the provider verifies their signatures."""
+    if roles is None or "system" in roles:
+        system = obj.get("system")
+        if isinstance(system, str):
+            yield obj, "system", "system", "system"
+        elif isinstance(system, list):
+            for i, block in enumerate(system):
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    yield block, "text", f"system[{i}].text", "system"
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            continue
+        role = msg.get("role") if isinstance(msg.get("role"), str) else ""
+        if roles is not None and role not in roles and not (role == "user" and "tool" in roles):
+            continue
+        yield from _content_fields(msg, "content", f"messages[{i}].content", role, roles)
+        if api == API_OPENAI and (roles is None or "assistant" in roles):
+            for j, call in enumerate(msg.get("tool_calls") or ()):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    yield fn, "arguments", f"messages[{i}].tool_calls[{j}].function.arguments", \
+                        "assistant"
+
+
+def _content_fields(parent: dict, key: str, path: str, role: str, roles, depth: int = 0):
+    content = parent.get(key)
+    if isinstance(content, str):
+        if roles is None or role in roles:
+            yield parent, key, path, role
+        return
+    if not isinstance(content, list) or depth > 4:
+        return
+    for j, block in enumerate(content):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        where = f"{path}[{j}]"
+        if kind == "tool_result":
+            if roles is None or "tool" in roles:
+                yield from _content_fields(block, "content", where + ".content", "tool", None,
+                                           depth + 1)
+        elif kind in ("tool_use", "server_tool_use") and (roles is None or "assistant" in roles):
+            yield from _value_fields(block, "input", where + ".input", depth)
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        elif isinstance(block.get("text"), str) and (roles is None or role in roles):
+            yield block, "text", where + ".text", role
+
+
+def _value_fields(parent, key, path: str, depth: int):
+    value = parent[key]
+    if isinstance(value, str):
+        yield parent, key, path, "assistant"
+    elif depth < 16 and isinstance(value, dict):
+        for k in value:
+            yield from _value_fields(value, k, f"{path}.{k}", depth + 1)
+    elif depth < 16 and isinstance(value, list):
+        for i in range(len(value)):
+            yield from _value_fields(value, i, f"{path}[{i}]", depth + 1)
+
+
+def mark_changed(ctx: Context, path: str) -> None:
+    """Records that the top-level member a field path starts in must be re-sent."""
+    top = path.split(".", 1)[0].split("[", 1)[0]
+    ctx.changes[top] = ctx.obj[top]
+
+
+def mask(value: str) -> str:
+    """What a detection record keeps of a sensitive value: its first and last two characters."""
+    return "*" * len(value) if len(value) <= 4 else value[:2] + "*" * (len(value) - 4) + value[-2:]
+
+
+# -- the response cache -------------------------------------------------------------------------
+
+class CacheEntry:
+    __slots__ = ("expires", "status", "headers", "body", "model", "tokens", "cost")
+
+    def __init__(self, expires: float, status: int, headers: list, body: bytes, model: str,
+                 tokens: int, cost: float | None) -> None:
+        self.expires = expires
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.model = model
+        self.tokens = tokens
+        self.cost = cost
+
+
+_CACHE_SQL = ("INSERT OR REPLACE INTO cache (key, created, expires, model, status, headers, body, "
+              "tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_CACHED_HEADERS = frozenset((b"content-type", b"request-id", b"x-request-id", b"openai-model",
+                             b"anthropic-organization-id"))
+
+
+class ResponseCache(Stage):
+    """Exact-match answers for repeated deterministic requests: an LRU in memory over the
+    SQLite `cache` table. The key covers the API, the path, the tenant (project plus a hash of
+    the client's own credential when it is passed through) and the whole request except
+    `stream`, so one tenant never receives another's answer. Fails open."""
+    name = "cache"
+
+    def __init__(self, cfg: Config, store: Store, clock=time.time, **_: object) -> None:
+        self.cfg = cfg.cache
+        self.passthrough = {k: not p.key_ref for k, p in cfg.providers.items()}
+        self.store = store
+        self.clock = clock
+        self.memory: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+
+    def _eligible(self, ctx: Context) -> bool:
+        obj = ctx.obj
+        if ctx.req.path not in ACCOUNTED_PATHS or not isinstance(obj, dict):
+            return False
+        temp = obj.get("temperature")
+        return self.cfg.sampled or (type(temp) in (int, float) and temp == 0)
+
+    def key(self, ctx: Context) -> str:
+        body = {k: v for k, v in ctx.obj.items() if k not in ("stream", "stream_options")}
+        tenant = ctx.project
+        if self.passthrough.get(ctx.provider, True):
+            cred = ctx.req.headers.map.get(b"x-api-key") or \
+                ctx.req.headers.map.get(b"authorization") or b""
+            tenant += ":" + hashlib.sha256(cred).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for part in (ctx.api, ctx.req.path, tenant):
+            digest.update(part.encode() + b"\x00")
+        digest.update(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                 ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled or not self._eligible(ctx):
+            return None
+        control = ctx.req.headers.map.get(b"cache-control", b"").lower()
+        key = self.key(ctx)
+        ctx.notes["cache"] = None if b"no-store" in control else key
+        ctx.headers_out.append((b"X-Tokenman-Cache", b"MISS"))
+        if b"no-cache" in control:
+            return None
+        entry = self.memory.get(key)
+        now = self.clock()
+        if entry is not None and entry.expires <= now:
+            del self.memory[key]
+            entry = None
+        if entry is None:
+            entry = await asyncio.to_thread(self._load, key, now)
+            if entry is not None:
+                self._remember(key, entry)
+        else:
+            self.memory.move_to_end(key)
+        if entry is None:
+            return None
+        ctx.headers_out[-1] = (b"X-Tokenman-Cache", b"HIT")
+        ctx.cache_hit = True
+        ctx.model = entry.model or ctx.model
+        ctx.tokens_saved = entry.tokens
+        ctx.savings = entry.cost or 0.0
+        return Reply(entry.status, list(entry.headers), entry.body, outcome="cache_hit")
+
+    def _load(self, key: str, now: float) -> CacheEntry | None:
+        try:
+            rows = self.store.query("SELECT * FROM cache WHERE key = ? AND expires > ?",
+                                    (key, now))
+        except sqlite3.Error:
+            return None  # the cache is an optimisation: a storage fault is a miss
+        if not rows:
+            return None
+        r = rows[0]
+        headers = [(n.encode("latin-1"), v.encode("latin-1"))
+                   for n, v in json.loads(r["headers"])]
+        return CacheEntry(r["expires"], r["status"], headers, bytes(r["body"]), r["model"],
+                          r["tokens"], r["cost_usd"])
+
+    def _remember(self, key: str, entry: CacheEntry) -> None:
+        self.memory[key] = entry
+        self.memory.move_to_end(key)
+        while len(self.memory) > self.cfg.max_entries:
+            self.memory.popitem(last=False)
+
+    def finish(self, ctx: Context) -> None:
+        key = ctx.notes.get("cache")
+        body = ctx.upstream_body
+        if not key or ctx.cache_hit or ctx.outcome != "ok" or body is None \
+                or not 200 <= ctx.status < 300 or len(body) > self.cfg.max_entry_bytes:
+            return
+        if not self.cfg.tool_use and (b'"tool_use"' in body or b'"tool_calls"' in body):
+            return
+        u = ctx.usage
+        now = self.clock()
+        headers = [(n, v) for n, v in ctx.notes.get("cache_headers", ())
+                   if n.lower() in _CACHED_HEADERS]
+        entry = CacheEntry(now + self.cfg.ttl_seconds, ctx.status, headers, body, ctx.model,
+                           u.input + u.output + u.cache_read + u.cache_write, ctx.cost)
+        self._remember(key, entry)
+        self.store.write(_CACHE_SQL, (key, now, entry.expires, entry.model, entry.status,
+                                      json.dumps([(n.decode("latin-1"), v.decode("latin-1"))
+                                                  for n, v in headers]),
+                                      body, entry.tokens, entry.cost))
+
+    def purge_job(self):
+        """A writer job: drop expired rows, and the oldest beyond max_rows."""
+        now = self.clock()
+        limit = self.cfg.max_rows
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM cache WHERE expires <= ?", (now,))
+            conn.execute("DELETE FROM cache WHERE key NOT IN (SELECT key FROM cache ORDER BY "
+                         "created DESC LIMIT ?)", (limit,))
+        for key in [k for k, e in self.memory.items() if e.expires <= now]:
+            del self.memory[key]
+        return job
+
+
+def synthesize_sse(api: str, body: bytes, include_usage: bool = True) -> list[bytes]:
+    """A valid SSE stream, in the provider's own event format, for a stored whole answer."""
+    obj = json.loads(body)
+    if api == API_ANTHROPIC:
+        return _anthropic_events(obj)
+    return _openai_events(obj, include_usage)
+
+
+def _sse(name: str, obj: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json_dumps(obj) + b"\n\n"
+
+
+def _anthropic_events(msg: dict) -> list[bytes]:
+    usage = dict(msg.get("usage") or {})
+    start = {k: v for k, v in msg.items() if k not in ("content", "stop_reason",
+                                                        "stop_sequence", "usage")}
+    start.update(content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(usage, output_tokens=min(1, usage.get("output_tokens", 0))))
+    events = [_sse("message_start", {"type": "message_start", "message": start})]
+    for i, block in enumerate(msg.get("content") or ()):
+        kind = block.get("type")
+        if kind == "text":
+            shell, delta = dict(block, text=""), {"type": "text_delta", "text": block["text"]}
+        elif kind in ("tool_use", "server_tool_use"):
+            shell = dict(block, input={})
+            delta = {"type": "input_json_delta",
+                     "partial_json": json.dumps(block.get("input", {}), ensure_ascii=False)}
+        elif kind == "thinking":
+            shell = dict(block, thinking="", signature="")
+            delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+        else:
+            shell, delta = block, None
+        events.append(_sse("content_block_start", {"type": "content_block_start", "index": i,
+                                                   "content_block": shell}))
+        if delta is not None:
+            events.append(_sse("content_block_delta", {"type": "content_block_delta",
+                                                       "index": i, "delta": delta}))
+        if kind == "thinking" and block.get("signature"):
+            events.append(_sse("content_block_delta", {
+                "type": "content_block_delta", "index": i,
+                "delta": {"type": "signature_delta", "signature": block["signature"]}}))
+        events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(_sse("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": msg.get("stop_reason"), "stop_sequence": msg.get("stop_sequence")},
+        "usage": usage}))
+    events.append(_sse("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
+    base = {k: obj[k] for k in ("id", "created", "model", "system_fingerprint") if k in obj}
+    base["object"] = "chat.completion.chunk"
+    events = []
+
+    def chunk(choices: list, **extra) -> None:
+        events.append(b"data: " + json_dumps(dict(base, choices=choices, **extra)) + b"\n\n")
+    for choice in obj.get("choices") or ():
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        chunk([{"index": index, "delta": {"role": message.get("role", "assistant"),
+                                          "content": ""}, "finish_reason": None}])
+        if message.get("content"):
+            chunk([{"index": index, "delta": {"content": message["content"]},
+                    "finish_reason": None}])
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            chunk([{"index": index, "delta": {"tool_calls": [dict(call, index=j)]},
+                    "finish_reason": None}])
+        chunk([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}])
+    if include_usage and obj.get("usage"):
+        chunk([], usage=obj["usage"])
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+# -- prompt injection ---------------------------------------------------------------------------
+
+_W = r"\s+"
+INJECTION_PATTERNS = tuple((name, category, re.compile(rx, flags)) for name, category, rx, flags in (
+    ("ignore_previous", "instruction_override",
+     r"\bignore\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+(?:instructions?|"
+     r"prompts?|directives?|rules?)", re.I),
+    ("disregard_above", "instruction_override",
+     r"\bdisregard\s+(?:all\s+)?(?:the\s+)?(?:above|previous|prior|earlier)(?:\s+(?:instructions?|"
+     r"prompts?|directives?|text))?", re.I),
+    ("new_instructions", "instruction_override",
+     r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I),
+    ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I),
+    ("forget_instructions", "instruction_override",
+     r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
+     re.I),
+    ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I),
+    ("markdown_system", "delimiter_injection", r"###\s+SYSTEM\b", re.I),
+    ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0),
+    ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I),
+    ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0),
+    ("you_are_now", "role_confusion", r"\byou\s+are\s+now\s", re.I),
+    ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I),
+    ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I),
+    ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I),
+    ("base64_ignore", "encoded_injection", r"aWdub3Jl", 0),
+))
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
+
+
+def find_injections(text: str) -> list[tuple[str, str, str]]:
+    """(pattern, category, matched text) for every injection pattern in a text, including
+    patterns hidden in base64 runs."""
+    found = [(name, cat, m.group()) for name, cat, rx in INJECTION_PATTERNS
+             for m in rx.finditer(text)]
+    if len(text) >= 40:
+        import base64  # only texts with long base64-looking runs need it
+        for run in _BASE64_RUN.findall(text):
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    inner = decode(run + "=" * (-len(run) % 4)).decode("utf-8")
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                found += [(name + " (base64 encoded)", "encoded_injection", run)
+                          for name, cat, rx in INJECTION_PATTERNS[:-1] if rx.search(inner)]
+                break
+    return found
+
+
+_INJECTION_SQL = ("INSERT INTO injection_log (request_id, timestamp, category, pattern, action, "
+                  "field_path, context) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+class InjectionGuard(Stage):
+    """Prompt-injection patterns in user messages and tool results (both APIs, array content
+    and nested tool results included). log records, warn also sets a response header,
+    sanitize replaces the matches, block answers 400. Fails closed."""
+    name = "injection"
+    fails_closed = True
+
+    def __init__(self, cfg: Config, store: Store, log: Logger, **_: object) -> None:
+        self.cfg = cfg.injection
+        self.store = store
+        self.log = log
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled or not isinstance(ctx.obj, dict):
+            return None
+        action = self.cfg.action
+        hits = []
+        for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj, ("user", "tool"))):
+            found = find_injections(parent[key])
+            if not found:
+                continue
+            hits += [(path, f) for f in found]
+            if action == "sanitize":
+                text = parent[key]
+                for _, _, matched in found:
+                    text = text.replace(matched, "[REMOVED]")
+                parent[key] = text
+                mark_changed(ctx, path)
+        if not hits:
+            return None
+        now = utc_iso(ctx.wall)
+        categories = sorted({f[1] for _, f in hits})
+        for path, (pattern, category, matched) in hits:
+            self.store.write(_INJECTION_SQL, (ctx.id, now, category, pattern, action, path,
+                                              mask(matched[:60])))
+        self.log.warn("prompt injection detected", id=ctx.id, action=action,
+                      categories=",".join(categories), fields=len(hits))
+        if action == "block":
+            return error_reply(ctx, 400, "prompt injection detected: " + ", ".join(categories),
+                               extra={"categories": categories} if ctx.api == API_OPENAI
+                               else None)
+        if action == "warn":
+            ctx.headers_out.append((b"X-Tokenman-Injection-Warning",
+                                    ",".join(categories).encode()))
+        return None
+
+
+# -- PII ----------------------------------------------------------------------------------------
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        n = int(d) * (2 if i % 2 else 1)
+        total += n - 9 if n > 9 else n
+    return total % 10 == 0
+
+
+def _ssn_ok(m: re.Match) -> bool:
+    area, group, serial = m.group(1), m.group(2), m.group(3)
+    return area not in ("000", "666") and not area.startswith("9") and group != "00" \
+        and serial != "0000"
+
+
+def _card_ok(m: re.Match) -> bool:
+    digits = re.sub(r"\D", "", m.group())
+    return 13 <= len(digits) <= 19 and _luhn(digits)
+
+
+def _entropy_ok(m: re.Match) -> bool:
+    import math  # only texts with a keyword=value secret candidate need it
+    value = m.group("secret")
+    counts = collections.Counter(value)
+    entropy = -sum(c / len(value) * math.log2(c / len(value)) for c in counts.values())
+    return entropy > 3.5
+
+
+# (type, priority, pattern, validator); on overlap the higher priority wins. A pattern with a
+# group named "secret" replaces only that group.
+PII_DETECTORS = (
+    ("api_key", 6, re.compile(
+        r"\b(?:sk-(?:ant-|proj-|svcacct-)?[A-Za-z0-9_\-]{20,}|AKIA[0-9A-Z]{16}|"
+        r"gh[pousr]_[A-Za-z0-9]{36,}|glpat-[A-Za-z0-9_\-]{20,}|xox[abpr]-[A-Za-z0-9\-]{10,}|"
+        r"AIza[0-9A-Za-z_\-]{35})"), None),
+    ("api_key", 5, re.compile(
+        r"(?i)\b(?:api[_-]?key|secret|token|password|passwd|credential)s?[\"']?\s*[=:]\s*"
+        r"[\"']?(?P<secret>[A-Za-z0-9/+_\-.]{16,})"), _entropy_ok),
+    ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok),
+    ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok),
+    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None),
+    # phones need a + country code or separators: bare digit runs (ids, timestamps) are not phones
+    ("phone", 1, re.compile(
+        r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){1,4}"
+        r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?![\w])"), None),
+    ("file_path", 0, re.compile(r"(?:/Users/|/home/)[A-Za-z0-9._\-]+|[A-Za-z]:\\Users\\[^\\\s\"']+"),
+     None),
+)
+_PLACEHOLDER_TEXT_RE = re.compile(r"\[(?:EMAIL|PHONE|SSN|CREDIT_CARD|API_KEY|FILE_PATH)_\d+\]")
+_PLACEHOLDER_RE = re.compile(_PLACEHOLDER_TEXT_RE.pattern.encode())
+_PII_SQL = ("INSERT INTO pii_log (request_id, timestamp, pii_type, action, field_path, context) "
+            "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, type) spans, higher-priority detectors winning overlaps."""
+    spans = []
+    for kind, priority, rx, valid in PII_DETECTORS:
+        if kind not in types:
+            continue
+        for m in rx.finditer(text):
+            if valid is not None and not valid(m):
+                continue
+            start, end = m.span("secret") if "secret" in rx.groupindex else m.span()
+            if text[start:end] not in allow:
+                spans.append((priority, start, end, kind))
+    if not spans:
+        return []
+    spans.sort(key=lambda s: (-s[0], s[1] - s[2]))
+    taken: list[tuple[int, int, str]] = []
+    for _, start, end, kind in spans:
+        if all(end <= s or start >= e for s, e, _ in taken):
+            taken.append((start, end, kind))
+    return sorted(taken)
+
+
+class PIIGuard(Stage):
+    """Personal data and secrets in every text field of both APIs. redact swaps each value for a
+    placeholder ([EMAIL_1]) and restores it in the answer (streamed deltas included, with JSON
+    escaping where the text is JSON); hash swaps it for a digest; log records; block answers 400
+    naming the types. Every detection lands in pii_log (masked). Fails closed."""
+    name = "pii"
+    fails_closed = True
+    runs_on_hit = True  # a cached answer holds placeholders: rebuild the mapping to restore
+
+    def __init__(self, cfg: Config, store: Store, log: Logger, **_: object) -> None:
+        self.cfg = cfg.pii
+        self.types = frozenset(cfg.pii.types)
+        self.allow = frozenset(cfg.pii.allow_list)
+        self.store = store
+        self.log = log
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled or not isinstance(ctx.obj, dict):
+            return None
+        action = self.cfg.action
+        mapping: dict[str, str] = {}     # original value -> placeholder
+        counters: dict[str, int] = {}
+        found = []
+        for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj)):
+            text = parent[key]
+            spans = find_pii(text, self.types, self.allow)
+            if not spans:
+                continue
+            found += [(kind, path, text[s:e]) for s, e, kind in spans]
+            if action in ("redact", "hash"):
+                out, pos = [], 0
+                for s, e, kind in spans:
+                    out.append(text[pos:s])
+                    out.append(self._placeholder(text[s:e], kind, action, mapping, counters))
+                    pos = e
+                out.append(text[pos:])
+                parent[key] = "".join(out)
+                mark_changed(ctx, path)
+        if not found:
+            return None
+        if not ctx.cache_hit:
+            now = utc_iso(ctx.wall)
+            for kind, path, value in found:
+                self.store.write(_PII_SQL, (ctx.id, now, kind, action, path, mask(value)))
+            self.log.info("pii detected", id=ctx.id, action=action,
+                          types=",".join(sorted({f[0] for f in found})), count=len(found))
+        if action == "block":
+            kinds = sorted({f[0] for f in found})
+            return error_reply(ctx, 400, "request contains personal data or secrets: "
+                               + ", ".join(kinds))
+        if action == "redact":
+            ctx.notes["pii"] = PIIRestorer({p: v for v, p in mapping.items()})
+            ctx.hooks.append(self)
+        return None
+
+    @staticmethod
+    def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict) -> str:
+        if action == "hash":
+                return f"[{kind.upper()}_HASH_{hashlib.sha256(value.encode()).hexdigest()[:8]}]"
+        placeholder = mapping.get(value)
+        if placeholder is None:
+            counters[kind] = counters.get(kind, 0) + 1
+            placeholder = mapping[value] = f"[{kind.upper()}_{counters[kind]}]"
+        return placeholder
+
+    def response(self, ctx: Context, body: bytes) -> bytes:
+        return ctx.notes["pii"].restore_json(body)
+
+    def stream_event(self, ctx: Context, event: bytes) -> bytes:
+        return ctx.notes["pii"].restore_event(ctx.api, event)
+
+
+class PIIRestorer:
+    """Puts original values back where placeholders come out of the provider. In JSON text the
+    value is inserted JSON-escaped (a Windows path stays valid JSON); in streamed deltas a
+    placeholder split across events is held back until it is whole."""
+    __slots__ = ("plain", "escaped", "held")
+
+    def __init__(self, originals: dict[str, str]) -> None:
+        self.plain = originals  # placeholder -> original value
+        self.escaped = {p: json.dumps(v, ensure_ascii=False)[1:-1] for p, v in originals.items()}
+        self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
+
+    def restore_json(self, body: bytes) -> bytes:
+        """Placeholders inside the JSON string values of a body, replaced JSON-escaped."""
+        if b"[" not in body:
+            return body
+        esc = self.escaped
+        return _PLACEHOLDER_RE.sub(
+            lambda m: esc.get(m.group().decode(), m.group().decode()).encode(), body)
+
+    def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
+        text = self.held.pop(slot, "") + text
+        cut = text.rfind("[")
+        if cut >= 0 and "]" not in text[cut:] and any(p.startswith(text[cut:])
+                                                      for p in self.plain):
+            self.held[slot] = text[cut:]  # maybe the start of a placeholder: wait for the rest
+            text = text[:cut]
+        if "[" not in text:
+            return text
+        table = self.escaped if json_text else self.plain
+        return _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), text)
+
+    def restore_event(self, api: str, event: bytes) -> bytes:
+        if b"[" not in event and not self.held:
+            return event
+        name, data = sse_fields(event)
+        obj = _loads(data) if data[:1] == b"{" else None
+        if not isinstance(obj, dict):
+            return event
+        if api == API_ANTHROPIC:
+            return self._anthropic(name, obj, event)
+        return self._openai(obj, event)
+
+    def _anthropic(self, name: bytes, obj: dict, event: bytes) -> bytes:
+        index = obj.get("index")
+        if name == b"content_block_stop":
+            flush = b""
+            for field in ("text", "partial_json"):
+                rest = self.held.pop((index, field), "")
+                if rest:
+                    kind = "text_delta" if field == "text" else "input_json_delta"
+                    flush += _sse("content_block_delta", {"type": "content_block_delta",
+                                                          "index": index,
+                                                          "delta": {"type": kind, field: rest}})
+            return flush + event
+        delta = obj.get("delta")
+        if name != b"content_block_delta" or not isinstance(delta, dict):
+            return event
+        for field, json_text in (("text", False), ("partial_json", True)):
+            if isinstance(delta.get(field), str):
+                delta[field] = self._restore_text((index, field), delta[field], json_text)
+                return _sse("content_block_delta", obj)
+        return event
+
+    def _openai(self, obj: dict, event: bytes) -> bytes:
+        changed = False
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                delta["content"] = self._restore_text((index, "content"), delta["content"],
+                                                      False)
+                changed = True
+            for call in delta.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    slot = (index, "arguments", call.get("index", 0))
+                    fn["arguments"] = self._restore_text(slot, fn["arguments"], True)
+                    changed = True
+            if choice.get("finish_reason"):  # the answer ends: nothing may stay held back
+                rest = self.held.pop((index, "content"), "")
+                if rest:
+                    delta["content"] = delta.get("content", "") + rest if isinstance(
+                        delta.get("content"), str) else rest
+                    choice["delta"] = delta
+                    changed = True
+        return b"data: " + json_dumps(obj) + b"\n\n" if changed else event
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+BUDGET_PERIODS = ("hourly", "daily", "monthly")
+_BUDGET_SQL = ("INSERT INTO budgets (scope, period, period_start, spent_usd, limit_usd, "
+               "last_updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, period, "
+               "period_start) DO UPDATE SET spent_usd = spent_usd + excluded.spent_usd, "
+               "limit_usd = excluded.limit_usd, last_updated = excluded.last_updated")
+_BUDGET_EVENT_SQL = ("INSERT INTO budget_events (timestamp, scope, period, period_start, "
+                     "threshold, spent_usd, limit_usd) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float]:
+    """The UTC start (as text) and end (epoch seconds) of the period containing `now`."""
+    dt = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    if period == "hourly":
+        start = dt.replace(minute=0, second=0, microsecond=0)
+        end = start + datetime.timedelta(hours=1)
+    elif period == "daily":
+        start = dt.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + datetime.timedelta(days=1)
+    else:
+        start = dt.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + datetime.timedelta(days=32)).replace(day=1)
+    return start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.timestamp()
+
+
+class BudgetLedger:
+    """Spend per (scope, period, period start): settled spend plus open reservations. One per
+    process, kept across config reloads, loaded from the budgets table at start. The event loop
+    is its only writer, so check-and-reserve is atomic without locks."""
+
+    def __init__(self) -> None:
+        self.spent: dict[tuple, float] = {}
+        self.reserved: dict[tuple, float] = {}
+        self.fired: set[tuple] = set()
+
+    def load(self, store: Store) -> None:
+        for r in store.query("SELECT scope, period, period_start, spent_usd FROM budgets"):
+            self.spent[(r["scope"], r["period"], r["period_start"])] = r["spent_usd"]
+
+
+def request_estimate(ctx: Context) -> int:
+    """Input tokens of the request, estimated once and shared by the stages that need it."""
+    est = ctx.notes.get("estimate")
+    if est is None:
+        est = ctx.notes["estimate"] = estimate_request_tokens(ctx.obj)
+    return est
+
+
+class BudgetGuard(Stage):
+    """Hourly, daily and monthly USD limits, global and per project. Before a request goes out
+    its worst case (input estimate at the dearest input rate, plus max_tokens of output) is
+    reserved against every limit that applies; when it ends the reservation is settled to the
+    exact cost. A request that does not fit gets 429 until the period resets. Fails closed."""
+    name = "budget"
+    fails_closed = True
+
+    def __init__(self, cfg: Config, store: Store, log: Logger, prices: PriceTable,
+                 ledger: BudgetLedger, clock=time.time, **_: object) -> None:
+        self.cfg = cfg.budget
+        self.store = store
+        self.log = log
+        self.prices = prices
+        self.ledger = ledger
+        self.clock = clock
+
+    def _limits(self, project: str) -> list[tuple[str, str, float]]:
+        out = [("global", p, getattr(self.cfg, p + "_limit")) for p in BUDGET_PERIODS]
+        own = self.cfg.projects.get(project, {})
+        out += [("project:" + project, p, own.get(p + "_limit", 0.0)) for p in BUDGET_PERIODS]
+        return [limit for limit in out if limit[2] > 0]
+
+    def _worst(self, ctx: Context) -> float:
+        price = self.prices.lookup(ctx.model)
+        if price is None:
+            return 0.0  # unpriced models cost null: nothing to reserve, logged by PriceTable
+        obj = ctx.obj
+        most = next((obj[k] for k in ("max_tokens", "max_completion_tokens",
+                                      "max_output_tokens") if _is_count(obj.get(k))),
+                    self.cfg.default_max_tokens)
+        rate = max(price.input, price.cache_write_5m, price.cache_write_1h)
+        return (request_estimate(ctx) * rate + most * price.output) / 1_000_000
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled:
+            return None
+        limits = self._limits(ctx.project)
+        if not limits:
+            return None
+        now = self.clock()
+        worst = self._worst(ctx)
+        keys = []
+        ledger = self.ledger
+        for scope, period, limit in limits:
+            start, end = period_bounds(period, now)
+            key = (scope, period, start)
+            spent = ledger.spent.get(key, 0.0)
+            if spent + ledger.reserved.get(key, 0.0) + worst > limit + 1e-12:
+                wait = b"%d" % max(1, int(end - now + 0.999))
+                self.log.warn("budget exceeded", id=ctx.id, scope=scope, period=period,
+                              limit=limit, spent=f"{spent:.6f}")
+                return error_reply(
+                    ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f} of "
+                    f"${limit:.2f} (this request may cost up to ${worst:.4f})",
+                    "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
+                    [(b"Retry-After", wait)],
+                    {"period": period, "scope": scope, "limit": limit,
+                     "spent": round(spent, 6)})
+            keys.append((key, limit))
+        for key, _ in keys:
+            ledger.reserved[key] = ledger.reserved.get(key, 0.0) + worst
+        ctx.notes["budget"] = (keys, worst)
+        return None
+
+    def finish(self, ctx: Context) -> None:
+        held = ctx.notes.get("budget")
+        if not held:
+            return
+        keys, worst = held
+        actual = ctx.cost or 0.0
+        ledger = self.ledger
+        now = utc_iso(self.clock())
+        for key, limit in keys:
+            ledger.reserved[key] = max(0.0, ledger.reserved.get(key, 0.0) - worst)
+            if not actual:
+                continue
+            before = ledger.spent.get(key, 0.0)
+            after = ledger.spent[key] = before + actual
+            self.store.write(_BUDGET_SQL, key + (actual, limit, now))
+            for threshold in self.cfg.alert_thresholds:
+                mark = key + (threshold,)
+                if after >= limit * threshold / 100 and mark not in ledger.fired:
+                    ledger.fired.add(mark)
+                    self.log.warn("budget alert", scope=key[0], period=key[1],
+                                  threshold=f"{threshold:g}%", spent=f"{after:.6f}",
+                                  limit=limit)
+                    self.store.write(_BUDGET_EVENT_SQL, (now,) + key + (threshold, after, limit))
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+class TokenBucket:
+    """A bucket refilled continuously at `rate` per second up to `capacity`; it may go below
+    zero when actual usage settles above what was reserved."""
+    __slots__ = ("capacity", "rate", "level", "stamp")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.level = capacity
+        self.stamp = now
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until `amount` can be taken (0 = now). A request larger than the whole
+        bucket passes when the bucket is full."""
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        need = min(amount, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def resize(self, capacity: float, rate: float) -> None:
+        """New limits from a reload; the current level is kept (clamped)."""
+        self.capacity = capacity
+        self.rate = rate
+        self.level = min(self.level, capacity)
+
+
+class RateLimiter(Stage):
+    """Requests per second and tokens per minute per provider (optionally per project), as token
+    buckets. Tokens are reserved from the input estimate and settled with the actual usage.
+    429 with Retry-After of the real wait (at least 1 s). Buckets outlive reloads. Fails closed."""
+    name = "ratelimit"
+    fails_closed = True
+
+    def __init__(self, cfg: Config, log: Logger, rate_state: dict, clock=time.monotonic,
+                 **_: object) -> None:
+        self.cfg = cfg.rate_limit
+        self.log = log
+        self.state = rate_state  # key -> (request bucket, token bucket or None)
+        self.clock = clock
+
+    def _buckets(self, provider: str, project: str, now: float):
+        limits = self.cfg.provider_limits.get(provider, {})
+        rate = limits.get("rate", self.cfg.default_rate)
+        burst = limits.get("burst", float(self.cfg.default_burst))
+        tpm = limits.get("tokens_per_minute", float(self.cfg.tokens_per_minute))
+        key = provider + ("/" + project if self.cfg.per_project else "")
+        pair = self.state.get(key)
+        if pair is None:
+            pair = self.state[key] = (TokenBucket(burst, rate, now),
+                                      TokenBucket(tpm, tpm / 60, now) if tpm else None)
+        requests, tokens = pair
+        if (requests.capacity, requests.rate) != (burst, rate):
+            requests.resize(burst, rate)
+        if tpm and tokens is None:
+            tokens = TokenBucket(tpm, tpm / 60, now)
+            self.state[key] = (requests, tokens)
+        elif tokens is not None and not tpm:
+            tokens = None
+            self.state[key] = (requests, None)
+        elif tokens is not None and tokens.capacity != tpm:
+            tokens.resize(tpm, tpm / 60)
+        return key, requests, tokens
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled:
+            return None
+        now = self.clock()
+        key, requests, tokens = self._buckets(ctx.provider, ctx.project, now)
+        wait = requests.wait(1, now)
+        need = request_estimate(ctx) if tokens is not None else 0
+        if tokens is not None:
+            wait = max(wait, tokens.wait(need, now))
+        if wait > 0:
+            seconds = max(1, int(wait + 0.999))
+            self.log.info("rate limited", id=ctx.id, key=key, wait=f"{wait:.3f}")
+            return error_reply(ctx, 429, f"rate limit for {key} reached; retry in {seconds} s",
+                               "rate_limit_error" if ctx.api == API_ANTHROPIC
+                               else "rate_limit_exceeded",
+                               [(b"Retry-After", b"%d" % seconds)])
+        requests.level -= 1
+        if tokens is not None:
+            tokens.level -= need
+            ctx.notes["ratelimit"] = (tokens, need)
+        return None
+
+    def finish(self, ctx: Context) -> None:
+        held = ctx.notes.get("ratelimit")
+        if held:
+            bucket, reserved = held
+            u = ctx.usage
+            bucket.level -= (u.input + u.output + u.cache_read + u.cache_write) - reserved
+
+
+REGISTRY = types.MappingProxyType({
+    "cache": ResponseCache, "injection": InjectionGuard, "pii": PIIGuard,
+    "budget": BudgetGuard, "ratelimit": RateLimiter,
+})
+
+
+def build_pipeline(cfg: Config, log: Logger, **services: object) -> Pipeline:
+    """The stages named in pipeline.order, composed once for this config snapshot."""
+    return Pipeline([REGISTRY[name](cfg, log=log, **services) for name in cfg.pipeline.order],
+                    log)
+
+
+# ================================================================================================
 # §14 proxy handler: routing, header rules, buffered and SSE relay, one log row per request
 # ================================================================================================
 
-ANTHROPIC_PATH = "/v1/messages"
-OPENAI_PATH = "/v1/chat/completions"
-ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
-                                          OPENAI_PATH: API_OPENAI})
-_PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")
 
 
 class Provider:
@@ -2795,40 +4068,6 @@ class Router:
 
     def usable_count(self) -> int:
         return sum(len(v) for v in self.by_format.values())
-
-
-class Context:
-    """What tokenman knows about one proxied request; becomes one row of the request log."""
-    __slots__ = ("id", "client_id", "xid", "req", "api", "model", "provider", "project", "streaming", "status",
-                 "outcome", "usage", "cost", "error", "wall", "ttfb", "upstream_s",
-                 "upstream_request_id", "response_body", "drop_usage_chunk", "obj", "attempts")
-
-    def __init__(self, req: Request, api: str) -> None:
-        self.id = new_request_id()  # the log row's own key: unique whatever clients send
-        rid = req.headers.map.get(b"x-request-id")
-        self.client_id = rid.decode("latin-1")[:128] if rid else ""
-        self.xid = (rid[:128] if rid else self.id.encode()) # X-Request-Id we send and answer
-        self.req = req
-        self.api = api
-        self.model = ""
-        self.provider = ""
-        project = req.headers.map.get(b"x-tokenman-project")
-        self.project = _PROJECT_RE.sub("_", project.decode("latin-1"))[:64] if project \
-            else "default"
-        self.streaming = False
-        self.status = 0
-        self.outcome = "ok"
-        self.usage = Usage()
-        self.cost: float | None = 0.0
-        self.error = ""
-        self.wall = time.time()
-        self.ttfb: float | None = None
-        self.upstream_s = 0.0
-        self.upstream_request_id = ""
-        self.response_body: bytes | None = None
-        self.drop_usage_chunk = False
-        self.obj: object = None
-        self.attempts = 0
 
 
 class Failure:
@@ -2940,9 +4179,11 @@ class Proxy:
     """Answers every request on the proxy port."""
 
     def __init__(self, cfg: Config, router: Router, pool: UpstreamPool, store: Store,
-                 prices: PriceTable, log: Logger, breakers: dict | None = None) -> None:
+                 prices: PriceTable, log: Logger, breakers: dict | None = None,
+                 pipeline: Pipeline | None = None) -> None:
         self.cfg = cfg
         self.router = router
+        self.pipeline = pipeline or Pipeline([], log)
         self.pool = pool
         self.breakers = breakers if breakers is not None else {}
         self.dispatcher = Dispatcher(cfg, pool, self.breakers, log)
@@ -2996,8 +4237,14 @@ class Proxy:
     async def relay(self, req: Request, conn: ServerConn) -> None:
         ctx = Context(req, api_for(req.path, req.headers))
         try:
-            plan = self._prepare(req, ctx)
-            await self._forward(req, conn, ctx, plan)
+            pairs = self._prepare(req, ctx)
+            reply = None
+            if ctx.obj is not None and req.path in ACCOUNTED_PATHS:
+                reply = await self.pipeline.request(ctx)
+            if reply is not None:
+                self._answer(req, conn, ctx, reply)
+            else:
+                await self._forward(req, conn, ctx, self._bodies(req, ctx, pairs))
         except HTTPError as exc:
             ctx.status = exc.status
             ctx.outcome = "rejected"
@@ -3017,11 +4264,44 @@ class Proxy:
                 ctx.status = 500
                 conn.send_error(req, ctx.api, 500, "internal error in tokenman",
                                 [(b"X-Request-Id", ctx.xid)])
+        finally:
+            self.pipeline.finish(ctx)
         self._finish(ctx)
 
-    def _prepare(self, req: Request, ctx: Context) -> list[tuple[Provider, str, bytes]]:
-        """Parses what routing and accounting need; returns the plan of (provider, model,
-        upstream body) to try."""
+    def _answer(self, req: Request, conn: ServerConn, ctx: Context, reply: Reply) -> None:
+        """Sends a stage's answer: a refusal, or a cached answer (as SSE for a stream)."""
+        ctx.status = reply.status
+        ctx.outcome = reply.outcome
+        headers = reply.headers + ctx.headers_out + [(b"X-Request-Id", ctx.xid)]
+        body = reply.body
+        if reply.outcome == "rejected":
+            ctx.error = _error_text(_loads(body)) or "rejected by policy"
+        if ctx.hooks:
+            body = self.pipeline.response(ctx, body)
+        if reply.outcome == "cache_hit":
+            ctx.provider = "cache"
+            ctx.cost = 0.0
+        if reply.outcome == "cache_hit" and ctx.streaming:
+            events = synthesize_sse(ctx.api, body, include_usage=not ctx.drop_usage_chunk)
+            headers = [(n, v) for n, v in headers if n.lower() != b"content-type"]
+            conn.start_stream(req, reply.status, headers + [
+                (b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")])
+            conn.stream_write(b"".join(events))
+            conn.end_stream()
+        else:
+            conn.send(req, reply.status, headers, body)
+        ctx.ttfb = time.perf_counter()
+
+    def _bodies(self, req: Request, ctx: Context,
+                pairs: list[tuple[Provider, str]]) -> list[tuple[Provider, str, bytes]]:
+        """The upstream body for each step of the plan: the client's bytes, patched only where
+        tokenman changed something (top-level members named in ctx.changes, or the model)."""
+        body = json_patch(req.body, ctx.changes) if ctx.changes else req.body
+        return [(prov, model, body if model == ctx.model or ctx.obj is None
+                 else json_patch(body, {"model": model})) for prov, model in pairs]
+
+    def _prepare(self, req: Request, ctx: Context) -> list[tuple[Provider, str]]:
+        """Parses what routing and accounting need; returns the (provider, model) plan."""
         body = req.body
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
         obj = None
@@ -3043,7 +4323,7 @@ class Proxy:
                 if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                     opts = dict(opts) if isinstance(opts, dict) else {}
                     opts["include_usage"] = True
-                    body = json_patch(body, {"stream_options": opts})
+                    ctx.changes["stream_options"] = opts
                     ctx.drop_usage_chunk = True
         routing = self.cfg.routing
         pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
@@ -3052,8 +4332,7 @@ class Proxy:
             what = f"model {ctx.model!r}" if ctx.model else "this request"
             raise HTTPError(404, f"no configured {ctx.api} provider serves {what}")
         ctx.provider = pairs[0][0].key
-        return [(prov, model, body if model == ctx.model or obj is None
-                 else json_patch(body, {"model": model})) for prov, model in pairs]
+        return pairs
 
     def upstream_headers(self, req: Request, prov: Provider,
                           ctx: Context) -> list[tuple[bytes, bytes]]:
@@ -3108,6 +4387,7 @@ class Proxy:
             out.append((name, value))
         if own_id:
             out.append((b"X-Request-Id", ctx.xid))
+        out += ctx.headers_out
         return out
 
     async def _forward(self, req: Request, conn: ServerConn, ctx: Context,
@@ -3199,8 +4479,12 @@ class Proxy:
         ctx.upstream_s = now - t_up
         if ctx.outcome == "ok":
             self._account_body(ctx, data)
+            ctx.upstream_body = data
+            ctx.notes["cache_headers"] = resp.head.headers.raw
         else:
             ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
+        if ctx.hooks:
+            data = self.pipeline.response(ctx, data)
         headers = self._client_headers(resp.head, ctx)
         if ctx.cost is not None and ctx.outcome == "ok":
             headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % ctx.cost))
@@ -3264,7 +4548,8 @@ class Proxy:
                     if event[:1] == b"\x00":
                         out.append(event[1:])
                     elif meter.on_event(event):
-                        out.append(event)
+                        out.append(self.pipeline.stream_event(ctx, event) if ctx.hooks
+                                   else event)
                 if out:
                     conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
                     if ctx.ttfb is None:
@@ -3368,7 +4653,8 @@ class Proxy:
             req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
             ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
             if store_body and ctx.response_body is not None else None,
-            ctx.attempts, ctx.client_id,
+            ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved,
+            round(ctx.savings, 10), ctx.pipeline_ms,
         ))
         log = self.log
         if log.level <= 20:
@@ -3397,6 +4683,8 @@ class App:
         self.server: HTTPServer | None = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
+        self.pipeline: Pipeline | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -3412,7 +4700,12 @@ class App:
         router = Router(cfg, self.env, self.log)
         self.breakers = {key: CircuitBreaker(key, cfg.resilience, on_change=self._breaker_moved)
                          for key in cfg.providers}
-        self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers)
+        self.ledger = BudgetLedger()
+        await asyncio.to_thread(self.ledger.load, self.store)
+        self.pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
+                                       ledger=self.ledger, rate_state=self.rate_state)
+        self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
+                           self.pipeline)
         ssl_ctx = None
         if cfg.server.tls_enabled:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -3420,7 +4713,8 @@ class App:
         self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx,
                                  on_reject=self.proxy.rejected)
         self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._pruner()))
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger())]
         scheme = "https" if ssl_ctx else "http"
         self.log.info("tokenman started", version=__version__,
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
@@ -3445,6 +4739,17 @@ class App:
             except Exception as exc:  # a background task logs and keeps going
                 self.log.error("pruner failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(3600)
+
+    async def _purger(self) -> None:
+        """Every five minutes: expired response-cache entries go."""
+        while True:
+            await asyncio.sleep(300)
+            try:
+                for stage in self.pipeline.stages:
+                    if isinstance(stage, ResponseCache):
+                        self.store.submit(stage.purge_job())
+            except Exception as exc:  # a background task logs and keeps going
+                self.log.error("cache purger failed", error=f"{type(exc).__name__}: {exc}")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop background tasks,

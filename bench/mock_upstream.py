@@ -192,7 +192,9 @@ def openai_events(model: str, size: int, chunks: int, include_usage: bool) -> li
 
 def error_body(api: str, status: int) -> bytes:
     if api == ANTHROPIC:
-        return _dumps({"type": "error", "error": {"type": "api_error",
+        kind = {401: "authentication_error", 429: "rate_limit_error",
+                529: "overloaded_error"}.get(status, "api_error")
+        return _dumps({"type": "error", "error": {"type": kind,
                                                   "message": f"mock status {status}"}})
     return _dumps({"error": {"message": f"mock status {status}", "type": "server_error",
                              "param": None, "code": None}})

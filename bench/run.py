@@ -54,6 +54,7 @@ LOADGEN = os.path.join(HERE, "loadgen.py")
 PROFILES = {name: os.path.join(HERE, "profiles", name + ".toml")
             for name in ("default", "bare", "full")}
 JSON_VERSION = 1
+PYTHON = [sys.executable]      # the interpreter (and flags) of every Python child; see --no-site
 
 APIS = ("anthropic", "openai")
 PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
@@ -163,7 +164,9 @@ def machine_info(pin: bool, wrk: str | None, script: str) -> dict:
         "cpu_model": model or platform.processor() or "unknown",
         "cpus": os.cpu_count(), "memory": mem,
         "kernel": f"{platform.system()} {platform.release()}",
-        "python": sys.version.split()[0],
+        "python": sys.version.split()[0] + (" -S" if "-S" in PYTHON else ""),
+        "python_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                               if k.startswith("PYTHON")) or "none",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "commit": commit,
         "tokenman": script,
@@ -304,7 +307,7 @@ CHILDREN = Children()
 
 def start_mock(cpus: set[int] | None, port: int = 0, extra: tuple = ()) -> tuple:
     """Starts the mock; returns (proc, port) once it listens."""
-    proc = CHILDREN.spawn([sys.executable, MOCK, "--port", str(port), *extra], cpus,
+    proc = CHILDREN.spawn([*PYTHON, MOCK, "--port", str(port), *extra], cpus,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
     line = proc.stdout.readline().decode() if ready else ""
@@ -317,7 +320,7 @@ def start_mock(cpus: set[int] | None, port: int = 0, extra: tuple = ()) -> tuple
 
 def start_tokenman(script: str, cfg_path: str, log_path: str, cpus: set[int] | None,
                    cprofile: str = "") -> subprocess.Popen:
-    cmd = [sys.executable]
+    cmd = list(PYTHON)
     if cprofile:
         cmd += ["-m", "cProfile", "-o", cprofile]
     cmd += [script, "--config", cfg_path]
@@ -510,7 +513,7 @@ def run_loadgen(spec: dict, procs: int, samplers: list[Sampler], cpus: set[int] 
         part = dict(spec, concurrency=conc // procs + (1 if i < conc % procs else 0))
         out_path = os.path.join(workdir, f"loadgen-{i}.json")
         out = open(out_path, "wb")
-        running.append((CHILDREN.spawn([sys.executable, LOADGEN, json.dumps(part)], cpus,
+        running.append((CHILDREN.spawn([*PYTHON, LOADGEN, json.dumps(part)], cpus,
                                        stdout=out, stderr=subprocess.STDOUT), out, out_path))
     bound = float(spec.get("duration", 5)) + float(spec.get("warmup", 0)) \
         + float(spec.get("timeout", 10)) + 30
@@ -626,6 +629,7 @@ class Bench:
         seconds = seconds or self.seconds
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
+        wall0 = time.time()
         if self.wrk and use_wrk and not stream and not once:
             res = run_wrk(self.wrk, port, api, conc, seconds, self.workdir, samplers,
                           self.load_cpus)
@@ -642,6 +646,7 @@ class Bench:
         wall = time.perf_counter() - t0
         res["gen_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         res["gen_cpu_util"] = res["gen_cpu_s"] / wall if wall else None
+        res["window"] = [wall0, time.time()]
         return res, [s.finish() for s in samplers]
 
     # -- the mock -------------------------------------------------------------------------------
@@ -659,7 +664,7 @@ class Bench:
         for _ in range(runs):
             port = free_port()
             t0 = time.perf_counter()
-            proc = CHILDREN.spawn([sys.executable, MOCK, "--port", str(port)], self.load_cpus,
+            proc = CHILDREN.spawn([*PYTHON, MOCK, "--port", str(port)], self.load_cpus,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 samples.append(self._wait_ready(port, "anthropic", t0, proc) * 1000)
@@ -776,7 +781,10 @@ class Bench:
             self.say(f"[{name}] stopping tokenman")
             out["exit_code"] = CHILDREN.stop(tm, signal.SIGINT, 60 if prof_path else STOP_TIMEOUT)
         out["log"] = scan_log(log_path)
-        out["request_log"] = read_request_log(os.path.join(data_dir, "tokenman.db"))
+        db = os.path.join(data_dir, "tokenman.db")
+        out["request_log"] = read_request_log(db)
+        for r in out.get("buffered", []) + out.get("streams", []) + out.get("hold", []):
+            r["tokenman"].update(own_overhead(db, r))
         if prof_path and os.path.exists(prof_path):
             out["cprofile"] = top_functions(prof_path, 25)
         out["budget"] = budget(out, self.args)
@@ -868,7 +876,7 @@ def _row(kind: str, api: str, conc: int, d: dict, dm: dict, t: dict, tmm: dict,
 def import_time(script: str) -> dict:
     """`python -X importtime tokenman.py version`: total and the slowest top-level imports."""
     try:
-        out = subprocess.run([sys.executable, "-X", "importtime", script, "version"],
+        out = subprocess.run([*PYTHON, "-X", "importtime", script, "version"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -915,6 +923,31 @@ def read_request_log(path: str) -> dict:
             "by_outcome": [{"outcome": r[0], "streaming": r[1], "rows": r[2],
                             "input_tokens": r[3], "output_tokens": r[4], "unpriced": r[5]}
                            for r in rows]}
+
+
+def own_overhead(db: str, row: dict) -> dict:
+    """tokenman's own view of its overhead during one phase: the overhead_ms column of its
+    request log (time in the process, upstream wait excluded), as percentiles."""
+    window = row["tokenman"].get("window")
+    if not window:
+        return {}
+    start = datetime.datetime.fromtimestamp(window[0], datetime.timezone.utc)
+    end = datetime.datetime.fromtimestamp(window[1], datetime.timezone.utc)
+    fmt_ = "%Y-%m-%dT%H:%M:%S.%f"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            values = sorted(v for (v,) in conn.execute(
+                "SELECT overhead_ms FROM requests WHERE timestamp >= ? AND timestamp <= ? "
+                "AND format = ? AND overhead_ms IS NOT NULL AND outcome = 'ok'",
+                (start.strftime(fmt_)[:-3], end.strftime(fmt_)[:-3] + "Z", row["api"])))
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    if not values:
+        return {}
+    return {"own_p50_us": pct(values, 50) * 1000, "own_p99_us": pct(values, 99) * 1000}
 
 
 def top_functions(path: str, n: int) -> list[str]:
@@ -1016,6 +1049,8 @@ METRICS = (
     ("gap_p50_us", "chunk gap p50", "us", ("stream",)),
     ("gap_p99_us", "chunk gap p99", "us", ("stream",)),
     ("max_open", "open at once", "count", ("hold",)),
+    ("own_p50_us", "own overhead p50", "us", ("buffered", "stream")),
+    ("own_p99_us", "own overhead p99", "us", ("buffered", "stream")),
     ("errors", "errors", "count", ("buffered", "stream", "hold")),
     ("cpu_per_1k_s", "CPU s / 1k req", "s", ("buffered", "stream", "hold")),
     ("loop_cpu_per_1k_s", "  of it main thread", "s", ("buffered", "stream", "hold")),
@@ -1170,7 +1205,7 @@ def report(result: dict) -> str:
         f"Python {m['python']}, {m['date']}",
         f"tokenman: {m['tokenman']} (commit {m['commit'] or '?'}, "
         f"sha256 {m['tokenman_sha256']})",
-        f"pinning: {m['pinning']}",
+        f"pinning: {m['pinning']}; python environment: {m.get('python_env', '?')}",
         f"generator: {m['generator']} for buffered requests; asyncio loadgen for streams "
         f"({s['procs']} process{'es' if s['procs'] > 1 else ''})",
         f"phases: {s['seconds']} s each; streams {s['chunks']} chunks {s['interval_ms']} ms apart; "
@@ -1293,6 +1328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the tokenman.py to run (e.g. an older checkout, to compare commits)")
     p.add_argument("--rev", help="benchmark tokenman.py as committed at this git revision "
                                  "(read with git show; the work tree is not touched)")
+    p.add_argument("--no-site", action="store_true",
+                   help="run tokenman, the mock and the generator with python -S (no site "
+                        "module, so no .pth start-up hooks of this machine's site-packages)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs, DBs)")
     args = p.parse_args(argv)
     args.concurrency = args.concurrency or ",".join(map(str, CONCURRENCY))
@@ -1314,6 +1352,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_site:
+        PYTHON.append("-S")
     configs = [(name, PROFILES[name]) for name in args.profile]
     configs += [(os.path.splitext(os.path.basename(c))[0], os.path.abspath(c))
                 for c in args.config]
@@ -1334,6 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored
     atexit.register(CHILDREN.stop_all)
     nofile = raise_nofile()
     bench = Bench(args)
