@@ -3084,6 +3084,9 @@ class Pipeline:
                 except Exception as exc:
                     self._failed(stage, ctx, "finish", exc)
 
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
