@@ -3392,41 +3392,47 @@ def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
 
 # -- prompt injection ---------------------------------------------------------------------------
 
-_W = r"\s+"
-INJECTION_PATTERNS = tuple((name, category, re.compile(rx, flags)) for name, category, rx, flags in (
+# (name, category, regex, literal that must occur first: in the lowercased text for
+# case-insensitive patterns). The literal check is a C-speed substring search, so the regex only
+# runs on the few texts that could match.
+INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, cat, rx, flags,
+                           needle in (
     ("ignore_previous", "instruction_override",
      r"\bignore\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+(?:instructions?|"
-     r"prompts?|directives?|rules?)", re.I),
+     r"prompts?|directives?|rules?)", re.I, "ignore"),
     ("disregard_above", "instruction_override",
-     r"\bdisregard\s+(?:all\s+)?(?:the\s+)?(?:above|previous|prior|earlier)(?:\s+(?:instructions?|"
-     r"prompts?|directives?|text))?", re.I),
+     r"\bdisregard\s+(?:all\s+)?(?:the\s+)?(?:above|previous|prior|earlier)(?:\s+(?:"
+     r"instructions?|prompts?|directives?|text))?", re.I, "disregard"),
     ("new_instructions", "instruction_override",
-     r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I),
-    ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I),
+     r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
+    ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I, "prompt"),
     ("forget_instructions", "instruction_override",
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
-     re.I),
-    ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I),
-    ("markdown_system", "delimiter_injection", r"###\s+SYSTEM\b", re.I),
-    ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0),
-    ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I),
-    ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0),
-    ("you_are_now", "role_confusion", r"\byou\s+are\s+now\s", re.I),
-    ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I),
-    ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I),
-    ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I),
-    ("base64_ignore", "encoded_injection", r"aWdub3Jl", 0),
+     re.I, "forget"),
+    ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I, "```"),
+    ("markdown_system", "delimiter_injection", r"###\s+SYSTEM\b", re.I, "###"),
+    ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
+    ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I, "<system"),
+    ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
+    ("you_are_now", "role_confusion", r"\byou\s+are\s+now\s", re.I, "now"),
+    ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
+    ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
+    ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
+    ("base64_ignore", "encoded_injection", r"aWdub3Jl", 0, "aWdub3Jl"),
 ))
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
+_BASE64_MAP = bytes(ord("a") if chr(i).isascii() and (chr(i).isalnum() or chr(i) in "+/_-")
+                    else 32 for i in range(256))  # the base64 alphabet -> "a", the rest -> " "
 
 
 def find_injections(text: str) -> list[tuple[str, str, str]]:
     """(pattern, category, matched text) for every injection pattern in a text, including
     patterns hidden in base64 runs."""
-    found = [(name, cat, m.group()) for name, cat, rx in INJECTION_PATTERNS
-             for m in rx.finditer(text)]
-    if len(text) >= 40:
-        import base64  # only texts with long base64-looking runs need it
+    low = text.lower()
+    found = [(name, cat, m.group()) for name, cat, rx, needle in INJECTION_PATTERNS
+             if needle in (low if needle.islower() else text) for m in rx.finditer(text)]
+    if len(text) >= 40 and b"a" * 40 in text.encode("ascii", "replace").translate(_BASE64_MAP):
+        import base64  # only texts with a long base64-looking run need it
         for run in _BASE64_RUN.findall(text):
             for decode in (base64.b64decode, base64.urlsafe_b64decode):
                 try:
@@ -3434,13 +3440,39 @@ def find_injections(text: str) -> list[tuple[str, str, str]]:
                 except (ValueError, UnicodeDecodeError):
                     continue
                 found += [(name + " (base64 encoded)", "encoded_injection", run)
-                          for name, cat, rx in INJECTION_PATTERNS[:-1] if rx.search(inner)]
+                          for name, cat, rx, _ in INJECTION_PATTERNS[:-1] if rx.search(inner)]
                 break
     return found
 
 
 _INJECTION_SQL = ("INSERT INTO injection_log (request_id, timestamp, category, pattern, action, "
                   "field_path, context) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+class ScanMemo:
+    """Results of scanning long texts, by the text itself: agents resend the same system
+    prompt and history on every turn, so only the new part of a conversation is scanned."""
+    __slots__ = ("entries", "chars", "max_chars")
+    MIN_LENGTH = 256
+
+    def __init__(self, max_chars: int = 32 * 1024 * 1024) -> None:
+        self.entries: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self.chars = 0
+        self.max_chars = max_chars
+
+    def get(self, text: str, scan):
+        if len(text) < self.MIN_LENGTH:
+            return scan(text)
+        found = self.entries.get(text)
+        if found is not None:
+            self.entries.move_to_end(text)
+            return found
+        found = self.entries[text] = scan(text)
+        self.chars += len(text)
+        while self.chars > self.max_chars:
+            old, _ = self.entries.popitem(last=False)
+            self.chars -= len(old)
+        return found
 
 
 class InjectionGuard(Stage):
@@ -3454,6 +3486,7 @@ class InjectionGuard(Stage):
         self.cfg = cfg.injection
         self.store = store
         self.log = log
+        self.memo = ScanMemo()
 
     async def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
@@ -3461,7 +3494,7 @@ class InjectionGuard(Stage):
         action = self.cfg.action
         hits = []
         for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj, ("user", "tool"))):
-            found = find_injections(parent[key])
+            found = self.memo.get(parent[key], find_injections)
             if not found:
                 continue
             hits += [(path, f) for f in found]
@@ -3519,39 +3552,68 @@ def _entropy_ok(m: re.Match) -> bool:
     return entropy > 3.5
 
 
-# (type, priority, pattern, validator); on overlap the higher priority wins. A pattern with a
-# group named "secret" replaces only that group.
+# (type, priority, pattern, validator, gate); on overlap the higher priority wins. A pattern
+# with a group named "secret" replaces only that group. The gate keeps the regexes off texts that
+# cannot match: literals that must occur, keywords (in the lowercased text), or "digits": the
+# digit-based patterns only run on the short candidate windows that _digit_windows finds.
 PII_DETECTORS = (
     ("api_key", 6, re.compile(
         r"\b(?:sk-(?:ant-|proj-|svcacct-)?[A-Za-z0-9_\-]{20,}|AKIA[0-9A-Z]{16}|"
         r"gh[pousr]_[A-Za-z0-9]{36,}|glpat-[A-Za-z0-9_\-]{20,}|xox[abpr]-[A-Za-z0-9\-]{10,}|"
-        r"AIza[0-9A-Za-z_\-]{35})"), None),
+        r"AIza[0-9A-Za-z_\-]{35})"), None,
+     ("sk-", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xox", "AIza")),
     ("api_key", 5, re.compile(
         r"(?i)\b(?:api[_-]?key|secret|token|password|passwd|credential)s?[\"']?\s*[=:]\s*"
-        r"[\"']?(?P<secret>[A-Za-z0-9/+_\-.]{16,})"), _entropy_ok),
-    ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok),
-    ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok),
-    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None),
+        r"[\"']?(?P<secret>[A-Za-z0-9/+_\-.]{16,})"), _entropy_ok,
+     ("key", "secret", "token", "passw", "credential")),
+    ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok,
+     "digits"),
+    ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok, "digits"),
+    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None, ("@",)),
     # phones need a + country code or separators: bare digit runs (ids, timestamps) are not phones
     ("phone", 1, re.compile(
         r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){1,4}"
-        r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?![\w])"), None),
+        r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?![\w])"), None, "digits"),
     ("file_path", 0, re.compile(r"(?:/Users/|/home/)[A-Za-z0-9._\-]+|[A-Za-z]:\\Users\\[^\\\s\"']+"),
-     None),
+     None, ("/Users/", "/home/", ":\\Users\\")),
 )
+_DIGIT_MAP = bytes(ord("0") if chr(i).isdigit() and i < 128 else i if chr(i) in " .()+-" else
+                   ord("x") for i in range(256))
+_DIGIT_WINDOW = re.compile(rb"0[0 .()+\-]{5,}0")  # literal first byte: the fast search path
 _PLACEHOLDER_TEXT_RE = re.compile(r"\[(?:EMAIL|PHONE|SSN|CREDIT_CARD|API_KEY|FILE_PATH)_\d+\]")
 _PLACEHOLDER_RE = re.compile(_PLACEHOLDER_TEXT_RE.pattern.encode())
 _PII_SQL = ("INSERT INTO pii_log (request_id, timestamp, pii_type, action, field_path, context) "
             "VALUES (?, ?, ?, ?, ?, ?)")
 
 
+def _digit_windows(text: str) -> list[tuple[int, int]]:
+    """Spans that could hold a card, SSN or phone number: digit runs with separators, found
+    on a translated ASCII copy (one character per character) in one fast pass."""
+    raw = text.encode("ascii", "replace").translate(_DIGIT_MAP)
+    return [(max(0, m.start() - 2), min(len(text), m.end() + 2))
+            for m in _DIGIT_WINDOW.finditer(raw)]
+
+
 def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, type) spans, higher-priority detectors winning overlaps."""
     spans = []
-    for kind, priority, rx, valid in PII_DETECTORS:
+    windows = low = None
+    for kind, priority, rx, valid, gate in PII_DETECTORS:
         if kind not in types:
             continue
-        for m in rx.finditer(text):
+        if gate == "digits":
+            if windows is None:
+                windows = _digit_windows(text)
+            matches = [m for a, b in windows for m in rx.finditer(text, a, b)]
+        else:
+            if gate[0].islower():  # keyword gates are checked on the lowercased text
+                low = text.lower() if low is None else low
+                if not any(g in low for g in gate):
+                    continue
+            elif not any(g in text for g in gate):
+                continue
+            matches = rx.finditer(text)
+        for m in matches:
             if valid is not None and not valid(m):
                 continue
             start, end = m.span("secret") if "secret" in rx.groupindex else m.span()
@@ -3582,6 +3644,10 @@ class PIIGuard(Stage):
         self.allow = frozenset(cfg.pii.allow_list)
         self.store = store
         self.log = log
+        self.memo = ScanMemo()
+
+    def _scan(self, text: str) -> list[tuple[int, int, str]]:
+        return find_pii(text, self.types, self.allow)
 
     async def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
@@ -3592,7 +3658,7 @@ class PIIGuard(Stage):
         found = []
         for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj)):
             text = parent[key]
-            spans = find_pii(text, self.types, self.allow)
+            spans = self.memo.get(text, self._scan)
             if not spans:
                 continue
             found += [(kind, path, text[s:e]) for s, e, kind in spans]
