@@ -469,13 +469,14 @@ class MetricsConfig:
                                  "(0 = keep forever)")
 
 
-STAGE_NAMES = ("cache", "injection", "pii", "budget", "ratelimit")  # §13 registers each
+STAGE_NAMES = ("cache", "heartbeat", "injection", "pii", "budget", "ratelimit", "history",
+               "rules", "cache_hints")  # §13 registers each
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    order: tuple = _f(("cache", "injection", "pii", "budget", "ratelimit"),
-                      "policy stages in request order (responses pass them in reverse)")
+    order: tuple = _f(STAGE_NAMES, "stages in request order (answers pass them in reverse); "
+                                   "each also has its own enabled switch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,6 +488,36 @@ class CacheConfig:
     max_entry_bytes: int = _f(1024 * 1024, "larger answers are not cached", "size")
     sampled: bool = _f(False, "also cache requests without temperature = 0")
     tool_use: bool = _f(False, "also cache answers that call tools")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheHintsConfig:
+    enabled: bool = _f(True, "add Anthropic prompt-cache breakpoints to requests that set none")
+    ttl: str = _f("5m", "lifetime of added breakpoints: 5m or 1h")
+
+
+@dataclasses.dataclass(frozen=True)
+class RulesConfig:
+    enabled: bool = _f(False, "lossless compression of prompt text outside code blocks")
+    collapse_whitespace: bool = _f(True, "trailing spaces, space runs inside lines, 3+ blank "
+                                         "lines (never indentation)")
+    minify_json: bool = _f(True, "text parts that are a whole JSON document, key order kept")
+    tool_results: bool = _f(False, "also compress tool results")
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = _f(False, "drop older turns (changes what the model sees: opt in)")
+    window_size: int = _f(10, "most recent user turns kept")
+    truncate_tool_results: int = _f(0, "cut tool results longer than this many characters to "
+                                       "head and tail (0 = never)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatConfig:
+    enabled: bool = _f(False, "answer identical requests within the window with the previous "
+                              "answer, even sampled ones (X-Tokenman-Heartbeat: HIT)")
+    window_seconds: float = _f(30.0, "how long an answer is reused", "duration")
 
 
 PII_TYPES = ("email", "phone", "ssn", "credit_card", "api_key", "file_path")
@@ -544,6 +575,10 @@ SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingCo
             ("resilience", "resilience", ResilienceConfig), ("pipeline", "pipeline",
                                                              PipelineConfig),
             ("cache", "cache", CacheConfig), ("security.pii", "pii", PIIConfig),
+            ("compression.cache_hints", "cache_hints", CacheHintsConfig),
+            ("compression.rules", "rules", RulesConfig),
+            ("compression.history", "history", HistoryConfig),
+            ("compression.heartbeat", "heartbeat", HeartbeatConfig),
             ("security.injection", "injection", InjectionConfig),
             ("security.budget", "budget", BudgetConfig),
             ("security.rate_limit", "rate_limit", RateLimitConfig),
@@ -563,6 +598,10 @@ class Config:
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     pii: PIIConfig = dataclasses.field(default_factory=PIIConfig)
+    cache_hints: CacheHintsConfig = dataclasses.field(default_factory=CacheHintsConfig)
+    rules: RulesConfig = dataclasses.field(default_factory=RulesConfig)
+    history: HistoryConfig = dataclasses.field(default_factory=HistoryConfig)
+    heartbeat: HeartbeatConfig = dataclasses.field(default_factory=HeartbeatConfig)
     injection: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
     rate_limit: RateLimitConfig = dataclasses.field(default_factory=RateLimitConfig)
@@ -721,11 +760,11 @@ def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
     for key in raw:
         if key not in known:
             warnings.append(f"[{key}]: unknown section, ignored")
-    security = raw.get("security", {})
-    if isinstance(security, dict):
-        for key in security:
-            if f"security.{key}" not in {path for path, _, _ in SECTIONS}:
-                warnings.append(f"[security.{key}]: unknown section, ignored")
+    for group in ("security", "compression"):
+        table = raw.get(group, {})
+        for key in table if isinstance(table, dict) else ():
+            if f"{group}.{key}" not in {path for path, _, _ in SECTIONS}:
+                warnings.append(f"[{group}.{key}]: unknown section, ignored")
     sections = {}
     for path, attr, cls in SECTIONS:
         table = raw
@@ -877,6 +916,10 @@ def validate_config(cfg: Config) -> list[str]:
         if rl.enabled and (limits.get("rate", 1) <= 0 or limits.get("burst", 1) < 1):
             errs.append(f"security.rate_limit.provider_limits.{name}: rate must be > 0 and "
                         f"burst >= 1")
+    if cfg.cache_hints.ttl not in ("5m", "1h"):
+        errs.append("compression.cache_hints.ttl: must be 5m or 1h")
+    if cfg.history.window_size < 1 or cfg.history.truncate_tool_results < 0:
+        errs.append("compression.history: window_size must be >= 1, truncate_tool_results >= 0")
     if cfg.cache.max_entries < 0 or cfg.cache.max_rows < 0:
         errs.append("cache: max_entries and max_rows must be >= 0")
     if cfg.metrics.retention_days < 0:
@@ -2568,9 +2611,12 @@ ROW_COLUMNS = (
     "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens", "cost_usd",
     "estimated", "error_message", "upstream_request_id", "request_body", "response_body",
     "attempts", "client_request_id", "cache_hit", "tokens_saved", "savings_usd", "pipeline_ms",
+    "saved_cache_usd", "saved_prompt_cache_usd", "saved_compression_usd", "saved_heartbeat_usd",
+    "compressed_tokens",
 )
+SAVING_SOURCES = ("cache", "prompt_cache", "compression", "heartbeat")
 OUTCOMES = ("ok", "upstream_error", "rejected", "client_closed", "upstream_failed",
-            "internal_error")
+            "internal_error", "cache_hit", "heartbeat_hit")
 MIGRATIONS = (
     # v1: the request log
     """
@@ -2670,6 +2716,14 @@ MIGRATIONS = (
         spent_usd REAL NOT NULL,
         limit_usd REAL NOT NULL
     );
+    """,
+    # v4: savings by source
+    """
+    ALTER TABLE requests ADD COLUMN saved_cache_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN saved_prompt_cache_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN saved_compression_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN saved_heartbeat_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN compressed_tokens INTEGER NOT NULL DEFAULT 0;
     """,
 )
 _INSERT_SQL = (f"INSERT OR IGNORE INTO requests ({', '.join(ROW_COLUMNS)}) "
@@ -2898,6 +2952,10 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
         "SUM(output_tokens) AS output_tokens, SUM(cache_read_tokens) AS cache_read_tokens, "
         "SUM(cache_write_tokens) AS cache_write_tokens, SUM(cost_usd) AS cost_usd, "
         "SUM(cost_usd IS NULL AND (input_tokens + output_tokens) > 0) AS unpriced, "
+        "SUM(savings_usd) AS savings_usd, SUM(saved_cache_usd) AS saved_cache, "
+        "SUM(saved_prompt_cache_usd) AS saved_prompt_cache, "
+        "SUM(saved_compression_usd) AS saved_compression, "
+        "SUM(saved_heartbeat_usd) AS saved_heartbeat, "
         "SUM(estimated) AS estimated, SUM(status_code >= 400 OR outcome != 'ok') AS errors "
         f"FROM requests WHERE timestamp >= ? GROUP BY {column} ORDER BY cost_usd DESC, "
         "requests DESC", (utc_iso(since),))
@@ -2906,6 +2964,8 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
              "cache_read_tokens": r["cache_read_tokens"] or 0,
              "cache_write_tokens": r["cache_write_tokens"] or 0,
              "cost_usd": round(r["cost_usd"] or 0.0, 8), "unpriced_requests": r["unpriced"] or 0,
+             "savings_usd": round(r["savings_usd"] or 0.0, 8),
+             "savings_by_source": {s: round(r["saved_" + s] or 0.0, 8) for s in SAVING_SOURCES},
              "estimated_requests": r["estimated"] or 0, "errors": r["errors"] or 0}
             for r in rows]
 
@@ -2927,7 +2987,7 @@ class Context:
                  "streaming", "status", "outcome", "usage", "cost", "error", "wall", "ttfb",
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
-                 "upstream_body", "cache_hit", "tokens_saved", "savings")
+                 "upstream_body", "cache_hit", "tokens_saved", "saved")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -2964,11 +3024,14 @@ class Context:
         self.upstream_body: bytes | None = None  # the provider's body before any rewrite
         self.cache_hit = False
         self.tokens_saved = 0
-        self.savings = 0.0
+        self.saved: dict[str, float] = {}  # USD saved by source: cache, prompt_cache, ...
 
     @property
     def pipeline_ms(self) -> float | None:
         return round(sum(self.timings.values()) * 1000, 3) if self.timings else None
+
+
+HIT_OUTCOMES = ("cache_hit", "heartbeat_hit")
 
 
 class Reply:
@@ -3052,7 +3115,7 @@ class Pipeline:
                     if stage.fails_closed else None
             ctx.timings[stage.name] = time.perf_counter() - t0
             if reply is not None:
-                if reply.outcome != "cache_hit" or hit is not None:
+                if reply.outcome not in HIT_OUTCOMES or hit is not None:
                     return reply
                 hit = reply
         return hit
@@ -3259,7 +3322,7 @@ class ResponseCache(Stage):
         ctx.cache_hit = True
         ctx.model = entry.model or ctx.model
         ctx.tokens_saved = entry.tokens
-        ctx.savings = entry.cost or 0.0
+        ctx.saved["cache"] = entry.cost or 0.0
         return Reply(entry.status, list(entry.headers), entry.body, outcome="cache_hit")
 
     def _load(self, key: str, now: float) -> CacheEntry | None:
@@ -4029,9 +4092,280 @@ class RateLimiter(Stage):
             bucket.level -= (u.input + u.output + u.cache_read + u.cache_write) - reserved
 
 
+# -- token savings: prompt-cache hints, lossless compression, history window, heartbeat ---------
+
+def no_compress(ctx: Context) -> bool:
+    """The client opted out of rewriting stages for this request."""
+    return ctx.req.headers.map.get(b"x-tokenman-no-compress", b"").strip() in (b"1", b"true")
+
+
+# Smallest prefix each Anthropic model caches (tokens); a breakpoint below it is ignored.
+CACHE_MINIMUMS = (("claude-3-haiku", 2048), ("claude-3-5-haiku", 2048),
+                  ("claude-haiku-4-5", 4096), ("claude-opus-4-5", 4096),
+                  ("claude-opus-4-6", 4096), ("claude-haiku-5", 4096), ("claude-opus-5", 4096))
+_NO_MARK_BLOCKS = frozenset(("thinking", "redacted_thinking"))
+
+
+def cache_minimum(model: str) -> int:
+    return next((n for prefix, n in CACHE_MINIMUMS if model.startswith(prefix)), 1024)
+
+
+class CacheHints(Stage):
+    """Adds Anthropic prompt-cache breakpoints (end of tools, end of system, last message) to
+    requests that carry no cache_control anywhere, each only when the prefix before it reaches
+    the model's minimum cacheable length. A client-set cache_control means the client manages
+    caching: nothing is touched. At most three added breakpoints, all with the same TTL, so the
+    4-breakpoint limit and the non-increasing TTL order always hold. Fails open."""
+    name = "cache_hints"
+
+    def __init__(self, cfg: Config, **_: object) -> None:
+        self.cfg = cfg.cache_hints
+        self.mark = {"type": "ephemeral"} if cfg.cache_hints.ttl == "5m" \
+            else {"type": "ephemeral", "ttl": "1h"}
+
+    async def request(self, ctx: Context) -> Reply | None:
+        obj = ctx.obj
+        if not self.cfg.enabled or ctx.api != API_ANTHROPIC or b'"cache_control"' in \
+                ctx.req.body or any("cache_control" in json.dumps(ctx.changes[k])
+                                    for k in ctx.changes):
+            return None
+        minimum = cache_minimum(ctx.model)
+        sizes = self._sizes(ctx)
+        prefix = 0
+        tools = obj.get("tools")
+        if isinstance(tools, list) and tools and isinstance(tools[-1], dict):
+            prefix += sizes.get("tools", 0)
+            if prefix >= minimum:
+                tools[-1]["cache_control"] = dict(self.mark)
+                ctx.changes["tools"] = tools
+        system = obj.get("system")
+        prefix += sizes.get("system", 0)
+        if system and prefix >= minimum:
+            if isinstance(system, str):
+                obj["system"] = [{"type": "text", "text": system,
+                                  "cache_control": dict(self.mark)}]
+                ctx.changes["system"] = obj["system"]
+            elif isinstance(system, list) and self._mark_last(system):
+                ctx.changes["system"] = system
+        prefix += sizes.get("messages", 0)
+        messages = obj.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and prefix >= minimum:
+            last = messages[-1]
+            content = last.get("content")
+            if isinstance(content, str) and content:
+                last["content"] = [{"type": "text", "text": content,
+                                    "cache_control": dict(self.mark)}]
+                ctx.changes["messages"] = messages
+            elif isinstance(content, list) and self._mark_last(content):
+                ctx.changes["messages"] = messages
+        return None
+
+    def _mark_last(self, blocks: list) -> bool:
+        for block in reversed(blocks):
+            if isinstance(block, dict) and block.get("type") not in _NO_MARK_BLOCKS:
+                if block.get("type") == "text" and not block.get("text"):
+                    continue  # empty text blocks cannot carry a breakpoint
+                block["cache_control"] = dict(self.mark)
+                return True
+        return False
+
+    @staticmethod
+    def _sizes(ctx: Context) -> dict[str, int]:
+        """Estimated tokens of the tools, system and messages members (raw JSON / 4)."""
+        sizes = {}
+        for key in ("tools", "system", "messages"):
+            if key in ctx.changes:
+                sizes[key] = len(json_dumps(ctx.changes[key])) // 4
+        if len(sizes) < 3:
+            try:
+                members, _ = _top_level_members(ctx.req.body.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                members = {}
+            for key, (_, start, end) in members.items():
+                sizes.setdefault(key, (end - start) // 4)
+        return sizes
+
+
+_FENCE_RE = re.compile(r"(^|\n)(```|~~~)[^\n]*\n.*?(\n\2[^\n]*(?=\n|$)|$)", re.S)
+_SPACE_RUN_RE = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_TRAILING_RE = re.compile(r"[ \t]+(?=\n)")
+_BLANK_RUN_RE = re.compile(r"\n{3,}")
+
+
+def compress_text(text: str, whitespace: bool, minify_json: bool) -> str:
+    """Lossless compaction outside fenced code blocks: a part that is a whole JSON document is
+    minified (key order and characters kept); trailing spaces, space runs between words and
+    3+ blank lines are collapsed. Leading indentation is never touched, nor anything inside a
+    fence, and the same input always gives the same output (provider prefix caches still hit)."""
+    if minify_json and text[:1] in "{[" and text.rstrip()[-1:] in "}]":
+        try:
+            return json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            pass
+    if not whitespace:
+        return text
+    out, pos = [], 0
+    for m in _FENCE_RE.finditer(text):
+        out.append(_squeeze(text[pos:m.start()]))
+        out.append(m.group())
+        pos = m.end()
+    out.append(_squeeze(text[pos:]))
+    return "".join(out)
+
+
+def _squeeze(part: str) -> str:
+    part = _TRAILING_RE.sub("", part)
+    part = _SPACE_RUN_RE.sub(" ", part)
+    return _BLANK_RUN_RE.sub("\n\n", part)
+
+
+class RulesCompressor(Stage):
+    """compress_text over user, system and (when configured) tool-result text; off by default.
+    Records the estimated tokens it removed. Fails open."""
+    name = "rules"
+
+    def __init__(self, cfg: Config, **_: object) -> None:
+        self.cfg = cfg.rules
+        self.roles = ("system", "user", "developer") + (("tool",) if cfg.rules.tool_results
+                                                         else ())
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self.cfg.enabled or no_compress(ctx):
+            return None
+        before = after = 0
+        for parent, key, path, role in list(text_fields(ctx.api, ctx.obj, self.roles)):
+            if role not in self.roles:
+                continue
+            text = parent[key]
+            new = compress_text(text, self.cfg.collapse_whitespace, self.cfg.minify_json)
+            if new != text:
+                before += estimate_tokens(text)
+                after += estimate_tokens(new)
+                parent[key] = new
+                mark_changed(ctx, path)
+        if before > after:
+            ctx.notes["compressed_tokens"] = ctx.notes.get("compressed_tokens", 0) + before - after
+        return None
+
+
+def _is_tool_turn(api: str, msg: dict) -> bool:
+    """A message that continues a turn (tool results) rather than starting a new one."""
+    if api == API_OPENAI:
+        return msg.get("role") == "tool"
+    content = msg.get("content")
+    return msg.get("role") == "user" and isinstance(content, list) and bool(content) and all(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+
+
+class HistoryWindow(Stage):
+    """Keeps the last `window_size` user turns. System messages stay; the cut is always at the
+    start of a real user turn, so no tool_use is parted from its tool_result and roles still
+    alternate; the dropped part is replaced by a short note. Optionally truncates long tool
+    results to head and tail. Off by default (it changes what the model sees). Fails open."""
+    name = "history"
+
+    def __init__(self, cfg: Config, **_: object) -> None:
+        self.cfg = cfg.history
+
+    async def request(self, ctx: Context) -> Reply | None:
+        messages = ctx.obj.get("messages")
+        if not self.cfg.enabled or no_compress(ctx) or not isinstance(messages, list):
+            return None
+        before = estimate_tokens(json.dumps(messages))
+        changed = self._window(ctx.api, ctx.obj, messages)
+        if self.cfg.truncate_tool_results:
+            changed = self._truncate(ctx, messages) or changed
+        if changed:
+            ctx.changes["messages"] = ctx.obj["messages"]
+            saved = before - estimate_tokens(json.dumps(ctx.obj["messages"]))
+            ctx.notes["compressed_tokens"] = ctx.notes.get("compressed_tokens", 0) + max(0, saved)
+        return None
+
+    def _window(self, api: str, obj: dict, messages: list) -> bool:
+        starts = [i for i, m in enumerate(messages) if isinstance(m, dict)
+                  and m.get("role") == "user" and not _is_tool_turn(api, m)]
+        if len(starts) <= self.cfg.window_size:
+            return False
+        cut = starts[-self.cfg.window_size]
+        kept_system = [m for m in messages[:cut] if isinstance(m, dict)
+                       and m.get("role") in ("system", "developer")]
+        dropped = cut - len(kept_system)
+        first = dict(messages[cut])
+        note = f"[tokenman: {dropped} earlier messages of this conversation were omitted]"
+        content = first.get("content")
+        if isinstance(content, str):
+            first["content"] = note + "\n\n" + content
+        elif isinstance(content, list):
+            first["content"] = [{"type": "text", "text": note}] + content
+        obj["messages"] = kept_system + [first] + messages[cut + 1:]
+        return True
+
+    def _truncate(self, ctx: Context, messages: list) -> bool:
+        limit = self.cfg.truncate_tool_results
+        changed = False
+        for parent, key, _, role in list(text_fields(ctx.api, ctx.obj, ("tool",))):
+            text = parent[key]
+            if role == "tool" and len(text) > limit:
+                half = limit // 2
+                parent[key] = (text[:half] + f"\n[... {len(text) - 2 * half} characters "
+                               f"omitted by tokenman ...]\n" + text[-half:])
+                changed = True
+        return changed
+
+
+class Heartbeat(ResponseCache):
+    """Identical requests within a short window (agents polling, retries of a sampled request)
+    get the previous answer, marked X-Tokenman-Heartbeat: HIT. Memory only; off by default
+    because it reuses sampled answers. Fails open."""
+    name = "heartbeat"
+
+    def __init__(self, cfg: Config, store: Store, clock=time.time, **_: object) -> None:
+        super().__init__(cfg, store, clock)
+        self.enabled = cfg.heartbeat.enabled
+        self.window = cfg.heartbeat.window_seconds
+
+    def _eligible(self, ctx: Context) -> bool:
+        return self.enabled and ctx.req.path in ACCOUNTED_PATHS and not no_compress(ctx)
+
+    async def request(self, ctx: Context) -> Reply | None:
+        if not self._eligible(ctx):
+            return None
+        key = self.key(ctx)
+        ctx.notes["heartbeat"] = key
+        entry = self.memory.get(key)
+        if entry is None or entry.expires <= self.clock():
+            return None
+        self.memory.move_to_end(key)
+        ctx.headers_out.append((b"X-Tokenman-Heartbeat", b"HIT"))
+        ctx.model = entry.model or ctx.model
+        ctx.tokens_saved = entry.tokens
+        ctx.saved["heartbeat"] = entry.cost or 0.0
+        return Reply(entry.status, list(entry.headers), entry.body, outcome="heartbeat_hit")
+
+    def finish(self, ctx: Context) -> None:
+        key = ctx.notes.get("heartbeat")
+        body = ctx.upstream_body
+        if not key or ctx.outcome != "ok" or body is None or not 200 <= ctx.status < 300:
+            return
+        u = ctx.usage
+        headers = [(n, v) for n, v in ctx.notes.get("cache_headers", ())
+                   if n.lower() in _CACHED_HEADERS]
+        self._remember(key, CacheEntry(self.clock() + self.window, ctx.status, headers, body,
+                                       ctx.model, u.input + u.output + u.cache_read +
+                                       u.cache_write, ctx.cost))
+
+    def purge_job(self):
+        now = self.clock()
+        for key in [k for k, e in self.memory.items() if e.expires <= now]:
+            del self.memory[key]
+        return lambda conn: None
+
+
 REGISTRY = types.MappingProxyType({
-    "cache": ResponseCache, "injection": InjectionGuard, "pii": PIIGuard,
-    "budget": BudgetGuard, "ratelimit": RateLimiter,
+    "cache": ResponseCache, "heartbeat": Heartbeat, "injection": InjectionGuard,
+    "pii": PIIGuard, "budget": BudgetGuard, "ratelimit": RateLimiter, "history": HistoryWindow,
+    "rules": RulesCompressor, "cache_hints": CacheHints,
 })
 
 
@@ -4347,10 +4681,10 @@ class Proxy:
             ctx.error = _error_text(_loads(body)) or "rejected by policy"
         if ctx.hooks:
             body = self.pipeline.response(ctx, body)
-        if reply.outcome == "cache_hit":
+        if reply.outcome in HIT_OUTCOMES:
             ctx.provider = "cache"
             ctx.cost = 0.0
-        if reply.outcome == "cache_hit" and ctx.streaming:
+        if reply.outcome in HIT_OUTCOMES and ctx.streaming:
             events = synthesize_sse(ctx.api, body, include_usage=not ctx.drop_usage_chunk)
             headers = [(n, v) for n, v in headers if n.lower() != b"content-type"]
             conn.start_stream(req, reply.status, headers + [
@@ -4701,6 +5035,25 @@ class Proxy:
         conn.end_stream()
 
     # -- the log row ----------------------------------------------------------------------------
+    def _savings(self, ctx: Context) -> tuple[dict[str, float], int]:
+        """USD saved by source, from provider usage and prices: cache and heartbeat hits save
+        the answer's original cost; prompt-cache reads save (input - read price) net of the
+        write premium; compression saves the estimated tokens it removed at the input price."""
+        saved = dict(ctx.saved)
+        u = ctx.usage
+        compressed = ctx.notes.get("compressed_tokens", 0) if ctx.outcome == "ok" else 0
+        if u.cache_read or u.cache_write or compressed:
+            price = self.prices.lookup(ctx.model)
+            if price is not None:
+                if u.cache_read or u.cache_write:
+                    saved["prompt_cache"] = (
+                        u.cache_read * (price.input - price.cache_read)
+                        - u.cache_write_5m * (price.cache_write_5m - price.input)
+                        - u.cache_write_1h * (price.cache_write_1h - price.input)) / 1_000_000
+                if compressed:
+                    saved["compression"] = compressed * price.input / 1_000_000
+        return saved, compressed
+
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
         now = time.perf_counter()
@@ -4711,6 +5064,7 @@ class Proxy:
         else:
             overhead = max(0.0, latency - ctx.upstream_s * 1000)
         u = ctx.usage
+        saved, compressed = self._savings(ctx)
         store_body = self.cfg.server.store_body
         self.store.record((
             ctx.id, utc_iso(ctx.wall), req.method, req.path, ctx.api, ctx.model,
@@ -4722,8 +5076,9 @@ class Proxy:
             req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
             ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
             if store_body and ctx.response_body is not None else None,
-            ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved,
-            round(ctx.savings, 10), ctx.pipeline_ms,
+            ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved + compressed,
+            round(sum(saved.values()), 10), ctx.pipeline_ms,
+            *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
         ))
         log = self.log
         if log.level <= 20:
@@ -4949,16 +5304,20 @@ def _stats(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps({"since": utc_iso(since), "by": args.by, "rows": rows}, indent=2))
         return 0
     cols = (args.by, "requests", "input_tokens", "output_tokens", "cache_read_tokens",
-            "cache_write_tokens", "cost_usd", "errors")
-    table = [[str(r[c]) if c != "cost_usd" else f"{r[c]:.6f}" for c in cols] for r in rows]
-    total = ["TOTAL"] + [str(sum(r[c] for r in rows)) for c in cols[1:6]] + \
-        [f"{sum(r['cost_usd'] for r in rows):.6f}", str(sum(r["errors"] for r in rows))]
+            "cache_write_tokens", "cost_usd", "savings_usd", "errors")
+    money = ("cost_usd", "savings_usd")
+    table = [[f"{r[c]:.6f}" if c in money else str(r[c]) for c in cols] for r in rows]
+    total = ["TOTAL"] + [f"{sum(r[c] for r in rows):.6f}" if c in money
+                         else str(sum(r[c] for r in rows)) for c in cols[1:]]
     widths = [max(len(c), *(len(row[i]) for row in table + [total])) for i, c in enumerate(cols)]
     print(f"usage since {utc_iso(since)} by {args.by}")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for row in table + [total]:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                         for i, (v, w) in enumerate(zip(row, widths))))
+    by_source = {s: sum(r["savings_by_source"][s] for r in rows) for s in SAVING_SOURCES}
+    if any(by_source.values()):
+        print("savings by source: " + ", ".join(f"{s} ${v:.6f}" for s, v in by_source.items()))
     unpriced = sum(r["unpriced_requests"] for r in rows)
     if unpriced:
         print(f"note: {unpriced} request(s) used models without a price (cost unknown, not 0)")
