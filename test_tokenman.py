@@ -1817,6 +1817,7 @@ class TestDetectors(unittest.TestCase):
         self.assertEqual(got, {"S", "U", "{}", "T"})
 
     def test_registry_matches_the_config_names(self):
+        self.assertEqual(tuple(tm.config_from_dict({}, {}).pipeline.order), tm.STAGE_NAMES)
         self.assertEqual(set(tm.REGISTRY), set(tm.STAGE_NAMES))
 
     def test_period_bounds(self):
@@ -2246,6 +2247,237 @@ class TestRateLimitStage(ProxyTestCase):
         now[0] += 15
         again = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
         self.assertEqual(again.status, 200)
+
+
+# -- token savings ------------------------------------------------------------------------------
+
+def claude_code_request(turns=2, big=True, seed=0):
+    """A request shaped like Claude Code's: many tools, a long system prompt, a conversation
+    with tool use. No cache_control anywhere."""
+    import random
+    rng = random.Random(seed)
+    words = ("file", "read", "write", "search", "the", "repository", "function", "returns",
+             "value", "error", "test", "build", "command", "path", "line", "output")
+    para = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    tools = [{"name": f"tool_{i}", "description": para(120 if big else 5),
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}},
+                               "required": ["path"]}} for i in range(12)]
+    messages = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": para(40)})
+        if t < turns - 1:
+            messages.append({"role": "assistant", "content": [
+                {"type": "text", "text": para(10)},
+                {"type": "tool_use", "id": f"toolu_{t}", "name": "tool_1",
+                 "input": {"path": f"/src/{t}.py"}}]})
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": f"toolu_{t}", "content": para(60)}]})
+            messages.append({"role": "assistant", "content": para(20)})
+    return {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4096, "tools": tools,
+            "system": para(900 if big else 5), "messages": messages}
+
+
+def breakpoints(obj):
+    """(where, ttl) of every cache_control in tools, system and messages, in prompt order."""
+    marks = [("tools", t["cache_control"].get("ttl", "5m")) for t in obj.get("tools", [])
+             if "cache_control" in t]
+    if isinstance(obj.get("system"), list):
+        marks += [("system", b["cache_control"].get("ttl", "5m")) for b in obj["system"]
+                  if "cache_control" in b]
+    for m in obj["messages"]:
+        if isinstance(m["content"], list):
+            marks += [("messages", b["cache_control"].get("ttl", "5m")) for b in m["content"]
+                      if "cache_control" in b]
+    return marks
+
+
+class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
+    def ctx_for(self, obj, headers=(), api="anthropic"):
+        raw = json.dumps(obj).encode()
+        req = tm.Request("POST", "/v1/messages" if api == "anthropic" else
+                         "/v1/chat/completions", 1, tm.Headers([(b"Host", b"x")] + list(headers)))
+        req.body = raw
+        ctx = tm.Context(req, api)
+        ctx.obj = json.loads(raw)
+        ctx.model = obj.get("model", "")
+        return ctx
+
+    async def run_stage(self, stage, obj, **kw):
+        ctx = self.ctx_for(obj, **kw)
+        await stage.request(ctx)
+        sent = json.loads(tm.json_patch(ctx.req.body, ctx.changes)) if ctx.changes else obj
+        return ctx, sent
+
+    async def test_cache_hints_golden(self):
+        stage = tm.CacheHints(tm.config_from_dict({}, {}))
+        obj = claude_code_request()
+        ctx, sent = await self.run_stage(stage, obj)
+        self.assertEqual(breakpoints(sent), [("tools", "5m"), ("system", "5m"),
+                                             ("messages", "5m")])
+        self.assertEqual(sent["system"][0]["text"], obj["system"])
+        self.assertEqual({k: v for k, v in sent["tools"][-1].items() if k != "cache_control"},
+                         obj["tools"][-1])
+        self.assertEqual(set(ctx.changes), {"tools", "system", "messages"})
+        small = claude_code_request(big=False)
+        ctx, sent = await self.run_stage(stage, small)
+        self.assertEqual(ctx.changes, {})  # below the minimum cacheable length: untouched
+
+    async def test_cache_hints_rules_hold_for_generated_requests(self):
+        import random
+        rng = random.Random(7)
+        stage = tm.CacheHints(tm.config_from_dict({}, {}))
+        ttl_rank = {"1h": 1, "5m": 0}
+        for n in range(300):
+            obj = claude_code_request(turns=rng.randint(1, 4), big=rng.random() < 0.7, seed=n)
+            if rng.random() < 0.3:
+                obj["system"] = [{"type": "text", "text": obj["system"]}]
+            client_marks = 0
+            if rng.random() < 0.5:  # the client manages caching somewhere (valid TTL order)
+                places = rng.sample(["tool", "system", "message"], rng.randint(1, 3))
+                ttl = "1h" if rng.random() < 0.5 else "5m"
+                if "tool" in places:
+                    obj["tools"][rng.randrange(len(obj["tools"]))]["cache_control"] = {
+                        "type": "ephemeral", "ttl": ttl}
+                    client_marks += 1
+                if "system" in places:
+                    obj["system"] = [{"type": "text", "text": str(obj["system"]),
+                                      "cache_control": {"type": "ephemeral"}}]
+                    client_marks += 1
+                if "message" in places:
+                    obj["messages"][0]["content"] = [{"type": "text", "text": "hi",
+                                                      "cache_control": {"type": "ephemeral"}}]
+                    client_marks += 1
+            original = json.loads(json.dumps(obj))
+            with self.subTest(n=n):
+                ctx, sent = await self.run_stage(stage, obj)
+                marks = breakpoints(sent)
+                self.assertLessEqual(len(marks), 4)
+                ranks = [ttl_rank[t] for _, t in marks]
+                self.assertEqual(ranks, sorted(ranks, reverse=True))  # TTLs non-increasing
+                if client_marks:
+                    self.assertEqual(sent, original)  # client-set cache_control: untouched
+                else:
+                    stripped = json.loads(json.dumps(sent))
+                    for part in [*stripped.get("tools", []), *(
+                            stripped["system"] if isinstance(stripped["system"], list) else []),
+                            *[b for m in stripped["messages"] if isinstance(m["content"], list)
+                              for b in m["content"]]]:
+                        part.pop("cache_control", None)
+                    if isinstance(original["system"], str) and isinstance(stripped["system"],
+                                                                          list):
+                        stripped["system"] = stripped["system"][0]["text"]
+                    last = stripped["messages"][-1]
+                    if isinstance(original["messages"][-1]["content"], str) and isinstance(
+                            last["content"], list):
+                        last["content"] = last["content"][0]["text"]
+                    self.assertEqual(stripped, original)  # only breakpoints were added
+
+    def test_compress_text_golden(self):
+        text = ("Intro   text  with   runs.   \n\n\n\nNext para.\n"
+                "```python\ndef f():\n    x  =  1   \n\n\n\n    return x\n```\n"
+                "    indented  line kept at the start\n")
+        expected = ("Intro text with runs.\n\nNext para.\n"
+                    "```python\ndef f():\n    x  =  1   \n\n\n\n    return x\n```\n"
+                    "    indented line kept at the start\n")
+        self.assertEqual(tm.compress_text(text, True, True), expected)
+        self.assertEqual(tm.compress_text(expected, True, True), expected)  # idempotent
+        doc = '{\n  "b": 1,\n  "a": ["\u00e9", {"k": null}]\n}'
+        self.assertEqual(tm.compress_text(doc, True, True), '{"b":1,"a":["\u00e9",{"k":null}]}')
+        self.assertEqual(tm.compress_text("{not json}  x", True, True), "{not json} x")
+
+    async def test_history_window_keeps_valid_turns_and_tool_pairs(self):
+        cfg = tm.config_from_dict({"compression": {"history": {"enabled": True,
+                                                               "window_size": 2}}}, {})
+        stage = tm.HistoryWindow(cfg)
+        obj = claude_code_request(turns=6, big=False)
+        ctx, sent = await self.run_stage(stage, obj)
+        msgs = sent["messages"]
+        self.assertEqual(msgs[0]["role"], "user")
+        self.assertIn("omitted", msgs[0]["content"])
+        for a, b in zip(msgs, msgs[1:]):
+            self.assertNotEqual(a["role"], b["role"])  # roles alternate
+        for i, m in enumerate(msgs):
+            for block in m["content"] if isinstance(m["content"], list) else ():
+                if block.get("type") == "tool_result":
+                    prev = msgs[i - 1]["content"]
+                    self.assertIn(block["tool_use_id"], [b.get("id") for b in prev])
+        self.assertEqual(sum(1 for m in msgs if m["role"] == "user"
+                             and not tm._is_tool_turn("anthropic", m)), 2)
+        self.assertGreater(ctx.notes["compressed_tokens"], 0)
+        oa = {"model": "gpt-4o", "messages": [{"role": "system", "content": "sys"}]}
+        for t in range(5):
+            oa["messages"] += [{"role": "user", "content": f"q{t}"},
+                               {"role": "assistant", "content": None, "tool_calls": [
+                                   {"id": f"c{t}", "type": "function",
+                                    "function": {"name": "f", "arguments": "{}"}}]},
+                               {"role": "tool", "tool_call_id": f"c{t}", "content": "r"},
+                               {"role": "assistant", "content": f"a{t}"}]
+        ctx, sent = await self.run_stage(stage, oa, api="openai")
+        roles = [m["role"] for m in sent["messages"]]
+        self.assertEqual(roles[:2], ["system", "user"])
+        self.assertEqual(roles.count("user"), 2)
+        for i, m in enumerate(sent["messages"]):
+            if m["role"] == "tool":
+                self.assertEqual(sent["messages"][i - 1]["tool_calls"][0]["id"],
+                                 m["tool_call_id"])
+
+    async def test_no_compress_header_and_defaults(self):
+        cfg = tm.config_from_dict({"compression": {"rules": {"enabled": True}}}, {})
+        stage = tm.RulesCompressor(cfg)
+        obj = {"model": "m", "messages": [{"role": "user", "content": "a    b"}]}
+        ctx, sent = await self.run_stage(stage, obj, headers=[(b"X-Tokenman-No-Compress", b"1")])
+        self.assertEqual(ctx.changes, {})
+        ctx, sent = await self.run_stage(stage, obj)
+        self.assertEqual(sent["messages"][0]["content"], "a b")
+        defaults = tm.config_from_dict({}, {})
+        self.assertEqual((defaults.rules.enabled, defaults.history.enabled,
+                          defaults.heartbeat.enabled, defaults.cache_hints.enabled),
+                         (False, False, False, True))  # only the meaning-preserving one is on
+
+
+class TestSavingsEndToEnd(ProxyTestCase):
+    async def test_second_claude_code_request_is_priced_with_cache_reads(self):
+        seen = []
+
+        async def provider(rec, r, w):  # reports what Anthropic reports for a cached prefix
+            body = rec.json()
+            seen.append(breakpoints(body))
+            first = len(seen) == 1
+            usage = {"input_tokens": 50, "output_tokens": 100,
+                     "cache_creation_input_tokens": 9000 if first else 0,
+                     "cache_read_input_tokens": 0 if first else 9000}
+            await json_reply(w, {"model": body["model"], "content": [], "usage": usage})
+        self.up.handler = provider
+        await self.start_proxy()
+        req = claude_code_request()
+        for _ in range(2):
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        self.assertEqual(seen[0], [("tools", "5m"), ("system", "5m"), ("messages", "5m")])
+        first, second = await self.rows(2)
+        self.assertEqual((second["cache_read_tokens"], second["input_tokens"]), (9000, 50))
+        self.assertAlmostEqual(second["cost_usd"], (50 * 3 + 100 * 15 + 9000 * 0.3) / 1e6)
+        self.assertAlmostEqual(second["saved_prompt_cache_usd"], 9000 * (3 - 0.3) / 1e6)
+        self.assertAlmostEqual(first["saved_prompt_cache_usd"], -9000 * (3.75 - 3) / 1e6)
+
+    async def test_rules_and_heartbeat_end_to_end(self):
+        await self.start_proxy({"compression": {"rules": {"enabled": True},
+                                                "heartbeat": {"enabled": True}}})
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "spaced     out   "
+                                             "text\n\n\n\n\nend " + "word " * 50}])
+        first = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        second = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertNotIn("x-tokenman-heartbeat", first.headers)
+        self.assertEqual(second.headers["x-tokenman-heartbeat"], "HIT")
+        self.assertEqual(len(self.up.requests), 1)
+        self.assertTrue(self.up.requests[0].json()["messages"][0]["content"].startswith(
+            "spaced out text\n\nend"))
+        rows = await self.rows(2)
+        row = next(r for r in rows if r["outcome"] == "ok")
+        self.assertGreater(row["compressed_tokens"], 0)
+        self.assertGreater(row["saved_compression_usd"], 0)
+        hit = next(r for r in rows if r["outcome"] == "heartbeat_hit")
+        self.assertEqual(hit["saved_heartbeat_usd"], row["cost_usd"])
 
 
 # ================================================================================================
