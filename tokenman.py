@@ -2970,7 +2970,140 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
             for r in rows]
 
 # ================================================================================================
-# §12 pipeline core: the per-request Context, replies, the Stage interface and the Pipeline
+# §12 metrics: in-memory counters, gauges and histograms, Prometheus text exposition 0.0.4
+# ================================================================================================
+
+REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+METRICS_HELP = types.MappingProxyType({
+    "tokenman_requests_total": ("counter", "Requests proxied (every outcome)."),
+    "tokenman_tokens_in_total": ("counter", "Input tokens, cache reads and writes included."),
+    "tokenman_tokens_out_total": ("counter", "Output tokens."),
+    "tokenman_tokens_saved_total": ("counter", "Tokens not sent: cache hits and compression."),
+    "tokenman_tokens_total": ("counter", "Tokens by provider, model and kind."),
+    "tokenman_cost_usd_total": ("counter", "Cost in USD by provider, model and project."),
+    "tokenman_savings_usd_total": ("counter", "USD saved by source."),
+    "tokenman_savings_percent": ("gauge", "Savings as a percent of cost plus savings."),
+    "tokenman_cache_hits_total": ("counter", "Requests answered from the response cache."),
+    "tokenman_cache_misses_total": ("counter", "Requests not answered from the cache."),
+    "tokenman_cache_hit_rate": ("gauge", "Cache hits as a percent of hits plus misses."),
+    "tokenman_active_requests": ("gauge", "Requests in flight."),
+    "tokenman_uptime_seconds": ("gauge", "Seconds since start."),
+    "tokenman_errors_total": ("counter", "Requests that did not end ok, by type."),
+    "tokenman_request_duration_seconds": ("histogram", "Request latency."),
+    "tokenman_provider_requests_total": ("counter", "Upstream attempts by outcome."),
+    "tokenman_provider_circuit_state": ("gauge", "0 closed, 1 open, 2 half-open."),
+    "tokenman_middleware_duration_seconds": ("histogram", "Time spent in each stage."),
+    "tokenman_budget_spend_usd": ("gauge", "Spend in the current budget period."),
+    "tokenman_pii_detections_total": ("counter", "PII detections by type and action."),
+    "tokenman_injection_detections_total": ("counter", "Injection detections."),
+    "tokenman_store_errors_total": ("counter", "Failed request-log writes."),
+    "tokenman_build_info": ("gauge", "Version and Python of this process."),
+})
+MODEL_LABEL_CAP = 100  # distinct model label values; later ones are folded into "other"
+
+
+def _label_value(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Histogram:
+    """Per-bucket counts; exported cumulatively once (never double-cumulative)."""
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Metrics:
+    """Counters, gauges and histograms keyed by (name, label names, label values)."""
+
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.values: dict[tuple, float] = {}
+        self.histograms: dict[tuple, Histogram] = {}
+        self.models: set[str] = set()
+        self.gauges = []  # callables returning [(name, labels dict, value)] at render time
+
+    def model(self, name: str) -> str:
+        """The model label value, folded into "other" past the cardinality cap."""
+        if name in self.models:
+            return name
+        if len(self.models) < MODEL_LABEL_CAP:
+            self.models.add(name)
+            return name
+        return "other"
+
+    def inc(self, name: str, labels: tuple = (), value: float = 1.0) -> None:
+        key = (name, labels)
+        self.values[key] = self.values.get(key, 0.0) + value
+
+    def get(self, name: str, labels: tuple = ()) -> float:
+        return self.values.get((name, labels), 0.0)
+
+    def total(self, name: str) -> float:
+        return sum(v for (n, _), v in self.values.items() if n == name)
+
+    def observe(self, name: str, labels: tuple, value: float, bounds: tuple) -> None:
+        hist = self.histograms.get((name, labels))
+        if hist is None:
+            hist = self.histograms[(name, labels)] = Histogram(bounds)
+        hist.observe(value)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition format 0.0.4."""
+        series: dict[str, list[str]] = {}
+
+        def labels_text(pairs) -> str:
+            pairs = sorted(pairs)
+            return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in pairs) + "}" \
+                if pairs else ""
+        for (name, labels), value in self.values.items():
+            series.setdefault(name, []).append(f"{name}{labels_text(labels)} {_number(value)}")
+        for gauge in self.gauges:
+            for name, labels, value in gauge():
+                series.setdefault(name, []).append(
+                    f"{name}{labels_text(labels.items())} {_number(value)}")
+        for (name, labels), hist in self.histograms.items():
+            lines = series.setdefault(name, [])
+            running = 0
+            for bound, count in zip(hist.bounds + (float("inf"),), hist.counts):
+                running += count
+                lines.append(f"{name}_bucket{labels_text(labels + (('le', _number(bound)),))}"
+                             f" {running}")
+            lines.append(f"{name}_sum{labels_text(labels)} {_number(hist.sum)}")
+            lines.append(f"{name}_count{labels_text(labels)} {hist.count}")
+        out = []
+        for name in sorted(series):
+            kind, text = METRICS_HELP.get(name, ("untyped", name))
+            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"] + series[name]
+        return ("\n".join(out) + "\n").encode()
+
+
+# ================================================================================================
+# §13 pipeline: the per-request Context, the Stage interface, the Pipeline, then every stage
 # ================================================================================================
 # A stage is a small class with a name and up to four hooks: request(ctx) may change the request
 # JSON (ctx.obj, marking changed top-level members in ctx.changes) or answer it (return a Reply);
@@ -3155,9 +3288,8 @@ class Pipeline:
             stage.close()
 
 
-# ================================================================================================
-# §13 stages: response cache, prompt injection, PII, budgets, rate limits (REGISTRY at the end)
-# ================================================================================================
+# -- stages: response cache, heartbeat, injection, PII, budgets, rate limits, savings -----------
+# (REGISTRY, at the end, maps each config name to its class)
 
 
 def text_fields(api: str, obj: dict, roles: tuple | None = None):
@@ -3545,10 +3677,12 @@ class InjectionGuard(Stage):
     name = "injection"
     fails_closed = True
 
-    def __init__(self, cfg: Config, store: Store, log: Logger, **_: object) -> None:
+    def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
+                 **_: object) -> None:
         self.cfg = cfg.injection
         self.store = store
         self.log = log
+        self.metrics = metrics
         self.memo = ScanMemo()
 
     async def request(self, ctx: Context) -> Reply | None:
@@ -3574,6 +3708,8 @@ class InjectionGuard(Stage):
         for path, (pattern, category, matched) in hits:
             self.store.write(_INJECTION_SQL, (ctx.id, now, category, pattern, action, path,
                                               mask(matched[:60])))
+            self.metrics.inc("tokenman_injection_detections_total",
+                             (("action", action), ("category", category)))
         self.log.warn("prompt injection detected", id=ctx.id, action=action,
                       categories=",".join(categories), fields=len(hits))
         if action == "block":
@@ -3701,8 +3837,10 @@ class PIIGuard(Stage):
     fails_closed = True
     runs_on_hit = True  # a cached answer holds placeholders: rebuild the mapping to restore
 
-    def __init__(self, cfg: Config, store: Store, log: Logger, **_: object) -> None:
+    def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
+                 **_: object) -> None:
         self.cfg = cfg.pii
+        self.metrics = metrics
         self.types = frozenset(cfg.pii.types)
         self.allow = frozenset(cfg.pii.allow_list)
         self.store = store
@@ -3740,6 +3878,8 @@ class PIIGuard(Stage):
             now = utc_iso(ctx.wall)
             for kind, path, value in found:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, action, path, mask(value)))
+                self.metrics.inc("tokenman_pii_detections_total",
+                                 (("action", action), ("type", kind)))
             self.log.info("pii detected", id=ctx.id, action=action,
                           types=",".join(sorted({f[0] for f in found})), count=len(found))
         if action == "block":
@@ -4491,8 +4631,9 @@ class Dispatcher:
     breakers and fallback, all before the first byte of an answer reaches the client."""
 
     def __init__(self, cfg: Config, pool: UpstreamPool, breakers: dict, log: Logger,
-                 rng=random.random, clock=time.time) -> None:
+                 rng=random.random, clock=time.time, metrics: Metrics | None = None) -> None:
         self.pool = pool
+        self.metrics = metrics or Metrics()
         self.policy = RetryPolicy(cfg.resilience, rng)
         self.breakers = breakers if cfg.resilience.circuit_breaker_enabled else {}
         self.max_error_body = min(cfg.server.max_response_size or STORED_BODY_MAX,
@@ -4515,6 +4656,8 @@ class Dispatcher:
                 ticket = breaker.allow() if breaker is not None else "call"
                 if ticket is None:
                     waits.append(breaker.retry_in())
+                    self.metrics.inc("tokenman_provider_requests_total",
+                                     (("provider", prov.key), ("status", "circuit_open")))
                     break
                 ctx.attempts += 1
                 ctx.provider = prov.key
@@ -4530,13 +4673,18 @@ class Dispatcher:
                 except UpstreamError as exc:
                     if breaker is not None:
                         breaker.record(ticket, False)
+                    self.metrics.inc("tokenman_provider_requests_total",
+                                     (("provider", prov.key), ("status", "error")))
                     last = Failure(error=exc)
                     if exc.timeout and not exc.connect and not self.policy.on_timeout:
                         return last  # the provider may be generating: never send it twice
                     continue
                 finally:
                     conn.chan.on_lost = None
-                if resp.status not in RETRY_STATUSES:
+                ok = resp.status not in RETRY_STATUSES
+                self.metrics.inc("tokenman_provider_requests_total",
+                                 (("provider", prov.key), ("status", "success" if ok else "error")))
+                if ok:
                     return resp, prov, model, ticket
                 if breaker is not None:
                     breaker.record(ticket, False)
@@ -4583,13 +4731,14 @@ class Proxy:
 
     def __init__(self, cfg: Config, router: Router, pool: UpstreamPool, store: Store,
                  prices: PriceTable, log: Logger, breakers: dict | None = None,
-                 pipeline: Pipeline | None = None) -> None:
+                 pipeline: Pipeline | None = None, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.router = router
         self.pipeline = pipeline or Pipeline([], log)
+        self.metrics = metrics or Metrics()
         self.pool = pool
         self.breakers = breakers if breakers is not None else {}
-        self.dispatcher = Dispatcher(cfg, pool, self.breakers, log)
+        self.dispatcher = Dispatcher(cfg, pool, self.breakers, log, metrics=self.metrics)
         self.store = store
         self.prices = prices
         self.log = log
@@ -5054,6 +5203,40 @@ class Proxy:
                     saved["compression"] = compressed * price.input / 1_000_000
         return saved, compressed
 
+    def _count(self, ctx: Context, seconds: float, saved: dict, compressed: int) -> None:
+        m = self.metrics
+        u = ctx.usage
+        model = m.model(ctx.model)
+        provider = ctx.provider
+        m.inc("tokenman_requests_total")
+        m.inc("tokenman_tokens_in_total", (), u.input + u.cache_read + u.cache_write)
+        m.inc("tokenman_tokens_out_total", (), u.output)
+        m.inc("tokenman_tokens_saved_total", (), ctx.tokens_saved + compressed)
+        for kind, count in (("input", u.input), ("output", u.output),
+                            ("cache_read", u.cache_read), ("cache_write", u.cache_write)):
+            if count:
+                m.inc("tokenman_tokens_total", (("kind", kind), ("model", model),
+                                                ("provider", provider)), count)
+        m.inc("tokenman_cost_usd_total", (("model", model), ("project", ctx.project),
+                                          ("provider", provider)), ctx.cost or 0.0)
+        for source, usd in saved.items():
+            m.inc("tokenman_savings_usd_total", (("source", source),), usd)
+        if ctx.outcome in HIT_OUTCOMES:
+            m.inc("tokenman_cache_hits_total")
+        else:
+            m.inc("tokenman_cache_misses_total")
+        if ctx.outcome not in ("ok",) + HIT_OUTCOMES:
+            m.inc("tokenman_errors_total", (("provider", provider),
+                                            ("status_code", str(ctx.status)),
+                                            ("type", ctx.outcome)))
+        m.observe("tokenman_request_duration_seconds", (
+            ("model", model), ("provider", provider),
+            ("streaming", "true" if ctx.streaming else "false")), seconds, REQUEST_BUCKETS)
+        for stage, secs in ctx.timings.items():
+            name, _, phase = stage.partition(".")
+            m.observe("tokenman_middleware_duration_seconds", (
+                ("middleware", name), ("phase", phase or "request")), secs, STAGE_BUCKETS)
+
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
         now = time.perf_counter()
@@ -5080,6 +5263,7 @@ class Proxy:
             round(sum(saved.values()), 10), ctx.pipeline_ms,
             *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
         ))
+        self._count(ctx, latency / 1000, saved, compressed)
         log = self.log
         if log.level <= 20:
             log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
@@ -5108,6 +5292,7 @@ class App:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
+        self.metrics = Metrics()
         self.pipeline: Pipeline | None = None
 
     async def start(self) -> None:
@@ -5127,9 +5312,11 @@ class App:
         self.ledger = BudgetLedger()
         await asyncio.to_thread(self.ledger.load, self.store)
         self.pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
-                                       ledger=self.ledger, rate_state=self.rate_state)
+                                       ledger=self.ledger, rate_state=self.rate_state,
+                                       metrics=self.metrics)
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
-                           self.pipeline)
+                           self.pipeline, self.metrics)
+        self.metrics.gauges.append(self._gauges)
         ssl_ctx = None
         if cfg.server.tls_enabled:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -5144,6 +5331,31 @@ class App:
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
+
+    def _gauges(self) -> list[tuple[str, dict, float]]:
+        """Values read at scrape time rather than counted per request."""
+        m = self.metrics
+        hits, misses = m.get("tokenman_cache_hits_total"), m.get("tokenman_cache_misses_total")
+        cost, saved = m.total("tokenman_cost_usd_total"), m.total("tokenman_savings_usd_total")
+        out = [("tokenman_active_requests", {}, self.proxy.in_flight),
+               ("tokenman_uptime_seconds", {}, round(time.time() - m.started, 3)),
+               ("tokenman_cache_hit_rate", {}, hits / (hits + misses) * 100
+                if hits + misses else 0.0),
+               ("tokenman_savings_percent", {}, saved / (cost + saved) * 100
+                if cost + saved > 0 else 0.0),
+               ("tokenman_store_errors_total", {}, self.store.errors),
+               ("tokenman_build_info", {"python": sys.version.split()[0],
+                                        "version": __version__}, 1)]
+        states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
+        out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.state])
+                for key, b in self.breakers.items()]
+        now = time.time()
+        for (scope, period, start), spent in self.ledger.spent.items():
+            if period_bounds(period, now)[0] == start:
+                project = scope.split(":", 1)[1] if scope.startswith("project:") else "*"
+                out.append(("tokenman_budget_spend_usd", {"period": period, "project": project},
+                            spent))
+        return out
 
     def _breaker_moved(self, breaker: CircuitBreaker, old: str) -> None:
         self.log.warn("circuit breaker", provider=breaker.name, state=breaker.state, was=old,
