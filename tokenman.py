@@ -464,6 +464,21 @@ class ResilienceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = _f(False, "require a bearer token on the proxy (except /health) and the "
+                              "dashboard (except /api/health)")
+    token: str = _f("", "the token, or env:VAR / file:///path to read it from")
+    protect_metrics: bool = _f(True, "also require it for /metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardConfig:
+    enabled: bool = _f(True, "serve the dashboard, JSON API and /metrics on dashboard_port")
+    allowed_origins: tuple = _f(("http://localhost:7678", "http://127.0.0.1:7678"),
+                                "origins allowed by CORS (\"*\" = any)")
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     retention_days: int = _f(30, "request log rows older than this are pruned hourly "
                                  "(0 = keep forever)")
@@ -582,6 +597,7 @@ SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingCo
             ("security.injection", "injection", InjectionConfig),
             ("security.budget", "budget", BudgetConfig),
             ("security.rate_limit", "rate_limit", RateLimitConfig),
+            ("auth", "auth", AuthConfig), ("dashboard", "dashboard", DashboardConfig),
             ("metrics", "metrics", MetricsConfig))
 _OPENAI_HINTS = ("openai", "azure", "vllm", "ollama", "openrouter", "groq", "together",
                  "deepseek", "mistral", "lmstudio", "llamacpp", "litellm")
@@ -605,6 +621,8 @@ class Config:
     injection: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
     rate_limit: RateLimitConfig = dataclasses.field(default_factory=RateLimitConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    dashboard: DashboardConfig = dataclasses.field(default_factory=DashboardConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     pricing: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
@@ -916,6 +934,13 @@ def validate_config(cfg: Config) -> list[str]:
         if rl.enabled and (limits.get("rate", 1) <= 0 or limits.get("burst", 1) < 1):
             errs.append(f"security.rate_limit.provider_limits.{name}: rate must be > 0 and "
                         f"burst >= 1")
+    if cfg.auth.enabled and not cfg.auth.token:
+        errs.append("auth.token: required when auth.enabled")
+    elif cfg.auth.enabled and cfg.auth.token.startswith(("env:", "file://")):
+        try:
+            resolve_key(cfg.auth.token, os.environ)
+        except ValueError as exc:
+            errs.append(f"auth.token: {exc}")
     if cfg.cache_hints.ttl not in ("5m", "1h"):
         errs.append("compression.cache_hints.ttl: must be 5m or 1h")
     if cfg.history.window_size < 1 or cfg.history.truncate_tool_results < 0:
@@ -947,6 +972,11 @@ def resolve_key(key_ref: str, env: dict) -> str:
             raise ValueError(f"key file {path} is empty")
         return value
     raise ValueError("unsupported key_ref format")
+
+
+def resolve_secret(value: str, env: dict) -> str:
+    """A secret given literally or as env:VAR / file:///path."""
+    return resolve_key(value, env) if value.startswith(("env:", "file://")) else value
 
 
 def _toml_value(value: object) -> str:
@@ -4744,10 +4774,20 @@ class Proxy:
         self.log = log
         self.started = time.time()
         self.in_flight = 0
+        self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
+        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
 
     async def handle(self, req: Request, conn: ServerConn) -> None:
         path = req.path
         if path.startswith("/v1/"):
+            if self.auth_token:
+                denied = check_token(req.headers, self.auth_token)
+                if denied:
+                    conn.send_error(req, api_for(path, req.headers), denied,
+                                    "authentication required" if denied == 401
+                                    else "invalid token",
+                                    [(b"WWW-Authenticate", b"Bearer")] if denied == 401 else [])
+                    return
             self.in_flight += 1
             try:
                 await self.relay(req, conn)
@@ -4902,6 +4942,9 @@ class Proxy:
                 continue
             if replace_auth and lower in (b"authorization", b"x-api-key", b"api-key"):
                 continue
+            if lower == b"authorization" and self.auth_token and \
+                    value[7:].strip() == self.auth_token.encode():
+                continue  # tokenman's own token never leaves the host
             if lower == b"anthropic-version":
                 has_version = True
             out.append((name, value))
@@ -5229,6 +5272,16 @@ class Proxy:
             m.inc("tokenman_errors_total", (("provider", provider),
                                             ("status_code", str(ctx.status)),
                                             ("type", ctx.outcome)))
+        if provider and provider != "cache":
+            live = self.provider_stats.setdefault(provider, {"requests": 0, "errors": 0})
+            live["requests"] += 1
+            if ctx.outcome in ("upstream_error", "upstream_failed"):
+                live["errors"] += 1
+                live["last_error"] = ctx.error[:200]
+            elif ctx.outcome == "ok":
+                ms = seconds * 1000
+                old = live.get("latency_ms")
+                live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
         m.observe("tokenman_request_duration_seconds", (
             ("model", model), ("provider", provider),
             ("streaming", "true" if ctx.streaming else "false")), seconds, REQUEST_BUCKETS)
@@ -5274,6 +5327,274 @@ class Proxy:
                      error=ctx.error)
 
 # ================================================================================================
+# §15 dashboard API: /metrics, the JSON API of the reference, the page, auth and CORS
+# ================================================================================================
+
+
+def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
+    """0 when the request carries the bearer token (Authorization or X-Tokenman-Token), 401
+    when it carries none, 403 when it carries a wrong one. Constant-time comparison."""
+    import hmac
+    offered = None
+    auth = headers.map.get(b"authorization")
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        offered = auth[7:].strip()
+    if offered is None and allow_custom:
+        offered = headers.map.get(b"x-tokenman-token")
+    if offered is None:
+        return 401
+    return 0 if hmac.compare_digest(offered, token.encode()) else 403
+
+
+def mask_config(obj: object, key: str = "") -> object:
+    """The config as JSON-ready data, every secret-looking string value masked."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: mask_config(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (dict, types.MappingProxyType)):
+        return {k: mask_config(v, k) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [mask_config(v, key) for v in obj]
+    if isinstance(obj, str) and obj and any(s in key.lower() for s in ("key", "secret", "token")):
+        return "****"
+    return obj
+
+
+_PAGE_LIMIT = 500
+
+
+def _page(query: dict, default: int = 50) -> tuple[int, int]:
+    try:
+        page = max(1, int(query.get("page", ["1"])[0]))
+    except ValueError:
+        page = 1
+    try:
+        limit = int(query.get("limit", [str(default)])[0])
+    except ValueError:
+        limit = default
+    return page, limit if 1 <= limit <= _PAGE_LIMIT else default
+
+
+def human_uptime(seconds: float) -> str:
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    d, rem = divmod(int(seconds), 86400)
+    h, rem = divmod(rem, 3600)
+    parts = [f"{d}d" if d else "", f"{h}h" if h else "", f"{rem // 60}m" if rem // 60 else ""]
+    return " ".join(p for p in parts if p) or "0m"
+
+
+class Dashboard:
+    """Answers every request on the dashboard port."""
+
+    def __init__(self, cfg: Config, store: Store, metrics: Metrics, proxy: "Proxy",
+                 breakers: dict, ledger: BudgetLedger, log: Logger) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.proxy = proxy
+        self.breakers = breakers
+        self.ledger = ledger
+        self.log = log
+        self.token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+        self.origins = frozenset(cfg.dashboard.allowed_origins)
+
+    def _cors(self, req: Request) -> list[tuple[bytes, bytes]] | None:
+        """CORS headers for an allowed Origin; [] without Origin; None for a refused one."""
+        origin = req.headers.map.get(b"origin")
+        if origin is None:
+            return []
+        common = [(b"Access-Control-Allow-Methods", b"GET, OPTIONS"),
+                  (b"Access-Control-Allow-Headers", b"Authorization, Content-Type")]
+        if "*" in self.origins:
+            return [(b"Access-Control-Allow-Origin", b"*")] + common
+        if origin.decode("latin-1") in self.origins:
+            return [(b"Access-Control-Allow-Origin", origin), (b"Vary", b"Origin")] + common
+        return None
+
+    def _send_json(self, req: Request, conn: ServerConn, status: int, obj: object,
+                   extra: list = ()) -> None:
+        body = json.dumps(obj, indent=2).encode()
+        conn.send(req, status, [(b"Content-Type", b"application/json; charset=utf-8")]
+                  + list(extra), body)
+
+    async def handle(self, req: Request, conn: ServerConn) -> None:
+        cors = self._cors(req)
+        if req.method == "OPTIONS":
+            conn.send(req, 204 if cors is not None else 403, cors or [], b"")
+            return
+        extra = cors or []
+        path = req.path
+        if req.method not in ("GET", "HEAD"):
+            return self._send_json(req, conn, 405, {"error": "method not allowed"}, extra)
+        if path == "/api/health":
+            return self._send_json(req, conn, 200, {"status": "ok"}, extra)
+        if not path.startswith("/api/") and path != "/metrics":
+            conn.send(req, 200, [(b"Content-Type", b"text/html; charset=utf-8"),
+                                 (b"Cache-Control", b"no-store")] + extra,
+                      DASHBOARD_HTML.encode())
+            return
+        if self.token and (path != "/metrics" or self.cfg.auth.protect_metrics):
+            denied = check_token(req.headers, self.token)
+            if denied:
+                message = "authentication required" if denied == 401 else "invalid token"
+                www = [(b"WWW-Authenticate", b"Bearer")] if denied == 401 else []
+                return self._send_json(req, conn, denied, {"error": message}, extra + www)
+        if path == "/metrics":
+            conn.send(req, 200, [(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")]
+                      + extra, self.metrics.render())
+            return
+        query = urllib.parse.parse_qs(req.query)
+        try:
+            status, obj = await self._api(path, query)
+        except sqlite3.Error as exc:
+            self.log.error("dashboard query failed", path=path, error=str(exc))
+            status, obj = 500, {"error": "database error"}
+        self._send_json(req, conn, status, obj, extra)
+
+    async def _api(self, path: str, query: dict) -> tuple[int, object]:
+        q = self._query
+        if path == "/api/stats":
+            return 200, self.stats()
+        if path == "/api/stats/history":
+            text = query.get("range", ["7d"])[0]
+            try:
+                since = parse_since(text, time.time())
+            except ValueError:
+                return 400, {"error": "invalid range parameter"}
+            rows = await q("SELECT substr(timestamp, 1, 10) AS day, COUNT(*) AS requests, "
+                           "SUM(input_tokens + cache_read_tokens + cache_write_tokens) AS tin, "
+                           "SUM(output_tokens) AS tout, SUM(cost_usd) AS cost, "
+                           "SUM(savings_usd) AS savings FROM requests WHERE timestamp >= ? "
+                           "GROUP BY day ORDER BY day", (utc_iso(since),))
+            return 200, [{"timestamp": r["day"], "requests": r["requests"],
+                          "tokens_in": r["tin"] or 0, "tokens_out": r["tout"] or 0,
+                          "cost": round(r["cost"] or 0.0, 8),
+                          "savings": round(r["savings"] or 0.0, 8)} for r in rows]
+        if path == "/api/requests":
+            return 200, await self._requests(query)
+        if path.startswith("/api/requests/"):
+            rows = await q("SELECT * FROM requests WHERE id = ?", (path[14:],))
+            return (200, dict(rows[0])) if rows else (404, {"error": "request not found"})
+        if path == "/api/projects":
+            rows = await q("SELECT project, COUNT(*) AS requests, SUM(input_tokens + "
+                           "cache_read_tokens + cache_write_tokens) AS tin, SUM(output_tokens) "
+                           "AS tout, SUM(cost_usd) AS cost, SUM(savings_usd) AS savings FROM "
+                           "requests WHERE project != '' GROUP BY project ORDER BY requests DESC")
+            return 200, [{"project": r["project"], "requests": r["requests"],
+                          "tokens_in": r["tin"] or 0, "tokens_out": r["tout"] or 0,
+                          "cost_usd": round(r["cost"] or 0.0, 8),
+                          "savings_usd": round(r["savings"] or 0.0, 8)} for r in rows]
+        if path == "/api/providers":
+            return 200, self.providers()
+        if path == "/api/config":
+            return 200, mask_config(self.cfg)
+        if path == "/api/security/budget":
+            return 200, self.budget()
+        if path in ("/api/security/pii", "/api/security/injection"):
+            table = "pii_log" if path.endswith("pii") else "injection_log"
+            page, limit = _page(query, 50)
+            rows = await q(f"SELECT * FROM {table} ORDER BY id DESC LIMIT ? OFFSET ?",
+                           (limit, (page - 1) * limit))
+            return 200, {"page": page, "limit": limit, "entries": [dict(r) for r in rows]}
+        if path == "/api/plugins":
+            return 200, []
+        return 404, {"error": "not found"}
+
+    async def _query(self, sql: str, params: tuple = ()) -> list:
+        return await asyncio.to_thread(self.store.query, sql, params)
+
+    async def _requests(self, query: dict) -> dict:
+        page, limit = _page(query)
+        where, params = [], []
+        for field in ("model", "provider", "project"):
+            if field in query:
+                where.append(f"{field} = ?")
+                params.append(query[field][0])
+        if "status" in query:
+            value = query["status"][0]
+            where.append("status_code = ?" if value.isdigit() else "outcome = ?")
+            params.append(int(value) if value.isdigit() else value)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        total = (await self._query(f"SELECT COUNT(*) AS n FROM requests {clause}",
+                                   tuple(params)))[0]["n"]
+        rows = await self._query(
+            f"SELECT id, timestamp, model, provider, project, input_tokens, cache_read_tokens, "
+            f"cache_write_tokens, output_tokens, tokens_saved, cost_usd, savings_usd, latency_ms, "
+            f"status_code, cache_hit, outcome, streaming FROM requests {clause} "
+            f"ORDER BY timestamp DESC LIMIT ? OFFSET ?", tuple(params) + (limit,
+                                                                         (page - 1) * limit))
+        return {"page": page, "limit": limit, "total": total, "requests": [{
+            "id": r["id"], "timestamp": r["timestamp"], "model": r["model"],
+            "provider": r["provider"], "project": r["project"],
+            "tokens_in": r["input_tokens"] + r["cache_read_tokens"] + r["cache_write_tokens"],
+            "tokens_out": r["output_tokens"], "tokens_saved": r["tokens_saved"],
+            "cost_usd": r["cost_usd"], "savings_usd": r["savings_usd"],
+            "latency_ms": r["latency_ms"], "status_code": r["status_code"],
+            "cache_hit": bool(r["cache_hit"]), "request_type": r["outcome"],
+            "streaming": bool(r["streaming"])} for r in rows]}
+
+    def stats(self) -> dict:
+        m = self.metrics
+        hits, misses = m.get("tokenman_cache_hits_total"), m.get("tokenman_cache_misses_total")
+        cost, saved = m.total("tokenman_cost_usd_total"), m.total("tokenman_savings_usd_total")
+        up = time.time() - m.started
+        return {"uptime": human_uptime(up), "uptime_seconds": round(up, 3),
+                "total_requests": int(m.get("tokenman_requests_total")),
+                "tokens_in": int(m.get("tokenman_tokens_in_total")),
+                "tokens_out": int(m.get("tokenman_tokens_out_total")),
+                "tokens_saved": int(m.get("tokenman_tokens_saved_total")),
+                "cost_usd": round(cost, 8), "savings_usd": round(saved, 8),
+                "savings_percent": round(saved / (cost + saved) * 100, 2) if cost + saved > 0
+                else 0.0,
+                "cache_hit_rate": round(hits / (hits + misses) * 100, 2) if hits + misses
+                else 0.0,
+                "cache_hits": int(hits), "cache_misses": int(misses),
+                "active_requests": self.proxy.in_flight,
+                "errors": int(m.total("tokenman_errors_total"))}
+
+    def providers(self) -> list[dict]:
+        out = []
+        for key, prov in self.proxy.router.providers.items():
+            live = self.proxy.provider_stats.get(key, {})
+            breaker = self.breakers.get(key)
+            out.append({"name": key, "format": prov.cfg.format, "enabled": prov.cfg.enabled,
+                        "usable": prov.usable, "models": list(prov.cfg.models),
+                        "priority": prov.cfg.priority, "api_base": prov.cfg.api_base,
+                        "breaker": breaker.state if breaker else "disabled",
+                        "last_error": live.get("last_error", prov.error),
+                        "requests": live.get("requests", 0), "errors": live.get("errors", 0),
+                        "latency_ms": live.get("latency_ms")})
+        return out
+
+    def budget(self) -> list[dict]:
+        cfg = self.cfg.budget
+        now = time.time()
+        out = []
+        scopes = [("global", {p: getattr(cfg, p + "_limit") for p in BUDGET_PERIODS})]
+        scopes += [("project:" + name, {p: limits.get(p + "_limit", 0.0) for p in BUDGET_PERIODS})
+                   for name, limits in cfg.projects.items()]
+        for scope, limits in scopes:
+            for period in BUDGET_PERIODS:
+                start, _ = period_bounds(period, now)
+                spent = self.ledger.spent.get((scope, period, start), 0.0)
+                limit = limits[period]
+                out.append({"period": period, "scope": scope, "spent": round(spent, 8),
+                            "limit": limit,
+                            "pct": round(min(100.0, spent / limit * 100), 2) if limit else 0.0})
+        return out
+
+
+# ================================================================================================
+# §16 dashboard page: one self-contained HTML document (no CDN: works air-gapped)
+# ================================================================================================
+
+DASHBOARD_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>tokenman</title></head>
+<body><h1>tokenman</h1><p>The dashboard page is being built; the JSON API is at /api/stats.</p>
+</body></html>
+"""
+
+
+# ================================================================================================
 # §17 App: builds every component from one config snapshot, starts, and stops gracefully
 # ================================================================================================
 
@@ -5289,7 +5610,9 @@ class App:
         self.pool: UpstreamPool | None = None
         self.proxy: Proxy | None = None
         self.server: HTTPServer | None = None
+        self.dashboard: HTTPServer | None = None
         self.port = 0
+        self.dashboard_port = 0
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.metrics = Metrics()
@@ -5324,11 +5647,19 @@ class App:
         self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx,
                                  on_reject=self.proxy.rejected)
         self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
+        if cfg.dashboard.enabled:
+            self.dashboard = HTTPServer(
+                Dashboard(cfg, self.store, self.metrics, self.proxy, self.breakers, self.ledger,
+                          self.log).handle, cfg.server, self.log, ssl_ctx, name="dashboard")
+            self.dashboard_port = await self.dashboard.start(cfg.server.bind_address,
+                                                             cfg.server.dashboard_port)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger())]
         scheme = "https" if ssl_ctx else "http"
         self.log.info("tokenman started", version=__version__,
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
+                      dashboard=f"{scheme}://{cfg.server.bind_address}:{self.dashboard_port}"
+                      if self.dashboard else "off",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
 
@@ -5390,6 +5721,9 @@ class App:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop background tasks,
         then flush and close the store."""
+        if self.dashboard is not None:
+            self.dashboard.stop_accepting()
+            await self.dashboard.close()
         if self.server is not None:
             self.server.stop_accepting()
             if not await self.server.wait_idle(self.cfg.server.shutdown_timeout):

@@ -132,6 +132,14 @@ def rss_mb(pid: int) -> tuple[float | None, float | None]:
     return rss, hwm
 
 
+def open_fds(pid: int) -> int | None:
+    """Open file descriptors of a process (a leak check: sockets not closed)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def reset_peak(pid: int) -> bool:
     """Resets VmHWM to the current RSS (Linux clear_refs 5); False where not allowed."""
     try:
@@ -711,7 +719,8 @@ class Bench:
         t0 = time.perf_counter()
         self._wait_ready(port, "anthropic", t0, tm)
         time.sleep(1.0)
-        mem = {"idle_mb": rss_mb(tm.pid)[0], "direct_idle_mb": rss_mb(self.mock.pid)[0]}
+        mem = {"idle_mb": rss_mb(tm.pid)[0], "direct_idle_mb": rss_mb(self.mock.pid)[0],
+               "idle_fds": open_fds(tm.pid)}
         self.say(f"[{name}] tokenman pid {tm.pid} on :{port}, idle RSS {mem['idle_mb']:.1f} MB")
         tm_pid, mock_pid = tm.pid, self.mock.pid
         try:
@@ -753,6 +762,7 @@ class Bench:
             out["streams"] = srows
             time.sleep(1.0)
             mem["after_mb"] = rss_mb(tm_pid)[0]
+            mem["after_fds"] = open_fds(tm_pid)
             mem["peak_mb"] = max([r["tokenman"].get("rss_peak_mb") or 0
                                   for r in rows + srows] + [mem["warm_mb"] or 0])
 
@@ -775,6 +785,7 @@ class Bench:
                     time.sleep(0.5)
                 time.sleep(1.0)
                 mem["after_hold_mb"] = rss_mb(tm_pid)[0]
+                mem["after_hold_fds"] = open_fds(tm_pid)
             out["hold"] = hrows
             out["memory"] = mem
         finally:
@@ -1144,6 +1155,12 @@ def report_profile(p: dict, settings: dict) -> list[str]:
         if mem.get(key) is not None:
             rows.append([name, "", fmt(mem[key], "MB"), "", ""])
     out += _table(rows, right=(1, 2, 3, 4))
+    fds = [(k, mem.get(k)) for k in ("idle_fds", "after_fds", "after_hold_fds")
+           if mem.get(k) is not None]
+    if fds:
+        out.append("tokenman open file descriptors: " + ", ".join(
+            f"{k.replace('_fds', '').replace('_', ' ')} {v}" for k, v in fds)
+            + " (idle keep-alive upstream connections are kept up to the pool's limit)")
     imp = p.get("import_time") or {}
     if imp:
         out.append(f"imports (python -X importtime): {imp.get('total_ms')} ms; slowest: "
