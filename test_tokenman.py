@@ -2608,7 +2608,8 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual((await http(port, "GET", "/api/plugins")).json(), [])
         page_html = await http(port, "GET", "/")
         self.assertIn(b"<html", page_html.body)
-        self.assertNotIn(b"http://", page_html.body.replace(b"http://localhost", b""))
+        for external in (b'src="http', b"src='http", b'href="http', b"@import", b"//cdn"):
+            self.assertNotIn(external, page_html.body)  # self-contained: works air-gapped
 
     async def test_config_is_masked(self):
         await self.start_proxy(env={"K": "sk-secret-value"}, providers={
@@ -2661,6 +2662,55 @@ class TestDashboard(ProxyTestCase):
         plain = await http(dash, "GET", "/api/health", headers={"Origin": "http://evil.test"})
         self.assertNotIn("access-control-allow-origin", plain.headers)
         self.assertEqual(plain.status, 200)
+
+
+class TestTracing(ProxyTestCase):
+    async def test_traceparent_propagates_and_otlp_json_is_exported(self):
+        collector = await FakeUpstream(lambda rec, r, w: json_reply(w, {})).start()
+        self.addAsyncCleanup(collector.stop)
+        await self.start_proxy({"tracing": {"enabled": True,
+                                            "endpoint": collector.base + "/v1/traces"}})
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        parent = "00f067aa0ba902b7"
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                          dict(A_HEADERS, traceparent=f"00-{trace_id}-{parent}-01",
+                               tracestate="vendor=x"))
+        self.assertEqual(resp.status, 200)
+        sent = self.up.requests[0].headers[b"traceparent"].decode().split("-")
+        self.assertEqual((sent[0], sent[1], sent[3]), ("00", trace_id, "01"))
+        self.assertNotEqual(sent[2], parent)  # tokenman's upstream span is the new parent
+        self.assertEqual(self.up.requests[0].headers[b"tracestate"], b"vendor=x")
+        await self.rows()
+        await self.app.stop()  # flushes the exporter
+        posted = [json.loads(r.body) for r in collector.requests]
+        self.assertEqual(collector.requests[0].target, b"/v1/traces")
+        spans = [s for doc in posted for rs in doc["resourceSpans"]
+                 for ss in rs["scopeSpans"] for s in ss["spans"]]
+        attrs = posted[0]["resourceSpans"][0]["resource"]["attributes"]
+        self.assertIn({"key": "service.name", "value": {"stringValue": "tokenman"}}, attrs)
+        by_name = {s["name"]: s for s in spans}
+        server = by_name["POST /v1/messages"]
+        upstream = by_name["upstream.forward"]
+        self.assertEqual((server["traceId"], server["parentSpanId"], server["kind"]),
+                         (trace_id, parent, 2))
+        self.assertEqual((upstream["parentSpanId"], upstream["spanId"], upstream["kind"]),
+                         (server["spanId"], sent[2], 3))
+        self.assertIn("middleware.pii.request", by_name)
+        for span in spans:
+            self.assertRegex(span["traceId"], r"^[0-9a-f]{32}$")
+            self.assertRegex(span["spanId"], r"^[0-9a-f]{16}$")
+            self.assertLessEqual(int(span["startTimeUnixNano"]), int(span["endTimeUnixNano"]))
+            self.assertGreater(int(span["startTimeUnixNano"]), 1_600_000_000 * 10**9)
+        tokens = {a["key"]: a["value"] for a in server["attributes"]}
+        self.assertEqual(tokens["http.response.status_code"], {"intValue": "200"})
+
+    async def test_unsampled_parent_and_disabled_tracing_add_nothing(self):
+        await self.start_proxy({"tracing": {"enabled": True, "endpoint": "http://127.0.0.1:9/x"}})
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, dict(
+            A_HEADERS, traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"))
+        self.assertEqual(self.up.requests[0].headers[b"traceparent"],
+                         b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+        self.assertEqual(len(self.app.tracer.queue), 0)
 
 
 # ================================================================================================

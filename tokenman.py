@@ -479,6 +479,16 @@ class DashboardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TracingConfig:
+    enabled: bool = _f(False, "record spans and export them")
+    exporter: str = _f("otlp-http", "otlp-http (OTLP/HTTP, JSON encoding) or stdout; gRPC is "
+                                    "not supported")
+    endpoint: str = _f("http://localhost:4318/v1/traces", "the collector's OTLP/HTTP URL")
+    service_name: str = _f("tokenman", "service.name of the spans")
+    sample_rate: float = _f(1.0, "share of requests traced when the client sent no traceparent")
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     retention_days: int = _f(30, "request log rows older than this are pruned hourly "
                                  "(0 = keep forever)")
@@ -598,6 +608,7 @@ SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingCo
             ("security.budget", "budget", BudgetConfig),
             ("security.rate_limit", "rate_limit", RateLimitConfig),
             ("auth", "auth", AuthConfig), ("dashboard", "dashboard", DashboardConfig),
+            ("tracing", "tracing", TracingConfig),
             ("metrics", "metrics", MetricsConfig))
 _OPENAI_HINTS = ("openai", "azure", "vllm", "ollama", "openrouter", "groq", "together",
                  "deepseek", "mistral", "lmstudio", "llamacpp", "litellm")
@@ -623,6 +634,7 @@ class Config:
     rate_limit: RateLimitConfig = dataclasses.field(default_factory=RateLimitConfig)
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
     dashboard: DashboardConfig = dataclasses.field(default_factory=DashboardConfig)
+    tracing: TracingConfig = dataclasses.field(default_factory=TracingConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     pricing: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
@@ -941,6 +953,15 @@ def validate_config(cfg: Config) -> list[str]:
             resolve_key(cfg.auth.token, os.environ)
         except ValueError as exc:
             errs.append(f"auth.token: {exc}")
+    tr = cfg.tracing
+    if tr.exporter not in ("otlp-http", "stdout"):
+        errs.append(f"tracing.exporter: must be otlp-http or stdout (got {tr.exporter!r}; "
+                    f"otlp-grpc is not supported)")
+    if not 0 <= tr.sample_rate <= 1:
+        errs.append("tracing.sample_rate: must be between 0 and 1")
+    if tr.enabled and tr.exporter == "otlp-http" and not tr.endpoint.startswith(
+            ("http://", "https://")):
+        errs.append("tracing.endpoint: must be an http:// or https:// URL")
     if cfg.cache_hints.ttl not in ("5m", "1h"):
         errs.append("compression.cache_hints.ttl: must be 5m or 1h")
     if cfg.history.window_size < 1 or cfg.history.truncate_tool_results < 0:
@@ -3000,7 +3021,7 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
             for r in rows]
 
 # ================================================================================================
-# §12 metrics: in-memory counters, gauges and histograms, Prometheus text exposition 0.0.4
+# §12 observability: metrics (Prometheus text exposition 0.0.4) and tracing (OTLP/HTTP JSON)
 # ================================================================================================
 
 REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -3132,6 +3153,139 @@ class Metrics:
         return ("\n".join(out) + "\n").encode()
 
 
+
+# -- tracing: W3C trace context in and out, spans exported as OTLP/HTTP JSON --------------------
+
+_TRACEPARENT_RE = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+SPAN_SERVER, SPAN_CLIENT, SPAN_INTERNAL = 2, 3, 1
+
+
+class Trace:
+    """The spans of one request: a server span (child of the client's traceparent), its
+    stages and upstream calls. Times are wall-clock nanoseconds."""
+    __slots__ = ("trace_id", "parent_id", "span_id", "start_ns", "t0", "spans", "attrs")
+
+    def __init__(self, trace_id: str, parent_id: str, t0: float) -> None:
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.span_id = os.urandom(8).hex()
+        self.start_ns = time.time_ns() - int((time.perf_counter() - t0) * 1e9)
+        self.t0 = t0
+        self.spans: list[dict] = []
+        self.attrs: dict[str, object] = {}
+
+    def ns(self, perf: float) -> int:
+        return self.start_ns + int((perf - self.t0) * 1e9)
+
+    def child(self, name: str, start: float, end: float, kind: int = SPAN_INTERNAL,
+              attrs: dict | None = None, span_id: str = "") -> str:
+        span_id = span_id or os.urandom(8).hex()
+        self.spans.append({"name": name, "spanId": span_id, "parentSpanId": self.span_id,
+                           "kind": kind, "start": self.ns(start), "end": self.ns(end),
+                           "attrs": attrs or {}})
+        return span_id
+
+    def traceparent(self, span_id: str) -> bytes:
+        return f"00-{self.trace_id}-{span_id}-01".encode()
+
+
+def _otlp_value(value: object) -> dict:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}  # int64 travels as a string in OTLP JSON
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
+
+
+def _otlp_attrs(attrs: dict) -> list[dict]:
+    return [{"key": k, "value": _otlp_value(v)} for k, v in attrs.items() if v is not None]
+
+
+class Tracer:
+    """Samples requests, builds their spans and exports them in the background: OTLP/HTTP with
+    JSON encoding (POST {endpoint}) or JSON lines on stdout. A bounded queue: when the
+    collector is slow or down, spans are dropped and counted, never waited for."""
+
+    def __init__(self, cfg: "TracingConfig", log: Logger, rng=random.random) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.rng = rng
+        self.queue: collections.deque = collections.deque()
+        self.dropped = 0
+        self.exported = 0
+        self.max_queue = 4096
+
+    def start(self, req: Request) -> Trace | None:
+        """A Trace for this request when it is sampled (the client's decision wins)."""
+        m = _TRACEPARENT_RE.fullmatch(req.headers.map.get(b"traceparent", b"").strip())
+        if m is not None:
+            if not int(m.group(3), 16) & 1:
+                return None
+            return Trace(m.group(1).decode(), m.group(2).decode(), req.t0)
+        if self.rng() >= self.cfg.sample_rate:
+            return None
+        return Trace(os.urandom(16).hex(), "", req.t0)
+
+    def finish(self, trace: Trace, name: str, end: float, error: bool) -> None:
+        spans = [{"name": name, "spanId": trace.span_id, "parentSpanId": trace.parent_id,
+                  "kind": SPAN_SERVER, "start": trace.start_ns, "end": trace.ns(end),
+                  "attrs": trace.attrs, "error": error}] + trace.spans
+        for span in spans:
+            if len(self.queue) >= self.max_queue:
+                self.dropped += 1
+                continue
+            self.queue.append((trace.trace_id, span))
+
+    def payload(self, batch: list) -> bytes:
+        spans = []
+        for trace_id, s in batch:
+            span = {"traceId": trace_id, "spanId": s["spanId"], "name": s["name"],
+                    "kind": s["kind"], "startTimeUnixNano": str(s["start"]),
+                    "endTimeUnixNano": str(s["end"]), "attributes": _otlp_attrs(s["attrs"]),
+                    "status": {"code": 2} if s.get("error") else {}}
+            if s["parentSpanId"]:
+                span["parentSpanId"] = s["parentSpanId"]
+            spans.append(span)
+        resource = {"attributes": _otlp_attrs({"service.name": self.cfg.service_name,
+                                               "service.version": __version__})}
+        return json_dumps({"resourceSpans": [{"resource": resource, "scopeSpans": [{
+            "scope": {"name": "tokenman", "version": __version__}, "spans": spans}]}]})
+
+    async def run(self, pool: UpstreamPool) -> None:
+        """The exporter task: a batch every second (or sooner when 512 are waiting)."""
+        origin = Origin(self.cfg.endpoint) if self.cfg.exporter == "otlp-http" else None
+        while True:
+            for _ in range(10):
+                if len(self.queue) >= 512:
+                    break
+                await asyncio.sleep(0.1)
+            await self.flush(pool, origin)
+
+    async def flush(self, pool: UpstreamPool, origin: "Origin | None") -> None:
+        while self.queue:
+            batch = [self.queue.popleft() for _ in range(min(512, len(self.queue)))]
+            body = self.payload(batch)
+            if origin is None:
+                sys.stdout.write(body.decode() + "\n")
+                self.exported += len(batch)
+                continue
+            try:
+                resp = await pool.request(origin, "POST", origin.target(""),
+                                          [(b"Content-Type", b"application/json")], body,
+                                          5.0, 10.0)
+                await resp.body.read_all(1024 * 1024, asyncio.get_running_loop().time() + 10)
+                resp.release()
+                if resp.status >= 300:
+                    raise UpstreamError(f"collector answered {resp.status}")
+                self.exported += len(batch)
+            except (UpstreamError, TimeoutError, ConnectionGone, HeadTooLarge, ValueError) as exc:
+                self.dropped += len(batch)
+                self.log.warn("trace export failed", spans=len(batch), error=str(exc))
+                return
+
+
 # ================================================================================================
 # §13 pipeline: the per-request Context, the Stage interface, the Pipeline, then every stage
 # ================================================================================================
@@ -3150,7 +3304,7 @@ class Context:
                  "streaming", "status", "outcome", "usage", "cost", "error", "wall", "ttfb",
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
-                 "upstream_body", "cache_hit", "tokens_saved", "saved")
+                 "upstream_body", "cache_hit", "tokens_saved", "saved", "trace")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -3188,6 +3342,7 @@ class Context:
         self.cache_hit = False
         self.tokens_saved = 0
         self.saved: dict[str, float] = {}  # USD saved by source: cache, prompt_cache, ...
+        self.trace: Trace | None = None
 
     @property
     def pipeline_ms(self) -> float | None:
@@ -3276,7 +3431,11 @@ class Pipeline:
                 self._failed(stage, ctx, "request", exc)
                 reply = error_reply(ctx, 500, f"policy check {stage.name} failed") \
                     if stage.fails_closed else None
-            ctx.timings[stage.name] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ctx.timings[stage.name] = t1 - t0
+            if ctx.trace is not None:
+                ctx.trace.child(f"middleware.{stage.name}.request", t0, t1, attrs={
+                    "middleware.name": stage.name, "middleware.phase": "request"})
             if reply is not None:
                 if reply.outcome not in HIT_OUTCOMES or hit is not None:
                     return reply
@@ -4691,6 +4850,9 @@ class Dispatcher:
                     break
                 ctx.attempts += 1
                 ctx.provider = prov.key
+                started = time.perf_counter()
+                if ctx.trace is not None:
+                    ctx.notes["upstream_span"] = os.urandom(8).hex()
                 try:
                     resp = await self.pool.request(
                         prov.origin, req.method, prov.origin.target(req.target),
@@ -4711,6 +4873,11 @@ class Dispatcher:
                     continue
                 finally:
                     conn.chan.on_lost = None
+                    if ctx.trace is not None:
+                        ctx.trace.child("upstream.forward", started, time.perf_counter(),
+                                        SPAN_CLIENT, {"upstream.provider": prov.key,
+                                                      "upstream.url": prov.cfg.api_base},
+                                        span_id=ctx.notes["upstream_span"])
                 ok = resp.status not in RETRY_STATUSES
                 self.metrics.inc("tokenman_provider_requests_total",
                                  (("provider", prov.key), ("status", "success" if ok else "error")))
@@ -4761,8 +4928,10 @@ class Proxy:
 
     def __init__(self, cfg: Config, router: Router, pool: UpstreamPool, store: Store,
                  prices: PriceTable, log: Logger, breakers: dict | None = None,
-                 pipeline: Pipeline | None = None, metrics: Metrics | None = None) -> None:
+                 pipeline: Pipeline | None = None, metrics: Metrics | None = None,
+                 tracer: "Tracer | None" = None) -> None:
         self.cfg = cfg
+        self.tracer = tracer
         self.router = router
         self.pipeline = pipeline or Pipeline([], log)
         self.metrics = metrics or Metrics()
@@ -4828,6 +4997,8 @@ class Proxy:
     # -- the relay ------------------------------------------------------------------------------
     async def relay(self, req: Request, conn: ServerConn) -> None:
         ctx = Context(req, api_for(req.path, req.headers))
+        if self.tracer is not None:
+            ctx.trace = self.tracer.start(req)
         try:
             pairs = self._prepare(req, ctx)
             reply = None
@@ -4947,6 +5118,8 @@ class Proxy:
                 continue  # tokenman's own token never leaves the host
             if lower == b"anthropic-version":
                 has_version = True
+            if ctx.trace is not None and lower == b"traceparent":
+                continue  # replaced by tokenman's own span below
             out.append((name, value))
         if prov.cfg.format == API_ANTHROPIC:
             if replace_auth:
@@ -4956,6 +5129,8 @@ class Proxy:
         elif replace_auth:
             out.append((b"Authorization", b"Bearer " + prov.api_key.encode("latin-1")))
         out.append((b"X-Request-Id", ctx.xid))
+        if ctx.trace is not None:
+            out.append((b"traceparent", ctx.trace.traceparent(ctx.notes["upstream_span"])))
         # Bodies are read for usage, so ask for them uncompressed.
         out.append((b"Accept-Encoding", b"identity"))
         return out
@@ -5317,6 +5492,17 @@ class Proxy:
             *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
         ))
         self._count(ctx, latency / 1000, saved, compressed)
+        if ctx.trace is not None:
+            ctx.trace.attrs.update({
+                "http.request.method": req.method, "url.path": req.path,
+                "http.response.status_code": ctx.status, "request.id": ctx.id,
+                "request.model": ctx.model, "request.format": ctx.api,
+                "request.stream": ctx.streaming, "response.provider": ctx.provider,
+                "response.outcome": ctx.outcome, "response.tokens_in": u.input + u.cache_read
+                + u.cache_write, "response.tokens_out": u.output,
+                "response.cost_usd": ctx.cost, "response.cache_hit": ctx.cache_hit})
+            self.tracer.finish(ctx.trace, f"{req.method} {req.path}", now,
+                               ctx.status >= 500 or ctx.outcome == "upstream_failed")
         log = self.log
         if log.level <= 20:
             log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
@@ -5473,7 +5659,8 @@ class Dashboard:
         if path == "/api/requests":
             return 200, await self._requests(query)
         if path.startswith("/api/requests/"):
-            rows = await q("SELECT * FROM requests WHERE id = ?", (path[14:],))
+            rows = await q("SELECT * FROM requests WHERE id = ?",
+                           (urllib.parse.unquote(path[14:]),))
             return (200, dict(rows[0])) if rows else (404, {"error": "request not found"})
         if path == "/api/projects":
             rows = await q("SELECT project, COUNT(*) AS requests, SUM(input_tokens + "
@@ -5588,9 +5775,502 @@ class Dashboard:
 # §16 dashboard page: one self-contained HTML document (no CDN: works air-gapped)
 # ================================================================================================
 
-DASHBOARD_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>tokenman</title></head>
-<body><h1>tokenman</h1><p>The dashboard page is being built; the JSON API is at /api/stats.</p>
-</body></html>
+DASHBOARD_HTML = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>tokenman dashboard</title>
+<style>
+:root{--bg:#f4f6f9;--card:#fff;--ink:#1b2430;--muted:#5f6b7a;--line:#e2e6ec;--accent:#2456c7;
+--green:#1f8a4c;--green-bg:#e3f4ea;--yellow:#b7791f;--yellow-bg:#fdf3dc;--red:#c53030;--red-bg:#fde8e8;
+--grey-bg:#eef0f3;--spend:#2456c7;--save:#1f8a4c;font-size:14px}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;line-height:1.4}
+header{display:flex;align-items:center;gap:12px;flex-wrap:wrap;padding:12px 20px;background:var(--card);border-bottom:1px solid var(--line)}
+header h1{font-size:18px;margin:0;font-weight:650;letter-spacing:-.01em}
+header h1 span{color:var(--accent)}
+#status{margin-left:auto;color:var(--muted);font-size:12.5px;display:flex;align-items:center;gap:6px;min-width:0;max-width:100%}
+#status span{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+#status i{flex:none}
+#status i{width:8px;height:8px;border-radius:50%;background:#a0aec0;display:inline-block}
+#status.ok i{background:var(--green)}#status.err i{background:var(--red)}#status.err{color:var(--red)}
+button{font:inherit;cursor:pointer;border:1px solid var(--line);background:var(--card);color:var(--ink);border-radius:6px;padding:4px 10px}
+button:hover{border-color:var(--accent);color:var(--accent)}
+main{padding:16px 20px 40px;max-width:1500px;margin:0 auto;display:grid;gap:16px}
+.cards{display:grid;grid-template-columns:repeat(6,minmax(0,1fr));gap:12px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:12px 14px;min-width:0}
+.card .k{font-size:12px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.card .v{font-size:24px;font-weight:650;margin-top:2px;font-variant-numeric:tabular-nums;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.card .s{font-size:12.5px;color:var(--muted);margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.grid2{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
+section h2{font-size:14px;margin:0 0 10px;font-weight:650;display:flex;align-items:baseline;gap:4px 8px;flex-wrap:wrap}
+.stream{font-size:11px;color:var(--muted);margin-left:4px}
+section h2 small{font-weight:400;color:var(--muted);font-size:12px}
+.note{color:var(--muted);font-size:13px;padding:8px 0}
+.note.err{color:var(--red)}
+.tw{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line);white-space:nowrap;vertical-align:top}
+th{font-size:11.5px;color:var(--muted);text-transform:uppercase;letter-spacing:.03em;font-weight:600;background:#fafbfc}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.wrap{white-space:normal;word-break:break-word;min-width:160px;max-width:360px}
+td.mono,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+tbody tr:hover{background:#f6f8fb}
+tr.click{cursor:pointer}tr.click:focus{outline:2px solid var(--accent);outline-offset:-2px}
+.b{display:inline-block;padding:1px 8px;border-radius:999px;font-size:11.5px;font-weight:600;background:var(--grey-bg);color:var(--muted)}
+.b.g{background:var(--green-bg);color:var(--green)}.b.y{background:var(--yellow-bg);color:var(--yellow)}.b.r{background:var(--red-bg);color:var(--red)}
+.b.bl{background:#e6edfb;color:var(--accent)}
+.bud{display:grid;grid-template-columns:130px minmax(0,1fr);gap:4px 12px;align-items:center;margin-bottom:10px}
+.bud .lbl{font-weight:600;text-transform:capitalize;min-width:0}.bud .lbl small{display:block;font-weight:400;color:var(--muted);text-transform:none;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bar{height:10px;background:var(--grey-bg);border-radius:999px;overflow:hidden}
+.bar div{height:100%;border-radius:999px}
+.bar .g{background:var(--green)}.bar .y{background:#d69e2e}.bar .r{background:var(--red)}
+.bud .amt{grid-column:2;font-size:12.5px;color:var(--muted);font-variant-numeric:tabular-nums}
+svg text{font-size:11px;fill:var(--muted);font-family:inherit}
+.legend{display:flex;gap:14px;font-size:12.5px;color:var(--muted);margin-left:auto}
+.legend i{display:inline-block;width:14px;height:3px;border-radius:2px;vertical-align:middle;margin-right:5px}
+#auth{position:fixed;inset:0;background:rgba(20,28,40,.45);display:flex;align-items:center;justify-content:center;z-index:20;padding:16px}
+#auth form{background:var(--card);border-radius:12px;padding:20px;width:100%;max-width:360px;box-shadow:0 10px 40px rgba(0,0,0,.2)}
+#auth h2{margin:0 0 6px;font-size:16px}#auth p{margin:0 0 12px;color:var(--muted);font-size:13px}
+#auth input{width:100%;font:inherit;padding:8px 10px;border:1px solid #c5ccd6;border-radius:6px;margin-bottom:10px}
+#auth .err{color:var(--red);font-size:13px;margin:0 0 10px}
+#auth button{background:var(--accent);color:#fff;border-color:var(--accent);padding:7px 14px}
+#panel{position:fixed;top:0;right:0;bottom:0;width:min(560px,100%);background:var(--card);border-left:1px solid var(--line);box-shadow:-8px 0 30px rgba(0,0,0,.12);z-index:10;display:flex;flex-direction:column}
+#panel .hd{display:flex;align-items:center;gap:10px;padding:12px 16px;border-bottom:1px solid var(--line)}
+#panel .hd h2{margin:0;font-size:15px;flex:1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+#panel .bd{overflow:auto;padding:8px 16px 24px}
+#panel dl{display:grid;grid-template-columns:minmax(120px,auto) 1fr;gap:0;margin:0;font-size:13px}
+#panel dt{color:var(--muted);padding:5px 10px 5px 0;border-bottom:1px solid var(--line)}
+#panel dd{margin:0;padding:5px 0;border-bottom:1px solid var(--line);word-break:break-word;min-width:0}
+#panel pre{margin:0;white-space:pre-wrap;word-break:break-word;max-height:320px;overflow:auto;background:#f6f8fa;border-radius:6px;padding:6px 8px}
+.null{color:#a0aec0;font-style:italic}
+[hidden]{display:none!important}
+@media (max-width:1200px){.cards{grid-template-columns:repeat(3,minmax(0,1fr))}}
+@media (max-width:1000px){.grid2{grid-template-columns:minmax(0,1fr)}}
+@media (max-width:600px){.cards{grid-template-columns:repeat(2,minmax(0,1fr))}main{padding:10px}header{padding:10px}.card .v{font-size:20px}#panel dl{grid-template-columns:1fr}#panel dt{border-bottom:0;padding-bottom:0}}
+</style>
+</head>
+<body>
+<header>
+  <h1><span>tokenman</span> dashboard</h1>
+  <div id="status"><i></i><span id="statusText">connecting…</span></div>
+  <button id="signout" type="button" hidden>Sign out</button>
+</header>
+<main>
+  <div class="cards">
+    <div class="card"><div class="k">Total spend</div><div class="v" id="c-spend">–</div><div class="s" id="c-spend-s">&nbsp;</div></div>
+    <div class="card"><div class="k">Total savings</div><div class="v" id="c-save">–</div><div class="s" id="c-save-s">&nbsp;</div></div>
+    <div class="card"><div class="k">Requests</div><div class="v" id="c-req">–</div><div class="s" id="c-req-s">&nbsp;</div></div>
+    <div class="card"><div class="k">Cache hit rate</div><div class="v" id="c-cache">–</div><div class="s" id="c-cache-s">&nbsp;</div></div>
+    <div class="card"><div class="k">Active requests</div><div class="v" id="c-active">–</div><div class="s" id="c-active-s">&nbsp;</div></div>
+    <div class="card"><div class="k">Uptime</div><div class="v" id="c-up">–</div><div class="s" id="c-up-s">&nbsp;</div></div>
+  </div>
+  <div class="grid2">
+    <section><h2>Spend &amp; savings <small>daily, last 30 days (UTC)</small>
+      <span class="legend"><span><i style="background:var(--spend)"></i>Spend</span><span><i style="background:var(--save)"></i>Savings</span></span></h2>
+      <div id="chart"></div></section>
+    <section><h2>Budgets</h2><div id="budgets"></div></section>
+  </div>
+  <section><h2>Providers</h2><div id="providers" class="tw"></div></section>
+  <section><h2>Recent requests <small id="req-total"></small></h2><div id="requests" class="tw"></div></section>
+  <section><h2>PII events <small>latest 20</small></h2><div id="pii" class="tw"></div></section>
+  <section><h2>Prompt-injection events <small>latest 20</small></h2><div id="inj" class="tw"></div></section>
+</main>
+<div id="panel" hidden role="dialog" aria-modal="false" aria-labelledby="panelTitle">
+  <div class="hd"><h2 id="panelTitle">Request</h2><button type="button" id="panelClose" aria-label="Close">Close ✕</button></div>
+  <div class="bd" id="panelBody"></div>
+</div>
+<div id="auth" hidden>
+  <form id="authForm" autocomplete="off">
+    <h2>Authentication required</h2>
+    <p>Enter the dashboard bearer token. It is kept in this tab's session storage only.</p>
+    <p class="err" id="authErr" hidden></p>
+    <input id="authToken" type="password" autocomplete="off" placeholder="Bearer token" aria-label="Bearer token" required>
+    <button type="submit">Sign in</button>
+  </form>
+</div>
+<script>
+(function () {
+  "use strict";
+  var TOKEN_KEY = "tokenman.dashboard.token";
+  var POLL_MS = 5000, HISTORY_EVERY = 6; // history is refreshed every 6th poll (30 s)
+  var SVGNS = "http://www.w3.org/2000/svg";
+  var tick = 0, busy = false, authWait = false, timer = null;
+
+  // ---------- DOM helpers: every API string goes through textContent ----------
+  function $(id) { return document.getElementById(id); }
+  function el(tag, attrs, kids) {
+    var e = document.createElement(tag);
+    if (attrs) for (var k in attrs) {
+      if (k === "text") e.textContent = attrs[k] == null ? "" : String(attrs[k]);
+      else if (k === "cls") e.className = attrs[k];
+      else e.setAttribute(k, attrs[k]);
+    }
+    append(e, kids);
+    return e;
+  }
+  function append(e, kids) {
+    if (kids == null) return;
+    if (!Array.isArray(kids)) kids = [kids];
+    kids.forEach(function (c) {
+      if (c == null) return;
+      e.appendChild(typeof c === "object" ? c : document.createTextNode(String(c)));
+    });
+  }
+  function svg(tag, attrs, text) {
+    var e = document.createElementNS(SVGNS, tag);
+    for (var k in attrs) e.setAttribute(k, attrs[k]);
+    if (text != null) e.textContent = String(text);
+    return e;
+  }
+  function setText(id, t) { $(id).textContent = t == null ? "" : String(t); }
+  function replace(id, node) { var c = $(id); c.replaceChildren(node); }
+  function note(text, err) { return el("div", { cls: "note" + (err ? " err" : ""), text: text }); }
+
+  // ---------- formatting ----------
+  function num(v) { return typeof v === "number" && isFinite(v) ? v : null; }
+  function usd(v) {
+    v = num(v);
+    if (v === null) return "—";
+    if (Math.abs(v) >= 1000) return (v < 0 ? "-$" : "$") + Math.round(Math.abs(v)).toLocaleString("en-US");
+    return (v < 0 ? "-$" : "$") + Math.abs(v).toFixed(4);
+  }
+  function usdShort(v, step) { // axis labels only
+    if (step >= 1000) return "$" + (v / 1000).toFixed(step % 1000 ? 1 : 0) + "k";
+    return "$" + v.toFixed(step >= 1 ? (step % 1 ? 1 : 0) : step >= 0.1 ? 2 : step >= 0.01 ? 3 : 4);
+  }
+  function int(v) { v = num(v); return v === null ? "—" : Math.round(v).toLocaleString("en-US"); }
+  function compact(v) {
+    v = num(v);
+    if (v === null) return "—";
+    var a = Math.abs(v);
+    return a >= 1e9 ? (v / 1e9).toFixed(1) + "B" : a >= 1e6 ? (v / 1e6).toFixed(1) + "M" : a >= 1e4 ? (v / 1e3).toFixed(1) + "k" : int(v);
+  }
+  function pct(v) { v = num(v); return v === null ? "—" : v.toFixed(1) + " %"; }
+  function ms(v) {
+    v = num(v);
+    if (v === null) return "—";
+    return v >= 1000 ? (v / 1000).toFixed(2) + " s" : v.toFixed(v < 10 ? 1 : 0) + " ms";
+  }
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  function time(ts) {
+    var d = new Date(ts);
+    if (typeof ts !== "string" || isNaN(d.getTime())) return ts == null ? "—" : String(ts);
+    var now = new Date(), t = pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+    return d.toDateString() === now.toDateString() ? t : d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + t;
+  }
+  function badge(text, cls) { return el("span", { cls: "b " + (cls || ""), text: text }); }
+  var BREAKER = { closed: "g", half_open: "y", open: "r" };
+  var OUTCOME = { ok: "g", cache_hit: "bl", heartbeat_hit: "bl", client_closed: "", rejected: "y",
+                  upstream_error: "r", upstream_failed: "r", internal_error: "r" };
+
+  // ---------- API ----------
+  function token() { try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; } }
+  function setToken(t) { try { if (t) sessionStorage.setItem(TOKEN_KEY, t); else sessionStorage.removeItem(TOKEN_KEY); } catch (e) {} }
+  function AuthError(status) { this.status = status; }
+  function api(path) {
+    var h = { "Accept": "application/json" }, t = token();
+    if (t) h.Authorization = "Bearer " + t;
+    return fetch(path, { headers: h, cache: "no-store", credentials: "same-origin" }).then(function (r) {
+      if (r.status === 401 || r.status === 403) throw new AuthError(r.status);
+      return r.json().catch(function () { return null; }).then(function (body) {
+        if (!r.ok) throw new Error((body && body.error) || ("HTTP " + r.status));
+        return body;
+      });
+    });
+  }
+
+  // ---------- auth form ----------
+  function showAuth(status) {
+    authWait = true;
+    var had = !!token();
+    setToken("");
+    $("signout").hidden = true;
+    var err = $("authErr");
+    err.hidden = !(status === 403 || had);
+    err.textContent = status === 403 ? "Invalid token — try again." : "Your token was not accepted — sign in again.";
+    $("auth").hidden = false;
+    $("authToken").value = "";
+    $("authToken").focus();
+    setStatus("authentication required", true);
+  }
+  $("authForm").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var t = $("authToken").value.trim();
+    if (!t) return;
+    setToken(t);
+    $("auth").hidden = true;
+    authWait = false;
+    tick = 0;
+    poll();
+  });
+  $("signout").addEventListener("click", function () { setToken(""); closePanel(); tick = 0; poll(); });
+
+  function setStatus(text, err) {
+    $("status").className = err ? "err" : "ok";
+    setText("statusText", text);
+  }
+
+  // ---------- renderers ----------
+  function renderStats(s) {
+    setText("c-spend", usd(s.cost_usd));
+    setText("c-spend-s", compact(s.tokens_in) + " tokens in · " + compact(s.tokens_out) + " out");
+    setText("c-save", usd(s.savings_usd));
+    setText("c-save-s", pct(s.savings_percent) + " saved · " + compact(s.tokens_saved) + " tokens");
+    setText("c-req", int(s.total_requests));
+    setText("c-req-s", int(s.errors) + " errors");
+    setText("c-cache", pct(s.cache_hit_rate));
+    setText("c-cache-s", int(s.cache_hits) + " hits · " + int(s.cache_misses) + " misses");
+    setText("c-active", int(s.active_requests));
+    setText("c-active-s", "in flight now");
+    setText("c-up", s.uptime == null ? "—" : s.uptime);
+    setText("c-up-s", num(s.uptime_seconds) === null ? "" : "since " + time(new Date(Date.now() - s.uptime_seconds * 1000).toISOString()));
+  }
+
+  function dayKey(d) { return d.toISOString().slice(0, 10); }
+  var chartRows = null;
+  function renderChart(rows) {
+    rows = chartRows = Array.isArray(rows) ? rows : [];
+    var byDay = {}, last = null;
+    rows.forEach(function (r) {
+      if (!r || typeof r.timestamp !== "string") return;
+      var k = r.timestamp.slice(0, 10);
+      byDay[k] = { cost: num(r.cost) || 0, savings: num(r.savings) || 0, requests: num(r.requests) || 0 };
+      if (!last || k > last) last = k;
+    });
+    var end = new Date(dayKey(new Date()) + "T00:00:00Z");
+    if (last && !isNaN(Date.parse(last + "T00:00:00Z")) && new Date(last + "T00:00:00Z") > end) end = new Date(last + "T00:00:00Z");
+    var days = [];
+    for (var i = 29; i >= 0; i--) {
+      var k = dayKey(new Date(end.getTime() - i * 86400000));
+      days.push({ day: k, v: byDay[k] || { cost: 0, savings: 0, requests: 0 }, has: !!byDay[k] });
+    }
+    var W = Math.max(300, Math.min(900, $("chart").clientWidth || 720)), H = W < 500 ? 220 : 260, L = 56, R = 12, T = 12, B = 30, pw = W - L - R, ph = H - T - B;
+    var max = 0;
+    days.forEach(function (d) { max = Math.max(max, d.v.cost, d.v.savings); });
+    var any = days.some(function (d) { return d.has; });
+    var step = niceStep(max > 0 ? max / 4 : 0.25), top = step * 4;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + H, width: "100%", role: "img", "aria-label": "Daily spend and savings, last 30 days", style: "display:block" });
+    for (var j = 0; j <= 4; j++) {
+      var y = T + ph - (ph * j) / 4;
+      s.appendChild(svg("line", { x1: L, x2: W - R, y1: y, y2: y, stroke: j ? "#e8ebf0" : "#aab3bf", "stroke-width": 1 }));
+      s.appendChild(svg("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, usdShort(step * j, step)));
+    }
+    function X(i) { return L + (pw * (i + 0.5)) / days.length; }
+    function Y(v) { return T + ph - (ph * v) / top; }
+    days.forEach(function (d, i) {
+      if (i % 5 === 4 || i === 0) s.appendChild(svg("text", { x: X(i), y: H - 10, "text-anchor": "middle" }, d.day.slice(5)));
+    });
+    if (!any) {
+      s.appendChild(svg("text", { x: L + pw / 2, y: T + ph / 2, "text-anchor": "middle", style: "font-size:14px" }, "No spend recorded in the last 30 days"));
+    } else {
+      [["cost", "var(--spend)"], ["savings", "var(--save)"]].forEach(function (p) {
+        var pts = days.map(function (d, i) { return X(i).toFixed(1) + "," + Y(d.v[p[0]]).toFixed(1); });
+        s.appendChild(svg("polyline", { points: pts.join(" "), fill: "none", stroke: p[1], "stroke-width": 2, "stroke-linejoin": "round", style: "stroke:" + p[1] }));
+      });
+      days.forEach(function (d, i) { // hover targets with native tooltips
+        var g = svg("g", {});
+        g.appendChild(svg("title", {}, d.day + "\nspend " + usd(d.v.cost) + "\nsavings " + usd(d.v.savings) + "\nrequests " + int(d.v.requests)));
+        g.appendChild(svg("rect", { x: X(i) - pw / days.length / 2, y: T, width: pw / days.length, height: ph, fill: "transparent" }));
+        g.appendChild(svg("circle", { cx: X(i), cy: Y(d.v.cost), r: 2.5, style: "fill:var(--spend)" }));
+        g.appendChild(svg("circle", { cx: X(i), cy: Y(d.v.savings), r: 2.5, style: "fill:var(--save)" }));
+        s.appendChild(g);
+      });
+    }
+    replace("chart", s);
+  }
+  function niceStep(raw) {
+    var p = Math.pow(10, Math.floor(Math.log10(raw))), f = raw / p;
+    return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 2.5 ? 2.5 : f <= 5 ? 5 : 10) * p;
+  }
+
+  function renderBudgets(rows) {
+    rows = Array.isArray(rows) ? rows : [];
+    if (!rows.length) return replace("budgets", note("Budgets are not configured."));
+    var order = { hourly: 0, daily: 1, monthly: 2 }, box = el("div");
+    rows.slice().sort(function (a, b) {
+      return (String(a.scope) === "global" ? 0 : 1) - (String(b.scope) === "global" ? 0 : 1) ||
+        String(a.scope).localeCompare(String(b.scope)) || (a.period in order ? order[a.period] : 9) - (b.period in order ? order[b.period] : 9);
+    }).forEach(function (b) {
+      var limit = num(b.limit) || 0, spent = num(b.spent) || 0, row = el("div", { cls: "bud" });
+      var p = limit > 0 ? (spent / limit) * 100 : 0;
+      var cls = p >= 90 ? "r" : p >= 75 ? "y" : "g";
+      row.appendChild(el("div", { cls: "lbl" }, [String(b.period || "?"), el("small", { text: b.scope || "global" })]));
+      var bar = el("div", { cls: "bar", title: limit > 0 ? p.toFixed(1) + " %" : "no limit" });
+      if (limit > 0) bar.appendChild(el("div", { cls: cls, style: "width:" + Math.min(100, Math.max(0, p)).toFixed(1) + "%" }));
+      row.appendChild(bar);
+      row.appendChild(el("div", { cls: "amt", text: limit > 0 ? usd(spent) + " of " + usd(limit) + " · " + p.toFixed(1) + " %" : usd(spent) + " spent · no limit" }));
+      box.appendChild(row);
+    });
+    replace("budgets", box);
+  }
+
+  function table(cols, rows, onRow) {
+    var thead = el("thead", null, el("tr", null, cols.map(function (c) { return el("th", { cls: c.n ? "n" : "", text: c.h }); })));
+    var tbody = el("tbody");
+    rows.forEach(function (r) {
+      var tr = el("tr");
+      cols.forEach(function (c) {
+        var v = c.f(r), td = el("td", { cls: (c.n ? "n " : "") + (c.cls || "") });
+        append(td, v == null || v === "" ? "—" : v);
+        if (c.title) td.title = String(c.title(r) || "");
+        tr.appendChild(td);
+      });
+      if (onRow) {
+        tr.className = "click"; tr.tabIndex = 0;
+        tr.addEventListener("click", function () { onRow(r); });
+        tr.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); onRow(r); } });
+      }
+      tbody.appendChild(tr);
+    });
+    return el("table", null, [thead, tbody]);
+  }
+
+  function renderProviders(rows) {
+    rows = Array.isArray(rows) ? rows : [];
+    if (!rows.length) return replace("providers", note("No providers configured."));
+    replace("providers", table([
+      { h: "Provider", f: function (p) { return el("strong", { text: p.name }); }, title: function (p) { return p.api_base; } },
+      { h: "Format", f: function (p) { return p.format; } },
+      { h: "Breaker", f: function (p) { var b = String(p.breaker || "unknown"); return badge(b.replace("_", "-"), BREAKER[b]); } },
+      { h: "State", f: function (p) { return !p.enabled ? badge("disabled") : p.usable ? badge("usable", "g") : badge("unusable", "r"); } },
+      { h: "Priority", n: 1, f: function (p) { return int(p.priority); } },
+      { h: "Requests", n: 1, f: function (p) { return int(p.requests); } },
+      { h: "Errors", n: 1, f: function (p) { return int(p.errors); } },
+      { h: "Latency", n: 1, f: function (p) { return ms(p.latency_ms); } },
+      { h: "Last error", cls: "wrap", f: function (p) { return p.last_error ? el("span", { style: "color:var(--red)", text: p.last_error }) : ""; } }
+    ], rows));
+  }
+
+  function renderRequests(d) {
+    var rows = d && Array.isArray(d.requests) ? d.requests.slice() : [];
+    rows.sort(function (a, b) { return String(b.timestamp).localeCompare(String(a.timestamp)); });
+    setText("req-total", d && num(d.total) !== null ? "showing " + rows.length + " of " + int(d.total) + (rows.length ? " · click a row for details" : "") : "");
+    if (!rows.length) return replace("requests", note("No requests logged yet."));
+    replace("requests", table([
+      { h: "Time", f: function (r) { return time(r.timestamp); }, title: function (r) { return r.timestamp; } },
+      { h: "Model", f: function (r) { return r.model; } },
+      { h: "Provider", f: function (r) { return r.provider; } },
+      { h: "Project", f: function (r) { return r.project; } },
+      { h: "Status", n: 1, f: function (r) { var c = num(r.status_code); return el("span", { style: c >= 400 ? "color:var(--red);font-weight:600" : "", text: c === null ? "—" : c }); } },
+      { h: "Outcome", f: function (r) { var o = String(r.request_type || "unknown"); return [badge(o.replace(/_/g, " "), OUTCOME[o]), r.streaming ? el("span", { cls: "stream", title: "streaming response", text: "stream" }) : null]; } },
+      { h: "Tokens in", n: 1, f: function (r) { return int(r.tokens_in); } },
+      { h: "Tokens out", n: 1, f: function (r) { return int(r.tokens_out); } },
+      { h: "Cost", n: 1, f: function (r) { return usd(r.cost_usd); } },
+      { h: "Savings", n: 1, f: function (r) { return num(r.savings_usd) ? el("span", { style: "color:var(--green)", text: usd(r.savings_usd) }) : usd(r.savings_usd); } },
+      { h: "Latency", n: 1, f: function (r) { return ms(r.latency_ms); } }
+    ], rows, openDetail));
+  }
+
+  function renderEvents(id, d, cols, empty) {
+    var rows = d && Array.isArray(d.entries) ? d.entries.slice(0, 20) : [];
+    if (!rows.length) return replace(id, note(empty));
+    replace(id, table([{ h: "Time", f: function (r) { return time(r.timestamp); }, title: function (r) { return r.timestamp; } }].concat(cols, [
+      { h: "Field", cls: "mono", f: function (r) { return r.field_path; } },
+      { h: "Context", cls: "wrap mono", f: function (r) { return r.context; } },
+      { h: "Request", cls: "mono", f: function (r) { return r.request_id; } }
+    ]), rows, function (r) { if (r.request_id) openDetail({ id: r.request_id }); }));
+  }
+  var ACTION = { block: "r", redact: "y", log: "", warn: "y" };
+  function actionCol() { return { h: "Action", f: function (r) { return badge(r.action, ACTION[r.action]); } }; }
+
+  // ---------- detail panel ----------
+  var detailSeq = 0;
+  function openDetail(r) {
+    var seq = ++detailSeq, id = String(r.id || "");
+    $("panel").hidden = false;
+    setText("panelTitle", "Request " + id);
+    replace("panelBody", note("Loading…"));
+    api("/api/requests/" + encodeURIComponent(id)).then(function (d) {
+      if (seq !== detailSeq) return;
+      if (!d || typeof d !== "object") throw new Error("empty response");
+      var dl = el("dl");
+      Object.keys(d).forEach(function (k) {
+        var v = d[k], dd = el("dd");
+        if (v === null || v === undefined) dd.appendChild(el("span", { cls: "null", text: "null" }));
+        else if (typeof v === "object") dd.appendChild(el("pre", { cls: "mono", text: JSON.stringify(v, null, 2) }));
+        else if (typeof v === "string" && /_body$/.test(k)) dd.appendChild(el("pre", { cls: "mono", text: pretty(v) }));
+        else if (typeof v === "number" && /(cost|savings)_usd$/.test(k)) append(dd, usd(v) + "  (" + v + ")");
+        else append(dd, v === "" ? el("span", { cls: "null", text: "(empty)" }) : String(v));
+        dl.appendChild(el("dt", { text: k }));
+        dl.appendChild(dd);
+      });
+      replace("panelBody", dl);
+    }).catch(function (e) {
+      if (seq !== detailSeq) return;
+      if (e instanceof AuthError) { closePanel(); return showAuth(e.status); }
+      replace("panelBody", note("Could not load request: " + (e && e.message || e), true));
+    });
+  }
+  function pretty(s) { try { return JSON.stringify(JSON.parse(s), null, 2); } catch (e) { return s; } }
+  function closePanel() { detailSeq++; $("panel").hidden = true; }
+  $("panelClose").addEventListener("click", closePanel);
+  document.addEventListener("keydown", function (e) { if (e.key === "Escape" && !$("panel").hidden) closePanel(); });
+
+  // ---------- polling ----------
+  var loaded = {}, failed = [];
+  function section(id, p, render) {
+    return p.then(function (d) { render(d); loaded[id] = true; }).catch(function (e) {
+      if (e instanceof AuthError) throw e;
+      var msg = (e && e.message) || String(e);
+      failed.push(id + ": " + msg);
+      // keep the last good data on a transient failure; show the error only if nothing was shown yet
+      if (!loaded[id]) replace(id, note("Failed to load: " + msg, true));
+    });
+  }
+  function poll() {
+    if (busy || authWait) return;
+    busy = true;
+    failed = [];
+    var first = tick % HISTORY_EVERY === 0;
+    tick++;
+    // /api/stats first: if it answers 401/403 nothing else is requested.
+    api("/api/stats").then(function (s) {
+      renderStats(s || {});
+      $("signout").hidden = !token();
+      var jobs = [
+        section("requests", api("/api/requests?page=1&limit=25"), renderRequests),
+        section("providers", api("/api/providers"), renderProviders),
+        section("budgets", api("/api/security/budget"), renderBudgets),
+        section("pii", api("/api/security/pii?limit=20"), function (d) {
+          renderEvents("pii", d, [{ h: "Type", f: function (r) { return badge(r.pii_type, "bl"); } }, actionCol()], "No PII detected.");
+        }),
+        section("inj", api("/api/security/injection?limit=20"), function (d) {
+          renderEvents("inj", d, [{ h: "Category", f: function (r) { return badge(r.category, "bl"); } },
+            { h: "Pattern", cls: "wrap mono", f: function (r) { return r.pattern; } }, actionCol()], "No prompt-injection attempts detected.");
+        })
+      ];
+      if (first) jobs.push(section("chart", api("/api/stats/history?range=30d"), renderChart));
+      return Promise.all(jobs);
+    }).then(function () {
+      if (first && failed.some(function (f) { return f.indexOf("chart:") === 0; })) tick = 0; // retry history on the next poll
+      if (failed.length) setStatus("partial update · " + failed.join("; "), true);
+      else setStatus("live · updated " + time(new Date().toISOString()), false);
+    }).catch(function (e) {
+      if (e instanceof AuthError) return showAuth(e.status);
+      if (first) tick = 0; // retry history next time if this poll failed
+      setStatus("offline: " + (e && e.message || e) + " · retrying", true);
+    }).then(function () { busy = false; });
+  }
+  function schedule() {
+    clearInterval(timer);
+    timer = setInterval(function () { if (!document.hidden) poll(); }, POLL_MS);
+  }
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) poll(); });
+  var rz = null;
+  window.addEventListener("resize", function () { clearTimeout(rz); rz = setTimeout(function () { if (chartRows) renderChart(chartRows); }, 150); });
+  replace("chart", note("Loading…"));
+  poll();
+  schedule();
+})();
+</script>
+</body>
+</html>
 """
 
 
@@ -5616,6 +6296,7 @@ class App:
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.metrics = Metrics()
+        self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
 
     async def start(self) -> None:
@@ -5637,8 +6318,9 @@ class App:
         self.pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
                                        ledger=self.ledger, rate_state=self.rate_state,
                                        metrics=self.metrics)
+        self.tracer = Tracer(cfg.tracing, self.log) if cfg.tracing.enabled else None
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
-                           self.pipeline, self.metrics)
+                           self.pipeline, self.metrics, self.tracer)
         self.metrics.gauges.append(self._gauges)
         ssl_ctx = None
         if cfg.server.tls_enabled:
@@ -5655,6 +6337,8 @@ class App:
                                                              cfg.server.dashboard_port)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger())]
+        if self.tracer is not None:
+            self._tasks.append(loop.create_task(self.tracer.run(self.pool)))
         scheme = "https" if ssl_ctx else "http"
         self.log.info("tokenman started", version=__version__,
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
@@ -5733,6 +6417,14 @@ class App:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.tracer is not None:  # the last spans still go out, within a bound
+            try:
+                async with asyncio.timeout(5):
+                    await self.tracer.flush(self.pool, Origin(self.cfg.tracing.endpoint)
+                                            if self.cfg.tracing.exporter == "otlp-http"
+                                            else None)
+            except TimeoutError:
+                self.log.warn("trace export at shutdown timed out")
         if self.pool is not None:
             self.pool.close_all()
         if self.store is not None:
