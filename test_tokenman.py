@@ -2664,6 +2664,38 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(plain.status, 200)
 
 
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
+                             "/usr/bin/google-chrome") if os.path.exists(p)), None)
+
+
+@unittest.skipUnless(CHROMIUM, "no chromium on this machine (apt-get install chromium to run "
+                               "the dashboard browser test)")
+class TestDashboardInBrowser(ProxyTestCase):
+    async def test_page_renders_live_data_in_headless_chromium(self):
+        events, body = anthropic_fixture("text")
+        self.up.handler = fixture_handler(events, body)
+        await self.start_proxy()
+        for _ in range(3):
+            await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        await self.rows(3)
+        with tempfile.TemporaryDirectory() as profile:
+            done = await asyncio.to_thread(subprocess.run, [
+                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--virtual-time-budget=4000", "--enable-logging=stderr", "--v=0", "--dump-dom",
+                f"http://127.0.0.1:{self.app.dashboard_port}/"],
+                capture_output=True, text=True, timeout=60)
+        dom = done.stdout
+        self.assertIn('id="c-req"', dom)
+        requests_card = dom.split('id="c-req"', 1)[1].split("<", 1)[0]
+        self.assertIn(">3", requests_card)  # the live card was filled from /api/stats
+        self.assertIn("claude-sonnet-4-5", dom)  # the requests table was filled
+        errors = [line for line in done.stderr.splitlines()
+                  if "Uncaught" in line or "Failed to load resource" in line]
+        self.assertEqual(errors, [])
+
+
 class TestTracing(ProxyTestCase):
     async def test_traceparent_propagates_and_otlp_json_is_exported(self):
         collector = await FakeUpstream(lambda rec, r, w: json_reply(w, {})).start()
