@@ -2956,28 +2956,45 @@ class TestCLI(unittest.TestCase):
 class TestSubprocess(unittest.TestCase):
     def test_runs_from_the_command_line_and_stops_on_sigterm(self):
         with tempfile.TemporaryDirectory() as tmp:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sock.close()
+            ports = []
+            for _ in range(2):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+                sock.close()
+            port, dash = ports
             path = os.path.join(tmp, "t.toml")
             with open(path, "w") as fh:
-                fh.write(f'[server]\nproxy_port = {port}\ndashboard_port = 0\n'
-                         f'data_dir = "{tmp}/data"\n')
+                fh.write(f'[server]\nproxy_port = {port}\ndashboard_port = {dash}\n'
+                         f'data_dir = "{tmp}/data"\nlog_format = "json"\n')
             proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tokenman.py"),
                                      "--config", path], stderr=subprocess.PIPE,
                                     env=dict(os.environ, HOME=tmp))
             try:
-                line = proc.stderr.readline().decode()
-                self.assertIn("tokenman started", line)
+                line = json.loads(proc.stderr.readline())
+                self.assertEqual((line["level"], line["msg"]), ("info", "tokenman started"))
                 with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
                     conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     reply = b""
                     while chunk := conn.recv(4096):
                         reply += chunk
                 self.assertTrue(reply.startswith(b"HTTP/1.1 200 "))
+                cli = [sys.executable, os.path.join(HERE, "tokenman.py")]
+                status = subprocess.run(cli + ["status", "--config", path], capture_output=True,
+                                        text=True, timeout=WAIT)
+                self.assertIn(f"tokenman is running (pid {proc.pid})", status.stdout)
+                self.assertIn("cache hit rate", status.stdout)
+                twice = subprocess.run(cli + ["--config", path], capture_output=True, text=True,
+                                       timeout=WAIT)
+                self.assertEqual(twice.returncode, 1)
+                self.assertIn("already running", twice.stderr)
                 proc.terminate()
                 self.assertEqual(proc.wait(WAIT), 0)
+                self.assertFalse(os.path.exists(os.path.join(tmp, "data", "tokenman.pid")))
+                status = subprocess.run(cli + ["status", "--config", path], capture_output=True,
+                                        text=True, timeout=WAIT)
+                self.assertEqual((status.returncode, status.stdout.strip()),
+                                 (1, "tokenman is not running"))
             finally:
                 if proc.poll() is None:
                     proc.kill()

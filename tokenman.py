@@ -337,24 +337,33 @@ def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
 class Logger:
     """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
     happens for enabled levels; values are escaped so no client input can forge a line."""
-    __slots__ = ("level", "stream")
+    __slots__ = ("level", "stream", "json")
 
-    def __init__(self, level: str = "info", stream=None) -> None:
+    def __init__(self, level: str = "info", stream=None, fmt: str = "text") -> None:
         self.level = LOG_LEVELS.get(level.lower(), 20)
         self.stream = stream if stream is not None else sys.stderr
+        self.json = fmt == "json"
 
     def enabled(self, level: int) -> bool:
         return level >= self.level
 
     def _emit(self, name: str, msg: str, fields: dict) -> None:
+        if self.json:
+            record = {"time": utc_iso(time.time()), "level": name.lower(), "msg": msg}
+            record.update({k: redact_secrets(str(v)) for k, v in fields.items()})
+            self._write(json.dumps(record, ensure_ascii=False) + "\n")
+            return
         parts = [utc_iso(time.time()), name, escape_log(msg)]
         for key, value in fields.items():
             text = escape_log(redact_secrets(str(value)))
             if not text or " " in text or '"' in text or "=" in text:
                 text = json.dumps(text)
             parts.append(f"{key}={text}")
+        self._write(" ".join(parts) + "\n")
+
+    def _write(self, line: str) -> None:
         try:
-            self.stream.write(" ".join(parts) + "\n")
+            self.stream.write(line)
         except (OSError, ValueError):
             pass  # a closed or full log stream never fails a request
 
@@ -397,6 +406,7 @@ class ServerConfig:
     proxy_port: int = _f(7677, "port of the LLM API proxy")
     dashboard_port: int = _f(7678, "port of the dashboard (must differ from proxy_port)")
     log_level: str = _f("info", "trace, debug, info, warn, error or fatal")
+    log_format: str = _f("text", "text (key=value lines) or json (one object per line)")
     data_dir: str = _f("~/.tokenman", "directory of the request log database (created 0700)")
     tls_enabled: bool = _f(False, "serve HTTPS with cert_file and key_file")
     cert_file: str = _f("", "PEM certificate chain, when tls_enabled")
@@ -873,6 +883,8 @@ def validate_config(cfg: Config) -> list[str]:
     if s.log_level.lower() not in LOG_LEVELS:
         errs.append(f"server.log_level: must be one of trace, debug, info, warn, error, fatal "
                     f"(got {s.log_level!r})")
+    if s.log_format not in ("text", "json"):
+        errs.append("server.log_format: must be text or json")
     if not s.data_dir.strip():
         errs.append("server.data_dir: must not be empty")
     if s.tls_enabled and not (s.cert_file and s.key_file):
@@ -6279,18 +6291,51 @@ svg text{font-size:11px;fill:var(--muted);font-family:inherit}
 # ================================================================================================
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid(data_dir: str) -> int:
+    """The PID in data_dir/tokenman.pid, 0 when there is none (or it is not a number)."""
+    try:
+        with open(os.path.join(data_dir, "tokenman.pid"), encoding="ascii") as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def claim_pid_file(data_dir: str) -> str:
+    """Writes this process's PID; refuses when another live tokenman holds the file, and
+    replaces a stale one."""
+    pid = read_pid(data_dir)
+    if pid and pid != os.getpid() and pid_alive(pid):
+        raise TokenmanError(f"tokenman is already running with this data_dir (pid {pid})")
+    path = os.path.join(data_dir, "tokenman.pid")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return path
+
+
 class App:
     """Owns the store, the upstream pool, the proxy and its server, and background tasks."""
 
     def __init__(self, cfg: Config, env: dict | None = None, log: Logger | None = None) -> None:
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
-        self.log = log or Logger(cfg.server.log_level)
+        self.log = log or Logger(cfg.server.log_level, fmt=cfg.server.log_format)
         self.store: Store | None = None
         self.pool: UpstreamPool | None = None
         self.proxy: Proxy | None = None
         self.server: HTTPServer | None = None
         self.dashboard: HTTPServer | None = None
+        self.pid_path = ""
         self.port = 0
         self.dashboard_port = 0
         self._tasks: list[asyncio.Task] = []
@@ -6305,6 +6350,7 @@ class App:
         for warning in cfg.warnings:
             self.log.warn("config", problem=warning)
         path = await asyncio.to_thread(open_database, cfg.data_dir)
+        self.pid_path = claim_pid_file(cfg.data_dir)
         self.store = Store(path, self.log)
         self.store.start()
         self.pool = UpstreamPool(self.env)
@@ -6429,6 +6475,14 @@ class App:
             self.pool.close_all()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
+        if self.pid_path:
+            try:
+                os.unlink(self.pid_path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.log.error("cannot remove the PID file", path=self.pid_path, error=str(exc))
+            self.pid_path = ""
         self.log.info("tokenman stopped")
 
     async def run(self) -> int:
@@ -6473,6 +6527,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and list every problem")
     check.add_argument("--config", "-c", dest="sub_config")
     sub.add_parser("version", help="print the version")
+    status = sub.add_parser("status", help="is tokenman running? its live stats")
+    status.add_argument("--config", "-c", dest="sub_config")
     stats = sub.add_parser("stats", help="usage and cost from the request log")
     stats.add_argument("--config", "-c", dest="sub_config")
     stats.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d (default 24h)")
@@ -6502,11 +6558,49 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "stats":
         return _stats(cfg, args)
+    if command == "status":
+        return _status(cfg)
     try:
         return asyncio.run(App(cfg).run())
-    except OSError as exc:  # typically the port is taken
+    except (OSError, TokenmanError) as exc:  # the port is taken, or tokenman already runs
         print(f"tokenman: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _status(cfg: Config) -> int:
+    pid = read_pid(cfg.data_dir)
+    if not pid or not pid_alive(pid):
+        print("tokenman is not running" + (" (stale PID file)" if pid else ""))
+        return 1
+    s = cfg.server
+    host = "127.0.0.1" if s.bind_address in ("0.0.0.0", "::", "") else s.bind_address
+    scheme = "https" if s.tls_enabled else "http"
+    print(f"tokenman is running (pid {pid})")
+    if not cfg.dashboard.enabled:
+        return 0
+    req = urllib.request.Request(f"{scheme}://{host}:{s.dashboard_port}/api/stats")
+    if cfg.auth.enabled:
+        req.add_header("Authorization", "Bearer " + resolve_secret(cfg.auth.token, os.environ))
+    ctx = None
+    if s.tls_enabled:  # our own certificate, possibly self-signed, possibly for another name
+        ctx = ssl.create_default_context(cafile=s.cert_file)
+        ctx.check_hostname = False
+    try:
+        with urllib.request.urlopen(req, timeout=3, context=ctx) as resp:
+            stats = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        print(f"  (dashboard unreachable: {exc})")
+        return 0
+    print(f"  uptime:          {stats['uptime']}")
+    print(f"  requests:        {stats['total_requests']} ({stats['errors']} not ok, "
+          f"{stats['active_requests']} active)")
+    print(f"  tokens:          {stats['tokens_in']} in, {stats['tokens_out']} out, "
+          f"{stats['tokens_saved']} saved")
+    print(f"  cost:            ${stats['cost_usd']:.4f}")
+    print(f"  savings:         ${stats['savings_usd']:.4f} ({stats['savings_percent']}%)")
+    print(f"  cache hit rate:  {stats['cache_hit_rate']}% ({stats['cache_hits']} hits / "
+          f"{stats['cache_misses']} misses)")
+    return 0
 
 
 def _init_config(path: str, force: bool) -> int:
