@@ -564,6 +564,7 @@ class TestWire(unittest.TestCase):
             (head("GET /" + "a" * 9000 + " HTTP/1.1", "Host: a"), 414),
             (head("GET / HTTP/1.1", "Host: a", *[f"X{i}: v" for i in range(101)]), 431),
             (head("GET /\xe9 HTTP/1.1", "Host: a"), 400),
+            (head("GET http://[::1/x HTTP/1.1", "Host: a"), 400),    # found by the fuzzer
         ]
         for data, status in cases:
             with self.subTest(data=data[:60]), self.assertRaises(tm.HTTPError) as ctx:
@@ -633,8 +634,8 @@ class TestWire(unittest.TestCase):
         sp = tm.SSESplitter(limit=100)
         out = sp.feed(b"data: " + b"x" * 150)
         out += sp.feed(b"yyy\n\ndata: ok\n\n")
-        self.assertEqual(b"".join(e[1:] if e[:1] == b"\x00" else e for e in out),
-                         b"data: " + b"x" * 150 + b"yyy\n\ndata: ok\n\n")
+        self.assertEqual(b"".join(out), b"data: " + b"x" * 150 + b"yyy\n\ndata: ok\n\n")
+        self.assertEqual([type(e) for e in out], [tm.RawPiece, tm.RawPiece, bytes])
         self.assertEqual(out[-1], b"data: ok\n\n")
 
     def test_sse_fields(self):
@@ -2888,6 +2889,303 @@ class TestServerHardening(ProxyTestCase):
 
 
 # ================================================================================================
+# hostile input and faults: attacks on both servers, hostile upstreams, crashes, load and leaks
+# ================================================================================================
+
+
+def mutate(rng, data: bytes) -> bytes:
+    """One random mutation of a byte string (flip, insert, delete, duplicate, splice)."""
+    ops = rng.randrange(6)
+    i = rng.randrange(len(data) + 1)
+    if ops == 0 and data:
+        return data[:i] + bytes([rng.randrange(256)]) + data[i + 1:]
+    if ops == 1:
+        return data[:i] + rng.choice([b"\r\n", b"\n", b"\r", b"\x00", b":", b" ", b"\t", b",",
+                                      b"chunked", b"0x", b"+", b"-", b"\xff", b"9" * 20]) + data[i:]
+    if ops == 2:
+        return data[:i] + data[i + rng.randrange(1, 8):]
+    if ops == 3:
+        return data[:i] + data[i:i + 30] * rng.randrange(2, 5) + data[i + 30:]
+    if ops == 4:
+        j = rng.randrange(len(data) + 1)
+        return data[:min(i, j)] + data[max(i, j):] + data[min(i, j):max(i, j)]
+    return data
+
+
+FUZZ_SEEDS = (
+    b"POST /v1/messages?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Api-Key: k\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET http://h/p HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+)
+RESPONSE_SEEDS = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+                  b"HTTP/1.1 529 Overloaded\r\nContent-Length: 12\r\nRetry-After: 3\r\n\r\n")
+
+
+def fuzz(seconds: float, seed: int = 0) -> int:
+    """Feeds random and mutated heads, chunk lines, SSE bytes and JSON to the parsers; each
+    must parse or raise tokenman's own error (or ValueError where documented). Returns the
+    number of inputs tried."""
+    import random
+    rng = random.Random(seed)
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline:
+        for _ in range(200):
+            data = rng.choice(FUZZ_SEEDS)
+            for _ in range(rng.randrange(1, 6)):
+                data = mutate(rng, data)
+            try:
+                req = tm.parse_request_head(data if data.endswith(b"\r\n\r\n")
+                                            else data + b"\r\n\r\n")
+                tm.request_framing(req.headers)
+            except tm.HTTPError:
+                pass
+            resp = mutate(rng, rng.choice(RESPONSE_SEEDS))
+            try:
+                head = tm.parse_response_head(resp if resp.endswith(b"\r\n\r\n")
+                                              else resp + b"\r\n\r\n")
+                tm.response_framing(head, "POST")
+            except tm.UpstreamError:
+                pass
+            try:
+                tm.parse_chunk_size(mutate(rng, b"1f;ext=1\r\n"))
+            except ValueError:
+                pass
+            splitter = tm.SSESplitter(limit=64)
+            stream = mutate(rng, b"event: a\ndata: {\"x\":1}\n\ndata: [DONE]\n\n")
+            out = b"".join(splitter.feed(stream))
+            assert out + splitter.flush() == stream
+            body = mutate(rng, b'{"model":"m","stream":true,"messages":[{"role":"user"}]}')
+            try:
+                tm.json_patch(body, {"stream_options": {"include_usage": True}})
+            except (ValueError, UnicodeDecodeError, IndexError):
+                pass
+            count += 1
+    return count
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def soak(seconds: float) -> None:
+    """TOKENMAN_SOAK=1 python test_tokenman.py soak [seconds]: mixed buffered and streamed
+    load (up to 300 in flight) through the default pipeline; prints requests, errors, rows and
+    RSS before, at peak and after."""
+    async def run() -> None:
+        up = await FakeUpstream().start()
+        events, body = anthropic_fixture("text")
+        up.handler = fixture_handler(events, body)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = tm.config_from_dict({"server": {"proxy_port": 0, "dashboard_port": 0,
+                                                  "data_dir": tmp, "log_level": "error"},
+                                       "providers": {"anthropic": {"api_base": up.base}}}, {})
+            app = tm.App(cfg, env={}, log=tm.Logger("fatal"))
+            await app.start()
+            before, peak, sent, errors = rss_mb(), 0.0, 0, 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                batch = [http(app.port, "POST", "/v1/messages",
+                              dict(ANTHROPIC_REQ, stream=i % 3 == 0), A_HEADERS)
+                         for i in range(300)]
+                results = await asyncio.gather(*batch, return_exceptions=True)
+                sent += len(results)
+                errors += sum(1 for r in results if isinstance(r, Exception) or r.status != 200)
+                peak = max(peak, rss_mb())
+            await asyncio.to_thread(app.store.flush, 60)
+            rows = (await asyncio.to_thread(app.store.query,
+                                            "SELECT COUNT(*) AS n FROM requests"))[0]["n"]
+            await app.stop()
+            await up.stop()
+            print(f"soak: {sent} requests in {seconds:.0f} s (300 concurrent, 1/3 streamed), "
+                  f"{errors} errors, {rows} rows ({sent - rows} lost); RSS before "
+                  f"{before:.1f} MB, peak {peak:.1f} MB, after {rss_mb():.1f} MB")
+    asyncio.run(run())
+
+
+class TestHostileInput(ProxyTestCase):
+    def test_fuzz_parsers_briefly(self):
+        self.assertGreater(fuzz(1.0, seed=42), 100)
+
+    async def test_dashboard_survives_the_same_attacks(self):
+        await self.start_proxy()
+        dash = self.app.dashboard_port
+        for raw in (b"GET /api/stats HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET //evil.example/api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    b"\x00\xff\r\n\r\n"):
+            with self.subTest(raw=raw[:40]):
+                reply = await raw_exchange(dash, raw)
+                self.assertTrue(reply.startswith(b"HTTP/1.1 4") or reply.startswith(
+                    b"HTTP/1.1 200") and b"<html" in reply, reply[:60])
+        self.assertEqual((await http(dash, "GET", "/api/health")).status, 200)
+
+    async def test_odd_json_passes_through_or_is_refused_cleanly(self):
+        await self.start_proxy()
+        cases = [(b'{"model":"a","model":"gpt-4o","n":1e999999,"big":123456789012345678901234567890,'
+                  b'"messages":[]}', 200),
+                 (b'{"model":"gpt-4o","messages":["\xff\xfe"]}', 400),
+                 (b'{"model":"gpt-4o","messages":' + b"[" * 50000 + b"]" * 50000 + b"}", 400)]
+        for raw, status in cases:
+            with self.subTest(raw=raw[:40]):
+                resp = await http(self.port, "POST", "/v1/chat/completions", raw, O_HEADERS)
+                self.assertEqual(resp.status, status)
+        self.assertEqual(self.up.requests[0].body, cases[0][0])  # forwarded byte for byte
+
+    async def upstream_open(self) -> int:
+        return self.up.connections - self.up.closed
+
+    async def test_hostile_upstreams_get_native_errors_rows_and_no_leaks(self):
+        never = asyncio.Event()
+
+        async def longer_than_declared(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                    b"\r\n{}EXTRA-BYTES")
+
+        async def bad_chunks(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nzz\r\n")
+
+        async def trickle(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: 100\r\n\r\n")
+            for _ in range(100):
+                w.write(b" ")
+                await w.drain()
+                await asyncio.sleep(0.02)
+
+        async def endless(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")
+            event = b"event: ping\ndata: {\"type\":\"ping\"}\n\n"
+            while not never.is_set():
+                w.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await w.drain()
+                await asyncio.sleep(0.02)
+            return False
+
+        async def garbage_status(rec, r, w):
+            w.write(b"HTTP/1.1 2OO OK\r\n\r\n")
+            return False
+        cases = [(longer_than_declared, False, 200), (bad_chunks, False, 502),
+                 (trickle, False, 504), (endless, True, 200), (garbage_status, False, 502)]
+        await self.start_proxy({"server": {"stream_timeout": 0.3},
+                                "resilience": {"retry_enabled": False,
+                                               "circuit_breaker_enabled": False}},
+                               providers={"anthropic": {"api_base": self.up.base,
+                                                        "timeout": 0.3}})
+        for handler, stream, status in cases:
+            with self.subTest(handler=handler.__name__):
+                self.up.handler = handler
+                resp = await http(self.port, "POST", "/v1/messages",
+                                  dict(ANTHROPIC_REQ, stream=stream), A_HEADERS)
+                self.assertEqual(resp.status, status)
+                if stream:
+                    self.assertIn(b"stream_timeout", resp.body)
+                elif status != 200:
+                    self.assertEqual(resp.json()["type"], "error")
+        never.set()
+        rows = await self.rows(len(cases))
+        self.assertEqual([r["outcome"] for r in rows],
+                         ["ok", "upstream_failed", "upstream_failed", "upstream_failed",
+                          "upstream_failed"])
+        self.assertEqual(self.app.pool.size(), 0)  # nothing half-read went back to the pool
+        deadline = time.monotonic() + WAIT
+        while await self.upstream_open() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.assertEqual(await self.upstream_open(), 0)  # every upstream connection was closed
+
+    async def test_a_20_mib_sse_line_is_relayed_whole(self):
+        big = b"event: content_block_delta\ndata: " + json.dumps(
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": "x" * (20 * 1024 * 1024)}}).encode() + b"\n\n"
+        events, _ = anthropic_fixture("text")
+        stream = events[:3] + [big] + events[3:]
+
+        async def handler(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            for event in stream:
+                writer.write(event)
+                await writer.drain()
+            return False  # close-delimited
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertEqual(len(resp.body), len(b"".join(stream)))
+        self.assertEqual(resp.body, b"".join(stream))
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["output_tokens"]), ("ok", 420))
+
+    async def test_load_leaves_no_leaks_and_every_request_has_one_row(self):
+        events, body = anthropic_fixture("text")
+        self.up.handler = fixture_handler(events, body)
+        await self.start_proxy()
+
+        def fds() -> int:
+            return len(os.listdir("/proc/self/fd"))
+        for _ in range(20):  # warm up: pools, caches, lazily created objects
+            await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        await self.rows(20)
+        base_fds, base_tasks = fds(), len(asyncio.all_tasks())
+        total = 20
+        for _ in range(4):
+            batch = [http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=bool(i % 3 == 0)), A_HEADERS)
+                     for i in range(200)]
+            results = await asyncio.gather(*batch)
+            self.assertEqual({r.status for r in results}, {200})
+            total += len(batch)
+        rows = await self.rows(total)
+        self.assertEqual(len(rows), total)
+        self.assertEqual(len({r["id"] for r in rows}), total)
+        deadline = time.monotonic() + WAIT
+        # the fake upstream (in this process) keeps one task per pooled connection
+        while (fds() > base_fds + 2 * tm.POOL_MAX_IDLE + 4 or len(asyncio.all_tasks()) >
+               base_tasks + tm.POOL_MAX_IDLE) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # the pool may keep up to POOL_MAX_IDLE idle upstream sockets (and the fake
+        # upstream, in this same process, their other ends); nothing beyond that stays open
+        self.assertLessEqual(self.app.pool.size(), tm.POOL_MAX_IDLE)
+        self.assertLessEqual(fds(), base_fds + 2 * tm.POOL_MAX_IDLE + 4)
+        self.assertLessEqual(len(asyncio.all_tasks()), base_tasks + tm.POOL_MAX_IDLE)
+
+
+class TestCrashRecovery(unittest.TestCase):
+    def test_kill_9_during_heavy_writes_keeps_committed_rows(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {HERE!r})
+import tokenman as tm, test_tokenman as T
+store = tm.Store(tm.open_database({tmp!r}), tm.Logger("fatal"))
+store.start()
+i = 0
+while True:
+    for _ in range(500):
+        store.record(T.sample_row(f"r{{i}}"))
+        i += 1
+    store.flush()
+    print(store.written, flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+            committed = 0
+            try:
+                while committed < 5000:
+                    committed = int(child.stdout.readline())
+            finally:
+                child.kill()  # SIGKILL: no shutdown, no flush
+                child.wait(WAIT)
+                child.stdout.close()
+            path = tm.open_database(tmp)  # reopens cleanly (WAL recovery)
+            conn = sqlite3.connect(path)
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            self.assertGreaterEqual(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0],
+                                    committed)
+            conn.close()
+
+
+# ================================================================================================
 # §18 command line
 # ================================================================================================
 
@@ -3002,4 +3300,10 @@ class TestSubprocess(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:2] == ["fuzz"]:  # python test_tokenman.py fuzz [seconds]
+        tried = fuzz(float(sys.argv[2]) if len(sys.argv) > 2 else 60.0)
+        print(f"fuzz: {tried} inputs, no unexpected exception")
+    elif os.environ.get("TOKENMAN_SOAK") == "1" and sys.argv[1:2] == ["soak"]:
+        soak(float(sys.argv[2]) if len(sys.argv) > 2 else 300.0)
+    else:
+        unittest.main()

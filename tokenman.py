@@ -1168,7 +1168,10 @@ def parse_request_head(data: bytes) -> Request:
     except UnicodeDecodeError:
         raise HTTPError(400, "non-ASCII request target", close=True) from None
     if target_s.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
-        split = urllib.parse.urlsplit(target_s)
+        try:
+            split = urllib.parse.urlsplit(target_s)
+        except ValueError:  # e.g. a broken [IPv6] authority
+            raise HTTPError(400, "invalid request target", close=True) from None
         target_s = (split.path or "/") + ("?" + split.query if split.query else "")
     elif not target_s.startswith("/") and not (target_s == "*" and method == b"OPTIONS"):
         raise HTTPError(400, "invalid request target", close=True)
@@ -1262,10 +1265,15 @@ def render_head(status: int, headers: list[tuple[bytes, bytes]], reason: bytes =
     return b"".join(parts)
 
 
+class RawPiece(bytes):
+    """A piece of an SSE stream that is not a whole event (an oversized event passed on in
+    parts): relayed as it is, never parsed."""
+
+
 class SSESplitter:
     """Cuts a byte stream into complete SSE events (each with its terminating blank line),
-    leaving the bytes untouched. An event larger than `limit` is passed on in pieces and
-    flagged, so relaying never stalls and memory stays bounded."""
+    leaving the bytes untouched. An event larger than `limit` is passed on in pieces (as
+    RawPiece), so relaying never stalls and memory stays bounded."""
     __slots__ = ("buf", "limit", "crlf", "oversize")
 
     def __init__(self, limit: int = SSE_MAX_EVENT) -> None:
@@ -1286,16 +1294,16 @@ class SSESplitter:
             end = self._boundary(buf, max(pos, start))
             if end < 0:
                 break
-            event = bytes(buf[pos:end])
-            if self.oversize:
+            if self.oversize:  # the tail of an oversized event
                 self.oversize = False
-                event = b"\x00" + event  # marks a tail that is not a whole event
-            events.append(event)
+                events.append(RawPiece(buf[pos:end]))
+            else:
+                events.append(bytes(buf[pos:end]))
             pos = end
         if pos:
             del buf[:pos]
         if len(buf) > self.limit:
-            events.append(b"\x00" + bytes(buf))
+            events.append(RawPiece(buf))
             buf.clear()
             self.oversize = True
         return events
@@ -5327,8 +5335,8 @@ class Proxy:
                     break
                 out = []
                 for event in splitter.feed(data):
-                    if event[:1] == b"\x00":
-                        out.append(event[1:])
+                    if type(event) is RawPiece:
+                        out.append(event)
                     elif meter.on_event(event):
                         out.append(self.pipeline.stream_event(ctx, event) if ctx.hooks
                                    else event)
