@@ -3186,6 +3186,90 @@ while True:
 
 
 # ================================================================================================
+# §17 App: hot reload
+# ================================================================================================
+
+
+class TestReload(ProxyTestCase):
+    async def start_from_file(self, text: str, env=None):
+        import io
+        self.cfg_path = os.path.join(self.tmp.name, "tokenman.toml")
+        with open(self.cfg_path, "w") as fh:
+            fh.write(text)
+        self.logbuf = io.StringIO()
+        cfg = tm.load_config(self.cfg_path, env=env or {})
+        self.app = tm.App(cfg, env=env or {}, log=tm.Logger("info", self.logbuf))
+        await self.app.start()
+        self.addAsyncCleanup(self.app.stop)
+        self.port = self.app.port
+
+    def config(self, extra: str = "") -> str:
+        return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
+                f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
+
+    async def test_file_change_reloads_while_a_stream_finishes_on_its_snapshot(self):
+        other = await FakeUpstream(lambda rec, r, w: json_reply(w, {"who": "other"})).start()
+        self.addAsyncCleanup(other.stop)
+        events, _ = anthropic_fixture("text")
+        gate = asyncio.Event()
+        self.up.handler = fixture_handler(events, None, gate=gate, after=3)
+        await self.start_from_file(self.config())
+        stream = asyncio.create_task(http(self.port, "POST", "/v1/messages",
+                                          dict(ANTHROPIC_REQ, stream=True), A_HEADERS))
+        while not self.up.requests:
+            await asyncio.sleep(0.005)
+        with open(self.cfg_path + ".swp", "w") as fh:  # an editor's save: a new file renamed
+            fh.write(self.config().replace(self.up.base, other.base)  # over the old one
+                     + '[security.pii]\naction = "block"\n')
+        os.replace(self.cfg_path + ".swp", self.cfg_path)
+        deadline = time.monotonic() + WAIT
+        while "config reloaded" not in self.logbuf.getvalue() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self.assertIn("config reloaded", self.logbuf.getvalue())
+        gate.set()
+        resp = await asyncio.wait_for(stream, WAIT)
+        self.assertEqual(resp.body, b"".join(events))  # the old snapshot finished the stream
+        new = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(new.json(), {"who": "other"})
+        blocked = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, messages=[
+            {"role": "user", "content": "a@b.io"}]), A_HEADERS)
+        self.assertEqual(blocked.status, 400)  # the new pipeline's PII action
+
+    async def test_bad_config_keeps_the_old_one_and_logs_every_problem(self):
+        await self.start_from_file(self.config())
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config('[routing]\ndefault_provider = "ghost"\n'
+                                 '[security.pii]\naction = "shout"\n'))
+        self.assertFalse(await self.app.reload("SIGHUP"))
+        log = self.logbuf.getvalue()
+        self.assertIn("config reload failed", log)
+        self.assertIn("ghost", log)
+        self.assertIn("security.pii.action", log)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+
+    async def test_rotated_key_file_is_used_without_restart_and_restart_only_keys_warn(self):
+        key_file = os.path.join(self.tmp.name, "key")
+        with open(key_file, "w") as fh:
+            fh.write("sk-ant-old\n")
+        text = self.config().replace(f'api_base = "{self.up.base}"',
+                                     f'api_base = "{self.up.base}"\nkey_ref = "file://{key_file}"')
+        await self.start_from_file(text)
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        with open(key_file, "w") as fh:
+            fh.write("sk-ant-new\n")
+        with open(self.cfg_path, "w") as fh:
+            fh.write(text.replace("dashboard_port = 0", "dashboard_port = 1"))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual([r.headers[b"x-api-key"] for r in self.up.requests],
+                         [b"sk-ant-old", b"sk-ant-new"])
+        self.assertIn("need a restart", self.logbuf.getvalue())
+        self.assertIn("server.dashboard_port", self.logbuf.getvalue())
+        self.assertNotIn("sk-ant-new", self.logbuf.getvalue())  # never a key in a log line
+
+
+# ================================================================================================
 # §18 command line
 # ================================================================================================
 

@@ -3324,7 +3324,7 @@ class Context:
                  "streaming", "status", "outcome", "usage", "cost", "error", "wall", "ttfb",
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
-                 "upstream_body", "cache_hit", "tokens_saved", "saved", "trace")
+                 "upstream_body", "cache_hit", "tokens_saved", "saved", "trace", "pipeline")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -3363,6 +3363,7 @@ class Context:
         self.tokens_saved = 0
         self.saved: dict[str, float] = {}  # USD saved by source: cache, prompt_cache, ...
         self.trace: Trace | None = None
+        self.pipeline: "Pipeline | None" = None  # the snapshot this request started with
 
     @property
     def pipeline_ms(self) -> float | None:
@@ -4966,6 +4967,17 @@ class Proxy:
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
 
+    def reconfigure(self, cfg: Config, router: Router, prices: PriceTable,
+                    pipeline: Pipeline) -> None:
+        """A reload: new requests use the new snapshot, requests in flight keep theirs."""
+        self.cfg = cfg
+        self.router = router
+        self.prices = prices
+        self.pipeline = pipeline
+        self.dispatcher = Dispatcher(cfg, self.pool, self.breakers, self.log,
+                                     metrics=self.metrics)
+        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+
     async def handle(self, req: Request, conn: ServerConn) -> None:
         path = req.path
         if path.startswith("/v1/"):
@@ -5017,13 +5029,14 @@ class Proxy:
     # -- the relay ------------------------------------------------------------------------------
     async def relay(self, req: Request, conn: ServerConn) -> None:
         ctx = Context(req, api_for(req.path, req.headers))
+        ctx.pipeline = self.pipeline  # a reload swaps self.pipeline; this request keeps its own
         if self.tracer is not None:
             ctx.trace = self.tracer.start(req)
         try:
             pairs = self._prepare(req, ctx)
             reply = None
             if ctx.obj is not None and req.path in ACCOUNTED_PATHS:
-                reply = await self.pipeline.request(ctx)
+                reply = await ctx.pipeline.request(ctx)
             if reply is not None:
                 self._answer(req, conn, ctx, reply)
             else:
@@ -5048,7 +5061,7 @@ class Proxy:
                 conn.send_error(req, ctx.api, 500, "internal error in tokenman",
                                 [(b"X-Request-Id", ctx.xid)])
         finally:
-            self.pipeline.finish(ctx)
+            ctx.pipeline.finish(ctx)
         self._finish(ctx)
 
     def _answer(self, req: Request, conn: ServerConn, ctx: Context, reply: Reply) -> None:
@@ -5060,7 +5073,7 @@ class Proxy:
         if reply.outcome == "rejected":
             ctx.error = _error_text(_loads(body)) or "rejected by policy"
         if ctx.hooks:
-            body = self.pipeline.response(ctx, body)
+            body = ctx.pipeline.response(ctx, body)
         if reply.outcome in HIT_OUTCOMES:
             ctx.provider = "cache"
             ctx.cost = 0.0
@@ -5274,7 +5287,7 @@ class Proxy:
         else:
             ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
         if ctx.hooks:
-            data = self.pipeline.response(ctx, data)
+            data = ctx.pipeline.response(ctx, data)
         headers = self._client_headers(resp.head, ctx)
         if ctx.cost is not None and ctx.outcome == "ok":
             headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % ctx.cost))
@@ -5338,7 +5351,7 @@ class Proxy:
                     if type(event) is RawPiece:
                         out.append(event)
                     elif meter.on_event(event):
-                        out.append(self.pipeline.stream_event(ctx, event) if ctx.hooks
+                        out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
                                    else event)
                 if out:
                     conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
@@ -6351,6 +6364,8 @@ class App:
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.dashboard_api: Dashboard | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -6362,16 +6377,9 @@ class App:
         self.store = Store(path, self.log)
         self.store.start()
         self.pool = UpstreamPool(self.env)
-        prices = PriceTable(cfg.pricing, warn=lambda model: self.log.warn(
-            "no price for model; its cost is recorded as null", model=model))
-        router = Router(cfg, self.env, self.log)
-        self.breakers = {key: CircuitBreaker(key, cfg.resilience, on_change=self._breaker_moved)
-                         for key in cfg.providers}
         self.ledger = BudgetLedger()
         await asyncio.to_thread(self.ledger.load, self.store)
-        self.pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
-                                       ledger=self.ledger, rate_state=self.rate_state,
-                                       metrics=self.metrics)
+        router, prices, self.pipeline = await asyncio.to_thread(self._components, cfg)
         self.tracer = Tracer(cfg.tracing, self.log) if cfg.tracing.enabled else None
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
                            self.pipeline, self.metrics, self.tracer)
@@ -6384,13 +6392,15 @@ class App:
                                  on_reject=self.proxy.rejected)
         self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
         if cfg.dashboard.enabled:
-            self.dashboard = HTTPServer(
-                Dashboard(cfg, self.store, self.metrics, self.proxy, self.breakers, self.ledger,
-                          self.log).handle, cfg.server, self.log, ssl_ctx, name="dashboard")
+            self.dashboard_api = Dashboard(cfg, self.store, self.metrics, self.proxy,
+                                           self.breakers, self.ledger, self.log)
+            self.dashboard = HTTPServer(self.dashboard_api.handle, cfg.server, self.log, ssl_ctx,
+                                        name="dashboard")
             self.dashboard_port = await self.dashboard.start(cfg.server.bind_address,
                                                              cfg.server.dashboard_port)
         loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger())]
+        self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger()),
+                        loop.create_task(self._watch())]
         if self.tracer is not None:
             self._tasks.append(loop.create_task(self.tracer.run(self.pool)))
         scheme = "https" if ssl_ctx else "http"
@@ -6400,6 +6410,79 @@ class App:
                       if self.dashboard else "off",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
+
+    def _components(self, cfg: Config) -> tuple[Router, PriceTable, Pipeline]:
+        """What one config snapshot needs (reads key files: run in a worker thread). Breakers,
+        rate-limit buckets, budget ledger and metrics are shared across snapshots."""
+        prices = PriceTable(cfg.pricing, warn=lambda model: self.log.warn(
+            "no price for model; its cost is recorded as null", model=model))
+        router = Router(cfg, self.env, self.log)
+        for key in cfg.providers:
+            breaker = self.breakers.get(key)
+            if breaker is None:
+                self.breakers[key] = CircuitBreaker(key, cfg.resilience,
+                                                    on_change=self._breaker_moved)
+            else:  # new thresholds, same state
+                breaker.threshold = cfg.resilience.cb_failure_threshold
+                breaker.reset = cfg.resilience.cb_reset_timeout_seconds
+                breaker.max_probes = cfg.resilience.cb_half_open_max_calls
+        pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
+                                  ledger=self.ledger, rate_state=self.rate_state,
+                                  metrics=self.metrics)
+        return router, prices, pipeline
+
+    async def reload(self, reason: str) -> bool:
+        """Loads and validates the config again; on success swaps the snapshot (requests in
+        flight finish on theirs), on failure keeps the old one and logs every problem."""
+        try:
+            cfg = await asyncio.to_thread(load_config, self.cfg.source or None, self.env)
+            router, prices, pipeline = await asyncio.to_thread(self._components, cfg)
+        except ConfigError as exc:
+            self.log.error("config reload failed; keeping the running config", reason=reason,
+                           problems=len(exc.problems))
+            for problem in exc.problems:
+                self.log.error("config problem", problem=problem)
+            return False
+        old = self.cfg
+        fixed = [f"server.{k}" for k in ("bind_address", "proxy_port", "dashboard_port",
+                                         "tls_enabled", "cert_file", "key_file", "data_dir")
+                 if getattr(cfg.server, k) != getattr(old.server, k)]
+        fixed += ["dashboard.enabled"] if cfg.dashboard.enabled != old.dashboard.enabled else []
+        fixed += ["tracing"] if cfg.tracing != old.tracing else []
+        if fixed:
+            self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
+        self.proxy.reconfigure(cfg, router, prices, pipeline)
+        if self.dashboard is not None:
+            self.dashboard_api.cfg = cfg
+        self.log.level = LOG_LEVELS.get(cfg.server.log_level, 20)
+        self.pipeline, self.cfg = pipeline, cfg
+        self.log.info("config reloaded", reason=reason, source=cfg.source or "built-in defaults")
+        return True
+
+    async def _watch(self) -> None:
+        """Reloads when the config file changes (mtime, size or inode: editors that save by
+        renaming a new file over the old one are seen too)."""
+        path = self.cfg.source
+
+        def stamp() -> tuple | None:
+            try:
+                st = os.stat(path)
+                return (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                return None
+        if not path:
+            return
+        last = await asyncio.to_thread(stamp)
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                now = await asyncio.to_thread(stamp)
+                if now is not None and now != last:
+                    await asyncio.sleep(0.1)  # let the editor finish writing
+                    last = await asyncio.to_thread(stamp)
+                    await self.reload("file changed")
+            except Exception as exc:  # a background task logs and keeps going
+                self.log.error("config watcher failed", error=f"{type(exc).__name__}: {exc}")
 
     def _gauges(self) -> list[tuple[str, dict, float]]:
         """Values read at scrape time rather than counted per request."""
@@ -6508,6 +6591,7 @@ class App:
         await self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, first_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
         await stop.wait()
         await self.stop()
         return 0
