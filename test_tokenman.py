@@ -3382,6 +3382,49 @@ class TestSubprocess(unittest.TestCase):
                     proc.kill()
                 proc.stderr.close()
 
+    def test_detached_start_stop_status_restart(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            ports = []
+            for _ in range(2):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+                sock.close()
+            path = os.path.join(tmp, "t.toml")
+            with open(path, "w") as fh:
+                fh.write(f'[server]\nproxy_port = {ports[0]}\ndashboard_port = {ports[1]}\n'
+                         f'data_dir = "{tmp}/data"\n')
+            cli = [sys.executable, os.path.join(HERE, "tokenman.py")]
+
+            def run(*args):
+                return subprocess.run(cli + list(args) + ["--config", path],
+                                      capture_output=True, text=True, timeout=60)
+            try:
+                started = run("start")
+                self.assertEqual(started.returncode, 0, started.stderr)
+                self.assertIn("tokenman started (pid", started.stdout)
+                pid = tm.read_pid(os.path.join(tmp, "data"))
+                self.assertTrue(tm.pid_alive(pid))
+                self.assertEqual(run("start").returncode, 1)  # refuses to start twice
+                self.assertIn(f"running (pid {pid})", run("status").stdout)
+                restarted = run("restart")
+                self.assertEqual(restarted.returncode, 0, restarted.stderr)
+                new_pid = tm.read_pid(os.path.join(tmp, "data"))
+                self.assertNotEqual(new_pid, pid)
+                stopped = run("stop")
+                self.assertEqual((stopped.returncode, stopped.stdout.strip()),
+                                 (0, f"tokenman stopped (pid {new_pid})"))
+                self.assertFalse(os.path.exists(os.path.join(tmp, "data", "tokenman.pid")))
+                with open(os.path.join(tmp, "data", "tokenman.log")) as fh:
+                    log = fh.read()
+                self.assertEqual(log.count("tokenman started"), 2)
+                self.assertEqual(log.count("tokenman stopped"), 2)
+                self.assertEqual(run("stop").returncode, 1)
+            finally:
+                pid = tm.read_pid(os.path.join(tmp, "data"))
+                if pid and tm.pid_alive(pid):
+                    os.kill(pid, 9)
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fuzz"]:  # python test_tokenman.py fuzz [seconds]

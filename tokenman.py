@@ -48,6 +48,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -332,6 +333,32 @@ def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
     elif isinstance(obj, list):
         for value in obj:
             _json_strings(value, out, depth + 1)
+
+
+class RotatingFile:
+    """A log file that rotates itself by size (path, path.1 .. path.N), 0600."""
+
+    def __init__(self, path: str, max_bytes: int = 10 * 1024 * 1024, backups: int = 3) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        self.size = self.fh.tell()
+
+    def write(self, line: str) -> None:
+        if self.size + len(line) > self.max_bytes:
+            self.fh.close()
+            for i in range(self.backups - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{i}"):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+            os.replace(self.path, self.path + ".1")
+            self._open()
+        self.fh.write(line)
+        self.size += len(line)
 
 
 class Logger:
@@ -6609,10 +6636,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", help="config file (default: $TOKENMAN_CONFIG, "
                         "~/.tokenman/tokenman.toml, ./tokenman.toml, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    start = sub.add_parser("start", help="run the proxy")
+    start = sub.add_parser("start", help="run the proxy (detached unless --foreground)")
     start.add_argument("--foreground", "-f", action="store_true",
-                       help="stay in the foreground (the only mode in this version)")
+                       help="stay in the foreground (containers, service managers)")
     start.add_argument("--config", "-c", dest="sub_config")
+    start.add_argument("--log-file", help="write the log to this file (rotated by size) "
+                       "instead of stderr; detached runs use data_dir/tokenman.log")
+    for name, text in (("stop", "stop a detached tokenman"),
+                       ("restart", "stop, then start detached")):
+        sub.add_parser(name, help=text).add_argument("--config", "-c", dest="sub_config")
     init = sub.add_parser("init-config", help="write the full default config")
     init.add_argument("path", nargs="?", default="~/.tokenman/tokenman.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -6652,11 +6684,73 @@ def main(argv: list[str] | None = None) -> int:
         return _stats(cfg, args)
     if command == "status":
         return _status(cfg)
+    if command == "stop":
+        return _stop(cfg)
+    if command == "restart":
+        _stop(cfg)
+        return _detach(cfg)
+    if args.command == "start" and not args.foreground:  # plain `tokenman.py` stays in front
+        return _detach(cfg)
+    log = None
+    if getattr(args, "log_file", None):
+        os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
+        log = Logger(cfg.server.log_level, RotatingFile(args.log_file), cfg.server.log_format)
     try:
-        return asyncio.run(App(cfg).run())
+        return asyncio.run(App(cfg, log=log).run())
     except (OSError, TokenmanError) as exc:  # the port is taken, or tokenman already runs
         print(f"tokenman: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _detach(cfg: Config) -> int:
+    """Starts tokenman in the background (a new session, logs to data_dir/tokenman.log) and
+    waits until it has claimed its PID file, or reports why it did not."""
+    pid = read_pid(cfg.data_dir)
+    if pid and pid_alive(pid):
+        print(f"tokenman: already running (pid {pid})", file=sys.stderr)
+        return 1
+    os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(cfg.data_dir, "tokenman.log")
+    argv = [sys.executable, os.path.abspath(__file__), "start", "--foreground",
+            "--log-file", log_path]
+    if cfg.source:
+        argv += ["--config", os.path.abspath(cfg.source)]
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            print(f"tokenman: failed to start (exit {child.returncode}); see {log_path}",
+                  file=sys.stderr)
+            return 1
+        if read_pid(cfg.data_dir) == child.pid:
+            print(f"tokenman started (pid {child.pid}); log: {log_path}")
+            return 0
+        time.sleep(0.05)
+    print(f"tokenman: no PID file after 15 s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _stop(cfg: Config) -> int:
+    pid = read_pid(cfg.data_dir)
+    if not pid or not pid_alive(pid):
+        if pid:
+            try:
+                os.unlink(os.path.join(cfg.data_dir, "tokenman.pid"))
+            except OSError:
+                pass
+        print("tokenman is not running" + (" (stale PID file removed)" if pid else ""))
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + cfg.server.shutdown_timeout + 10
+    while time.monotonic() < deadline:
+        if not pid_alive(pid) or read_pid(cfg.data_dir) != pid:
+            print(f"tokenman stopped (pid {pid})")
+            return 0
+        time.sleep(0.05)
+    print(f"tokenman: pid {pid} did not stop within {cfg.server.shutdown_timeout + 10:.0f} s",
+          file=sys.stderr)
+    return 1
 
 
 def _status(cfg: Config) -> int:
