@@ -501,7 +501,30 @@ class TestConfig(unittest.TestCase):
         with self.assertRaises(ValueError):
             tm.resolve_key("env:MISSING", {})
         with self.assertRaises(tm.ConfigError):
-            tm.config_from_dict({"providers": {"anthropic": {"key_ref": "keyring://x"}}}, {})
+            tm.config_from_dict({"providers": {"anthropic": {"key_ref": "vault://x"}}}, {})
+
+    def test_keyring_refs_use_the_os_tool_then_the_env_fallback(self):
+        with tempfile.TemporaryDirectory() as bin_dir:
+            tool = os.path.join(bin_dir, "secret-tool")
+            with open(tool, "w") as fh:
+                fh.write('#!/bin/sh\n[ "$1 $3 $5" = "lookup tokenman anthropic" ] && '
+                         'echo sk-ant-from-keyring\nexit 0\n')
+            os.chmod(tool, 0o755)
+            old = os.environ["PATH"]
+            try:
+                os.environ["PATH"] = bin_dir
+                self.assertEqual(tm.resolve_key("keyring://tokenman/anthropic", {}),
+                                 "sk-ant-from-keyring")
+                self.assertEqual(tm.resolve_key("keyring://tokenman/openai",
+                                                {"TOKENMAN_KEY_OPENAI": "sk-env"}), "sk-env")
+                os.environ["PATH"] = os.path.join(bin_dir, "none")
+                with self.assertRaises(ValueError) as ctx:
+                    tm.resolve_key("keyring://tokenman/openai", {})
+                self.assertIn("TOKENMAN_KEY_OPENAI", str(ctx.exception))
+                with self.assertRaises(ValueError):
+                    tm.resolve_key("keyring://other/openai", {})
+            finally:
+                os.environ["PATH"] = old
 
     def test_example_file_is_the_rendered_default(self):
         with open(os.path.join(HERE, "tokenman.example.toml"), encoding="utf-8") as fh:
@@ -3314,6 +3337,37 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("proxy_port", err)
         self.assertIn("nobody", err)
+
+    def test_config_export_and_import(self):
+        src = os.path.join(self.tmp.name, "a.toml")
+        with open(src, "w") as fh:
+            fh.write('[auth]\nenabled = true\ntoken = "tok-secret"\n'
+                     '[providers.anthropic]\nkey_ref = "env:ANT"\n')
+        out = os.path.join(self.tmp.name, "export.toml")
+        self.assertEqual(self.run_main(["config-export", out, "--config", src])[0], 0)
+        with open(out) as fh:
+            text = fh.read()
+        self.assertNotIn("tok-secret", text)
+        self.assertNotIn("env:ANT", text)
+        self.assertEqual(os.stat(out).st_mode & 0o777, 0o600)
+        self.run_main(["config-export", out, "--with-secrets", "--config", src])
+        cfg = tm.load_config(out, env={})
+        self.assertEqual((cfg.auth.token, cfg.providers["anthropic"].key_ref),
+                         ("tok-secret", "env:ANT"))
+        active = os.path.join(self.tmp.name, "active.toml")
+        with open(active, "w") as fh:
+            fh.write("")
+        self.assertEqual(self.run_main(["config-import", src, "--config", active])[0], 0)
+        with open(active) as fh, open(src) as want:
+            self.assertEqual(fh.read(), want.read())  # persisted where tokenman reads it
+        bad = os.path.join(self.tmp.name, "bad.toml")
+        with open(bad, "w") as fh:
+            fh.write("[server]\nproxy_port = 99999\n")
+        code, _, err = self.run_main(["config-import", bad, "--config", active])
+        self.assertEqual(code, 1)
+        self.assertIn("proxy_port", err)
+        with open(active) as fh, open(src) as want:
+            self.assertEqual(fh.read(), want.read())  # a bad file changes nothing
 
     def test_stats_reads_the_log(self):
         data = os.path.join(self.tmp.name, "data")

@@ -460,7 +460,8 @@ class ProviderConfig:
     name: str = _f("", "display name (defaults to the table key)")
     format: str = _f("", "API format: anthropic or openai (inferred from the key when empty)")
     api_base: str = _f("", "base URL, e.g. https://api.anthropic.com")
-    key_ref: str = _f("", "env:VAR or file:///path; empty = passthrough of the client's own key")
+    key_ref: str = _f("", "env:VAR, file:///path or keyring://tokenman/<provider>; empty = "
+                          "passthrough of the client's own key")
     models: tuple = _f((), "model ids served here (exact, or with * wildcards); empty = any")
     enabled: bool = _f(True, "false removes the provider from routing")
     priority: int = _f(0, "lower is preferred when several providers serve a model")
@@ -929,9 +930,10 @@ def validate_config(cfg: Config) -> list[str]:
         if url.scheme not in ("http", "https") or not url.hostname:
             errs.append(f"{where}.api_base: must be an http:// or https:// URL "
                         f"(got {p.api_base!r})")
-        if p.key_ref and not p.key_ref.startswith(("env:", "file://")):
-            errs.append(f"{where}.key_ref: must be env:VAR, file:///path or empty "
-                        f"(passthrough); got {p.key_ref.split(':')[0]!r}:...")
+        if p.key_ref and not p.key_ref.startswith(("env:", "file://", "keyring://")):
+            errs.append(f"{where}.key_ref: must be env:VAR, file:///path, "
+                        f"keyring://tokenman/<provider> or empty (passthrough); got "
+                        f"{p.key_ref.split(':')[0]!r}:...")
         if p.priority < 0:
             errs.append(f"{where}.priority: must be >= 0")
         if p.timeout <= 0 or p.connect_timeout <= 0:
@@ -1021,6 +1023,11 @@ def resolve_key(key_ref: str, env: dict) -> str:
         if not value:
             raise ValueError(f"environment variable {key_ref[4:]} is not set")
         return value
+    if key_ref.startswith("keyring://"):
+        service, _, provider = key_ref[10:].partition("/")
+        if service != "tokenman" or not provider:
+            raise ValueError("keyring refs look like keyring://tokenman/<provider>")
+        return keyring_get(provider, env)
     if key_ref.startswith("file://"):
         path = urllib.parse.unquote(key_ref[7:])
         try:
@@ -1032,6 +1039,39 @@ def resolve_key(key_ref: str, env: dict) -> str:
             raise ValueError(f"key file {path} is empty")
         return value
     raise ValueError("unsupported key_ref format")
+
+
+def keyring_tool() -> list[str] | None:
+    """The OS keyring command of this machine: secret-tool (Linux) or security (macOS)."""
+    import shutil
+    if shutil.which("secret-tool"):
+        return ["secret-tool"]
+    if shutil.which("security"):
+        return ["security"]
+    return None
+
+
+def keyring_get(provider: str, env: dict) -> str:
+    """A provider key from the OS keyring (service "tokenman", account = provider), else from
+    TOKENMAN_KEY_<PROVIDER>."""
+    import subprocess
+    tool = keyring_tool()
+    if tool is not None:
+        argv = (tool + ["lookup", "service", "tokenman", "account", provider]
+                if tool[0] == "secret-tool" else
+                tool + ["find-generic-password", "-s", "tokenman", "-a", provider, "-w"])
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    fallback = env.get(_env_name("KEY", provider), "").strip()
+    if fallback:
+        return fallback
+    where = f"the {tool[0]} keyring" if tool else "no OS keyring tool (secret-tool, security)"
+    raise ValueError(f"no key for {provider}: not in {where}, and {_env_name('KEY', provider)} "
+                     f"is not set")
 
 
 def resolve_secret(value: str, env: dict) -> str:
@@ -1058,8 +1098,12 @@ def _toml_value(value: object) -> str:
 
 def render_default_config() -> str:
     """The full default configuration as commented TOML (init-config, tokenman.example.toml)."""
-    cfg = config_from_dict({}, {})
-    lines = ["# tokenman configuration: every key with its default.",
+    return render_config(config_from_dict({}, {}), "every key with its default.")
+
+
+def render_config(cfg: Config, title: str, mask: bool = False) -> str:
+    """A configuration as commented TOML; with mask, secret values become "****"."""
+    lines = ["# tokenman configuration: " + title,
              "# Environment variables override the file: TOKENMAN_<SECTION>_<KEY>, e.g.",
              "# TOKENMAN_SERVER_PROXY_PORT=8080 or TOKENMAN_PROVIDERS_OPENAI_API_BASE=http://...",
              ""]
@@ -1067,8 +1111,11 @@ def render_default_config() -> str:
     def section(title: str, obj: object) -> None:
         lines.append(f"[{title}]")
         for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if mask and field.name in ("key_ref", "token") and value:
+                value = "****"
             lines.append(f"# {field.metadata['doc']}")
-            lines.append(f"{field.name} = {_toml_value(getattr(obj, field.name))}")
+            lines.append(f"{field.name} = {_toml_value(value)}")
         lines.append("")
 
     section("server", cfg.server)
@@ -1080,6 +1127,9 @@ def render_default_config() -> str:
     section("routing", cfg.routing)
     for path, attr, _ in SECTIONS[2:]:
         section(path, getattr(cfg, attr))
+    for model, entry in cfg.pricing.items():
+        lines.append(f"[pricing.{json.dumps(model)}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()] + [""]
     lines += ["# Prices in USD per million tokens override or extend the built-in table; the",
               "# longest matching model-id prefix wins. cache_* default to Anthropic's ratios",
               "# of the input price (1.25x, 2x, 0.1x).",
@@ -6651,6 +6701,18 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and list every problem")
     check.add_argument("--config", "-c", dest="sub_config")
     sub.add_parser("version", help="print the version")
+    export = sub.add_parser("config-export", help="write the effective config (secrets masked)")
+    export.add_argument("path", nargs="?", default="tokenman-export.toml")
+    export.add_argument("--with-secrets", action="store_true")
+    export.add_argument("--config", "-c", dest="sub_config")
+    imp = sub.add_parser("config-import", help="validate a config file and make it the active "
+                         "one (a running tokenman reloads it)")
+    imp.add_argument("file")
+    imp.add_argument("--config", "-c", dest="sub_config")
+    keys = sub.add_parser("keys", help="provider keys in the OS keyring")
+    keys.add_argument("action", choices=("list", "set", "delete"))
+    keys.add_argument("provider", nargs="?")
+    keys.add_argument("--config", "-c", dest="sub_config")
     status = sub.add_parser("status", help="is tokenman running? its live stats")
     status.add_argument("--config", "-c", dest="sub_config")
     stats = sub.add_parser("stats", help="usage and cost from the request log")
@@ -6675,6 +6737,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tokenman: {exc}", file=sys.stderr)
         return 1
+    if command == "config-export":
+        return _write_private(args.path, render_config(
+            cfg, f"effective config ({cfg.source or 'built-in defaults'} + environment)",
+            mask=not args.with_secrets))
+    if command == "config-import":
+        return _config_import(cfg, args.file)
+    if command == "keys":
+        return _keys(cfg, args.action, args.provider)
     if command == "check-config":
         print(f"configuration ok: {cfg.source or 'built-in defaults'}")
         for warning in cfg.warnings:
@@ -6786,6 +6856,74 @@ def _status(cfg: Config) -> int:
     print(f"  savings:         ${stats['savings_usd']:.4f} ({stats['savings_percent']}%)")
     print(f"  cache hit rate:  {stats['cache_hit_rate']}% ({stats['cache_hits']} hits / "
           f"{stats['cache_misses']} misses)")
+    return 0
+
+
+def _write_private(path: str, text: str) -> int:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)  # atomic: a watching tokenman never reads half a file
+    print(f"wrote {path}")
+    return 0
+
+
+def _config_import(cfg: Config, source: str) -> int:
+    try:
+        load_config(source)
+    except ConfigError as exc:
+        print(f"tokenman: {source} not imported: {exc}", file=sys.stderr)
+        return 1
+    target = cfg.source or os.path.expanduser("~/.tokenman/tokenman.toml")
+    with open(source, encoding="utf-8") as fh:
+        text = fh.read()
+    code = _write_private(target, text)
+    with open(target, encoding="utf-8") as fh:  # verify it landed
+        if fh.read() != text:
+            print(f"tokenman: {target} does not hold the imported text", file=sys.stderr)
+            return 1
+    return code
+
+
+def _keys(cfg: Config, action: str, provider: str | None) -> int:
+    import getpass
+    tool = keyring_tool()
+    if action == "list":
+        for key in cfg.providers:
+            try:
+                keyring_get(key, os.environ)
+                print(f"  {key}: ****")
+            except ValueError:
+                print(f"  {key}: (none)")
+        return 0
+    if tool is None:
+        print("tokenman: no OS keyring tool here (secret-tool on Linux, security on macOS); "
+              "use key_ref = \"env:VAR\" or \"file:///path\"", file=sys.stderr)
+        return 1
+    if not provider:
+        print("tokenman: keys set|delete need a provider name", file=sys.stderr)
+        return 2
+    if action == "set":
+        secret = getpass.getpass(f"key for {provider}: ") if sys.stdin.isatty() \
+            else sys.stdin.readline().strip()
+        argv = (tool + ["store", "--label", f"tokenman {provider}", "service", "tokenman",
+                        "account", provider] if tool[0] == "secret-tool" else
+                tool + ["add-generic-password", "-U", "-s", "tokenman", "-a", provider, "-w",
+                        secret])
+        done = subprocess.run(argv, input=secret, capture_output=True, text=True, timeout=30)
+    else:
+        argv = (tool + ["clear", "service", "tokenman", "account", provider]
+                if tool[0] == "secret-tool" else
+                tool + ["delete-generic-password", "-s", "tokenman", "-a", provider])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        print(f"tokenman: {tool[0]} failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(f"{action}: {provider}")
     return 0
 
 
