@@ -414,6 +414,12 @@ class TestUtilities(unittest.TestCase):
         self.assertNotIn("abcdefghijklmnop", tm.redact_secrets("key sk-ant-abcdefghijklmnop"))
         self.assertNotIn("tok123", tm.redact_secrets("Authorization: Bearer tok123"))
 
+    def test_date_header_is_imf_fixdate(self):
+        import email.utils
+        value = tm._DateCache().now().decode()
+        self.assertRegex(value, r"^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$")
+        self.assertLess(abs(email.utils.parsedate_to_datetime(value).timestamp() - time.time()), 2)
+
     def test_logger_formats_only_enabled_levels(self):
         import io
         out = io.StringIO()
@@ -688,7 +694,8 @@ class TestRetryPolicy(unittest.TestCase):
 
     def test_retry_after_forms(self):
         now = 1_700_000_000.0
-        date = tm.email.utils.formatdate(now + 30, usegmt=True).encode()
+        import email.utils
+        date = email.utils.formatdate(now + 30, usegmt=True).encode()
         cases = [([(b"Retry-After", b"7")], 7.0), ([(b"Retry-After", date)], 30.0),
                  ([(b"retry-after-ms", b"1500")], 1.5), ([(b"Retry-After", b"soon")], None),
                  ([], None), ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], 0.0)]

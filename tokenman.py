@@ -26,6 +26,20 @@ API and the dashboard page.)
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+if (__name__ == "__main__" and _os.name == "posix" and len(_sys.orig_argv) > 1
+        and _os.path.abspath(_sys.orig_argv[1]) == _os.path.abspath(__file__)
+        and _os.environ.get("TOKENMAN_REEXEC", "1") == "1"):
+    # `python tokenman.py` keeps the parse tree of the whole script alive for as long as it
+    # runs (~15 MB here). Re-executing into a normal import of this file frees it and lets
+    # Python use (and write) the cached bytecode; the process keeps its PID.
+    _os.execv(_sys.executable, [_sys.executable, "-I", "-S", "-c", (
+        "import importlib.util as u, sys; s = u.spec_from_file_location('tokenman', sys.argv[1]);"
+        " m = u.module_from_spec(s); sys.modules['tokenman'] = m; s.loader.exec_module(m);"
+        " sys.exit(m.main(sys.argv[2:]))"), _os.path.abspath(__file__)] + _sys.argv[1:])
+
 __version__ = "0.2.0"
 __all__ = [
     "App", "Config", "ConfigError", "HTTPError", "TokenmanError", "UpstreamError",
@@ -37,8 +51,6 @@ import asyncio
 import collections
 import dataclasses
 import datetime
-import email.utils
-import hashlib
 import json
 import os
 import queue
@@ -55,8 +67,6 @@ import time
 import tomllib
 import types
 import urllib.parse
-import urllib.request
-import uuid
 
 # ================================================================================================
 # §01 constants and limits: every number the wire layer enforces, with where it comes from
@@ -176,7 +186,7 @@ _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+",
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(16).hex()
 
 
 def utc_iso(ts: float) -> str:
@@ -1727,7 +1737,11 @@ class _DateCache:
         sec = int(time.time())
         if sec != self.second:
             self.second = sec
-            self.value = email.utils.formatdate(sec, usegmt=True).encode()
+            t = time.gmtime(sec)  # IMF-fixdate (RFC 9110 5.6.7), locale-independent
+            self.value = ("%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+                ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[t.tm_wday], t.tm_mday,
+                ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                 "Dec")[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode()
         return self.value
 
 
@@ -2071,9 +2085,10 @@ class UpstreamPool:
         if not url:
             return None
         no_proxy = self.proxies.get("no", "")
-        if no_proxy and urllib.request.proxy_bypass_environment(origin.host,
-                                                                {"no": no_proxy}):
-            return None
+        if no_proxy:
+            from urllib.request import proxy_bypass_environment  # only NO_PROXY needs it
+            if proxy_bypass_environment(origin.host, {"no": no_proxy}):
+                return None
         return urllib.parse.urlsplit(url if "://" in url else "http://" + url)
 
     async def connect(self, origin: Origin, timeout: float) -> Channel:
@@ -2191,6 +2206,7 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(int(value))
+    import email.utils  # HTTP dates in Retry-After are rare: load the parser only then
     try:
         when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
     except (TypeError, ValueError, IndexError):
@@ -3702,6 +3718,7 @@ class ResponseCache(Stage):
         return self.cfg.sampled or (type(temp) in (int, float) and temp == 0)
 
     def key(self, ctx: Context) -> str:
+        import hashlib  # loaded on the first cacheable request, not at start
         body = {k: v for k, v in ctx.obj.items() if k not in ("stream", "stream_options")}
         tenant = ctx.project
         if self.passthrough.get(ctx.provider, True):
@@ -4181,7 +4198,8 @@ class PIIGuard(Stage):
     @staticmethod
     def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict) -> str:
         if action == "hash":
-                return f"[{kind.upper()}_HASH_{hashlib.sha256(value.encode()).hexdigest()[:8]}]"
+            import hashlib
+            return f"[{kind.upper()}_HASH_{hashlib.sha256(value.encode()).hexdigest()[:8]}]"
         placeholder = mapping.get(value)
         if placeholder is None:
             counters[kind] = counters.get(kind, 0) + 1
@@ -6389,6 +6407,20 @@ svg text{font-size:11px;fill:var(--muted);font-family:inherit}
 # ================================================================================================
 
 
+def release_memory() -> None:
+    """Gives memory freed after start-up back to the OS. Running as `python tokenman.py`
+    compiles this whole module first (the main script is never cached as bytecode); the
+    compiler's scratch memory stays mapped unless the allocator is asked to trim it."""
+    import gc
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: nothing to trim
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -6666,6 +6698,7 @@ class App:
                 loop.add_signal_handler(sig, os._exit, 1)
 
         await self.start()
+        release_memory()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, first_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
@@ -6824,6 +6857,7 @@ def _stop(cfg: Config) -> int:
 
 
 def _status(cfg: Config) -> int:
+    import urllib.request
     pid = read_pid(cfg.data_dir)
     if not pid or not pid_alive(pid):
         print("tokenman is not running" + (" (stale PID file)" if pid else ""))

@@ -381,6 +381,7 @@ def render_config(profile_path: str, port: int, data_dir: str, mock_port: int) -
     server["bind_address"] = "127.0.0.1"
     server["proxy_port"] = port
     server["data_dir"] = data_dir
+    server["dashboard_port"] = free_port()  # never the default 7678: another instance may hold it
     providers = data.setdefault("providers", {})
     for name in APIS:
         providers.setdefault(name, {})
