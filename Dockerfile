@@ -6,6 +6,8 @@ FROM python:3.12-slim
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin tokenman \
     && mkdir -p /data /app && chown tokenman:tokenman /data
 COPY tokenman.py /app/tokenman.py
+# Bytecode compiled once at build time: the non-root user cannot write /app at run time.
+RUN python -m compileall -q /app
 
 # Inside a container the proxy must listen on every interface to be reachable at all.
 ENV TOKENMAN_SERVER_DATA_DIR=/data \

@@ -9,12 +9,14 @@ import ast
 import asyncio
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import unittest
 
 import tokenman as tm
@@ -3485,6 +3487,77 @@ class TestSubprocess(unittest.TestCase):
                 pid = tm.read_pid(os.path.join(tmp, "data"))
                 if pid and tm.pid_alive(pid):
                     os.kill(pid, 9)
+
+
+class TestDeployment(unittest.TestCase):
+    """What can be checked without a container engine or a cluster."""
+
+    def test_dockerfile_commands_work_against_the_file_layout(self):
+        with open(os.path.join(HERE, "Dockerfile")) as fh:
+            text = fh.read()
+        lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()]
+        copies = [line.split()[1] for line in lines if line.startswith("COPY ")]
+        self.assertEqual(copies, ["tokenman.py"])
+        self.assertTrue(all(os.path.exists(os.path.join(HERE, c)) for c in copies))
+        self.assertIn("USER tokenman", lines)
+        self.assertIn('VOLUME ["/data"]', lines)
+        self.assertIn("EXPOSE 7677 7678", lines)
+        env = dict(re.findall(r"(TOKENMAN_\w+)=(\S+)", text))
+        self.assertEqual(env["TOKENMAN_SERVER_BIND_ADDRESS"], "0.0.0.0")
+        cfg = tm.config_from_dict({}, env)  # the image's environment is a valid config
+        self.assertEqual((cfg.server.bind_address, cfg.server.data_dir), ("0.0.0.0", "/data"))
+        entry = json.loads(next(l for l in lines if l.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
+        cmd = json.loads(next(l for l in lines if l.startswith("CMD"))[len("CMD"):])
+        self.assertEqual(entry, ["python", "/app/tokenman.py"])
+        args = tm._parser().parse_args(cmd)
+        self.assertEqual((args.command, args.foreground), ("start", True))
+        probe = json.loads(next(l for l in lines if l.startswith("HEALTHCHECK")).split(
+            "CMD", 1)[1])
+        self.assertEqual(probe[:2], ["python", "-c"])
+        with tempfile.TemporaryDirectory() as tmp:  # run the HEALTHCHECK against a live proxy
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            proc = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "tokenman.py")], stderr=subprocess.PIPE,
+                env=dict(os.environ, HOME=tmp, TOKENMAN_SERVER_PROXY_PORT=str(port),
+                         TOKENMAN_SERVER_DASHBOARD_PORT="0", TOKENMAN_SERVER_DATA_DIR=tmp))
+            try:
+                proc.stderr.readline()
+                env_probe = dict(os.environ, TOKENMAN_SERVER_PROXY_PORT=str(port))
+                done = subprocess.run([sys.executable, "-c", probe[2]], env=env_probe,
+                                      timeout=WAIT)
+                self.assertEqual(done.returncode, 0)
+            finally:
+                proc.terminate()
+                proc.wait(WAIT)
+                proc.stderr.close()
+
+    def test_kubernetes_manifest_names_only_real_ports_paths_and_keys(self):
+        with open(os.path.join(HERE, "deploy", "kubernetes", "sidecar.yaml")) as fh:
+            text = fh.read()
+        block = text.split("tokenman.toml: |\n", 1)[1].split("\n---", 1)[0]
+        toml_text = "\n".join(line[4:] for line in block.splitlines())
+        cfg = tm.config_from_dict(tomllib.loads(toml_text), {})
+        self.assertEqual(cfg.warnings, ())
+        self.assertEqual((cfg.server.proxy_port, cfg.server.dashboard_port), (7677, 7678))
+        for port in re.findall(r"containerPort: (\d+)", text) + re.findall(
+                r'prometheus.io/port: "(\d+)"', text):
+            self.assertIn(int(port), (7677, 7678))
+        for path in re.findall(r"127\.0\.0\.1:7677(/[\w/]+)", text):
+            self.assertIn(path, ("/health", "/health/ready", "/v1"))
+        self.assertIn('prometheus.io/path: "/metrics"', text)
+        mounts = re.findall(r"mountPath: (\S+)", text)
+        self.assertIn("/etc/tokenman", mounts)
+        for prov in cfg.providers.values():  # every key file lies in the mounted secret
+            self.assertTrue(prov.key_ref.startswith("file:///var/run/secrets/tokenman/"))
+        secret_keys = re.findall(r"^  (\w+): \"", text.split("kind: Secret", 1)[1], re.M)
+        self.assertEqual(sorted(secret_keys), sorted(cfg.providers))
+        for name in re.findall(r"name: (TOKENMAN_\w+)", text):
+            self.assertIn(name, {tm._env_name(path.split(".")[0], *path.split(".")[1:], f.name)
+                                 for path, attr, cls in tm.SECTIONS
+                                 for f in tm.dataclasses.fields(cls)})
 
 
 if __name__ == "__main__":
