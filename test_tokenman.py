@@ -3489,6 +3489,76 @@ class TestSubprocess(unittest.TestCase):
                     os.kill(pid, 9)
 
 
+class TestPlugins(ProxyTestCase):
+    async def test_example_plugin_tags_requests_end_to_end(self):
+        broken = os.path.join(self.tmp.name, "broken.py")
+        with open(broken, "w") as fh:
+            fh.write("raise RuntimeError('plugin bug')\n")
+        await self.start_proxy({"plugins": {"enabled": True, "paths": [
+            os.path.join(HERE, "examples", "tag_requests.py"), broken]}})
+        raw = json.dumps(ANTHROPIC_REQ).encode()
+        resp = await http(self.port, "POST", "/v1/messages", raw,
+                          dict(A_HEADERS, **{"X-Tokenman-Project": "team-x"}))
+        self.assertEqual(resp.status, 200)
+        sent = self.up.requests[0].body
+        self.assertEqual(json.loads(sent)["metadata"], {"user_id": "team-x"})
+        self.assertTrue(sent.startswith(raw[:-1]))  # only the metadata member was added
+        await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(self.up.requests[1].json()["user"], "default")
+        listed = (await http(self.app.dashboard_port, "GET", "/api/plugins")).json()
+        by_name = {p["name"]: p for p in listed}
+        self.assertEqual(by_name["tag_requests"]["stages"], ["tag_requests"])
+        self.assertEqual(by_name["tag_requests"]["hooks"], ["request_complete"])
+        self.assertFalse(by_name["broken"]["loaded"])
+        self.assertIn("plugin bug", by_name["broken"]["error"])
+        plugin = next(p for p in self.app.plugins if p.name == "tag_requests")
+        self.assertEqual(plugin.hooks["request_complete"].__globals__["COMPLETED"]["requests"], 2)
+
+
+def _can_unshare() -> bool:
+    import shutil
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    try:
+        return subprocess.run(["unshare", "-rn", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class TestAirGapped(unittest.TestCase):
+    @unittest.skipUnless(sys.platform.startswith("linux") and _can_unshare(),
+                         "needs `unshare -rn` (a network namespace with only loopback)")
+    def test_full_pipeline_in_a_namespace_with_only_loopback(self):
+        script = f"""
+import asyncio, json, sys, tempfile
+sys.path.insert(0, {HERE!r})
+import tokenman as tm, test_tokenman as T
+async def main():
+    up = await T.FakeUpstream().start()
+    events, body = T.anthropic_fixture("text")
+    up.handler = T.fixture_handler(events, body)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tm.config_from_dict({{"server": {{"proxy_port": 0, "dashboard_port": 0,
+            "data_dir": tmp, "log_level": "error"}}, "providers": {{"anthropic":
+            {{"api_base": up.base}}}}, "tracing": {{"enabled": False}}}}, {{}})
+        app = tm.App(cfg, env={{}}, log=tm.Logger("fatal"))
+        await app.start()
+        a = await T.http(app.port, "POST", "/v1/messages", T.CACHE_REQ, T.A_HEADERS)
+        b = await T.http(app.port, "POST", "/v1/messages", dict(T.ANTHROPIC_REQ, stream=True),
+                         T.A_HEADERS)
+        c = await T.http(app.dashboard_port, "GET", "/")
+        await app.stop()
+        print(json.dumps([a.status, b.status, c.status]))
+asyncio.run(main())
+"""
+        done = subprocess.run(["unshare", "-rn", "sh", "-c",
+                               f"ip link set lo up 2>/dev/null; {sys.executable} -c \"$0\"",
+                               script], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.assertEqual(json.loads(done.stdout.strip().splitlines()[-1]), [200, 200, 200])
+
+
 class TestDeployment(unittest.TestCase):
     """What can be checked without a container engine or a cluster."""
 

@@ -537,6 +537,12 @@ class TracingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PluginsConfig:
+    enabled: bool = _f(False, "load plugins (Python files that add pipeline stages or hooks)")
+    paths: tuple = _f((), "plugin files, or directories whose *.py files are plugins")
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     retention_days: int = _f(30, "request log rows older than this are pruned hourly "
                                  "(0 = keep forever)")
@@ -656,7 +662,7 @@ SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingCo
             ("security.budget", "budget", BudgetConfig),
             ("security.rate_limit", "rate_limit", RateLimitConfig),
             ("auth", "auth", AuthConfig), ("dashboard", "dashboard", DashboardConfig),
-            ("tracing", "tracing", TracingConfig),
+            ("tracing", "tracing", TracingConfig), ("plugins", "plugins", PluginsConfig),
             ("metrics", "metrics", MetricsConfig))
 _OPENAI_HINTS = ("openai", "azure", "vllm", "ollama", "openrouter", "groq", "together",
                  "deepseek", "mistral", "lmstudio", "llamacpp", "litellm")
@@ -683,6 +689,7 @@ class Config:
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
     dashboard: DashboardConfig = dataclasses.field(default_factory=DashboardConfig)
     tracing: TracingConfig = dataclasses.field(default_factory=TracingConfig)
+    plugins: PluginsConfig = dataclasses.field(default_factory=PluginsConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     pricing: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
@@ -965,7 +972,7 @@ def validate_config(cfg: Config) -> list[str]:
     if res.cb_reset_timeout_seconds <= 0 or res.stream_idle_timeout <= 0:
         errs.append("resilience: cb_reset_timeout_seconds and stream_idle_timeout must be > 0")
     from_order = set(cfg.pipeline.order) - set(STAGE_NAMES)
-    if from_order:
+    if from_order and not cfg.plugins.enabled:  # plugin stages are known once loaded
         errs.append(f"pipeline.order: unknown stage(s) {', '.join(sorted(from_order))} "
                     f"(known: {', '.join(STAGE_NAMES)})")
     if cfg.pii.action.lower() not in PII_ACTIONS:
@@ -4814,10 +4821,84 @@ REGISTRY = types.MappingProxyType({
 })
 
 
-def build_pipeline(cfg: Config, log: Logger, **services: object) -> Pipeline:
-    """The stages named in pipeline.order, composed once for this config snapshot."""
-    return Pipeline([REGISTRY[name](cfg, log=log, **services) for name in cfg.pipeline.order],
-                    log)
+class Plugin:
+    """One loaded plugin file: its stage classes (same interface as Stage), its hook functions
+    (request_start(ctx), request_complete(ctx), request_error(ctx)) and any load error."""
+    __slots__ = ("name", "path", "stages", "hooks", "error")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.stages: dict[str, type] = {}
+        self.hooks: dict[str, object] = {}
+        self.error = ""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "stages": sorted(self.stages),
+                "hooks": sorted(self.hooks), "loaded": not self.error, "error": self.error}
+
+
+PLUGIN_HOOKS = ("request_start", "request_complete", "request_error")
+
+
+def load_plugins(paths: tuple, log: Logger) -> list[Plugin]:
+    """Imports every plugin file (a failing one is reported, never fatal). A plugin module
+    lists its stages in STAGES and its hooks as module-level functions named in PLUGIN_HOOKS."""
+    import importlib.util
+    files = []
+    for path in paths:
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py"))
+        else:
+            files.append(path)
+    plugins = []
+    for path in files:
+        plugin = Plugin(path)
+        try:
+            spec = importlib.util.spec_from_file_location(f"tokenman_plugin_{plugin.name}", path)
+            if spec is None or spec.loader is None:
+                raise ImportError("not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            for cls in getattr(module, "STAGES", ()):
+                if not getattr(cls, "name", "") or not callable(getattr(cls, "request", None)):
+                    raise TypeError(f"{cls!r} is not a stage (needs a name and request())")
+                plugin.stages[cls.name] = cls
+            plugin.hooks = {h: getattr(module, h) for h in PLUGIN_HOOKS
+                            if callable(getattr(module, h, None))}
+            log.info("plugin loaded", plugin=plugin.name, stages=",".join(plugin.stages),
+                     hooks=",".join(plugin.hooks))
+        except Exception as exc:  # isolated: reported in the log and /api/plugins
+            plugin.error = f"{type(exc).__name__}: {exc}"
+            plugin.stages, plugin.hooks = {}, {}
+            log.error("plugin failed to load", plugin=plugin.name, error=plugin.error)
+        plugins.append(plugin)
+    return plugins
+
+
+def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
+                   **services: object) -> Pipeline:
+    """The stages named in pipeline.order, composed once for this config snapshot; plugin
+    stages go where pipeline.order names them, else after the built-in ones."""
+    registry = dict(REGISTRY)
+    for plugin in plugins:
+        registry.update(plugin.stages)
+    names = list(cfg.pipeline.order)
+    names += [n for p in plugins for n in p.stages if n not in names]
+    stages = []
+    for name in names:
+        if name not in registry:
+            log.error("pipeline stage not found (a plugin that failed to load?)", stage=name)
+            continue
+        try:
+            stages.append(registry[name](cfg, log=log, **services))
+        except Exception as exc:
+            if name in REGISTRY:
+                raise
+            log.error("plugin stage failed to start; left out", stage=name,
+                      error=f"{type(exc).__name__}: {exc}")
+    return Pipeline(stages, log)
 
 
 # ================================================================================================
@@ -5060,6 +5141,7 @@ class Proxy:
         self.started = time.time()
         self.in_flight = 0
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
+        self.plugins: list[Plugin] = []
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
 
     def reconfigure(self, cfg: Config, router: Router, prices: PriceTable,
@@ -5112,6 +5194,16 @@ class Proxy:
         self._json(req, conn, 200 if ok else 503,
                    {"status": "ready" if ok else "not_ready", "checks": checks})
 
+    def _hook(self, name: str, ctx: Context) -> None:
+        for plugin in self.plugins:
+            hook = plugin.hooks.get(name)
+            if hook is not None:
+                try:
+                    hook(ctx)
+                except Exception as exc:  # a plugin hook never fails a request
+                    self.log.error("plugin hook failed", plugin=plugin.name, hook=name,
+                                   error=f"{type(exc).__name__}: {exc}")
+
     def rejected(self, req: Request, status: int, detail: str) -> None:
         """Logs an API request the HTTP layer refused (body too large, bad framing, too slow)."""
         if req.path.startswith("/v1/"):
@@ -5127,6 +5219,8 @@ class Proxy:
         ctx.pipeline = self.pipeline  # a reload swaps self.pipeline; this request keeps its own
         if self.tracer is not None:
             ctx.trace = self.tracer.start(req)
+        if self.plugins:
+            self._hook("request_start", ctx)
         try:
             pairs = self._prepare(req, ctx)
             reply = None
@@ -5620,6 +5714,9 @@ class Proxy:
             *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
         ))
         self._count(ctx, latency / 1000, saved, compressed)
+        if self.plugins:
+            self._hook("request_complete" if ctx.outcome in ("ok",) + HIT_OUTCOMES
+                       else "request_error", ctx)
         if ctx.trace is not None:
             ctx.trace.attrs.update({
                 "http.request.method": req.method, "url.path": req.path,
@@ -5812,7 +5909,7 @@ class Dashboard:
                            (limit, (page - 1) * limit))
             return 200, {"page": page, "limit": limit, "entries": [dict(r) for r in rows]}
         if path == "/api/plugins":
-            return 200, []
+            return 200, [p.describe() for p in self.proxy.plugins]
         return 404, {"error": "not found"}
 
     async def _query(self, sql: str, params: tuple = ()) -> list:
@@ -6475,6 +6572,7 @@ class App:
         self.pipeline: Pipeline | None = None
         self.breakers: dict[str, CircuitBreaker] = {}
         self.dashboard_api: Dashboard | None = None
+        self.plugins: list[Plugin] = []
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -6492,6 +6590,7 @@ class App:
         self.tracer = Tracer(cfg.tracing, self.log) if cfg.tracing.enabled else None
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
                            self.pipeline, self.metrics, self.tracer)
+        self.proxy.plugins = self.plugins
         self.metrics.gauges.append(self._gauges)
         ssl_ctx = None
         if cfg.server.tls_enabled:
@@ -6535,7 +6634,8 @@ class App:
                 breaker.threshold = cfg.resilience.cb_failure_threshold
                 breaker.reset = cfg.resilience.cb_reset_timeout_seconds
                 breaker.max_probes = cfg.resilience.cb_half_open_max_calls
-        pipeline = build_pipeline(cfg, self.log, store=self.store, prices=prices,
+        self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
+        pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
                                   metrics=self.metrics)
         return router, prices, pipeline
@@ -6561,6 +6661,7 @@ class App:
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
         self.proxy.reconfigure(cfg, router, prices, pipeline)
+        self.proxy.plugins = self.plugins
         if self.dashboard is not None:
             self.dashboard_api.cfg = cfg
         self.log.level = LOG_LEVELS.get(cfg.server.log_level, 20)
