@@ -2779,6 +2779,240 @@ class TestTracing(ProxyTestCase):
 
 
 # ================================================================================================
+# §14 cross-format translation
+# ================================================================================================
+
+
+def assemble_openai(body: bytes) -> dict:
+    """What an OpenAI SSE client builds from a stream: content, tool calls, finish, usage."""
+    out = {"content": "", "tool_calls": {}, "finish_reason": None, "usage": None, "done": False}
+    for event in tm.SSESplitter().feed(body):
+        _, data = tm.sse_fields(event)
+        if data == b"[DONE]":
+            out["done"] = True
+            continue
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            out["usage"] = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            out["content"] += delta.get("content") or ""
+            for call in delta.get("tool_calls") or ():
+                slot = out["tool_calls"].setdefault(call["index"], {"id": "", "name": "",
+                                                                    "arguments": ""})
+                slot["id"] = call.get("id") or slot["id"]
+                fn = call.get("function") or {}
+                slot["name"] = fn.get("name") or slot["name"]
+                slot["arguments"] += fn.get("arguments") or ""
+            out["finish_reason"] = choice.get("finish_reason") or out["finish_reason"]
+    return out
+
+
+class TestTranslationTables(unittest.TestCase):
+    def test_anthropic_request_to_openai(self):
+        dropped = []
+        out = tm.anthropic_to_openai_request({
+            "model": "m", "max_tokens": 100, "temperature": 0.2, "top_p": 0.9, "top_k": 5,
+            "stop_sequences": ["END"], "metadata": {"user_id": "u1"}, "stream": True,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "tools": [{"name": "get", "description": "d", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "get"},
+            "thinking": {"type": "enabled", "budget_tokens": 8000},
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": "AAA"}},
+                    {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Calling."},
+                    {"type": "tool_use", "id": "t1", "name": "get", "input": {"q": 1}},
+                    {"type": "tool_use", "id": "t2", "name": "get", "input": {"q": 2}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "one"},
+                    {"type": "tool_result", "tool_use_id": "t2", "is_error": True,
+                     "content": [{"type": "text", "text": "two"}]},
+                    {"type": "text", "text": "Thanks"}]}]}, dropped)
+        self.assertEqual(out["messages"][0], {"role": "system", "content": "Be brief."})
+        self.assertEqual(out["messages"][1]["content"][1], {
+            "type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}})
+        self.assertEqual(out["messages"][2]["tool_calls"][1]["function"],
+                         {"name": "get", "arguments": '{"q": 2}'})
+        self.assertEqual([m["role"] for m in out["messages"]],
+                         ["system", "user", "assistant", "tool", "tool", "user"])
+        self.assertEqual(out["messages"][4], {"role": "tool", "tool_call_id": "t2",
+                                              "content": "[error] two"})
+        self.assertEqual((out["max_tokens"], out["temperature"], out["top_p"], out["stop"],
+                          out["user"], out["reasoning_effort"]),
+                         (100, 0.2, 0.9, ["END"], "u1", "medium"))
+        self.assertEqual(out["tool_choice"], {"type": "function", "function": {"name": "get"}})
+        self.assertEqual(out["tools"][0]["function"]["parameters"], {"type": "object"})
+        self.assertEqual(out["stream_options"], {"include_usage": True})
+        self.assertIn("top_k", dropped)
+
+    def test_openai_request_to_anthropic(self):
+        dropped = []
+        out = tm.openai_to_anthropic_request({
+            "model": "m", "temperature": 0.5, "stop": "END", "user": "u", "seed": 3,
+            "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d",
+                                                        "parameters": {"type": "object"}}}],
+            "messages": [
+                {"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "see"},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QQ=="}}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f",
+                                                                  "arguments": '{"a":1}'}},
+                    {"id": "c2", "type": "function", "function": {"name": "f",
+                                                                  "arguments": "not json"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+                {"role": "tool", "tool_call_id": "c2", "content": "r2"},
+                {"role": "user", "content": "next"}]}, dropped, 4096)
+        self.assertEqual(out["system"], "S1\n\nS2")
+        self.assertEqual(out["max_tokens"], 4096)  # required by Anthropic: defaulted
+        self.assertEqual(out["messages"][0]["content"][1]["source"],
+                         {"type": "base64", "media_type": "image/jpeg", "data": "QQ=="})
+        self.assertEqual(out["messages"][1]["content"][1]["input"], {"_raw": "not json"})
+        results = out["messages"][2]["content"]
+        self.assertEqual([b["type"] for b in results], ["tool_result", "tool_result", "text"])
+        self.assertEqual([m["role"] for m in out["messages"]], ["user", "assistant", "user"])
+        self.assertEqual((out["stop_sequences"], out["metadata"], out["tool_choice"]),
+                         (["END"], {"user_id": "u"}, {"type": "any"}))
+        self.assertEqual(out["tools"][0]["input_schema"], {"type": "object"})
+        self.assertIn("seed", dropped)
+        thinking = tm.openai_to_anthropic_request({"model": "m", "reasoning_effort": "high",
+                                                   "temperature": 1, "messages": []}, [], 100)
+        self.assertEqual((thinking["thinking"]["budget_tokens"], thinking["max_tokens"]),
+                         (24576, 25600))
+        self.assertNotIn("temperature", thinking)
+
+    def test_responses_both_ways(self):
+        _, a_body = anthropic_fixture("tool")
+        o = tm.anthropic_to_openai_response(a_body)
+        self.assertEqual(o["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(json.loads(o["choices"][0]["message"]["tool_calls"][0]["function"][
+            "arguments"]), {"city": "Paris"})
+        self.assertEqual((o["usage"]["prompt_tokens"], o["usage"]["completion_tokens"],
+                          o["usage"]["prompt_tokens_details"]["cached_tokens"]),
+                         (12 + 20000 + 3000, 420, 20000))
+        _, o_body = openai_fixture("tool")
+        a = tm.openai_to_anthropic_response(o_body)
+        self.assertEqual(a["stop_reason"], "tool_use")
+        self.assertEqual(a["content"][0]["input"], {"city": "Paris"})
+        self.assertEqual((a["usage"]["input_tokens"], a["usage"]["cache_read_input_tokens"],
+                          a["usage"]["output_tokens"]), (86, 1920, 300))
+        err = tm.translate_error(b'{"error":{"message":"bad model","type":"invalid_request_error"}}',
+                                 404, "anthropic")
+        self.assertEqual(json.loads(err), {"type": "error", "error": {
+            "type": "not_found_error", "message": "bad model"}})
+
+    def test_streams_both_ways(self):
+        events, _ = openai_fixture("tool")
+        translator = tm.StreamTranslator("openai", "anthropic", False)
+        out = b"".join(translator.feed(e) for e in events) + translator.finish()
+        msg = assemble_anthropic(out)
+        self.assertEqual(msg["content"][0]["input"], {"city": "Paris"})
+        self.assertEqual((msg["stop_reason"], msg["usage"]["output_tokens"],
+                          msg["usage"]["cache_read_input_tokens"]), ("tool_use", 300, 1920))
+        events, _ = anthropic_fixture("tool")
+        translator = tm.StreamTranslator("anthropic", "openai", True)
+        out = b"".join(translator.feed(e) for e in events) + translator.finish()
+        got = assemble_openai(out)
+        self.assertEqual(got["content"], "Hello!")
+        self.assertEqual(json.loads(got["tool_calls"][0]["arguments"]), {"city": "Paris"})
+        self.assertEqual((got["finish_reason"], got["done"], got["usage"]["completion_tokens"]),
+                         ("tool_calls", True, 420))
+
+
+class TestCrossFormat(ProxyTestCase):
+    async def test_anthropic_client_on_an_openai_format_provider(self):
+        events, body = openai_fixture("tool")
+        local = await FakeUpstream(fixture_handler(events, body)).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        req = dict(ANTHROPIC_REQ, tools=[{"name": "get_weather", "description": "w",
+                                          "input_schema": {"type": "object"}}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(resp.json()["content"][0]["input"], {"city": "Paris"})
+        self.assertEqual(resp.json()["stop_reason"], "tool_use")
+        sent = local.requests[0]
+        self.assertEqual(sent.target, b"/v1/chat/completions")
+        self.assertEqual(sent.headers[b"authorization"], b"Bearer sk-ant-client")
+        self.assertNotIn(b"anthropic-version", sent.headers)
+        self.assertEqual(sent.json()["tools"][0]["function"]["name"], "get_weather")
+        streamed = await http(self.port, "POST", "/v1/messages", dict(req, stream=True),
+                              A_HEADERS)
+        msg = assemble_anthropic(streamed.body)
+        self.assertEqual(msg["content"][0]["input"], {"city": "Paris"})
+        self.assertTrue(local.requests[1].json()["stream_options"]["include_usage"])
+        rows = await self.rows(2)
+        self.assertEqual({(r["provider"], r["model"]) for r in rows},
+                         {("local", "gpt-4o-mini-2024-07-18")})
+        self.assertEqual({(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"])
+                          for r in rows}, {(86, 1920, 300)})
+        self.assertEqual(len(self.up.requests), 0)
+
+    async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
+        events, body = anthropic_fixture("tool")
+        self.up.handler = fixture_handler(events, body)
+        await self.start_proxy(providers={"claude": {"api_base": self.up.base,
+                                                     "format": "anthropic"}},
+                               extra={"routing": {"model_map": {"gpt-4o": "claude"}}})
+        convo = {"model": "gpt-4o", "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+        resp = await http(self.port, "POST", "/v1/chat/completions", convo, O_HEADERS)
+        choice = resp.json()["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(json.loads(choice["message"]["tool_calls"][0]["function"][
+            "arguments"]), {"city": "Paris"})
+        sent = self.up.requests[0]
+        self.assertEqual(sent.target, b"/v1/messages")
+        self.assertEqual(sent.headers[b"x-api-key"], b"sk-client")
+        self.assertEqual(sent.headers[b"anthropic-version"], b"2023-06-01")
+        self.assertEqual([m["role"] for m in sent.json()["messages"]],
+                         ["user", "assistant", "user"])
+        streamed = await http(self.port, "POST", "/v1/chat/completions", dict(
+            convo, stream=True, stream_options={"include_usage": True}), O_HEADERS)
+        got = assemble_openai(streamed.body)
+        self.assertEqual((got["content"], got["done"], got["usage"]["completion_tokens"]),
+                         ("Hello!", True, 420))
+        rows = await self.rows(2)
+        self.assertEqual({r["provider"] for r in rows}, {"claude"})
+        self.assertEqual({r["output_tokens"] for r in rows}, {420})
+
+    async def test_fallback_across_formats_mid_outage_and_error_shapes(self):
+        _, body = openai_fixture("text")
+        backup = await FakeUpstream(lambda rec, r, w: json_reply(w, body)).start()
+        self.addAsyncCleanup(backup.stop)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}}, status=529)
+        providers = {"anthropic": {"api_base": self.up.base},
+                     "backup": {"api_base": backup.base, "format": "openai"}}
+        await self.start_proxy({"resilience": {"retry_base_delay_ms": 1},
+                                "routing": {"cross_format_fallback": True}}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.json()["content"][0]["text"], "Hello")
+        self.assertEqual(resp.json()["type"], "message")
+        row = (await self.rows())[0]
+        self.assertEqual((row["provider"], row["attempts"]), ("backup", 4))
+        backup.handler = lambda rec, r, w: json_reply(w, {"error": {
+            "message": "model not found", "type": "invalid_request_error"}}, status=404)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()["type"], resp.json()["error"]["type"]),
+                         (404, "error", "not_found_error"))
+
+
+# ================================================================================================
 # §07 end to end: the server under malformed, oversized, slow and pipelined input
 # ================================================================================================
 

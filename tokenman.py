@@ -488,6 +488,8 @@ class RoutingConfig:
     model_map: dict = _f({}, "model id -> provider key, checked first")
     fallback_enabled: bool = _f(True, "try the next eligible provider when one is open or "
                                       "exhausted (before any byte reaches the client)")
+    cross_format_fallback: bool = _f(False, "let fallback continue to providers of the other "
+                                            "API format (requests and answers are translated)")
     fallback_models: dict = _f({}, "model id -> alternate models to try after its own "
                                     "providers, e.g. {\"claude-sonnet-4-5\" = "
                                     "[\"claude-haiku-4-5\"]}", "maplist")
@@ -3424,7 +3426,8 @@ class Context:
                  "streaming", "status", "outcome", "usage", "cost", "error", "wall", "ttfb",
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
-                 "upstream_body", "cache_hit", "tokens_saved", "saved", "trace", "pipeline")
+                 "upstream_body", "cache_hit", "tokens_saved", "saved", "trace", "pipeline",
+                 "upstream_api")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -3464,6 +3467,7 @@ class Context:
         self.saved: dict[str, float] = {}  # USD saved by source: cache, prompt_cache, ...
         self.trace: Trace | None = None
         self.pipeline: "Pipeline | None" = None  # the snapshot this request started with
+        self.upstream_api = api  # the API format of the provider that answers
 
     @property
     def pipeline_ms(self) -> float | None:
@@ -4902,8 +4906,398 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
 
 
 # ================================================================================================
-# §14 proxy handler: routing, header rules, buffered and SSE relay, one log row per request
+# §14 proxy handler: routing, header rules, buffered and SSE relay, translation, one row per request
 # ================================================================================================
+
+# -- cross-format translation: Anthropic Messages <-> OpenAI Chat Completions ------------------
+# Used only when routing sends a request to a provider of the other format. What has no
+# counterpart is dropped (and logged at debug), never sent as an invalid field.
+
+API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
+_A2O_STOP = types.MappingProxyType({"end_turn": "stop", "stop_sequence": "stop",
+                                    "max_tokens": "length", "tool_use": "tool_calls",
+                                    "pause_turn": "stop", "refusal": "content_filter"})
+_O2A_STOP = types.MappingProxyType({"stop": "end_turn", "length": "max_tokens",
+                                    "tool_calls": "tool_use", "function_call": "tool_use",
+                                    "content_filter": "refusal"})
+_EFFORT_BUDGET = types.MappingProxyType({"minimal": 1024, "low": 2048, "medium": 8192,
+                                         "high": 24576})
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content
+                       if isinstance(b, dict) and b.get("type") in ("text", "input_text"))
+    return ""
+
+
+def _json_args(text: object) -> object:
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return {"_raw": text}
+    return value if isinstance(value, dict) else {"_value": value}
+
+
+def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
+    out: dict = {"model": obj.get("model", "")}
+    messages = []
+    system = obj.get("system")
+    if system:
+        messages.append({"role": "system", "content": system if isinstance(system, str)
+                         else "\n\n".join(b.get("text", "") for b in system
+                                          if isinstance(b, dict) and b.get("type") == "text")})
+    for msg in obj.get("messages") or ():
+        role, content = msg.get("role"), msg.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        parts, results, calls = [], [], []
+        for block in content or ():
+            kind = block.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif kind == "image" and isinstance(block.get("source"), dict):
+                src = block["source"]
+                url = src.get("url") if src.get("type") == "url" else \
+                    f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            elif kind == "tool_result":
+                text = _text_of(block.get("content"))
+                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+                                "content": ("[error] " + text) if block.get("is_error") else text})
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id", ""), "type": "function", "function": {
+                    "name": block.get("name", ""),
+                    "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+            else:
+                dropped.append(f"messages[].content[{kind}]")
+        messages += results  # tool results answer the assistant's calls just before them
+        if role == "assistant":
+            message: dict = {"role": "assistant",
+                             "content": "".join(p["text"] for p in parts if "text" in p) or None}
+            if calls:
+                message["tool_calls"] = calls
+            messages.append(message)
+        elif parts:
+            only_text = all(p["type"] == "text" for p in parts)
+            messages.append({"role": role, "content": "".join(p["text"] for p in parts)
+                             if only_text else parts})
+    out["messages"] = messages
+    for key in ("temperature", "top_p", "stream"):
+        if key in obj:
+            out[key] = obj[key]
+    if "max_tokens" in obj:
+        out["max_tokens"] = obj["max_tokens"]
+    if obj.get("stop_sequences"):
+        out["stop"] = obj["stop_sequences"]
+    if obj.get("stream"):
+        out["stream_options"] = {"include_usage": True}
+    user = (obj.get("metadata") or {}).get("user_id")
+    if user:
+        out["user"] = user
+    if obj.get("tools"):
+        out["tools"] = [{"type": "function", "function": {
+            "name": t.get("name", ""), "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
+            for t in obj["tools"] if isinstance(t, dict) and "input_schema" in t]
+        dropped += [f"tools[{t.get('type')}]" for t in obj["tools"]
+                    if isinstance(t, dict) and "input_schema" not in t]
+    choice = obj.get("tool_choice")
+    if isinstance(choice, dict):
+        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(
+            choice.get("type"), {"type": "function", "function": {"name": choice.get("name")}})
+    thinking = obj.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens", 0)
+        out["reasoning_effort"] = "low" if budget < 4096 else "medium" if budget < 16384 \
+            else "high"
+    dropped += [k for k in obj if k in ("top_k", "service_tier", "container", "mcp_servers")]
+    return out
+
+
+def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int) -> dict:
+    system, messages = [], []
+
+    def add(role: str, blocks: list) -> None:
+        if messages and messages[-1]["role"] == role:  # keep roles alternating
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
+    for msg in obj.get("messages") or ():
+        role, content = msg.get("role"), msg.get("content")
+        if role in ("system", "developer"):
+            system.append(_text_of(content))
+        elif role == "tool":
+            add("user", [{"type": "tool_result", "tool_use_id": msg.get("tool_call_id", ""),
+                          "content": _text_of(content)}])
+        elif role in ("user", "assistant"):
+            blocks = []
+            if isinstance(content, str) and content:
+                blocks.append({"type": "text", "text": content})
+            for part in content if isinstance(content, list) else ():
+                if part.get("type") in ("text", "input_text"):
+                    blocks.append({"type": "text", "text": part.get("text", "")})
+                elif part.get("type") == "image_url":
+                    url = (part.get("image_url") or {}).get("url", "")
+                    if url.startswith("data:") and ";base64," in url:
+                        media, data = url[5:].split(";base64,", 1)
+                        blocks.append({"type": "image", "source": {
+                            "type": "base64", "media_type": media, "data": data}})
+                    else:
+                        blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+                else:
+                    dropped.append(f"messages[].content[{part.get('type')}]")
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id", ""),
+                               "name": fn.get("name", ""),
+                               "input": _json_args(fn.get("arguments"))})
+            if blocks:
+                add(role, blocks)
+    out: dict = {"model": obj.get("model", ""), "messages": messages,
+                 "max_tokens": obj.get("max_completion_tokens") or obj.get("max_tokens")
+                 or default_max}
+    if system:
+        out["system"] = "\n\n".join(system)
+    for key in ("temperature", "top_p", "stream"):
+        if key in obj:
+            out[key] = obj[key]
+    stop = obj.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if obj.get("user"):
+        out["metadata"] = {"user_id": obj["user"]}
+    if obj.get("tools"):
+        out["tools"] = [{"name": fn.get("name", ""), "description": fn.get("description", ""),
+                         "input_schema": fn.get("parameters") or {"type": "object",
+                                                                  "properties": {}}}
+                        for t in obj["tools"] for fn in [t.get("function") or {}]
+                        if t.get("type") == "function"]
+    choice = obj.get("tool_choice")
+    if isinstance(choice, str) and choice in ("auto", "required", "none"):
+        out["tool_choice"] = {"type": {"required": "any"}.get(choice, choice)}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        out["tool_choice"] = {"type": "tool", "name": choice["function"].get("name", "")}
+    effort = obj.get("reasoning_effort")
+    if effort in _EFFORT_BUDGET:
+        budget = _EFFORT_BUDGET[effort]
+        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        out["max_tokens"] = max(out["max_tokens"], budget + 1024)
+        out.pop("temperature", None)  # thinking requires the default temperature
+    dropped += [k for k in obj if k in ("n", "seed", "logprobs", "top_logprobs",
+                                        "response_format", "presence_penalty",
+                                        "frequency_penalty", "logit_bias", "parallel_tool_calls")]
+    return out
+
+
+def anthropic_to_openai_response(obj: dict) -> dict:
+    text = "".join(b.get("text", "") for b in obj.get("content") or ()
+                   if b.get("type") == "text")
+    calls = [{"id": b.get("id", ""), "type": "function", "function": {
+        "name": b.get("name", ""), "arguments": json.dumps(b.get("input", {}),
+                                                           ensure_ascii=False)}}
+        for b in obj.get("content") or () if b.get("type") == "tool_use"]
+    message: dict = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    u = obj.get("usage") or {}
+    cached = u.get("cache_read_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + cached + (u.get("cache_creation_input_tokens") or 0)
+    return {"id": "chatcmpl-" + str(obj.get("id", "")), "object": "chat.completion",
+            "created": int(time.time()), "model": obj.get("model", ""),
+            "choices": [{"index": 0, "message": message, "finish_reason": _A2O_STOP.get(
+                obj.get("stop_reason"), "stop")}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": u.get("output_tokens") or 0,
+                      "total_tokens": prompt + (u.get("output_tokens") or 0),
+                      "prompt_tokens_details": {"cached_tokens": cached}}}
+
+
+def openai_to_anthropic_response(obj: dict) -> dict:
+    choice = (obj.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+    content += [{"type": "tool_use", "id": c.get("id", ""),
+                 "name": (c.get("function") or {}).get("name", ""),
+                 "input": _json_args((c.get("function") or {}).get("arguments"))}
+                for c in message.get("tool_calls") or ()]
+    usage = Usage()
+    usage.apply_openai(obj.get("usage"))
+    return {"id": "msg_" + str(obj.get("id", "")), "type": "message", "role": "assistant",
+            "model": obj.get("model", ""), "content": content,
+            "stop_reason": _O2A_STOP.get(choice.get("finish_reason"), "end_turn"),
+            "stop_sequence": None,
+            "usage": {"input_tokens": usage.input, "output_tokens": usage.output,
+                      "cache_read_input_tokens": usage.cache_read,
+                      "cache_creation_input_tokens": usage.cache_write}}
+
+
+def translate_error(body: bytes, status: int, client_api: str) -> bytes:
+    """A provider's error body in the client's native shape (same status)."""
+    text = _error_text(_loads(body)) or body[:300].decode("utf-8", "replace")
+    return native_error(client_api, status, text.split(": ", 1)[-1] or "upstream error")
+
+
+class StreamTranslator:
+    """Rewrites one provider's SSE events into the client's format as they arrive: OpenAI
+    chunks into Anthropic's message/content-block events (tool arguments as input_json_delta)
+    or Anthropic events into OpenAI chunks (tool calls with streamed arguments)."""
+
+    def __init__(self, upstream: str, client: str, include_usage: bool) -> None:
+        self.upstream = upstream
+        self.include_usage = include_usage
+        self.started = False
+        self.open_block: int | None = None   # index of the open Anthropic content block
+        self.blocks = 0
+        self.tools: dict[int, int] = {}      # OpenAI tool_call index -> block index
+        self.usage = Usage()
+        self.stop = None
+        self.id = "msg_" + os.urandom(8).hex()
+        self.model = ""
+        self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
+        self.finished = False
+
+    def feed(self, event: bytes) -> bytes:
+        return self._from_openai(event) if self.upstream == API_OPENAI \
+            else self._from_anthropic(event)
+
+    # -- OpenAI provider, Anthropic client --------------------------------------------------
+    def _start(self, model: str) -> bytes:
+        self.started = True
+        return _sse("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "content": [],
+            "model": model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})
+
+    def _close_block(self) -> bytes:
+        if self.open_block is None:
+            return b""
+        index, self.open_block = self.open_block, None
+        return _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _from_openai(self, event: bytes) -> bytes:
+        _, data = sse_fields(event)
+        if data.strip() == b"[DONE]":
+            return self.finish()
+        obj = _loads(data)
+        if not isinstance(obj, dict):
+            return b""
+        if obj.get("error"):
+            return _sse("error", json.loads(native_error(API_ANTHROPIC, 502,
+                                                         _error_text(obj) or "upstream error")))
+        out = b"" if self.started else self._start(str(obj.get("model", "")))
+        if isinstance(obj.get("usage"), dict):
+            self.usage.apply_openai(obj["usage"])
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self.open_block is None or self.open_block in self.tools.values():
+                    out += self._close_block()
+                    self.open_block = self.blocks
+                    self.blocks += 1
+                    out += _sse("content_block_start", {
+                        "type": "content_block_start", "index": self.open_block,
+                        "content_block": {"type": "text", "text": ""}})
+                out += _sse("content_block_delta", {
+                    "type": "content_block_delta", "index": self.open_block,
+                    "delta": {"type": "text_delta", "text": delta["content"]}})
+            for call in delta.get("tool_calls") or ():
+                k = call.get("index", 0)
+                fn = call.get("function") or {}
+                if k not in self.tools:
+                    out += self._close_block()
+                    self.tools[k] = self.open_block = self.blocks
+                    self.blocks += 1
+                    out += _sse("content_block_start", {
+                        "type": "content_block_start", "index": self.open_block,
+                        "content_block": {"type": "tool_use", "id": call.get("id", ""),
+                                          "name": fn.get("name", ""), "input": {}}})
+                if fn.get("arguments"):
+                    out += _sse("content_block_delta", {
+                        "type": "content_block_delta", "index": self.tools[k],
+                        "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+            if choice.get("finish_reason"):
+                self.stop = _O2A_STOP.get(choice["finish_reason"], "end_turn")
+        return out
+
+    # -- Anthropic provider, OpenAI client --------------------------------------------------
+    def _chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+        chunk = {"id": "chatcmpl-" + self.id[4:], "object": "chat.completion.chunk",
+                 "created": int(time.time()), "model": self.model,
+                 "choices": [] if usage is not None else
+                 [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            chunk["usage"] = usage
+        return b"data: " + json_dumps(chunk) + b"\n\n"
+
+    def _from_anthropic(self, event: bytes) -> bytes:
+        name, data = sse_fields(event)
+        obj = _loads(data)
+        if not isinstance(obj, dict):
+            return b""
+        kind = obj.get("type") or name.decode()
+        if kind == "message_start":
+            msg = obj.get("message") or {}
+            self.model = str(msg.get("model", ""))
+            self.id = str(msg.get("id") or self.id)
+            self.usage.apply_anthropic(msg.get("usage"))
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                k = self.tool_index[obj.get("index", 0)] = len(self.tool_index)
+                return self._chunk({"tool_calls": [{"index": k, "id": block.get("id", ""),
+                                                    "type": "function", "function": {
+                                                        "name": block.get("name", ""),
+                                                        "arguments": ""}}]})
+            return b""
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self._chunk({"content": delta.get("text", "")})
+            if delta.get("type") == "input_json_delta" and obj.get("index") in self.tool_index:
+                return self._chunk({"tool_calls": [{
+                    "index": self.tool_index[obj["index"]],
+                    "function": {"arguments": delta.get("partial_json", "")}}]})
+            return b""  # thinking and signatures have no Chat Completions counterpart
+        if kind == "message_delta":
+            self.usage.apply_anthropic(obj.get("usage"))
+            self.stop = _A2O_STOP.get((obj.get("delta") or {}).get("stop_reason"), "stop")
+            return b""
+        if kind == "message_stop":
+            return self.finish()
+        if kind == "error":
+            return b"data: " + native_error(API_OPENAI, 502, _error_text(obj) or
+                                            "upstream error") + b"\n\n"
+        return b""  # ping
+
+    def finish(self) -> bytes:
+        """The closing events, once, when the provider's stream ends."""
+        if self.finished:
+            return b""
+        self.finished = True
+        u = self.usage
+        if self.upstream == API_OPENAI:
+            if not self.started:
+                return b""
+            return self._close_block() + _sse("message_delta", {
+                "type": "message_delta", "delta": {"stop_reason": self.stop or "end_turn",
+                                                   "stop_sequence": None},
+                "usage": {"input_tokens": u.input, "output_tokens": u.output,
+                          "cache_read_input_tokens": u.cache_read,
+                          "cache_creation_input_tokens": u.cache_write}}) + \
+                _sse("message_stop", {"type": "message_stop"})
+        out = self._chunk({}, self.stop or "stop")
+        if self.include_usage:
+            prompt = u.input + u.cache_read + u.cache_write
+            out += self._chunk({}, usage={"prompt_tokens": prompt, "completion_tokens": u.output,
+                                          "total_tokens": prompt + u.output,
+                                          "prompt_tokens_details": {"cached_tokens":
+                                                                    u.cache_read}})
+        return out + b"data: [DONE]\n\n"
+
 
 
 
@@ -4965,7 +5359,7 @@ class Router:
     def _resolve(self, api: str, model: str) -> Provider | None:
         candidates = self.by_format[api]
         mapped = self.providers.get(self.model_map.get(model, ""))
-        if mapped is not None and mapped in candidates:
+        if mapped is not None and mapped.usable:  # may be of the other format: translated
             return mapped
         for prov in candidates:
             if (prov.exact or prov.patterns) and prov.serves(model):
@@ -4978,8 +5372,8 @@ class Router:
                 return prov
         return None
 
-    def plan(self, api: str, model: str, fallback: bool,
-             alternates: tuple = ()) -> list[tuple[Provider, str]]:
+    def plan(self, api: str, model: str, fallback: bool, alternates: tuple = (),
+             cross_format: bool = False) -> list[tuple[Provider, str]]:
         """The (provider, model) pairs to try in order: the routed provider, then (with
         fallback) every other provider of the format that lists the model or takes any model,
         then the same for each configured alternate model."""
@@ -4989,7 +5383,9 @@ class Router:
             if first is not None and (first, name) not in plan:
                 plan.append((first, name))
             if fallback:
-                for prov in self.by_format[api]:
+                formats = API_FORMATS if cross_format else (api,)
+                for prov in [p for f in sorted(formats, key=lambda f: f != api)
+                             for p in self.by_format[f]]:
                     if (prov, name) not in plan and (prov.serves(name) or not (
                             prov.exact or prov.patterns)):
                         plan.append((prov, name))
@@ -5002,14 +5398,16 @@ class Router:
 class Failure:
     """The last failed upstream attempt: a response (head and body, returned to the client as
     it was) or an error (502/504), or nothing admitted at all (every breaker open)."""
-    __slots__ = ("head", "body", "error", "retry_in")
+    __slots__ = ("head", "body", "error", "retry_in", "api")
 
     def __init__(self, head: ResponseHead | None = None, body: bytes = b"",
-                 error: UpstreamError | None = None, retry_in: float = 0.0) -> None:
+                 error: UpstreamError | None = None, retry_in: float = 0.0,
+                 api: str = "") -> None:
         self.head = head
         self.body = body
         self.error = error
         self.retry_in = retry_in
+        self.api = api  # the provider's API format (its error body's shape)
 
 
 class Dispatcher:
@@ -5051,8 +5449,11 @@ class Dispatcher:
                 if ctx.trace is not None:
                     ctx.notes["upstream_span"] = os.urandom(8).hex()
                 try:
+                    target = prov.origin.target(req.target) if prov.cfg.format == ctx.api \
+                        or req.path not in ACCOUNTED_PATHS else \
+                        prov.origin.target(API_PATHS[prov.cfg.format])
                     resp = await self.pool.request(
-                        prov.origin, req.method, prov.origin.target(req.target),
+                        prov.origin, req.method, target,
                         proxy.upstream_headers(req, prov, ctx), body,
                         prov.cfg.connect_timeout, prov.cfg.timeout, watch=conn.chan)
                 except ConnectionGone:
@@ -5099,7 +5500,7 @@ class Dispatcher:
             return Failure(error=UpstreamError(f"upstream error body unreadable: "
                                                f"{type(exc).__name__}"))
         resp.release()
-        return Failure(head=resp.head, body=body)
+        return Failure(head=resp.head, body=body, api=prov.cfg.format)
 
     async def _pause(self, seconds: float, watch: Channel) -> None:
         """Sleeps before a retry; ends at once (ConnectionGone) when the client goes away."""
@@ -5282,8 +5683,29 @@ class Proxy:
         """The upstream body for each step of the plan: the client's bytes, patched only where
         tokenman changed something (top-level members named in ctx.changes, or the model)."""
         body = json_patch(req.body, ctx.changes) if ctx.changes else req.body
-        return [(prov, model, body if model == ctx.model or ctx.obj is None
-                 else json_patch(body, {"model": model})) for prov, model in pairs]
+        plan = []
+        for prov, model in pairs:
+            if prov.cfg.format != ctx.api and isinstance(ctx.obj, dict) \
+                    and req.path in ACCOUNTED_PATHS:
+                plan.append((prov, model, self._translated(ctx, model, prov.cfg.format)))
+            else:
+                plan.append((prov, model, body if model == ctx.model or ctx.obj is None
+                             else json_patch(body, {"model": model})))
+        return plan
+
+    def _translated(self, ctx: Context, model: str, target: str) -> bytes:
+        """The request rewritten for a provider of the other API format."""
+        dropped: list[str] = []
+        obj = dict(ctx.obj, model=model)
+        if target == API_OPENAI:
+            out = anthropic_to_openai_request(obj, dropped)
+        else:
+            out = openai_to_anthropic_request(obj, dropped,
+                                              self.cfg.budget.default_max_tokens)
+        if dropped:
+            self.log.debug("fields without a counterpart dropped in translation", id=ctx.id,
+                           fields=",".join(sorted(set(dropped))))
+        return json_dumps(out)
 
     def _prepare(self, req: Request, ctx: Context) -> list[tuple[Provider, str]]:
         """Parses what routing and accounting need; returns the (provider, model) plan."""
@@ -5312,7 +5734,8 @@ class Proxy:
                     ctx.drop_usage_chunk = True
         routing = self.cfg.routing
         pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
-                                 routing.fallback_models.get(ctx.model, ()))
+                                 routing.fallback_models.get(ctx.model, ()),
+                                 routing.cross_format_fallback)
         if not pairs:
             what = f"model {ctx.model!r}" if ctx.model else "this request"
             raise HTTPError(404, f"no configured {ctx.api} provider serves {what}")
@@ -5326,6 +5749,7 @@ class Proxy:
         if nominated:
             drop = drop | {t.strip().lower() for t in nominated.split(b",")}
         replace_auth = bool(prov.api_key)
+        cross = prov.cfg.format != ctx.api
         out = []
         has_version = False
         for name, value in req.headers.raw:
@@ -5338,6 +5762,15 @@ class Proxy:
             if lower == b"authorization" and self.auth_token and \
                     value[7:].strip() == self.auth_token.encode():
                 continue  # tokenman's own token never leaves the host
+            if cross:  # the other API: its feature headers mean nothing there, and a
+                if lower.startswith((b"anthropic-", b"openai-")):  # passed-through key moves
+                    continue                                      # to that API's header
+                if lower == b"x-api-key":
+                    out.append((b"Authorization", b"Bearer " + value))
+                    continue
+                if lower == b"authorization" and value[:7].lower() == b"bearer ":
+                    out.append((b"x-api-key", value[7:].strip()))
+                    continue
             if lower == b"anthropic-version":
                 has_version = True
             if ctx.trace is not None and lower == b"traceparent":
@@ -5398,6 +5831,8 @@ class Proxy:
         resp, prov, model, ticket = sent
         ctx.model = model
         ctx.status = resp.status
+        if req.path in ACCOUNTED_PATHS:
+            ctx.upstream_api = prov.cfg.format
         if resp.status >= 400:
             ctx.outcome = "upstream_error"
         conn.chan.on_lost = resp.chan.abort
@@ -5433,7 +5868,10 @@ class Proxy:
             ctx.outcome = "upstream_error"
             ctx.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
             headers = self._client_headers(head, ctx)
-            conn.send(req, head.status, headers, failure.body, head.reason)
+            body = failure.body
+            if failure.api and failure.api != ctx.api and req.path in ACCOUNTED_PATHS:
+                body = translate_error(body, head.status, ctx.api)
+            conn.send(req, head.status, headers, body, head.reason)
         elif failure.error is not None:
             exc = failure.error
             ctx.status = 504 if exc.timeout and not exc.connect else 502
@@ -5471,10 +5909,13 @@ class Proxy:
         ctx.upstream_s = now - t_up
         if ctx.outcome == "ok":
             self._account_body(ctx, data)
-            ctx.upstream_body = data
-            ctx.notes["cache_headers"] = resp.head.headers.raw
         else:
             ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
+        if ctx.upstream_api != ctx.api:  # answered by a provider of the other format
+            data = self._translate_body(ctx, data, resp.status)
+        if ctx.outcome == "ok":
+            ctx.upstream_body = data  # what the cache keeps: before any PII restore
+            ctx.notes["cache_headers"] = resp.head.headers.raw
         if ctx.hooks:
             data = ctx.pipeline.response(ctx, data)
         headers = self._client_headers(resp.head, ctx)
@@ -5487,12 +5928,22 @@ class Proxy:
         if self.cfg.server.store_body:
             ctx.response_body = data
 
+    def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
+        if status >= 400:
+            return translate_error(data, status, ctx.api)
+        obj = _loads(data)
+        if not isinstance(obj, dict):
+            return data
+        out = anthropic_to_openai_response(obj) if ctx.upstream_api == API_ANTHROPIC \
+            else openai_to_anthropic_response(obj)
+        return json_dumps(out)
+
     def _account_body(self, ctx: Context, data: bytes) -> None:
         obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
-        usage, model = usage_from_body(ctx.api, obj)
+        usage, model = usage_from_body(ctx.upstream_api, obj)
         if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
                                                                         dict):
-            usage, model = usage_from_body(ctx.api, obj["response"])
+            usage, model = usage_from_body(ctx.upstream_api, obj["response"])
         if model:
             ctx.model = model
         if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
@@ -5518,7 +5969,12 @@ class Proxy:
                          resp: UpstreamResponse, t_up: float) -> None:
         """Relays events as they arrive, bytes unchanged, one write per upstream read."""
         loop = asyncio.get_running_loop()
-        meter = StreamMeter(ctx.api, ctx.drop_usage_chunk and ctx.outcome == "ok")
+        meter = StreamMeter(ctx.upstream_api, ctx.drop_usage_chunk and ctx.outcome == "ok")
+        translator = None
+        if ctx.upstream_api != ctx.api:
+            opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
+            translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
+                                          and opts.get("include_usage") is True)
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
                           resp.head.reason)
         splitter = SSESplitter()
@@ -5538,8 +5994,13 @@ class Proxy:
                 out = []
                 for event in splitter.feed(data):
                     if type(event) is RawPiece:
-                        out.append(event)
-                    elif meter.on_event(event):
+                        if translator is None:
+                            out.append(event)
+                    elif meter.on_event(event) or translator is not None:
+                        if translator is not None:
+                            event = translator.feed(event)
+                            if not event:
+                                continue
                         out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
                                    else event)
                 if out:
@@ -5550,7 +6011,7 @@ class Proxy:
                     if conn.chan._write_paused:
                         await conn.drain()
             rest = splitter.flush()
-            if rest and meter.on_event(rest):
+            if rest and meter.on_event(rest) and translator is None:
                 conn.stream_write(rest)
         except TimeoutError:
             failure = "stream_timeout reached" if end is not None and loop.time() >= end \
@@ -5562,6 +6023,8 @@ class Proxy:
             resp.release()
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
+        if translator is not None and not failure and not conn.lost:
+            conn.stream_write(translator.finish())  # (nothing when already finished)
         if conn.lost and not meter.complete:
             ctx.outcome = "client_closed"
             ctx.error = "client disconnected mid-stream"
