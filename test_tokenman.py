@@ -2937,6 +2937,13 @@ class TestCrossFormat(ProxyTestCase):
             extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
         req = dict(ANTHROPIC_REQ, tools=[{"name": "get_weather", "description": "w",
                                           "input_schema": {"type": "object"}}])
+        # the Anthropic SDK may send its key as a bearer token: still a bearer token for OpenAI
+        bearer = await http(self.port, "POST", "/v1/messages", req, {
+            "Authorization": "Bearer sk-ant-bearer", "anthropic-version": "2026-10-21"})
+        self.assertEqual(bearer.status, 200)
+        self.assertEqual(local.requests.pop().headers[b"authorization"], b"Bearer sk-ant-bearer")
+        await self.rows(1)
+        await asyncio.to_thread(self.app.store.submit, lambda c: c.execute("DELETE FROM requests"))
         resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertEqual(resp.json()["content"][0]["input"], {"city": "Paris"})
         self.assertEqual(resp.json()["stop_reason"], "tool_use")
@@ -2962,7 +2969,8 @@ class TestCrossFormat(ProxyTestCase):
         self.up.handler = fixture_handler(events, body)
         await self.start_proxy(providers={"claude": {"api_base": self.up.base,
                                                      "format": "anthropic"}},
-                               extra={"routing": {"model_map": {"gpt-4o": "claude"}}})
+                               extra={"routing": {"model_map": {
+                                   "gpt-4o": "claude:claude-sonnet-4-5-20250929"}}})
         convo = {"model": "gpt-4o", "messages": [
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "content": None, "tool_calls": [
@@ -2976,6 +2984,7 @@ class TestCrossFormat(ProxyTestCase):
             "arguments"]), {"city": "Paris"})
         sent = self.up.requests[0]
         self.assertEqual(sent.target, b"/v1/messages")
+        self.assertEqual(sent.json()["model"], "claude-sonnet-4-5-20250929")  # renamed
         self.assertEqual(sent.headers[b"x-api-key"], b"sk-client")
         self.assertEqual(sent.headers[b"anthropic-version"], b"2023-06-01")
         self.assertEqual([m["role"] for m in sent.json()["messages"]],

@@ -485,7 +485,8 @@ class ProviderConfig:
 class RoutingConfig:
     default_provider: str = _f("", "provider for models no provider lists (empty = the first "
                                    "provider of the request's format with an empty models list)")
-    model_map: dict = _f({}, "model id -> provider key, checked first")
+    model_map: dict = _f({}, "model id -> provider key, or provider:model to also rename the "
+                             "model (e.g. \"local:llama-3-70b\"); checked first")
     fallback_enabled: bool = _f(True, "try the next eligible provider when one is open or "
                                       "exhausted (before any byte reaches the client)")
     cross_format_fallback: bool = _f(False, "let fallback continue to providers of the other "
@@ -962,7 +963,7 @@ def validate_config(cfg: Config) -> list[str]:
         errs.append(f"routing.default_provider: {r.default_provider!r} is not a configured "
                     f"provider")
     for model, target in r.model_map.items():
-        if target not in cfg.providers:
+        if target.split(":", 1)[0] not in cfg.providers:
             errs.append(f"routing.model_map.{model}: {target!r} is not a configured provider")
     res = cfg.resilience
     for name in ("retry_max_attempts", "cb_failure_threshold", "cb_half_open_max_calls"):
@@ -5356,10 +5357,17 @@ class Router:
             self._memo[key] = found
         return found
 
+    def mapped(self, model: str) -> tuple[Provider | None, str]:
+        """model_map's provider for a model and the model name to send it."""
+        target = self.model_map.get(model, "")
+        key, _, rename = target.partition(":")
+        prov = self.providers.get(key)
+        return (prov, rename or model) if prov is not None and prov.usable else (None, model)
+
     def _resolve(self, api: str, model: str) -> Provider | None:
         candidates = self.by_format[api]
-        mapped = self.providers.get(self.model_map.get(model, ""))
-        if mapped is not None and mapped.usable:  # may be of the other format: translated
+        mapped, _ = self.mapped(model)
+        if mapped is not None:  # may be of the other format: then translated
             return mapped
         for prov in candidates:
             if (prov.exact or prov.patterns) and prov.serves(model):
@@ -5380,7 +5388,10 @@ class Router:
         plan: list[tuple[Provider, str]] = []
         for name in (model,) + (tuple(alternates) if fallback else ()):
             first = self.resolve(api, name)
-            if first is not None and (first, name) not in plan:
+            mapped, renamed = self.mapped(name)
+            if first is not None and first is mapped:
+                plan.append((first, renamed))
+            elif first is not None and (first, name) not in plan:
                 plan.append((first, name))
             if fallback:
                 formats = API_FORMATS if cross_format else (api,)
@@ -5765,10 +5776,11 @@ class Proxy:
             if cross:  # the other API: its feature headers mean nothing there, and a
                 if lower.startswith((b"anthropic-", b"openai-")):  # passed-through key moves
                     continue                                      # to that API's header
-                if lower == b"x-api-key":
+                if lower == b"x-api-key" and prov.cfg.format == API_OPENAI:
                     out.append((b"Authorization", b"Bearer " + value))
                     continue
-                if lower == b"authorization" and value[:7].lower() == b"bearer ":
+                if lower == b"authorization" and prov.cfg.format == API_ANTHROPIC and \
+                        value[:7].lower() == b"bearer ":
                     out.append((b"x-api-key", value[7:].strip()))
                     continue
             if lower == b"anthropic-version":
