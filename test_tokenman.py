@@ -2129,7 +2129,7 @@ class TestPIIStage(ProxyTestCase):
         await self.start_proxy()
         self.app.pipeline.stage("pii").types = None  # iterating None raises inside find_pii
         resp = await http(self.port, "POST", "/v1/messages", dict(
-            ANTHROPIC_REQ, messages=[{"role": "user", "content": "x"}]), A_HEADERS)
+            ANTHROPIC_REQ, messages=[{"role": "user", "content": "mail x@y.io"}]), A_HEADERS)
         self.assertEqual((resp.status, resp.json()["type"]), (500, "error"))
         self.assertEqual(len(self.up.requests), 0)
 

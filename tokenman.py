@@ -48,6 +48,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import bisect
 import collections
 import dataclasses
 import datetime
@@ -191,8 +192,9 @@ def new_request_id() -> str:
 
 def utc_iso(ts: float) -> str:
     """Seconds since the epoch as a sortable UTC string with milliseconds."""
-    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    t = time.gmtime(ts)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour,
+                                                   t.tm_min, t.tm_sec, int(ts * 1000) % 1000)
 
 
 def escape_log(text: str) -> str:
@@ -370,16 +372,23 @@ class RotatingFile:
         self.fh.write(line)
         self.size += len(line)
 
+    def flush(self) -> None:
+        self.fh.flush()
+
 
 class Logger:
     """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
     happens for enabled levels; values are escaped so no client input can forge a line."""
-    __slots__ = ("level", "stream", "json")
+    __slots__ = ("level", "stream", "json", "pending")
 
-    def __init__(self, level: str = "info", stream=None, fmt: str = "text") -> None:
+    def __init__(self, level: str = "info", stream=None, fmt: str = "text",
+                 buffered: bool = False) -> None:
         self.level = LOG_LEVELS.get(level.lower(), 20)
         self.stream = stream if stream is not None else sys.stderr
         self.json = fmt == "json"
+        # buffered: info and debug lines are written in batches (by flush(), which the App
+        # calls a few times a second, or every 256 lines); warnings and errors at once
+        self.pending: list[str] | None = [] if buffered else None
 
     def enabled(self, level: int) -> bool:
         return level >= self.level
@@ -388,7 +397,7 @@ class Logger:
         if self.json:
             record = {"time": utc_iso(time.time()), "level": name.lower(), "msg": msg}
             record.update({k: redact_secrets(str(v)) for k, v in fields.items()})
-            self._write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._write(json.dumps(record, ensure_ascii=False) + "\n", name)
             return
         parts = [utc_iso(time.time()), name, escape_log(msg)]
         for key, value in fields.items():
@@ -396,13 +405,31 @@ class Logger:
             if not text or " " in text or '"' in text or "=" in text:
                 text = json.dumps(text)
             parts.append(f"{key}={text}")
-        self._write(" ".join(parts) + "\n")
+        self._write(" ".join(parts) + "\n", name)
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: str, name: str = "ERROR") -> None:
+        pending = self.pending
+        if pending is not None and name in ("INFO", "DEBUG"):
+            pending.append(line)
+            if len(pending) >= 256:
+                self.flush()
+            return
+        if pending:
+            self.flush()
         try:
             self.stream.write(line)
         except (OSError, ValueError):
             pass  # a closed or full log stream never fails a request
+
+    def flush(self) -> None:
+        if self.pending:
+            text = "".join(self.pending)
+            self.pending.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
 
     def debug(self, msg: str, **fields: object) -> None:
         if self.level <= 10:
@@ -3200,12 +3227,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        i = 0
-        for bound in self.bounds:
-            if value <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 
@@ -4109,8 +4131,14 @@ def _digit_windows(text: str) -> list[tuple[int, int]]:
             for m in _DIGIT_WINDOW.finditer(raw)]
 
 
+_PII_GATE = re.compile(r"[@/\\0-9]|sk-|AKIA|gh[pousr]_|glpat-|xox|AIza|"
+                       r"(?i:key|secret|token|passw|credential)")
+
+
 def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, type) spans, higher-priority detectors winning overlaps."""
+    if len(text) < 512 and not _PII_GATE.search(text):
+        return []  # a short text none of the detectors could match (one scan instead of seven)
     spans = []
     windows = low = None
     for kind, priority, rx, valid, gate in PII_DETECTORS:
@@ -4587,6 +4615,8 @@ class CacheHints(Stage):
                                     for k in ctx.changes):
             return None
         minimum = cache_minimum(ctx.model)
+        if len(ctx.req.body) // 3 < minimum:  # the whole prompt is too short to cache
+            return None
         sizes = self._sizes(ctx)
         prefix = 0
         tools = obj.get("tools")
@@ -5553,6 +5583,8 @@ class Proxy:
         self.started = time.time()
         self.in_flight = 0
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
+        self._label_memo: dict[tuple, tuple] = {}
+        self._stage_labels: dict[str, tuple] = {}
         self.plugins: list[Plugin] = []
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
 
@@ -6118,22 +6150,37 @@ class Proxy:
                     saved["compression"] = compressed * price.input / 1_000_000
         return saved, compressed
 
+    def _labels(self, provider: str, model: str, project: str, streaming: bool) -> tuple:
+        """The label tuples of one (provider, model, project, streaming), built once."""
+        key = (provider, model, project, streaming)
+        labels = self._label_memo.get(key)
+        if labels is None:
+            kinds = tuple((("kind", k), ("model", model), ("provider", provider))
+                          for k in ("input", "output", "cache_read", "cache_write"))
+            labels = (kinds, (("model", model), ("project", project), ("provider", provider)),
+                      (("model", model), ("provider", provider),
+                       ("streaming", "true" if streaming else "false")))
+            if len(self._label_memo) < 4096:
+                self._label_memo[key] = labels
+        return labels
+
     def _count(self, ctx: Context, seconds: float, saved: dict, compressed: int) -> None:
         m = self.metrics
+        values = m.values
         u = ctx.usage
-        model = m.model(ctx.model)
         provider = ctx.provider
-        m.inc("tokenman_requests_total")
-        m.inc("tokenman_tokens_in_total", (), u.input + u.cache_read + u.cache_write)
-        m.inc("tokenman_tokens_out_total", (), u.output)
-        m.inc("tokenman_tokens_saved_total", (), ctx.tokens_saved + compressed)
-        for kind, count in (("input", u.input), ("output", u.output),
-                            ("cache_read", u.cache_read), ("cache_write", u.cache_write)):
+        kinds, cost_labels, duration_labels = self._labels(provider, m.model(ctx.model),
+                                                           ctx.project, ctx.streaming)
+        for name, value in (("tokenman_requests_total", 1),
+                            ("tokenman_tokens_in_total", u.input + u.cache_read + u.cache_write),
+                            ("tokenman_tokens_out_total", u.output),
+                            ("tokenman_tokens_saved_total", ctx.tokens_saved + compressed)):
+            key = (name, ())
+            values[key] = values.get(key, 0.0) + value
+        for labels, count in zip(kinds, (u.input, u.output, u.cache_read, u.cache_write)):
             if count:
-                m.inc("tokenman_tokens_total", (("kind", kind), ("model", model),
-                                                ("provider", provider)), count)
-        m.inc("tokenman_cost_usd_total", (("model", model), ("project", ctx.project),
-                                          ("provider", provider)), ctx.cost or 0.0)
+                m.inc("tokenman_tokens_total", labels, count)
+        m.inc("tokenman_cost_usd_total", cost_labels, ctx.cost or 0.0)
         for source, usd in saved.items():
             m.inc("tokenman_savings_usd_total", (("source", source),), usd)
         if ctx.outcome in HIT_OUTCOMES:
@@ -6154,13 +6201,16 @@ class Proxy:
                 ms = seconds * 1000
                 old = live.get("latency_ms")
                 live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
-        m.observe("tokenman_request_duration_seconds", (
-            ("model", model), ("provider", provider),
-            ("streaming", "true" if ctx.streaming else "false")), seconds, REQUEST_BUCKETS)
+        m.observe("tokenman_request_duration_seconds", duration_labels, seconds,
+                  REQUEST_BUCKETS)
+        stage_labels = self._stage_labels
         for stage, secs in ctx.timings.items():
-            name, _, phase = stage.partition(".")
-            m.observe("tokenman_middleware_duration_seconds", (
-                ("middleware", name), ("phase", phase or "request")), secs, STAGE_BUCKETS)
+            labels = stage_labels.get(stage)
+            if labels is None:
+                name, _, phase = stage.partition(".")
+                labels = stage_labels[stage] = (("middleware", name),
+                                                ("phase", phase or "request"))
+            m.observe("tokenman_middleware_duration_seconds", labels, secs, STAGE_BUCKETS)
 
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
@@ -7031,7 +7081,8 @@ class App:
     def __init__(self, cfg: Config, env: dict | None = None, log: Logger | None = None) -> None:
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
-        self.log = log or Logger(cfg.server.log_level, fmt=cfg.server.log_format)
+        self.log = log or Logger(cfg.server.log_level, fmt=cfg.server.log_format,
+                                 buffered=True)
         self.store: Store | None = None
         self.pool: UpstreamPool | None = None
         self.proxy: Proxy | None = None
@@ -7083,7 +7134,7 @@ class App:
                                                              cfg.server.dashboard_port)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger()),
-                        loop.create_task(self._watch())]
+                        loop.create_task(self._watch()), loop.create_task(self._flush_log())]
         if self.tracer is not None:
             self._tasks.append(loop.create_task(self.tracer.run(self.pool)))
         scheme = "https" if ssl_ctx else "http"
@@ -7213,6 +7264,11 @@ class App:
                 self.log.error("pruner failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(3600)
 
+    async def _flush_log(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.log.flush()
+
     async def _purger(self) -> None:
         """Every five minutes: expired response-cache entries go."""
         while True:
@@ -7260,6 +7316,7 @@ class App:
                 self.log.error("cannot remove the PID file", path=self.pid_path, error=str(exc))
             self.pid_path = ""
         self.log.info("tokenman stopped")
+        self.log.flush()
 
     async def run(self) -> int:
         """Foreground mode: runs until SIGINT/SIGTERM, then stops gracefully; a second signal
@@ -7373,7 +7430,8 @@ def main(argv: list[str] | None = None) -> int:
     log = None
     if getattr(args, "log_file", None):
         os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
-        log = Logger(cfg.server.log_level, RotatingFile(args.log_file), cfg.server.log_format)
+        log = Logger(cfg.server.log_level, RotatingFile(args.log_file), cfg.server.log_format,
+                     buffered=True)
     try:
         return asyncio.run(App(cfg, log=log).run())
     except (OSError, TokenmanError) as exc:  # the port is taken, or tokenman already runs
