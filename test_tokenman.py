@@ -333,6 +333,19 @@ def openai_fixture(kind: str):
     return events, body
 
 
+def broken_sse(events, count):
+    """An upstream that streams the first `count` events, then resets the connection."""
+    async def handler(rec, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        for event in events[:count]:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        writer.transport.abort()
+        return False
+    return handler
+
+
 def fixture_handler(events, body, gate=None, after=None):
     async def handler(rec, reader, writer):
         if rec.json().get("stream"):
@@ -1394,15 +1407,7 @@ class TestStreaming(ProxyTestCase):
     async def test_upstream_failure_mid_stream_sends_error_event(self):
         events, _ = anthropic_fixture("text")
 
-        async def handler(rec, reader, writer):
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")
-            for event in events[:3]:
-                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            writer.transport.abort()
-            return False
-        self.up.handler = handler
+        self.up.handler = broken_sse(events, 3)
         await self.start_proxy()
         resp = await self.stream("/v1/messages", dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
         self.assertTrue(resp.body.startswith(b"".join(events[:3])))
@@ -1692,15 +1697,7 @@ class TestResilience(ProxyTestCase):
         backup = await FakeUpstream().start()
         self.addAsyncCleanup(backup.stop)
 
-        async def breaks(rec, reader, writer):
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")
-            for event in events[:3]:
-                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            writer.transport.abort()
-            return False
-        self.up.handler = breaks
+        self.up.handler = broken_sse(events, 3)
         await self.start_proxy(providers={
             "primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
             "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}})

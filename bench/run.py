@@ -522,6 +522,10 @@ def run_wrk(wrk: str, port: int, api: str, conc: int, seconds: float, workdir: s
     return {"generator": "wrk", "requests": w["requests"], "rps": w["requests"] / secs,
             "p50_us": w["p50"], "p99_us": w["p99"], "p999_us": w["p999"],
             "mean_us": w["mean"], "max_us": w["max"], "errors": errors,
+            # closed loop: latencies of one connection cannot add up to more than the run; when
+            # they do, wrk was stalled (preempted, or the VM paused) and the figures are suspect
+            "latency_sum_ratio": w["requests"] * w["mean"] / (conc * w["duration_us"])
+            if w["duration_us"] else None,
             "error_kinds": {k: w[k] for k in ("connect", "read", "write", "status", "timeout")
                             if w[k]}}
 
@@ -699,12 +703,14 @@ class Bench:
                 time.sleep(pause)
             row = _row(kind, api, conc, d, dm, t, tmm, mm)
             row["attempts"] = attempt
-            row["disturbed"] = max(d.get("other_cpu_util") or 0,
-                                   t.get("other_cpu_util") or 0) > OTHER_CPU_WARN
+            row["disturbed"] = any(
+                (side.get("other_cpu_util") or 0) > OTHER_CPU_WARN
+                or (side.get("steal_util") or 0) > OTHER_CPU_WARN
+                or (side.get("latency_sum_ratio") or 0) > 1.1 for side in (d, t))
             if not row["disturbed"] or attempt > self.args.retries:
                 return row
-            self.say(f"  other processes used the CPUs; waiting for a quiet machine to measure "
-                     f"{api} {kind} c={conc} again")
+            self.say(f"  other processes (or the hypervisor) took CPU time; waiting for a quiet "
+                     f"machine to measure {api} {kind} c={conc} again")
             self.wait_quiet([mock_pid, tm_pid])
         return row
 
@@ -1178,7 +1184,9 @@ def _table(rows: list[list[str]], right: tuple = ()) -> list[str]:
 def scenario_label(r: dict, args_chunks: int | None = None) -> str:
     kind = {"buffered": "buffered", "stream": "stream", "hold": "held streams"}[r["kind"]]
     gen = r["tokenman"].get("generator", "")
-    return f"{r['api']} {kind} c={r['c']} [{gen}]"
+    note = f" (try {r['attempts']})" if r.get("attempts", 1) > 1 else ""
+    note += " DISTURBED" if r.get("disturbed") else ""
+    return f"{r['api']} {kind} c={r['c']} [{gen}]{note}"
 
 
 def report_profile(p: dict, settings: dict) -> list[str]:
@@ -1194,7 +1202,8 @@ def report_profile(p: dict, settings: dict) -> list[str]:
                 continue
             diff = t - d if d is not None and t is not None else None
             rows.append([label, name, fmt(d, unit), fmt(t, unit), fmt(diff, unit, True),
-                         ratio(t, d) if unit not in ("count",) or key == "max_open" else "-"])
+                         ratio(t, d) if (unit != "count" or key == "max_open")
+                         and key != "other_cpu_util" else "-"])
             label = ""
     out += _table(rows, right=(2, 3, 4, 5))
     mem = p.get("memory", {})
