@@ -3729,6 +3729,53 @@ class TestSubprocess(unittest.TestCase):
                     os.kill(pid, 9)
 
 
+@unittest.skipUnless(__import__("shutil").which("openssl"), "needs the openssl command")
+class TestServerTLS(ProxyTestCase):
+    async def test_both_servers_speak_tls(self):
+        import ssl
+        cert = os.path.join(self.tmp.name, "c.pem")
+        key = os.path.join(self.tmp.name, "k.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                       capture_output=True)
+        await self.start_proxy({"server": {"tls_enabled": True, "cert_file": cert,
+                                           "key_file": key}})
+        ctx = ssl.create_default_context(cafile=cert)
+        for port, path in ((self.port, "/v1/messages"), (self.app.dashboard_port, "/api/stats")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            body = json.dumps(ANTHROPIC_REQ).encode() if path.startswith("/v1") else b""
+            writer.write(f"{'POST' if body else 'GET'} {path} HTTP/1.1\r\nHost: x\r\n"
+                         f"x-api-key: k\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            resp = await asyncio.wait_for(read_response(reader), WAIT)
+            writer.close()
+            self.assertEqual(resp.status, 200)
+        with self.assertRaises((ConnectionError, asyncio.IncompleteReadError, OSError)):
+            await http(self.port, "GET", "/health")  # plain HTTP to a TLS port gets nothing
+
+
+class TestShutdownWithStream(ProxyTestCase):
+    async def test_stream_in_flight_completes_and_is_logged(self):
+        events, _ = anthropic_fixture("text")
+        gate = asyncio.Event()
+        self.up.handler = fixture_handler(events, None, gate=gate, after=3)
+        await self.start_proxy()
+        stream = asyncio.create_task(http(self.port, "POST", "/v1/messages",
+                                          dict(ANTHROPIC_REQ, stream=True), A_HEADERS))
+        while not self.up.requests:
+            await asyncio.sleep(0.005)
+        stopping = asyncio.create_task(self.app.stop())
+        await asyncio.sleep(0)
+        gate.set()
+        resp = await asyncio.wait_for(stream, WAIT)
+        await asyncio.wait_for(stopping, WAIT)
+        self.assertEqual(resp.body, b"".join(events))
+        conn = sqlite3.connect(os.path.join(self.tmp.name, "tokenman.db"))
+        rows = conn.execute("SELECT outcome, output_tokens FROM requests").fetchall()
+        conn.close()
+        self.assertEqual(rows, [("ok", 420)])
+
+
 class TestPlugins(ProxyTestCase):
     async def test_example_plugin_tags_requests_end_to_end(self):
         broken = os.path.join(self.tmp.name, "broken.py")
