@@ -2490,6 +2490,49 @@ class TestSavingsEndToEnd(ProxyTestCase):
         self.assertAlmostEqual(second["cost_usd"], (50 * 3 + 100 * 15 + 9000 * 0.3) / 1e6)
         self.assertAlmostEqual(second["saved_prompt_cache_usd"], 9000 * (3 - 0.3) / 1e6)
         self.assertAlmostEqual(first["saved_prompt_cache_usd"], -9000 * (3.75 - 3) / 1e6)
+    async def test_summarization_replaces_old_turns_once_and_fails_open(self):
+        summary_calls = []
+
+        async def provider(rec, r, w):
+            body = rec.json()
+            first = body["messages"][0]["content"]
+            if isinstance(first, str) and first.startswith(tm.SUMMARY_PROMPT):
+                summary_calls.append(first)
+                if len(summary_calls) > 1 and fail_now:
+                    return await json_reply(w, {"type": "error", "error": {
+                        "type": "api_error", "message": "down"}}, status=500)
+                return await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+                    {"type": "text", "text": "User and assistant discussed files 0-9."}],
+                    "usage": {"input_tokens": 900, "output_tokens": 20}})
+            await json_reply(w, {"model": body["model"], "content": [],
+                                 "usage": {"input_tokens": 100, "output_tokens": 10}})
+        fail_now = False
+        self.up.handler = provider
+        await self.start_proxy({"compression": {"summarization": {
+            "enabled": True, "threshold_messages": 10, "keep_last": 2}},
+            "resilience": {"retry_enabled": False}})
+        req = claude_code_request(turns=8, big=False)
+        for _ in range(2):
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        self.assertEqual(len(summary_calls), 1)  # the second request used the cached summary
+        self.assertIn("/src/0.py", summary_calls[0])  # tool inputs reach the summary
+        main = [r.json() for r in self.up.requests if r.json()["model"] != "claude-haiku-4-5"]
+        msgs = main[0]["messages"]
+        self.assertIn("User and assistant discussed files 0-9.", msgs[0]["content"])
+        self.assertEqual(sum(1 for m in msgs if m["role"] == "user"
+                             and not tm._is_tool_turn("anthropic", m)), 2)
+        for a, b in zip(msgs, msgs[1:]):
+            self.assertNotEqual(a["role"], b["role"])
+        rows = await self.rows(2)
+        self.assertGreater(rows[0]["compressed_tokens"], 0)
+        self.assertLess(rows[1]["saved_compression_usd"], rows[0]["saved_compression_usd"] + 1)
+        fail_now = True
+        other = claude_code_request(turns=9, big=False, seed=5)
+        resp = await http(self.port, "POST", "/v1/messages", other, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(len(self.up.requests[-1].json()["messages"]), len(other["messages"]))
+
 
     async def test_rules_and_heartbeat_end_to_end(self):
         await self.start_proxy({"compression": {"rules": {"enabled": True},

@@ -578,8 +578,8 @@ class MetricsConfig:
                                  "(0 = keep forever)")
 
 
-STAGE_NAMES = ("cache", "heartbeat", "injection", "pii", "budget", "ratelimit", "history",
-               "rules", "cache_hints")  # §13 registers each
+STAGE_NAMES = ("cache", "heartbeat", "injection", "pii", "budget", "ratelimit", "summarization",
+               "history", "rules", "cache_hints")  # §13 registers each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,6 +620,16 @@ class HistoryConfig:
     window_size: int = _f(10, "most recent user turns kept")
     truncate_tool_results: int = _f(0, "cut tool results longer than this many characters to "
                                        "head and tail (0 = never)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SummarizationConfig:
+    enabled: bool = _f(False, "summarise older turns of long conversations with a second model")
+    provider: str = _f("", "provider key that serves the summaries (empty = the request's own)")
+    model: str = _f("claude-haiku-4-5", "model that writes the summaries")
+    max_tokens: int = _f(1024, "longest summary")
+    threshold_messages: int = _f(40, "conversations with more messages are summarised")
+    keep_last: int = _f(10, "most recent user turns always sent as they are")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -687,6 +697,7 @@ SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingCo
             ("compression.cache_hints", "cache_hints", CacheHintsConfig),
             ("compression.rules", "rules", RulesConfig),
             ("compression.history", "history", HistoryConfig),
+            ("compression.summarization", "summarization", SummarizationConfig),
             ("compression.heartbeat", "heartbeat", HeartbeatConfig),
             ("security.injection", "injection", InjectionConfig),
             ("security.budget", "budget", BudgetConfig),
@@ -712,6 +723,7 @@ class Config:
     cache_hints: CacheHintsConfig = dataclasses.field(default_factory=CacheHintsConfig)
     rules: RulesConfig = dataclasses.field(default_factory=RulesConfig)
     history: HistoryConfig = dataclasses.field(default_factory=HistoryConfig)
+    summarization: SummarizationConfig = dataclasses.field(default_factory=SummarizationConfig)
     heartbeat: HeartbeatConfig = dataclasses.field(default_factory=HeartbeatConfig)
     injection: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
@@ -1052,6 +1064,12 @@ def validate_config(cfg: Config) -> list[str]:
         errs.append("tracing.endpoint: must be an http:// or https:// URL")
     if cfg.cache_hints.ttl not in ("5m", "1h"):
         errs.append("compression.cache_hints.ttl: must be 5m or 1h")
+    sm = cfg.summarization
+    if sm.provider and sm.provider not in cfg.providers:
+        errs.append(f"compression.summarization.provider: {sm.provider!r} is not configured")
+    if sm.keep_last < 1 or sm.threshold_messages < 2 or sm.max_tokens < 1:
+        errs.append("compression.summarization: keep_last >= 1, threshold_messages >= 2, "
+                    "max_tokens >= 1")
     if cfg.history.window_size < 1 or cfg.history.truncate_tool_results < 0:
         errs.append("compression.history: window_size must be >= 1, truncate_tool_results >= 0")
     if cfg.cache.max_entries < 0 or cfg.cache.max_rows < 0:
@@ -4801,6 +4819,105 @@ class HistoryWindow(Stage):
         return changed
 
 
+SUMMARY_PROMPT = ("Summarise the conversation below between a user and an AI assistant so that "
+                  "the assistant can continue it without the original. Keep every fact, "
+                  "decision, name, file path, number and tool result that may matter later; "
+                  "drop pleasantries. Answer with the summary only.\n\n")
+
+
+class Summarizer(Stage):
+    """Long conversations: the turns before the last `keep_last` user turns are replaced by a
+    summary written by a configured model through tokenman's own client, cut at a real user
+    turn (tool pairs and role order stay valid) and cached by content hash. Any failure leaves
+    the request as it was. Off by default. Its own call's cost is netted out of the savings."""
+    name = "summarization"
+
+    def __init__(self, cfg: Config, log: Logger, prices: PriceTable, pool: UpstreamPool = None,
+                 router: "Router" = None, **_: object) -> None:
+        self.cfg = cfg.summarization
+        self.log = log
+        self.prices = prices
+        self.pool = pool
+        self.router = router
+        self.memo: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    async def request(self, ctx: Context) -> Reply | None:
+        messages = ctx.obj.get("messages")
+        if not self.cfg.enabled or no_compress(ctx) or not isinstance(messages, list) \
+                or len(messages) <= self.cfg.threshold_messages or self.pool is None:
+            return None
+        starts = [i for i, m in enumerate(messages) if isinstance(m, dict)
+                  and m.get("role") == "user" and not _is_tool_turn(ctx.api, m)]
+        if len(starts) <= self.cfg.keep_last:
+            return None
+        cut = starts[-self.cfg.keep_last]
+        older = [m for m in messages[:cut] if m.get("role") not in ("system", "developer")]
+        transcript = "\n".join(f"{role}: {p[k]}" for p, k, _, role in text_fields(
+            ctx.api, {"messages": older}))
+        import hashlib
+        digest = hashlib.sha256(transcript.encode()).hexdigest()
+        summary = self.memo.get(digest)
+        if summary is None:
+            try:
+                summary = await self._summarise(ctx, transcript)
+            except Exception as exc:  # fails open: the request goes on unchanged
+                self.log.warn("summarization failed; request sent unchanged", id=ctx.id,
+                              error=f"{type(exc).__name__}: {exc}")
+                return None
+            self.memo[digest] = summary
+            while len(self.memo) > 256:
+                self.memo.popitem(last=False)
+        before = estimate_tokens(json.dumps(messages))
+        kept_system = [m for m in messages[:cut] if m.get("role") in ("system", "developer")]
+        first = dict(messages[cut])
+        note = f"[tokenman: summary of the {len(older)} earlier messages]\n{summary}"
+        content = first.get("content")
+        first["content"] = note + "\n\n" + content if isinstance(content, str) else \
+            [{"type": "text", "text": note}] + list(content or [])
+        ctx.obj["messages"] = ctx.changes["messages"] = kept_system + [first] + messages[cut + 1:]
+        saved = before - estimate_tokens(json.dumps(ctx.obj["messages"]))
+        ctx.notes["compressed_tokens"] = ctx.notes.get("compressed_tokens", 0) + max(0, saved)
+        return None
+
+    async def _summarise(self, ctx: Context, transcript: str) -> str:
+        prov = self.router.providers.get(self.cfg.provider) if self.cfg.provider else \
+            self.router.resolve(ctx.api, self.cfg.model)
+        if prov is None or not prov.usable:
+            raise UpstreamError("no usable provider for summaries")
+        prompt = SUMMARY_PROMPT + transcript
+        headers = [(b"Content-Type", b"application/json")]
+        key = prov.api_key.encode() if prov.api_key else None
+        if prov.cfg.format == API_ANTHROPIC:
+            body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
+                    "messages": [{"role": "user", "content": prompt}]}
+            headers.append((b"anthropic-version", b"2023-06-01"))
+            if key or ctx.req.headers.get(b"x-api-key"):
+                headers.append((b"x-api-key", key or ctx.req.headers.get(b"x-api-key")))
+        else:
+            body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
+                    "messages": [{"role": "user", "content": prompt}]}
+            auth = b"Bearer " + key if key else ctx.req.headers.get(b"authorization")
+            if auth:
+                headers.append((b"Authorization", auth))
+        resp = await self.pool.request(prov.origin, "POST", prov.origin.target(
+            API_PATHS[prov.cfg.format]), headers, json_dumps(body), prov.cfg.connect_timeout,
+            prov.cfg.timeout)
+        data = await resp.body.read_all(4 * 1024 * 1024,
+                                        asyncio.get_running_loop().time() + prov.cfg.timeout)
+        resp.release()
+        if resp.status != 200:
+            raise UpstreamError(f"summary call answered {resp.status}")
+        obj = json.loads(data)
+        usage, model = usage_from_body(prov.cfg.format, obj)
+        ctx.notes["summary_cost"] = self.prices.cost(model or self.cfg.model, usage) or 0.0
+        text = "".join(b.get("text", "") for b in obj.get("content") or ()) \
+            if prov.cfg.format == API_ANTHROPIC else \
+            ((obj.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+        if not text.strip():
+            raise UpstreamError("empty summary")
+        return text.strip()
+
+
 class Heartbeat(ResponseCache):
     """Identical requests within a short window (agents polling, retries of a sampled request)
     get the previous answer, marked X-Tokenman-Heartbeat: HIT. Memory only; off by default
@@ -4851,7 +4968,8 @@ class Heartbeat(ResponseCache):
 
 REGISTRY = types.MappingProxyType({
     "cache": ResponseCache, "heartbeat": Heartbeat, "injection": InjectionGuard,
-    "pii": PIIGuard, "budget": BudgetGuard, "ratelimit": RateLimiter, "history": HistoryWindow,
+    "pii": PIIGuard, "budget": BudgetGuard, "ratelimit": RateLimiter,
+    "summarization": Summarizer, "history": HistoryWindow,
     "rules": RulesCompressor, "cache_hints": CacheHints,
 })
 
@@ -6147,7 +6265,8 @@ class Proxy:
                         - u.cache_write_5m * (price.cache_write_5m - price.input)
                         - u.cache_write_1h * (price.cache_write_1h - price.input)) / 1_000_000
                 if compressed:
-                    saved["compression"] = compressed * price.input / 1_000_000
+                    saved["compression"] = compressed * price.input / 1_000_000 \
+                        - ctx.notes.get("summary_cost", 0.0)
         return saved, compressed
 
     def _labels(self, provider: str, model: str, project: str, streaming: bool) -> tuple:
@@ -7163,7 +7282,7 @@ class App:
         self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
         pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
-                                  metrics=self.metrics)
+                                  metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline
 
     async def reload(self, reason: str) -> bool:
