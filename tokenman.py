@@ -2,8 +2,11 @@
 """tokenman: a local reverse proxy for LLM API calls, in one standard-library file.
 
 Point the Anthropic or OpenAI SDK, Claude Code, Cursor or curl at it and it relays
-`/v1/messages` and `/v1/chat/completions` (streaming included) to the provider, recording exact
-usage and cost of every call in a SQLite request log.
+`/v1/messages` and `/v1/chat/completions` (streaming included, across the two formats when
+routing says so) to the provider, with response caching, prompt-cache hints, PII redaction,
+injection detection, budgets, rate limits, retries, circuit breakers and fallback, and records
+the exact usage and cost of every call in a SQLite request log, a dashboard, Prometheus metrics
+and OpenTelemetry traces.
 
 Quick start (CPython >= 3.11, nothing to install):
     python tokenman.py                        # proxy on http://127.0.0.1:7677, built-in defaults
@@ -15,14 +18,13 @@ Quick start (CPython >= 3.11, nothing to install):
 Sections (search for the banner mark, e.g. "§05"). Each section only uses the ones above it.
     §01 constants and limits            §10 accounting: usage, token estimate, prices
     §02 errors                          §11 store: SQLite request log, one writer thread
-    §03 small utilities and the logger
-    §04 config                          §14 proxy handler and SSE relay
-    §05 HTTP wire, sans-IO              §17 App: wiring, start, graceful stop
-    §06 connections over asyncio        §18 command line
-    §07 HTTP server
-    §08 HTTP client (upstream pool)
-(Sections §09, §13, §15 and §16 are reserved for resilience, the policy pipeline, the dashboard
-API and the dashboard page.)
+    §03 small utilities and the logger  §12 observability: metrics and tracing
+    §04 config                          §13 pipeline: Context, Stage, Pipeline, every stage
+    §05 HTTP wire, sans-IO              §14 proxy: routing, translation, relays, log rows
+    §06 connections over asyncio        §15 dashboard API, auth, CORS
+    §07 HTTP server                     §16 dashboard page (one HTML string)
+    §08 HTTP client (upstream pool)     §17 App: wiring, reload, graceful stop
+    §09 resilience: retry, breaker      §18 command line
 """
 from __future__ import annotations
 
@@ -5055,7 +5057,7 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
 
 
 # ================================================================================================
-# §14 proxy handler: routing, header rules, buffered and SSE relay, translation, one row per request
+# §14 proxy: routing, header rules, translation, buffered and SSE relay, one row per request
 # ================================================================================================
 
 # -- cross-format translation: Anthropic Messages <-> OpenAI Chat Completions ------------------
@@ -5680,7 +5682,378 @@ class Dispatcher:
             raise ConnectionGone()
 
 
-class Proxy:
+class ResponseRelay:
+    """The answer side of the proxy: buffered, SSE and raw relays, failures, and the
+    accounting of what came back. A mixin of Proxy (it uses its cfg, log, prices)."""
+
+    def _answer_failure(self, req: Request, conn: ServerConn, ctx: Context,
+                        failure: Failure) -> None:
+        """After the last attempt: the provider's own last answer as it was, else a native
+        502/504, or 503 when every eligible provider's breaker is open."""
+        xid = [(b"X-Request-Id", ctx.xid)]
+        if failure.head is not None:
+            head = failure.head
+            ctx.status = head.status
+            ctx.outcome = "upstream_error"
+            ctx.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
+            headers = self._client_headers(head, ctx)
+            body = failure.body
+            if failure.api and failure.api != ctx.api and req.path in ACCOUNTED_PATHS:
+                body = translate_error(body, head.status, ctx.api)
+            conn.send(req, head.status, headers, body, head.reason)
+        elif failure.error is not None:
+            exc = failure.error
+            ctx.status = 504 if exc.timeout and not exc.connect else 502
+            ctx.outcome = "upstream_failed"
+            ctx.error = str(exc)
+            conn.send_error(req, ctx.api, ctx.status, "upstream timed out"
+                            if ctx.status == 504 else "upstream unavailable", xid)
+        else:
+            ctx.status = 503
+            ctx.outcome = "upstream_failed"
+            ctx.error = "circuit open for every eligible provider"
+            wait = b"%d" % max(1, int(failure.retry_in + 0.999))
+            conn.send_error(req, ctx.api, 503, "upstream temporarily unavailable "
+                            "(circuit open)", xid + [(b"Retry-After", wait)],
+                            "overloaded_error" if ctx.api == API_ANTHROPIC else "")
+
+    async def _relay_buffered(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
+                              resp: UpstreamResponse, t_up: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            data = await resp.body.read_all(self.cfg.server.max_response_size,
+                                            loop.time() + prov.cfg.timeout)
+        except HeadTooLarge:
+            return self._fail(req, conn, ctx, 502, "upstream response too large")
+        except TimeoutError:
+            return self._fail(req, conn, ctx, 504, "upstream timed out")
+        except (ConnectionGone, ValueError):
+            if conn.lost:
+                ctx.outcome = "client_closed"
+                ctx.error = "client disconnected while the upstream answered"
+                return None
+            return self._fail(req, conn, ctx, 502, "upstream response cut short")
+        resp.release()
+        now = time.perf_counter()
+        ctx.upstream_s = now - t_up
+        if ctx.outcome == "ok":
+            self._account_body(ctx, data)
+        else:
+            ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
+        if ctx.upstream_api != ctx.api:  # answered by a provider of the other format
+            data = self._translate_body(ctx, data, resp.status)
+        if ctx.outcome == "ok":
+            ctx.upstream_body = data  # what the cache keeps: before any PII restore
+            ctx.notes["cache_headers"] = resp.head.headers.raw
+        if ctx.hooks:
+            data = ctx.pipeline.response(ctx, data)
+        headers = self._client_headers(resp.head, ctx)
+        if ctx.cost is not None and ctx.outcome == "ok":
+            headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % ctx.cost))
+        overhead = (now - ctx.req.t0 - ctx.upstream_s) * 1000
+        headers.append((b"X-Tokenman-Overhead-Ms", b"%.3f" % overhead))
+        ctx.ttfb = now
+        conn.send(req, resp.status, headers, data, resp.head.reason)
+        if self.cfg.server.store_body:
+            ctx.response_body = data
+
+    def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
+        if status >= 400:
+            return translate_error(data, status, ctx.api)
+        obj = _loads(data)
+        if not isinstance(obj, dict):
+            return data
+        out = anthropic_to_openai_response(obj) if ctx.upstream_api == API_ANTHROPIC \
+            else openai_to_anthropic_response(obj)
+        return json_dumps(out)
+
+    def _account_body(self, ctx: Context, data: bytes) -> None:
+        obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
+        usage, model = usage_from_body(ctx.upstream_api, obj)
+        if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
+                                                                        dict):
+            usage, model = usage_from_body(ctx.upstream_api, obj["response"])
+        if model:
+            ctx.model = model
+        if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
+            usage.input = estimate_request_tokens(ctx.obj)
+            strings: list[str] = []
+            if isinstance(obj, dict):
+                _json_strings(obj.get("content", obj.get("choices")), strings)
+            usage.output = estimate_tokens("\n".join(strings))
+            usage.estimated = True
+        ctx.usage = usage
+        ctx.cost = self.prices.cost(ctx.model, usage)
+
+    def _fail(self, req: Request, conn: ServerConn, ctx: Context, status: int,
+              message: str) -> None:
+        """An upstream problem found after its head arrived, before anything was sent."""
+        ctx.status = status
+        ctx.outcome = "upstream_failed"
+        ctx.error = message
+        conn.send_error(req, ctx.api, status, message,
+                        [(b"X-Request-Id", ctx.xid)])
+
+    async def _relay_sse(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
+                         resp: UpstreamResponse, t_up: float) -> None:
+        """Relays events as they arrive, bytes unchanged, one write per upstream read."""
+        loop = asyncio.get_running_loop()
+        meter = StreamMeter(ctx.upstream_api, ctx.drop_usage_chunk and ctx.outcome == "ok")
+        translator = None
+        if ctx.upstream_api != ctx.api:
+            opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
+            translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
+                                          and opts.get("include_usage") is True)
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
+                          resp.head.reason)
+        splitter = SSESplitter()
+        body = resp.body
+        read_timeout = self.cfg.resilience.stream_idle_timeout
+        stream_timeout = self.cfg.server.stream_timeout
+        end = loop.time() + stream_timeout if stream_timeout else None
+        failure = ""
+        try:
+            while True:
+                deadline = loop.time() + read_timeout
+                if end is not None and end < deadline:
+                    deadline = end
+                data = await body.read(deadline)
+                if not data:
+                    break
+                out = []
+                for event in splitter.feed(data):
+                    if type(event) is RawPiece:
+                        if translator is None:
+                            out.append(event)
+                    elif meter.on_event(event) or translator is not None:
+                        if translator is not None:
+                            event = translator.feed(event)
+                            if not event:
+                                continue
+                        out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
+                                   else event)
+                if out:
+                    conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
+                    if ctx.ttfb is None:
+                        ctx.ttfb = time.perf_counter()
+                        ctx.upstream_s = ctx.ttfb - t_up  # the upstream's share of the TTFB
+                    if conn.chan._write_paused:
+                        await conn.drain()
+            rest = splitter.flush()
+            if rest and meter.on_event(rest) and translator is None:
+                conn.stream_write(rest)
+        except TimeoutError:
+            failure = "stream_timeout reached" if end is not None and loop.time() >= end \
+                else "upstream stream idle too long (stream_idle_timeout)"
+        except (ConnectionGone, ValueError, OSError) as exc:
+            failure = "upstream stream broken" if not isinstance(exc, ValueError) \
+                else f"upstream stream malformed: {exc}"
+        if body.done:
+            resp.release()
+        if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
+            failure = ""
+        if translator is not None and not failure and not conn.lost:
+            conn.stream_write(translator.finish())  # (nothing when already finished)
+        if conn.lost and not meter.complete:
+            ctx.outcome = "client_closed"
+            ctx.error = "client disconnected mid-stream"
+        elif failure:
+            ctx.outcome = "upstream_failed"
+            ctx.error = failure
+            conn.stream_write(self._stream_error_event(ctx.api, failure))
+            conn.close_after = True
+        if not conn.lost:
+            conn.end_stream()
+        if meter.error and ctx.outcome == "ok":
+            ctx.outcome = "upstream_error"
+            ctx.error = meter.error
+        self._account_stream(ctx, meter)
+
+    def _stream_error_event(self, api: str, message: str) -> bytes:
+        if api == API_ANTHROPIC:
+            return b"event: error\ndata: " + native_error(api, 502, message) + b"\n\n"
+        return b"data: " + native_error(api, 502, message) + b"\n\n"
+
+    def _account_stream(self, ctx: Context, meter: StreamMeter) -> None:
+        usage = meter.usage
+        if meter.model:
+            ctx.model = meter.model
+        if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
+            if not usage.reported:
+                usage.input = estimate_request_tokens(ctx.obj)
+                usage.output = meter.estimate_output()
+                usage.estimated = True
+            elif ctx.outcome != "ok" and not meter.complete:
+                guess = meter.estimate_output()
+                if guess > usage.output:  # generated before the cut, not yet reported
+                    usage.output = guess
+                    usage.estimated = True
+        ctx.usage = usage
+        ctx.cost = self.prices.cost(ctx.model, usage)
+
+    async def _relay_raw(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
+                         resp: UpstreamResponse) -> None:
+        """Any other body (files, audio, HTML errors) passes through as it arrives."""
+        loop = asyncio.get_running_loop()
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
+                          resp.head.reason)
+        try:
+            while True:
+                data = await resp.body.read(loop.time() + prov.cfg.timeout)
+                if not data:
+                    break
+                conn.stream_write(data)
+                if ctx.ttfb is None:
+                    ctx.ttfb = time.perf_counter()
+                if conn.chan._write_paused:
+                    await conn.drain()
+            resp.release()
+        except (TimeoutError, ConnectionGone, ValueError, OSError) as exc:
+            ctx.outcome = "client_closed" if conn.lost else "upstream_failed"
+            ctx.error = f"relay stopped: {type(exc).__name__}"
+            conn.close_after = True
+            return
+        conn.end_stream()
+
+
+class RequestLog:
+    """One row and one set of metrics per request: savings by source, counters,
+    histograms, the log line. A mixin of Proxy."""
+
+    def _savings(self, ctx: Context) -> tuple[dict[str, float], int]:
+        """USD saved by source, from provider usage and prices: cache and heartbeat hits save
+        the answer's original cost; prompt-cache reads save (input - read price) net of the
+        write premium; compression saves the estimated tokens it removed at the input price."""
+        saved = dict(ctx.saved)
+        u = ctx.usage
+        compressed = ctx.notes.get("compressed_tokens", 0) if ctx.outcome == "ok" else 0
+        if u.cache_read or u.cache_write or compressed:
+            price = self.prices.lookup(ctx.model)
+            if price is not None:
+                if u.cache_read or u.cache_write:
+                    saved["prompt_cache"] = (
+                        u.cache_read * (price.input - price.cache_read)
+                        - u.cache_write_5m * (price.cache_write_5m - price.input)
+                        - u.cache_write_1h * (price.cache_write_1h - price.input)) / 1_000_000
+                if compressed:
+                    saved["compression"] = compressed * price.input / 1_000_000 \
+                        - ctx.notes.get("summary_cost", 0.0)
+        return saved, compressed
+
+    def _labels(self, provider: str, model: str, project: str, streaming: bool) -> tuple:
+        """The label tuples of one (provider, model, project, streaming), built once."""
+        key = (provider, model, project, streaming)
+        labels = self._label_memo.get(key)
+        if labels is None:
+            kinds = tuple((("kind", k), ("model", model), ("provider", provider))
+                          for k in ("input", "output", "cache_read", "cache_write"))
+            labels = (kinds, (("model", model), ("project", project), ("provider", provider)),
+                      (("model", model), ("provider", provider),
+                       ("streaming", "true" if streaming else "false")))
+            if len(self._label_memo) < 4096:
+                self._label_memo[key] = labels
+        return labels
+
+    def _count(self, ctx: Context, seconds: float, saved: dict, compressed: int) -> None:
+        m = self.metrics
+        values = m.values
+        u = ctx.usage
+        provider = ctx.provider
+        kinds, cost_labels, duration_labels = self._labels(provider, m.model(ctx.model),
+                                                           ctx.project, ctx.streaming)
+        for name, value in (("tokenman_requests_total", 1),
+                            ("tokenman_tokens_in_total", u.input + u.cache_read + u.cache_write),
+                            ("tokenman_tokens_out_total", u.output),
+                            ("tokenman_tokens_saved_total", ctx.tokens_saved + compressed)):
+            key = (name, ())
+            values[key] = values.get(key, 0.0) + value
+        for labels, count in zip(kinds, (u.input, u.output, u.cache_read, u.cache_write)):
+            if count:
+                m.inc("tokenman_tokens_total", labels, count)
+        m.inc("tokenman_cost_usd_total", cost_labels, ctx.cost or 0.0)
+        for source, usd in saved.items():
+            m.inc("tokenman_savings_usd_total", (("source", source),), usd)
+        if ctx.outcome in HIT_OUTCOMES:
+            m.inc("tokenman_cache_hits_total")
+        else:
+            m.inc("tokenman_cache_misses_total")
+        if ctx.outcome not in ("ok",) + HIT_OUTCOMES:
+            m.inc("tokenman_errors_total", (("provider", provider),
+                                            ("status_code", str(ctx.status)),
+                                            ("type", ctx.outcome)))
+        if provider and provider != "cache":
+            live = self.provider_stats.setdefault(provider, {"requests": 0, "errors": 0})
+            live["requests"] += 1
+            if ctx.outcome in ("upstream_error", "upstream_failed"):
+                live["errors"] += 1
+                live["last_error"] = ctx.error[:200]
+            elif ctx.outcome == "ok":
+                ms = seconds * 1000
+                old = live.get("latency_ms")
+                live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
+        m.observe("tokenman_request_duration_seconds", duration_labels, seconds,
+                  REQUEST_BUCKETS)
+        stage_labels = self._stage_labels
+        for stage, secs in ctx.timings.items():
+            labels = stage_labels.get(stage)
+            if labels is None:
+                name, _, phase = stage.partition(".")
+                labels = stage_labels[stage] = (("middleware", name),
+                                                ("phase", phase or "request"))
+            m.observe("tokenman_middleware_duration_seconds", labels, secs, STAGE_BUCKETS)
+
+    def _finish(self, ctx: Context) -> None:
+        req = ctx.req
+        now = time.perf_counter()
+        latency = (now - req.t0) * 1000
+        ttfb = (ctx.ttfb - req.t0) * 1000 if ctx.ttfb is not None else None
+        if ctx.streaming:  # streams: tokenman's share of the time to the first event
+            overhead = None if ttfb is None else max(0.0, ttfb - ctx.upstream_s * 1000)
+        else:
+            overhead = max(0.0, latency - ctx.upstream_s * 1000)
+        u = ctx.usage
+        saved, compressed = self._savings(ctx)
+        store_body = self.cfg.server.store_body
+        self.store.record((
+            ctx.id, utc_iso(ctx.wall), req.method, req.path, ctx.api, ctx.model,
+            ctx.provider, ctx.project, ctx.status, ctx.outcome, int(ctx.streaming),
+            round(latency, 3), None if ttfb is None else round(ttfb, 3),
+            None if overhead is None else round(overhead, 3),
+            u.input, u.output, u.cache_read, u.cache_write, u.cache_write_5m, u.cache_write_1h,
+            u.reasoning, ctx.cost, int(u.estimated), ctx.error, ctx.upstream_request_id,
+            req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
+            ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
+            if store_body and ctx.response_body is not None else None,
+            ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved + compressed,
+            round(sum(saved.values()), 10), ctx.pipeline_ms,
+            *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
+        ))
+        self._count(ctx, latency / 1000, saved, compressed)
+        if self.plugins:
+            self._hook("request_complete" if ctx.outcome in ("ok",) + HIT_OUTCOMES
+                       else "request_error", ctx)
+        if ctx.trace is not None:
+            ctx.trace.attrs.update({
+                "http.request.method": req.method, "url.path": req.path,
+                "http.response.status_code": ctx.status, "request.id": ctx.id,
+                "request.model": ctx.model, "request.format": ctx.api,
+                "request.stream": ctx.streaming, "response.provider": ctx.provider,
+                "response.outcome": ctx.outcome, "response.tokens_in": u.input + u.cache_read
+                + u.cache_write, "response.tokens_out": u.output,
+                "response.cost_usd": ctx.cost, "response.cache_hit": ctx.cache_hit})
+            self.tracer.finish(ctx.trace, f"{req.method} {req.path}", now,
+                               ctx.status >= 500 or ctx.outcome == "upstream_failed")
+        log = self.log
+        if log.level <= 20:
+            log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
+                     provider=ctx.provider, status=ctx.status, outcome=ctx.outcome,
+                     ms=f"{latency:.1f}", tokens_in=u.input + u.cache_read + u.cache_write,
+                     tokens_out=u.output,
+                     cost="" if ctx.cost is None else f"{ctx.cost:.6f}",
+                     error=ctx.error)
+
+
+class Proxy(ResponseRelay, RequestLog):
     """Answers every request on the proxy port."""
 
     def __init__(self, cfg: Config, router: Router, pool: UpstreamPool, store: Store,
@@ -6019,367 +6392,6 @@ class Proxy:
                     breaker.record(ticket, ctx.outcome != "upstream_failed" and
                                    ctx.status < 500 and ctx.status != 429)
 
-    def _answer_failure(self, req: Request, conn: ServerConn, ctx: Context,
-                        failure: Failure) -> None:
-        """After the last attempt: the provider's own last answer as it was, else a native
-        502/504, or 503 when every eligible provider's breaker is open."""
-        xid = [(b"X-Request-Id", ctx.xid)]
-        if failure.head is not None:
-            head = failure.head
-            ctx.status = head.status
-            ctx.outcome = "upstream_error"
-            ctx.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
-            headers = self._client_headers(head, ctx)
-            body = failure.body
-            if failure.api and failure.api != ctx.api and req.path in ACCOUNTED_PATHS:
-                body = translate_error(body, head.status, ctx.api)
-            conn.send(req, head.status, headers, body, head.reason)
-        elif failure.error is not None:
-            exc = failure.error
-            ctx.status = 504 if exc.timeout and not exc.connect else 502
-            ctx.outcome = "upstream_failed"
-            ctx.error = str(exc)
-            conn.send_error(req, ctx.api, ctx.status, "upstream timed out"
-                            if ctx.status == 504 else "upstream unavailable", xid)
-        else:
-            ctx.status = 503
-            ctx.outcome = "upstream_failed"
-            ctx.error = "circuit open for every eligible provider"
-            wait = b"%d" % max(1, int(failure.retry_in + 0.999))
-            conn.send_error(req, ctx.api, 503, "upstream temporarily unavailable "
-                            "(circuit open)", xid + [(b"Retry-After", wait)],
-                            "overloaded_error" if ctx.api == API_ANTHROPIC else "")
-
-    async def _relay_buffered(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
-                              resp: UpstreamResponse, t_up: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            data = await resp.body.read_all(self.cfg.server.max_response_size,
-                                            loop.time() + prov.cfg.timeout)
-        except HeadTooLarge:
-            return self._fail(req, conn, ctx, 502, "upstream response too large")
-        except TimeoutError:
-            return self._fail(req, conn, ctx, 504, "upstream timed out")
-        except (ConnectionGone, ValueError):
-            if conn.lost:
-                ctx.outcome = "client_closed"
-                ctx.error = "client disconnected while the upstream answered"
-                return None
-            return self._fail(req, conn, ctx, 502, "upstream response cut short")
-        resp.release()
-        now = time.perf_counter()
-        ctx.upstream_s = now - t_up
-        if ctx.outcome == "ok":
-            self._account_body(ctx, data)
-        else:
-            ctx.error = redact_secrets(data[:500].decode("utf-8", "replace"))
-        if ctx.upstream_api != ctx.api:  # answered by a provider of the other format
-            data = self._translate_body(ctx, data, resp.status)
-        if ctx.outcome == "ok":
-            ctx.upstream_body = data  # what the cache keeps: before any PII restore
-            ctx.notes["cache_headers"] = resp.head.headers.raw
-        if ctx.hooks:
-            data = ctx.pipeline.response(ctx, data)
-        headers = self._client_headers(resp.head, ctx)
-        if ctx.cost is not None and ctx.outcome == "ok":
-            headers.append((b"X-Tokenman-Cost-Usd", b"%.8f" % ctx.cost))
-        overhead = (now - ctx.req.t0 - ctx.upstream_s) * 1000
-        headers.append((b"X-Tokenman-Overhead-Ms", b"%.3f" % overhead))
-        ctx.ttfb = now
-        conn.send(req, resp.status, headers, data, resp.head.reason)
-        if self.cfg.server.store_body:
-            ctx.response_body = data
-
-    def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
-        if status >= 400:
-            return translate_error(data, status, ctx.api)
-        obj = _loads(data)
-        if not isinstance(obj, dict):
-            return data
-        out = anthropic_to_openai_response(obj) if ctx.upstream_api == API_ANTHROPIC \
-            else openai_to_anthropic_response(obj)
-        return json_dumps(out)
-
-    def _account_body(self, ctx: Context, data: bytes) -> None:
-        obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
-        usage, model = usage_from_body(ctx.upstream_api, obj)
-        if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
-                                                                        dict):
-            usage, model = usage_from_body(ctx.upstream_api, obj["response"])
-        if model:
-            ctx.model = model
-        if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
-            usage.input = estimate_request_tokens(ctx.obj)
-            strings: list[str] = []
-            if isinstance(obj, dict):
-                _json_strings(obj.get("content", obj.get("choices")), strings)
-            usage.output = estimate_tokens("\n".join(strings))
-            usage.estimated = True
-        ctx.usage = usage
-        ctx.cost = self.prices.cost(ctx.model, usage)
-
-    def _fail(self, req: Request, conn: ServerConn, ctx: Context, status: int,
-              message: str) -> None:
-        """An upstream problem found after its head arrived, before anything was sent."""
-        ctx.status = status
-        ctx.outcome = "upstream_failed"
-        ctx.error = message
-        conn.send_error(req, ctx.api, status, message,
-                        [(b"X-Request-Id", ctx.xid)])
-
-    async def _relay_sse(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
-                         resp: UpstreamResponse, t_up: float) -> None:
-        """Relays events as they arrive, bytes unchanged, one write per upstream read."""
-        loop = asyncio.get_running_loop()
-        meter = StreamMeter(ctx.upstream_api, ctx.drop_usage_chunk and ctx.outcome == "ok")
-        translator = None
-        if ctx.upstream_api != ctx.api:
-            opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
-            translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
-                                          and opts.get("include_usage") is True)
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
-                          resp.head.reason)
-        splitter = SSESplitter()
-        body = resp.body
-        read_timeout = self.cfg.resilience.stream_idle_timeout
-        stream_timeout = self.cfg.server.stream_timeout
-        end = loop.time() + stream_timeout if stream_timeout else None
-        failure = ""
-        try:
-            while True:
-                deadline = loop.time() + read_timeout
-                if end is not None and end < deadline:
-                    deadline = end
-                data = await body.read(deadline)
-                if not data:
-                    break
-                out = []
-                for event in splitter.feed(data):
-                    if type(event) is RawPiece:
-                        if translator is None:
-                            out.append(event)
-                    elif meter.on_event(event) or translator is not None:
-                        if translator is not None:
-                            event = translator.feed(event)
-                            if not event:
-                                continue
-                        out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
-                                   else event)
-                if out:
-                    conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
-                    if ctx.ttfb is None:
-                        ctx.ttfb = time.perf_counter()
-                        ctx.upstream_s = ctx.ttfb - t_up  # the upstream's share of the TTFB
-                    if conn.chan._write_paused:
-                        await conn.drain()
-            rest = splitter.flush()
-            if rest and meter.on_event(rest) and translator is None:
-                conn.stream_write(rest)
-        except TimeoutError:
-            failure = "stream_timeout reached" if end is not None and loop.time() >= end \
-                else "upstream stream idle too long (stream_idle_timeout)"
-        except (ConnectionGone, ValueError, OSError) as exc:
-            failure = "upstream stream broken" if not isinstance(exc, ValueError) \
-                else f"upstream stream malformed: {exc}"
-        if body.done:
-            resp.release()
-        if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
-            failure = ""
-        if translator is not None and not failure and not conn.lost:
-            conn.stream_write(translator.finish())  # (nothing when already finished)
-        if conn.lost and not meter.complete:
-            ctx.outcome = "client_closed"
-            ctx.error = "client disconnected mid-stream"
-        elif failure:
-            ctx.outcome = "upstream_failed"
-            ctx.error = failure
-            conn.stream_write(self._stream_error_event(ctx.api, failure))
-            conn.close_after = True
-        if not conn.lost:
-            conn.end_stream()
-        if meter.error and ctx.outcome == "ok":
-            ctx.outcome = "upstream_error"
-            ctx.error = meter.error
-        self._account_stream(ctx, meter)
-
-    def _stream_error_event(self, api: str, message: str) -> bytes:
-        if api == API_ANTHROPIC:
-            return b"event: error\ndata: " + native_error(api, 502, message) + b"\n\n"
-        return b"data: " + native_error(api, 502, message) + b"\n\n"
-
-    def _account_stream(self, ctx: Context, meter: StreamMeter) -> None:
-        usage = meter.usage
-        if meter.model:
-            ctx.model = meter.model
-        if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
-            if not usage.reported:
-                usage.input = estimate_request_tokens(ctx.obj)
-                usage.output = meter.estimate_output()
-                usage.estimated = True
-            elif ctx.outcome != "ok" and not meter.complete:
-                guess = meter.estimate_output()
-                if guess > usage.output:  # generated before the cut, not yet reported
-                    usage.output = guess
-                    usage.estimated = True
-        ctx.usage = usage
-        ctx.cost = self.prices.cost(ctx.model, usage)
-
-    async def _relay_raw(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
-                         resp: UpstreamResponse) -> None:
-        """Any other body (files, audio, HTML errors) passes through as it arrives."""
-        loop = asyncio.get_running_loop()
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
-                          resp.head.reason)
-        try:
-            while True:
-                data = await resp.body.read(loop.time() + prov.cfg.timeout)
-                if not data:
-                    break
-                conn.stream_write(data)
-                if ctx.ttfb is None:
-                    ctx.ttfb = time.perf_counter()
-                if conn.chan._write_paused:
-                    await conn.drain()
-            resp.release()
-        except (TimeoutError, ConnectionGone, ValueError, OSError) as exc:
-            ctx.outcome = "client_closed" if conn.lost else "upstream_failed"
-            ctx.error = f"relay stopped: {type(exc).__name__}"
-            conn.close_after = True
-            return
-        conn.end_stream()
-
-    # -- the log row ----------------------------------------------------------------------------
-    def _savings(self, ctx: Context) -> tuple[dict[str, float], int]:
-        """USD saved by source, from provider usage and prices: cache and heartbeat hits save
-        the answer's original cost; prompt-cache reads save (input - read price) net of the
-        write premium; compression saves the estimated tokens it removed at the input price."""
-        saved = dict(ctx.saved)
-        u = ctx.usage
-        compressed = ctx.notes.get("compressed_tokens", 0) if ctx.outcome == "ok" else 0
-        if u.cache_read or u.cache_write or compressed:
-            price = self.prices.lookup(ctx.model)
-            if price is not None:
-                if u.cache_read or u.cache_write:
-                    saved["prompt_cache"] = (
-                        u.cache_read * (price.input - price.cache_read)
-                        - u.cache_write_5m * (price.cache_write_5m - price.input)
-                        - u.cache_write_1h * (price.cache_write_1h - price.input)) / 1_000_000
-                if compressed:
-                    saved["compression"] = compressed * price.input / 1_000_000 \
-                        - ctx.notes.get("summary_cost", 0.0)
-        return saved, compressed
-
-    def _labels(self, provider: str, model: str, project: str, streaming: bool) -> tuple:
-        """The label tuples of one (provider, model, project, streaming), built once."""
-        key = (provider, model, project, streaming)
-        labels = self._label_memo.get(key)
-        if labels is None:
-            kinds = tuple((("kind", k), ("model", model), ("provider", provider))
-                          for k in ("input", "output", "cache_read", "cache_write"))
-            labels = (kinds, (("model", model), ("project", project), ("provider", provider)),
-                      (("model", model), ("provider", provider),
-                       ("streaming", "true" if streaming else "false")))
-            if len(self._label_memo) < 4096:
-                self._label_memo[key] = labels
-        return labels
-
-    def _count(self, ctx: Context, seconds: float, saved: dict, compressed: int) -> None:
-        m = self.metrics
-        values = m.values
-        u = ctx.usage
-        provider = ctx.provider
-        kinds, cost_labels, duration_labels = self._labels(provider, m.model(ctx.model),
-                                                           ctx.project, ctx.streaming)
-        for name, value in (("tokenman_requests_total", 1),
-                            ("tokenman_tokens_in_total", u.input + u.cache_read + u.cache_write),
-                            ("tokenman_tokens_out_total", u.output),
-                            ("tokenman_tokens_saved_total", ctx.tokens_saved + compressed)):
-            key = (name, ())
-            values[key] = values.get(key, 0.0) + value
-        for labels, count in zip(kinds, (u.input, u.output, u.cache_read, u.cache_write)):
-            if count:
-                m.inc("tokenman_tokens_total", labels, count)
-        m.inc("tokenman_cost_usd_total", cost_labels, ctx.cost or 0.0)
-        for source, usd in saved.items():
-            m.inc("tokenman_savings_usd_total", (("source", source),), usd)
-        if ctx.outcome in HIT_OUTCOMES:
-            m.inc("tokenman_cache_hits_total")
-        else:
-            m.inc("tokenman_cache_misses_total")
-        if ctx.outcome not in ("ok",) + HIT_OUTCOMES:
-            m.inc("tokenman_errors_total", (("provider", provider),
-                                            ("status_code", str(ctx.status)),
-                                            ("type", ctx.outcome)))
-        if provider and provider != "cache":
-            live = self.provider_stats.setdefault(provider, {"requests": 0, "errors": 0})
-            live["requests"] += 1
-            if ctx.outcome in ("upstream_error", "upstream_failed"):
-                live["errors"] += 1
-                live["last_error"] = ctx.error[:200]
-            elif ctx.outcome == "ok":
-                ms = seconds * 1000
-                old = live.get("latency_ms")
-                live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
-        m.observe("tokenman_request_duration_seconds", duration_labels, seconds,
-                  REQUEST_BUCKETS)
-        stage_labels = self._stage_labels
-        for stage, secs in ctx.timings.items():
-            labels = stage_labels.get(stage)
-            if labels is None:
-                name, _, phase = stage.partition(".")
-                labels = stage_labels[stage] = (("middleware", name),
-                                                ("phase", phase or "request"))
-            m.observe("tokenman_middleware_duration_seconds", labels, secs, STAGE_BUCKETS)
-
-    def _finish(self, ctx: Context) -> None:
-        req = ctx.req
-        now = time.perf_counter()
-        latency = (now - req.t0) * 1000
-        ttfb = (ctx.ttfb - req.t0) * 1000 if ctx.ttfb is not None else None
-        if ctx.streaming:  # streams: tokenman's share of the time to the first event
-            overhead = None if ttfb is None else max(0.0, ttfb - ctx.upstream_s * 1000)
-        else:
-            overhead = max(0.0, latency - ctx.upstream_s * 1000)
-        u = ctx.usage
-        saved, compressed = self._savings(ctx)
-        store_body = self.cfg.server.store_body
-        self.store.record((
-            ctx.id, utc_iso(ctx.wall), req.method, req.path, ctx.api, ctx.model,
-            ctx.provider, ctx.project, ctx.status, ctx.outcome, int(ctx.streaming),
-            round(latency, 3), None if ttfb is None else round(ttfb, 3),
-            None if overhead is None else round(overhead, 3),
-            u.input, u.output, u.cache_read, u.cache_write, u.cache_write_5m, u.cache_write_1h,
-            u.reasoning, ctx.cost, int(u.estimated), ctx.error, ctx.upstream_request_id,
-            req.body[:STORED_BODY_MAX].decode("utf-8", "replace") if store_body else None,
-            ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
-            if store_body and ctx.response_body is not None else None,
-            ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved + compressed,
-            round(sum(saved.values()), 10), ctx.pipeline_ms,
-            *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
-        ))
-        self._count(ctx, latency / 1000, saved, compressed)
-        if self.plugins:
-            self._hook("request_complete" if ctx.outcome in ("ok",) + HIT_OUTCOMES
-                       else "request_error", ctx)
-        if ctx.trace is not None:
-            ctx.trace.attrs.update({
-                "http.request.method": req.method, "url.path": req.path,
-                "http.response.status_code": ctx.status, "request.id": ctx.id,
-                "request.model": ctx.model, "request.format": ctx.api,
-                "request.stream": ctx.streaming, "response.provider": ctx.provider,
-                "response.outcome": ctx.outcome, "response.tokens_in": u.input + u.cache_read
-                + u.cache_write, "response.tokens_out": u.output,
-                "response.cost_usd": ctx.cost, "response.cache_hit": ctx.cache_hit})
-            self.tracer.finish(ctx.trace, f"{req.method} {req.path}", now,
-                               ctx.status >= 500 or ctx.outcome == "upstream_failed")
-        log = self.log
-        if log.level <= 20:
-            log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
-                     provider=ctx.provider, status=ctx.status, outcome=ctx.outcome,
-                     ms=f"{latency:.1f}", tokens_in=u.input + u.cache_read + u.cache_write,
-                     tokens_out=u.output,
-                     cost="" if ctx.cost is None else f"{ctx.cost:.6f}",
-                     error=ctx.error)
 
 # ================================================================================================
 # §15 dashboard API: /metrics, the JSON API of the reference, the page, auth and CORS

@@ -747,6 +747,7 @@ class Bench:
             self.mock = None
 
     def direct_cold_start(self, runs: int) -> dict:
+        quiet = self.wait_quiet([self.mock.pid], QUIET_WAIT / 2)
         samples = []
         for _ in range(runs):
             port = free_port()
@@ -757,7 +758,7 @@ class Bench:
                 samples.append(self._wait_ready(port, "anthropic", t0, proc) * 1000)
             finally:
                 CHILDREN.stop(proc)
-        return _cold_summary(samples)
+        return dict(_cold_summary(samples), quiet=quiet)
 
     # -- one profile ----------------------------------------------------------------------------
     def run_profile(self, name: str, profile_path: str, direct_cold: dict) -> dict:
@@ -766,10 +767,11 @@ class Bench:
                      if profile_path.startswith(ROOT) else profile_path}
         pdir = os.path.join(self.workdir, name)
         os.makedirs(pdir, exist_ok=True)
-        out["import_time"] = import_time(args.tokenman)
 
         # cold start: process start -> first successful proxied response, fresh data_dir
         self.say(f"[{name}] cold start x{args.cold_runs}")
+        quiet = self.wait_quiet([self.mock.pid], QUIET_WAIT / 2)
+        out["import_time"] = import_time(args.tokenman)
         samples = []
         for i in range(args.cold_runs):
             port = free_port()
@@ -785,6 +787,7 @@ class Bench:
             finally:
                 CHILDREN.stop(proc)
         out["cold_start"] = {"direct": direct_cold, "tokenman": _cold_summary(samples)}
+        out["cold_start"]["tokenman"]["quiet"] = quiet
 
         # the main instance
         port = free_port()
@@ -1108,7 +1111,8 @@ def budget(out: dict, args: argparse.Namespace) -> list[dict]:
              note=f"{mem['warm_mb']:.1f} MB -> {mem['after_mb']:.1f} MB")
     cold = out.get("cold_start", {}).get("tokenman", {})
     line("cold start to first proxied response (median)", cold.get("p50_ms"),
-         BUDGET["cold_start_ms"], "ms", note=f"max {cold.get('max_ms') or 0:.0f} ms")
+         BUDGET["cold_start_ms"], "ms", note=f"max {cold.get('max_ms') or 0:.0f} ms"
+         + ("" if cold.get("quiet", True) else "; the machine was not quiet"))
     return lines
 
 # ================================================================================================
