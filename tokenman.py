@@ -7160,18 +7160,26 @@ svg text{font-size:11px;fill:var(--muted);font-family:inherit}
 # ================================================================================================
 
 
+def malloc_trim():
+    """glibc's malloc_trim (gives freed heap pages back to the OS), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
 def release_memory() -> None:
     """Gives memory freed after start-up back to the OS. Running as `python tokenman.py`
     compiles this whole module first (the main script is never cached as bytecode); the
     compiler's scratch memory stays mapped unless the allocator is asked to trim it."""
     import gc
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to trim
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def pid_alive(pid: int) -> bool:
@@ -7396,9 +7404,22 @@ class App:
             await asyncio.sleep(3600)
 
     async def _flush_log(self) -> None:
+        """Four times a second: flush the batched log lines. And once a burst of traffic is
+        over, hand the memory its buffers used back to the OS (malloc_trim, a millisecond)."""
+        trim = malloc_trim()
+        served, quiet_since = 0, time.monotonic()
         while True:
             await asyncio.sleep(0.25)
             self.log.flush()
+            if trim is None or self.proxy is None:
+                continue
+            if self.proxy.in_flight:
+                quiet_since = time.monotonic()
+                continue
+            count = int(self.metrics.get("tokenman_requests_total"))
+            if count - served >= 1000 and time.monotonic() - quiet_since >= 0.5:
+                served = count
+                trim(0)
 
     async def _purger(self) -> None:
         """Every five minutes: expired response-cache entries go."""
