@@ -2638,6 +2638,8 @@ class TestDashboard(ProxyTestCase):
         self.assertIn('{action="redact",type="email"}', samples["tokenman_pii_detections_total"])
         counts = samples["tokenman_request_duration_seconds_count"]
         self.assertEqual(sum(counts.values()), 5)
+        outcomes = (await http(self.app.dashboard_port, "GET", "/api/requests")).json()
+        self.assertLessEqual({r["request_type"] for r in outcomes["requests"]}, set(tm.OUTCOMES))
 
     async def test_model_label_cardinality_is_bounded(self):
         await self.start_proxy()

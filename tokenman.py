@@ -392,9 +392,6 @@ class Logger:
         # calls a few times a second, or every 256 lines); warnings and errors at once
         self.pending: list[str] | None = [] if buffered else None
 
-    def enabled(self, level: int) -> bool:
-        return level >= self.level
-
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
             record = {"time": utc_iso(time.time()), "level": name.lower(), "msg": msg}
@@ -2490,9 +2487,6 @@ class Usage:
     @property
     def cache_write(self) -> int:
         return self.cache_write_5m + self.cache_write_1h
-
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
 
     def apply_anthropic(self, u: object) -> None:
         """Overwrites with the counts in an Anthropic usage object. Streamed message_delta usage
@@ -6071,7 +6065,6 @@ class Proxy(ResponseRelay, RequestLog):
         self.store = store
         self.prices = prices
         self.log = log
-        self.started = time.time()
         self.in_flight = 0
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
         self._label_memo: dict[tuple, tuple] = {}
