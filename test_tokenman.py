@@ -3291,7 +3291,9 @@ def soak(seconds: float) -> None:
     load (up to 300 in flight) through the default pipeline; prints requests, errors, rows and
     RSS before, at peak and after."""
     async def run() -> None:
+        import collections
         up = await FakeUpstream().start()
+        up.requests = collections.deque(maxlen=100)  # the fake's own record stays bounded
         events, body = anthropic_fixture("text")
         up.handler = fixture_handler(events, body)
         with tempfile.TemporaryDirectory() as tmp:
