@@ -86,11 +86,14 @@ SSE_MAX_EVENT = 10 * 1024 * 1024 # one SSE event the side parser follows (long t
 READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one read
 READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
 READ_LOW_WATER = 64 * 1024       # and resume below this
-POOL_MAX_IDLE = 32               # idle keep-alive connections kept per upstream origin
+POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream origin: at
+                                 # least the busiest concurrency, or every request past it pays a
+                                 # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
 STORE_BATCH = 500                # rows written in one transaction
 STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
+STORE_GATHER_SECONDS = 0.05      # the writer collects rows this long, then commits them at once
 STORED_BODY_MAX = 1024 * 1024    # bodies kept in the log when server.store_body is on
 
 TOKEN_CHARS = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -189,7 +192,8 @@ _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+",
 
 
 def new_request_id() -> str:
-    return "req_" + os.urandom(16).hex()
+    """Unique and time-ordered (new rows land at the end of the primary-key index)."""
+    return f"req_{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def utc_iso(ts: float) -> str:
@@ -2952,6 +2956,9 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
                                timeout=5.0, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
+        # WAL with NORMAL: a commit survives a crash of tokenman; only a power loss can take
+        # the last few (FULL would fsync every commit)
+        conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA busy_timeout = %d" % (5000 if readonly else 1000))
     return conn
 
@@ -3048,6 +3055,8 @@ class Store:
                 item = self._q.get(timeout=STORE_RETRY_SECONDS if pending else None)
             except queue.Empty:
                 item = None
+            if isinstance(item, tuple):  # let a batch gather: one commit for many rows, and
+                time.sleep(STORE_GATHER_SECONDS)  # no thread wake-up per row under load
             while item is not None:
                 if item is _STOP:
                     stopping = True
@@ -5801,6 +5810,7 @@ class ResponseRelay:
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
                           resp.head.reason)
         splitter = SSESplitter()
+        passthrough = translator is None and not meter.drop_usage_chunk and not ctx.hooks
         body = resp.body
         read_timeout = self.cfg.resilience.stream_idle_timeout
         stream_timeout = self.cfg.server.stream_timeout
@@ -5814,25 +5824,33 @@ class ResponseRelay:
                 data = await body.read(deadline)
                 if not data:
                     break
-                out = []
-                for event in splitter.feed(data):
-                    if type(event) is RawPiece:
-                        if translator is None:
-                            out.append(event)
-                    elif meter.on_event(event) or translator is not None:
-                        if translator is not None:
-                            event = translator.feed(event)
-                            if not event:
-                                continue
-                        out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
-                                   else event)
+                events = splitter.feed(data)
+                if passthrough:  # nothing rewrites or drops events: send first, count after
+                    out = events
+                else:
+                    out = []
+                    for event in events:
+                        if type(event) is RawPiece:
+                            if translator is None:
+                                out.append(event)
+                        elif meter.on_event(event) or translator is not None:
+                            if translator is not None:
+                                event = translator.feed(event)
+                                if not event:
+                                    continue
+                            out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
+                                       else event)
                 if out:
                     conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
                     if ctx.ttfb is None:
                         ctx.ttfb = time.perf_counter()
                         ctx.upstream_s = ctx.ttfb - t_up  # the upstream's share of the TTFB
-                    if conn.chan._write_paused:
-                        await conn.drain()
+                if passthrough:
+                    for event in events:
+                        if type(event) is not RawPiece:
+                            meter.on_event(event)
+                if out and conn.chan._write_paused:
+                    await conn.drain()
             rest = splitter.flush()
             if rest and meter.on_event(rest) and translator is None:
                 conn.stream_write(rest)

@@ -1345,6 +1345,9 @@ def _flat(p: dict) -> dict[str, tuple[float | None, float | None, str]]:
 def compare(old: dict, new: dict) -> str:
     lines = [f"comparison: old {old['machine'].get('commit') or '?'} "
              f"({old['machine'].get('date')}) -> new {new['machine'].get('commit') or '?'}"]
+    if old["machine"].get("generator") != new["machine"].get("generator"):
+        lines.append(f"warning: different load generators ({old['machine'].get('generator')} vs "
+                     f"{new['machine'].get('generator')}): the direct baselines differ")
     if old["machine"].get("cpu_model") != new["machine"].get("cpu_model"):
         lines.append(f"warning: different machines ({old['machine'].get('cpu_model')} vs "
                      f"{new['machine'].get('cpu_model')})")
