@@ -30,6 +30,16 @@ WAIT = 10.0  # the most any single await may take before the test fails
 # ================================================================================================
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on right now (for subprocesses that need a fixed port)."""
+    ports = []
+    for _ in range(count):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    return ports
+
+
 class Recorded:
     """One request as the fake upstream received it, bytes exact."""
 
@@ -3688,12 +3698,7 @@ class TestCLI(unittest.TestCase):
 class TestSubprocess(unittest.TestCase):
     def test_runs_from_the_command_line_and_stops_on_sigterm(self):
         with tempfile.TemporaryDirectory() as tmp:
-            ports = []
-            for _ in range(2):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", 0))
-                ports.append(sock.getsockname()[1])
-                sock.close()
+            ports = free_ports(2)
             port, dash = ports
             path = os.path.join(tmp, "t.toml")
             with open(path, "w") as fh:
@@ -3734,12 +3739,7 @@ class TestSubprocess(unittest.TestCase):
 
     def test_detached_start_stop_status_restart(self):
         with tempfile.TemporaryDirectory() as tmp:
-            ports = []
-            for _ in range(2):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", 0))
-                ports.append(sock.getsockname()[1])
-                sock.close()
+            ports = free_ports(2)
             path = os.path.join(tmp, "t.toml")
             with open(path, "w") as fh:
                 fh.write(f'[server]\nproxy_port = {ports[0]}\ndashboard_port = {ports[1]}\n'
@@ -3919,10 +3919,7 @@ class TestDeployment(unittest.TestCase):
             "CMD", 1)[1])
         self.assertEqual(probe[:2], ["python", "-c"])
         with tempfile.TemporaryDirectory() as tmp:  # run the HEALTHCHECK against a live proxy
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sock.close()
+            port, = free_ports(1)
             proc = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "tokenman.py")], stderr=subprocess.PIPE,
                 env=dict(os.environ, HOME=tmp, TOKENMAN_SERVER_PROXY_PORT=str(port),
