@@ -445,6 +445,39 @@ class TestUtilities(unittest.TestCase):
         self.assertRegex(value, r"^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$")
         self.assertLess(abs(email.utils.parsedate_to_datetime(value).timestamp() - time.time()), 2)
 
+    def test_rotating_log_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "t.log")
+            sink = tm.RotatingFile(path, max_bytes=200, backups=2)
+            self.addCleanup(sink.close)
+            log = tm.Logger("info", sink, "json", buffered=True)
+            for i in range(40):
+                log.info("line", n=i)
+            log.flush()
+            self.assertEqual(sorted(os.listdir(tmp)), ["t.log", "t.log.1", "t.log.2"])
+            self.assertTrue(all(os.path.getsize(os.path.join(tmp, f)) <= 200
+                                for f in os.listdir(tmp)))
+            with open(path) as fh:
+                self.assertEqual(json.loads(fh.read().splitlines()[-1])["n"], "39")
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_stdout_trace_exporter(self):
+        import contextlib
+        import io
+        cfg = tm.config_from_dict({"tracing": {"enabled": True, "exporter": "stdout"}}, {})
+        tracer = tm.Tracer(cfg.tracing, tm.Logger("fatal"), rng=lambda: 0.0)
+        req = tm.parse_request_head(head("GET /v1/x HTTP/1.1", "Host: a"))
+        req.t0 = time.perf_counter()
+        trace = tracer.start(req)
+        trace.child("middleware.pii.request", req.t0, req.t0 + 0.001)
+        tracer.finish(trace, "GET /v1/x", req.t0 + 0.002, False)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            asyncio.run(tracer.flush(None, None))
+        spans = json.loads(out.getvalue())["resourceSpans"][0]["scopeSpans"][0]["spans"]
+        self.assertEqual([s["name"] for s in spans], ["GET /v1/x", "middleware.pii.request"])
+        self.assertEqual(spans[1]["parentSpanId"], spans[0]["spanId"])
+
     def test_logger_formats_only_enabled_levels(self):
         import io
         out = io.StringIO()

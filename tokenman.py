@@ -367,19 +367,26 @@ class RotatingFile:
         self.fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
         self.size = self.fh.tell()
 
-    def write(self, line: str) -> None:
-        if self.size + len(line) > self.max_bytes:
-            self.fh.close()
-            for i in range(self.backups - 1, 0, -1):
-                if os.path.exists(f"{self.path}.{i}"):
-                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
-            os.replace(self.path, self.path + ".1")
-            self._open()
-        self.fh.write(line)
-        self.size += len(line)
+    def write(self, text: str) -> None:
+        for line in text.splitlines(keepends=True):  # a batch may span a rotation
+            if self.size and self.size + len(line) > self.max_bytes:
+                self._rotate()
+            self.fh.write(line)
+            self.size += len(line)
+
+    def _rotate(self) -> None:
+        self.fh.close()
+        for i in range(self.backups - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{i}"):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        os.replace(self.path, self.path + ".1")
+        self._open()
 
     def flush(self) -> None:
         self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class Logger:
