@@ -131,6 +131,7 @@ ANTHROPIC_PATH = "/v1/messages"
 OPENAI_PATH = "/v1/chat/completions"
 ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
                                           OPENAI_PATH: API_OPENAI})
+API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -1788,6 +1789,21 @@ def native_error(api: str, status: int, message: str, kind: str = "") -> bytes:
                                            "invalid_request_error")
     return json_dumps({"error": {"message": message, "type": etype, "param": None,
                                  "code": None}})
+
+
+def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
+    """0 when the request carries the bearer token (Authorization or X-Tokenman-Token), 401
+    when it carries none, 403 when it carries a wrong one. Constant-time comparison."""
+    import hmac
+    offered = None
+    auth = headers.map.get(b"authorization")
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        offered = auth[7:].strip()
+    if offered is None and allow_custom:
+        offered = headers.map.get(b"x-tokenman-token")
+    if offered is None:
+        return 401
+    return 0 if hmac.compare_digest(offered, token.encode()) else 403
 
 
 class _DateCache:
@@ -4641,12 +4657,13 @@ class CacheHints(Stage):
     async def request(self, ctx: Context) -> Reply | None:
         obj = ctx.obj
         if not self.cfg.enabled or ctx.api != API_ANTHROPIC or b'"cache_control"' in \
-                ctx.req.body or any("cache_control" in json.dumps(ctx.changes[k])
-                                    for k in ctx.changes):
+                ctx.req.body:
             return None
         minimum = cache_minimum(ctx.model)
         if len(ctx.req.body) // 3 < minimum:  # the whole prompt is too short to cache
             return None
+        if any("cache_control" in json.dumps(ctx.changes[k]) for k in ctx.changes):
+            return None  # a stage before this one set breakpoints
         sizes = self._sizes(ctx)
         prefix = 0
         tools = obj.get("tools")
@@ -5074,7 +5091,6 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
 # Used only when routing sends a request to a provider of the other format. What has no
 # counterpart is dropped (and logged at debug), never sent as an invalid field.
 
-API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
 _A2O_STOP = types.MappingProxyType({"end_turn": "stop", "stop_sequence": "stop",
                                     "max_tokens": "length", "tool_use": "tool_calls",
                                     "pause_turn": "stop", "refusal": "content_filter"})
@@ -6416,21 +6432,6 @@ class Proxy(ResponseRelay, RequestLog):
 # ================================================================================================
 
 
-def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
-    """0 when the request carries the bearer token (Authorization or X-Tokenman-Token), 401
-    when it carries none, 403 when it carries a wrong one. Constant-time comparison."""
-    import hmac
-    offered = None
-    auth = headers.map.get(b"authorization")
-    if auth is not None and auth[:7].lower() == b"bearer ":
-        offered = auth[7:].strip()
-    if offered is None and allow_custom:
-        offered = headers.map.get(b"x-tokenman-token")
-    if offered is None:
-        return 401
-    return 0 if hmac.compare_digest(offered, token.encode()) else 403
-
-
 def mask_config(obj: object, key: str = "") -> object:
     """The config as JSON-ready data, every secret-looking string value masked."""
     if dataclasses.is_dataclass(obj):
@@ -7263,7 +7264,7 @@ class App:
         for warning in cfg.warnings:
             self.log.warn("config", problem=warning)
         path = await asyncio.to_thread(open_database, cfg.data_dir)
-        self.pid_path = claim_pid_file(cfg.data_dir)
+        self.pid_path = await asyncio.to_thread(claim_pid_file, cfg.data_dir)
         self.store = Store(path, self.log)
         self.store.start()
         self.pool = UpstreamPool(self.env)
