@@ -7,6 +7,7 @@ Run: python -m unittest -v test_tokenman   (pytest works too)
 """
 import ast
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -439,6 +440,13 @@ class TestUtilities(unittest.TestCase):
         self.assertNotIn("abcdefghijklmnop", tm.redact_secrets("key sk-ant-abcdefghijklmnop"))
         self.assertNotIn("tok123", tm.redact_secrets("Authorization: Bearer tok123"))
 
+    def test_iso_stamps_equal_utc_iso(self):
+        stamps = tm.IsoStamps()
+        for ts in (0.0, 1.999, 59.9995, 1764000000.0005, 1764000000.9994, 1764000001.5,
+                   1764000000.9999, 4102444799.999, time.time()):
+            with self.subTest(ts=ts):
+                self.assertEqual(stamps(ts), tm.utc_iso(ts))
+
     def test_date_header_is_imf_fixdate(self):
         import email.utils
         value = tm._DateCache().now().decode()
@@ -489,6 +497,21 @@ class TestUtilities(unittest.TestCase):
         self.assertEqual(text.count("\n"), 1)
         self.assertIn('path="/a b\\\\x0aforged=1"', text)
         self.assertNotIn("123456789012345", text)
+
+    def test_log_line_checks_the_whole_line_once_and_escapes_only_what_needs_it(self):
+        import io
+        out = io.StringIO()
+        log = tm.Logger("info", out)
+        log.info("request", id="req_1", status=200, ms="1.5", error="", cost=None)
+        log.info("request", id="req_2", key="SK-ANT-abcdefghijklmnop", auth="BEARER tok123",
+                 plain="ok", quote='a"b', eq="a=b")
+        first, second = out.getvalue().splitlines()
+        self.assertTrue(first.endswith(' INFO request id=req_1 status=200 ms=1.5 error="" '
+                                       'cost=None'), first)
+        self.assertNotIn("abcdefghijklmnop", second)
+        self.assertNotIn("tok123", second)
+        self.assertIn(" plain=ok ", second)
+        self.assertIn(' quote="a\\"b" eq="a=b"', second)
 
 
 # ================================================================================================
@@ -1893,6 +1916,25 @@ class TestDetectors(unittest.TestCase):
     def test_registry_matches_the_config_names(self):
         self.assertEqual(tuple(tm.config_from_dict({}, {}).pipeline.order), tm.STAGE_NAMES)
         self.assertEqual(set(tm.REGISTRY), set(tm.STAGE_NAMES))
+
+    def test_switched_off_stages_are_left_out_of_the_pipeline(self):
+        base = tm.config_from_dict({}, {})
+        sections = [tm.REGISTRY[n].section or n for n in tm.STAGE_NAMES]
+
+        def names(enabled):
+            cfg = dataclasses.replace(base, **{
+                s: dataclasses.replace(getattr(base, s), enabled=enabled.get(
+                    s, getattr(base, s).enabled)) for s in sections})
+            return [s.name for s in tm.build_pipeline(
+                cfg, tm.Logger("fatal"), store=tm.Store(":memory:", tm.Logger("fatal")),
+                metrics=tm.Metrics(), prices=tm.PriceTable(), ledger=tm.BudgetLedger(),
+                rate_state={}).stages]
+        self.assertEqual(names({}), ["cache", "injection", "pii", "cache_hints"])
+        self.assertEqual(names({"pii": False, "rate_limit": True, "budget": True}),
+                         ["cache", "injection", "budget", "ratelimit", "cache_hints"])
+        for name, section in zip(tm.STAGE_NAMES, sections):  # each switched by its own section
+            with self.subTest(stage=name):
+                self.assertEqual(names({s: s == section for s in sections}), [name])
 
     def test_period_bounds(self):
         now = 1764241170.0  # 2025-11-27T10:59:30Z

@@ -190,6 +190,7 @@ class HeadTooLarge(TokenmanError):
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")  # characters not allowed in a project name
 _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
+_LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f\"=]")  # a log value with these must be escaped
 
 
 def new_request_id() -> str:
@@ -202,6 +203,22 @@ def utc_iso(ts: float) -> str:
     t = time.gmtime(ts)
     return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour,
                                                    t.tm_min, t.tm_sec, int(ts * 1000) % 1000)
+
+
+class IsoStamps:
+    """utc_iso for a hot path: the part up to the second is formatted once per second."""
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, ts: float) -> str:
+        sec = int(ts)
+        if sec != self.second:
+            self.second = sec
+            self.prefix = utc_iso(sec)[:-5]
+        return "%s.%03dZ" % (self.prefix, int(ts * 1000) % 1000)
 
 
 def escape_log(text: str) -> str:
@@ -393,7 +410,7 @@ class RotatingFile:
 class Logger:
     """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
     happens for enabled levels; values are escaped so no client input can forge a line."""
-    __slots__ = ("level", "stream", "json", "pending")
+    __slots__ = ("level", "stream", "json", "pending", "stamp")
 
     def __init__(self, level: str = "info", stream=None, fmt: str = "text",
                  buffered: bool = False) -> None:
@@ -403,6 +420,7 @@ class Logger:
         # buffered: info and debug lines are written in batches (by flush(), which the App
         # calls a few times a second, or every 256 lines); warnings and errors at once
         self.pending: list[str] | None = [] if buffered else None
+        self.stamp = IsoStamps()
 
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
@@ -410,13 +428,15 @@ class Logger:
             record.update({k: redact_secrets(str(v)) for k, v in fields.items()})
             self._write(json.dumps(record, ensure_ascii=False) + "\n", name)
             return
-        parts = [utc_iso(time.time()), name, escape_log(msg)]
-        for key, value in fields.items():
-            text = escape_log(redact_secrets(str(value)))
-            if not text or " " in text or '"' in text or "=" in text:
-                text = json.dumps(text)
-            parts.append(f"{key}={text}")
-        self._write(" ".join(parts) + "\n", name)
+        texts = [v if type(v) is str else str(v) for v in fields.values()]
+        joined = "|".join(texts)  # one check for the whole line: most need no escaping
+        low = joined.lower()
+        if _LOG_SPECIAL.search(joined) or "sk-" in low or "bearer" in low:
+            texts = [escape_log(redact_secrets(t)) for t in texts]
+            texts = [json.dumps(t) if " " in t or '"' in t or "=" in t else t for t in texts]
+        line = " ".join([self.stamp(time.time()), name, escape_log(msg)]
+                        + [f"{k}={t}" if t else k + '=""' for k, t in zip(fields, texts)])
+        self._write(line + "\n", name)
 
     def _write(self, line: str, name: str = "ERROR") -> None:
         pending = self.pending
@@ -1220,7 +1240,10 @@ def render_config(cfg: Config, title: str, mask: bool = False) -> str:
 # ================================================================================================
 
 _METHOD_RE = re.compile(rb"[" + TOKEN_CHARS + rb"]+")
-_HEADER_RE = re.compile(rb"([" + TOKEN_CHARS + rb"]+):[ \t]*(.*?)[ \t]*")
+# A header block (the lines after the start line, each ending in CRLF) is checked whole by one
+# match and its fields taken by one findall: two passes in C instead of a regex call per line.
+_FIELDS_RE = re.compile(rb"(?:[" + TOKEN_CHARS + rb"]+:[^\r\n]*\r\n)*")
+_FIELD_RE = re.compile(rb"([" + TOKEN_CHARS + rb"]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CL_RE = re.compile(rb"[0-9]{1,19}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
@@ -1234,17 +1257,18 @@ class Headers:
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self.raw = raw
-        self.map: dict[bytes, bytes] = {}
+        self.map: dict[bytes, bytes] = {name.lower(): value for name, value in raw}
         self.repeated: set[bytes] | None = None
-        for name, value in raw:
-            lower = name.lower()
-            if lower in self.map:
-                self.map[lower] += b", " + value
-                if self.repeated is None:
-                    self.repeated = set()
-                self.repeated.add(lower)
-            else:
-                self.map[lower] = value
+        if len(self.map) != len(raw):  # a repeated field: combine its values in order
+            self.map = {}
+            self.repeated = set()
+            for name, value in raw:
+                lower = name.lower()
+                if lower in self.map:
+                    self.map[lower] += b", " + value
+                    self.repeated.add(lower)
+                else:
+                    self.map[lower] = value
 
     def get(self, lower: bytes, default: bytes | None = None) -> bytes | None:
         return self.map.get(lower, default)
@@ -1274,33 +1298,31 @@ class Request:
         self.t0 = 0.0
 
 
-def _split_head(data: bytes) -> list[bytes]:
-    """The lines of a head that ends with CRLF CRLF; bare CR, bare LF and NUL are refused."""
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    """The start line and the header block (its fields, each ending in CRLF) of a head that
+    ends with CRLF CRLF; bare CR, bare LF, NUL and other control characters are refused."""
     if b"\x00" in data or data.count(b"\n") != data.count(b"\r\n") \
             or data.count(b"\r") != data.count(b"\r\n"):
         raise HTTPError(400, "malformed request head", close=True)
     if _BAD_VALUE_RE.search(data):
         raise HTTPError(400, "control character in request head", close=True)
-    return data[:-4].split(b"\r\n")
+    end = data.find(b"\r\n")
+    return data[:end], data[end + 2:-2]
 
 
-def _parse_fields(lines: list[bytes], limit: int) -> Headers:
-    if len(lines) > limit:
+def _parse_fields(block: bytes, limit: int) -> Headers:
+    if not _FIELDS_RE.fullmatch(block):  # includes obs-fold (leading SP/HTAB) and space
+        raise HTTPError(400, "malformed header field", close=True)  # before the colon
+    raw = _FIELD_RE.findall(block)
+    if len(raw) > limit:
         raise HTTPError(431, "too many header fields", close=True)
-    raw = []
-    for line in lines:
-        m = _HEADER_RE.fullmatch(line)
-        if m is None:  # includes obs-fold (leading SP/HTAB) and space before the colon
-            raise HTTPError(400, "malformed header field", close=True)
-        raw.append((m.group(1), m.group(2)))
     return Headers(raw)
 
 
 def parse_request_head(data: bytes) -> Request:
     """A request head (through the blank line) as a Request; HTTPError on anything invalid."""
     data = data.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before the request line
-    lines = _split_head(data)
-    line = lines[0]
+    line, block = _split_head(data)
     if len(line) > MAX_REQUEST_LINE:
         raise HTTPError(414, "request line too long", close=True)
     parts = line.split(b" ")
@@ -1315,7 +1337,7 @@ def parse_request_head(data: bytes) -> Request:
         raise HTTPError(505, "HTTP version not supported", close=True)
     else:
         raise HTTPError(400, "malformed request line", close=True)
-    headers = _parse_fields(lines[1:], MAX_HEADERS)
+    headers = _parse_fields(block, MAX_HEADERS)
     try:
         target_s = target.decode("ascii")
     except UnicodeDecodeError:
@@ -1383,11 +1405,11 @@ class ResponseHead:
 def parse_response_head(data: bytes) -> ResponseHead:
     """An upstream response head; UpstreamError on anything a strict client would refuse."""
     try:
-        lines = _split_head(data)
-        m = _STATUS_RE.fullmatch(lines[0])
+        line, block = _split_head(data)
+        m = _STATUS_RE.fullmatch(line)
         if m is None:
             raise HTTPError(502, "bad status line")
-        headers = _parse_fields(lines[1:], MAX_HEADERS * 2)
+        headers = _parse_fields(block, MAX_HEADERS * 2)
     except HTTPError as exc:
         raise UpstreamError(f"malformed upstream response head: {exc.detail}") from None
     return ResponseHead(int(m.group(2)), m.group(3) or b"", int(m.group(1)), headers)
@@ -3575,6 +3597,7 @@ class Stage:
     """Base of every pipeline stage. `fails_closed`: an internal error in this stage rejects the
     request (security stages); otherwise the request goes on without it (optimisations)."""
     name = ""
+    section = ""  # a built-in stage's config section (default: its name); disabled = left out
     fails_closed = False
     runs_on_hit = False  # also runs (after the cache) when the answer comes from the cache
 
@@ -3999,6 +4022,9 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
     ("base64_ignore", "encoded_injection", r"aWdub3Jl", 0, "aWdub3Jl"),
 ))
+# a lowercase needle is looked for in the lowercased text, any other as it is
+_INJECTION_CASELESS = tuple(p for p in INJECTION_PATTERNS if p[3].islower())
+_INJECTION_CASED = tuple(p for p in INJECTION_PATTERNS if not p[3].islower())
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
 _BASE64_MAP = bytes(ord("a") if chr(i).isascii() and (chr(i).isalnum() or chr(i) in "+/_-")
                     else 32 for i in range(256))  # the base64 alphabet -> "a", the rest -> " "
@@ -4008,8 +4034,10 @@ def find_injections(text: str) -> list[tuple[str, str, str]]:
     """(pattern, category, matched text) for every injection pattern in a text, including
     patterns hidden in base64 runs."""
     low = text.lower()
-    found = [(name, cat, m.group()) for name, cat, rx, needle in INJECTION_PATTERNS
-             if needle in (low if needle.islower() else text) for m in rx.finditer(text)]
+    found = [(name, cat, m.group()) for name, cat, rx, needle in _INJECTION_CASELESS
+             if needle in low for m in rx.finditer(text)]
+    found += [(name, cat, m.group()) for name, cat, rx, needle in _INJECTION_CASED
+              if needle in text for m in rx.finditer(text)]
     if len(text) >= 40 and b"a" * 40 in text.encode("ascii", "replace").translate(_BASE64_MAP):
         import base64  # only texts with a long base64-looking run need it
         for run in _BASE64_RUN.findall(text):
@@ -4177,13 +4205,29 @@ def _digit_windows(text: str) -> list[tuple[int, int]]:
             for m in _DIGIT_WINDOW.finditer(raw)]
 
 
-_PII_GATE = re.compile(r"[@/\\0-9]|sk-|AKIA|gh[pousr]_|glpat-|xox|AIza|"
-                       r"(?i:key|secret|token|passw|credential)")
+# What any detector needs at least one of; three cheap checks keep the regexes off plain prose
+# (one regex with these as alternatives tries every one at every position: ~10x slower).
+_PII_GATE_CHARS = re.compile(r"[@/\\0-9]")
+_PII_GATE_WORDS = ("sk-", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xox", "AIza")
+_PII_GATE_LOWER = ("key", "secret", "token", "passw", "credential")
+
+
+def _pii_possible(text: str) -> bool:
+    if _PII_GATE_CHARS.search(text):
+        return True
+    for word in _PII_GATE_WORDS:  # (a loop: any() over a generator costs twice as much)
+        if word in text:
+            return True
+    low = text.lower()
+    for word in _PII_GATE_LOWER:
+        if word in low:
+            return True
+    return False
 
 
 def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, type) spans, higher-priority detectors winning overlaps."""
-    if len(text) < 512 and not _PII_GATE.search(text):
+    if len(text) < 512 and not _pii_possible(text):
         return []  # a short text none of the detectors could match (one scan instead of seven)
     spans = []
     windows = low = None
@@ -4561,6 +4605,7 @@ class RateLimiter(Stage):
     buckets. Tokens are reserved from the input estimate and settled with the actual usage.
     429 with Retry-After of the real wait (at least 1 s). Buckets outlive reloads. Fails closed."""
     name = "ratelimit"
+    section = "rate_limit"
     fails_closed = True
 
     def __init__(self, cfg: Config, log: Logger, rate_state: dict, clock=time.monotonic,
@@ -5073,8 +5118,11 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
         if name not in registry:
             log.error("pipeline stage not found (a plugin that failed to load?)", stage=name)
             continue
+        cls = registry[name]
+        if cls is REGISTRY.get(name) and not getattr(cfg, cls.section or name).enabled:
+            continue  # a switched-off stage costs nothing per request (a reload rebuilds)
         try:
-            stages.append(registry[name](cfg, log=log, **services))
+            stages.append(cls(cfg, log=log, **services))
         except Exception as exc:
             if name in REGISTRY:
                 raise
@@ -5951,6 +5999,15 @@ class ResponseRelay:
         conn.end_stream()
 
 
+_REQUESTS_KEY = ("tokenman_requests_total", ())
+_TOKENS_IN_KEY = ("tokenman_tokens_in_total", ())
+_TOKENS_OUT_KEY = ("tokenman_tokens_out_total", ())
+_TOKENS_SAVED_KEY = ("tokenman_tokens_saved_total", ())
+_CACHE_HITS_KEY = ("tokenman_cache_hits_total", ())
+_CACHE_MISSES_KEY = ("tokenman_cache_misses_total", ())
+_NO_SAVINGS = (0.0,) * len(SAVING_SOURCES)
+
+
 class RequestLog:
     """One row and one set of metrics per request: savings by source, counters,
     histograms, the log line. A mixin of Proxy."""
@@ -5992,40 +6049,41 @@ class RequestLog:
     def _count(self, ctx: Context, seconds: float, saved: dict, compressed: int) -> None:
         m = self.metrics
         values = m.values
+        get = values.get
         u = ctx.usage
         provider = ctx.provider
+        outcome = ctx.outcome
         kinds, cost_labels, duration_labels = self._labels(provider, m.model(ctx.model),
                                                            ctx.project, ctx.streaming)
-        for name, value in (("tokenman_requests_total", 1),
-                            ("tokenman_tokens_in_total", u.input + u.cache_read + u.cache_write),
-                            ("tokenman_tokens_out_total", u.output),
-                            ("tokenman_tokens_saved_total", ctx.tokens_saved + compressed)):
-            key = (name, ())
-            values[key] = values.get(key, 0.0) + value
+        for key, value in ((_REQUESTS_KEY, 1),
+                           (_TOKENS_IN_KEY, u.input + u.cache_read + u.cache_write),
+                           (_TOKENS_OUT_KEY, u.output),
+                           (_TOKENS_SAVED_KEY, ctx.tokens_saved + compressed),
+                           (_CACHE_HITS_KEY if outcome in HIT_OUTCOMES else _CACHE_MISSES_KEY, 1),
+                           (("tokenman_cost_usd_total", cost_labels), ctx.cost or 0.0)):
+            values[key] = get(key, 0.0) + value
         for labels, count in zip(kinds, (u.input, u.output, u.cache_read, u.cache_write)):
             if count:
-                m.inc("tokenman_tokens_total", labels, count)
-        m.inc("tokenman_cost_usd_total", cost_labels, ctx.cost or 0.0)
+                key = ("tokenman_tokens_total", labels)
+                values[key] = get(key, 0.0) + count
         for source, usd in saved.items():
             m.inc("tokenman_savings_usd_total", (("source", source),), usd)
-        if ctx.outcome in HIT_OUTCOMES:
-            m.inc("tokenman_cache_hits_total")
-        else:
-            m.inc("tokenman_cache_misses_total")
-        if ctx.outcome not in ("ok",) + HIT_OUTCOMES:
+        if outcome != "ok" and outcome not in HIT_OUTCOMES:
             m.inc("tokenman_errors_total", (("provider", provider),
                                             ("status_code", str(ctx.status)),
-                                            ("type", ctx.outcome)))
+                                            ("type", outcome)))
         if provider and provider != "cache":
-            live = self.provider_stats.setdefault(provider, {"requests": 0, "errors": 0})
+            live = self.provider_stats.get(provider)
+            if live is None:
+                live = self.provider_stats[provider] = {"requests": 0, "errors": 0}
             live["requests"] += 1
-            if ctx.outcome in ("upstream_error", "upstream_failed"):
-                live["errors"] += 1
-                live["last_error"] = ctx.error[:200]
-            elif ctx.outcome == "ok":
+            if outcome == "ok":
                 ms = seconds * 1000
                 old = live.get("latency_ms")
                 live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
+            elif outcome in ("upstream_error", "upstream_failed"):
+                live["errors"] += 1
+                live["last_error"] = ctx.error[:200]
         m.observe("tokenman_request_duration_seconds", duration_labels, seconds,
                   REQUEST_BUCKETS)
         stage_labels = self._stage_labels
@@ -6050,7 +6108,7 @@ class RequestLog:
         saved, compressed = self._savings(ctx)
         store_body = self.cfg.server.store_body
         self.store.record((
-            ctx.id, utc_iso(ctx.wall), req.method, req.path, ctx.api, ctx.model,
+            ctx.id, self._stamp(ctx.wall), req.method, req.path, ctx.api, ctx.model,
             ctx.provider, ctx.project, ctx.status, ctx.outcome, int(ctx.streaming),
             round(latency, 3), None if ttfb is None else round(ttfb, 3),
             None if overhead is None else round(overhead, 3),
@@ -6060,8 +6118,9 @@ class RequestLog:
             ctx.response_body[:STORED_BODY_MAX].decode("utf-8", "replace")
             if store_body and ctx.response_body is not None else None,
             ctx.attempts, ctx.client_id, int(ctx.cache_hit), ctx.tokens_saved + compressed,
-            round(sum(saved.values()), 10), ctx.pipeline_ms,
-            *(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES), compressed,
+            round(sum(saved.values()), 10) if saved else 0.0, ctx.pipeline_ms,
+            *(tuple(round(saved.get(source, 0.0), 10) for source in SAVING_SOURCES) if saved
+              else _NO_SAVINGS), compressed,
         ))
         self._count(ctx, latency / 1000, saved, compressed)
         if self.plugins:
@@ -6110,6 +6169,7 @@ class Proxy(ResponseRelay, RequestLog):
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
         self._label_memo: dict[tuple, tuple] = {}
         self._stage_labels: dict[str, tuple] = {}
+        self._stamp = IsoStamps()
         self.plugins: list[Plugin] = []
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
 
