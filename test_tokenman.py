@@ -758,6 +758,45 @@ class TestWire(unittest.TestCase):
 # ================================================================================================
 
 
+class TestChannel(unittest.IsolatedAsyncioTestCase):
+    """§06: reads keep one timer per channel; every read still ends at its own deadline."""
+
+    class Transport:
+        def get_extra_info(self, name, default=None):
+            return default
+
+        def is_closing(self):
+            return False
+
+    async def read(self, chan, deadline, data=b"x"):
+        task = asyncio.get_running_loop().create_task(chan._wait(deadline))
+        await asyncio.sleep(0)
+        chan.data_received(data)
+        await task
+
+    async def test_one_timer_serves_many_reads_and_each_read_keeps_its_deadline(self):
+        loop = asyncio.get_running_loop()
+        chan = tm.Channel(loop)
+        chan.connection_made(self.Transport())
+        await self.read(chan, loop.time() + 60)
+        timer = chan._timer
+        self.assertIsNotNone(timer)
+        await self.read(chan, loop.time() + 61)  # a later deadline: the same timer
+        self.assertIs(chan._timer, timer)
+        started = loop.time()
+        with self.assertRaises(TimeoutError):  # an earlier deadline: an earlier timer
+            await chan._wait(loop.time() + 0.05)
+        self.assertLess(loop.time() - started, 5)
+        chan._arm(loop.time() + 0.01)  # fires before this read's deadline: re-arms, no expiry
+        started = loop.time()
+        with self.assertRaises(TimeoutError):
+            await chan._wait(started + 0.15)
+        self.assertGreaterEqual(loop.time() - started, 0.14)
+        await self.read(chan, None)  # no deadline: no timer
+        chan.connection_lost(None)
+        self.assertIsNone(chan._timer)
+
+
 def resilience(**kw):
     return tm.config_from_dict({"resilience": kw}, {}).resilience
 

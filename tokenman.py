@@ -1537,6 +1537,9 @@ class Channel(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self._waiter: asyncio.Future | None = None
+        self._deadline: float | None = None  # of the read being waited for
+        self._timer: asyncio.TimerHandle | None = None  # armed at _timer_at, kept across reads
+        self._timer_at = 0.0
         self._drain: asyncio.Future | None = None
         self._write_paused = False
         self._read_paused = False
@@ -1573,6 +1576,9 @@ class Channel(asyncio.Protocol):
         self.lost = True
         self.eof = True
         self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionGone())
@@ -1596,6 +1602,9 @@ class Channel(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- reading --------------------------------------------------------------------------------
+    # One timer per channel, not one per read: a keep-alive connection waits with about the
+    # same far deadline for every request, so the timer armed for the first wait is kept while
+    # it is not later than the current deadline; when it fires early it re-arms for that one.
     async def _wait(self, deadline: float | None) -> None:
         if self._waiter is not None:
             raise RuntimeError("concurrent reads on one channel")
@@ -1604,13 +1613,31 @@ class Channel(asyncio.Protocol):
             self.transport.resume_reading()
         fut = self.loop.create_future()
         self._waiter = fut
-        timer = self.loop.call_at(deadline, _expire, fut) if deadline else None
+        if deadline:
+            self._deadline = deadline
+            if self._timer is None or self._timer_at > deadline:
+                self._arm(deadline)
         try:
             await fut
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self._deadline = None
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._timed_out)
+        self._timer_at = when
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        fut, deadline = self._waiter, self._deadline
+        if fut is None or fut.done() or deadline is None:
+            return  # not reading now: the next wait arms a timer of its own
+        if deadline <= self._timer_at:
+            fut.set_exception(TimeoutError())
+        else:
+            self._arm(deadline)
 
     def _consumed(self) -> None:
         if self._read_paused and len(self.buf) < READ_LOW_WATER:
