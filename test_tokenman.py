@@ -2459,7 +2459,9 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
 
     async def run_stage(self, stage, obj, **kw):
         ctx = self.ctx_for(obj, **kw)
-        await stage.request(ctx)
+        reply = stage.request(ctx)
+        if asyncio.iscoroutine(reply):
+            await reply
         sent = json.loads(tm.json_patch(ctx.req.body, ctx.changes)) if ctx.changes else obj
         return ctx, sent
 

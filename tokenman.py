@@ -195,7 +195,7 @@ _LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f\"=]")  # a log value with these must 
 
 def new_request_id() -> str:
     """Unique and time-ordered (new rows land at the end of the primary-key index)."""
-    return f"req_{time.time_ns():016x}{os.urandom(8).hex()}"
+    return f"req_{time.time_ns():016x}{random.getrandbits(64):016x}"  # (no syscall, unlike urandom)
 
 
 def utc_iso(ts: float) -> str:
@@ -3622,13 +3622,15 @@ def error_reply(ctx: Context, status: int, message: str, kind: str = "",
 
 class Stage:
     """Base of every pipeline stage. `fails_closed`: an internal error in this stage rejects the
-    request (security stages); otherwise the request goes on without it (optimisations)."""
+    request (security stages); otherwise the request goes on without it (optimisations).
+    request() may be a coroutine function (a stage that waits, e.g. for SQLite) or a plain one
+    (a stage that only computes: no coroutine to create and schedule per request)."""
     name = ""
     section = ""  # a built-in stage's config section (default: its name); disabled = left out
     fails_closed = False
     runs_on_hit = False  # also runs (after the cache) when the answer comes from the cache
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         return None
 
     def response(self, ctx: Context, body: bytes) -> bytes:
@@ -3664,19 +3666,23 @@ class Pipeline:
         """Runs the request phases; the first Reply answers the request. After a cache hit
         only the stages marked runs_on_hit still run (they may still refuse it)."""
         hit = None
+        timings = ctx.timings
+        t1 = time.perf_counter()
         for stage in self.stages:
             if hit is not None and not stage.runs_on_hit:
                 continue
-            t0 = time.perf_counter()
+            t0 = t1
             try:
                 ctx.passed.append(stage)
-                reply = await stage.request(ctx)
+                reply = stage.request(ctx)  # a Reply or None, or a coroutine that gives one
+                if reply is not None and type(reply) is not Reply:
+                    reply = await reply
             except Exception as exc:
                 self._failed(stage, ctx, "request", exc)
                 reply = error_reply(ctx, 500, f"policy check {stage.name} failed") \
                     if stage.fails_closed else None
             t1 = time.perf_counter()
-            ctx.timings[stage.name] = t1 - t0
+            timings[stage.name] = t1 - t0
             if ctx.trace is not None:
                 ctx.trace.child(f"middleware.{stage.name}.request", t0, t1, attrs={
                     "middleware.name": stage.name, "middleware.phase": "request"})
@@ -4124,7 +4130,7 @@ class InjectionGuard(Stage):
         self.metrics = metrics
         self.memo = ScanMemo()
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
             return None
         action = self.cfg.action
@@ -4311,7 +4317,7 @@ class PIIGuard(Stage):
     def _scan(self, text: str) -> list[tuple[int, int, str]]:
         return find_pii(text, self.types, self.allow)
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
             return None
         action = self.cfg.action
@@ -4543,7 +4549,7 @@ class BudgetGuard(Stage):
         rate = max(price.input, price.cache_write_5m, price.cache_write_1h)
         return (request_estimate(ctx) * rate + most * price.output) / 1_000_000
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled:
             return None
         limits = self._limits(ctx.project)
@@ -4665,7 +4671,7 @@ class RateLimiter(Stage):
             tokens.resize(tpm, tpm / 60)
         return key, requests, tokens
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled:
             return None
         now = self.clock()
@@ -4726,7 +4732,7 @@ class CacheHints(Stage):
         self.mark = {"type": "ephemeral"} if cfg.cache_hints.ttl == "5m" \
             else {"type": "ephemeral", "ttl": "1h"}
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         obj = ctx.obj
         if not self.cfg.enabled or ctx.api != API_ANTHROPIC or b'"cache_control"' in \
                 ctx.req.body:
@@ -4836,7 +4842,7 @@ class RulesCompressor(Stage):
         self.roles = ("system", "user", "developer") + (("tool",) if cfg.rules.tool_results
                                                          else ())
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or no_compress(ctx):
             return None
         before = after = 0
@@ -4874,7 +4880,7 @@ class HistoryWindow(Stage):
     def __init__(self, cfg: Config, **_: object) -> None:
         self.cfg = cfg.history
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         messages = ctx.obj.get("messages")
         if not self.cfg.enabled or no_compress(ctx) or not isinstance(messages, list):
             return None
@@ -5033,7 +5039,7 @@ class Heartbeat(ResponseCache):
     def _eligible(self, ctx: Context) -> bool:
         return self.enabled and ctx.req.path in ACCOUNTED_PATHS and not no_compress(ctx)
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context) -> Reply | None:
         if not self._eligible(ctx):
             return None
         key = self.key(ctx)
