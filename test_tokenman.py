@@ -3453,6 +3453,36 @@ class TestHostileInput(ProxyTestCase):
     def test_fuzz_parsers_briefly(self):
         self.assertGreater(fuzz(1.0, seed=42), 100)
 
+    def test_header_fields_parse_exactly_as_the_grammar_says(self):
+        """The head parser uses byte-string methods for speed; on mutated heads it must accept
+        and refuse exactly what the RFC 9112 field-line grammar (as a regex) does."""
+        import random
+        token = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+        line_rx = re.compile(rb"(" + token + rb"):[ \t]*([^\r\n]*?)[ \t]*")
+        rng = random.Random(7)
+        checked = refused = 0
+        for _ in range(4000):
+            data = rng.choice(FUZZ_SEEDS)
+            for _ in range(rng.randrange(1, 4)):
+                data = mutate(rng, data)
+            data = data.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+            try:
+                line, block = tm._split_head(data)
+            except tm.HTTPError:
+                continue
+            lines = block[:-2].split(b"\r\n") if block else []
+            matches = [line_rx.fullmatch(x) for x in lines]
+            expected = None if None in matches else [m.groups() for m in matches]
+            try:
+                got = tm._parse_fields(block, 1000).raw
+            except tm.HTTPError:
+                got = None
+            self.assertEqual(got, expected, data)
+            checked += 1
+            refused += got is None
+        self.assertGreater(checked - refused, 500)
+        self.assertGreater(refused, 100)
+
     async def test_dashboard_survives_the_same_attacks(self):
         await self.start_proxy()
         dash = self.app.dashboard_port

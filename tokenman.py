@@ -96,7 +96,7 @@ STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
 STORE_GATHER_SECONDS = 0.05      # the writer collects rows this long, then commits them at once
 STORED_BODY_MAX = 1024 * 1024    # bodies kept in the log when server.store_body is on
 
-TOKEN_CHARS = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate",
@@ -1239,13 +1239,7 @@ def render_config(cfg: Config, title: str, mask: bool = False) -> str:
 # §05 HTTP wire, sans-IO: heads, framing, chunk sizes, SSE events (bytes in, values out)
 # ================================================================================================
 
-_METHOD_RE = re.compile(rb"[" + TOKEN_CHARS + rb"]+")
-# A header block (the lines after the start line, each ending in CRLF) is checked whole by one
-# match and its fields taken by one findall: two passes in C instead of a regex call per line.
-_FIELDS_RE = re.compile(rb"(?:[" + TOKEN_CHARS + rb"]+:[^\r\n]*\r\n)*")
-_FIELD_RE = re.compile(rb"([" + TOKEN_CHARS + rb"]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
-_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_CL_RE = re.compile(rb"[0-9]{1,19}")
+_BAD_HEAD_BYTES = bytes(i for i in range(32) if i not in (9, 10, 13)) + b"\x7f"
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 _STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 
@@ -1300,22 +1294,29 @@ class Request:
 
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
     """The start line and the header block (its fields, each ending in CRLF) of a head that
-    ends with CRLF CRLF; bare CR, bare LF, NUL and other control characters are refused."""
-    if b"\x00" in data or data.count(b"\n") != data.count(b"\r\n") \
-            or data.count(b"\r") != data.count(b"\r\n"):
+    ends with CRLF CRLF; bare CR, bare LF, NUL and other control characters are refused.
+    (Byte-string methods throughout: each is one pass in C, several times faster than sre.)"""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         raise HTTPError(400, "malformed request head", close=True)
-    if _BAD_VALUE_RE.search(data):
+    if len(data.translate(None, _BAD_HEAD_BYTES)) != len(data):
         raise HTTPError(400, "control character in request head", close=True)
     end = data.find(b"\r\n")
     return data[:end], data[end + 2:-2]
 
 
 def _parse_fields(block: bytes, limit: int) -> Headers:
-    if not _FIELDS_RE.fullmatch(block):  # includes obs-fold (leading SP/HTAB) and space
-        raise HTTPError(400, "malformed header field", close=True)  # before the colon
-    raw = _FIELD_RE.findall(block)
-    if len(raw) > limit:
-        raise HTTPError(431, "too many header fields", close=True)
+    raw = []
+    if block:
+        lines = block[:-2].split(b"\r\n")
+        if len(lines) > limit:
+            raise HTTPError(431, "too many header fields", close=True)
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name.translate(None, TOKEN_BYTES):
+                # includes obs-fold (leading SP/HTAB) and space before the colon
+                raise HTTPError(400, "malformed header field", close=True)
+            raw.append((name, value.strip(b" \t")))
     return Headers(raw)
 
 
@@ -1326,7 +1327,7 @@ def parse_request_head(data: bytes) -> Request:
     if len(line) > MAX_REQUEST_LINE:
         raise HTTPError(414, "request line too long", close=True)
     parts = line.split(b" ")
-    if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or not parts[1]:
+    if len(parts) != 3 or not parts[0] or parts[0].translate(None, TOKEN_BYTES) or not parts[1]:
         raise HTTPError(400, "malformed request line", close=True)
     method, target, version = parts
     if version == b"HTTP/1.1":
@@ -1361,11 +1362,13 @@ def content_length(headers: Headers) -> int | None:
     value = headers.map.get(b"content-length")
     if value is None:
         return None
-    values = {v.strip(b" \t") for v in value.split(b",")}
-    if len(values) != 1:
-        raise HTTPError(400, "conflicting Content-Length", close=True)
-    only = values.pop()
-    if not _CL_RE.fullmatch(only):
+    if b"," in value:
+        values = {v.strip(b" \t") for v in value.split(b",")}
+        if len(values) != 1:
+            raise HTTPError(400, "conflicting Content-Length", close=True)
+        value = values.pop()
+    only = value.strip(b" \t")
+    if not (only.isdigit() and len(only) <= 19):  # (bytes.isdigit: ASCII digits only)
         raise HTTPError(400, "invalid Content-Length", close=True)
     return int(only)
 
