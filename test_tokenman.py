@@ -2465,6 +2465,10 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         sent = json.loads(tm.json_patch(ctx.req.body, ctx.changes)) if ctx.changes else obj
         return ctx, sent
 
+    async def test_the_early_exit_uses_the_smallest_cache_minimum(self):
+        self.assertEqual(tm.CACHE_MINIMUM_ANY, min([n for _, n in tm.CACHE_MINIMUMS]
+                                                   + [tm.cache_minimum("unknown-model")]))
+
     async def test_cache_hints_golden(self):
         stage = tm.CacheHints(tm.config_from_dict({}, {}))
         obj = claude_code_request()

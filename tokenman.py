@@ -3871,9 +3871,12 @@ class ResponseCache(Stage):
                                  ensure_ascii=False).encode())
         return digest.hexdigest()
 
-    async def request(self, ctx: Context) -> Reply | None:
+    def request(self, ctx: Context):
         if not self.cfg.enabled or not self._eligible(ctx):
-            return None
+            return None  # (most requests: no coroutine made for them)
+        return self._lookup(ctx)
+
+    async def _lookup(self, ctx: Context) -> Reply | None:
         control = ctx.req.headers.map.get(b"cache-control", b"").lower()
         key = self.key(ctx)
         ctx.notes["cache"] = None if b"no-store" in control else key
@@ -4715,11 +4718,13 @@ def no_compress(ctx: Context) -> bool:
 CACHE_MINIMUMS = (("claude-3-haiku", 2048), ("claude-3-5-haiku", 2048),
                   ("claude-haiku-4-5", 4096), ("claude-opus-4-5", 4096),
                   ("claude-opus-4-6", 4096), ("claude-haiku-5", 4096), ("claude-opus-5", 4096))
+CACHE_MINIMUM_ANY = 1024  # the smallest of them: the default of cache_minimum()
 _NO_MARK_BLOCKS = frozenset(("thinking", "redacted_thinking"))
 
 
 def cache_minimum(model: str) -> int:
-    return next((n for prefix, n in CACHE_MINIMUMS if model.startswith(prefix)), 1024)
+    return next((n for prefix, n in CACHE_MINIMUMS if model.startswith(prefix)),
+                CACHE_MINIMUM_ANY)
 
 
 class CacheHints(Stage):
@@ -4740,8 +4745,10 @@ class CacheHints(Stage):
         if not self.cfg.enabled or ctx.api != API_ANTHROPIC or b'"cache_control"' in \
                 ctx.req.body:
             return None
+        if len(ctx.req.body) // 3 < CACHE_MINIMUM_ANY:  # the whole prompt is too short to cache
+            return None
         minimum = cache_minimum(ctx.model)
-        if len(ctx.req.body) // 3 < minimum:  # the whole prompt is too short to cache
+        if len(ctx.req.body) // 3 < minimum:
             return None
         if any("cache_control" in json.dumps(ctx.changes[k]) for k in ctx.changes):
             return None  # a stage before this one set breakpoints
@@ -6052,10 +6059,11 @@ class RequestLog:
         """USD saved by source, from provider usage and prices: cache and heartbeat hits save
         the answer's original cost; prompt-cache reads save (input - read price) net of the
         write premium; compression saves the estimated tokens it removed at the input price."""
-        saved = dict(ctx.saved)
+        saved = ctx.saved
         u = ctx.usage
         compressed = ctx.notes.get("compressed_tokens", 0) if ctx.outcome == "ok" else 0
-        if u.cache_read or u.cache_write or compressed:
+        if u.cache_read or u.cache_write_5m or u.cache_write_1h or compressed:
+            saved = dict(saved)
             price = self.prices.lookup(ctx.model)
             if price is not None:
                 if u.cache_read or u.cache_write:
