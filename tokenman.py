@@ -93,7 +93,10 @@ POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this i
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
 STORE_BATCH = 500                # rows written in one transaction
 STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
-STORE_GATHER_SECONDS = 0.05      # the writer collects rows this long, then commits them at once
+STORE_GATHER_SECONDS = 0.005     # the writer collects rows this long, then commits them at once:
+#                                  long enough to batch under load (15-30 rows at 3-6k req/s), short
+#                                  enough that one batch (~0.3 ms of SQLite work on the proxy's core)
+#                                  does not hold requests up: 50 ms batches put c=1 p99 at 1.4 ms
 STORED_BODY_MAX = 1024 * 1024    # bodies kept in the log when server.store_body is on
 
 TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
