@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import types
 import unittest
 
 import tokenman as tm
@@ -417,6 +418,21 @@ class TestJsonPatch(unittest.TestCase):
         for raw, changes, expected in cases:
             with self.subTest(raw=raw, changes=changes):
                 self.assertEqual(tm.json_patch(raw, changes), expected)
+
+    def test_added_members_keep_every_byte_with_or_without_the_parse(self):
+        bodies = [b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+                  b'{"a":1}\n', b'{ }', b' {"x": {"y": "}"}} \r\n',
+                  '{"k":"\u00e9t\u00e9"}'.encode(),  # raw UTF-8
+                  b'{"k":"\\u00e9"}',  # an escape: the parsing path
+                  b'{"m":"quote \\"stream_options\\" here"}']  # the name inside a value
+        for raw in bodies:
+            for changes in ({"stream_options": {"include_usage": True}},
+                            {"new": 1, "n2": [1, "\u00e9"]}):
+                with self.subTest(raw=raw, changes=changes):
+                    out = tm.json_patch(raw, changes)
+                    self.assertEqual(json.loads(out), {**json.loads(raw), **changes})
+                    self.assertTrue(out.startswith(raw.rstrip()[:-1].rstrip()), out)
+                    self.assertTrue(out.endswith(raw[len(raw.rstrip()) - 1:]), out)
 
     def test_rejects_non_objects(self):
         for raw in (b"[]", b"1", b'"x"', b"{", b'{"a" 1}'):
@@ -1562,6 +1578,71 @@ class TestStreaming(ProxyTestCase):
         self.assertNotIn(events[2], seen)
         gate.set()
         writer.close()
+
+    async def test_head_goes_out_alone_when_the_first_event_is_incomplete(self):
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):  # head and half an event in one write, then a pause
+            first, second = b'data: {"partial":', b" true}\n\n"
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(first + second), first))
+            await w.drain()
+            await gate.wait()
+            w.write(second)
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the event
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        gate.set()
+        rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WAIT)
+        self.assertIn(b'data: {"partial": true}', rest)
+        writer.close()
+
+
+class TestServerConnWrites(unittest.TestCase):
+    """A held stream head leaves in the same write as the stream's first bytes."""
+
+    class Chan:
+        def __init__(self):
+            self.writes = []
+            self.lost = False
+
+        def write(self, data):
+            self.writes.append(data)
+
+    def conn(self):
+        server = types.SimpleNamespace(draining=False)
+        conn = tm.ServerConn(server, self.Chan())
+        req = tm.parse_request_head(head("POST /v1/messages HTTP/1.1", "Host: a"))
+        return conn, req
+
+    def test_held_head_and_first_bytes_in_one_write(self):
+        conn, req = self.conn()
+        conn.start_stream(req, 200, [(b"Content-Type", b"text/event-stream")], hold=True)
+        self.assertEqual(conn.chan.writes, [])
+        conn.stream_write(b"data: 1\n\n")
+        conn.stream_write(b"data: 2\n\n")
+        conn.end_stream()
+        first = conn.chan.writes[0]
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), first)
+        self.assertTrue(first.endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n"), first)
+        self.assertEqual(conn.chan.writes[1:], [b"9\r\ndata: 2\n\n\r\n", b"0\r\n\r\n"])
+
+    def test_held_head_released_alone_or_by_the_end(self):
+        conn, req = self.conn()
+        conn.start_stream(req, 200, [], hold=True)
+        conn.release_head()
+        conn.release_head()
+        self.assertEqual(len(conn.chan.writes), 1)
+        conn, req = self.conn()
+        conn.start_stream(req, 200, [], hold=True)
+        conn.end_stream()  # an empty stream still gets its head
+        self.assertEqual(len(conn.chan.writes), 2)
+        self.assertTrue(conn.chan.writes[0].startswith(b"HTTP/1.1 200"))
 
 
 class ConnectProxy:

@@ -316,6 +316,9 @@ def _top_level_members(text: str) -> tuple[dict[str, tuple[int, int, int]], int]
 def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
     """The original JSON object with only the named top-level members replaced, added (value
     given) or removed (value is REMOVE). Every other byte, unknown fields included, is kept."""
+    added = _append_members(raw, changes)
+    if added is not None:
+        return added
     text = raw.decode("utf-8")
     members, close = _top_level_members(text)
     edits: list[tuple[int, int, str]] = []
@@ -336,6 +339,26 @@ def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
     for start, end, new in sorted(edits, reverse=True):
         text = text[:start] + new + text[end:]
     return text.encode("utf-8")
+
+
+def _append_members(raw: bytes, changes: dict[str, object]) -> bytes | None:
+    """json_patch without parsing when every change adds a member whose name occurs nowhere in
+    the body (e.g. stream_options on an OpenAI stream); None when the full path is needed.
+    A body with \\u escapes takes the full path: an escaped key could name the same member."""
+    if b"\\u" in raw:
+        return None
+    members = []
+    for key, value in changes.items():
+        name = json.dumps(key, ensure_ascii=False).encode()
+        if value is REMOVE or name in raw:
+            return None
+        members.append(name + b":" + _compact(value).encode())
+    body = raw.rstrip(b" \t\n\r")
+    inner = body[:-1].rstrip(b" \t\n\r")
+    if body[-1:] != b"}" or not inner:
+        return None
+    return inner + (b"" if inner.endswith(b"{") else b",") + b",".join(members) \
+        + raw[len(inner):]
 
 
 def _compact(value: object) -> str:
@@ -1883,7 +1906,7 @@ class _DateCache:
 
 class ServerConn:
     """The server side of one client connection: what handlers use to answer."""
-    __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started")
+    __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started", "held")
 
     def __init__(self, server: "HTTPServer", chan: Channel) -> None:
         self.server = server
@@ -1892,6 +1915,7 @@ class ServerConn:
         self.chunked = False
         self.close_after = False
         self.started = False  # a response head went out for the current request
+        self.held = b""  # a stream's head kept back to go out with its first bytes
 
     @property
     def lost(self) -> bool:
@@ -1917,9 +1941,11 @@ class ServerConn:
         self.send(req, status, headers + list(extra), native_error(api, status, message, kind))
 
     def start_stream(self, req: Request, status: int, headers: list[tuple[bytes, bytes]],
-                     reason: bytes = b"") -> None:
+                     reason: bytes = b"", hold: bool = False) -> None:
         """Response head for a body of unknown length: chunked to HTTP/1.1 clients,
-        close-delimited to HTTP/1.0 ones."""
+        close-delimited to HTTP/1.0 ones. hold: the head waits for the first stream_write
+        (one send, one wake-up of the client, for head and first bytes); release_head()
+        sends it alone."""
         self.chunked = req.version == 1
         if self.chunked:
             headers = headers + [(b"Transfer-Encoding", b"chunked")]
@@ -1930,13 +1956,27 @@ class ServerConn:
             self.close_after = True
             headers = headers + [(b"Connection", b"close")]
         self.started = True
-        self.chan.write(render_head(status, headers, reason))
+        head = render_head(status, headers, reason)
+        if hold:
+            self.held = head
+        else:
+            self.chan.write(head)
+
+    def release_head(self) -> None:
+        if self.held:
+            self.chan.write(self.held)
+            self.held = b""
 
     def stream_write(self, data: bytes) -> None:
         if data:
-            self.chan.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            data = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+            if self.held:
+                data = self.held + data
+                self.held = b""
+            self.chan.write(data)
 
     def end_stream(self) -> None:
+        self.release_head()
         if self.chunked:
             self.chan.write(b"0\r\n\r\n")
 
@@ -2018,6 +2058,7 @@ class HTTPServer:
                     return
             conn.busy = True
             conn.started = False
+            conn.held = b""
             t0 = time.perf_counter()
             req = await self._read_request(conn, t0)
             if req is None:
@@ -5925,7 +5966,7 @@ class ResponseRelay:
             translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
                                           and opts.get("include_usage") is True)
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
-                          resp.head.reason)
+                          resp.head.reason, hold=bool(resp.chan.buf))  # events came with it
         splitter = SSESplitter()
         passthrough = translator is None and not meter.drop_usage_chunk and not ctx.hooks
         body = resp.body
@@ -5962,6 +6003,7 @@ class ResponseRelay:
                     if ctx.ttfb is None:
                         ctx.ttfb = time.perf_counter()
                         ctx.upstream_s = ctx.ttfb - t_up  # the upstream's share of the TTFB
+                conn.release_head()  # (no complete event in the first bytes: head alone)
                 if passthrough:
                     for event in events:
                         if type(event) is not RawPiece:
