@@ -1420,6 +1420,14 @@ class TestRelay(ProxyTestCase):
 
 
 class TestStreaming(ProxyTestCase):
+    async def send_stream_request(self):
+        """A raw connection with one streamed Anthropic request written on it."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return reader, writer
+
     async def stream(self, path, req, headers):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(req).encode()
@@ -1510,10 +1518,7 @@ class TestStreaming(ProxyTestCase):
             return False
         self.up.handler = handler
         await self.start_proxy()
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        reader, writer = await self.send_stream_request()
         seen = b""
         while seen.count(b"content_block_delta") < 1:
             seen += await asyncio.wait_for(reader.read(65536), WAIT)
@@ -1568,10 +1573,7 @@ class TestStreaming(ProxyTestCase):
         events, _ = anthropic_fixture("text")
         self.up.handler = fixture_handler(events, None, gate=gate, after=2)
         await self.start_proxy()
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        reader, writer = await self.send_stream_request()
         seen = b""
         while events[1] not in seen:  # arrives while the upstream still holds the rest
             seen += await asyncio.wait_for(reader.read(65536), WAIT)
@@ -1591,10 +1593,7 @@ class TestStreaming(ProxyTestCase):
             w.write(second)
         self.up.handler = handler
         await self.start_proxy()
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        reader, writer = await self.send_stream_request()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the event
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         gate.set()
