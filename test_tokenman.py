@@ -1467,6 +1467,23 @@ class TestStreaming(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["output_tokens"], row["cache_read_tokens"]), (300, 1920))
 
+    async def test_usage_chunk_read_together_with_content_is_still_removed(self):
+        events, _ = openai_fixture("text")
+
+        async def handler(rec, reader, writer):  # the whole stream in one write
+            body = b"".join(events)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          json.dumps(dict(OPENAI_REQ, stream=True)).encode(), O_HEADERS)
+        usage_chunk = events[-2]
+        self.assertEqual(resp.body, b"".join(e for e in events if e != usage_chunk))
+        row = (await self.rows())[0]
+        self.assertEqual((row["output_tokens"], row["cache_read_tokens"], row["outcome"]),
+                         (300, 1920, "ok"))
+
     async def test_openai_stream_with_client_usage_is_untouched(self):
         events, _ = openai_fixture("text")
         self.up.handler = fixture_handler(events, None)

@@ -2863,6 +2863,12 @@ class StreamMeter:
             return True
         return self._on_openai(raw)
 
+    @staticmethod
+    def has_usage(raw: bytes) -> bool:
+        """An OpenAI chunk with a usage object (not "usage": null)."""
+        u = raw.find(b'"usage"')
+        return u >= 0 and raw[u + 7:u + 12].lstrip(b": ")[:1] not in (b"n", b"")
+
     def _on_openai(self, raw: bytes) -> bool:
         i = raw.find(b"data:")
         if i < 0:
@@ -2870,8 +2876,7 @@ class StreamMeter:
         if raw.startswith(b"[DONE]", i + 5 + (raw[i + 5:i + 6] == b" ")):
             self.complete = True
             return True
-        u = raw.find(b'"usage"')
-        has_usage = u >= 0 and raw[u + 7:u + 12].lstrip(b": ")[:1] not in (b"n", b"")
+        has_usage = self.has_usage(raw)
         if has_usage or not self.model or b'"error"' in raw:
             _, data = sse_fields(raw)
             obj = _loads(data)
@@ -5968,7 +5973,8 @@ class ResponseRelay:
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
                           resp.head.reason, hold=bool(resp.chan.buf))  # events came with it
         splitter = SSESplitter()
-        passthrough = translator is None and not meter.drop_usage_chunk and not ctx.hooks
+        passthrough = translator is None and not ctx.hooks  # events go out as they came
+        droppable = meter.drop_usage_chunk  # except an OpenAI usage chunk tokenman asked for
         body = resp.body
         read_timeout = self.cfg.resilience.stream_idle_timeout
         stream_timeout = self.cfg.server.stream_timeout
@@ -5983,8 +5989,12 @@ class ResponseRelay:
                 if not data:
                     break
                 events = splitter.feed(data)
-                if passthrough:  # nothing rewrites or drops events: send first, count after
+                if passthrough:  # nothing rewrites events: send first, count after
                     out = events
+                    if droppable and any(type(e) is not RawPiece and meter.has_usage(e)
+                                         for e in events):  # decided before it is sent
+                        out = [e for e in events if type(e) is RawPiece or not
+                               meter.has_usage(e) or meter.on_event(e)]
                 else:
                     out = []
                     for event in events:
@@ -6006,7 +6016,8 @@ class ResponseRelay:
                 conn.release_head()  # (no complete event in the first bytes: head alone)
                 if passthrough:
                     for event in events:
-                        if type(event) is not RawPiece:
+                        if type(event) is not RawPiece and not (droppable and
+                                                                meter.has_usage(event)):
                             meter.on_event(event)
                 if out and conn.chan._write_paused:
                     await conn.drain()
