@@ -1910,6 +1910,23 @@ class TestResilience(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["outcome"], row["input_tokens"]), ("upstream_failed", 12))
 
+    def test_plans_are_memoized_per_snapshot_and_bounded(self):
+        cfg = tm.config_from_dict({"providers": {
+            "main": {"api_base": "http://127.0.0.1:9", "format": "anthropic", "priority": 1},
+            "backup": {"api_base": "http://127.0.0.1:9", "format": "anthropic",
+                       "priority": 5}}}, {})
+        router = tm.Router(cfg, {}, tm.Logger("fatal"))
+        first = router.plan("anthropic", "claude-x", True, ("claude-y",))
+        self.assertEqual([(p.key, m) for p, m in first], [
+            ("main", "claude-x"), ("backup", "claude-x"),
+            ("main", "claude-y"), ("backup", "claude-y")])
+        first.clear()  # a caller's copy: the memo is not touched
+        self.assertEqual(len(router.plan("anthropic", "claude-x", True, ["claude-y"])), 4)
+        self.assertEqual(len(router.plan("anthropic", "claude-x", False, ("claude-y",))), 1)
+        for i in range(5000):
+            router.plan("anthropic", f"m{i}", True)
+        self.assertLessEqual(len(router._plans), 4096)
+
     async def test_fallback_models_rewrite_only_the_model(self):
         self.up.handler, calls = self.scripted([503, 503, 503, 200])
         await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_models": {

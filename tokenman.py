@@ -5661,6 +5661,7 @@ class Router:
         self.model_map = cfg.routing.model_map
         self.default = cfg.routing.default_provider
         self._memo: dict[tuple[str, str], Provider | None] = {}
+        self._plans: dict[tuple, tuple] = {}
 
     def resolve(self, api: str, model: str) -> Provider | None:
         key = (api, model)
@@ -5700,7 +5701,17 @@ class Router:
              cross_format: bool = False) -> list[tuple[Provider, str]]:
         """The (provider, model) pairs to try in order: the routed provider, then (with
         fallback) every other provider of the format that lists the model or takes any model,
-        then the same for each configured alternate model."""
+        then the same for each configured alternate model. (Fixed per snapshot: memoized.)"""
+        key = (api, model, fallback, tuple(alternates), cross_format)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(api, model, fallback, alternates, cross_format)
+            if len(self._plans) < 4096:  # model names come from clients: bounded
+                self._plans[key] = plan
+        return list(plan)
+
+    def _plan(self, api: str, model: str, fallback: bool, alternates: tuple,
+              cross_format: bool) -> tuple[tuple[Provider, str], ...]:
         plan: list[tuple[Provider, str]] = []
         for name in (model,) + (tuple(alternates) if fallback else ()):
             first = self.resolve(api, name)
@@ -5716,7 +5727,7 @@ class Router:
                     if (prov, name) not in plan and (prov.serves(name) or not (
                             prov.exact or prov.patterns)):
                         plan.append((prov, name))
-        return plan
+        return tuple(plan)
 
     def usable_count(self) -> int:
         return sum(len(v) for v in self.by_format.values())
