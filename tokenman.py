@@ -3727,7 +3727,7 @@ class Pipeline:
             try:
                 ctx.passed.append(stage)
                 reply = stage.request(ctx)  # a Reply or None, or a coroutine that gives one
-                if reply is not None and type(reply) is not Reply:
+                if reply is not None and not isinstance(reply, Reply):
                     reply = await reply
             except Exception as exc:
                 self._failed(stage, ctx, "request", exc)
