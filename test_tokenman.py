@@ -4092,12 +4092,21 @@ class TestPlugins(ProxyTestCase):
         broken = os.path.join(self.tmp.name, "broken.py")
         with open(broken, "w") as fh:
             fh.write("raise RuntimeError('plugin bug')\n")
+        waits = os.path.join(self.tmp.name, "waits.py")  # a stage whose request() is async
+        with open(waits, "w") as fh:
+            fh.write("import asyncio\nfrom tokenman import Stage\n\nclass Waits(Stage):\n"
+                     "    name = 'waits'\n    def __init__(self, cfg, **services):\n"
+                     "        pass\n    async def request(self, ctx):\n"
+                     "        await asyncio.sleep(0)\n"
+                     "        ctx.headers_out.append((b'X-Waited', b'1'))\n\n"
+                     "STAGES = [Waits]\n")
         await self.start_proxy({"plugins": {"enabled": True, "paths": [
-            os.path.join(HERE, "examples", "tag_requests.py"), broken]}})
+            os.path.join(HERE, "examples", "tag_requests.py"), broken, waits]}})
         raw = json.dumps(ANTHROPIC_REQ).encode()
         resp = await http(self.port, "POST", "/v1/messages", raw,
                           dict(A_HEADERS, **{"X-Tokenman-Project": "team-x"}))
         self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.headers.get("x-waited"), "1")
         sent = self.up.requests[0].body
         self.assertEqual(json.loads(sent)["metadata"], {"user_id": "team-x"})
         self.assertTrue(sent.startswith(raw[:-1]))  # only the metadata member was added

@@ -22,7 +22,7 @@ class TagRequests:
     def __init__(self, cfg, **services):
         self.cfg = cfg
 
-    async def request(self, ctx):
+    def request(self, ctx):  # `async def` too, for a stage that has to wait for something
         obj = ctx.obj
         if ctx.api == "anthropic":
             metadata = dict(obj.get("metadata") or {})
