@@ -83,6 +83,7 @@ COLD_RUNS = 5
 START_TIMEOUT = 15.0           # a child that is not answering after this has failed
 STOP_TIMEOUT = 15.0
 OTHER_CPU_WARN = 0.10         # other processes' CPU (share of one core) that flags a phase
+CALIBRATION_DRIFT = 0.10       # host speed change (before vs after, old vs new) worth a warning
 QUIET_WAIT = 60.0              # longest wait for a quiet machine before measuring a pair again
 NOFILE_WANTED = 65536          # 1,000 streams = 1,000 client + 1,000 upstream sockets, and more
 
@@ -353,6 +354,40 @@ def start_tokenman(script: str, cfg_path: str, log_path: str, cpus: set[int] | N
                               cwd=os.path.dirname(cfg_path))
     finally:
         log.close()
+
+# A fixed pure-Python workload (JSON, regex, dict and list churn: what a proxy does) timed in a
+# child on tokenman's CPU before and after the run. A shared host's speed drifts by tens of
+# percent within minutes; this tells a slow host from a slow commit.
+_CALIBRATION = r"""
+import json, re, statistics, time
+obj = {"model": "m", "max_tokens": 256, "messages": [
+    {"role": "user", "content": "what does a reverse proxy do " * 8}] * 4}
+rx = re.compile(r"[A-Za-z]+ing\b|\d{3}-\d{4}")
+runs = []
+for _ in range(5):
+    t = time.perf_counter()
+    for i in range(400):
+        text = json.dumps(obj)
+        back = json.loads(text)
+        rx.findall(text)
+        d = {k: [v, i] for k, v in back.items()}
+        sorted(d)
+    runs.append((time.perf_counter() - t) * 1000)
+print(statistics.median(runs))
+"""
+
+
+def calibrate(cpus: set[int] | None) -> float | None:
+    """Milliseconds the calibration workload takes on these CPUs (median of 5), or None."""
+    proc = CHILDREN.spawn([*PYTHON, "-c", _CALIBRATION], cpus, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+    try:
+        out, _ = proc.communicate(timeout=60)
+        return round(float(out.decode().strip()), 2)
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
+    finally:
+        CHILDREN.stop(proc, signal.SIGKILL)
 
 # ================================================================================================
 # §04 configs: profile TOML -> ports, data_dir and mock address filled in -> TOML
@@ -1326,8 +1361,16 @@ def report(result: dict) -> str:
         f"cold start x{s['cold_runs']}",
         "direct = the same request sent straight to the mock; diff = tokenman - direct; "
         "for CPU and RSS the direct column is the mock process itself",
-        "",
     ]
+    cal = m.get("calibration_ms") or {}
+    if cal.get("before") and cal.get("after"):
+        drift = cal["after"] / cal["before"] - 1
+        lines.append(f"host speed: a fixed Python workload took {cal['before']:.1f} ms on "
+                     f"tokenman's CPU before the run and {cal['after']:.1f} ms after it"
+                     + (f" (the host got {abs(drift):.0%} {'slower' if drift > 0 else 'faster'}"
+                        " meanwhile: figures of this run are less comparable)"
+                        if abs(drift) > CALIBRATION_DRIFT else ""))
+    lines.append("")
     for p in result["profiles"]:
         lines += report_profile(p, s)
         lines.append("")
@@ -1363,6 +1406,13 @@ def compare(old: dict, new: dict) -> str:
     if old["machine"].get("cpu_model") != new["machine"].get("cpu_model"):
         lines.append(f"warning: different machines ({old['machine'].get('cpu_model')} vs "
                      f"{new['machine'].get('cpu_model')})")
+    speeds = [(r["machine"].get("calibration_ms") or {}).get("before") for r in (old, new)]
+    if all(speeds):
+        lines.append(f"host speed: the calibration workload took {speeds[0]:.1f} ms in the old "
+                     f"run and {speeds[1]:.1f} ms in the new one")
+        if abs(speeds[1] / speeds[0] - 1) > CALIBRATION_DRIFT:
+            lines.append("warning: the host ran at a different speed: CPU and latency changes "
+                         "below include that")
     olds = {p["name"]: p for p in old.get("profiles", [])}
     for p in new["profiles"]:
         if p["name"] not in olds:
@@ -1511,10 +1561,12 @@ def main(argv: list[str] | None = None) -> int:
         bench.say(f"warning: RLIMIT_NOFILE is {nofile}; {args.hold} held streams may fail")
     try:
         bench.start()
+        calibration = result["machine"]["calibration_ms"] = {"before": calibrate(bench.tm_cpus)}
         bench.say("direct cold start (the mock)")
         direct_cold = bench.direct_cold_start(args.cold_runs)
         for name, path in configs:
             result["profiles"].append(bench.run_profile(name, path, direct_cold))
+        calibration["after"] = calibrate(bench.tm_cpus)
     except KeyboardInterrupt:
         bench.say("interrupted; stopping every child process")
         CHILDREN.stop_all()
