@@ -3409,11 +3409,15 @@ class Metrics:
     def total(self, name: str) -> float:
         return sum(v for (n, _), v in self.values.items() if n == name)
 
-    def observe(self, name: str, labels: tuple, value: float, bounds: tuple) -> None:
+    def histogram(self, name: str, labels: tuple, bounds: tuple) -> Histogram:
+        """The histogram of one series (made on first use); hot paths keep it."""
         hist = self.histograms.get((name, labels))
         if hist is None:
             hist = self.histograms[(name, labels)] = Histogram(bounds)
-        hist.observe(value)
+        return hist
+
+    def observe(self, name: str, labels: tuple, value: float, bounds: tuple) -> None:
+        self.histogram(name, labels, bounds).observe(value)
 
     def render(self) -> bytes:
         """Prometheus text exposition format 0.0.4."""
@@ -6144,15 +6148,17 @@ class RequestLog:
         return saved, compressed
 
     def _labels(self, provider: str, model: str, project: str, streaming: bool) -> tuple:
-        """The label tuples of one (provider, model, project, streaming), built once."""
+        """The label tuples and the duration histogram of one (provider, model, project,
+        streaming), looked up once."""
         key = (provider, model, project, streaming)
         labels = self._label_memo.get(key)
         if labels is None:
             kinds = tuple((("kind", k), ("model", model), ("provider", provider))
                           for k in ("input", "output", "cache_read", "cache_write"))
             labels = (kinds, (("model", model), ("project", project), ("provider", provider)),
-                      (("model", model), ("provider", provider),
-                       ("streaming", "true" if streaming else "false")))
+                      self.metrics.histogram("tokenman_request_duration_seconds", (
+                          ("model", model), ("provider", provider),
+                          ("streaming", "true" if streaming else "false")), REQUEST_BUCKETS))
             if len(self._label_memo) < 4096:
                 self._label_memo[key] = labels
         return labels
@@ -6164,8 +6170,8 @@ class RequestLog:
         u = ctx.usage
         provider = ctx.provider
         outcome = ctx.outcome
-        kinds, cost_labels, duration_labels = self._labels(provider, m.model(ctx.model),
-                                                           ctx.project, ctx.streaming)
+        kinds, cost_labels, duration = self._labels(provider, m.model(ctx.model),
+                                                    ctx.project, ctx.streaming)
         for key, value in ((_REQUESTS_KEY, 1),
                            (_TOKENS_IN_KEY, u.input + u.cache_read + u.cache_write),
                            (_TOKENS_OUT_KEY, u.output),
@@ -6195,16 +6201,16 @@ class RequestLog:
             elif outcome in ("upstream_error", "upstream_failed"):
                 live["errors"] += 1
                 live["last_error"] = ctx.error[:200]
-        m.observe("tokenman_request_duration_seconds", duration_labels, seconds,
-                  REQUEST_BUCKETS)
-        stage_labels = self._stage_labels
+        duration.observe(seconds)
+        stage_hists = self._stage_hists
         for stage, secs in ctx.timings.items():
-            labels = stage_labels.get(stage)
-            if labels is None:
+            hist = stage_hists.get(stage)
+            if hist is None:
                 name, _, phase = stage.partition(".")
-                labels = stage_labels[stage] = (("middleware", name),
-                                                ("phase", phase or "request"))
-            m.observe("tokenman_middleware_duration_seconds", labels, secs, STAGE_BUCKETS)
+                hist = stage_hists[stage] = m.histogram(
+                    "tokenman_middleware_duration_seconds",
+                    (("middleware", name), ("phase", phase or "request")), STAGE_BUCKETS)
+            hist.observe(secs)
 
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
@@ -6279,7 +6285,7 @@ class Proxy(ResponseRelay, RequestLog):
         self.in_flight = 0
         self.provider_stats: dict[str, dict] = {}  # live per-provider view for the dashboard
         self._label_memo: dict[tuple, tuple] = {}
-        self._stage_labels: dict[str, tuple] = {}
+        self._stage_hists: dict[str, Histogram] = {}  # stage name -> its duration series
         self._stamp = IsoStamps()
         self.plugins: list[Plugin] = []
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
