@@ -6006,10 +6006,10 @@ class ResponseRelay:
                 events = splitter.feed(data)
                 if passthrough:  # nothing rewrites events: send first, count after
                     out = events
-                    if droppable and any(type(e) is not RawPiece and meter.has_usage(e)
-                                         for e in events):  # decided before it is sent
-                        out = [e for e in events if type(e) is RawPiece or not
-                               meter.has_usage(e) or meter.on_event(e)]
+                    early = {id(e) for e in events if type(e) is not RawPiece
+                             and meter.has_usage(e)} if droppable else ()
+                    if early:  # a usage chunk is counted (and maybe dropped) before sending
+                        out = [e for e in events if id(e) not in early or meter.on_event(e)]
                 else:
                     out = []
                     for event in events:
@@ -6031,8 +6031,7 @@ class ResponseRelay:
                 conn.release_head()  # (no complete event in the first bytes: head alone)
                 if passthrough:
                     for event in events:
-                        if type(event) is not RawPiece and not (droppable and
-                                                                meter.has_usage(event)):
+                        if type(event) is not RawPiece and id(event) not in early:
                             meter.on_event(event)
                 if out and conn.chan._write_paused:
                     await conn.drain()
