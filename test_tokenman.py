@@ -1726,6 +1726,28 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         self.assertEqual(self.tls_up.requests[0].headers[b"host"],
                          b"provider.test:%d" % self.tls_up.port)
 
+    async def test_providers_share_one_tls_context_and_a_renewed_ca_file_is_reloaded(self):
+        base = f"https://provider.test:{self.tls_up.port}"
+        await self.start_proxy(env={"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy.port}"},
+                               providers={"anthropic": {"api_base": base, "ca_file": self.cert},
+                                          "openai": {"api_base": base, "ca_file": self.cert}})
+        for path, body, headers in (("/v1/messages", ANTHROPIC_REQ, A_HEADERS),
+                                    ("/v1/chat/completions", OPENAI_REQ, O_HEADERS)):
+            resp = await http(self.port, "POST", path, body, headers)
+            self.assertEqual(resp.status, 200)
+        providers = self.app.proxy.router.providers
+        shared = providers["anthropic"].origin.ssl
+        self.assertIs(providers["openai"].origin.ssl, shared)
+        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)  # a reload
+        self.assertIs(router.providers["anthropic"].origin.ssl, shared)
+        st = os.stat(self.cert)
+        os.utime(self.cert, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the CA renewed
+        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
+        renewed = router.providers["anthropic"].origin.ssl
+        self.assertIsNot(renewed, shared)
+        self.assertIs(router.providers["openai"].origin.ssl, renewed)
+        self.assertEqual(len(self.tls_up.requests), 2)
+
     async def test_untrusted_certificate_is_a_502(self):
         base = f"https://provider.test:{self.tls_up.port}"
         await self.start_proxy(env={"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy.port}"},
