@@ -4256,6 +4256,105 @@ class TestDeployment(unittest.TestCase):
                                  for f in tm.dataclasses.fields(cls)})
 
 
+# ================================================================================================
+# bench/: the benchmark harness (its arguments, its comparisons, one short run)
+# ================================================================================================
+
+
+class TestBenchHarness(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("bench_run",
+                                                      os.path.join(HERE, "bench", "run.py"))
+        cls.bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cls.bench)
+
+    def refused(self, *argv: str) -> str:
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as raised:
+            self.bench.parse_args(list(argv))
+        self.assertEqual(raised.exception.code, 2)
+        return err.getvalue()
+
+    def test_bad_arguments_are_refused_before_anything_starts(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            broken, table = os.path.join(tmp, "broken.toml"), os.path.join(tmp, "table.toml")
+            with open(broken, "w") as fh:
+                fh.write("[server\n")
+            with open(table, "w") as fh:
+                fh.write("server = 1\n")
+            for argv, said in ((("--duration", "-1"), "seconds >= 0.1"),
+                               (("--duration", "nan"), "seconds >= 0.1"),
+                               (("--hold", "-5"), "whole number >= 0"),
+                               (("--procs", "0"), "whole number >= 1"),
+                               (("--chunks", "1"), "whole number >= 2"),
+                               (("--concurrency", "a,b"), "positive integers"),
+                               (("--concurrency", "0"), "positive integers"),
+                               (("--config", broken), "broken.toml"),
+                               (("--config", table), "server must be a table"),
+                               (("--config", os.path.join(tmp, "none.toml")), "no such config"),
+                               (("--apis", "foo"), "unknown api")):
+                self.assertIn(said, self.refused(*argv), argv)
+        args = self.bench.parse_args(["--concurrency", "", "--stream-concurrency", " 1, 16"])
+        self.assertEqual((args.concurrency, args.stream_concurrency), ("", "1,16"))
+
+    def test_compare_files_that_are_not_results_are_refused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            text, other = os.path.join(tmp, "x.txt"), os.path.join(tmp, "x.json")
+            with open(text, "w") as fh:
+                fh.write("not json")
+            with open(other, "w") as fh:
+                fh.write("[1, 2]")
+            for path, said in ((os.path.join(tmp, "none.json"), "cannot read"),
+                               (text, "not a JSON file"), (other, "not a results file")):
+                with self.assertRaises(SystemExit) as raised:
+                    self.bench.load_results(path)
+                self.assertIn(said, str(raised.exception.code))
+
+    def test_compare_says_when_two_runs_are_not_like_for_like(self):
+        import copy
+        old = self.bench.load_results(os.path.join(HERE, "bench", "results-54fbcdf.json"))
+        new = copy.deepcopy(old)
+        text = self.bench.compare(old, new)
+        self.assertIn("no host-speed reading in the old and new run", text)
+        self.assertNotIn("not measured", text)
+        new["settings"]["seconds"] = 2
+        new["profiles"][0]["streams"] = [r for r in new["profiles"][0]["streams"]
+                                         if r["c"] != 64]
+        old["machine"]["calibration_ms"] = {"before": 25.2, "after": 25.0}
+        new["machine"]["calibration_ms"] = {"before": 20.9, "after": 34.9}
+        text = self.bench.compare(old, new)
+        self.assertIn("seconds per load phase differ (5.0 vs 2)", text)
+        self.assertIn("not measured in this run: anthropic stream c=64, openai stream c=64", text)
+        self.assertIn("the host's speed moved during the new run", text)
+        new["machine"]["calibration_ms"] = {"before": 20.9, "after": 21.5}
+        self.assertIn("the host ran 16% faster in the new run", self.bench.compare(old, new))
+
+    def test_a_short_run_puts_direct_and_tokenman_side_by_side(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "r.json")
+            proc = subprocess.run(
+                [sys.executable, os.path.join(HERE, "bench", "run.py"), "--profile", "bare",
+                 "--generator", "asyncio", "--no-pin", "--duration", "0.3", "--concurrency", "4",
+                 "--stream-concurrency", "1", "--chunks", "3", "--interval-ms", "0", "--hold",
+                 "0", "--apis", "anthropic", "--cold-runs", "1", "--retries", "0",
+                 "--json", out], capture_output=True, text=True, timeout=120)
+            self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+            with open(out) as fh:
+                result = json.load(fh)
+        prof = result["profiles"][0]
+        for row in prof["buffered"] + prof["streams"]:
+            self.assertGreater(row["direct"]["rps"], 0)
+            self.assertGreater(row["tokenman"]["rps"], 0)
+            self.assertEqual(row["tokenman"]["errors"], 0)
+        self.assertTrue(all(c["ok"] for c in prof["sanity"]), prof["sanity"])
+        self.assertIn("anthropic buffered c=4", proc.stdout)
+        self.assertIn("direct", proc.stdout)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fuzz"]:  # python test_tokenman.py fuzz [seconds]
         tried = fuzz(float(sys.argv[2]) if len(sys.argv) > 2 else 60.0)

@@ -427,7 +427,10 @@ def dump_toml(data: dict, prefix: str = "") -> str:
 def render_config(profile_path: str, port: int, data_dir: str, mock_port: int) -> str:
     with open(profile_path, "rb") as fh:
         data = tomllib.load(fh)
-    server = data.setdefault("server", {})
+    for table in ("server", "providers"):
+        if not isinstance(data.setdefault(table, {}), dict):
+            raise ValueError(f"{table} must be a table ([{table}])")
+    server = data["server"]
     server["bind_address"] = "127.0.0.1"
     server["proxy_port"] = port
     server["data_dir"] = data_dir
@@ -1201,7 +1204,7 @@ def fmt(value: object, unit: str, signed: bool = False) -> str:
     if unit == "ms":
         return f"{sign}{v:,.1f} ms"
     if unit == "rate":
-        return f"{sign}{v:,.0f}"
+        return f"{sign}{v:,.1f}" if abs(v) < 100 else f"{sign}{v:,.0f}"
     if unit == "count":
         return f"{sign}{v:,.0f}"
     if unit == "s":
@@ -1230,8 +1233,11 @@ def _table(rows: list[list[str]], right: tuple = ()) -> list[str]:
     return out
 
 
+KIND_LABELS = {"buffered": "buffered", "stream": "stream", "hold": "held streams"}
+
+
 def scenario_label(r: dict, args_chunks: int | None = None) -> str:
-    kind = {"buffered": "buffered", "stream": "stream", "hold": "held streams"}[r["kind"]]
+    kind = KIND_LABELS[r["kind"]]
     gen = r["tokenman"].get("generator", "")
     note = f" (try {r['attempts']})" if r.get("attempts", 1) > 1 else ""
     note += " DISTURBED" if r.get("disturbed") else ""
@@ -1283,7 +1289,8 @@ def report_profile(p: dict, settings: dict) -> list[str]:
     if fds:
         out.append("tokenman open file descriptors: " + ", ".join(
             f"{k.replace('_fds', '').replace('_', ' ')} {v}" for k, v in fds)
-            + " (idle keep-alive upstream connections are kept up to the pool's limit)")
+            + " (the upstream pool keeps idle keep-alive connections, up to 256 per "
+            "provider address, for 30 s: after a c=256 run most of them are still open)")
     imp = p.get("import_time") or {}
     if imp:
         out.append(f"imports (python -X importtime): {imp.get('total_ms')} ms; slowest: "
@@ -1381,7 +1388,7 @@ def _flat(p: dict) -> dict[str, tuple[float | None, float | None, str]]:
     """(tokenman, added) per figure name, for --compare."""
     flat = {}
     for r in p.get("buffered", []) + p.get("streams", []) + p.get("hold", []):
-        label = f"{r['api']} {r['kind']} c={r['c']}"
+        label = f"{r['api']} {KIND_LABELS[r['kind']]} c={r['c']}"
         for key, name, unit, kinds in METRICS:
             if r["kind"] in kinds and r["tokenman"].get(key) is not None:
                 t = r["tokenman"][key]
@@ -1397,6 +1404,36 @@ def _flat(p: dict) -> dict[str, tuple[float | None, float | None, str]]:
     return flat
 
 
+def _scenarios(p: dict) -> set[str]:
+    return {f"{r['api']} {KIND_LABELS[r['kind']]} c={r['c']}"
+            for r in p.get("buffered", []) + p.get("streams", []) + p.get("hold", [])}
+
+
+def _compare_speed(old: dict, new: dict) -> list[str]:
+    """The host-speed readings of two runs (before and after each): what they say, and a
+    warning when the host's speed moved within either run or between them."""
+    cals = [r["machine"].get("calibration_ms") or {} for r in (old, new)]
+    readings = [[v for v in (c.get("before"), c.get("after")) if v] for c in cals]
+    if not all(readings):
+        which = " and ".join(n for n, r in zip(("old", "new"), readings) if not r)
+        return [f"warning: no host-speed reading in the {which} run (older run.py): CPU and "
+                "latency changes below may include a change of the host's speed"]
+    out = ["host speed: the calibration workload took " + " ms in the old run and ".join(
+        "/".join(f"{v:.1f}" for v in r) for r in readings)
+        + " ms in the new one (before/after)"]
+    moved = [n for n, r in zip(("old", "new"), readings)
+             if max(r) / min(r) - 1 > CALIBRATION_DRIFT]
+    means = [sum(r) / len(r) for r in readings]
+    if moved:
+        out.append(f"warning: the host's speed moved during the {' and '.join(moved)} run: "
+                   "changes below include that")
+    elif abs(means[1] / means[0] - 1) > CALIBRATION_DRIFT:
+        out.append(f"warning: the host ran {abs(means[1] / means[0] - 1) * 100:.0f}% "
+                   f"{'slower' if means[1] > means[0] else 'faster'} in the new run: CPU and "
+                   "latency changes below include that")
+    return out
+
+
 def compare(old: dict, new: dict) -> str:
     lines = [f"comparison: old {old['machine'].get('commit') or '?'} "
              f"({old['machine'].get('date')}) -> new {new['machine'].get('commit') or '?'}"]
@@ -1406,19 +1443,24 @@ def compare(old: dict, new: dict) -> str:
     if old["machine"].get("cpu_model") != new["machine"].get("cpu_model"):
         lines.append(f"warning: different machines ({old['machine'].get('cpu_model')} vs "
                      f"{new['machine'].get('cpu_model')})")
-    speeds = [(r["machine"].get("calibration_ms") or {}).get("before") for r in (old, new)]
-    if all(speeds):
-        lines.append(f"host speed: the calibration workload took {speeds[0]:.1f} ms in the old "
-                     f"run and {speeds[1]:.1f} ms in the new one")
-        if abs(speeds[1] / speeds[0] - 1) > CALIBRATION_DRIFT:
-            lines.append("warning: the host ran at a different speed: CPU and latency changes "
-                         "below include that")
+    lines += _compare_speed(old, new)
+    for key, what in (("seconds", "seconds per load phase"), ("chunks", "chunks per stream"),
+                      ("interval_ms", "ms between stream chunks"), ("hold", "held streams"),
+                      ("procs", "load generator processes")):
+        was, now = old.get("settings", {}).get(key), new.get("settings", {}).get(key)
+        if was is not None and was != now:
+            lines.append(f"warning: {what} differ ({was} vs {now}): those figures are not "
+                         "like for like")
     olds = {p["name"]: p for p in old.get("profiles", [])}
     for p in new["profiles"]:
         if p["name"] not in olds:
             lines.append(f"profile {p['name']}: not in the old file")
             continue
         a, b = _flat(olds[p["name"]]), _flat(p)
+        gone = _scenarios(olds[p["name"]]) - _scenarios(p)
+        if gone:
+            lines.append(f"profile {p['name']}: not measured in this run: "
+                         + ", ".join(sorted(gone)))
         rows = [["figure", "old", "new", "change", "old added", "new added"]]
         for key in b:
             if key not in a:
@@ -1459,6 +1501,44 @@ def checkout_rev(rev: str) -> str:
     return path
 
 
+def _number(kind, least: float, what: str):
+    """An argparse type: a number of `kind` no smaller than `least`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < least or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+def _levels(text: str) -> str:
+    """An argparse type: comma-separated concurrencies (positive integers); "" skips the kind."""
+    for part in text.split(","):
+        if part.strip() and not (part.strip().isdigit() and int(part) > 0):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: concurrencies are positive integers separated by commas")
+    return ",".join(part.strip() for part in text.split(",") if part.strip())
+
+
+def load_results(path: str) -> dict:
+    """An earlier --json file, or SystemExit with the reason."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except OSError as exc:
+        raise SystemExit(f"run.py: cannot read --compare file: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"run.py: --compare {path}: not a JSON file written by --json "
+                         f"({exc})") from None
+    if not (isinstance(old, dict) and isinstance(old.get("machine"), dict)
+            and isinstance(old.get("profiles"), list)):
+        raise SystemExit(f"run.py: --compare {path}: not a results file written by --json")
+    return old
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark tokenman against a direct call to a mock upstream.")
@@ -1469,22 +1549,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a shipped profile from bench/profiles/ (repeatable)")
     p.add_argument("--all-profiles", action="store_true", help="default, bare and full")
     p.add_argument("--quick", action="store_true",
-                   help="about a minute: 2 s phases, streams at c=1,16, 3 cold starts")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds per load phase")
-    p.add_argument("--concurrency", default="", help="buffered concurrencies (1,16,64,256)")
-    p.add_argument("--stream-concurrency", default="", help="stream concurrencies (1,16,64)")
-    p.add_argument("--chunks", type=int, default=STREAM_CHUNKS, help="content chunks per stream")
-    p.add_argument("--interval-ms", type=float, default=STREAM_INTERVAL_MS,
+                   help="about 90 s: 2 s phases, streams at c=1,16, 3 cold starts")
+    p.add_argument("--duration", type=_number(float, 0.1, "a number of seconds >= 0.1"),
+                   help="seconds per load phase")
+    p.add_argument("--concurrency", type=_levels,
+                   help='buffered concurrencies (1,16,64,256; "" for none)')
+    p.add_argument("--stream-concurrency", type=_levels,
+                   help='stream concurrencies (1,16,64; "" for none)')
+    p.add_argument("--chunks", type=_number(int, 2, "a whole number >= 2"), default=STREAM_CHUNKS,
+                   help="content chunks per stream")
+    p.add_argument("--interval-ms", type=_number(float, 0, "a number of milliseconds >= 0"),
+                   default=STREAM_INTERVAL_MS,
                    help="pause between stream chunks")
-    p.add_argument("--hold", type=int, default=HOLD_STREAMS,
+    p.add_argument("--hold", type=_number(int, 0, "a whole number >= 0"), default=HOLD_STREAMS,
                    help="concurrent slow streams held at once (0 = skip)")
     p.add_argument("--apis", default=",".join(APIS), help="anthropic,openai")
     p.add_argument("--generator", choices=("auto", "wrk", "asyncio"), default="auto",
                    help="buffered-request load generator (auto = wrk when installed)")
-    p.add_argument("--procs", type=int, default=1, help="asyncio load generator processes")
-    p.add_argument("--cold-runs", type=int, default=0, help="cold starts measured (5)")
+    p.add_argument("--procs", type=_number(int, 1, "a whole number >= 1"), default=1,
+                   help="asyncio load generator processes")
+    p.add_argument("--cold-runs", type=_number(int, 1, "a whole number >= 1"),
+                   help="cold starts measured (5)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=_number(int, 0, "a whole number >= 0"), default=2,
                    help="measure a scenario again when other processes used the CPUs (2)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--compare", help="an earlier --json file: print the changes")
@@ -1501,9 +1588,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "module, so no .pth start-up hooks of this machine's site-packages)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs, DBs)")
     args = p.parse_args(argv)
-    args.concurrency = args.concurrency or ",".join(map(str, CONCURRENCY))
-    args.stream_concurrency = args.stream_concurrency or (
-        "1,16" if args.quick else ",".join(map(str, STREAM_CONCURRENCY)))
+    if args.concurrency is None:
+        args.concurrency = ",".join(map(str, CONCURRENCY))
+    if args.stream_concurrency is None:
+        args.stream_concurrency = "1,16" if args.quick else ",".join(map(str, STREAM_CONCURRENCY))
+    args.duration = args.duration or 0.0
     args.cold_runs = args.cold_runs or (3 if args.quick else COLD_RUNS)
     for api in args.apis.split(","):
         if api and api not in APIS:
@@ -1515,6 +1604,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tokenman = checkout_rev(args.rev)
     if not os.path.exists(args.tokenman):
         p.error(f"no such file: {args.tokenman}")
+    for path in args.config:  # a broken profile is reported now, not after the direct runs
+        if not os.path.exists(path):
+            p.error(f"no such config: {path}")
+        try:
+            render_config(path, 1, "/nonexistent", 2)
+        except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+            p.error(f"config {path}: {exc}")
     return args
 
 
@@ -1530,13 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
                     if (n, PROFILES[n]) not in configs]
     if not configs:
         configs = [("default", PROFILES["default"])]
-    for _, path in configs:
-        if not os.path.exists(path):
-            raise SystemExit(f"run.py: no such config: {path}")
-    old = None
-    if args.compare:
-        with open(args.compare, encoding="utf-8") as fh:
-            old = json.load(fh)
+    old = load_results(args.compare) if args.compare else None
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
