@@ -535,6 +535,26 @@ class TestUtilities(unittest.TestCase):
 # ================================================================================================
 
 
+class TestLogRecords(unittest.TestCase):
+    def test_unicode_line_separators_neither_split_nor_forge_a_record(self):
+        self.assertEqual(tm.escape_log("a\u2028b\x85c\nd"), "a\\u2028b\\x85c\\x0ad")
+        import io
+        out = io.StringIO()
+        tm.Logger("info", out).info("request", model="m\u2028level=ERROR forged")
+        self.assertEqual(out.getvalue().count("\n"), 1)
+        self.assertNotIn("\u2028", out.getvalue())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "log")
+            log = tm.RotatingFile(path, 30)
+            log.write("012345678\n")
+            log.write('{"model":"abc\u2028defghijklmnop"}\n')  # a JSON record, U+2028 raw
+            log.close()
+            with open(path, encoding="utf-8") as fh:
+                self.assertEqual(fh.read(), '{"model":"abc\u2028defghijklmnop"}\n')
+            with open(path + ".1", encoding="utf-8") as fh:
+                self.assertEqual(fh.read(), "012345678\n")
+
+
 class TestConfig(unittest.TestCase):
     def test_defaults_have_builtin_passthrough_providers(self):
         cfg = tm.config_from_dict({}, {})
@@ -2405,6 +2425,25 @@ class TestPIIStage(ProxyTestCase):
         await asyncio.to_thread(self.app.store.flush)
         rows = await asyncio.to_thread(self.app.store.query, "SELECT body FROM cache")
         self.assertIn(b"[EMAIL_1]", bytes(rows[0]["body"]))  # stored as the upstream sent it
+
+
+    async def test_a_body_not_in_utf8_is_refused_and_never_patched(self):
+        await self.start_proxy({"security": {"pii": {"enabled": True, "action": "redact"}}})
+        obj = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "mail bob@example.com"}])
+        for encoding in ("utf-16-be", "utf-16-le", "utf-32"):
+            body = json.dumps(obj).encode(encoding)
+            self.assertEqual(json.loads(body), obj)  # what json.loads alone would accept
+            with self.assertRaises(ValueError):  # and never appended to as if it were UTF-8
+                tm.json_patch(body, {"messages": []})
+            resp = await http(self.port, "POST", "/v1/messages", body, A_HEADERS)
+            self.assertEqual(resp.status, 400)
+            self.assertIn("UTF-8", resp.json()["error"]["message"])
+        self.assertEqual(self.up.requests, [])
+        resp = await http(self.port, "POST", "/v1/messages",
+                          b"\xef\xbb\xbf" + json.dumps(obj).encode(), A_HEADERS)  # a BOM
+        self.assertEqual(resp.status, 200)
+        self.assertNotIn(b"bob@example.com", self.up.requests[0].body)
+        self.assertIn("[EMAIL_1]", self.up.requests[0].json()["messages"][0]["content"])
 
 
 class TestInjectionStage(ProxyTestCase):

@@ -190,10 +190,10 @@ class HeadTooLarge(TokenmanError):
 # §03 small utilities: ids, time, escaping, secrets, JSON patching, the logger
 # ================================================================================================
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")  # characters not allowed in a project name
 _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
-_LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f\"=]")  # a log value with these must be escaped
+_LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"=]")  # a log value with these must be escaped
 
 
 def new_request_id() -> str:
@@ -210,24 +210,24 @@ def utc_iso(ts: float) -> str:
 
 class IsoStamps:
     """utc_iso for a hot path: the part up to the second is formatted once per second."""
-    __slots__ = ("second", "prefix")
+    __slots__ = ("last",)
 
     def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
+        self.last = (-1, "")  # (second, its text): one attribute, so threads never mix them
 
     def __call__(self, ts: float) -> str:
         sec = int(ts)
-        if sec != self.second:
-            self.second = sec
-            self.prefix = utc_iso(sec)[:-5]
-        return "%s.%03dZ" % (self.prefix, int(ts * 1000) % 1000)
+        last = self.last
+        if sec != last[0]:
+            last = self.last = (sec, utc_iso(sec)[:-5])
+        return "%s.%03dZ" % (last[1], int(ts * 1000) % 1000)
 
 
 def escape_log(text: str) -> str:
     """Control characters become visible escapes so a value cannot forge log lines."""
     if _CONTROL_RE.search(text):
-        return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+        return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}" if m.group() < "\u0100"
+                               else f"\\u{ord(m.group()):04x}", text)
     return text
 
 
@@ -319,7 +319,7 @@ def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
     added = _append_members(raw, changes)
     if added is not None:
         return added
-    text = raw.decode("utf-8")
+    text = raw.decode("utf-8-sig")
     members, close = _top_level_members(text)
     edits: list[tuple[int, int, str]] = []
     additions: list[str] = []
@@ -344,8 +344,9 @@ def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
 def _append_members(raw: bytes, changes: dict[str, object]) -> bytes | None:
     """json_patch without parsing when every change adds a member whose name occurs nowhere in
     the body (e.g. stream_options on an OpenAI stream); None when the full path is needed.
-    A body with \\u escapes takes the full path: an escaped key could name the same member."""
-    if b"\\u" in raw:
+    A body with \\u escapes takes the full path: an escaped key could name the same member; so
+    does anything that is not a UTF-8 object (a NUL byte means UTF-16 or -32)."""
+    if b"\\u" in raw or b"\x00" in raw or raw.lstrip(b" \t\n\r\xef\xbb\xbf")[:1] != b"{":
         return None
     members = []
     for key, value in changes.items():
@@ -412,7 +413,10 @@ class RotatingFile:
         self.size = self.fh.tell()
 
     def write(self, text: str) -> None:
-        for line in text.splitlines(keepends=True):  # a batch may span a rotation
+        # a batch may span a rotation, a record never: split at \n only (splitlines would
+        # also split at U+2028 and friends, which a JSON log value may hold)
+        lines = text.split("\n")
+        for line in [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else []):
             if self.size and self.size + len(line) > self.max_bytes:
                 self._rotate()
             self.fh.write(line)
@@ -6488,11 +6492,11 @@ class Proxy(ResponseRelay, RequestLog):
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
         obj = None
         if accounted or (body[:1] == b"{" and req.method == "POST"):
-            try:
-                obj = json.loads(body)
-            except (ValueError, RecursionError):
+            try:  # UTF-8 only (RFC 8259 8.1): json.loads would also take UTF-16 and -32
+                obj = json.loads(body.decode("utf-8-sig"))
+            except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
                 if accounted:
-                    raise HTTPError(400, "request body is not valid JSON") from None
+                    raise HTTPError(400, "request body is not valid UTF-8 JSON") from None
             if accounted and not isinstance(obj, dict):
                 raise HTTPError(400, "request body must be a JSON object")
         if isinstance(obj, dict):
