@@ -1639,6 +1639,49 @@ class TestStreaming(ProxyTestCase):
         writer.close()
 
 
+class TestStreamHead(ProxyTestCase):
+    async def test_head_goes_out_when_the_first_bytes_hold_only_part_of_a_chunk_size(self):
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n0")  # a chunk size begun: 0...
+            await w.drain()
+            await gate.wait()
+            event = anthropic_events({"type": "message_stop"})[0]
+            w.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))  # ...32
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"x-api-key: k\r\n\r\n%s" % (len(body), body))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the gate
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        gate.set()
+        rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WAIT)
+        self.assertIn(b"message_stop", rest)
+
+    async def test_an_internal_error_before_the_held_head_left_is_a_500(self):
+        events, _ = anthropic_fixture("text")
+
+        async def handler(rec, r, w):  # head and first events in one write: the head is held
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(b"".join(events)),
+                                                        b"".join(events)))
+        self.up.handler = handler
+        await self.start_proxy()
+        from unittest import mock
+        with mock.patch.object(tm.SSESplitter, "feed", side_effect=RuntimeError("bug")):
+            resp = await http(self.port, "POST", "/v1/messages",
+                              dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+        self.assertEqual(resp.status, 500)
+        self.assertEqual(resp.json()["type"], "error")  # Anthropic's own error shape
+        row = (await self.rows())[0]
+        self.assertEqual((row["status_code"], row["outcome"]), (500, "internal_error"))
+
+
 class TestServerConnWrites(unittest.TestCase):
     """A held stream head leaves in the same write as the stream's first bytes."""
 
@@ -1767,6 +1810,21 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         self.assertIsNot(renewed, shared)
         self.assertIs(router.providers["openai"].origin.ssl, renewed)
         self.assertEqual(len(self.tls_up.requests), 2)
+
+    def test_the_system_trust_store_is_loaded_again_when_it_changed(self):
+        import ssl
+        from unittest import mock
+        store = os.path.join(self.tmp.name, "system.pem")
+        with open(self.cert) as src, open(store, "w") as dst:
+            dst.write(src.read())
+        paths = ssl.DefaultVerifyPaths(store, None, store, None, None, None)
+        tls = tm.ClientTLS()
+        with mock.patch.object(ssl, "get_default_verify_paths", return_value=paths):
+            first = tls.context()
+            self.assertIs(tls.context(), first)
+            st = os.stat(store)
+            os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            self.assertIsNot(tls.context(), first)
 
     async def test_untrusted_certificate_is_a_502(self):
         base = f"https://provider.test:{self.tls_up.port}"
@@ -2275,6 +2333,18 @@ class TestCacheStage(ProxyTestCase):
         await asyncio.to_thread(self.app.store.flush)
         rows = await asyncio.to_thread(self.app.store.query, "SELECT COUNT(*) AS n FROM cache")
         self.assertEqual(rows[0]["n"], 0)
+
+    async def test_rows_stored_before_the_cache_was_switched_off_still_expire(self):
+        await self.start_proxy({"cache": {"enabled": False}})
+        self.assertIsNone(self.app.pipeline.stage("cache"))
+        now = time.time()
+        for key, expires in (("old", now - 1), ("fresh", now + 300)):
+            self.app.store.write(tm._CACHE_SQL, (key, now - 600, expires, "m", 200, "[]",
+                                                 b"{}", 1, 0.0))
+        self.app.purge_cache()
+        await asyncio.to_thread(self.app.store.flush)
+        rows = await asyncio.to_thread(self.app.store.query, "SELECT key FROM cache")
+        self.assertEqual([r["key"] for r in rows], ["fresh"])
 
     async def test_a_failing_cache_fails_open(self):
         await self.start_proxy()

@@ -2163,8 +2163,8 @@ class HTTPServer:
 class ClientTLS:
     """Client TLS contexts, one per CA bundle, shared by every origin that trusts it and kept
     across reloads: loading the system store takes ~20 ms and ~2.4 MB (~0.8 MB for each further
-    copy), which every provider and every reload paid again. A CA file that changed on disk
-    (a renewed private CA) is loaded again by the next router build."""
+    copy), which every provider and every reload paid again. A bundle that changed on disk (a
+    renewed private CA, an updated system store) is loaded again by the next router build."""
     __slots__ = ("_by_ca", "_lock")
 
     def __init__(self) -> None:
@@ -2172,19 +2172,26 @@ class ClientTLS:
         self._lock = threading.Lock()  # reloads build routers in worker threads
 
     def context(self, ca_file: str = "") -> ssl.SSLContext:
-        stamp: tuple = ()
         if ca_file:
             try:
-                st = os.stat(ca_file)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                stamp = self._stamp(ca_file)
             except OSError:  # not cached: create_default_context reports the problem
                 return ssl.create_default_context(cafile=ca_file)
+        else:  # the system store (a file, a directory or both): an update shows in their stat
+            paths = ssl.get_default_verify_paths()
+            stamp = tuple(self._stamp(p) if p and os.path.exists(p) else None
+                          for p in (paths.cafile, paths.capath))
         with self._lock:
             known = self._by_ca.get(ca_file)
             if known is None or known[0] != stamp:
                 known = self._by_ca[ca_file] = (
                     stamp, ssl.create_default_context(cafile=ca_file or None))
             return known[1]
+
+    @staticmethod
+    def _stamp(path: str) -> tuple:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Origin:
@@ -4032,15 +4039,20 @@ class ResponseCache(Stage):
     def purge_job(self):
         """A writer job: drop expired rows, and the oldest beyond max_rows."""
         now = self.clock()
-        limit = self.cfg.max_rows
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM cache WHERE expires <= ?", (now,))
-            conn.execute("DELETE FROM cache WHERE key NOT IN (SELECT key FROM cache ORDER BY "
-                         "created DESC LIMIT ?)", (limit,))
         for key in [k for k, e in self.memory.items() if e.expires <= now]:
             del self.memory[key]
-        return job
+        return cache_purge_job(now, self.cfg.max_rows)
+
+
+def cache_purge_job(now: float, max_rows: int | None = None):
+    """A writer job: expired response-cache rows go, and the oldest beyond max_rows. Also run
+    while the cache is switched off: what it stored before still expires."""
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM cache WHERE expires <= ?", (now,))
+        if max_rows is not None:
+            conn.execute("DELETE FROM cache WHERE key NOT IN (SELECT key FROM cache ORDER BY "
+                         "created DESC LIMIT ?)", (max_rows,))
+    return job
 
 
 def synthesize_sse(api: str, body: bytes, include_usage: bool = True) -> list[bytes]:
@@ -6020,8 +6032,10 @@ class ResponseRelay:
             opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
             translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
                                           and opts.get("include_usage") is True)
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
-                          resp.head.reason, hold=bool(resp.chan.buf))  # events came with it
+        buffered = resp.chan.buf  # an event came with the head: both leave in one write (an
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),  # event end
+                          resp.head.reason,  # in the buffer means the first read cannot wait)
+                          hold=b"\n\n" in buffered or b"\r\n\r\n" in buffered)
         splitter = SSESplitter()
         passthrough = translator is None and not ctx.hooks  # events go out as they came
         droppable = meter.drop_usage_chunk  # except an OpenAI usage chunk tokenman asked for
@@ -6422,10 +6436,11 @@ class Proxy(ResponseRelay, RequestLog):
             ctx.error = f"{type(exc).__name__}: {exc}"
             self.log.error("request failed inside tokenman", id=ctx.id, path=req.path,
                            error=ctx.error)
-            if conn.started:
+            if conn.started and not conn.held:
                 conn.close_after = True
                 conn.chan.abort()
-            elif not conn.lost:
+            elif not conn.lost:  # nothing went out yet (a held stream head is dropped)
+                conn.held = b""
                 ctx.status = 500
                 conn.send_error(req, ctx.api, 500, "internal error in tokenman",
                                 [(b"X-Request-Id", ctx.xid)])
@@ -7656,11 +7671,16 @@ class App:
         while True:
             await asyncio.sleep(300)
             try:
-                for stage in self.pipeline.stages:
-                    if isinstance(stage, ResponseCache):
-                        self.store.submit(stage.purge_job())
+                self.purge_cache()
             except Exception as exc:  # a background task logs and keeps going
                 self.log.error("cache purger failed", error=f"{type(exc).__name__}: {exc}")
+
+    def purge_cache(self) -> None:
+        caches = [s for s in self.pipeline.stages if isinstance(s, ResponseCache)]
+        for stage in caches:
+            self.store.submit(stage.purge_job())
+        if not any(type(stage) is ResponseCache for stage in caches):  # the cache is off
+            self.store.submit(cache_purge_job(time.time()))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop background tasks,
