@@ -1663,6 +1663,21 @@ class TestStreamHead(ProxyTestCase):
         rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WAIT)
         self.assertIn(b"message_stop", rest)
 
+    async def test_head_through_a_streamed_relay_sends_no_body_and_keeps_the_connection(self):
+        async def handler(rec, r, w):  # what a GET would get: chunked HTML; HEAD: no body
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n\r\n"
+                     b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        self.assertTrue(first.startswith(b"HTTP/1.1 200"), first)
+        second = await asyncio.wait_for(read_response(reader), WAIT)  # right after the head
+        self.assertEqual((second.status, second.json()), (200, {"status": "ok"}))
+
     async def test_an_internal_error_before_the_held_head_left_is_a_500(self):
         events, _ = anthropic_fixture("text")
 
@@ -1809,6 +1824,9 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         renewed = router.providers["anthropic"].origin.ssl
         self.assertIsNot(renewed, shared)
         self.assertIs(router.providers["openai"].origin.ssl, renewed)
+        os.chmod(self.cert, 0o640)  # permissions (e.g. revoked read access) are checked again
+        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
+        self.assertIsNot(router.providers["anthropic"].origin.ssl, renewed)
         self.assertEqual(len(self.tls_up.requests), 2)
 
     def test_the_system_trust_store_is_loaded_again_when_it_changed(self):
@@ -2509,11 +2527,36 @@ class TestPIIStage(ProxyTestCase):
             self.assertEqual(resp.status, 400)
             self.assertIn("UTF-8", resp.json()["error"]["message"])
         self.assertEqual(self.up.requests, [])
-        resp = await http(self.port, "POST", "/v1/messages",
-                          b"\xef\xbb\xbf" + json.dumps(obj).encode(), A_HEADERS)  # a BOM
-        self.assertEqual(resp.status, 200)
-        self.assertNotIn(b"bob@example.com", self.up.requests[0].body)
+        for body in (obj, ANTHROPIC_REQ):  # with a BOM: patched, and forwarded as it came
+            resp = await http(self.port, "POST", "/v1/messages",
+                              b"\xef\xbb\xbf" + json.dumps(body).encode(), A_HEADERS)
+            self.assertEqual(resp.status, 200)
         self.assertIn("[EMAIL_1]", self.up.requests[0].json()["messages"][0]["content"])
+        self.assertNotIn(b"bob@example.com", self.up.requests[0].body)
+        self.assertEqual(self.up.requests[1].body, json.dumps(ANTHROPIC_REQ).encode())  # no BOM
+
+
+    async def test_a_member_named_twice_is_refused_so_none_goes_upstream_unscanned(self):
+        await self.start_proxy({"security": {"pii": {"enabled": True, "action": "redact"}}})
+        hidden = '{"role":"user","content":"mail bob@example.com"}'
+        for raw in ('{"model":"claude-sonnet-4-5","max_tokens":9,"messages":[%s],'
+                    '"messages":[{"role":"user","content":"hi"}]}' % hidden,
+                    '{"model":"claude-sonnet-4-5","max_tokens":9,"messages":[{"role":"user",'
+                    '"content":[{"type":"text","text":"bob@example.com","text":"hi"}]}]}'):
+            resp = await http(self.port, "POST", "/v1/messages", raw.encode(), A_HEADERS)
+            self.assertEqual(resp.status, 400)
+            self.assertIn("twice", resp.json()["error"]["message"])
+        self.assertEqual(self.up.requests, [])
+        resp = await http(self.port, "POST", "/v1/files", b'{"a":1,"a":2}', A_HEADERS)
+        self.assertEqual(resp.status, 200)  # not an API request tokenman reads: passed through
+        self.assertEqual(self.up.requests[0].body, b'{"a":1,"a":2}')
+
+    async def test_a_lone_surrogate_escape_survives_redaction(self):
+        await self.start_proxy({"security": {"pii": {"enabled": True, "action": "redact"}}})
+        obj = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "\ud800 bob@example.com"}])
+        resp = await http(self.port, "POST", "/v1/messages", json.dumps(obj).encode(), A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[0].json()["messages"][0]["content"], "\ud800 [EMAIL_1]")
 
 
 class TestInjectionStage(ProxyTestCase):
@@ -3748,8 +3791,9 @@ class TestHostileInput(ProxyTestCase):
 
     async def test_odd_json_passes_through_or_is_refused_cleanly(self):
         await self.start_proxy()
-        cases = [(b'{"model":"a","model":"gpt-4o","n":1e999999,"big":123456789012345678901234567890,'
+        cases = [(b'{"model":"gpt-4o","n":1e999999,"big":123456789012345678901234567890,'
                   b'"messages":[]}', 200),
+                 (b'{"model":"a","model":"gpt-4o","messages":[]}', 400),  # which model is it?
                  (b'{"model":"gpt-4o","messages":["\xff\xfe"]}', 400),
                  (b'{"model":"gpt-4o","messages":' + b"[" * 50000 + b"]" * 50000 + b"}", 400)]
         for raw, status in cases:
@@ -4395,8 +4439,13 @@ class TestBenchHarness(unittest.TestCase):
                 fh.write("[server\n")
             with open(table, "w") as fh:
                 fh.write("server = 1\n")
+            dated = os.path.join(tmp, "dated.toml")
+            with open(dated, "w") as fh:
+                fh.write("when = 1979-05-27\n")
             for argv, said in ((("--duration", "-1"), "seconds >= 0.1"),
                                (("--duration", "nan"), "seconds >= 0.1"),
+                               (("--duration", "inf"), "seconds >= 0.1"),
+                               (("--config", dated), "dated.toml"),
                                (("--hold", "-5"), "whole number >= 0"),
                                (("--procs", "0"), "whole number >= 1"),
                                (("--chunks", "1"), "whole number >= 2"),

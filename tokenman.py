@@ -363,7 +363,12 @@ def _append_members(raw: bytes, changes: dict[str, object]) -> bytes | None:
 
 
 def _compact(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (the client sent a \\ud800 escape): escape all
+        return json.dumps(value, separators=(",", ":"))
+    return text
 
 
 def _removal_span(text: str, start: int, vend: int) -> tuple[int, int, str]:
@@ -382,6 +387,24 @@ def _removal_span(text: str, start: int, vend: int) -> tuple[int, int, str]:
 
 
 REMOVE = object()  # marker for json_patch: delete this member
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a member twice: json.loads keeps the last, json_patch and a provider
+    may see the first, so what the pipeline scanned would not be what goes upstream."""
+
+
+def _unique_members(pairs: list, dict=dict, len=len) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        name = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"request body names the member {name[:100]!r} twice in one object")
+    return obj
+
+
+# request bodies: ~0.2 us more per JSON object than json.loads, for the check above
+_REQUEST_JSON = json.JSONDecoder(object_pairs_hook=_unique_members)
 
 
 def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
@@ -1910,7 +1933,8 @@ class _DateCache:
 
 class ServerConn:
     """The server side of one client connection: what handlers use to answer."""
-    __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started", "held")
+    __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started", "held",
+                 "bodiless")
 
     def __init__(self, server: "HTTPServer", chan: Channel) -> None:
         self.server = server
@@ -1920,6 +1944,7 @@ class ServerConn:
         self.close_after = False
         self.started = False  # a response head went out for the current request
         self.held = b""  # a stream's head kept back to go out with its first bytes
+        self.bodiless = False  # the current stream answers HEAD: its body is not sent
 
     @property
     def lost(self) -> bool:
@@ -1951,6 +1976,7 @@ class ServerConn:
         (one send, one wake-up of the client, for head and first bytes); release_head()
         sends it alone."""
         self.chunked = req.version == 1
+        self.bodiless = req.method == "HEAD"
         if self.chunked:
             headers = headers + [(b"Transfer-Encoding", b"chunked")]
             if not req.keep_alive or self.server.draining:
@@ -1972,7 +1998,9 @@ class ServerConn:
             self.held = b""
 
     def stream_write(self, data: bytes) -> None:
-        if data:
+        if self.bodiless:
+            self.release_head()
+        elif data:
             data = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
             if self.held:
                 data = self.held + data
@@ -1981,7 +2009,7 @@ class ServerConn:
 
     def end_stream(self) -> None:
         self.release_head()
-        if self.chunked:
+        if self.chunked and not self.bodiless:
             self.chan.write(b"0\r\n\r\n")
 
     async def drain(self) -> None:
@@ -2191,7 +2219,7 @@ class ClientTLS:
     @staticmethod
     def _stamp(path: str) -> tuple:
         st = os.stat(path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)
 
 
 class Origin:
@@ -6507,11 +6535,14 @@ class Proxy(ResponseRelay, RequestLog):
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
         obj = None
         if accounted or (body[:1] == b"{" and req.method == "POST"):
+            if accounted and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
+                body = req.body = body[3:]
             try:  # UTF-8 only (RFC 8259 8.1): json.loads would also take UTF-16 and -32
-                obj = json.loads(body.decode("utf-8-sig"))
-            except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+                obj = _REQUEST_JSON.decode(body.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, DuplicateKey too
                 if accounted:
-                    raise HTTPError(400, "request body is not valid UTF-8 JSON") from None
+                    raise HTTPError(400, str(exc) if isinstance(exc, DuplicateKey)
+                                    else "request body is not valid UTF-8 JSON") from None
             if accounted and not isinstance(obj, dict):
                 raise HTTPError(400, "request body must be a JSON object")
         if isinstance(obj, dict):

@@ -1508,7 +1508,7 @@ def _number(kind, least: float, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < least or value != value:
+        if not least <= value < float("inf"):  # (NaN fails both)
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
     return parse
@@ -1609,7 +1609,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"no such config: {path}")
         try:
             render_config(path, 1, "/nonexistent", 2)
-        except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        except (OSError, ValueError, TypeError) as exc:  # TOMLDecodeError; TypeError:
+            # a value dump_toml cannot write (dates, arrays of tables)
             p.error(f"config {path}: {exc}")
     return args
 
