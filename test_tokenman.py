@@ -4432,27 +4432,31 @@ class TestBenchHarness(unittest.TestCase):
         self.assertEqual(raised.exception.code, 2)
         return err.getvalue()
 
+    @staticmethod
+    def files(tmp: str, **texts: str) -> dict[str, str]:
+        """Writes each text to tmp/<name>; returns name -> path."""
+        paths = {}
+        for name, text in texts.items():
+            paths[name] = os.path.join(tmp, name)
+            with open(paths[name], "w") as fh:
+                fh.write(text)
+        return paths
+
     def test_bad_arguments_are_refused_before_anything_starts(self):
         with tempfile.TemporaryDirectory() as tmp:
-            broken, table = os.path.join(tmp, "broken.toml"), os.path.join(tmp, "table.toml")
-            with open(broken, "w") as fh:
-                fh.write("[server\n")
-            with open(table, "w") as fh:
-                fh.write("server = 1\n")
-            dated = os.path.join(tmp, "dated.toml")
-            with open(dated, "w") as fh:
-                fh.write("when = 1979-05-27\n")
+            f = self.files(tmp, broken="[server\n", table="server = 1\n",
+                           dated="when = 1979-05-27\n")
             for argv, said in ((("--duration", "-1"), "seconds >= 0.1"),
                                (("--duration", "nan"), "seconds >= 0.1"),
                                (("--duration", "inf"), "seconds >= 0.1"),
-                               (("--config", dated), "dated.toml"),
+                               (("--config", f["dated"]), "dated"),
                                (("--hold", "-5"), "whole number >= 0"),
                                (("--procs", "0"), "whole number >= 1"),
                                (("--chunks", "1"), "whole number >= 2"),
                                (("--concurrency", "a,b"), "positive integers"),
                                (("--concurrency", "0"), "positive integers"),
-                               (("--config", broken), "broken.toml"),
-                               (("--config", table), "server must be a table"),
+                               (("--config", f["broken"]), "broken"),
+                               (("--config", f["table"]), "server must be a table"),
                                (("--config", os.path.join(tmp, "none.toml")), "no such config"),
                                (("--apis", "foo"), "unknown api")):
                 self.assertIn(said, self.refused(*argv), argv)
@@ -4461,13 +4465,9 @@ class TestBenchHarness(unittest.TestCase):
 
     def test_compare_files_that_are_not_results_are_refused(self):
         with tempfile.TemporaryDirectory() as tmp:
-            text, other = os.path.join(tmp, "x.txt"), os.path.join(tmp, "x.json")
-            with open(text, "w") as fh:
-                fh.write("not json")
-            with open(other, "w") as fh:
-                fh.write("[1, 2]")
+            f = self.files(tmp, text="not json", other="[1, 2]")
             for path, said in ((os.path.join(tmp, "none.json"), "cannot read"),
-                               (text, "not a JSON file"), (other, "not a results file")):
+                               (f["text"], "not a JSON file"), (f["other"], "not a results file")):
                 with self.assertRaises(SystemExit) as raised:
                     self.bench.load_results(path)
                 self.assertIn(said, str(raised.exception.code))
