@@ -1907,6 +1907,15 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((row["status_code"], row["outcome"], row["attempts"]),
                          (429, "upstream_error", 3))
 
+    async def test_a_provider_whose_key_cannot_be_read_is_named_in_a_503(self):
+        await self.start_proxy(providers={"anthropic": {"api_base": self.up.base,
+                                                        "key_ref": "env:NOPE_UNSET_VAR"}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 503)
+        self.assertIn("provider anthropic is unusable: environment variable NOPE_UNSET_VAR",
+                      resp.json()["error"]["message"])
+        self.assertEqual(self.up.requests, [])
+
     async def test_client_errors_are_not_retried(self):
         self.up.handler, calls = self.scripted([400, 200])
         await self.start_proxy({"resilience": self.FAST})
@@ -2250,17 +2259,21 @@ CACHE_REQ = dict(ANTHROPIC_REQ, temperature=0)
 class TestCacheStage(ProxyTestCase):
     async def test_repeat_is_served_from_cache_with_savings(self):
         _, body = anthropic_fixture("text")
-        self.up.handler = lambda rec, r, w: json_reply(w, body, headers=[b"request-id: r1"])
+        self.up.handler = lambda rec, r, w: json_reply(w, body, headers=[
+            b"request-id: r1", b"x-request-id: r1"])
         await self.start_proxy()
         first = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
         second = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
         self.assertEqual((first.headers["x-tokenman-cache"], second.headers["x-tokenman-cache"]),
                          ("MISS", "HIT"))
         self.assertEqual(second.json(), body)
-        self.assertEqual(second.headers["request-id"], "r1")
+        self.assertEqual(first.headers["request-id"], "r1")
+        self.assertNotIn("request-id", second.headers)  # the provider's id of another request
+        self.assertEqual(second.raw_head.lower().count(b"x-request-id:"), 1)
         self.assertEqual(len(self.up.requests), 1)
         rows = await self.rows(2)
         hit = [r for r in rows if r["cache_hit"]][0]
+        self.assertEqual(second.headers["x-request-id"], hit["id"])
         self.assertEqual((hit["outcome"], hit["provider"], hit["cost_usd"]),
                          ("cache_hit", "cache", 0.0))
         self.assertEqual(hit["tokens_saved"], 12 + 420 + 20000 + 3000)
@@ -2621,6 +2634,7 @@ class TestBudgetStage(ProxyTestCase):
         rejected = next(r for r in results if r.status == 429)
         self.assertEqual(rejected.json()["error"]["type"], "rate_limit_error")
         self.assertIn("daily budget", rejected.json()["error"]["message"])
+        self.assertIn(f"of ${limit:g} ", rejected.json()["error"]["message"])  # not rounded
         await self.rows(200)
         spent = await asyncio.to_thread(self.app.store.query,
                                         "SELECT SUM(spent_usd) AS s FROM budgets")
@@ -3140,6 +3154,38 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(self.up.requests[1].headers.get(b"authorization"), None)  # not leaked
         self.assertEqual((await http(port, "POST", "/v1/messages", ANTHROPIC_REQ,
                                      A_HEADERS)).json()["error"]["type"], "authentication_error")
+
+    async def test_tokenman_token_header_lets_the_clients_own_key_through(self):
+        await self.start_proxy({"auth": {"enabled": True, "token": "tok-123"}})
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                          dict(O_HEADERS, **{"X-Tokenman-Token": "tok-123",
+                                             "Authorization": "Bearer sk-client"}))
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[0].headers[b"authorization"], b"Bearer sk-client")
+        self.assertNotIn(b"x-tokenman-token", self.up.requests[0].headers)
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                          dict(O_HEADERS, **{"X-Tokenman-Token": "wrong",
+                                             "Authorization": "Bearer tok-123"}))
+        self.assertEqual(resp.status, 403)  # the explicit header decides
+
+    async def test_a_request_row_is_found_by_every_id_a_response_carried(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {"model": "gpt-4o-mini", "choices": [],
+                                                           "usage": {"prompt_tokens": 1}},
+                                                       headers=[b"x-request-id: req_provider_1"])
+        await self.start_proxy()
+        mine = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                          dict(O_HEADERS, **{"X-Request-Id": "my-own-id-1"}))
+        theirs = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual((mine.headers["x-request-id"], theirs.headers["x-request-id"]),
+                         ("my-own-id-1", "req_provider_1"))
+        rows = await self.rows(2)
+        for rid in ("my-own-id-1", "req_provider_1", rows[1]["id"]):
+            found = await http(self.app.dashboard_port, "GET", "/api/requests/" + rid)
+            self.assertEqual(found.status, 200, rid)
+        found = await http(self.app.dashboard_port, "GET", "/api/requests/my-own-id-1")
+        self.assertEqual(found.json()["client_request_id"], "my-own-id-1")
+        self.assertEqual((await http(self.app.dashboard_port, "GET",
+                                     "/api/requests/nope")).status, 404)
 
     async def test_open_metrics_and_cors(self):
         await self.start_proxy({"auth": {"enabled": True, "token": "t", "protect_metrics": False},
@@ -4003,6 +4049,22 @@ class TestReload(ProxyTestCase):
             {"role": "user", "content": "a@b.io"}]), A_HEADERS)
         self.assertEqual(blocked.status, 400)  # the new pipeline's PII action
 
+    async def test_auth_switched_on_by_a_reload_guards_the_dashboard_too(self):
+        await self.start_from_file(self.config())
+        dash = self.app.dashboard_port
+        self.assertEqual((await http(dash, "GET", "/api/stats")).status, 200)
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config('[auth]\nenabled = true\ntoken = "tok-1"\n'))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertEqual((await http(dash, "GET", "/api/stats")).status, 401)
+        self.assertEqual((await http(dash, "GET", "/metrics")).status, 401)
+        self.assertEqual((await http(dash, "GET", "/api/stats", headers={
+            "Authorization": "Bearer tok-1"})).status, 200)
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config())
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertEqual((await http(dash, "GET", "/api/stats")).status, 200)
+
     async def test_bad_config_keeps_the_old_one_and_logs_every_problem(self):
         await self.start_from_file(self.config())
         with open(self.cfg_path, "w") as fh:
@@ -4082,6 +4144,67 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("proxy_port", err)
         self.assertIn("nobody", err)
+
+    def test_an_exported_mask_is_not_imported_as_the_token(self):
+        src = os.path.join(self.tmp.name, "a.toml")
+        with open(src, "w") as fh:
+            fh.write('[auth]\nenabled = true\ntoken = "tok-secret"\n')
+        out = os.path.join(self.tmp.name, "export.toml")
+        self.assertEqual(self.run_main(["config-export", out, "--config", src])[0], 0)
+        code, _, err = self.run_main(["config-import", out, "--config", src])
+        self.assertEqual(code, 1)
+        self.assertIn("mask", err)
+        self.assertEqual(tm.load_config(src, env={}).auth.token, "tok-secret")  # untouched
+
+    def test_check_config_reports_keys_that_cannot_be_read(self):
+        path = os.path.join(self.tmp.name, "k.toml")
+        with open(path, "w") as fh:
+            fh.write('[providers.anthropic]\nkey_ref = "env:NOPE_UNSET_VAR"\n'
+                     '[providers.openai]\nkey_ref = "file:///nonexistent/key"\n')
+        code, out, err = self.run_main(["check-config", "--config", path])
+        self.assertEqual(code, 1)
+        self.assertIn("NOT usable", out)
+        self.assertIn("providers.anthropic.key_ref: environment variable NOPE_UNSET_VAR", err)
+        self.assertIn("providers.openai.key_ref: cannot read key file", err)
+        code, out, _ = self.run_main(["check-config", "--config", path],
+                                     env={"NOPE_UNSET_VAR": "k"})
+        self.assertEqual(code, 1)  # the file's key is still missing
+        self.assertNotIn("NOPE_UNSET_VAR", _)
+
+    def test_stats_do_not_count_cache_hits_as_errors(self):
+        path = tm.open_database(self.tmp.name)
+        conn = tm._connect(path)
+        rows = [sample_row(f"r{i}") for i in range(3)]
+        cols = list(tm.ROW_COLUMNS)
+        for row, (outcome, status) in zip(rows, (("cache_hit", 200), ("ok", 200),
+                                                 ("upstream_error", 529))):
+            row = list(row)
+            row[cols.index("outcome")], row[cols.index("status_code")] = outcome, status
+            conn.execute(tm._INSERT_SQL, row)
+        conn.close()
+        store = tm.Store(path, tm.Logger("fatal"))
+        by = {r["outcome"]: r for r in tm.usage_summary(store, 0, "outcome")}
+        self.assertEqual({k: r["errors"] for k, r in by.items()},
+                         {"cache_hit": 0, "ok": 0, "upstream_error": 1})
+
+    def test_a_start_that_cannot_bind_says_why_and_gives_back_its_pid_file(self):
+        import io
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = tm.config_from_dict({"server": {"proxy_port": taken.getsockname()[1],
+                                              "dashboard_port": 0, "data_dir": self.tmp.name}},
+                                  {})
+        log = io.StringIO()
+        with self.assertRaises(OSError):
+            asyncio.run(tm.App(cfg, log=tm.Logger("info", log)).run())
+        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "tokenman.pid")))
+        path = os.path.join(self.tmp.name, "tokenman.log")
+        with open(path, "w") as fh:
+            fh.write("2026-01-01T00:00:00.000Z INFO starting\n"
+                     "2026-01-01T00:00:00.001Z ERROR cannot start error=\"address in use\"\n")
+        self.assertEqual(tm._last_error(path), ': cannot start error="address in use"')
 
     def test_config_export_and_import(self):
         src = os.path.join(self.tmp.name, "a.toml")

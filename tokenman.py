@@ -193,7 +193,8 @@ class HeadTooLarge(TokenmanError):
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")  # characters not allowed in a project name
 _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
-_LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"=]")  # a log value with these must be escaped
+# a log value with one of these must be escaped
+_LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"=]")
 
 
 def new_request_id() -> str:
@@ -1132,6 +1133,9 @@ def validate_config(cfg: Config) -> list[str]:
                         f"burst >= 1")
     if cfg.auth.enabled and not cfg.auth.token:
         errs.append("auth.token: required when auth.enabled")
+    elif cfg.auth.token == "****":
+        errs.append("auth.token: \"****\" is the mask config-export writes, not a token: put the "
+                    "token (or env:VAR / file:///path) back, or export with --with-secrets")
     elif cfg.auth.enabled and cfg.auth.token.startswith(("env:", "file://")):
         try:
             resolve_key(cfg.auth.token, os.environ)
@@ -1897,15 +1901,14 @@ def native_error(api: str, status: int, message: str, kind: str = "") -> bytes:
 
 
 def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
-    """0 when the request carries the bearer token (Authorization or X-Tokenman-Token), 401
-    when it carries none, 403 when it carries a wrong one. Constant-time comparison."""
+    """0 when the request carries the bearer token (X-Tokenman-Token, else Authorization),
+    401 when it carries none, 403 when it carries a wrong one. Constant-time comparison. With
+    X-Tokenman-Token sent, Authorization is the client's own (an OpenAI key passed through)."""
     import hmac
-    offered = None
+    offered = headers.map.get(b"x-tokenman-token") if allow_custom else None
     auth = headers.map.get(b"authorization")
-    if auth is not None and auth[:7].lower() == b"bearer ":
+    if offered is None and auth is not None and auth[:7].lower() == b"bearer ":
         offered = auth[7:].strip()
-    if offered is None and allow_custom:
-        offered = headers.map.get(b"x-tokenman-token")
     if offered is None:
         return 401
     return 0 if hmac.compare_digest(offered, token.encode()) else 403
@@ -3371,7 +3374,8 @@ def usage_summary(store: Store, since: float, by: str) -> list[dict]:
         "SUM(saved_prompt_cache_usd) AS saved_prompt_cache, "
         "SUM(saved_compression_usd) AS saved_compression, "
         "SUM(saved_heartbeat_usd) AS saved_heartbeat, "
-        "SUM(estimated) AS estimated, SUM(status_code >= 400 OR outcome != 'ok') AS errors "
+        "SUM(estimated) AS estimated, SUM(status_code >= 400 OR outcome NOT IN "
+        "('ok', 'cache_hit', 'heartbeat_hit')) AS errors "
         f"FROM requests WHERE timestamp >= ? GROUP BY {column} ORDER BY cost_usd DESC, "
         "requests DESC", (utc_iso(since),))
     return [{by: r["grp"], "requests": r["requests"], "input_tokens": r["input_tokens"] or 0,
@@ -3952,8 +3956,9 @@ class CacheEntry:
 
 _CACHE_SQL = ("INSERT OR REPLACE INTO cache (key, created, expires, model, status, headers, body, "
               "tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_CACHED_HEADERS = frozenset((b"content-type", b"request-id", b"x-request-id", b"openai-model",
-                             b"anthropic-organization-id"))
+_CACHED_HEADERS = frozenset((b"content-type", b"openai-model", b"anthropic-organization-id"))
+# (not request-id / x-request-id: a hit answers with its own X-Request-Id, and the provider's id
+# belongs to the request that filled the cache)
 
 
 class ResponseCache(Stage):
@@ -4701,7 +4706,7 @@ class BudgetGuard(Stage):
                               limit=limit, spent=f"{spent:.6f}")
                 return error_reply(
                     ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f} of "
-                    f"${limit:.2f} (this request may cost up to ${worst:.4f})",
+                    f"${limit:.6g} (this request may cost up to ${worst:.4f})",
                     "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
                     [(b"Retry-After", wait)],
                     {"period": period, "scope": scope, "limit": limit,
@@ -6562,6 +6567,10 @@ class Proxy(ResponseRelay, RequestLog):
                                  routing.fallback_models.get(ctx.model, ()),
                                  routing.cross_format_fallback)
         if not pairs:
+            broken = [p for p in self.router.providers.values()
+                      if p.cfg.enabled and p.error and p.cfg.format == ctx.api]
+            if broken:  # the provider exists, but its key could not be read
+                raise HTTPError(503, f"provider {broken[0].key} is unusable: {broken[0].error}")
             what = f"model {ctx.model!r}" if ctx.model else "this request"
             raise HTTPError(404, f"no configured {ctx.api} provider serves {what}")
         ctx.provider = pairs[0][0].key
@@ -6731,13 +6740,17 @@ class Dashboard:
 
     def __init__(self, cfg: Config, store: Store, metrics: Metrics, proxy: "Proxy",
                  breakers: dict, ledger: BudgetLedger, log: Logger) -> None:
-        self.cfg = cfg
         self.store = store
         self.metrics = metrics
         self.proxy = proxy
         self.breakers = breakers
         self.ledger = ledger
         self.log = log
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload: auth and CORS follow the new snapshot, as the proxy port's do."""
+        self.cfg = cfg
         self.token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
         self.origins = frozenset(cfg.dashboard.allowed_origins)
 
@@ -6816,8 +6829,12 @@ class Dashboard:
         if path == "/api/requests":
             return 200, await self._requests(query)
         if path.startswith("/api/requests/"):
-            rows = await q("SELECT * FROM requests WHERE id = ?",
-                           (urllib.parse.unquote(path[14:]),))
+            rid = urllib.parse.unquote(path[14:])
+            rows = await q("SELECT * FROM requests WHERE id = ?", (rid,))
+            if not rows and rid:  # the X-Request-Id a client sent, or its provider's
+                rows = await q("SELECT * FROM requests WHERE client_request_id = ? OR "
+                               "upstream_request_id = ? ORDER BY timestamp DESC LIMIT 1",
+                               (rid, rid))
             return (200, dict(rows[0])) if rows else (404, {"error": "request not found"})
         if path == "/api/projects":
             rows = await q("SELECT project, COUNT(*) AS requests, SUM(input_tokens + "
@@ -7604,7 +7621,7 @@ class App:
         self.proxy.reconfigure(cfg, router, prices, pipeline)
         self.proxy.plugins = self.plugins
         if self.dashboard is not None:
-            self.dashboard_api.cfg = cfg
+            self.dashboard_api.reconfigure(cfg)
         self.log.level = LOG_LEVELS.get(cfg.server.log_level, 20)
         self.pipeline, self.cfg = pipeline, cfg
         self.log.info("config reloaded", reason=reason, source=cfg.source or "built-in defaults")
@@ -7763,7 +7780,11 @@ class App:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, os._exit, 1)
 
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # gives back what start took: the PID file, the store
+            raise
         release_memory()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, first_signal)
@@ -7845,10 +7866,15 @@ def main(argv: list[str] | None = None) -> int:
     if command == "keys":
         return _keys(cfg, args.action, args.provider)
     if command == "check-config":
-        print(f"configuration ok: {cfg.source or 'built-in defaults'}")
+        unusable = [f"providers.{key}.key_ref: {exc}" for key, p in cfg.providers.items()
+                    if p.enabled for exc in _key_problem(p.key_ref)]
+        for problem in unusable:  # the file is valid, but these providers could not be used
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"configuration {'NOT usable' if unusable else 'ok'}: "
+              f"{cfg.source or 'built-in defaults'}")
         for warning in cfg.warnings:
             print(f"warning: {warning}")
-        return 0
+        return 1 if unusable else 0
     if command == "stats":
         return _stats(cfg, args)
     if command == "status":
@@ -7869,6 +7895,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(App(cfg, log=log).run())
     except (OSError, TokenmanError) as exc:  # the port is taken, or tokenman already runs
         print(f"tokenman: cannot start: {exc}", file=sys.stderr)
+        if log is not None:  # a detached start: its stderr goes nowhere, its log is read
+            log.error("cannot start", error=str(exc))
+            log.flush()
         return 1
 
 
@@ -7890,8 +7919,8 @@ def _detach(cfg: Config) -> int:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            print(f"tokenman: failed to start (exit {child.returncode}); see {log_path}",
-                  file=sys.stderr)
+            print(f"tokenman: failed to start (exit {child.returncode}){_last_error(log_path)};"
+                  f" see {log_path}", file=sys.stderr)
             return 1
         if read_pid(cfg.data_dir) == child.pid:
             print(f"tokenman started (pid {child.pid}); log: {log_path}")
@@ -7899,6 +7928,25 @@ def _detach(cfg: Config) -> int:
         time.sleep(0.05)
     print(f"tokenman: no PID file after 15 s; see {log_path}", file=sys.stderr)
     return 1
+
+
+def _key_problem(key_ref: str) -> list[str]:
+    try:
+        resolve_key(key_ref, os.environ)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def _last_error(log_path: str) -> str:
+    """": <the last ERROR line's message>" of a log file, or ""."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            lines = [line for line in fh.readlines()[-50:] if " ERROR " in line
+                     or '"level": "error"' in line]
+    except OSError:
+        return ""
+    return ": " + lines[-1].split(" ERROR ", 1)[-1].strip()[:300] if lines else ""
 
 
 def _stop(cfg: Config) -> int:
