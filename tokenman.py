@@ -4172,9 +4172,10 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     ("ignore_previous", "instruction_override",
      r"\bignore\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+(?:instructions?|"
      r"prompts?|directives?|rules?)", re.I, "ignore"),
-    ("disregard_above", "instruction_override",
-     r"\bdisregard\s+(?:all\s+)?(?:the\s+)?(?:above|previous|prior|earlier)(?:\s+(?:"
-     r"instructions?|prompts?|directives?|text))?", re.I, "disregard"),
+    ("disregard_above", "instruction_override",  # "disregard the earlier draft" is not one:
+     r"\bdisregard\s+(?:all\s+)?(?:the\s+|your\s+|any\s+)?(?:above|previous|prior|earlier)"
+     r"(?:\s+(?:instructions?|prompts?|directives?|text|messages?|rules?|guidelines?|context)"
+     r"|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),  # an object, or nothing after it
     ("new_instructions", "instruction_override",
      r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
     ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I, "prompt"),
@@ -4182,11 +4183,15 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
      re.I, "forget"),
     ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I, "```"),
-    ("markdown_system", "delimiter_injection", r"###\s+SYSTEM\b", re.I, "###"),
+    ("markdown_system", "delimiter_injection",  # a "### System" heading line, not
+     r"(?m)^[ \t]*###\s+SYSTEM[ \t]*:?[ \t]*$", re.I, "###"),  # "### System requirements"
     ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
     ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
-    ("you_are_now", "role_confusion", r"\byou\s+are\s+now\s", re.I, "now"),
+    ("you_are_now", "role_confusion",  # a new persona or mode, not "you are now going to"
+     r"\byou\s+are\s+now\s+(?:a|an|the|my|in|no\s+longer|DAN|free|unrestricted|unfiltered|"
+     r"jailbroken|uncensored|developer|evil|operating|acting|playing|called|named)\b", re.I,
+     "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
