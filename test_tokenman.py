@@ -482,7 +482,7 @@ class TestUtilities(unittest.TestCase):
             self.assertTrue(all(os.path.getsize(os.path.join(tmp, f)) <= 200
                                 for f in os.listdir(tmp)))
             with open(path) as fh:
-                self.assertEqual(json.loads(fh.read().splitlines()[-1])["n"], "39")
+                self.assertEqual(json.loads(fh.read().splitlines()[-1])["n"], 39)  # a number
             self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
 
     def test_stdout_trace_exporter(self):
@@ -1409,6 +1409,12 @@ class TestRelay(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["status_code"], row["outcome"], row["format"]),
                          (413, "rejected", "anthropic"))
+        self.assertEqual(resp.headers["x-request-id"], row["id"])
+        big = await raw_exchange(self.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                                 + b"X-Pad: " + b"a" * (70 * 1024) + b"\r\n\r\n", read_all=False)
+        self.assertEqual(big.status, 431)
+        self.assertEqual(big.json()["type"], "error")  # Anthropic's shape, from the request line
+        self.assertIn("x-request-id", big.headers)
 
     async def test_requests_succeed_while_the_database_is_read_only(self):
         await self.start_proxy()
@@ -2281,6 +2287,8 @@ class TestCacheStage(ProxyTestCase):
         self.assertEqual(first.headers["request-id"], "r1")
         self.assertNotIn("request-id", second.headers)  # the provider's id of another request
         self.assertEqual(second.raw_head.lower().count(b"x-request-id:"), 1)
+        self.assertEqual(second.headers["x-tokenman-cost-usd"], "0.00000000")
+        self.assertGreater(float(second.headers["x-tokenman-overhead-ms"]), 0)
         self.assertEqual(len(self.up.requests), 1)
         rows = await self.rows(2)
         hit = [r for r in rows if r["cache_hit"]][0]
@@ -3858,6 +3866,8 @@ class TestHostileInput(ProxyTestCase):
                 resp = await http(self.port, "POST", "/v1/chat/completions", raw, O_HEADERS)
                 self.assertEqual(resp.status, status)
         self.assertEqual(self.up.requests[0].body, cases[0][0])  # forwarded byte for byte
+        deep = await http(self.port, "POST", "/v1/chat/completions", cases[-1][0], O_HEADERS)
+        self.assertIn("nested too deeply", deep.json()["error"]["message"])
 
     async def upstream_open(self) -> int:
         return self.up.connections - self.up.closed
@@ -4216,6 +4226,18 @@ class TestCLI(unittest.TestCase):
             fh.write("2026-01-01T00:00:00.000Z INFO starting\n"
                      "2026-01-01T00:00:00.001Z ERROR cannot start error=\"address in use\"\n")
         self.assertEqual(tm._last_error(path), ': cannot start error="address in use"')
+
+    def test_unknown_environment_names_and_warnings_next_to_errors_are_said(self):
+        cfg = tm.config_from_dict({}, {"TOKENMAN_SERVER_PROXYPORT": "1", "TOKENMAN_CONFIG": "x",
+                                       "TOKENMAN_SERVER_PROXY_PORT": "8080",
+                                       "TOKENMAN_PROVIDERS_OPENAI_TIMEOUT": "5"})
+        self.assertEqual(cfg.warnings, ("TOKENMAN_SERVER_PROXYPORT: not a setting tokenman knows "
+                                        "(environment), ignored",))
+        with self.assertRaises(tm.ConfigError) as raised:
+            tm.config_from_dict({"server": {"proxy_port": -1, "proxyport": 1}}, {})
+        self.assertIn("server.proxyport: unknown key, ignored (warning)", raised.exception.problems)
+        commands = tm._parser()._subparsers._group_actions[0].choices
+        self.assertIn("****", commands["config-export"].format_help())
 
     def test_config_export_and_import(self):
         src = os.path.join(self.tmp.name, "a.toml")

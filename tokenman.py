@@ -479,7 +479,8 @@ class Logger:
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
             record = {"time": utc_iso(time.time()), "level": name.lower(), "msg": msg}
-            record.update({k: redact_secrets(str(v)) for k, v in fields.items()})
+            record.update({k: v if type(v) in (int, float, bool) or v is None
+                           else redact_secrets(str(v)) for k, v in fields.items()})
             self._write(json.dumps(record, ensure_ascii=False) + "\n", name)
             return
         texts = [v if type(v) is str else str(v) for v in fields.values()]
@@ -987,9 +988,10 @@ def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
     providers = _build_providers(raw.get("providers"), env, errors, warnings)
     pricing = _build_pricing(raw.get("pricing", {}), errors)
     cfg = Config(providers=providers, pricing=pricing, source=source, **sections)
+    warnings += _unknown_env(env, providers)
     errors.extend(validate_config(cfg))
-    if errors:
-        raise ConfigError(errors)
+    if errors:  # the warnings too: a misspelt key may be why a value is wrong
+        raise ConfigError(errors + [f"{w} (warning)" for w in warnings])
     return dataclasses.replace(
         cfg, warnings=tuple(warnings),
         server=dataclasses.replace(cfg.server, log_level=cfg.server.log_level.lower()
@@ -997,6 +999,21 @@ def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
         pii=dataclasses.replace(cfg.pii, action=cfg.pii.action.lower(),
                                 types=tuple(t.lower() for t in cfg.pii.types)),
         injection=dataclasses.replace(cfg.injection, action=cfg.injection.action.lower()))
+
+
+_ENV_NOT_SETTINGS = ("TOKENMAN_CONFIG", "TOKENMAN_REEXEC", "TOKENMAN_SOAK")
+
+
+def _unknown_env(env: dict, providers: types.MappingProxyType) -> list[str]:
+    """TOKENMAN_* variables that name no setting (TOKENMAN_SERVER_PROXYPORT): said, not
+    silently ignored."""
+    names = {_env_name(*path.split("."), f.name) for path, _, cls in SECTIONS
+             for f in dataclasses.fields(cls)}
+    names |= {_env_name("providers", key, f.name) for key in providers
+              for f in dataclasses.fields(ProviderConfig)}
+    return [f"{name}: not a setting tokenman knows (environment), ignored"
+            for name in sorted(env) if name.startswith("TOKENMAN_") and name not in names
+            and name not in _ENV_NOT_SETTINGS and not name.startswith("TOKENMAN_KEY_")]
 
 
 def _build_providers(raw: object, env: dict, errors: list[str],
@@ -2020,6 +2037,12 @@ class ServerConn:
                               if self.server.cfg.write_timeout else None)
 
 
+def _target_hint(buf: bytearray) -> str:
+    """The path in a request line that could not be parsed whole (for the error's shape)."""
+    parts = bytes(buf[:MAX_REQUEST_LINE]).split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].decode("latin-1") if len(parts) > 2 else ""
+
+
 class HTTPServer:
     """An HTTP/1.1 server over Channel. `handler(req, conn)` answers each request; everything
     about framing, limits, 100-continue, keep-alive and slow clients is settled here."""
@@ -2135,16 +2158,17 @@ class HTTPServer:
         except HTTPError as exc:
             self.log.debug("bad request", server=self.name, status=exc.status, error=exc.detail)
             conn.close_after = True
-            api = api_for(req.path if req else "", req.headers if req else None)
-            conn.send_error(req, api, exc.status, exc.detail)
-            self._rejected(req, t0, exc.status, exc.detail)
+            api = api_for(req.path if req else _target_hint(chan.buf),
+                          req.headers if req else None)
+            conn.send_error(req, api, exc.status, exc.detail,
+                            self._rejected(req, t0, exc.status, exc.detail))
             return None
         except TimeoutError:
             if req is not None or chan.buf.strip():
                 conn.close_after = True
-                conn.send_error(req, api_for(req.path if req else "", None), 408,
-                                "request not received in time")
-                self._rejected(req, t0, 408, "request not received in time")
+                conn.send_error(req, api_for(req.path if req else _target_hint(chan.buf), None),
+                                408, "request not received in time",
+                                self._rejected(req, t0, 408, "request not received in time"))
             return None
         except ConnectionGone:
             return None
@@ -2153,10 +2177,13 @@ class HTTPServer:
             req.keep_alive = False
         return req
 
-    def _rejected(self, req: Request | None, t0: float, status: int, detail: str) -> None:
+    def _rejected(self, req: Request | None, t0: float, status: int,
+                  detail: str) -> list[tuple[bytes, bytes]]:
+        """Logs a refused request (on_reject); the headers its answer carries (X-Request-Id)."""
         if req is not None and self.on_reject is not None:
             req.t0 = t0
-            self.on_reject(req, status, detail)
+            return self.on_reject(req, status, detail)
+        return [(b"X-Request-Id", new_request_id().encode())] if self.on_reject else []
 
     def stop_accepting(self) -> None:
         self.draining = True
@@ -6344,7 +6371,7 @@ class RequestLog:
         if log.level <= 20:
             log.info("request", id=ctx.id, method=req.method, path=req.path, model=ctx.model,
                      provider=ctx.provider, status=ctx.status, outcome=ctx.outcome,
-                     ms=f"{latency:.1f}", tokens_in=u.input + u.cache_read + u.cache_write,
+                     ms=round(latency, 1), tokens_in=u.input + u.cache_read + u.cache_write,
                      tokens_out=u.output,
                      cost="" if ctx.cost is None else f"{ctx.cost:.6f}",
                      error=ctx.error)
@@ -6436,14 +6463,16 @@ class Proxy(ResponseRelay, RequestLog):
                     self.log.error("plugin hook failed", plugin=plugin.name, hook=name,
                                    error=f"{type(exc).__name__}: {exc}")
 
-    def rejected(self, req: Request, status: int, detail: str) -> None:
-        """Logs an API request the HTTP layer refused (body too large, bad framing, too slow)."""
+    def rejected(self, req: Request, status: int, detail: str) -> list[tuple[bytes, bytes]]:
+        """Logs an API request the HTTP layer refused (body too large, bad framing, too slow);
+        returns the X-Request-Id of its row for the answer."""
+        ctx = Context(req, api_for(req.path, req.headers))
         if req.path.startswith("/v1/"):
-            ctx = Context(req, api_for(req.path, req.headers))
             ctx.status = status
             ctx.outcome = "rejected"
             ctx.error = detail
             self._finish(ctx)
+        return [(b"X-Request-Id", ctx.xid)]
 
     # -- the relay ------------------------------------------------------------------------------
     async def relay(self, req: Request, conn: ServerConn) -> None:
@@ -6499,6 +6528,8 @@ class Proxy(ResponseRelay, RequestLog):
         if reply.outcome in HIT_OUTCOMES:
             ctx.provider = "cache"
             ctx.cost = 0.0
+            headers += [(b"X-Tokenman-Cost-Usd", b"0.00000000"), (b"X-Tokenman-Overhead-Ms",
+                         b"%.3f" % ((time.perf_counter() - req.t0) * 1000))]
         if reply.outcome in HIT_OUTCOMES and ctx.streaming:
             events = synthesize_sse(ctx.api, body, include_usage=not ctx.drop_usage_chunk)
             headers = [(n, v) for n, v in headers if n.lower() != b"content-type"]
@@ -6551,8 +6582,10 @@ class Proxy(ResponseRelay, RequestLog):
                 obj = _REQUEST_JSON.decode(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, DuplicateKey too
                 if accounted:
-                    raise HTTPError(400, str(exc) if isinstance(exc, DuplicateKey)
-                                    else "request body is not valid UTF-8 JSON") from None
+                    raise HTTPError(400, str(exc) if isinstance(exc, DuplicateKey) else
+                                "request body is nested too deeply" if isinstance(
+                                    exc, RecursionError)
+                                else "request body is not valid UTF-8 JSON") from None
             if accounted and not isinstance(obj, dict):
                 raise HTTPError(400, "request body must be a JSON object")
         if isinstance(obj, dict):
@@ -7804,6 +7837,9 @@ class App:
 # ================================================================================================
 
 
+_CONFIG_HELP = "config file (as the --config before the command)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenman", description="A local reverse proxy for LLM API calls. With no command "
@@ -7814,34 +7850,38 @@ def _parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run the proxy (detached unless --foreground)")
     start.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (containers, service managers)")
-    start.add_argument("--config", "-c", dest="sub_config")
+    start.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     start.add_argument("--log-file", help="write the log to this file (rotated by size) "
                        "instead of stderr; detached runs use data_dir/tokenman.log")
     for name, text in (("stop", "stop a detached tokenman"),
                        ("restart", "stop, then start detached")):
-        sub.add_parser(name, help=text).add_argument("--config", "-c", dest="sub_config")
+        sub.add_parser(name, help=text).add_argument("--config", "-c", dest="sub_config",
+                                                     metavar="FILE", help=_CONFIG_HELP)
     init = sub.add_parser("init-config", help="write the full default config")
-    init.add_argument("path", nargs="?", default="~/.tokenman/tokenman.toml")
+    init.add_argument("path", nargs="?", default="~/.tokenman/tokenman.toml",
+                      help="where to write it (default ~/.tokenman/tokenman.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     check = sub.add_parser("check-config", help="validate a config and list every problem")
-    check.add_argument("--config", "-c", dest="sub_config")
+    check.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     sub.add_parser("version", help="print the version")
     export = sub.add_parser("config-export", help="write the effective config (secrets masked)")
-    export.add_argument("path", nargs="?", default="tokenman-export.toml")
-    export.add_argument("--with-secrets", action="store_true")
-    export.add_argument("--config", "-c", dest="sub_config")
+    export.add_argument("path", nargs="?", default="tokenman-export.toml",
+                        help="where to write it (default tokenman-export.toml)")
+    export.add_argument("--with-secrets", action="store_true",
+                        help="write the auth token and key_refs as they are (default: ****)")
+    export.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     imp = sub.add_parser("config-import", help="validate a config file and make it the active "
                          "one (a running tokenman reloads it)")
-    imp.add_argument("file")
-    imp.add_argument("--config", "-c", dest="sub_config")
+    imp.add_argument("file", help="the config file to validate and install")
+    imp.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     keys = sub.add_parser("keys", help="provider keys in the OS keyring")
     keys.add_argument("action", choices=("list", "set", "delete"))
     keys.add_argument("provider", nargs="?")
-    keys.add_argument("--config", "-c", dest="sub_config")
+    keys.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     status = sub.add_parser("status", help="is tokenman running? its live stats")
-    status.add_argument("--config", "-c", dest="sub_config")
+    status.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     stats = sub.add_parser("stats", help="usage and cost from the request log")
-    stats.add_argument("--config", "-c", dest="sub_config")
+    stats.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=_CONFIG_HELP)
     stats.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d (default 24h)")
     stats.add_argument("--by", choices=tuple(STATS_GROUPS), default="model")
     stats.add_argument("--json", action="store_true", help="JSON for scripts")
