@@ -887,7 +887,9 @@ class TestCircuitBreaker(unittest.TestCase):
 
     def test_half_open_admits_exactly_the_probe_count_and_closes(self):
         self.failures(3)
+        self.assertEqual(self.cb.shown, "open")
         self.now[0] = 10.0
+        self.assertEqual((self.cb.state, self.cb.shown), ("open", "half_open"))  # as shown
         a, b, c = self.cb.allow(), self.cb.allow(), self.cb.allow()
         self.assertEqual((a, b, c), ("probe", "probe", None))
         self.cb.record(a, True)

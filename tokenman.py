@@ -2553,6 +2553,12 @@ class CircuitBreaker:
         self.probes += 1
         return "probe"
 
+    @property
+    def shown(self) -> str:
+        """The state as the next call finds it (dashboards, metrics): an open breaker whose
+        reset time passed is half-open, though no call has moved it yet."""
+        return self.HALF_OPEN if self.state == self.OPEN and not self.retry_in() else self.state
+
     def retry_in(self) -> float:
         """Seconds until an open breaker admits a probe (0 when it would now)."""
         if self.state != self.OPEN:
@@ -6959,7 +6965,7 @@ class Dashboard:
             out.append({"name": key, "format": prov.cfg.format, "enabled": prov.cfg.enabled,
                         "usable": prov.usable, "models": list(prov.cfg.models),
                         "priority": prov.cfg.priority, "api_base": prov.cfg.api_base,
-                        "breaker": breaker.state if breaker else "disabled",
+                        "breaker": breaker.shown if breaker else "disabled",
                         "last_error": live.get("last_error", prov.error),
                         "requests": live.get("requests", 0), "errors": live.get("errors", 0),
                         "latency_ms": live.get("latency_ms")})
@@ -7705,7 +7711,7 @@ class App:
                ("tokenman_build_info", {"python": sys.version.split()[0],
                                         "version": __version__}, 1)]
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
-        out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.state])
+        out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.shown])
                 for key, b in self.breakers.items()]
         now = time.time()
         for (scope, period, start), spent in self.ledger.spent.items():
