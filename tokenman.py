@@ -848,12 +848,13 @@ def _coerce(kind: str, value: object, from_env: bool) -> object:
     if kind == "float":
         if from_env and isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and float(value) - float(value) == 0:  # (not nan or inf)
             return float(value)
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a finite number, got {value!r}")
     if kind == "str":
         if isinstance(value, str):
             return value
@@ -1001,7 +1002,11 @@ def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
         injection=dataclasses.replace(cfg.injection, action=cfg.injection.action.lower()))
 
 
-_ENV_NOT_SETTINGS = ("TOKENMAN_CONFIG", "TOKENMAN_REEXEC", "TOKENMAN_SOAK")
+_ENV_NOT_SETTINGS = ("TOKENMAN_CONFIG", "TOKENMAN_REEXEC", "TOKENMAN_SOAK", "TOKENMAN_PORT",
+                     "TOKENMAN_NAME")
+# keyring fallbacks, and what Kubernetes (a Service named tokenman) and Docker links inject
+_ENV_NOT_SETTING_PREFIXES = ("TOKENMAN_KEY_", "TOKENMAN_SERVICE_", "TOKENMAN_PORT_",
+                             "TOKENMAN_ENV_")
 
 
 def _unknown_env(env: dict, providers: types.MappingProxyType) -> list[str]:
@@ -1013,7 +1018,7 @@ def _unknown_env(env: dict, providers: types.MappingProxyType) -> list[str]:
               for f in dataclasses.fields(ProviderConfig)}
     return [f"{name}: not a setting tokenman knows (environment), ignored"
             for name in sorted(env) if name.startswith("TOKENMAN_") and name not in names
-            and name not in _ENV_NOT_SETTINGS and not name.startswith("TOKENMAN_KEY_")]
+            and name not in _ENV_NOT_SETTINGS and not name.startswith(_ENV_NOT_SETTING_PREFIXES)]
 
 
 def _build_providers(raw: object, env: dict, errors: list[str],
@@ -2039,8 +2044,8 @@ class ServerConn:
 
 def _target_hint(buf: bytearray) -> str:
     """The path in a request line that could not be parsed whole (for the error's shape)."""
-    parts = bytes(buf[:MAX_REQUEST_LINE]).split(b"\r\n", 1)[0].split(b" ")
-    return parts[1].decode("latin-1") if len(parts) > 2 else ""
+    parts = bytes(buf[:MAX_REQUEST_LINE + 2]).lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].decode("latin-1") if len(parts) > 1 else ""
 
 
 class HTTPServer:
@@ -2131,6 +2136,7 @@ class HTTPServer:
         cfg = self.cfg
         deadline = self.loop.time() + cfg.read_timeout if cfg.read_timeout else None
         req = None
+        head = b""
         try:
             try:
                 head = await chan.read_head(MAX_HEAD, deadline)
@@ -2158,7 +2164,7 @@ class HTTPServer:
         except HTTPError as exc:
             self.log.debug("bad request", server=self.name, status=exc.status, error=exc.detail)
             conn.close_after = True
-            api = api_for(req.path if req else _target_hint(chan.buf),
+            api = api_for(req.path if req else _target_hint(head or chan.buf),
                           req.headers if req else None)
             conn.send_error(req, api, exc.status, exc.detail,
                             self._rejected(req, t0, exc.status, exc.detail))
@@ -4072,7 +4078,7 @@ class ResponseCache(Stage):
             return None
         r = rows[0]
         headers = [(n.encode("latin-1"), v.encode("latin-1"))
-                   for n, v in json.loads(r["headers"])]
+                   for n, v in json.loads(r["headers"]) if n.lower().encode() in _CACHED_HEADERS]
         return CacheEntry(r["expires"], r["status"], headers, bytes(r["body"]), r["model"],
                           r["tokens"], r["cost_usd"])
 
@@ -4108,6 +4114,11 @@ class ResponseCache(Stage):
         for key in [k for k, e in self.memory.items() if e.expires <= now]:
             del self.memory[key]
         return cache_purge_job(now, self.cfg.max_rows)
+
+
+def _usd(amount: float) -> str:
+    """12,345.67 / 25.00 / 0.0006: cents when the amount has no finer part."""
+    return f"{amount:,.2f}" if round(amount, 2) == amount else f"{amount:,.6f}".rstrip("0")
 
 
 def cache_purge_job(now: float, max_rows: int | None = None):
@@ -4205,10 +4216,12 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     ("ignore_previous", "instruction_override",
      r"\bignore\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+(?:instructions?|"
      r"prompts?|directives?|rules?)", re.I, "ignore"),
-    ("disregard_above", "instruction_override",  # "disregard the earlier draft" is not one:
+    ("disregard_above", "instruction_override",  # an instruction-like object (up to two
      r"\bdisregard\s+(?:all\s+)?(?:the\s+|your\s+|any\s+)?(?:above|previous|prior|earlier)"
-     r"(?:\s+(?:instructions?|prompts?|directives?|text|messages?|rules?|guidelines?|context)"
-     r"|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),  # an object, or nothing after it
+     r"(?:(?:\s+[\w-]+){0,2}?\s+(?:instructions?|prompts?|directives?|directions?|commands?|"
+     r"orders?|rules?|guidelines?|guidance|policies|polic(?:y|ies)|constraints?|text|messages?|"
+     r"context|conversation|content|input)\b"  # words before it), or nothing: not "disregard
+     r"|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),  # the earlier draft"
     ("new_instructions", "instruction_override",
      r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
     ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I, "prompt"),
@@ -4216,15 +4229,16 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
      re.I, "forget"),
     ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I, "```"),
-    ("markdown_system", "delimiter_injection",  # a "### System" heading line, not
-     r"(?m)^[ \t]*###\s+SYSTEM[ \t]*:?[ \t]*$", re.I, "###"),  # "### System requirements"
+    ("markdown_system", "delimiter_injection",  # but not a documentation heading such as
+     r"###\s*SYSTEM\b(?!\s+(?:requirements?|design|architecture|overview|status|information|"
+     r"info|settings|configuration|setup|diagram|health|logs?|details|components?|"  # "###
+     r"dependencies|specs?|specifications?)\b)", re.I, "###"),  # System requirements"
     ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
     ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
-    ("you_are_now", "role_confusion",  # a new persona or mode, not "you are now going to"
-     r"\byou\s+are\s+now\s+(?:a|an|the|my|in|no\s+longer|DAN|free|unrestricted|unfiltered|"
-     r"jailbroken|uncensored|developer|evil|operating|acting|playing|called|named)\b", re.I,
-     "now"),
+    ("you_are_now", "role_confusion",  # as the reference, except a user asking for help
+     r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
+     r"translate|summari[sz]e|read|fix)\b)", re.I, "now"),  # ("you are now going to help me")
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
@@ -4744,7 +4758,7 @@ class BudgetGuard(Stage):
                               limit=limit, spent=f"{spent:.6f}")
                 return error_reply(
                     ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f} of "
-                    f"${limit:.6g} (this request may cost up to ${worst:.4f})",
+                    f"${_usd(limit)} (this request may cost up to ${worst:.4f})",
                     "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
                     [(b"Retry-After", wait)],
                     {"period": period, "scope": scope, "limit": limit,
@@ -5121,6 +5135,7 @@ class Summarizer(Stage):
     def __init__(self, cfg: Config, log: Logger, prices: PriceTable, pool: UpstreamPool = None,
                  router: "Router" = None, **_: object) -> None:
         self.cfg = cfg.summarization
+        self.auth_enabled = cfg.auth.enabled
         self.log = log
         self.prices = prices
         self.pool = pool
@@ -5183,6 +5198,8 @@ class Summarizer(Stage):
             body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                     "messages": [{"role": "user", "content": prompt}]}
             auth = b"Bearer " + key if key else ctx.req.headers.get(b"authorization")
+            if not key and self.auth_enabled and not ctx.req.headers.get(b"x-tokenman-token"):
+                auth = None  # with auth on and no X-Tokenman-Token, that is tokenman's token
             if auth:
                 headers.append((b"Authorization", auth))
         resp = await self.pool.request(prov.origin, "POST", prov.origin.target(
@@ -6612,7 +6629,8 @@ class Proxy(ResponseRelay, RequestLog):
                                  routing.cross_format_fallback)
         if not pairs:
             broken = [p for p in self.router.providers.values()
-                      if p.cfg.enabled and p.error and p.cfg.format == ctx.api]
+                      if p.cfg.enabled and p.error and p.cfg.format == ctx.api
+                      and (not p.cfg.models or p.serves(ctx.model))]
             if broken:  # the provider exists, but its key could not be read
                 raise HTTPError(503, f"provider {broken[0].key} is unusable: {broken[0].error}")
             what = f"model {ctx.model!r}" if ctx.model else "this request"
@@ -7917,15 +7935,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "keys":
         return _keys(cfg, args.action, args.provider)
     if command == "check-config":
-        unusable = [f"providers.{key}.key_ref: {exc}" for key, p in cfg.providers.items()
-                    if p.enabled for exc in _key_problem(p.key_ref)]
-        for problem in unusable:  # the file is valid, but these providers could not be used
-            print(f"problem: {problem}", file=sys.stderr)
-        print(f"configuration {'NOT usable' if unusable else 'ok'}: "
-              f"{cfg.source or 'built-in defaults'}")
+        print(f"configuration ok: {cfg.source or 'built-in defaults'}")
         for warning in cfg.warnings:
             print(f"warning: {warning}")
-        return 1 if unusable else 0
+        for key, p in cfg.providers.items():  # valid, but unusable where this runs (a CI job
+            for problem in _key_problem(p.key_ref) if p.enabled else ():  # without secrets
+                print(f"warning: providers.{key}.key_ref: {problem} (the provider is unusable "
+                      "here until it is)")  # may check a config: a warning, not a failure)
+        return 0
     if command == "stats":
         return _stats(cfg, args)
     if command == "status":
@@ -7982,6 +7999,8 @@ def _detach(cfg: Config) -> int:
 
 
 def _key_problem(key_ref: str) -> list[str]:
+    if key_ref.startswith("keyring://"):  # not asked here: it may run a tool or prompt
+        return []
     try:
         resolve_key(key_ref, os.environ)
     except ValueError as exc:
