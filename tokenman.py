@@ -4216,12 +4216,13 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     ("ignore_previous", "instruction_override",
      r"\bignore\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+(?:instructions?|"
      r"prompts?|directives?|rules?)", re.I, "ignore"),
-    ("disregard_above", "instruction_override",  # an instruction-like object (up to two
+    # disregard_above: an instruction-like object (up to two words before it) or nothing after
+    # "previous", so not "disregard the earlier draft"
+    ("disregard_above", "instruction_override",
      r"\bdisregard\s+(?:all\s+)?(?:the\s+|your\s+|any\s+)?(?:above|previous|prior|earlier)"
      r"(?:(?:\s+[\w-]+){0,2}?\s+(?:instructions?|prompts?|directives?|directions?|commands?|"
-     r"orders?|rules?|guidelines?|guidance|policies|polic(?:y|ies)|constraints?|text|messages?|"
-     r"context|conversation|content|input)\b"  # words before it), or nothing: not "disregard
-     r"|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),  # the earlier draft"
+     r"orders?|rules?|guidelines?|guidance|polic(?:y|ies)|constraints?|text|messages?|"
+     r"context|conversation|content|input)\b|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),
     ("new_instructions", "instruction_override",
      r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
     ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I, "prompt"),
@@ -4229,16 +4230,19 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
      re.I, "forget"),
     ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I, "```"),
-    ("markdown_system", "delimiter_injection",  # but not a documentation heading such as
+    # markdown_system: not a documentation heading such as "### System requirements"
+    ("markdown_system", "delimiter_injection",
      r"###\s*SYSTEM\b(?!\s+(?:requirements?|design|architecture|overview|status|information|"
-     r"info|settings|configuration|setup|diagram|health|logs?|details|components?|"  # "###
-     r"dependencies|specs?|specifications?)\b)", re.I, "###"),  # System requirements"
+     r"info|settings|configuration|setup|diagram|health|logs?|details|components?|"
+     r"dependencies|specs?|specifications?)\b)", re.I, "###"),
     ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
     ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
-    ("you_are_now", "role_confusion",  # as the reference, except a user asking for help
+    # you_are_now: as the reference, except a user asking for help ("you are now going to
+    # help me ...")
+    ("you_are_now", "role_confusion",
      r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
-     r"translate|summari[sz]e|read|fix)\b)", re.I, "now"),  # ("you are now going to help me")
+     r"translate|summari[sz]e|read|fix)\b)", re.I, "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
@@ -7938,10 +7942,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration ok: {cfg.source or 'built-in defaults'}")
         for warning in cfg.warnings:
             print(f"warning: {warning}")
-        for key, p in cfg.providers.items():  # valid, but unusable where this runs (a CI job
-            for problem in _key_problem(p.key_ref) if p.enabled else ():  # without secrets
+        # a key that cannot be read here is a warning, not a failure: a CI job without the
+        # secrets may check a config that is fine where it runs
+        for key, p in cfg.providers.items():
+            for problem in _key_problem(p.key_ref) if p.enabled else []:
                 print(f"warning: providers.{key}.key_ref: {problem} (the provider is unusable "
-                      "here until it is)")  # may check a config: a warning, not a failure)
+                      "here until it is)")
         return 0
     if command == "stats":
         return _stats(cfg, args)
