@@ -232,6 +232,11 @@ def escape_log(text: str) -> str:
     return text
 
 
+def _usd(amount: float) -> str:
+    """12,345.67 / 25.00 / 0.0006: cents when the amount has no finer part."""
+    return f"{amount:,.2f}" if round(amount, 2) == amount else f"{amount:,.6f}".rstrip("0")
+
+
 def redact_secrets(text: str) -> str:
     """Masks API keys and bearer tokens that might sit inside an error text."""
     return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
@@ -852,7 +857,7 @@ def _coerce(kind: str, value: object, from_env: bool) -> object:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and float(value) - float(value) == 0:  # (not nan or inf)
+                and abs(value) < float("inf"):  # (nan fails this too)
             return float(value)
         raise ValueError(f"expected a finite number, got {value!r}")
     if kind == "str":
@@ -4114,11 +4119,6 @@ class ResponseCache(Stage):
         for key in [k for k, e in self.memory.items() if e.expires <= now]:
             del self.memory[key]
         return cache_purge_job(now, self.cfg.max_rows)
-
-
-def _usd(amount: float) -> str:
-    """12,345.67 / 25.00 / 0.0006: cents when the amount has no finer part."""
-    return f"{amount:,.2f}" if round(amount, 2) == amount else f"{amount:,.6f}".rstrip("0")
 
 
 def cache_purge_job(now: float, max_rows: int | None = None):
