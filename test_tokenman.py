@@ -4375,12 +4375,18 @@ class TestSubprocess(unittest.TestCase):
             with open(path, "w") as fh:
                 fh.write(f'[server]\nproxy_port = {port}\ndashboard_port = {dash}\n'
                          f'data_dir = "{tmp}/data"\nlog_format = "json"\n')
-            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tokenman.py"),
-                                     "--config", path], stderr=subprocess.PIPE,
-                                    env=dict(os.environ, HOME=tmp))
+            # interpreter options before the script survive the re-exec into an import
+            proc = subprocess.Popen([sys.executable, "-W", "ignore", os.path.join(
+                HERE, "tokenman.py"), "--config", path], stderr=subprocess.PIPE,
+                env=dict(os.environ, HOME=tmp, PYTHONUNBUFFERED="1"))
             try:
                 line = json.loads(proc.stderr.readline())
                 self.assertEqual((line["level"], line["msg"]), ("info", "tokenman started"))
+                if os.path.exists(f"/proc/{proc.pid}/cmdline"):
+                    with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
+                        argv = fh.read().decode().rstrip("\0").split("\0")
+                    self.assertEqual(argv[1:7], ["-W", "ignore", "-I", "-S", "-u", "-c"])
+                    self.assertEqual(argv[-2:], ["--config", path])
                 with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
                     conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     reply = b""

@@ -31,16 +31,22 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
-if (__name__ == "__main__" and _os.name == "posix" and len(_sys.orig_argv) > 1
-        and _os.path.abspath(_sys.orig_argv[1]) == _os.path.abspath(__file__)
-        and _os.environ.get("TOKENMAN_REEXEC", "1") == "1"):
-    # `python tokenman.py` keeps the parse tree of the whole script alive for as long as it
-    # runs (~15 MB here). Re-executing into a normal import of this file frees it and lets
-    # Python use (and write) the cached bytecode; the process keeps its PID.
-    _os.execv(_sys.executable, [_sys.executable, "-I", "-S", "-c", (
-        "import importlib.util as u, sys; s = u.spec_from_file_location('tokenman', sys.argv[1]);"
-        " m = u.module_from_spec(s); sys.modules['tokenman'] = m; s.loader.exec_module(m);"
-        " sys.exit(m.main(sys.argv[2:]))"), _os.path.abspath(__file__)] + _sys.argv[1:])
+# `python tokenman.py` keeps the parse tree of the whole script alive for as long as it runs
+# (~15 MB here). Re-executing into a normal import of this file frees it and lets Python use (and
+# write) the cached bytecode; the process keeps its PID. Interpreter options given before the
+# script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so an unbuffered
+# request (PYTHONUNBUFFERED, as container images set it) is passed on as -u.
+if __name__ == "__main__" and _os.name == "posix" \
+        and _os.environ.get("TOKENMAN_REEXEC", "1") == "1":
+    _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
+    if _at >= 1 and "__file__" in globals() \
+            and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
+        _os.execv(_sys.executable, [_sys.executable, *_sys.orig_argv[1:_at], "-I", "-S"]
+                  + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
+                      "import importlib.util as u, sys; s = u.spec_from_file_location("
+                      "'tokenman', sys.argv[1]); m = u.module_from_spec(s); sys.modules["
+                      "'tokenman'] = m; s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))"),
+                      _os.path.abspath(__file__)] + _sys.argv[1:])
 
 __version__ = "0.2.0"
 __all__ = [
