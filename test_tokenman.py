@@ -2161,6 +2161,13 @@ class TestDetectors(unittest.TestCase):
             ("key sk-ant-api03-abcdefghijklmnopqrstuvwxyz012345 ok",
              [("sk-ant-api03-abcdefghijklmnopqrstuvwxyz012345", "api_key")]),
             ('api_key: "aZ3kP9qL2mX8vB4nR7tY1wE5"', [("aZ3kP9qL2mX8vB4nR7tY1wE5", "api_key")]),
+            # each literal alone (a case-blind gate once hid AKIA and AIza keys)
+            ("aws AKIAIOSFODNN7EXAMPLE here", [("AKIAIOSFODNN7EXAMPLE", "api_key")]),
+            ("maps AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW",
+             [("AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW", "api_key")]),
+            ("gh ghp_" + "a1B2" * 9, [("ghp_" + "a1B2" * 9, "api_key")]),
+            ("slack xoxb-1234567890-abcdefghij", [("xoxb-1234567890-abcdefghij", "api_key")]),
+            ("gitlab glpat-abcdefghij0123456789", [("glpat-abcdefghij0123456789", "api_key")]),
             ("open /home/alice/project/x.py", [("/home/alice", "file_path")]),
             ("C:\\Users\\bob\\notes.txt", [("C:\\Users\\bob", "file_path")]),
         ]
@@ -2173,6 +2180,26 @@ class TestDetectors(unittest.TestCase):
                      "token = aaaaaaaaaaaaaaaaaaaaaaaa", "+12", "2024-01-15"):
             with self.subTest(text=text):
                 self.assertEqual(self.kinds(text), [])
+
+    def test_scan_memo_keeps_history_texts_within_its_size(self):
+        scanned = []
+
+        def scan(text):
+            scanned.append(text)
+            return [(0, 1, "email")] if text.startswith("@") else []
+        memo = tm.ScanMemo(max_bytes=4096)
+        for short in (False, False, True, True):  # short texts: kept only from a history
+            self.assertFalse(memo.get("src/x.py", scan, short))
+        self.assertEqual(scanned, ["src/x.py"] * 3)
+        long = "@" + "x" * 300
+        self.assertEqual([memo.get(long, scan) for _ in range(3)], [[(0, 1, "email")]] * 3)
+        self.assertEqual(scanned.count(long), 1)
+        for i in range(40):  # newer texts push the oldest out: the size stays bounded
+            memo.get(f"{i:0300d}", scan)
+        self.assertLessEqual(memo.size, 4096)
+        self.assertLess(len(memo.entries), 10)
+        memo.get(long, scan)
+        self.assertEqual(scanned.count(long), 2)
 
     def test_overlaps_resolve_by_priority(self):
         # a 16-digit card is never half-replaced as a phone; an email inside a path stays whole
@@ -2225,7 +2252,8 @@ class TestDetectors(unittest.TestCase):
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "secret thoughts", "signature": "sig"},
                 {"type": "tool_use", "id": "t", "name": "f", "input": {"q": ["I"]}}]}]}
-        got = {(path, p[k]) for p, k, path, _ in tm.text_fields("anthropic", anthropic)}
+        got = {(tm.field_path(path), p[k])
+               for p, k, path, _ in tm.text_fields("anthropic", anthropic)}
         self.assertEqual(got, {("system[0].text", "S"), ("messages[0].content[0].text", "U"),
                                ("messages[0].content[1].content[0].text", "R"),
                                ("messages[1].content[1].input.q[0]", "I")})

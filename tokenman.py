@@ -3909,42 +3909,52 @@ class Pipeline:
 # (REGISTRY, at the end, maps each config name to its class)
 
 
-def text_fields(api: str, obj: dict, roles: tuple | None = None):
+def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     """Every text-bearing string of a request, as (container, key, path, role): string and
     array system prompts, every message's string or text parts, tool results (nested too),
     tool-use inputs and tool-call arguments. `roles` limits which messages are visited.
-    Thinking blocks are skipped: the provider verifies their signatures."""
+    Thinking blocks are skipped: the provider verifies their signatures. A path is a tuple
+    (("messages", 3, "content", 0, "text")); field_path() spells it for records: an agent's
+    request holds hundreds of fields, and most are never reported."""
+    out: list[tuple] = []
     if roles is None or "system" in roles:
         system = obj.get("system")
         if isinstance(system, str):
-            yield obj, "system", "system", "system"
+            out.append((obj, "system", ("system",), "system"))
         elif isinstance(system, list):
             for i, block in enumerate(system):
                 if isinstance(block, dict) and isinstance(block.get("text"), str):
-                    yield block, "text", f"system[{i}].text", "system"
+                    out.append((block, "text", ("system", i, "text"), "system"))
     messages = obj.get("messages")
     if not isinstance(messages, list):
-        return
+        return out
+    calls_too = api == API_OPENAI and (roles is None or "assistant" in roles)
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             continue
-        role = msg.get("role") if isinstance(msg.get("role"), str) else ""
+        role = msg.get("role")
+        if not isinstance(role, str):
+            role = ""
         if roles is not None and role not in roles and not (role == "user" and "tool" in roles):
             continue
-        yield from _content_fields(msg, "content", f"messages[{i}].content", role, roles)
-        if api == API_OPENAI and (roles is None or "assistant" in roles):
-            for j, call in enumerate(msg.get("tool_calls") or ()):
+        _content_fields(out, msg, "content", ("messages", i, "content"), role, roles, 0)
+        calls = msg.get("tool_calls") if calls_too else None
+        if isinstance(calls, list):
+            for j, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    yield fn, "arguments", f"messages[{i}].tool_calls[{j}].function.arguments", \
-                        "assistant"
+                    out.append((fn, "arguments",
+                                ("messages", i, "tool_calls", j, "function", "arguments"),
+                                "assistant"))
+    return out
 
 
-def _content_fields(parent: dict, key: str, path: str, role: str, roles, depth: int = 0):
+def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, roles,
+                    depth: int) -> None:
     content = parent.get(key)
     if isinstance(content, str):
         if roles is None or role in roles:
-            yield parent, key, path, role
+            out.append((parent, key, path, role))
         return
     if not isinstance(content, list) or depth > 4:
         return
@@ -3952,35 +3962,38 @@ def _content_fields(parent: dict, key: str, path: str, role: str, roles, depth: 
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
-        where = f"{path}[{j}]"
         if kind == "tool_result":
             if roles is None or "tool" in roles:
-                yield from _content_fields(block, "content", where + ".content", "tool", None,
-                                           depth + 1)
+                _content_fields(out, block, "content", path + (j, "content"), "tool", None,
+                                depth + 1)
         elif kind in ("tool_use", "server_tool_use") and (roles is None or "assistant" in roles):
-            yield from _value_fields(block, "input", where + ".input", depth)
+            _value_fields(out, block, "input", path + (j, "input"), depth)
         elif kind in ("thinking", "redacted_thinking"):
             continue
         elif isinstance(block.get("text"), str) and (roles is None or role in roles):
-            yield block, "text", where + ".text", role
+            out.append((block, "text", path + (j, "text"), role))
 
 
-def _value_fields(parent, key, path: str, depth: int):
+def _value_fields(out: list, parent, key, path: tuple, depth: int) -> None:
     value = parent[key]
     if isinstance(value, str):
-        yield parent, key, path, "assistant"
+        out.append((parent, key, path, "assistant"))
     elif depth < 16 and isinstance(value, dict):
         for k in value:
-            yield from _value_fields(value, k, f"{path}.{k}", depth + 1)
+            _value_fields(out, value, k, path + (k,), depth + 1)
     elif depth < 16 and isinstance(value, list):
         for i in range(len(value)):
-            yield from _value_fields(value, i, f"{path}[{i}]", depth + 1)
+            _value_fields(out, value, i, path + (i,), depth + 1)
 
 
-def mark_changed(ctx: Context, path: str) -> None:
+def field_path(path: tuple) -> str:
+    """("messages", 3, "content", 0, "text") -> "messages[3].content[0].text"."""
+    return path[0] + "".join(f"[{p}]" if type(p) is int else "." + p for p in path[1:])
+
+
+def mark_changed(ctx: Context, path: tuple) -> None:
     """Records that the top-level member a field path starts in must be re-sent."""
-    top = path.split(".", 1)[0].split("[", 1)[0]
-    ctx.changes[top] = ctx.obj[top]
+    ctx.changes[path[0]] = ctx.obj[path[0]]
 
 
 def mask(value: str) -> str:
@@ -4289,28 +4302,34 @@ _INJECTION_SQL = ("INSERT INTO injection_log (request_id, timestamp, category, p
 
 
 class ScanMemo:
-    """Results of scanning long texts, by the text itself: agents resend the same system
-    prompt and history on every turn, so only the new part of a conversation is scanned."""
-    __slots__ = ("entries", "chars", "max_chars")
-    MIN_LENGTH = 256
+    """Results of scanning texts, by the text itself: agents resend the same system prompt,
+    tool results and history on every turn, so only the new part of a conversation is scanned.
+    Short texts are kept only from requests with a history (`short=True`): an agent's history
+    holds a hundred short tool inputs and answers, each costing a full scan when it has a digit
+    or a slash; a one-off chat message would only churn the table. Bounded by the memory its
+    texts hold, oldest first out."""
+    __slots__ = ("entries", "size", "max_bytes")
+    MIN_LENGTH = 256   # shorter texts are scanned each time unless `short`
+    HISTORY = 16       # text fields from which a request counts as carrying a history
+    ENTRY_BYTES = 128  # what an entry costs besides its text (table slot, order link, result)
 
-    def __init__(self, max_chars: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.entries: collections.OrderedDict[str, object] = collections.OrderedDict()
-        self.chars = 0
-        self.max_chars = max_chars
+        self.size = 0
+        self.max_bytes = max_bytes
 
-    def get(self, text: str, scan):
-        if len(text) < self.MIN_LENGTH:
+    def get(self, text: str, scan, short: bool = False):
+        if len(text) < self.MIN_LENGTH and not short:
             return scan(text)
         found = self.entries.get(text)
         if found is not None:
             self.entries.move_to_end(text)
             return found
-        found = self.entries[text] = scan(text)
-        self.chars += len(text)
-        while self.chars > self.max_chars:
+        found = self.entries[text] = scan(text) or ()
+        self.size += sys.getsizeof(text) + self.ENTRY_BYTES
+        while self.size > self.max_bytes:
             old, _ = self.entries.popitem(last=False)
-            self.chars -= len(old)
+            self.size -= sys.getsizeof(old) + self.ENTRY_BYTES
         return found
 
 
@@ -4334,11 +4353,14 @@ class InjectionGuard(Stage):
             return None
         action = self.cfg.action
         hits = []
-        for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj, ("user", "tool"))):
-            found = self.memo.get(parent[key], find_injections)
+        fields = text_fields(ctx.api, ctx.obj, ("user", "tool"))
+        short = len(fields) >= ScanMemo.HISTORY
+        for parent, key, path, _ in fields:
+            found = self.memo.get(parent[key], find_injections, short)
             if not found:
                 continue
-            hits += [(path, f) for f in found]
+            where = field_path(path)
+            hits += [(where, f) for f in found]
             if action == "sanitize":
                 text = parent[key]
                 for _, _, matched in found:
@@ -4397,28 +4419,30 @@ def _entropy_ok(m: re.Match) -> bool:
 
 # (type, priority, pattern, validator, gate); on overlap the higher priority wins. A pattern
 # with a group named "secret" replaces only that group. The gate keeps the regexes off texts that
-# cannot match: literals that must occur, keywords (in the lowercased text), or "digits": the
-# digit-based patterns only run on the short candidate windows that _digit_windows finds.
+# cannot match: ("text", literals one of which must occur as written), ("lower", keywords looked
+# for in the lowercased text), or "digits": the digit-based patterns only run on the short
+# candidate windows that _digit_windows finds.
 PII_DETECTORS = (
     ("api_key", 6, re.compile(
         r"\b(?:sk-(?:ant-|proj-|svcacct-)?[A-Za-z0-9_\-]{20,}|AKIA[0-9A-Z]{16}|"
         r"gh[pousr]_[A-Za-z0-9]{36,}|glpat-[A-Za-z0-9_\-]{20,}|xox[abpr]-[A-Za-z0-9\-]{10,}|"
         r"AIza[0-9A-Za-z_\-]{35})"), None,
-     ("sk-", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xox", "AIza")),
+     ("text", ("sk-", "AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xox", "AIza"))),
     ("api_key", 5, re.compile(
         r"(?i)\b(?:api[_-]?key|secret|token|password|passwd|credential)s?[\"']?\s*[=:]\s*"
         r"[\"']?(?P<secret>[A-Za-z0-9/+_\-.]{16,})"), _entropy_ok,
-     ("key", "secret", "token", "passw", "credential")),
+     ("lower", ("key", "secret", "token", "passw", "credential"))),
     ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok,
      "digits"),
     ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok, "digits"),
-    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None, ("@",)),
+    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None,
+     ("text", ("@",))),
     # phones need a + country code or separators: bare digit runs (ids, timestamps) are not phones
     ("phone", 1, re.compile(
         r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){1,4}"
         r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?![\w])"), None, "digits"),
     ("file_path", 0, re.compile(r"(?:/Users/|/home/)[A-Za-z0-9._\-]+|[A-Za-z]:\\Users\\[^\\\s\"']+"),
-     None, ("/Users/", "/home/", ":\\Users\\")),
+     None, ("text", ("/Users/", "/home/", ":\\Users\\"))),
 )
 _DIGIT_MAP = bytes(ord("0") if chr(i).isdigit() and i < 128 else i if chr(i) in " .()+-" else
                    ord("x") for i in range(256))
@@ -4471,11 +4495,12 @@ def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, i
                 windows = _digit_windows(text)
             matches = [m for a, b in windows for m in rx.finditer(text, a, b)]
         else:
-            if gate[0].islower():  # keyword gates are checked on the lowercased text
+            where, words = gate
+            if where == "lower":  # keyword gates are checked on the lowercased text
                 low = text.lower() if low is None else low
-                if not any(g in low for g in gate):
+                if not any(g in low for g in words):
                     continue
-            elif not any(g in text for g in gate):
+            elif not any(g in text for g in words):
                 continue
             matches = rx.finditer(text)
         for m in matches:
@@ -4523,12 +4548,15 @@ class PIIGuard(Stage):
         mapping: dict[str, str] = {}     # original value -> placeholder
         counters: dict[str, int] = {}
         found = []
-        for parent, key, path, _ in list(text_fields(ctx.api, ctx.obj)):
+        fields = text_fields(ctx.api, ctx.obj)
+        short = len(fields) >= ScanMemo.HISTORY
+        for parent, key, path, _ in fields:
             text = parent[key]
-            spans = self.memo.get(text, self._scan)
+            spans = self.memo.get(text, self._scan, short)
             if not spans:
                 continue
-            found += [(kind, path, text[s:e]) for s, e, kind in spans]
+            where = field_path(path)
+            found += [(kind, where, text[s:e]) for s, e, kind in spans]
             if action in ("redact", "hash"):
                 out, pos = [], 0
                 for s, e, kind in spans:
@@ -5049,7 +5077,7 @@ class RulesCompressor(Stage):
         if not self.cfg.enabled or no_compress(ctx):
             return None
         before = after = 0
-        for parent, key, path, role in list(text_fields(ctx.api, ctx.obj, self.roles)):
+        for parent, key, path, role in text_fields(ctx.api, ctx.obj, self.roles):
             if role not in self.roles:
                 continue
             text = parent[key]
@@ -5119,7 +5147,7 @@ class HistoryWindow(Stage):
     def _truncate(self, ctx: Context, messages: list) -> bool:
         limit = self.cfg.truncate_tool_results
         changed = False
-        for parent, key, _, role in list(text_fields(ctx.api, ctx.obj, ("tool",))):
+        for parent, key, _, role in text_fields(ctx.api, ctx.obj, ("tool",)):
             text = parent[key]
             if role == "tool" and len(text) > limit:
                 half = limit // 2

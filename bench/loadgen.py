@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -32,6 +33,7 @@ DEFAULTS = {
     "host": "127.0.0.1", "port": 0, "method": "POST", "path": "/v1/messages", "body": "",
     "headers": {}, "concurrency": 1, "duration": 5.0, "warmup": 0.0, "max_requests": 10_000_000,
     "timeout": 10.0, "once": False, "stream": False, "ramp_batch": 64, "ramp_pause": 0.002,
+    "vary": "",  # a placeholder in the body that each request replaces with a new word
 }
 
 
@@ -118,7 +120,7 @@ class Client(asyncio.Protocol):
         self.tail = b""
         self.gaps = [] if self.gen.stream else None
         self.t0 = time.perf_counter()
-        self.transport.write(self.gen.request)
+        self.transport.write(self.gen.next_request())
 
     # -- parsing --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -266,6 +268,11 @@ class Generator:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
         self.request = build_request(spec)
+        vary = spec["vary"].encode()
+        at = self.request.find(vary) if vary else -1
+        self.vary = (self.request[:at], len(vary), self.request[at + len(vary):]) \
+            if at >= 0 else None
+        self.counter = random.randrange(26 ** len(vary)) if vary else 0
         self.stream = bool(spec["stream"])
         self.marker = (b"message_stop" if "/messages" in spec["path"] else b"[DONE]") \
             if self.stream else b""
@@ -283,6 +290,18 @@ class Generator:
         self.stopping = False
         self.connecting = 0
         self.done = self.loop.create_future()
+
+    def next_request(self) -> bytes:
+        """The request, with a new word (same length, letters only) where `vary` was."""
+        if self.vary is None:
+            return self.request
+        head, width, tail = self.vary
+        self.counter += 1
+        k, word = self.counter, bytearray(width)
+        for i in range(width):
+            word[i] = 97 + k % 26
+            k //= 26
+        return head + word + tail
 
     def running(self) -> bool:
         return not self.stopping and time.perf_counter() < self.end \

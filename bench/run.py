@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import select
@@ -67,7 +68,12 @@ HEADERS = {  # dummy keys: tokenman passes the client's own key through (no key_
 }
 PROMPT = ("You are a concise assistant. Answer the question in one short paragraph and do not "
           "use lists. Question: what does a reverse proxy do for an application that calls "
-          "a large language model API over HTTPS?")
+          "a large language model API over HTTPS? Ticket qqqqqq.")
+# Both generators put a different six-letter word in place of VARY in every request (from a
+# random start, so no two phases repeat one): the user's message is new on every call, as in real
+# traffic, and a proxy that remembers texts it scanned (tokenman does: agents resend history) is
+# not flattered by byte-identical requests. Letters only: which PII detectors run stays the same.
+VARY = "qqqqqq"
 
 CONCURRENCY = (1, 16, 64, 256)
 STREAM_CONCURRENCY = (1, 16, 64)
@@ -473,8 +479,20 @@ def pct(values: list[float], p: float) -> float | None:
 
 _WRK_LUA = r"""
 wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
 %(headers)s
+local body = [==[%(body)s]==]
+local at = body:find("%(vary)s", 1, true)
+local head, tail = body:sub(1, at - 1), body:sub(at + %(vary_len)d)
+local n = %(start)d
+function request()
+  n = n + 1
+  local k, w = n, {}
+  for i = 1, %(vary_len)d do
+    w[i] = string.char(97 + k %% 26)
+    k = math.floor(k / 26)
+  end
+  return wrk.format(nil, nil, nil, head .. table.concat(w) .. tail)
+end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -540,7 +558,8 @@ def run_wrk(wrk: str, port: int, api: str, conc: int, seconds: float, workdir: s
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in HEADERS[api].items())
     script = os.path.join(workdir, f"wrk-{api}.lua")
     with open(script, "w") as fh:
-        fh.write(_WRK_LUA % {"body": request_body(api), "headers": headers})
+        fh.write(_WRK_LUA % {"body": request_body(api), "headers": headers, "vary": VARY,
+                             "vary_len": len(VARY), "start": random.randrange(26 ** len(VARY))})
     cmd = [wrk, "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", script, f"http://127.0.0.1:{port}{PATHS[api]}"]
     out_path = os.path.join(workdir, "wrk.out")
@@ -708,7 +727,7 @@ class Bench:
                     "headers": {**HEADERS[api], **(extra_headers or {})},
                     "concurrency": conc, "duration": seconds,
                     "warmup": 0.0 if once else LOADGEN_WARMUP, "stream": stream,
-                    "once": once, "timeout": timeout}
+                    "once": once, "timeout": timeout, "vary": VARY}
             res = summarize(run_loadgen(spec, self.args.procs, samplers, self.load_cpus,
                                         self.workdir))
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
