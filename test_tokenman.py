@@ -3654,6 +3654,27 @@ class TestServerHardening(ProxyTestCase):
         resp = await http(self.port, "GET", "/health")
         self.assertEqual(resp.status, 200)
 
+    async def test_an_oversized_body_still_sent_gets_the_413_not_a_reset(self):
+        # the client writes its whole body before reading (no Expect: 100-continue): closing
+        # on the unread bytes would reset the connection and lose the answer
+        await self.start_proxy({"server": {"max_body_size": 64 * 1024}})
+        for head in (b"Content-Length: %d\r\n" % (24 << 20), b"Transfer-Encoding: chunked\r\n"):
+            with self.subTest(head=head):
+                body = b"a" * (24 << 20)
+                if head.startswith(b"Transfer"):
+                    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                try:
+                    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n"
+                                 + body)
+                    await writer.drain()
+                    reply = await asyncio.wait_for(reader.read(), WAIT)
+                finally:
+                    writer.close()
+                self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:80])
+                self.assertIn(b"server.max_body_size", reply)
+        await self.assert_still_serving()
+
     async def test_smuggling_and_malformed_heads_get_status_and_close(self):
         await self.start_proxy({"server": {"max_body_size": 1000}})
         cases = [

@@ -92,6 +92,10 @@ SSE_MAX_EVENT = 10 * 1024 * 1024 # one SSE event the side parser follows (long t
 READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one read
 READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
 READ_LOW_WATER = 64 * 1024       # and resume below this
+LINGER_SECONDS = 10.0            # after refusing a request whose body is still arriving, read
+LINGER_IDLE = 2.0                # and drop it this long (this long without bytes ends it) before
+                                 # closing: closing on unread bytes sends a reset, and the
+                                 # client, still sending, never reads the answer (RFC 9112 9.6)
 POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream origin: at
                                  # least the busiest concurrency, or every request past it pays a
                                  # new connection (and TLS handshake) to the provider
@@ -1820,6 +1824,25 @@ class Channel(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
+    async def linger(self, seconds: float, idle: float) -> None:
+        """Half-closes once the answer is out, then drops what the peer still sends until it
+        closes, goes quiet for `idle` or `seconds` pass (the caller closes afterwards)."""
+        if self.lost or self.transport is None:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # after the buffered answer: the peer sees its end
+        end = self.loop.time() + seconds
+        while not self.eof:
+            self.buf.clear()
+            now = self.loop.time()
+            if now >= end:
+                return
+            try:
+                await self._wait(min(end, now + idle))
+            except TimeoutError:
+                return
+        self.buf.clear()
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -2136,6 +2159,9 @@ class HTTPServer:
             t0 = time.perf_counter()
             req = await self._read_request(conn, t0)
             if req is None:
+                if conn.close_after and not chan.eof:  # refused: let the client finish sending
+                    conn.busy = False  # (a graceful stop does not wait for this)
+                    await chan.linger(LINGER_SECONDS, LINGER_IDLE)
                 return
             await self.handler(req, conn)
             if not req.keep_alive or conn.close_after or chan.lost:
@@ -2160,14 +2186,16 @@ class HTTPServer:
             length = request_framing(req.headers)
             limit = cfg.max_body_size
             if length is not None and limit and length > limit:
-                raise HTTPError(413, "request body too large", close=True)
+                raise HTTPError(413, f"request body too large: {length:,} bytes, the limit is "
+                                f"{limit:,} (server.max_body_size)", close=True)
             if req.expect_continue and (length is None or length > 0):
                 chan.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if length is None:
                 try:
                     req.body = await BodyReader(chan, "chunked").read_all(limit, deadline)
                 except HeadTooLarge:
-                    raise HTTPError(413, "request body too large", close=True) from None
+                    raise HTTPError(413, f"request body too large: over the limit of {limit:,} "
+                                    "bytes (server.max_body_size)", close=True) from None
                 except ValueError:
                     raise HTTPError(400, "malformed chunked body", close=True) from None
             elif length:
