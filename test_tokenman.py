@@ -2000,6 +2000,26 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(breaker.state, "closed")
         self.assertEqual(len(calls), 3)
 
+    async def test_a_rate_limited_client_key_does_not_open_the_breaker_for_others(self):
+        async def handler(rec, r, w):
+            if rec.headers.get(b"x-api-key") == b"sk-ant-user-a":
+                await json_reply(w, {"type": "error", "error": {
+                    "type": "rate_limit_error", "message": "slow down"}}, status=429,
+                    headers=[b"retry-after: 0"])
+            else:
+                await json_reply(w, {"ok": True})
+        self.up.handler = handler
+        await self.start_proxy({"resilience": {"retry_enabled": False, "cb_failure_threshold": 2},
+                                "routing": {"fallback_enabled": False}},
+                               providers={"anthropic": {"api_base": self.up.base}})
+        user_a = dict(A_HEADERS, **{"x-api-key": "sk-ant-user-a"})
+        statuses = [(await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                user_a)).status for _ in range(4)]
+        self.assertEqual(statuses, [429] * 4)  # each one the provider's own answer
+        other = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(other.status, 200)
+        self.assertEqual(self.app.breakers["anthropic"].state, "closed")
+
     async def test_half_open_lets_one_concurrent_probe_through(self):
         gate = asyncio.Event()
         calls = []

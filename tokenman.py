@@ -6025,7 +6025,11 @@ class Dispatcher:
                 if ok:
                     return resp, prov, model, ticket
                 if breaker is not None:
-                    breaker.record(ticket, False)
+                    if resp.status == 429 and not prov.cfg.key_ref:
+                        breaker.release(ticket)  # the caller's own key hit its rate limit: that
+                        # says nothing about the provider for the other callers' keys
+                    else:
+                        breaker.record(ticket, False)
                 retry_after = parse_retry_after(resp.head.headers, self.clock())
                 last = await self._keep_failure(resp, prov)
                 if last.error is not None and conn.lost:
