@@ -2518,6 +2518,28 @@ class TestPIIStage(ProxyTestCase):
                          {("email", "ja*********om"), ("credit_card", "41***************11")})
         self.assertNotIn("jane", json.dumps([dict(r) for r in logged]))
 
+    async def test_thinking_keeps_its_placeholders_in_a_buffered_answer(self):
+        # the provider signed the thinking text: restoring into it would break the signature
+        # the next turn sends back (streamed thinking deltas are not restored either)
+        async def echo(rec, r, w):
+            text = rec.json()["messages"][0]["content"]
+            await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+                {"type": "thinking", "thinking": "I should email " + text, "signature": "s1"},
+                {"type": "redacted_thinking", "data": "[EMAIL_1]"},
+                {"type": "text", "text": "Writing to " + text},
+                {"type": "tool_use", "id": "t", "name": "mail", "input": {"to": [text]}}],
+                "usage": {"input_tokens": 5, "output_tokens": 5}})
+        self.up.handler = echo
+        await self.start_proxy()
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "jane@corp.com"}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        content = resp.json()["content"]
+        self.assertEqual(content[0], {"type": "thinking", "thinking": "I should email [EMAIL_1]",
+                                      "signature": "s1"})
+        self.assertEqual(content[1]["data"], "[EMAIL_1]")
+        self.assertEqual(content[2]["text"], "Writing to jane@corp.com")
+        self.assertEqual(content[3]["input"], {"to": ["jane@corp.com"]})
+
     async def test_windows_path_restored_into_valid_json(self):
         async def echo(rec, r, w):
             text = rec.json()["messages"][0]["content"]

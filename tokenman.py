@@ -4643,12 +4643,33 @@ class PIIRestorer:
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
 
     def restore_json(self, body: bytes) -> bytes:
-        """Placeholders inside the JSON string values of a body, replaced JSON-escaped."""
-        if b"[" not in body:
+        """Placeholders inside the JSON string values of a body, replaced JSON-escaped. Thinking
+        blocks keep theirs: the provider signed that text and verifies it when it comes back
+        (streamed thinking deltas are left alone the same way)."""
+        if b"[" not in body or not _PLACEHOLDER_RE.search(body):
             return body
+        if b'"thinking"' in body or b'"redacted_thinking"' in body:
+            obj = _loads(body)
+            content = obj.get("content") if isinstance(obj, dict) else None
+            if isinstance(content, list):
+                obj["content"] = [block if isinstance(block, dict) and block.get("type") in (
+                    "thinking", "redacted_thinking") else self._restore_value(block)
+                    for block in content]
+                return json_dumps(obj)
         esc = self.escaped
         return _PLACEHOLDER_RE.sub(
             lambda m: esc.get(m.group().decode(), m.group().decode()).encode(), body)
+
+    def _restore_value(self, value):
+        if isinstance(value, str):
+            if "[" not in value:
+                return value
+            return _PLACEHOLDER_TEXT_RE.sub(lambda m: self.plain.get(m.group(), m.group()), value)
+        if isinstance(value, dict):
+            return {k: self._restore_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._restore_value(v) for v in value]
+        return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
         text = self.held.pop(slot, "") + text
