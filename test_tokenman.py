@@ -2518,6 +2518,21 @@ class TestPIIStage(ProxyTestCase):
                          {("email", "ja*********om"), ("credit_card", "41***************11")})
         self.assertNotIn("jane", json.dumps([dict(r) for r in logged]))
 
+    async def test_a_placeholder_the_client_wrote_itself_is_not_reused(self):
+        async def echo(rec, r, w):
+            text = rec.json()["messages"][0]["content"]
+            await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+                {"type": "text", "text": "You said: " + text}],
+                "usage": {"input_tokens": 5, "output_tokens": 5}})
+        self.up.handler = echo
+        await self.start_proxy()
+        said = "the template has [EMAIL_1] in it; mail bob@example.com"
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": said}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(self.up.requests[0].json()["messages"][0]["content"],
+                         "the template has [EMAIL_1] in it; mail [EMAIL_2]")
+        self.assertEqual(resp.json()["content"][0]["text"], "You said: " + said)
+
     async def test_thinking_keeps_its_placeholders_in_a_buffered_answer(self):
         # the provider signed the thinking text: restoring into it would break the signature
         # the next turn sends back (streamed thinking deltas are not restored either)

@@ -4575,6 +4575,7 @@ class PIIGuard(Stage):
         action = self.cfg.action
         mapping: dict[str, str] = {}     # original value -> placeholder
         counters: dict[str, int] = {}
+        taken: set[str] | None = None
         found = []
         fields = text_fields(ctx.api, ctx.obj)
         short = len(fields) >= ScanMemo.HISTORY
@@ -4586,10 +4587,13 @@ class PIIGuard(Stage):
             where = field_path(path)
             found += [(kind, where, text[s:e]) for s, e, kind in spans]
             if action in ("redact", "hash"):
+                if taken is None:  # placeholders the client's own text already spells
+                    taken = {t.decode() for t in _PLACEHOLDER_RE.findall(ctx.req.body)}
                 out, pos = [], 0
                 for s, e, kind in spans:
                     out.append(text[pos:s])
-                    out.append(self._placeholder(text[s:e], kind, action, mapping, counters))
+                    out.append(self._placeholder(text[s:e], kind, action, mapping, counters,
+                                                 taken))
                     pos = e
                 out.append(text[pos:])
                 parent[key] = "".join(out)
@@ -4614,12 +4618,13 @@ class PIIGuard(Stage):
         return None
 
     @staticmethod
-    def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict) -> str:
+    def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict,
+                     taken: set[str]) -> str:
         if action == "hash":
             import hashlib
             return f"[{kind.upper()}_HASH_{hashlib.sha256(value.encode()).hexdigest()[:8]}]"
         placeholder = mapping.get(value)
-        if placeholder is None:
+        while placeholder is None or placeholder in taken:  # a number nobody else means
             counters[kind] = counters.get(kind, 0) + 1
             placeholder = mapping[value] = f"[{kind.upper()}_{counters[kind]}]"
         return placeholder
