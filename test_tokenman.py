@@ -1518,6 +1518,31 @@ class TestStreaming(ProxyTestCase):
         self.assertEqual((row["output_tokens"], row["cache_read_tokens"], row["outcome"]),
                          (300, 1920, "ok"))
 
+    async def test_usage_null_that_tokenman_caused_is_removed_from_chunks(self):
+        # include_usage makes OpenAI put "usage":null in every chunk; a client that did not ask
+        # for usage gets the chunks as they would have been, one that asked gets them untouched
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                 "choices": [{"index": 0, "delta": {"content": 'say "usage":null,'},
+                              "finish_reason": None}], "usage": None}
+        final = dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        usage = dict(chunk, choices=[], usage={"prompt_tokens": 5, "completion_tokens": 2,
+                                              "total_tokens": 7})
+        events = [b"data: " + json.dumps(o, separators=(",", ":")).encode() + b"\n\n"
+                  for o in (chunk, final, usage)] + [b"data: [DONE]\n\n"]
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, stream=True), O_HEADERS)
+        without = [json.dumps({k: v for k, v in o.items() if k != "usage"},
+                              separators=(",", ":")).encode() for o in (chunk, final)]
+        self.assertEqual(resp.body, b"".join(b"data: " + w + b"\n\n" for w in without)
+                         + b"data: [DONE]\n\n")
+        asked = await http(self.port, "POST", "/v1/chat/completions", dict(
+            OPENAI_REQ, stream=True, stream_options={"include_usage": True}), O_HEADERS)
+        self.assertEqual(asked.body, b"".join(events))
+        rows = await self.rows(2)
+        self.assertEqual({r["output_tokens"] for r in rows}, {2})
+
     async def test_openai_stream_with_client_usage_is_untouched(self):
         events, _ = openai_fixture("text")
         self.up.handler = fixture_handler(events, None)

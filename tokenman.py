@@ -2958,6 +2958,17 @@ class PriceTable:
 _DELTA_TEXT_RE = re.compile(
     rb'"(?:text|thinking|partial_json|content|arguments|refusal)":\s*"((?:[^"\\]|\\.)*)"')
 _TEXT_KEEP = 2 * 1024 * 1024  # generated text kept per stream for an estimate, at the most
+# `"usage": null` as a member of an OpenAI chunk (outside strings a quote is never escaped, so
+# this cannot match inside one): what include_usage adds to every chunk before the last
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+
+
+def strip_null_usage(event: bytes) -> bytes:
+    """An OpenAI chunk without the `"usage": null` that include_usage put there: for clients
+    that did not ask for usage, which tokenman asked for on their behalf."""
+    if b'"usage"' not in event:
+        return event
+    return _NULL_USAGE.sub(b"", event)
 
 
 class StreamMeter:
@@ -6257,6 +6268,8 @@ class ResponseRelay:
                             out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
                                        else event)
                 if out:
+                    if droppable:  # the client did not ask for usage: no "usage": null either
+                        out = [e if type(e) is RawPiece else strip_null_usage(e) for e in out]
                     conn.stream_write(out[0] if len(out) == 1 else b"".join(out))
                     if ctx.ttfb is None:
                         ctx.ttfb = time.perf_counter()
