@@ -2543,6 +2543,25 @@ class TestPIIStage(ProxyTestCase):
                          {("email", "ja*********om"), ("credit_card", "41***************11")})
         self.assertNotIn("jane", json.dumps([dict(r) for r in logged]))
 
+    async def test_count_tokens_is_redacted_and_blocked_like_the_call_it_counts(self):
+        async def count(rec, r, w):
+            await json_reply(w, {"input_tokens": 12})
+        self.up.handler = count
+        await self.start_proxy()
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "mail jane@corp.com"}])
+        resp = await http(self.port, "POST", "/v1/messages/count_tokens", req, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()), (200, {"input_tokens": 12}))
+        self.assertEqual(self.up.requests[0].json()["messages"][0]["content"], "mail [EMAIL_1]")
+        self.assertEqual(self.up.requests[0].target, b"/v1/messages/count_tokens")
+        twice = b'{"model":"m","messages":[{"role":"user","content":"jane@corp.com"}],' \
+                b'"messages":[]}'  # the provider might read the other one: refused
+        self.assertEqual((await http(self.port, "POST", "/v1/messages/count_tokens", twice,
+                                     A_HEADERS)).status, 400)
+        await self.start_proxy({"security": {"pii": {"action": "block"}}})  # a second proxy
+        blocked = await http(self.port, "POST", "/v1/messages/count_tokens", req, A_HEADERS)
+        self.assertEqual(blocked.status, 400)
+        self.assertEqual(len(self.up.requests), 1)
+
     async def test_a_placeholder_the_client_wrote_itself_is_not_reused(self):
         async def echo(rec, r, w):
             text = rec.json()["messages"][0]["content"]

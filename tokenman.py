@@ -145,6 +145,8 @@ OPENAI_PATH = "/v1/chat/completions"
 ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
                                           OPENAI_PATH: API_OPENAI})
 API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
+# calls that carry a whole conversation without answering it: PII is screened there too
+SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -3846,6 +3848,7 @@ class Stage:
     section = ""  # a built-in stage's config section (default: its name); disabled = left out
     fails_closed = False
     runs_on_hit = False  # also runs (after the cache) when the answer comes from the cache
+    side_calls = False  # also runs on side calls that carry a conversation (count_tokens)
 
     def request(self, ctx: Context) -> Reply | None:
         return None
@@ -3879,14 +3882,15 @@ class Pipeline:
                        fails="closed" if stage.fails_closed else "open",
                        error=f"{type(exc).__name__}: {exc}")
 
-    async def request(self, ctx: Context) -> Reply | None:
+    async def request(self, ctx: Context, side_call: bool = False) -> Reply | None:
         """Runs the request phases; the first Reply answers the request. After a cache hit
-        only the stages marked runs_on_hit still run (they may still refuse it)."""
+        only the stages marked runs_on_hit still run (they may still refuse it); a side call
+        only meets the stages marked side_calls."""
         hit = None
         timings = ctx.timings
         t1 = time.perf_counter()
         for stage in self.stages:
-            if hit is not None and not stage.runs_on_hit:
+            if hit is not None and not stage.runs_on_hit or side_call and not stage.side_calls:
                 continue
             t0 = t1
             try:
@@ -4566,6 +4570,7 @@ class PIIGuard(Stage):
     name = "pii"
     fails_closed = True
     runs_on_hit = True  # a cached answer holds placeholders: rebuild the mapping to restore
+    side_calls = True  # count_tokens carries the same conversation to the same provider
 
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
                  **_: object) -> None:
@@ -6619,6 +6624,8 @@ class Proxy(ResponseRelay, RequestLog):
             reply = None
             if ctx.obj is not None and req.path in ACCOUNTED_PATHS:
                 reply = await ctx.pipeline.request(ctx)
+            elif isinstance(ctx.obj, dict) and req.path in SIDE_CALL_PATHS:
+                reply = await ctx.pipeline.request(ctx, side_call=True)
             if reply is not None:
                 self._answer(req, conn, ctx, reply)
             else:
@@ -6706,19 +6713,20 @@ class Proxy(ResponseRelay, RequestLog):
         """Parses what routing and accounting need; returns the (provider, model) plan."""
         body = req.body
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
+        checked = accounted or req.method == "POST" and req.path in SIDE_CALL_PATHS
         obj = None
-        if accounted or (body[:1] == b"{" and req.method == "POST"):
-            if accounted and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
+        if checked or (body[:1] == b"{" and req.method == "POST"):
+            if checked and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
                 body = req.body = body[3:]
             try:  # UTF-8 only (RFC 8259 8.1): json.loads would also take UTF-16 and -32
                 obj = _REQUEST_JSON.decode(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, DuplicateKey too
-                if accounted:
+                if checked:  # (what the PII stage reads must be what the provider reads)
                     raise HTTPError(400, str(exc) if isinstance(exc, DuplicateKey) else
                                 "request body is nested too deeply" if isinstance(
                                     exc, RecursionError)
                                 else "request body is not valid UTF-8 JSON") from None
-            if accounted and not isinstance(obj, dict):
+            if checked and not isinstance(obj, dict):
                 raise HTTPError(400, "request body must be a JSON object")
         if isinstance(obj, dict):
             ctx.obj = obj
