@@ -434,6 +434,27 @@ class TestJsonPatch(unittest.TestCase):
                     self.assertTrue(out.startswith(raw.rstrip()[:-1].rstrip()), out)
                     self.assertTrue(out.endswith(raw[len(raw.rstrip()) - 1:]), out)
 
+    def test_parse_with_layout_reads_as_the_request_decoder_and_patches_the_same(self):
+        good = [b' { "a" : 1 , "z":{"x":[1,2]}, "s": "}\\\\"} ', b'{}', b'[1,2]', b'"x"',
+                b'{"u":"\u00e9","big":12345678901234567890,"f":1.0e2}\n']
+        for raw in good:
+            text = raw.decode()
+            obj, layout = tm.parse_with_layout(text)
+            with self.subTest(raw=raw):
+                self.assertEqual(obj, tm._REQUEST_JSON.decode(text))
+                if isinstance(obj, dict):
+                    for changes in ({"a": 5}, {"z": tm.REMOVE}, {"n": [1]}, {"a": tm.REMOVE}):
+                        self.assertEqual(tm.json_patch(raw, changes, layout),
+                                         tm.json_patch(raw, changes))
+        bad = [b'{"a":1,"a":2}', b'{"a":{"b":1,"b":2}}', b'{"a":1} x', b'{"a":1', b'{"a":',
+               b'{"a" 1}', b'{"a":1,}', b'{', b'{"a":[1,2}', b'{"\ud800":1}x']
+        for raw in bad:
+            with self.subTest(raw=raw):
+                with self.assertRaises(ValueError):
+                    tm._REQUEST_JSON.decode(raw.decode())
+                with self.assertRaises(ValueError):
+                    tm.parse_with_layout(raw.decode())
+
     def test_rejects_non_objects(self):
         for raw in (b"[]", b"1", b'"x"', b"{", b'{"a" 1}'):
             with self.subTest(raw=raw), self.assertRaises(ValueError):

@@ -100,6 +100,8 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # least the busiest concurrency, or every request past it pays a
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
+LAYOUT_MIN_BODY = 16 * 1024      # request bodies this large are parsed member by member, so a
+                                 # stage's change is patched in without parsing them again
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
 STORE_BATCH = 500                # rows written in one transaction
 STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
@@ -292,12 +294,15 @@ def json_dumps(obj: object) -> bytes:
 
 
 _JSON_WS = " \t\n\r"
+_PLAIN_JSON = json.JSONDecoder()
 
 
-def _top_level_members(text: str) -> tuple[dict[str, tuple[int, int, int]], int]:
+def _top_level_members(text: str, decoder: json.JSONDecoder | None = None,
+                       values: dict | None = None) -> tuple[dict[str, tuple[int, int, int]], int]:
     """Spans of the members of a top-level JSON object: key -> (member start, value start, value
-    end), plus the index of the closing brace. Raises ValueError on anything but an object."""
-    decoder = json.JSONDecoder()
+    end), plus the index of the closing brace. Raises ValueError on anything but an object.
+    With `values`, the decoded members are put there too (a repeated name is DuplicateKey)."""
+    decoder = decoder or _PLAIN_JSON
     i = len(text) - len(text.lstrip(_JSON_WS))
     if i >= len(text) or text[i] != "{":
         raise ValueError("not a JSON object")
@@ -319,7 +324,12 @@ def _top_level_members(text: str) -> tuple[dict[str, tuple[int, int, int]], int]
         i += 1
         while text[i] in _JSON_WS:
             i += 1
-        _, end = decoder.raw_decode(text, i)
+        value, end = decoder.raw_decode(text, i)
+        if values is not None:
+            if key in values:
+                raise DuplicateKey(f"request body names the member {key[:100]!r} twice in one "
+                                   "object")
+            values[key] = value
         members[key] = (start, i, end)
         i = end
         while text[i] in _JSON_WS:
@@ -331,14 +341,18 @@ def _top_level_members(text: str) -> tuple[dict[str, tuple[int, int, int]], int]
         i += 1
 
 
-def json_patch(raw: bytes, changes: dict[str, object]) -> bytes:
+def json_patch(raw: bytes, changes: dict[str, object], layout: tuple | None = None) -> bytes:
     """The original JSON object with only the named top-level members replaced, added (value
-    given) or removed (value is REMOVE). Every other byte, unknown fields included, is kept."""
-    added = _append_members(raw, changes)
-    if added is not None:
-        return added
-    text = raw.decode("utf-8-sig")
-    members, close = _top_level_members(text)
+    given) or removed (value is REMOVE). Every other byte, unknown fields included, is kept.
+    `layout` is what parse_with_layout() found for these bytes: no second parse."""
+    if layout is not None:
+        text, members, close = layout
+    else:
+        added = _append_members(raw, changes)
+        if added is not None:
+            return added
+        text = raw.decode("utf-8-sig")
+        members, close = _top_level_members(text)
     edits: list[tuple[int, int, str]] = []
     additions: list[str] = []
     for key, value in changes.items():
@@ -423,6 +437,22 @@ def _unique_members(pairs: list, dict=dict, len=len) -> dict:
 
 # request bodies: ~0.2 us more per JSON object than json.loads, for the check above
 _REQUEST_JSON = json.JSONDecoder(object_pairs_hook=_unique_members)
+
+
+def parse_with_layout(text: str) -> tuple[object, tuple | None]:
+    """A request body decoded as _REQUEST_JSON does, plus, for an object, where each top-level
+    member sits (text, spans, closing brace) for json_patch: an agent's large body that a stage
+    changes is then not parsed a second time (~5 us per KB)."""
+    if text.lstrip(_JSON_WS)[:1] != "{":
+        return _REQUEST_JSON.decode(text), None
+    values: dict = {}
+    try:
+        members, close = _top_level_members(text, _REQUEST_JSON, values)
+    except IndexError:
+        raise ValueError("the JSON object is not closed") from None
+    if text[close + 1:].strip(_JSON_WS):
+        raise ValueError("extra data after the JSON object")
+    return values, (text, members, close)
 
 
 def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
@@ -3764,7 +3794,7 @@ class Context:
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
                  "upstream_body", "cache_hit", "tokens_saved", "saved", "trace", "pipeline",
-                 "upstream_api")
+                 "upstream_api", "layout")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -3793,6 +3823,7 @@ class Context:
         self.obj: object = None            # the parsed request JSON (stages may change it)
         self.attempts = 0
         self.changes: dict[str, object] = {}  # top-level members to patch into the body
+        self.layout: tuple | None = None      # where those members sit (large bodies)
         self.hooks: list = []               # stages that rewrite this request's answer
         self.passed: list = []              # stages whose request phase ran (for finish)
         self.timings: dict[str, float] = {}  # seconds spent per stage and phase
@@ -5092,7 +5123,8 @@ class CacheHints(Stage):
                 sizes[key] = len(json_dumps(ctx.changes[key])) // 4
         if len(sizes) < 3:
             try:
-                members, _ = _top_level_members(ctx.req.body.decode("utf-8"))
+                members = ctx.layout[1] if ctx.layout is not None else \
+                    _top_level_members(ctx.req.body.decode("utf-8"))[0]
             except (ValueError, UnicodeDecodeError):
                 members = {}
             for key, (_, start, end) in members.items():
@@ -6684,7 +6716,7 @@ class Proxy(ResponseRelay, RequestLog):
                 pairs: list[tuple[Provider, str]]) -> list[tuple[Provider, str, bytes]]:
         """The upstream body for each step of the plan: the client's bytes, patched only where
         tokenman changed something (top-level members named in ctx.changes, or the model)."""
-        body = json_patch(req.body, ctx.changes) if ctx.changes else req.body
+        body = json_patch(req.body, ctx.changes, ctx.layout) if ctx.changes else req.body
         plan = []
         for prov, model in pairs:
             if prov.cfg.format != ctx.api and isinstance(ctx.obj, dict) \
@@ -6719,7 +6751,10 @@ class Proxy(ResponseRelay, RequestLog):
             if checked and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
                 body = req.body = body[3:]
             try:  # UTF-8 only (RFC 8259 8.1): json.loads would also take UTF-16 and -32
-                obj = _REQUEST_JSON.decode(body.decode("utf-8"))
+                if len(body) < LAYOUT_MIN_BODY:
+                    obj = _REQUEST_JSON.decode(body.decode("utf-8"))
+                else:
+                    obj, ctx.layout = parse_with_layout(body.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, DuplicateKey too
                 if checked:  # (what the PII stage reads must be what the provider reads)
                     raise HTTPError(400, str(exc) if isinstance(exc, DuplicateKey) else
