@@ -2212,6 +2212,31 @@ class TestResilience(ProxyTestCase):
 # ================================================================================================
 
 
+class TestCacheMemory(unittest.TestCase):
+    def test_answers_in_memory_are_bounded_by_bytes_as_well_as_count(self):
+        from unittest import mock
+        cfg = tm.config_from_dict({"cache": {"max_entries": 5}}, {})
+        cache = tm.ResponseCache(cfg, store=None)
+
+        def entry(size, expires=100.0):
+            return tm.CacheEntry(expires, 200, [], b"x" * size, "m", 1, 0.0)
+        with mock.patch.object(tm, "CACHE_MEMORY_MAX", 1000):
+            for i in range(4):
+                cache._remember(f"k{i}", entry(300))
+            self.assertEqual(list(cache.memory), ["k1", "k2", "k3"])  # 1,200 bytes > 1,000
+            self.assertEqual(cache.memory_bytes, 900)
+            cache._remember("k3", entry(100))  # replaced, not counted twice
+            self.assertEqual((list(cache.memory), cache.memory_bytes), (["k1", "k2", "k3"], 700))
+            for i in range(10):
+                cache._remember(f"s{i}", entry(1))
+            self.assertEqual(len(cache.memory), 5)  # the count bound still holds
+            self.assertEqual(cache.memory_bytes, 5)
+            cache._remember("old", entry(1, expires=1.0))
+            cache._forget_expired(50.0)
+            self.assertNotIn("old", cache.memory)
+            self.assertEqual(cache.memory_bytes, sum(len(e.body) for e in cache.memory.values()))
+
+
 class TestDetectors(unittest.TestCase):
     ALL = frozenset(tm.PII_TYPES)
 

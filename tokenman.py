@@ -100,6 +100,9 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # least the busiest concurrency, or every request past it pays a
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
+CACHE_MEMORY_MAX = 32 * 1024 * 1024  # answer bytes the response cache (and the heartbeat)
+                                 # keep in memory, whatever max_entries allows (1,000 answers of
+                                 # up to max_entry_bytes could otherwise hold a gigabyte)
 LAYOUT_MIN_BODY = 16 * 1024      # request bodies this large are parsed member by member, so a
                                  # stage's change is patched in without parsing them again
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
@@ -4111,6 +4114,7 @@ class ResponseCache(Stage):
         self.store = store
         self.clock = clock
         self.memory: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+        self.memory_bytes = 0  # answer bodies held in memory (the rest stays in SQLite)
 
     def _eligible(self, ctx: Context) -> bool:
         obj = ctx.obj
@@ -4149,7 +4153,7 @@ class ResponseCache(Stage):
         entry = self.memory.get(key)
         now = self.clock()
         if entry is not None and entry.expires <= now:
-            del self.memory[key]
+            self._forget(key)
             entry = None
         if entry is None:
             entry = await asyncio.to_thread(self._load, key, now)
@@ -4181,10 +4185,21 @@ class ResponseCache(Stage):
                           r["tokens"], r["cost_usd"])
 
     def _remember(self, key: str, entry: CacheEntry) -> None:
+        self._forget(key)
         self.memory[key] = entry
-        self.memory.move_to_end(key)
-        while len(self.memory) > self.cfg.max_entries:
-            self.memory.popitem(last=False)
+        self.memory_bytes += len(entry.body)
+        while len(self.memory) > self.cfg.max_entries or self.memory_bytes > CACHE_MEMORY_MAX:
+            _, old = self.memory.popitem(last=False)
+            self.memory_bytes -= len(old.body)
+
+    def _forget(self, key: str) -> None:
+        old = self.memory.pop(key, None)
+        if old is not None:
+            self.memory_bytes -= len(old.body)
+
+    def _forget_expired(self, now: float) -> None:
+        for key in [k for k, e in self.memory.items() if e.expires <= now]:
+            self._forget(key)
 
     def finish(self, ctx: Context) -> None:
         key = ctx.notes.get("cache")
@@ -4209,8 +4224,7 @@ class ResponseCache(Stage):
     def purge_job(self):
         """A writer job: drop expired rows, and the oldest beyond max_rows."""
         now = self.clock()
-        for key in [k for k, e in self.memory.items() if e.expires <= now]:
-            del self.memory[key]
+        self._forget_expired(now)
         return cache_purge_job(now, self.cfg.max_rows)
 
 
@@ -5403,9 +5417,7 @@ class Heartbeat(ResponseCache):
                                        u.cache_write, ctx.cost))
 
     def purge_job(self):
-        now = self.clock()
-        for key in [k for k, e in self.memory.items() if e.expires <= now]:
-            del self.memory[key]
+        self._forget_expired(self.clock())
         return lambda conn: None
 
 
