@@ -4927,6 +4927,64 @@ class TestBenchHarness(unittest.TestCase):
         new["machine"]["calibration_ms"] = {"before": 20.9, "after": 21.5}
         self.assertIn("the host ran 16% faster in the new run", self.bench.compare(old, new))
 
+    def test_every_generated_request_carries_a_new_user_message(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("bench_loadgen", os.path.join(
+            HERE, "bench", "loadgen.py"))
+        loadgen = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loadgen)
+        body = self.bench.request_body("anthropic")
+        self.assertEqual(body.count(self.bench.VARY), 1)
+        gen = loadgen.Generator.__new__(loadgen.Generator)  # (no event loop needed for this)
+        spec = dict(loadgen.DEFAULTS, port=1, body=body, vary=self.bench.VARY)
+        gen.request = loadgen.build_request(spec)
+        at = gen.request.find(self.bench.VARY.encode())
+        gen.vary = (gen.request[:at], len(self.bench.VARY), gen.request[at + 6:])
+        gen.counter = 0
+        sent = [gen.next_request() for _ in range(1000)]
+        self.assertEqual(len(set(sent)), 1000)
+        self.assertEqual({len(r) for r in sent}, {len(gen.request)})  # Content-Length holds
+        for raw in sent[:3]:
+            obj = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+            word = obj["messages"][0]["content"].split()[-1].rstrip(".")
+            self.assertTrue(word.isalpha() and word.islower() and len(word) == 6, word)
+
+    def test_wrk_sends_a_new_user_message_every_time(self):
+        import http.server
+        import threading
+        import shutil
+        if not shutil.which("wrk"):
+            self.skipTest("wrk is not installed (the asyncio generator is tested above)")
+        bodies = []
+
+        class Echo(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = self.bench.run_wrk(shutil.which("wrk"), server.server_address[1],
+                                            "openai", 2, 1, tmp, [], None)
+        finally:
+            server.shutdown()
+            server.server_close()
+        self.assertGreater(result["requests"], 10)
+        self.assertEqual(len(set(bodies)), len(bodies))
+        self.assertEqual({len(b) for b in bodies}, {len(self.bench.request_body("openai"))})
+        for raw in bodies[:3]:
+            self.assertEqual(json.loads(raw)["messages"][-1]["content"][:-8],
+                             self.bench.PROMPT[:-8])
+
     def test_a_short_run_puts_direct_and_tokenman_side_by_side(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
