@@ -1740,6 +1740,26 @@ class TestStreamHead(ProxyTestCase):
         second = await asyncio.wait_for(read_response(reader), WAIT)  # right after the head
         self.assertEqual((second.status, second.json()), (200, {"status": "ok"}))
 
+    async def test_204_and_304_from_the_provider_carry_no_body_and_no_framing(self):
+        async def handler(rec, r, w):
+            status = 204 if rec.method == b"DELETE" else 304
+            w.write(b"HTTP/1.1 %d X\r\nx-kept: 1\r\n\r\n" % status)
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n\r\n"
+                     b"GET /v1/files/file-2 HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                     b"If-None-Match: \"e\"\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for status in (204, 304):
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
+            self.assertTrue(head.startswith(b"http/1.1 %d" % status), head)
+            self.assertIn(b"x-kept: 1", head)
+            self.assertNotIn(b"transfer-encoding", head)
+            self.assertNotIn(b"connection: close", head)
+        third = await asyncio.wait_for(read_response(reader), WAIT)  # nothing in between
+        self.assertEqual((third.status, third.json()), (200, {"status": "ok"}))
+
     async def test_an_internal_error_before_the_held_head_left_is_a_500(self):
         events, _ = anthropic_fixture("text")
 

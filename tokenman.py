@@ -2069,9 +2069,14 @@ class ServerConn:
         close-delimited to HTTP/1.0 ones. hold: the head waits for the first stream_write
         (one send, one wake-up of the client, for head and first bytes); release_head()
         sends it alone."""
-        self.chunked = req.version == 1
-        self.bodiless = req.method == "HEAD"
-        if self.chunked:
+        empty = status in (204, 304)  # no body by definition (RFC 9112 6.3): no framing either
+        self.chunked = req.version == 1 and not empty
+        self.bodiless = req.method == "HEAD" or empty
+        if empty:
+            if not req.keep_alive or self.server.draining:
+                self.close_after = True
+                headers = headers + [(b"Connection", b"close")]
+        elif self.chunked:
             headers = headers + [(b"Transfer-Encoding", b"chunked")]
             if not req.keep_alive or self.server.draining:
                 self.close_after = True
