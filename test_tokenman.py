@@ -3719,6 +3719,31 @@ class TestTranslationTables(unittest.TestCase):
 
 
 class TestCrossFormat(ProxyTestCase):
+    async def test_paths_that_are_not_translated_never_go_to_the_other_format(self):
+        local = await FakeUpstream(lambda rec, r, w: json_reply(w, {"ok": 1})).start()
+        self.addAsyncCleanup(local.stop)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"input_tokens": 7})
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-haiku-4-5": "local:qwen3"},
+                               "cross_format_fallback": True}})
+        mapped = dict(ANTHROPIC_REQ, model="claude-haiku-4-5")
+        counted = await http(self.port, "POST", "/v1/messages/count_tokens", mapped, A_HEADERS)
+        self.assertEqual(counted.status, 200)  # tokenman's estimate: nothing left the host
+        self.assertGreater(counted.json()["input_tokens"], 0)
+        self.assertEqual(counted.headers["x-tokenman-estimate"], "true")
+        batch = await http(self.port, "POST", "/v1/messages/batches", mapped, A_HEADERS)
+        self.assertEqual(batch.status, 404)
+        self.assertEqual(batch.json()["type"], "error")  # in the client's own shape
+        self.assertIn("openai provider", batch.json()["error"]["message"])
+        self.assertEqual((len(local.requests), len(self.up.requests)), (0, 0))
+        plain = await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ,
+                           A_HEADERS)  # a model of its own format: forwarded as before
+        self.assertEqual(plain.json(), {"input_tokens": 7})
+        self.assertEqual(self.up.requests[0].target, b"/v1/messages/count_tokens")
+        self.assertEqual(len(local.requests), 0)
+
     async def test_anthropic_client_on_an_openai_format_provider(self):
         events, body = openai_fixture("tool")
         local = await FakeUpstream(fixture_handler(events, body)).start()

@@ -6675,6 +6675,8 @@ class Proxy(ResponseRelay, RequestLog):
                 reply = await ctx.pipeline.request(ctx)
             elif isinstance(ctx.obj, dict) and req.path in SIDE_CALL_PATHS:
                 reply = await ctx.pipeline.request(ctx, side_call=True)
+            if reply is None and req.path not in ACCOUNTED_PATHS:
+                pairs, reply = self._passthrough_plan(req, ctx, pairs)
             if reply is not None:
                 self._answer(req, conn, ctx, reply)
             else:
@@ -6702,6 +6704,26 @@ class Proxy(ResponseRelay, RequestLog):
         finally:
             ctx.pipeline.finish(ctx)
         self._finish(ctx)
+
+    def _passthrough_plan(self, req: Request, ctx: Context, pairs: list[tuple[Provider, str]]
+                          ) -> tuple[list[tuple[Provider, str]], Reply | None]:
+        """A path tokenman does not translate only goes to providers of its own API format:
+        never the client's key and conversation to a provider of the other format because a
+        model_map (or a cross-format fallback) sends the model there. When the model itself is
+        routed to the other format, count_tokens is answered with tokenman's estimate (Claude
+        Code on a local model keeps working) and anything else is refused."""
+        same = [(p, m) for p, m in pairs if p.cfg.format == ctx.api]
+        if pairs[0][0].cfg.format == ctx.api:
+            return same, None
+        ctx.provider = ""
+        if req.method == "POST" and req.path == ANTHROPIC_PATH + "/count_tokens" \
+                and isinstance(ctx.obj, dict):
+            return same, Reply(200, [(b"Content-Type", b"application/json"),
+                                     (b"X-Tokenman-Estimate", b"true")],
+                               json_dumps({"input_tokens": request_estimate(ctx)}),
+                               outcome="ok")
+        raise HTTPError(404, f"model {ctx.model!r} is routed to a {pairs[0][0].cfg.format} "
+                             f"provider, which has no equivalent of {req.path}")
 
     def _answer(self, req: Request, conn: ServerConn, ctx: Context, reply: Reply) -> None:
         """Sends a stage's answer: a refusal, or a cached answer (as SSE for a stream)."""
