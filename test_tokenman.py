@@ -1256,6 +1256,57 @@ class TestRelay(ProxyTestCase):
                           "input": "x"}, O_HEADERS)
         self.assertEqual(resp.json()["path"], "/v1/embeddings")
 
+    async def test_responses_api_usage_buffered_streamed_and_not_on_retrieval(self):
+        usage = {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 10},
+                 "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 20},
+                 "total_tokens": 123}
+        done = {"id": "resp_1", "object": "response", "model": "gpt-4o-2024-08-06",
+                "status": "completed", "output": [], "usage": usage}
+
+        def event(obj):
+            return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+        created = dict(done, status="in_progress", usage=None)
+        events = [event({"type": "response.created", "response": created}),
+                  event({"type": "response.output_text.delta", "delta": "Hi"}),
+                  event({"type": "response.completed", "response": done})]
+        failed = [events[0], event({"type": "response.failed", "response": dict(
+            done, status="failed", error={"code": "server_error", "message": "boom"})})]
+
+        async def handler(rec, r, w):
+            if rec.method == b"GET":
+                await json_reply(w, done)
+            elif b"fail" in rec.body:
+                await sse_reply(w, failed)
+            elif rec.json().get("stream"):
+                await sse_reply(w, events)
+            else:
+                await json_reply(w, done)
+        self.up.handler = handler
+        await self.start_proxy()
+        for body in ({"model": "gpt-4o", "input": "hi"},
+                     {"model": "gpt-4o", "input": "hi", "stream": True}):
+            resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
+            self.assertEqual(resp.status, 200)
+        streamed = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4o", "input": "hi", "stream": True}, O_HEADERS)
+        self.assertEqual(streamed.body, b"".join(events))  # relayed as it came
+        await http(self.port, "GET", "/v1/responses/resp_1", b"", O_HEADERS)
+        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "fail",
+                                                       "stream": True}, O_HEADERS)
+        rows = await self.rows(5)
+        posts = [r for r in rows if r["method"] == "POST"]
+        self.assertEqual({(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"],
+                           r["reasoning_tokens"], r["model"]) for r in posts[:3]},
+                         {(26, 10, 87, 20, "gpt-4o-2024-08-06")})
+        self.assertEqual(len({r["cost_usd"] for r in posts[:3]}), 1)
+        self.assertGreater(posts[0]["cost_usd"], 0)
+        self.assertEqual({r["outcome"] for r in posts[:3]}, {"ok"})
+        self.assertEqual((posts[3]["outcome"], posts[3]["input_tokens"]), ("upstream_error", 26))
+        self.assertIn("boom", posts[3]["error_message"])
+        get = [r for r in rows if r["method"] == "GET"][0]  # billed when it was made
+        self.assertEqual((get["input_tokens"], get["output_tokens"], get["cost_usd"]),
+                         (0, 0, 0.0))
+
     async def test_base_url_with_v1_suffix_is_not_doubled(self):
         await self.start_proxy(providers={"vllm": {"api_base": self.up.base + "/v1"}})
         resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ)

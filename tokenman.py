@@ -3079,16 +3079,33 @@ class StreamMeter:
         if has_usage or not self.model or b'"error"' in raw:
             _, data = sse_fields(raw)
             obj = _loads(data)
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
+                self._on_response(obj)  # the Responses API: a response.* event
+            elif isinstance(obj, dict):
                 self.model = self.model or str(obj.get("model") or "")
                 if obj.get("error"):
                     self.error = _error_text(obj) or "error event"
+                elif obj.get("type") == "error":  # the Responses API's own error event
+                    self.error = f"{obj.get('code') or 'error'}: {obj.get('message') or ''}"
                 if has_usage and isinstance(obj.get("usage"), dict):
                     self.usage.apply_openai(obj["usage"])
                     if self.drop_usage_chunk and obj.get("choices") == []:
                         return False
         self._keep_text(raw)
         return True
+
+    def _on_response(self, obj: dict) -> None:
+        """response.created / .in_progress / .completed / .incomplete / .failed: the model,
+        the usage (on the final one) and how the answer ended are inside `response`."""
+        resp = obj["response"]
+        self.model = self.model or str(resp.get("model") or "")
+        if isinstance(resp.get("usage"), dict):
+            self.usage.apply_openai(resp["usage"])
+        kind = obj.get("type")
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.complete = True
+        if kind == "response.failed" or resp.get("error"):
+            self.error = _error_text(resp) or "response failed"
 
     def estimate_output(self) -> int:
         text = b"".join(self.pieces).decode("utf-8", "replace")
@@ -3110,7 +3127,8 @@ def _error_text(obj: object) -> str:
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict):
-            return str(err.get("type") or "") + ": " + str(err.get("message") or "")
+            return str(err.get("type") or err.get("code") or "") + ": " + str(
+                err.get("message") or "")
         if isinstance(err, str):
             return err
     return ""
@@ -6245,6 +6263,8 @@ class ResponseRelay:
         return json_dumps(out)
 
     def _account_body(self, ctx: Context, data: bytes) -> None:
+        if ctx.req.method != "POST":  # a retrieval (GET /v1/responses/{id}) shows usage that
+            return  # was billed when the answer was made: counted then, not on every poll
         obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
         usage, model = usage_from_body(ctx.upstream_api, obj)
         if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
