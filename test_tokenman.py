@@ -2531,6 +2531,24 @@ class TestCacheStage(ProxyTestCase):
         self.assertAlmostEqual(hit["savings_usd"], [r for r in rows if not r["cache_hit"]][0][
             "cost_usd"])
 
+    async def test_answers_that_cannot_be_replayed_are_not_cached(self):
+        import gzip
+        _, body = anthropic_fixture("text")
+        packed = gzip.compress(json.dumps(body).encode())
+        kinds = iter([b"gzip", b"gzip", b"empty", b"empty"])
+
+        async def handler(rec, r, w):  # a provider (or a proxy) that ignores Accept-Encoding
+            if next(kinds) == b"gzip":
+                await json_reply(w, packed, headers=[b"content-encoding: gzip"])
+            else:
+                await json_reply(w, b"")
+        self.up.handler = handler
+        await self.start_proxy()
+        for _ in range(4):
+            resp = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
+            self.assertEqual(resp.headers["x-tokenman-cache"], "MISS")
+        self.assertEqual(len(self.up.requests), 4)
+
     async def test_sampled_and_controlled_requests(self):
         await self.start_proxy()
         for _ in range(2):

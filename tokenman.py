@@ -4227,8 +4227,8 @@ class ResponseCache(Stage):
     def finish(self, ctx: Context) -> None:
         key = ctx.notes.get("cache")
         body = ctx.upstream_body
-        if not key or ctx.cache_hit or ctx.outcome != "ok" or body is None \
-                or not 200 <= ctx.status < 300 or len(body) > self.cfg.max_entry_bytes:
+        if not key or ctx.cache_hit or ctx.outcome != "ok" or not replayable(ctx, body) \
+                or len(body) > self.cfg.max_entry_bytes:
             return
         if not self.cfg.tool_use and (b'"tool_use"' in body or b'"tool_calls"' in body):
             return
@@ -4249,6 +4249,17 @@ class ResponseCache(Stage):
         now = self.clock()
         self._forget_expired(now)
         return cache_purge_job(now, self.cfg.max_rows)
+
+
+def replayable(ctx: Context, body: bytes | None) -> bool:
+    """A 2xx answer a hit can give again: a plain JSON object, not an empty body or one the
+    provider compressed although tokenman asked for identity (a hit would drop its encoding)."""
+    if body is None or not 200 <= ctx.status < 300 or body.lstrip()[:1] != b"{":
+        return False
+    for name, value in ctx.notes.get("cache_headers", ()):
+        if name.lower() == b"content-encoding" and value.strip().lower() != b"identity":
+            return False
+    return True
 
 
 def cache_purge_job(now: float, max_rows: int | None = None):
@@ -5430,7 +5441,7 @@ class Heartbeat(ResponseCache):
     def finish(self, ctx: Context) -> None:
         key = ctx.notes.get("heartbeat")
         body = ctx.upstream_body
-        if not key or ctx.outcome != "ok" or body is None or not 200 <= ctx.status < 300:
+        if not key or ctx.outcome != "ok" or not replayable(ctx, body):
             return
         u = ctx.usage
         headers = [(n, v) for n, v in ctx.notes.get("cache_headers", ())
