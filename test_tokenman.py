@@ -2969,6 +2969,58 @@ class TestBudgetStage(ProxyTestCase):
         self.assertLessEqual(spent[0]["s"], limit)
         self.assertAlmostEqual(spent[0]["s"], 10 * (10 * 1 + 1000 * 5) / 1e6)
 
+    async def test_worst_case_counts_choices_images_and_the_model_an_alias_names(self):
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100}},
+                                "routing": {"model_map": {"team-default":
+                                                          "anthropic:claude-opus-4-1"}}})
+        budget = self.app.pipeline.stage("budget")
+
+        def worst(path, api, body):
+            req = tm.Request("POST", path, 1, tm.Headers([(b"host", b"x")]))
+            req.body = json.dumps(body).encode()
+            ctx = tm.Context(req, api)
+            self.app.proxy._prepare(req, ctx)
+            return budget._worst(ctx)
+        chat = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user",
+                                                                    "content": "hi"}]}
+        price = self.app.proxy.prices.lookup("gpt-4o")
+        one = worst("/v1/chat/completions", "openai", chat)
+        three = worst("/v1/chat/completions", "openai", dict(chat, n=3))
+        self.assertAlmostEqual(three - one, 2 * 100 * price.output / 1e6)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 9999}}
+        pictured = worst("/v1/chat/completions", "openai", dict(chat, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, image, image]}]))
+        rate = max(price.input, price.cache_write_5m, price.cache_write_1h)
+        self.assertAlmostEqual(pictured - one, 2 * tm.MEDIA_PART_TOKENS * rate / 1e6, delta=1e-5)
+        alias = worst("/v1/messages", "anthropic", dict(self.MODEL_REQ, model="team-default"))
+        target = worst("/v1/messages", "anthropic", dict(self.MODEL_REQ,
+                                                         model="claude-opus-4-1"))
+        self.assertGreater(alias, 0)
+        self.assertAlmostEqual(alias, target)
+
+    async def test_pass_through_calls_spend_from_the_budget_too(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "id": "resp_1", "object": "response", "model": "gpt-4o", "output": [],
+            "usage": {"input_tokens": 36, "output_tokens": 87}})
+        price = tm.PriceTable().lookup("gpt-4o")
+        cost = (36 * price.input + 87 * price.output) / 1e6
+        await self.start_proxy({"security": {"budget": {"enabled": True,
+                                                        "daily_limit": round(cost * 2.5, 8)}}})
+        body = {"model": "gpt-4o", "input": "hi", "max_output_tokens": 100}
+        statuses = [(await http(self.port, "POST", "/v1/responses", body, O_HEADERS)).status
+                    for _ in range(3)]
+        self.assertEqual(statuses, [200, 200, 429])
+        counted = await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ,
+                             A_HEADERS)  # free: never refused by a budget
+        self.assertEqual(counted.status, 200)
+        await self.rows(4)
+        spent = await asyncio.to_thread(self.app.store.query,
+                                        "SELECT SUM(spent_usd) AS s FROM budgets")
+        self.assertAlmostEqual(spent[0]["s"], 2 * cost)
+        refused = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(refused.status, 429)  # the same ledger for every path
+        self.assertIn("spent $", refused.json()["error"]["message"])
+
     async def test_project_limit_retry_after_and_restart(self):
         await self.start_proxy({"security": {"budget": {"enabled": True, "projects": {
             "team-a": {"hourly_limit": 0.0101}}}}})

@@ -152,6 +152,7 @@ ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
 API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
+UNBILLED_PATHS = SIDE_CALL_PATHS  # (count_tokens is free: no budget is reserved for it)
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -458,18 +459,28 @@ def parse_with_layout(text: str) -> tuple[object, tuple | None]:
     return values, (text, members, close)
 
 
-def _json_strings(obj: object, out: list[str], depth: int = 0) -> None:
-    """Every string value (not key) inside a decoded JSON value, for token estimates."""
+# content parts that are media, not text: their base64 or URL says nothing about their tokens
+MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input_audio", "file",
+                         "input_file"))
+
+
+def _json_strings(obj: object, out: list[str], depth: int = 0,
+                  media: list | None = None) -> None:
+    """Every string value (not key) inside a decoded JSON value, for token estimates. With
+    `media`, media parts are counted there instead of read as text."""
     if depth > 64:
         return
     if isinstance(obj, str):
         out.append(obj)
     elif isinstance(obj, dict):
+        if media is not None and obj.get("type") in MEDIA_PARTS:
+            media.append(obj["type"])
+            return
         for value in obj.values():
-            _json_strings(value, out, depth + 1)
+            _json_strings(value, out, depth + 1, media)
     elif isinstance(obj, list):
         for value in obj:
-            _json_strings(value, out, depth + 1)
+            _json_strings(value, out, depth + 1, media)
 
 
 class RotatingFile:
@@ -3144,18 +3155,27 @@ def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
     return usage, model
 
 
+# An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
+# scaled down) and up to ~1,100 at OpenAI (high detail); a PDF document counts as one such part
+# (an underestimate for a long one: it is billed per page).
+MEDIA_PART_TOKENS = 1_600
+
+
 def estimate_request_tokens(obj: object) -> int:
-    """Input tokens of a request from its text-bearing fields, when the provider says nothing."""
+    """Input tokens of a request from its text-bearing fields, when the provider says nothing;
+    images and documents count MEDIA_PART_TOKENS each, not the length of their base64."""
     strings: list[str] = []
+    media: list[str] = []
     messages = 0
     if isinstance(obj, dict):
         for key in ("system", "messages", "tools", "input", "prompt", "instructions"):
             if key in obj:
-                _json_strings(obj[key], strings)
+                _json_strings(obj[key], strings, 0, media)
         if isinstance(obj.get("messages"), list):
             messages = len(obj["messages"])
     # chat formats add about 4 tokens per message and 3 per request (measured on o200k)
-    return estimate_tokens(" ".join(strings)) + 4 * messages + 3
+    return estimate_tokens(" ".join(strings)) + MEDIA_PART_TOKENS * len(media) \
+        + 4 * messages + 3
 
 # ================================================================================================
 # §11 store: the SQLite request log; one writer thread owns the write connection
@@ -3820,7 +3840,7 @@ class Context:
                  "upstream_s", "upstream_request_id", "response_body", "drop_usage_chunk", "obj",
                  "attempts", "changes", "hooks", "passed", "timings", "headers_out", "notes",
                  "upstream_body", "cache_hit", "tokens_saved", "saved", "trace", "pipeline",
-                 "upstream_api", "layout")
+                 "upstream_api", "layout", "plan")
 
     def __init__(self, req: Request, api: str) -> None:
         self.id = new_request_id()  # the log row's own key: unique whatever clients send
@@ -3850,6 +3870,7 @@ class Context:
         self.attempts = 0
         self.changes: dict[str, object] = {}  # top-level members to patch into the body
         self.layout: tuple | None = None      # where those members sit (large bodies)
+        self.plan: list = []                  # (provider, model sent) in the order to try
         self.hooks: list = []               # stages that rewrite this request's answer
         self.passed: list = []              # stages whose request phase ran (for finish)
         self.timings: dict[str, float] = {}  # seconds spent per stage and phase
@@ -4898,6 +4919,7 @@ class BudgetGuard(Stage):
     exact cost. A request that does not fit gets 429 until the period resets. Fails closed."""
     name = "budget"
     fails_closed = True
+    side_calls = True  # a pass-through POST (/v1/responses, embeddings) spends too
 
     def __init__(self, cfg: Config, store: Store, log: Logger, prices: PriceTable,
                  ledger: BudgetLedger, clock=time.time, **_: object) -> None:
@@ -4915,18 +4937,26 @@ class BudgetGuard(Stage):
         return [limit for limit in out if limit[2] > 0]
 
     def _worst(self, ctx: Context) -> float:
-        price = self.prices.lookup(ctx.model)
-        if price is None:
+        """The most this request can cost: its input estimate at the dearest input rate and
+        max_tokens (times n choices) of output, at the dearest model it may be sent as (a
+        model_map alias is priced as its target, a fallback as itself)."""
+        prices = [p for p in {self.prices.lookup(m) for m in
+                              [ctx.model] + [m for _, m in ctx.plan]} if p is not None]
+        if not prices:
             return 0.0  # unpriced models cost null: nothing to reserve, logged by PriceTable
         obj = ctx.obj
         most = next((obj[k] for k in ("max_tokens", "max_completion_tokens",
                                       "max_output_tokens") if _is_count(obj.get(k))),
                     self.cfg.default_max_tokens)
-        rate = max(price.input, price.cache_write_5m, price.cache_write_1h)
-        return (request_estimate(ctx) * rate + most * price.output) / 1_000_000
+        n = obj.get("n")
+        if _is_count(n) and n > 1:
+            most *= n
+        tokens = request_estimate(ctx)
+        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h) + most * p.output
+                   for p in prices) / 1_000_000
 
     def request(self, ctx: Context) -> Reply | None:
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or ctx.req.path in UNBILLED_PATHS:
             return None
         limits = self._limits(ctx.project)
         if not limits:
@@ -4939,13 +4969,15 @@ class BudgetGuard(Stage):
             start, end = period_bounds(period, now)
             key = (scope, period, start)
             spent = ledger.spent.get(key, 0.0)
-            if spent + ledger.reserved.get(key, 0.0) + worst > limit + 1e-12:
+            held = ledger.reserved.get(key, 0.0)
+            if spent + held + worst > limit + 1e-12:
                 wait = b"%d" % max(1, int(end - now + 0.999))
                 self.log.warn("budget exceeded", id=ctx.id, scope=scope, period=period,
-                              limit=limit, spent=f"{spent:.6f}")
+                              limit=limit, spent=f"{spent:.6f}", held=f"{held:.6f}")
                 return error_reply(
-                    ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f} of "
-                    f"${_usd(limit)} (this request may cost up to ${worst:.4f})",
+                    ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f}"
+                    + (f" and ${held:.4f} held for requests in flight" if held else "")
+                    + f" of ${_usd(limit)} (this request may cost up to ${worst:.4f})",
                     "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
                     [(b"Retry-After", wait)],
                     {"period": period, "scope": scope, "limit": limit,
@@ -6704,7 +6736,7 @@ class Proxy(ResponseRelay, RequestLog):
             reply = None
             if ctx.obj is not None and req.path in ACCOUNTED_PATHS:
                 reply = await ctx.pipeline.request(ctx)
-            elif isinstance(ctx.obj, dict) and req.path in SIDE_CALL_PATHS:
+            elif isinstance(ctx.obj, dict) and req.method == "POST":  # a pass-through call
                 reply = await ctx.pipeline.request(ctx, side_call=True)
             if reply is None and req.path not in ACCOUNTED_PATHS:
                 pairs, reply = self._passthrough_plan(req, ctx, pairs)
@@ -6858,6 +6890,7 @@ class Proxy(ResponseRelay, RequestLog):
             what = f"model {ctx.model!r}" if ctx.model else "this request"
             raise HTTPError(404, f"no configured {ctx.api} provider serves {what}")
         ctx.provider = pairs[0][0].key
+        ctx.plan = pairs
         return pairs
 
     def upstream_headers(self, req: Request, prov: Provider,
