@@ -1338,6 +1338,34 @@ class TestRelay(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual(row["outcome"], "rejected")
 
+    async def test_compressed_request_bodies_are_decoded_and_screened(self):
+        import gzip
+        import zlib
+        await self.start_proxy({"server": {"max_body_size": 64 * 1024}})
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "mail jane@corp.com"}])
+        raw = json.dumps(req).encode()
+        deflated = zlib.compressobj(wbits=-15)
+        for coding, body in ((b"gzip", gzip.compress(raw)), (b"deflate", zlib.compress(raw)),
+                             (b"deflate", deflated.compress(raw) + deflated.flush()),
+                             (b"gzip, identity", gzip.compress(raw))):
+            with self.subTest(coding=coding):
+                resp = await http(self.port, "POST", "/v1/messages", body,
+                                  dict(A_HEADERS, **{"Content-Encoding": coding.decode()}))
+                self.assertEqual(resp.status, 200)
+                sent = self.up.requests.pop()
+                self.assertNotIn(b"content-encoding", sent.headers)
+                self.assertEqual(sent.json()["messages"][0]["content"], "mail [EMAIL_1]")
+        bomb = gzip.compress(b'{"model":"m","messages":[],"x":"' + b"a" * (1 << 20) + b'"}')
+        for coding, body, status in ((b"br", b"\x00", 415), (b"gzip", b"not gzip", 400),
+                                     (b"gzip", gzip.compress(raw)[:-9], 400),
+                                     (b"gzip", bomb, 413)):
+            with self.subTest(coding=coding, status=status):
+                resp = await http(self.port, "POST", "/v1/chat/completions", body,
+                                  dict(O_HEADERS, **{"Content-Encoding": coding.decode()}))
+                self.assertEqual(resp.status, status)
+                self.assertEqual(resp.json()["error"]["type"], "invalid_request_error")
+        self.assertEqual(len(self.up.requests), 0)
+
     async def test_invalid_json_is_rejected_in_native_shape(self):
         await self.start_proxy()
         resp = await http(self.port, "POST", "/v1/messages", b'{"model": ', A_HEADERS)

@@ -124,7 +124,8 @@ UPSTREAM_DROP = HOP_BY_HOP | frozenset((b"host", b"content-length", b"expect"))
 REASONS = types.MappingProxyType({
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 414: "URI Too Long", 429: "Too Many Requests",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
     505: "HTTP Version Not Supported", 529: "Overloaded",
@@ -132,12 +133,13 @@ REASONS = types.MappingProxyType({
 # Provider-native error types by status, for errors tokenman produces itself.
 ANTHROPIC_ERROR_TYPES = types.MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-    529: "overloaded_error",
+    404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error",
+    429: "rate_limit_error", 529: "overloaded_error",
 })
 OPENAI_ERROR_TYPES = types.MappingProxyType({
     400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-    404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+    404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    429: "rate_limit_exceeded",
 })
 LOG_LEVELS = types.MappingProxyType({
     "trace": 5, "debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "fatal": 50,
@@ -1410,6 +1412,31 @@ class Headers:
     def text(self, lower: bytes, default: str = "") -> str:
         value = self.map.get(lower)
         return default if value is None else value.decode("latin-1")
+
+
+def decode_content(coding: bytes, body: bytes, limit: int) -> bytes:
+    """A body sent with Content-Encoding gzip or deflate (RFC 9110 8.4), decoded within `limit`
+    bytes (0: none). HTTPError 415 for another coding, 413 past the limit, 400 when broken."""
+    import zlib  # (compressed request bodies are rare)
+    codings = [c.strip().lower() for c in coding.split(b",")]
+    for name in reversed([c for c in codings if c and c != b"identity"]):  # last applied first
+        if name not in (b"gzip", b"x-gzip", b"deflate"):
+            raise HTTPError(415, f"Content-Encoding {name.decode('latin-1')[:40]} is not "
+                                 "supported: send gzip, deflate or identity")
+        # gzip; deflate is the zlib format, though some clients send it raw
+        wbits = 31 if name != b"deflate" else 15 if body[:1] == b"\x78" else -15
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1 if limit else 0)
+        except zlib.error:
+            raise HTTPError(400, f"request body is not valid {name.decode()} data") from None
+        if limit and len(out) > limit:
+            raise HTTPError(413, f"request body too large once decoded: over the limit of "
+                                 f"{limit:,} bytes (server.max_body_size)")
+        if not inflater.eof:
+            raise HTTPError(400, f"request body is cut short {name.decode()} data")
+        body = out
+    return body
 
 
 class Request:
@@ -6849,6 +6876,11 @@ class Proxy(ResponseRelay, RequestLog):
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
         checked = accounted or req.method == "POST" and req.path in SIDE_CALL_PATHS
         obj = None
+        coding = req.headers.map.get(b"content-encoding") if checked else None
+        if coding and coding.strip().lower() != b"identity":  # decoded here, sent as it is
+            body = req.body = decode_content(coding, body, self.cfg.server.max_body_size)
+            req.headers = Headers([(n, v) for n, v in req.headers.raw
+                                   if n.lower() != b"content-encoding"])
         if checked or (body[:1] == b"{" and req.method == "POST"):
             if checked and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
                 body = req.body = body[3:]
