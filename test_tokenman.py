@@ -1338,6 +1338,50 @@ class TestRelay(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual(row["outcome"], "rejected")
 
+    async def test_an_answer_compressed_against_our_accept_encoding_is_inflated(self):
+        import gzip
+        import zlib
+        events, body = anthropic_fixture("text")
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            if not rec.json().get("stream"):
+                await json_reply(w, gzip.compress(json.dumps(body).encode()),
+                                 headers=[b"content-encoding: gzip"])
+                return
+            packer = zlib.compressobj(wbits=31)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i, event in enumerate(events):
+                if i == 2:
+                    await gate.wait()  # the first events must reach the client before this
+                piece = packer.compress(event) + packer.flush(zlib.Z_SYNC_FLUSH)
+                w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await w.drain()
+            tail = packer.flush()
+            w.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertNotIn("content-encoding", resp.headers)
+        self.assertEqual(resp.json(), body)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nx-api-key: k\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        self.assertNotIn(b"content-encoding", head.lower())
+        seen = b""
+        while b"content_block_start" not in seen:  # before the gate opens: not held back
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        gate.set()
+        while not seen.endswith(b"0\r\n\r\n"):
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        rows = await self.rows(2)
+        self.assertEqual({(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in rows},
+                         {(12, 420, 0)})
+
     async def test_compressed_request_bodies_are_decoded_and_screened(self):
         import gzip
         import zlib
@@ -2562,20 +2606,33 @@ class TestCacheStage(ProxyTestCase):
     async def test_answers_that_cannot_be_replayed_are_not_cached(self):
         import gzip
         _, body = anthropic_fixture("text")
-        packed = gzip.compress(json.dumps(body).encode())
-        kinds = iter([b"gzip", b"gzip", b"empty", b"empty"])
+        mode = ["gzip"]
 
         async def handler(rec, r, w):  # a provider (or a proxy) that ignores Accept-Encoding
-            if next(kinds) == b"gzip":
-                await json_reply(w, packed, headers=[b"content-encoding: gzip"])
+            if mode[0] == "gzip":
+                await json_reply(w, gzip.compress(json.dumps(body).encode()),
+                                 headers=[b"content-encoding: gzip"])
             else:
                 await json_reply(w, b"")
         self.up.handler = handler
         await self.start_proxy()
-        for _ in range(4):
-            resp = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
+        first = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
+        hit = await http(self.port, "POST", "/v1/messages", CACHE_REQ, A_HEADERS)
+        self.assertEqual((first.headers["x-tokenman-cache"], hit.headers["x-tokenman-cache"]),
+                         ("MISS", "HIT"))  # inflated on the way in: kept and replayed plain
+        self.assertEqual((hit.json(), hit.headers.get("content-encoding")), (body, None))
+        self.assertEqual(len(self.up.requests), 1)
+        mode[0] = "empty"
+        for _ in range(2):
+            resp = await http(self.port, "POST", "/v1/messages", dict(CACHE_REQ, top_k=1),
+                              A_HEADERS)
             self.assertEqual(resp.headers["x-tokenman-cache"], "MISS")
-        self.assertEqual(len(self.up.requests), 4)
+        self.assertEqual(len(self.up.requests), 3)
+        ctx = tm.Context(tm.Request("POST", "/v1/messages", 1, tm.Headers([])), "anthropic")
+        ctx.status = 200
+        self.assertTrue(tm.replayable(ctx, b'{"a":1}'))
+        ctx.notes["cache_headers"] = [(b"Content-Encoding", b"br")]  # one tokenman cannot undo
+        self.assertFalse(tm.replayable(ctx, b'{"a":1}'))
 
     async def test_sampled_and_controlled_requests(self):
         await self.start_proxy()

@@ -2001,6 +2001,55 @@ class BodyReader:
             if limit and len(parts) > limit:
                 raise HeadTooLarge()
 
+class InflatingReader:
+    """A BodyReader's pieces inflated: for a provider (or a proxy on the way) that gzip- or
+    deflate-encodes its answer although tokenman asked for identity. Usage, placeholders and
+    event boundaries are in the inflated bytes; each read inflates at most READ_CHUNK * 16
+    bytes, so a small compressed piece cannot make one huge buffer."""
+    __slots__ = ("inner", "inflater", "pending", "ended")
+
+    def __init__(self, inner: BodyReader, coding: bytes) -> None:
+        import zlib  # (only for a provider that ignores Accept-Encoding)
+        self.inner = inner
+        self.inflater = zlib.decompressobj(47 if coding != b"deflate" else 15)  # 47: gzip or zlib
+        self.pending = b""  # compressed input not inflated yet (the output cap was reached)
+        self.ended = False
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done and self.ended
+
+    @property
+    def mode(self) -> str:
+        return self.inner.mode
+
+    async def read(self, deadline: float | None) -> bytes:
+        """The next inflated piece, b"" at the end. ValueError when the data is not valid."""
+        import zlib
+        while not self.ended:
+            data = self.pending or await self.inner.read(deadline)
+            try:
+                if not data:
+                    self.ended = True
+                    return self.inflater.flush()
+                out = self.inflater.decompress(data, READ_CHUNK * 16)
+            except zlib.error as exc:
+                raise ValueError(f"answer is not valid compressed data: {exc}") from None
+            self.pending = self.inflater.unconsumed_tail
+            if out:
+                return out
+        return b""
+
+    async def read_all(self, limit: int, deadline: float | None) -> bytes:
+        parts = bytearray()
+        while True:
+            data = await self.read(deadline)
+            if not data:
+                return bytes(parts)
+            parts += data
+            if limit and len(parts) > limit:
+                raise HeadTooLarge()
+
 # ================================================================================================
 # §07 HTTP server: accept, one guarded loop per connection, keep-alive, limits and timeouts
 # ================================================================================================
@@ -7022,6 +7071,13 @@ class Proxy(ResponseRelay, RequestLog):
         conn.chan.on_lost = resp.chan.abort
         try:
             ctype = resp.head.headers.map.get(b"content-type", b"")
+            coding = resp.head.headers.map.get(b"content-encoding", b"").strip().lower()
+            if coding in (b"gzip", b"x-gzip", b"deflate") and (
+                    req.path in ACCOUNTED_PATHS or ctype.startswith((b"text/event-stream",
+                                                                     b"application/json"))):
+                resp.body = InflatingReader(resp.body, coding)  # tokenman asked for identity
+                resp.head.headers = Headers([(n, v) for n, v in resp.head.headers.raw
+                                             if n.lower() != b"content-encoding"])
             if ctype.startswith(b"text/event-stream"):
                 ctx.streaming = True
                 await self._relay_sse(req, conn, ctx, prov, resp, t_up)
