@@ -3564,6 +3564,9 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(sum(counts.values()), 5)
         outcomes = (await http(self.app.dashboard_port, "GET", "/api/requests")).json()
         self.assertLessEqual({r["request_type"] for r in outcomes["requests"]}, set(tm.OUTCOMES))
+        self.assertLessEqual({(r["method"], r["path"]) for r in outcomes["requests"]}, {
+            ("POST", "/v1/messages"), ("POST", "/v1/chat/completions")})  # a pass-through row
+        # has no model of its own: its method and path say what it was
 
     async def test_model_label_cardinality_is_bounded(self):
         await self.start_proxy()

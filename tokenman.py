@@ -7284,14 +7284,16 @@ class Dashboard:
         total = (await self._query(f"SELECT COUNT(*) AS n FROM requests {clause}",
                                    tuple(params)))[0]["n"]
         rows = await self._query(
-            f"SELECT id, timestamp, model, provider, project, input_tokens, cache_read_tokens, "
+            f"SELECT id, timestamp, method, path, model, provider, project, input_tokens, "
+            f"cache_read_tokens, "
             f"cache_write_tokens, output_tokens, tokens_saved, cost_usd, savings_usd, latency_ms, "
             f"status_code, cache_hit, outcome, streaming FROM requests {clause} "
             f"ORDER BY timestamp DESC LIMIT ? OFFSET ?", tuple(params) + (limit,
                                                                          (page - 1) * limit))
         return {"page": page, "limit": limit, "total": total, "requests": [{
-            "id": r["id"], "timestamp": r["timestamp"], "model": r["model"],
-            "provider": r["provider"], "project": r["project"],
+            "id": r["id"], "timestamp": r["timestamp"], "method": r["method"],
+            "path": r["path"], "model": r["model"], "provider": r["provider"],
+            "project": r["project"],
             "tokens_in": r["input_tokens"] + r["cache_read_tokens"] + r["cache_write_tokens"],
             "tokens_out": r["output_tokens"], "tokens_saved": r["tokens_saved"],
             "cost_usd": r["cost_usd"], "savings_usd": r["savings_usd"],
