@@ -2623,11 +2623,15 @@ class TestCacheStage(ProxyTestCase):
         self.assertEqual((hit.json(), hit.headers.get("content-encoding")), (body, None))
         self.assertEqual(len(self.up.requests), 1)
         mode[0] = "empty"
-        for _ in range(2):
+        for _ in range(2):  # an empty 200 is a broken answer: a 502, never kept or charged
             resp = await http(self.port, "POST", "/v1/messages", dict(CACHE_REQ, top_k=1),
                               A_HEADERS)
-            self.assertEqual(resp.headers["x-tokenman-cache"], "MISS")
+            self.assertEqual(resp.status, 502)
+            self.assertIn("empty body", resp.json()["error"]["message"])
         self.assertEqual(len(self.up.requests), 3)
+        rows = await self.rows(4)
+        self.assertEqual([(r["outcome"], r["cost_usd"]) for r in rows[2:]],
+                         [("upstream_failed", 0.0)] * 2)
         ctx = tm.Context(tm.Request("POST", "/v1/messages", 1, tm.Headers([])), "anthropic")
         ctx.status = 200
         self.assertTrue(tm.replayable(ctx, b'{"a":1}'))

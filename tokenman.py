@@ -6350,6 +6350,9 @@ class ResponseRelay:
         resp.release()
         now = time.perf_counter()
         ctx.upstream_s = now - t_up
+        if ctx.outcome == "ok" and not data.strip() and req.path in ACCOUNTED_PATHS \
+                and req.method != "HEAD":
+            return self._fail(req, conn, ctx, 502, "upstream answered with an empty body")
         if ctx.outcome == "ok":
             self._account_body(ctx, data)
         else:
