@@ -3154,6 +3154,22 @@ class TestRateLimitStage(ProxyTestCase):
         ok = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(ok.status, 200)
 
+    async def test_buckets_of_idle_projects_do_not_pile_up(self):
+        from unittest import mock
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 1000, "default_burst": 5, "per_project": True}}})
+        now = [0.0]
+        limiter = self.app.pipeline.stage("ratelimit")
+        limiter.clock = lambda: now[0]
+        with mock.patch.object(tm, "RATE_KEYS_PRUNE", 256):
+            for i in range(600):  # one request each from 600 project names
+                now[0] += 0.01
+                resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                  dict(A_HEADERS, **{"X-Tokenman-Project": f"p{i}"}))
+                self.assertEqual(resp.status, 200)
+        self.assertLess(len(limiter.state), 300)
+        self.assertIn("anthropic/p599", limiter.state)  # the newest are kept
+
     async def test_tokens_per_minute_settle_with_actual_usage(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 10,

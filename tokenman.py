@@ -103,6 +103,7 @@ POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this i
 CACHE_MEMORY_MAX = 32 * 1024 * 1024  # answer bytes the response cache (and the heartbeat)
                                  # keep in memory, whatever max_entries allows (1,000 answers of
                                  # up to max_entry_bytes could otherwise hold a gigabyte)
+RATE_KEYS_PRUNE = 4096           # rate-limit buckets kept before the idle (full) ones are dropped
 LAYOUT_MIN_BODY = 16 * 1024      # request bodies this large are parsed member by member, so a
                                  # stage's change is patched in without parsing them again
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
@@ -5140,6 +5141,8 @@ class RateLimiter(Stage):
         key = provider + ("/" + project if self.cfg.per_project else "")
         pair = self.state.get(key)
         if pair is None:
+            if len(self.state) >= RATE_KEYS_PRUNE and len(self.state) % 256 == 0:
+                self._prune(now)  # (at most once per 256 new keys)
             pair = self.state[key] = (TokenBucket(burst, rate, now),
                                       TokenBucket(tpm, tpm / 60, now) if tpm else None)
         requests, tokens = pair
@@ -5154,6 +5157,15 @@ class RateLimiter(Stage):
         elif tokens is not None and tokens.capacity != tpm:
             tokens.resize(tpm, tpm / 60)
         return key, requests, tokens
+
+    def _prune(self, now: float) -> None:
+        """Drops the buckets that have refilled completely (a project names itself in a
+        header: without this, every name ever sent would keep its buckets forever). A full
+        bucket is the same as a new one, so nothing is forgotten that matters."""
+        for key, (requests, tokens) in list(self.state.items()):
+            if requests.wait(requests.capacity, now) == 0 and \
+                    (tokens is None or tokens.wait(tokens.capacity, now) == 0):
+                del self.state[key]
 
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled:
