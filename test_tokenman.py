@@ -2747,13 +2747,16 @@ class TestCacheStage(ProxyTestCase):
 
 
 class TestPIIStage(ProxyTestCase):
+    @staticmethod
+    async def echo(rec, r, w):
+        """Answers 'You said: ' and the user's text as the provider received it."""
+        text = rec.json()["messages"][0]["content"]
+        await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+            {"type": "text", "text": "You said: " + text}],
+            "usage": {"input_tokens": 5, "output_tokens": 5}})
+
     async def test_redacted_upstream_and_restored_for_the_client(self):
-        async def echo(rec, r, w):
-            text = rec.json()["messages"][0]["content"]
-            await json_reply(w, {"model": "claude-haiku-4-5", "content": [
-                {"type": "text", "text": "You said: " + text}],
-                "usage": {"input_tokens": 5, "output_tokens": 5}})
-        self.up.handler = echo
+        self.up.handler = self.echo
         await self.start_proxy()
         req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content":
                                              "mail jane@corp.com, card 4111 1111 1111 1111"}])
@@ -2789,12 +2792,7 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(len(self.up.requests), 1)
 
     async def test_a_placeholder_the_client_wrote_itself_is_not_reused(self):
-        async def echo(rec, r, w):
-            text = rec.json()["messages"][0]["content"]
-            await json_reply(w, {"model": "claude-haiku-4-5", "content": [
-                {"type": "text", "text": "You said: " + text}],
-                "usage": {"input_tokens": 5, "output_tokens": 5}})
-        self.up.handler = echo
+        self.up.handler = self.echo
         await self.start_proxy()
         said = "the template has [EMAIL_1] in it; mail bob@example.com"
         req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": said}])

@@ -1993,14 +1993,20 @@ class BodyReader:
             self.remaining = 0
             self.done = True
             return data
-        parts = bytearray()
-        while True:
-            data = await self.read(deadline)
-            if not data:
-                return bytes(parts)
-            parts += data
-            if limit and len(parts) > limit:
-                raise HeadTooLarge()
+        return await read_to_end(self, limit, deadline)
+
+
+async def read_to_end(reader, limit: int, deadline: float | None) -> bytes:
+    """Every remaining piece of a body reader; HeadTooLarge past limit (0 = no limit)."""
+    parts = bytearray()
+    while True:
+        data = await reader.read(deadline)
+        if not data:
+            return bytes(parts)
+        parts += data
+        if limit and len(parts) > limit:
+            raise HeadTooLarge()
+
 
 class InflatingReader:
     """A BodyReader's pieces inflated: for a provider (or a proxy on the way) that gzip- or
@@ -2042,14 +2048,7 @@ class InflatingReader:
         return b""
 
     async def read_all(self, limit: int, deadline: float | None) -> bytes:
-        parts = bytearray()
-        while True:
-            data = await self.read(deadline)
-            if not data:
-                return bytes(parts)
-            parts += data
-            if limit and len(parts) > limit:
-                raise HeadTooLarge()
+        return await read_to_end(self, limit, deadline)
 
 # ================================================================================================
 # §07 HTTP server: accept, one guarded loop per connection, keep-alive, limits and timeouts
