@@ -3085,6 +3085,30 @@ class TestBudgetStage(ProxyTestCase):
         self.assertGreater(alias, 0)
         self.assertAlmostEqual(alias, target)
 
+    async def test_schemas_with_a_type_property_and_documents_are_estimated(self):
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100},
+                                             "rate_limit": {"enabled": True,
+                                                            "tokens_per_minute": 10 ** 9}}})
+        grep = {"name": "grep", "input_schema": {"type": "object", "properties": {
+            "type": {"type": "string"}, "glob": {"type": ["string", "null"]}}}}
+        req = dict(ANTHROPIC_REQ, tools=[grep], messages=[
+            {"role": "user", "content": "find it"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "grep",
+                                               "input": {"type": ["py"], "glob": None}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                          "content": "x"}]}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(resp.status, 200)  # a "type" that is not a string is no media part
+        text = tm.estimate_request_tokens({"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "data": "word " * 10000}}]}]})
+        self.assertGreater(text, 10000)  # a text document counts its text
+        pdf = tm.estimate_request_tokens({"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "data": "A" * 400000}}]}]})
+        self.assertGreater(pdf, 70000)  # by its size, not as one image
+        unseen = tm.estimate_request_tokens({"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}}]}]})
+        self.assertGreaterEqual(unseen, tm.DOCUMENT_MAX_TOKENS)  # the worst case
+
     async def test_pass_through_calls_spend_from_the_budget_too(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "id": "resp_1", "object": "response", "model": "gpt-4o", "output": [],

@@ -155,7 +155,15 @@ ACCOUNTED_PATHS = types.MappingProxyType({ANTHROPIC_PATH: API_ANTHROPIC,
 API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: OPENAI_PATH})
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
-UNBILLED_PATHS = SIDE_CALL_PATHS  # (count_tokens is free: no budget is reserved for it)
+UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+# content parts that are media, not text: their base64 or URL says nothing about their tokens.
+# An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
+# scaled down) and up to ~1,100 at OpenAI (high detail); a PDF is billed per page (text plus an
+# image of each page, ~1,500-3,000 tokens), up to 100 pages.
+MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input_audio", "file",
+                         "input_file"))
+MEDIA_PART_TOKENS = 1_600
+DOCUMENT_MAX_TOKENS = 300_000
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -462,28 +470,21 @@ def parse_with_layout(text: str) -> tuple[object, tuple | None]:
     return values, (text, members, close)
 
 
-# content parts that are media, not text: their base64 or URL says nothing about their tokens
-MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input_audio", "file",
-                         "input_file"))
-
-
-def _json_strings(obj: object, out: list[str], depth: int = 0,
-                  media: list | None = None) -> None:
-    """Every string value (not key) inside a decoded JSON value, for token estimates. With
-    `media`, media parts are counted there instead of read as text."""
+def _json_strings(obj: object, out: list[str], depth: int = 0, counted=None) -> None:
+    """Every string value (not key) inside a decoded JSON value, for token estimates.
+    `counted(obj)` may take an object over (True: it was counted another way)."""
     if depth > 64:
         return
     if isinstance(obj, str):
         out.append(obj)
     elif isinstance(obj, dict):
-        if media is not None and obj.get("type") in MEDIA_PARTS:
-            media.append(obj["type"])
+        if counted is not None and counted(obj):
             return
         for value in obj.values():
-            _json_strings(value, out, depth + 1, media)
+            _json_strings(value, out, depth + 1, counted)
     elif isinstance(obj, list):
         for value in obj:
-            _json_strings(value, out, depth + 1, media)
+            _json_strings(value, out, depth + 1, counted)
 
 
 class RotatingFile:
@@ -3231,27 +3232,49 @@ def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
     return usage, model
 
 
-# An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
-# scaled down) and up to ~1,100 at OpenAI (high detail); a PDF document counts as one such part
-# (an underestimate for a long one: it is billed per page).
-MEDIA_PART_TOKENS = 1_600
+def media_tokens(part: dict) -> int:
+    """Input tokens an image, audio clip or document part may cost: images MEDIA_PART_TOKENS;
+    a base64 document or clip by its size (a quarter token per byte, at most DOCUMENT_MAX_TOKENS);
+    a document tokenman cannot see (a URL, a file id) DOCUMENT_MAX_TOKENS, the worst case."""
+    kind = part["type"]
+    if kind in ("image", "image_url", "input_image"):
+        return MEDIA_PART_TOKENS
+    source = part.get("source") if isinstance(part.get("source"), dict) else part
+    data = source.get("data", source.get("file_data"))
+    if kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+        data = part["input_audio"].get("data")
+    if isinstance(data, str):
+        return max(MEDIA_PART_TOKENS, min(DOCUMENT_MAX_TOKENS, len(data) * 3 // 16))
+    return DOCUMENT_MAX_TOKENS
 
 
 def estimate_request_tokens(obj: object) -> int:
     """Input tokens of a request from its text-bearing fields, when the provider says nothing;
-    images and documents count MEDIA_PART_TOKENS each, not the length of their base64."""
+    media parts count what media_tokens() says, not the length of their base64 as text (a
+    text document's text is text)."""
     strings: list[str] = []
-    media: list[str] = []
+    extra = [0]
+
+    def counted(part: dict) -> bool:
+        kind = part.get("type")
+        if type(kind) is not str or kind not in MEDIA_PARTS:
+            return False
+        source = part.get("source")
+        if kind == "document" and isinstance(source, dict) and source.get("type") in (
+                "text", "content"):  # a plain-text document: its text is counted as text
+            _json_strings(source.get("data", source.get("content")), strings, 1, counted)
+        else:
+            extra[0] += media_tokens(part)
+        return True
     messages = 0
     if isinstance(obj, dict):
         for key in ("system", "messages", "tools", "input", "prompt", "instructions"):
             if key in obj:
-                _json_strings(obj[key], strings, 0, media)
+                _json_strings(obj[key], strings, 0, counted)
         if isinstance(obj.get("messages"), list):
             messages = len(obj["messages"])
     # chat formats add about 4 tokens per message and 3 per request (measured on o200k)
-    return estimate_tokens(" ".join(strings)) + MEDIA_PART_TOKENS * len(media) \
-        + 4 * messages + 3
+    return estimate_tokens(" ".join(strings)) + extra[0] + 4 * messages + 3
 
 # ================================================================================================
 # §11 store: the SQLite request log; one writer thread owns the write connection
