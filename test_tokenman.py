@@ -2801,6 +2801,24 @@ class TestPIIStage(ProxyTestCase):
                          "the template has [EMAIL_1] in it; mail [EMAIL_2]")
         self.assertEqual(resp.json()["content"][0]["text"], "You said: " + said)
 
+    async def test_numbers_stay_the_same_across_turns_with_thinking(self):
+        # turn 2 sends back turn 1's thinking, which keeps [FILE_PATH_1]: that is ours, so the
+        # path gets the same number again (a new one would change the cached prefix each turn)
+        self.up.handler = self.echo
+        await self.start_proxy()
+        first = {"role": "user", "content": "look in /home/alice/src"}
+        turns = [[first], [first, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "check [FILE_PATH_1] first", "signature": "s"},
+            {"type": "text", "text": "I will look in /home/alice/src"}]},
+            {"role": "user", "content": "and again"}]]
+        for messages in turns:
+            await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, messages=messages),
+                       A_HEADERS)
+        sent = [r.json()["messages"] for r in self.up.requests]
+        self.assertEqual(sent[0][0]["content"], "look in [FILE_PATH_1]/src")
+        self.assertEqual(sent[1][0]["content"], "look in [FILE_PATH_1]/src")
+        self.assertEqual(sent[1][1]["content"][1]["text"], "I will look in [FILE_PATH_1]/src")
+
     async def test_thinking_keeps_its_placeholders_in_a_buffered_answer(self):
         # the provider signed the thinking text: restoring into it would break the signature
         # the next turn sends back (streamed thinking deltas are not restored either)

@@ -4802,8 +4802,10 @@ class PIIGuard(Stage):
             where = field_path(path)
             found += [(kind, where, text[s:e]) for s, e, kind in spans]
             if action in ("redact", "hash"):
-                if taken is None:  # placeholders the client's own text already spells
-                    taken = {t.decode() for t in _PLACEHOLDER_RE.findall(ctx.req.body)}
+                if taken is None:  # placeholders the client's own texts already spell (not
+                    # its thinking blocks: those keep ours from earlier turns, same numbers)
+                    taken = {t for p, k, _, _ in fields if "[" in p[k]
+                             for t in _PLACEHOLDER_TEXT_RE.findall(p[k])}
                 out, pos = [], 0
                 for s, e, kind in spans:
                     out.append(text[pos:s])
