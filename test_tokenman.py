@@ -1365,6 +1365,17 @@ class TestRelay(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertNotIn("content-encoding", resp.headers)
         self.assertEqual(resp.json(), body)
+        raw = zlib.compressobj(wbits=-15)  # deflate without the zlib wrapper, as some send it
+        raw = raw.compress(json.dumps(body).encode()) + raw.flush()
+        cut = gzip.compress(json.dumps(body).encode())[:-12]
+        for coding, packed, status in ((b"deflate", raw, 200), (b"gzip", cut, 502)):
+            self.up.handler = lambda rec, r, w, c=coding, p=packed: json_reply(
+                w, p, headers=[b"content-encoding: " + c])
+            again = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+            self.assertEqual(again.status, status)
+            if status == 200:
+                self.assertEqual(again.json(), body)
+        self.up.handler = handler
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
@@ -1378,9 +1389,10 @@ class TestRelay(ProxyTestCase):
         gate.set()
         while not seen.endswith(b"0\r\n\r\n"):
             seen += await asyncio.wait_for(reader.read(65536), WAIT)
-        rows = await self.rows(2)
-        self.assertEqual({(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in rows},
-                         {(12, 420, 0)})
+        rows = await self.rows(4)
+        self.assertEqual({(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in rows
+                          if r["outcome"] == "ok"}, {(12, 420, 0)})
+        self.assertEqual(sorted(r["outcome"] for r in rows), ["ok"] * 3 + ["upstream_failed"])
 
     async def test_compressed_request_bodies_are_decoded_and_screened(self):
         import gzip
@@ -4888,7 +4900,7 @@ class TestSubprocess(unittest.TestCase):
                 fh.write(f'[server]\nproxy_port = {port}\ndashboard_port = {dash}\n'
                          f'data_dir = "{tmp}/data"\nlog_format = "json"\n')
             # interpreter options before the script survive the re-exec into an import
-            proc = subprocess.Popen([sys.executable, "-W", "ignore", os.path.join(
+            proc = subprocess.Popen([sys.executable, "-W", "ignore", "--", os.path.join(
                 HERE, "tokenman.py"), "--config", path], stderr=subprocess.PIPE,
                 env=dict(os.environ, HOME=tmp, PYTHONUNBUFFERED="1"))
             try:

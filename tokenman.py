@@ -41,7 +41,8 @@ if __name__ == "__main__" and _os.name == "posix" \
     _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
     if _at >= 1 and "__file__" in globals() \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
-        _os.execv(_sys.executable, [_sys.executable, *_sys.orig_argv[1:_at], "-I", "-S"]
+        _opts = [o for o in _sys.orig_argv[1:_at] if o != "--"]  # (-- would end the options)
+        _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S"]
                   + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
                       "import importlib.util as u, sys; s = u.spec_from_file_location("
                       "'tokenman', sys.argv[1]); m = u.module_from_spec(s); sys.modules["
@@ -2014,14 +2015,21 @@ class InflatingReader:
     deflate-encodes its answer although tokenman asked for identity. Usage, placeholders and
     event boundaries are in the inflated bytes; each read inflates at most READ_CHUNK * 16
     bytes, so a small compressed piece cannot make one huge buffer."""
-    __slots__ = ("inner", "inflater", "pending", "ended")
+    __slots__ = ("inner", "coding", "inflater", "error", "pending", "ended")
 
     def __init__(self, inner: BodyReader, coding: bytes) -> None:
         import zlib  # (only for a provider that ignores Accept-Encoding)
         self.inner = inner
-        self.inflater = zlib.decompressobj(47 if coding != b"deflate" else 15)  # 47: gzip or zlib
+        self.coding = coding
+        self.inflater = None  # made at the first bytes: deflate may be zlib-wrapped or raw
+        self.error = zlib.error
         self.pending = b""  # compressed input not inflated yet (the output cap was reached)
         self.ended = False
+
+    def _inflater(self, first: bytes):
+        import zlib
+        wbits = 47 if self.coding != b"deflate" else 15 if first[:1] == b"\x78" else -15
+        return zlib.decompressobj(wbits)  # (47: gzip or zlib, told apart by their header)
 
     @property
     def done(self) -> bool:
@@ -2032,16 +2040,22 @@ class InflatingReader:
         return self.inner.mode
 
     async def read(self, deadline: float | None) -> bytes:
-        """The next inflated piece, b"" at the end. ValueError when the data is not valid."""
-        import zlib
+        """The next inflated piece, b"" at the end. ValueError when the data is not valid or
+        ends before the compressed stream does."""
         while not self.ended:
             data = self.pending or await self.inner.read(deadline)
+            if self.inflater is None:
+                if not data:
+                    raise ValueError("compressed answer is empty")
+                self.inflater = self._inflater(data)
             try:
                 if not data:
                     self.ended = True
+                    if not self.inflater.eof:
+                        raise ValueError("compressed answer is cut short")
                     return self.inflater.flush()
                 out = self.inflater.decompress(data, READ_CHUNK * 16)
-            except zlib.error as exc:
+            except self.error as exc:
                 raise ValueError(f"answer is not valid compressed data: {exc}") from None
             self.pending = self.inflater.unconsumed_tail
             if out:
