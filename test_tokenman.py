@@ -1273,8 +1273,12 @@ class TestRelay(ProxyTestCase):
             done, status="failed", error={"code": "server_error", "message": "boom"})})]
 
         async def handler(rec, r, w):
-            if rec.method == b"GET":
+            if rec.method == b"GET" and b"stream=true" in rec.target:
+                await sse_reply(w, events)
+            elif rec.method == b"GET":
                 await json_reply(w, done)
+            elif b"background" in rec.body:
+                await json_reply(w, dict(done, status="queued", usage=None))
             elif b"fail" in rec.body:
                 await sse_reply(w, failed)
             elif rec.json().get("stream"):
@@ -1291,9 +1295,13 @@ class TestRelay(ProxyTestCase):
             "model": "gpt-4o", "input": "hi", "stream": True}, O_HEADERS)
         self.assertEqual(streamed.body, b"".join(events))  # relayed as it came
         await http(self.port, "GET", "/v1/responses/resp_1", b"", O_HEADERS)
+        await http(self.port, "GET", "/v1/responses/resp_1?stream=true", b"", O_HEADERS)
         await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "fail",
                                                        "stream": True}, O_HEADERS)
-        rows = await self.rows(5)
+        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "hi",
+                                                       "background": True,
+                                                       "max_output_tokens": 500}, O_HEADERS)
+        rows = await self.rows(7)
         posts = [r for r in rows if r["method"] == "POST"]
         self.assertEqual({(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"],
                            r["reasoning_tokens"], r["model"]) for r in posts[:3]},
@@ -1303,9 +1311,12 @@ class TestRelay(ProxyTestCase):
         self.assertEqual({r["outcome"] for r in posts[:3]}, {"ok"})
         self.assertEqual((posts[3]["outcome"], posts[3]["input_tokens"]), ("upstream_error", 26))
         self.assertIn("boom", posts[3]["error_message"])
-        get = [r for r in rows if r["method"] == "GET"][0]  # billed when it was made
-        self.assertEqual((get["input_tokens"], get["output_tokens"], get["cost_usd"]),
-                         (0, 0, 0.0))
+        for get in [r for r in rows if r["method"] == "GET"]:  # billed when it was made
+            self.assertEqual((get["input_tokens"], get["output_tokens"], get["cost_usd"]),
+                             (0, 0, 0.0))
+        background = posts[4]  # answers before its usage exists: billed now, at its most
+        self.assertEqual((background["output_tokens"], background["estimated"]), (500, 1))
+        self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])
 
     async def test_base_url_with_v1_suffix_is_not_doubled(self):
         await self.start_proxy(providers={"vllm": {"api_base": self.up.base + "/v1"}})

@@ -6444,6 +6444,9 @@ class ResponseRelay:
             usage, model = usage_from_body(ctx.upstream_api, obj["response"])
         if model:
             ctx.model = model
+        if isinstance(obj, dict) and obj.get("object") == "response" and not usage.reported \
+                and obj.get("status") in ("queued", "in_progress"):
+            usage = self._background_estimate(ctx)
         if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
             usage.input = estimate_request_tokens(ctx.obj)
             strings: list[str] = []
@@ -6453,6 +6456,18 @@ class ResponseRelay:
             usage.estimated = True
         ctx.usage = usage
         ctx.cost = self.prices.cost(ctx.model, usage)
+
+    def _background_estimate(self, ctx: Context) -> Usage:
+        """A Responses API call made in the background answers before its usage exists, and
+        its retrievals are not billed (they would bill every poll): it is billed now, at the
+        most it can cost (the input estimate and max_output_tokens), marked estimated."""
+        usage = Usage()
+        obj = ctx.obj if isinstance(ctx.obj, dict) else {}
+        usage.input = estimate_request_tokens(obj)
+        most = obj.get("max_output_tokens")
+        usage.output = most if _is_count(most) else self.cfg.budget.default_max_tokens
+        usage.estimated = True
+        return usage
 
     def _fail(self, req: Request, conn: ServerConn, ctx: Context, status: int,
               message: str) -> None:
@@ -6566,6 +6581,8 @@ class ResponseRelay:
         usage = meter.usage
         if meter.model:
             ctx.model = meter.model
+        if ctx.req.method != "POST":  # a streamed retrieval (GET /v1/responses/{id}?stream=)
+            return  # shows usage billed when the answer was made
         if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
             if not usage.reported:
                 usage.input = estimate_request_tokens(ctx.obj)
