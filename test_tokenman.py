@@ -1669,6 +1669,20 @@ class TestStreaming(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["output_tokens"], row["cache_read_tokens"]), (300, 1920))
 
+    async def test_an_empty_stream_ends_with_an_error_event_and_no_charge(self):
+        async def handler(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-length: 0\r\n\r\n")
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertIn(b"event: error", resp.body)
+        self.assertIn(b"empty stream", resp.body)
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["input_tokens"], row["output_tokens"],
+                          row["cost_usd"]), ("upstream_failed", 0, 0, 0.0))
+
     async def test_usage_chunk_read_together_with_content_is_still_removed(self):
         events, _ = openai_fixture("text")
 

@@ -6500,6 +6500,7 @@ class ResponseRelay:
         stream_timeout = self.cfg.server.stream_timeout
         end = loop.time() + stream_timeout if stream_timeout else None
         failure = ""
+        empty = True  # not one byte of body
         try:
             while True:
                 deadline = loop.time() + read_timeout
@@ -6508,6 +6509,7 @@ class ResponseRelay:
                 data = await body.read(deadline)
                 if not data:
                     break
+                empty = False
                 events = splitter.feed(data)
                 if passthrough:  # nothing rewrites events: send first, count after
                     out = events
@@ -6555,6 +6557,8 @@ class ResponseRelay:
             resp.release()
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
+        elif not failure and empty and req.path in ACCOUNTED_PATHS and 200 <= resp.status < 300:
+            failure = "upstream answered with an empty stream"
         if translator is not None and not failure and not conn.lost:
             conn.stream_write(translator.finish())  # (nothing when already finished)
         if conn.lost and not meter.complete:
@@ -6570,7 +6574,8 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        self._account_stream(ctx, meter)
+        if not empty:  # (an answer that never came is not estimated and charged)
+            self._account_stream(ctx, meter)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
