@@ -104,6 +104,8 @@ POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this i
 CACHE_MEMORY_MAX = 32 * 1024 * 1024  # answer bytes the response cache (and the heartbeat)
                                  # keep in memory, whatever max_entries allows (1,000 answers of
                                  # up to max_entry_bytes could otherwise hold a gigabyte)
+DECODED_BODY_MAX = 256 * 1024 * 1024  # a compressed request body inflates to this at most
+                                 # when server.max_body_size is 0 (no limit): no gzip bomb
 RATE_KEYS_PRUNE = 4096           # rate-limit buckets kept before the idle (full) ones are dropped
 LAYOUT_MIN_BODY = 16 * 1024      # request bodies this large are parsed member by member, so a
                                  # stage's change is patched in without parsing them again
@@ -2154,7 +2156,11 @@ class ServerConn:
         if not keep:
             self.close_after = True
             headers = headers + [(b"Connection", b"close")]
-        head = render_head(status, headers + [(b"Content-Length", b"%d" % len(body))], reason)
+        if status in (204, 304):  # no body and no Content-Length of one (RFC 9110 8.6)
+            head, body = render_head(status, headers, reason), b""
+        else:
+            head = render_head(status, headers + [(b"Content-Length", b"%d" % len(body))],
+                               reason)
         if req is not None and req.method == "HEAD":
             body = b""
         self.started = True
@@ -4272,6 +4278,7 @@ class ResponseCache(Stage):
         self.clock = clock
         self.memory: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
         self.memory_bytes = 0  # answer bodies held in memory (the rest stays in SQLite)
+        self.memory_max = CACHE_MEMORY_MAX
 
     def _eligible(self, ctx: Context) -> bool:
         obj = ctx.obj
@@ -4345,7 +4352,7 @@ class ResponseCache(Stage):
         self._forget(key)
         self.memory[key] = entry
         self.memory_bytes += len(entry.body)
-        while len(self.memory) > self.cfg.max_entries or self.memory_bytes > CACHE_MEMORY_MAX:
+        while len(self.memory) > self.cfg.max_entries or self.memory_bytes > self.memory_max:
             _, old = self.memory.popitem(last=False)
             self.memory_bytes -= len(old.body)
 
@@ -4582,11 +4589,14 @@ class ScanMemo:
             self.entries.move_to_end(text)
             return found
         found = self.entries[text] = scan(text) or ()
-        self.size += sys.getsizeof(text) + self.ENTRY_BYTES
+        self.size += self._cost(text, found)
         while self.size > self.max_bytes:
-            old, _ = self.entries.popitem(last=False)
-            self.size -= sys.getsizeof(old) + self.ENTRY_BYTES
+            old, result = self.entries.popitem(last=False)
+            self.size -= self._cost(old, result)
         return found
+
+    def _cost(self, text: str, found) -> int:
+        return sys.getsizeof(text) + self.ENTRY_BYTES + 96 * len(found)  # (a hit: a tuple)
 
 
 class InjectionGuard(Stage):
@@ -4831,8 +4841,8 @@ class PIIGuard(Stage):
                 mark_changed(ctx, path)
         if not found:
             return None
-        if not ctx.cache_hit:
-            now = utc_iso(ctx.wall)
+        if not ctx.cache_hit and ctx.req.path in ACCOUNTED_PATHS:  # (count_tokens carries
+            now = utc_iso(ctx.wall)  # the conversation the call it counts records again)
             for kind, path, value in found:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, action, path, mask(value)))
                 self.metrics.inc("tokenman_pii_detections_total",
@@ -5170,6 +5180,7 @@ class RateLimiter(Stage):
         self.log = log
         self.state = rate_state  # key -> (request bucket, token bucket or None)
         self.clock = clock
+        self.prune_at = RATE_KEYS_PRUNE
 
     def _buckets(self, provider: str, project: str, now: float):
         limits = self.cfg.provider_limits.get(provider, {})
@@ -5179,7 +5190,7 @@ class RateLimiter(Stage):
         key = provider + ("/" + project if self.cfg.per_project else "")
         pair = self.state.get(key)
         if pair is None:
-            if len(self.state) >= RATE_KEYS_PRUNE and len(self.state) % 256 == 0:
+            if len(self.state) >= self.prune_at and len(self.state) % 256 == 0:
                 self._prune(now)  # (at most once per 256 new keys)
             pair = self.state[key] = (TokenBucket(burst, rate, now),
                                       TokenBucket(tpm, tpm / 60, now) if tpm else None)
@@ -7002,7 +7013,8 @@ class Proxy(ResponseRelay, RequestLog):
         obj = None
         coding = req.headers.map.get(b"content-encoding") if checked else None
         if coding and coding.strip().lower() != b"identity":  # decoded here, sent as it is
-            body = req.body = decode_content(coding, body, self.cfg.server.max_body_size)
+            body = req.body = decode_content(coding, body, self.cfg.server.max_body_size
+                                             or DECODED_BODY_MAX)
             req.headers = Headers([(n, v) for n, v in req.headers.raw
                                    if n.lower() != b"content-encoding"])
         if checked or (body[:1] == b"{" and req.method == "POST"):
