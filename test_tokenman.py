@@ -1480,6 +1480,19 @@ class TestRelay(ProxyTestCase):
                          (429, "upstream_error", 0.0))
         self.assertIn("slow down", row["error_message"])
 
+    async def test_a_compressed_error_answer_is_logged_and_relayed_plain(self):
+        import gzip
+        err = {"type": "error", "error": {"type": "overloaded_error", "message": "busy now"}}
+        self.up.handler = lambda rec, r, w: json_reply(
+            w, gzip.compress(json.dumps(err).encode()), status=529, reason=b"Overloaded",
+            headers=[b"content-encoding: gzip"])
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()), (529, err))
+        self.assertNotIn("content-encoding", resp.headers)
+        row = (await self.rows())[0]
+        self.assertIn("busy now", row["error_message"])
+
     async def test_upstream_down_is_native_502(self):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))

@@ -2499,6 +2499,15 @@ class UpstreamResponse:
     def close(self) -> None:
         self.chan.abort()
 
+    def inflate(self) -> None:
+        """A gzip- or deflate-encoded body (sent although tokenman asked for identity) is read
+        inflated from now on, and the head no longer names the encoding."""
+        coding = self.head.headers.map.get(b"content-encoding", b"").strip().lower()
+        if coding in (b"gzip", b"x-gzip", b"deflate"):
+            self.body = InflatingReader(self.body, coding)
+            self.head.headers = Headers([(n, v) for n, v in self.head.headers.raw
+                                         if n.lower() != b"content-encoding"])
+
 
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -6329,6 +6338,7 @@ class Dispatcher:
 
     async def _keep_failure(self, resp: UpstreamResponse, prov: Provider) -> Failure:
         loop = asyncio.get_running_loop()
+        resp.inflate()  # (logged, maybe translated: plain bytes)
         try:
             body = await resp.body.read_all(self.max_error_body, loop.time() + prov.cfg.timeout)
         except (HeadTooLarge, TimeoutError, ConnectionGone, ValueError) as exc:
@@ -7158,13 +7168,9 @@ class Proxy(ResponseRelay, RequestLog):
         conn.chan.on_lost = resp.chan.abort
         try:
             ctype = resp.head.headers.map.get(b"content-type", b"")
-            coding = resp.head.headers.map.get(b"content-encoding", b"").strip().lower()
-            if coding in (b"gzip", b"x-gzip", b"deflate") and (
-                    req.path in ACCOUNTED_PATHS or ctype.startswith((b"text/event-stream",
-                                                                     b"application/json"))):
-                resp.body = InflatingReader(resp.body, coding)  # tokenman asked for identity
-                resp.head.headers = Headers([(n, v) for n, v in resp.head.headers.raw
-                                             if n.lower() != b"content-encoding"])
+            if req.path in ACCOUNTED_PATHS or ctype.startswith((b"text/event-stream",
+                                                                b"application/json")):
+                resp.inflate()  # (usage, placeholders and events are in the plain bytes)
             if ctype.startswith(b"text/event-stream"):
                 ctx.streaming = True
                 await self._relay_sse(req, conn, ctx, prov, resp, t_up)
