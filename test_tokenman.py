@@ -1408,6 +1408,7 @@ class TestRelay(ProxyTestCase):
         self.assertEqual(sorted(r["outcome"] for r in rows), ["ok"] * 3 + ["upstream_failed"])
 
     async def test_compressed_request_bodies_are_decoded_and_screened(self):
+        import base64
         import gzip
         import zlib
         await self.start_proxy({"server": {"max_body_size": 64 * 1024}})
@@ -1425,9 +1426,11 @@ class TestRelay(ProxyTestCase):
                 self.assertNotIn(b"content-encoding", sent.headers)
                 self.assertEqual(sent.json()["messages"][0]["content"], "mail [EMAIL_1]")
         bomb = gzip.compress(b'{"model":"m","messages":[],"x":"' + b"a" * (1 << 20) + b'"}')
+        noise = gzip.compress(b'{"x":"%s"}' % base64.b64encode(os.urandom(96 * 1024)))
+        self.assertGreater(len(noise), 64 * 1024)  # (decoded in a worker thread)
         for coding, body, status in ((b"br", b"\x00", 415), (b"gzip", b"not gzip", 400),
                                      (b"gzip", gzip.compress(raw)[:-9], 400),
-                                     (b"gzip", bomb, 413)):
+                                     (b"gzip", bomb, 413), (b"gzip", noise, 413)):
             with self.subTest(coding=coding, status=status):
                 resp = await http(self.port, "POST", "/v1/chat/completions", body,
                                   dict(O_HEADERS, **{"Content-Encoding": coding.decode()}))
