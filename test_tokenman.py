@@ -1279,6 +1279,10 @@ class TestRelay(ProxyTestCase):
                 await sse_reply(w, events)
             elif rec.method == b"GET":
                 await json_reply(w, done)
+            elif rec.target.endswith(b"/cancel"):
+                await json_reply(w, dict(done, status="cancelled"))
+            elif b"background" in rec.body and rec.json().get("stream"):
+                await sse_reply(w, events[:1])  # the client leaves; the call goes on
             elif b"background" in rec.body:
                 await json_reply(w, dict(done, status="queued", usage=None))
             elif b"fail" in rec.body:
@@ -1303,7 +1307,11 @@ class TestRelay(ProxyTestCase):
         await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "hi",
                                                        "background": True,
                                                        "max_output_tokens": 500}, O_HEADERS)
-        rows = await self.rows(7)
+        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "hi",
+                                                       "background": True, "stream": True,
+                                                       "max_output_tokens": 500}, O_HEADERS)
+        await http(self.port, "POST", "/v1/responses/resp_1/cancel", b"", O_HEADERS)
+        rows = await self.rows(9)
         posts = [r for r in rows if r["method"] == "POST"]
         self.assertEqual({(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"],
                            r["reasoning_tokens"], r["model"]) for r in posts[:3]},
@@ -1316,9 +1324,10 @@ class TestRelay(ProxyTestCase):
         for get in [r for r in rows if r["method"] == "GET"]:  # billed when it was made
             self.assertEqual((get["input_tokens"], get["output_tokens"], get["cost_usd"]),
                              (0, 0, 0.0))
-        background = posts[4]  # answers before its usage exists: billed now, at its most
-        self.assertEqual((background["output_tokens"], background["estimated"]), (500, 1))
-        self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])
+        for background in posts[4:6]:  # answers before its usage exists: billed now, at its
+            self.assertEqual((background["output_tokens"], background["estimated"]), (500, 1))
+            self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])  # most
+        self.assertEqual(posts[6]["cost_usd"], 0.0)  # a cancel shows what was billed before
 
     async def test_base_url_with_v1_suffix_is_not_doubled(self):
         await self.start_proxy(providers={"vllm": {"api_base": self.up.base + "/v1"}})
@@ -1495,6 +1504,28 @@ class TestRelay(ProxyTestCase):
         self.assertNotIn("content-encoding", resp.headers)
         row = (await self.rows())[0]
         self.assertIn("busy now", row["error_message"])
+
+    async def test_compressed_answers_without_a_body_and_small_window_zlib(self):
+        import zlib
+        packer = zlib.compressobj(wbits=12)  # zlib-wrapped, first byte not 0x78
+        small = packer.compress(b'{"ok": true}') + packer.flush()
+        answers = {
+            b"/v1/models": b"HTTP/1.1 304 Not Modified\r\ncontent-type: application/json\r\n"
+                           b"content-encoding: gzip\r\n\r\n",
+            b"/v1/models/x": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-encoding: deflate\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(small), small),
+            b"/v1/messages": b"HTTP/1.1 429 Too Many\r\ncontent-type: application/json\r\n"
+                             b"content-encoding: gzip\r\ncontent-length: 0\r\n"
+                             b"retry-after: 7\r\n\r\n"}
+        self.up.handler = lambda rec, r, w: w.write(answers[rec.target])
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        self.assertEqual((await http(self.port, "GET", "/v1/models", b"", A_HEADERS)).status,
+                         304)
+        resp = await http(self.port, "GET", "/v1/models/x", b"", A_HEADERS)
+        self.assertEqual((resp.status, resp.json()), (200, {"ok": True}))
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.headers["retry-after"]), (429, "7"))
 
     async def test_upstream_down_is_native_502(self):
         sock = socket.socket()
@@ -1700,6 +1731,17 @@ class TestStreaming(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["outcome"], row["input_tokens"], row["output_tokens"],
                           row["cost_usd"]), ("upstream_failed", 0, 0, 0.0))
+
+    async def test_a_stream_of_pings_only_is_an_empty_stream(self):
+        async def handler(rec, r, w):
+            await sse_reply(w, [b": PROCESSING\n\n", b"event: ping\ndata: {}\n\n"])
+        self.up.handler = handler
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertIn(b"empty stream", resp.body)
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["cost_usd"]), ("upstream_failed", 0.0))
 
     async def test_usage_chunk_read_together_with_content_is_still_removed(self):
         events, _ = openai_fixture("text")
@@ -2489,6 +2531,8 @@ class TestDetectors(unittest.TestCase):
         long = "@" + "x" * 300
         self.assertEqual([memo.get(long, scan) for _ in range(3)], [[(0, 1, "email")]] * 3)
         self.assertEqual(scanned.count(long), 1)
+        self.assertEqual(memo.size, 2 * memo.ENTRY_BYTES + sys.getsizeof("src/x.py")
+                         + sys.getsizeof(long) + 96)  # what a result holds counts too
         for i in range(40):  # newer texts push the oldest out: the size stays bounded
             memo.get(f"{i:0300d}", scan)
         self.assertLessEqual(memo.size, 4096)
@@ -2881,6 +2925,25 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(sent[1][0]["content"], "look in [FILE_PATH_1]/src")
         self.assertEqual(sent[1][1]["content"][1]["text"], "I will look in [FILE_PATH_1]/src")
 
+    async def test_text_documents_are_screened_and_their_placeholders_kept_apart(self):
+        await self.start_proxy()
+        doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                              "data": "Dear [EMAIL_1], contact jane@corp.com"}}
+        req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": [
+            doc, {"type": "text", "text": "mail bob@example.com"}]}])
+        await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        sent = self.up.requests[0].json()["messages"][0]["content"]
+        self.assertEqual(sent[0]["source"]["data"], "Dear [EMAIL_1], contact [EMAIL_2]")
+        self.assertEqual(sent[1]["text"], "mail [EMAIL_3]")
+
+    async def test_pass_through_detections_are_recorded(self):
+        await self.start_proxy({"security": {"pii": {"action": "log"}}})
+        await http(self.port, "POST", "/v1/threads", {"messages": [
+            {"role": "user", "content": "mail jane@corp.com"}]}, O_HEADERS)
+        await self.rows(1)
+        logged = await asyncio.to_thread(self.app.store.query, "SELECT pii_type FROM pii_log")
+        self.assertEqual([r["pii_type"] for r in logged], ["email"])
+
     async def test_thinking_keeps_its_placeholders_in_a_buffered_answer(self):
         # the provider signed the thinking text: restoring into it would break the signature
         # the next turn sends back (streamed thinking deltas are not restored either)
@@ -3189,6 +3252,25 @@ class TestBudgetStage(ProxyTestCase):
             {"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}}]}]})
         self.assertGreaterEqual(unseen, tm.DOCUMENT_MAX_TOKENS)  # the worst case
 
+    async def test_estimates_read_media_where_each_api_puts_it(self):
+        base = tm.estimate_request_tokens({"messages": [{"role": "user", "content": "hi"}]})
+
+        def extra(*parts, tools=()):
+            return tm.estimate_request_tokens({"tools": list(tools), "messages": [
+                {"role": "user", "content": list(parts)}]}) - base
+        pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "A" * 400}}
+        self.assertAlmostEqual(extra(pdf), tm.MEDIA_PART_TOKENS, delta=5)  # OpenAI chat file
+        schema = {"name": "open", "input_schema": {"type": "object", "properties": {
+            "f": {"type": "file"}, "d": {"type": "document"}}}}
+        self.assertLess(extra(tools=[schema]), 100)  # a schema is text, not media
+        used = {"type": "tool_use", "id": "t", "name": "open",
+                "input": {"type": "document", "path": "a"}}
+        self.assertLess(extra(used), 100)  # what the model wrote is text too
+        nested = {"type": "text", "text": "deep"}
+        for _ in range(300):  # documents inside documents: the depth cap still holds
+            nested = {"type": "document", "source": {"type": "content", "content": [nested]}}
+        self.assertLess(extra(nested), 100)
+
     async def test_pass_through_calls_spend_from_the_budget_too(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "id": "resp_1", "object": "response", "model": "gpt-4o", "output": [],
@@ -3271,6 +3353,31 @@ class TestRateLimitStage(ProxyTestCase):
             self.assertEqual(resp.status, 200)
         self.assertLess(len(limiter.state), 300)
         self.assertIn("anthropic/p599", limiter.state)  # the newest are kept
+
+    async def test_a_call_whose_buckets_were_pruned_still_settles_its_tokens(self):
+        gate = asyncio.Event()
+
+        async def slow(rec, r, w):
+            await gate.wait()
+            await json_reply(w, {"model": "gpt-4o", "choices": [], "usage": {
+                "prompt_tokens": 10, "completion_tokens": 1990}})
+        self.up.handler = slow
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 100, "tokens_per_minute": 1000}}})
+        now = [0.0]
+        limiter = self.app.pipeline.stage("ratelimit")
+        limiter.clock = lambda: now[0]
+        call = asyncio.create_task(http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                                        O_HEADERS))
+        while not self.up.requests:
+            await asyncio.sleep(0.005)
+        now[0] += 120  # the call runs long: its buckets refill and a prune drops them
+        limiter._prune(now[0])
+        self.assertEqual(limiter.state, {})
+        gate.set()
+        self.assertEqual((await asyncio.wait_for(call, WAIT)).status, 200)
+        after = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(after.status, 429)  # the 2,000 tokens it used still count
 
     async def test_tokens_per_minute_settle_with_actual_usage(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {

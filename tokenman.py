@@ -475,13 +475,13 @@ def parse_with_layout(text: str) -> tuple[object, tuple | None]:
 
 def _json_strings(obj: object, out: list[str], depth: int = 0, counted=None) -> None:
     """Every string value (not key) inside a decoded JSON value, for token estimates.
-    `counted(obj)` may take an object over (True: it was counted another way)."""
+    `counted(obj, depth)` may take an object over (True: it was counted another way)."""
     if depth > 64:
         return
     if isinstance(obj, str):
         out.append(obj)
     elif isinstance(obj, dict):
-        if counted is not None and counted(obj):
+        if counted is not None and counted(obj, depth):
             return
         for value in obj.values():
             _json_strings(value, out, depth + 1, counted)
@@ -1419,6 +1419,17 @@ class Headers:
         return default if value is None else value.decode("latin-1")
 
 
+def inflate_bits(coding: bytes, first: bytes) -> int:
+    """zlib's wbits for a gzip or deflate body from its first bytes: gzip (31); deflate is the
+    zlib format (RFC 9110 8.4.1.2: a header whose low nibble is 8 and whose two bytes are a
+    multiple of 31), though some send it raw (-15)."""
+    if coding != b"deflate":
+        return 31
+    if len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0:
+        return 15
+    return -15
+
+
 def decode_content(coding: bytes, body: bytes, limit: int) -> bytes:
     """A body sent with Content-Encoding gzip or deflate (RFC 9110 8.4), decoded within `limit`
     bytes (0: none). HTTPError 415 for another coding, 413 past the limit, 400 when broken."""
@@ -1428,9 +1439,7 @@ def decode_content(coding: bytes, body: bytes, limit: int) -> bytes:
         if name not in (b"gzip", b"x-gzip", b"deflate"):
             raise HTTPError(415, f"Content-Encoding {name.decode('latin-1')[:40]} is not "
                                  "supported: send gzip, deflate or identity")
-        # gzip; deflate is the zlib format, though some clients send it raw
-        wbits = 31 if name != b"deflate" else 15 if body[:1] == b"\x78" else -15
-        inflater = zlib.decompressobj(wbits)
+        inflater = zlib.decompressobj(inflate_bits(name, body[:2]))
         try:
             out = inflater.decompress(body, limit + 1 if limit else 0)
         except zlib.error:
@@ -2030,8 +2039,7 @@ class InflatingReader:
 
     def _inflater(self, first: bytes):
         import zlib
-        wbits = 47 if self.coding != b"deflate" else 15 if first[:1] == b"\x78" else -15
-        return zlib.decompressobj(wbits)  # (47: gzip or zlib, told apart by their header)
+        return zlib.decompressobj(inflate_bits(self.coding, first[:2]))
 
     @property
     def done(self) -> bool:
@@ -2047,8 +2055,9 @@ class InflatingReader:
         while not self.ended:
             data = self.pending or await self.inner.read(deadline)
             if self.inflater is None:
-                if not data:
-                    raise ValueError("compressed answer is empty")
+                if not data:  # no body at all (HEAD, 304, an empty error): nothing to inflate
+                    self.ended = True
+                    return b""
                 self.inflater = self._inflater(data)
             try:
                 if not data:
@@ -3268,10 +3277,12 @@ def media_tokens(part: dict) -> int:
     kind = part["type"]
     if kind in ("image", "image_url", "input_image"):
         return MEDIA_PART_TOKENS
-    source = part.get("source") if isinstance(part.get("source"), dict) else part
+    source = part  # where the bytes are: Anthropic source, OpenAI chat file / input_audio
+    for key in ("source", "file", "input_audio"):
+        if isinstance(part.get(key), dict):
+            source = part[key]
+            break
     data = source.get("data", source.get("file_data"))
-    if kind == "input_audio" and isinstance(part.get("input_audio"), dict):
-        data = part["input_audio"].get("data")
     if isinstance(data, str):
         return max(MEDIA_PART_TOKENS, min(DOCUMENT_MAX_TOKENS, len(data) * 3 // 16))
     return DOCUMENT_MAX_TOKENS
@@ -3284,22 +3295,28 @@ def estimate_request_tokens(obj: object) -> int:
     strings: list[str] = []
     extra = [0]
 
-    def counted(part: dict) -> bool:
+    def counted(part: dict, depth: int) -> bool:
         kind = part.get("type")
-        if type(kind) is not str or kind not in MEDIA_PARTS:
+        if type(kind) is not str:
+            return False
+        if kind in ("tool_use", "server_tool_use"):  # its input is JSON the model wrote: text
+            _json_strings(part, strings, depth + 1)
+            return True
+        if kind not in MEDIA_PARTS:
             return False
         source = part.get("source")
         if kind == "document" and isinstance(source, dict) and source.get("type") in (
                 "text", "content"):  # a plain-text document: its text is counted as text
-            _json_strings(source.get("data", source.get("content")), strings, 1, counted)
+            _json_strings(source.get("data", source.get("content")), strings, depth + 2,
+                          counted)
         else:
             extra[0] += media_tokens(part)
         return True
     messages = 0
     if isinstance(obj, dict):
         for key in ("system", "messages", "tools", "input", "prompt", "instructions"):
-            if key in obj:
-                _json_strings(obj[key], strings, 0, counted)
+            if key in obj:  # (tool schemas are text: a property may be named "type")
+                _json_strings(obj[key], strings, 0, None if key == "tools" else counted)
         if isinstance(obj.get("messages"), list):
             messages = len(obj["messages"])
     # chat formats add about 4 tokens per message and 3 per request (measured on o200k)
@@ -4219,6 +4236,14 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
             _value_fields(out, block, "input", path + (j, "input"), depth)
         elif kind in ("thinking", "redacted_thinking"):
             continue
+        elif kind == "document" and isinstance(block.get("source"), dict):
+            source = block["source"]  # a plain-text document is text the model reads
+            if source.get("type") == "text" and isinstance(source.get("data"), str) \
+                    and (roles is None or role in roles):
+                out.append((source, "data", path + (j, "source", "data"), role))
+            elif source.get("type") == "content":
+                _content_fields(out, source, "content", path + (j, "source", "content"), role,
+                                roles, depth + 1)
         elif isinstance(block.get("text"), str) and (roles is None or role in roles):
             out.append((block, "text", path + (j, "text"), role))
 
@@ -4794,6 +4819,15 @@ def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, i
     return sorted(taken)
 
 
+def _spelled_placeholders(obj: object) -> set[str]:
+    """Placeholders a request already spells anywhere (a template, a document, a tool schema)
+    but in thinking blocks: those keep tokenman's own from earlier turns, numbers unchanged."""
+    strings: list[str] = []
+    _json_strings(obj, strings, 0, lambda part, depth: part.get("type") in (
+        "thinking", "redacted_thinking"))
+    return {t for text in strings if "[" in text for t in _PLACEHOLDER_TEXT_RE.findall(text)}
+
+
 class PIIGuard(Stage):
     """Personal data and secrets in every text field of both APIs. redact swaps each value for a
     placeholder ([EMAIL_1]) and restores it in the answer (streamed deltas included, with JSON
@@ -4835,10 +4869,8 @@ class PIIGuard(Stage):
             where = field_path(path)
             found += [(kind, where, text[s:e]) for s, e, kind in spans]
             if action in ("redact", "hash"):
-                if taken is None:  # placeholders the client's own texts already spell (not
-                    # its thinking blocks: those keep ours from earlier turns, same numbers)
-                    taken = {t for p, k, _, _ in fields if "[" in p[k]
-                             for t in _PLACEHOLDER_TEXT_RE.findall(p[k])}
+                if taken is None:
+                    taken = _spelled_placeholders(ctx.obj)
                 out, pos = [], 0
                 for s, e, kind in spans:
                     out.append(text[pos:s])
@@ -4850,8 +4882,8 @@ class PIIGuard(Stage):
                 mark_changed(ctx, path)
         if not found:
             return None
-        if not ctx.cache_hit and ctx.req.path in ACCOUNTED_PATHS:  # (count_tokens carries
-            now = utc_iso(ctx.wall)  # the conversation the call it counts records again)
+        if not ctx.cache_hit and ctx.req.path not in SIDE_CALL_PATHS:  # (count_tokens:
+            now = utc_iso(ctx.wall)  # the call it counts records the same detections)
             for kind, path, value in found:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, action, path, mask(value)))
                 self.metrics.inc("tokenman_pii_detections_total",
@@ -5244,15 +5276,18 @@ class RateLimiter(Stage):
         requests.level -= 1
         if tokens is not None:
             tokens.level -= need
-            ctx.notes["ratelimit"] = (tokens, need)
+            ctx.notes["ratelimit"] = (key, requests, tokens, need)
         return None
 
     def finish(self, ctx: Context) -> None:
         held = ctx.notes.get("ratelimit")
         if held:
-            bucket, reserved = held
-            u = ctx.usage
-            bucket.level -= (u.input + u.output + u.cache_read + u.cache_write) - reserved
+            key, requests, tokens, reserved = held
+            # a long call's buckets may have refilled and been pruned meanwhile: they come back
+            bucket = self.state.setdefault(key, (requests, tokens))[1]
+            if bucket is not None:
+                u = ctx.usage
+                bucket.level -= (u.input + u.output + u.cache_read + u.cache_write) - reserved
 
 
 # -- token savings: prompt-cache hints, lossless compression, history window, heartbeat ---------
@@ -6455,9 +6490,15 @@ class ResponseRelay:
             else openai_to_anthropic_response(obj)
         return json_dumps(out)
 
+    @staticmethod
+    def _billable(ctx: Context) -> bool:
+        """A POST that makes an answer; a retrieval (GET /v1/responses/{id}, buffered or
+        streamed) or a cancel shows usage billed when the answer was made: not on every poll."""
+        return ctx.req.method == "POST" and not ctx.req.path.endswith("/cancel")
+
     def _account_body(self, ctx: Context, data: bytes) -> None:
-        if ctx.req.method != "POST":  # a retrieval (GET /v1/responses/{id}) shows usage that
-            return  # was billed when the answer was made: counted then, not on every poll
+        if not self._billable(ctx):
+            return
         obj = _loads(data) if data[:1] in (b"{", b" ", b"\n") else None
         usage, model = usage_from_body(ctx.upstream_api, obj)
         if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
@@ -6578,8 +6619,11 @@ class ResponseRelay:
             resp.release()
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
-        elif not failure and empty and req.path in ACCOUNTED_PATHS and 200 <= resp.status < 300:
-            failure = "upstream answered with an empty stream"
+        elif not failure and req.path in ACCOUNTED_PATHS and 200 <= resp.status < 300 and (
+                empty or not (meter.model or meter.pieces or meter.usage.reported
+                              or meter.error)):
+            failure = "upstream answered with an empty stream"  # (no bytes, or only pings)
+            empty = True
         if translator is not None and not failure and not conn.lost:
             conn.stream_write(translator.finish())  # (nothing when already finished)
         if conn.lost and not meter.complete:
@@ -6595,8 +6639,8 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if not empty:  # (an answer that never came is not estimated and charged)
-            self._account_stream(ctx, meter)
+        if not (empty and ctx.outcome == "upstream_failed"):  # (an answer that never came
+            self._account_stream(ctx, meter)  # is not estimated and charged)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
@@ -6607,8 +6651,11 @@ class ResponseRelay:
         usage = meter.usage
         if meter.model:
             ctx.model = meter.model
-        if ctx.req.method != "POST":  # a streamed retrieval (GET /v1/responses/{id}?stream=)
+        if not self._billable(ctx):  # a streamed retrieval (GET /v1/responses/{id}?stream=)
             return  # shows usage billed when the answer was made
+        if not usage.reported and isinstance(ctx.obj, dict) and ctx.obj.get("background") \
+                is True:  # left before it ended: it goes on (and is billed) at the provider
+            usage = self._background_estimate(ctx)
         if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
             if not usage.reported:
                 usage.input = estimate_request_tokens(ctx.obj)
@@ -6944,14 +6991,13 @@ class Proxy(ResponseRelay, RequestLog):
 
     async def _decode_body(self, req: Request) -> None:
         """A compressed body on a path tokenman reads (the chat paths, count_tokens) is decoded
-        here and forwarded decoded; a large one in a worker thread (~1.5 ms per MiB)."""
+        here, in a worker thread (~1.5 ms per MiB of output), and forwarded decoded."""
         coding = req.headers.map[b"content-encoding"]
         if req.method != "POST" or coding.strip().lower() == b"identity" or not (
                 req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS):
             return  # (anything else passes through as it came)
-        args = (coding, req.body, self.cfg.server.max_body_size or DECODED_BODY_MAX)
-        req.body = decode_content(*args) if len(req.body) < 64 * 1024 else \
-            await asyncio.to_thread(decode_content, *args)
+        req.body = await asyncio.to_thread(decode_content, coding, req.body,
+                                           self.cfg.server.max_body_size or DECODED_BODY_MAX)
         req.headers = Headers([(n, v) for n, v in req.headers.raw
                                if n.lower() != b"content-encoding"])
 
