@@ -1329,6 +1329,18 @@ class TestRelay(ProxyTestCase):
             self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])  # most
         self.assertEqual(posts[6]["cost_usd"], 0.0)  # a cancel shows what was billed before
 
+    async def test_updating_a_stored_completion_is_not_billed_again(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 500}})
+        await self.start_proxy()
+        await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        await http(self.port, "POST", "/v1/chat/completions/chatcmpl-1",
+                   {"metadata": {"k": "v"}}, O_HEADERS)
+        rows = await self.rows(2)
+        self.assertGreater(rows[0]["cost_usd"], 0)
+        self.assertEqual((rows[1]["input_tokens"], rows[1]["cost_usd"]), (0, 0.0))
+
     async def test_base_url_with_v1_suffix_is_not_doubled(self):
         await self.start_proxy(providers={"vllm": {"api_base": self.up.base + "/v1"}})
         resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ)
@@ -1526,6 +1538,24 @@ class TestRelay(ProxyTestCase):
         self.assertEqual((resp.status, resp.json()), (200, {"ok": True}))
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual((resp.status, resp.headers["retry-after"]), (429, "7"))
+
+    async def test_odd_compression_labels_and_splits_still_inflate(self):
+        import zlib
+        body = json.dumps({"ok": True}).encode()
+        wrapped = zlib.compress(body)
+        cases = {b"/v1/models/a": (b"gzip", [wrapped]),  # zlib data labelled gzip
+                 b"/v1/models/b": (b"deflate", [wrapped[:1], wrapped[1:]])}  # a 1-byte chunk
+
+        async def handler(rec, r, w):
+            coding, pieces = cases[rec.target]
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-encoding: %s\r\ntransfer-encoding: chunked\r\n\r\n" % coding
+                    + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+        self.up.handler = handler
+        await self.start_proxy()
+        for target in cases:
+            resp = await http(self.port, "GET", target.decode(), b"", A_HEADERS)
+            self.assertEqual((resp.status, resp.json()), (200, {"ok": True}))
 
     async def test_upstream_down_is_native_502(self):
         sock = socket.socket()
@@ -1731,6 +1761,30 @@ class TestStreaming(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual((row["outcome"], row["input_tokens"], row["output_tokens"],
                           row["cost_usd"]), ("upstream_failed", 0, 0, 0.0))
+
+    async def test_streams_without_a_model_or_done_are_not_empty(self):
+        chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]},
+                  {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{
+                      "index": 0, "function": {"arguments": {"q": 1}}}]}}]}]
+        status = [200]
+
+        async def handler(rec, r, w):  # a local server: no model, no [DONE]
+            if status[0] != 200:
+                w.write(b"HTTP/1.1 400 Bad\r\ncontent-type: text/event-stream\r\n"
+                        b"content-length: 0\r\n\r\n")
+                return
+            await sse_reply(w, [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks])
+        self.up.handler = handler
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertNotIn(b"empty stream", resp.body)
+        status[0] = 400
+        await http(self.port, "POST", "/v1/chat/completions", dict(OPENAI_REQ, stream=True),
+                   O_HEADERS)
+        rows = await self.rows(2)
+        self.assertEqual([r["outcome"] for r in rows], ["ok", "upstream_error"])
+        self.assertEqual(rows[1]["cost_usd"], 0.0)  # nothing came: nothing estimated
 
     async def test_a_stream_of_pings_only_is_an_empty_stream(self):
         async def handler(rec, r, w):
@@ -2936,6 +2990,36 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(sent[0]["source"]["data"], "Dear [EMAIL_1], contact [EMAIL_2]")
         self.assertEqual(sent[1]["text"], "mail [EMAIL_3]")
 
+    async def test_cited_documents_are_left_as_sent_and_titles_are_screened(self):
+        await self.start_proxy()
+        cited = {"type": "document", "title": "Letter to jane@corp.com",
+                 "citations": {"enabled": True},
+                 "source": {"type": "text", "data": "Contact jane@corp.com   today."}}
+        schema = {"name": "mail", "description": "writes to [EMAIL_1] by default",
+                  "input_schema": {"type": "object"}}
+        req = dict(ANTHROPIC_REQ, tools=[schema], messages=[{"role": "user", "content": [
+            cited, {"type": "tool_use", "id": "t", "name": "mail"},
+            {"type": "text", "text": "mail bob@example.com"}]}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(resp.status, 200)  # (a tool_use without input is no error either)
+        sent = self.up.requests[0].json()["messages"][0]["content"]
+        self.assertEqual(sent[0]["source"]["data"], "Contact jane@corp.com   today.")
+        self.assertEqual(sent[0]["title"], "Letter to [EMAIL_2]")  # [EMAIL_1]: the schema's
+        self.assertEqual(sent[2]["text"], "mail [EMAIL_3]")
+        long = "x" * 20000 + " jane@corp.com"  # a long run before it: found, and quickly
+        self.assertEqual(tm.find_pii(long, frozenset({"email"}), frozenset()),
+                         [(20001, 20014, "email")])
+
+    async def test_compressed_pass_through_bodies_are_screened_too(self):
+        import gzip
+        await self.start_proxy({"security": {"pii": {"action": "block"}}})
+        body = gzip.compress(json.dumps({"messages": [
+            {"role": "user", "content": "mail jane@corp.com"}]}).encode())
+        resp = await http(self.port, "POST", "/v1/threads", body,
+                          dict(O_HEADERS, **{"Content-Encoding": "gzip"}))
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(len(self.up.requests), 0)
+
     async def test_pass_through_detections_are_recorded(self):
         await self.start_proxy({"security": {"pii": {"action": "log"}}})
         await http(self.port, "POST", "/v1/threads", {"messages": [
@@ -3267,7 +3351,7 @@ class TestBudgetStage(ProxyTestCase):
                 "input": {"type": "document", "path": "a"}}
         self.assertLess(extra(used), 100)  # what the model wrote is text too
         nested = {"type": "text", "text": "deep"}
-        for _ in range(300):  # documents inside documents: the depth cap still holds
+        for _ in range(2000):  # documents inside documents: the depth cap still holds
             nested = {"type": "document", "source": {"type": "content", "content": [nested]}}
         self.assertLess(extra(nested), 100)
 

@@ -159,6 +159,8 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+# pass-through POSTs that make (and bill) an answer: their usage is recorded
+BILLED_PASS_THROUGH = frozenset({"/v1/responses", "/v1/embeddings", "/v1/completions"})
 # content parts that are media, not text: their base64 or URL says nothing about their tokens.
 # An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
 # scaled down) and up to ~1,100 at OpenAI (high detail); a PDF is billed per page (text plus an
@@ -1420,11 +1422,11 @@ class Headers:
 
 
 def inflate_bits(coding: bytes, first: bytes) -> int:
-    """zlib's wbits for a gzip or deflate body from its first bytes: gzip (31); deflate is the
-    zlib format (RFC 9110 8.4.1.2: a header whose low nibble is 8 and whose two bytes are a
-    multiple of 31), though some send it raw (-15)."""
+    """zlib's wbits for a gzip or deflate body from its first two bytes: gzip (47: zlib also
+    accepted, as some label it gzip); deflate is the zlib format (RFC 9110 8.4.1.2: a header
+    whose low nibble is 8 and whose two bytes are a multiple of 31), though some send it raw."""
     if coding != b"deflate":
-        return 31
+        return 47
     if len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0:
         return 15
     return -15
@@ -1633,13 +1635,14 @@ class SSESplitter:
     """Cuts a byte stream into complete SSE events (each with its terminating blank line),
     leaving the bytes untouched. An event larger than `limit` is passed on in pieces (as
     RawPiece), so relaying never stalls and memory stays bounded."""
-    __slots__ = ("buf", "limit", "crlf", "oversize")
+    __slots__ = ("buf", "limit", "crlf", "oversize", "oversized")
 
     def __init__(self, limit: int = SSE_MAX_EVENT) -> None:
         self.buf = bytearray()
         self.limit = limit
         self.crlf = False
         self.oversize = False  # the current event overflowed: its rest is passed through raw
+        self.oversized = False  # some event did (its bytes went out unparsed)
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buf
@@ -1664,7 +1667,7 @@ class SSESplitter:
         if len(buf) > self.limit:
             events.append(RawPiece(buf))
             buf.clear()
-            self.oversize = True
+            self.oversize = self.oversized = True
         return events
 
     def _boundary(self, buf: bytearray, start: int) -> int:
@@ -2058,6 +2061,8 @@ class InflatingReader:
                 if not data:  # no body at all (HEAD, 304, an empty error): nothing to inflate
                     self.ended = True
                     return b""
+                if len(data) < 2:  # (the format is told by two bytes)
+                    data += await self.inner.read(deadline)
                 self.inflater = self._inflater(data)
             try:
                 if not data:
@@ -3153,7 +3158,7 @@ class StreamMeter:
         self.error = ""
         self.complete = False
         self.drop_usage_chunk = drop_usage_chunk
-        self.events = 0
+        self.events = 0  # data events other than pings
 
     def _keep_text(self, raw: bytes) -> None:
         if self.kept < _TEXT_KEEP:
@@ -3163,7 +3168,8 @@ class StreamMeter:
 
     def on_event(self, raw: bytes) -> bool:
         """Notes one complete event; False means: do not pass it to the client."""
-        self.events += 1
+        if b"data:" in raw and not raw.startswith(b"event: ping"):
+            self.events += 1  # (what answers: not comments, keep-alives or pings)
         if self.api == API_ANTHROPIC:
             if raw.startswith(b"event: content_block_delta"):
                 self._keep_text(raw)
@@ -4236,10 +4242,17 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
             _value_fields(out, block, "input", path + (j, "input"), depth)
         elif kind in ("thinking", "redacted_thinking"):
             continue
-        elif kind == "document" and isinstance(block.get("source"), dict):
-            source = block["source"]  # a plain-text document is text the model reads
-            if source.get("type") == "text" and isinstance(source.get("data"), str) \
-                    and (roles is None or role in roles):
+        elif kind == "document":
+            if roles is not None and role not in roles:
+                continue
+            for key in ("title", "context"):  # read by the model, never cited
+                if isinstance(block.get(key), str):
+                    out.append((block, key, path + (j, key), role))
+            source = block.get("source")
+            cited = isinstance(block.get("citations"), dict) and block["citations"].get("enabled")
+            if not isinstance(source, dict) or cited:
+                continue  # (citations point at character offsets of the document as sent)
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
                 out.append((source, "data", path + (j, "source", "data"), role))
             elif source.get("type") == "content":
                 _content_fields(out, source, "content", path + (j, "source", "content"), role,
@@ -4249,7 +4262,7 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
 
 
 def _value_fields(out: list, parent, key, path: tuple, depth: int) -> None:
-    value = parent[key]
+    value = parent.get(key) if isinstance(parent, dict) else parent[key]  # (input may be absent)
     if isinstance(value, str):
         out.append((parent, key, path, "assistant"))
     elif depth < 16 and isinstance(value, dict):
@@ -4735,7 +4748,10 @@ PII_DETECTORS = (
     ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok,
      "digits"),
     ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok, "digits"),
-    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None,
+    # (a local part starts where a run of its characters starts, at most 64 long: trying every
+    # position inside a long run made a 40 KB text take 1.5 s)
+    ("email", 2, re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9.\-]+"
+                            r"\.[A-Za-z]{2,}"), None,
      ("text", ("@",))),
     # phones need a + country code or separators: bare digit runs (ids, timestamps) are not phones
     ("phone", 1, re.compile(
@@ -4869,7 +4885,7 @@ class PIIGuard(Stage):
             where = field_path(path)
             found += [(kind, where, text[s:e]) for s, e, kind in spans]
             if action in ("redact", "hash"):
-                if taken is None:
+                if taken is None and action == "redact":
                     taken = _spelled_placeholders(ctx.obj)
                 out, pos = [], 0
                 for s, e, kind in spans:
@@ -6492,9 +6508,11 @@ class ResponseRelay:
 
     @staticmethod
     def _billable(ctx: Context) -> bool:
-        """A POST that makes an answer; a retrieval (GET /v1/responses/{id}, buffered or
-        streamed) or a cancel shows usage billed when the answer was made: not on every poll."""
-        return ctx.req.method == "POST" and not ctx.req.path.endswith("/cancel")
+        """A POST that makes an answer. A retrieval (GET /v1/responses/{id}, buffered or
+        streamed), a cancel or an update of a stored answer (POST /v1/chat/completions/{id})
+        shows usage billed when the answer was made: not on every poll."""
+        return ctx.req.method == "POST" and (ctx.req.path in ACCOUNTED_PATHS
+                                             or ctx.req.path in BILLED_PASS_THROUGH)
 
     def _account_body(self, ctx: Context, data: bytes) -> None:
         if not self._billable(ctx):
@@ -6562,7 +6580,6 @@ class ResponseRelay:
         stream_timeout = self.cfg.server.stream_timeout
         end = loop.time() + stream_timeout if stream_timeout else None
         failure = ""
-        empty = True  # not one byte of body
         try:
             while True:
                 deadline = loop.time() + read_timeout
@@ -6571,7 +6588,6 @@ class ResponseRelay:
                 data = await body.read(deadline)
                 if not data:
                     break
-                empty = False
                 events = splitter.feed(data)
                 if passthrough:  # nothing rewrites events: send first, count after
                     out = events
@@ -6619,11 +6635,10 @@ class ResponseRelay:
             resp.release()
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
-        elif not failure and req.path in ACCOUNTED_PATHS and 200 <= resp.status < 300 and (
-                empty or not (meter.model or meter.pieces or meter.usage.reported
-                              or meter.error)):
-            failure = "upstream answered with an empty stream"  # (no bytes, or only pings)
-            empty = True
+        empty = not meter.events and not splitter.oversized  # no bytes, or only pings
+        if not meter.complete and not failure and empty and req.path in ACCOUNTED_PATHS \
+                and 200 <= resp.status < 300:
+            failure = "upstream answered with an empty stream"
         if translator is not None and not failure and not conn.lost:
             conn.stream_write(translator.finish())  # (nothing when already finished)
         if conn.lost and not meter.complete:
@@ -6639,8 +6654,8 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if not (empty and ctx.outcome == "upstream_failed"):  # (an answer that never came
-            self._account_stream(ctx, meter)  # is not estimated and charged)
+        if not empty:  # (an answer that never came is not estimated and charged)
+            self._account_stream(ctx, meter)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
@@ -6990,12 +7005,16 @@ class Proxy(ResponseRelay, RequestLog):
         self._finish(ctx)
 
     async def _decode_body(self, req: Request) -> None:
-        """A compressed body on a path tokenman reads (the chat paths, count_tokens) is decoded
-        here, in a worker thread (~1.5 ms per MiB of output), and forwarded decoded."""
+        """A compressed POST body is decoded here, in a worker thread (~1.5 ms per MiB of
+        output), so the stages read it, and forwarded decoded; the chat paths and count_tokens
+        refuse a coding other than gzip and deflate (415)."""
         coding = req.headers.map[b"content-encoding"]
-        if req.method != "POST" or coding.strip().lower() == b"identity" or not (
-                req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS):
-            return  # (anything else passes through as it came)
+        if req.method != "POST" or coding.strip().lower() == b"identity":
+            return
+        if req.path not in ACCOUNTED_PATHS and req.path not in SIDE_CALL_PATHS and any(
+                c.strip().lower() not in (b"gzip", b"x-gzip", b"deflate", b"identity", b"")
+                for c in coding.split(b",")):
+            return  # another coding on a pass-through path goes as it came (not screened)
         req.body = await asyncio.to_thread(decode_content, coding, req.body,
                                            self.cfg.server.max_body_size or DECODED_BODY_MAX)
         req.headers = Headers([(n, v) for n, v in req.headers.raw
