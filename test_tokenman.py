@@ -1329,6 +1329,38 @@ class TestRelay(ProxyTestCase):
             self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])  # most
         self.assertEqual(posts[6]["cost_usd"], 0.0)  # a cancel shows what was billed before
 
+    async def test_other_answer_making_posts_record_their_usage(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {"created": 1, "data": [], "usage": {
+            "input_tokens": 50, "output_tokens": 4160}})
+        await self.start_proxy()
+        await http(self.port, "POST", "/v1/images/generations", {"model": "gpt-image-1",
+                                                                 "prompt": "a cat"}, O_HEADERS)
+        row = (await self.rows())[0]
+        self.assertEqual((row["input_tokens"], row["output_tokens"]), (50, 4160))
+
+    async def test_a_background_stream_left_before_its_first_event_is_billed(self):
+        gate = asyncio.Event()
+        self.addCleanup(gate.set)
+
+        async def handler(rec, r, w):  # the head, then nothing yet: the call runs upstream
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")
+            await gate.wait()
+        self.up.handler = handler
+        await self.start_proxy()
+        raw = json.dumps({"model": "gpt-4o", "input": "hi", "background": True, "stream": True,
+                          "max_output_tokens": 500}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nAuthorization: Bearer k\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(raw), raw))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        writer.close()  # the client goes; the provider goes on and bills
+        row = (await self.rows())[0]
+        self.assertEqual((row["outcome"], row["output_tokens"], row["estimated"]),
+                         ("client_closed", 500, 1))
+        self.assertGreater(row["cost_usd"], 0)
+
     async def test_updating_a_stored_completion_is_not_billed_again(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
@@ -3009,16 +3041,29 @@ class TestPIIStage(ProxyTestCase):
         long = "x" * 20000 + " jane@corp.com"  # a long run before it: found, and quickly
         self.assertEqual(tm.find_pii(long, frozenset({"email"}), frozenset()),
                          [(20001, 20014, "email")])
+        glued = "x" * 70 + "jane@corp.com"  # a local part longer than an address can have
+        self.assertEqual(tm.find_pii(glued, frozenset({"email"}), frozenset()),
+                         [(10, 83, "email")])
+        await self.start_proxy({"security": {"pii": {"action": "block"}}})  # a second proxy:
+        blocked = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)  # a cited
+        self.assertEqual(blocked.status, 400)  # document is still checked, only not rewritten
 
     async def test_compressed_pass_through_bodies_are_screened_too(self):
         import gzip
-        await self.start_proxy({"security": {"pii": {"action": "block"}}})
+        await self.start_proxy({"security": {"pii": {"action": "block"}},
+                                "server": {"max_body_size": 4096}})
         body = gzip.compress(json.dumps({"messages": [
             {"role": "user", "content": "mail jane@corp.com"}]}).encode())
         resp = await http(self.port, "POST", "/v1/threads", body,
                           dict(O_HEADERS, **{"Content-Encoding": "gzip"}))
         self.assertEqual(resp.status, 400)
         self.assertEqual(len(self.up.requests), 0)
+        big = gzip.compress(b"a" * 100000)  # larger than the limit once decoded: a pass-through
+        resp = await http(self.port, "POST", "/v1/files", big,  # body goes as it came
+                          dict(O_HEADERS, **{"Content-Encoding": "gzip"}))
+        self.assertEqual(resp.status, 200)
+        self.assertEqual((self.up.requests[0].body, self.up.requests[0].headers[
+            b"content-encoding"]), (big, b"gzip"))
 
     async def test_pass_through_detections_are_recorded(self):
         await self.start_proxy({"security": {"pii": {"action": "log"}}})

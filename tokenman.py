@@ -159,8 +159,6 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
-# pass-through POSTs that make (and bill) an answer: their usage is recorded
-BILLED_PASS_THROUGH = frozenset({"/v1/responses", "/v1/embeddings", "/v1/completions"})
 # content parts that are media, not text: their base64 or URL says nothing about their tokens.
 # An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
 # scaled down) and up to ~1,100 at OpenAI (high detail); a PDF is billed per page (text plus an
@@ -3168,7 +3166,7 @@ class StreamMeter:
 
     def on_event(self, raw: bytes) -> bool:
         """Notes one complete event; False means: do not pass it to the client."""
-        if b"data:" in raw and not raw.startswith(b"event: ping"):
+        if b"data:" in raw and b"event: ping" not in raw and b"event:ping" not in raw:
             self.events += 1  # (what answers: not comments, keep-alives or pings)
         if self.api == API_ANTHROPIC:
             if raw.startswith(b"event: content_block_delta"):
@@ -4249,11 +4247,15 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
                 if isinstance(block.get(key), str):
                     out.append((block, key, path + (j, key), role))
             source = block.get("source")
-            cited = isinstance(block.get("citations"), dict) and block["citations"].get("enabled")
-            if not isinstance(source, dict) or cited:
-                continue  # (citations point at character offsets of the document as sent)
+            if not isinstance(source, dict):
+                continue
             if source.get("type") == "text" and isinstance(source.get("data"), str):
-                out.append((source, "data", path + (j, "source", "data"), role))
+                cited = isinstance(block.get("citations"), dict) and \
+                    block["citations"].get("enabled") is True
+                # a cited text document is screened (log, block) on a copy: its citations
+                # point at character offsets of the text as sent, which a rewrite would move
+                out.append(({"data": source["data"]} if cited else source, "data",
+                            path + (j, "source", "data"), role))
             elif source.get("type") == "content":
                 _content_fields(out, source, "content", path + (j, "source", "content"), role,
                                 roles, depth + 1)
@@ -4748,10 +4750,9 @@ PII_DETECTORS = (
     ("credit_card", 4, re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card_ok,
      "digits"),
     ("ssn", 3, re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])"), _ssn_ok, "digits"),
-    # (a local part starts where a run of its characters starts, at most 64 long: trying every
-    # position inside a long run made a 40 KB text take 1.5 s)
-    ("email", 2, re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9.\-]+"
-                            r"\.[A-Za-z]{2,}"), None,
+    # (a local part is at most 64 characters: an unbounded one was tried from every position of
+    # a long run of its characters, so a 40 KB text took 1.5 s)
+    ("email", 2, re.compile(r"[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), None,
      ("text", ("@",))),
     # phones need a + country code or separators: bare digit runs (ids, timestamps) are not phones
     ("phone", 1, re.compile(
@@ -6508,11 +6509,13 @@ class ResponseRelay:
 
     @staticmethod
     def _billable(ctx: Context) -> bool:
-        """A POST that makes an answer. A retrieval (GET /v1/responses/{id}, buffered or
-        streamed), a cancel or an update of a stored answer (POST /v1/chat/completions/{id})
-        shows usage billed when the answer was made: not on every poll."""
-        return ctx.req.method == "POST" and (ctx.req.path in ACCOUNTED_PATHS
-                                             or ctx.req.path in BILLED_PASS_THROUGH)
+        """A POST, which makes an answer (chat, responses, embeddings, images, audio). A
+        retrieval (GET /v1/responses/{id}, buffered or streamed), a cancel or an update of a
+        stored answer (POST /v1/chat/completions/{id}) shows usage billed when the answer was
+        made: not on every poll."""
+        path = ctx.req.path
+        return ctx.req.method == "POST" and not path.endswith("/cancel") \
+            and not path.startswith(OPENAI_PATH + "/")
 
     def _account_body(self, ctx: Context, data: bytes) -> None:
         if not self._billable(ctx):
@@ -6654,8 +6657,9 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if not empty:  # (an answer that never came is not estimated and charged)
-            self._account_stream(ctx, meter)
+        if not empty or isinstance(ctx.obj, dict) and ctx.obj.get("background") is True:
+            self._account_stream(ctx, meter)  # (an answer that never came is not charged,
+            # unless it goes on at the provider without the client)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
@@ -7015,8 +7019,13 @@ class Proxy(ResponseRelay, RequestLog):
                 c.strip().lower() not in (b"gzip", b"x-gzip", b"deflate", b"identity", b"")
                 for c in coding.split(b",")):
             return  # another coding on a pass-through path goes as it came (not screened)
-        req.body = await asyncio.to_thread(decode_content, coding, req.body,
-                                           self.cfg.server.max_body_size or DECODED_BODY_MAX)
+        try:
+            req.body = await asyncio.to_thread(decode_content, coding, req.body,
+                                               self.cfg.server.max_body_size or DECODED_BODY_MAX)
+        except HTTPError:
+            if req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS:
+                raise
+            return  # a pass-through body too large or not what it says goes as it came
         req.headers = Headers([(n, v) for n, v in req.headers.raw
                                if n.lower() != b"content-encoding"])
 
