@@ -3044,6 +3044,16 @@ class TestPIIStage(ProxyTestCase):
         glued = "x" * 70 + "jane@corp.com"  # a local part longer than an address can have
         self.assertEqual(tm.find_pii(glued, frozenset({"email"}), frozenset()),
                          [(10, 83, "email")])
+        await self.rows(1)
+        logged = await asyncio.to_thread(self.app.store.query,
+                                         "SELECT action, field_path FROM pii_log ORDER BY id")
+        self.assertIn(("log", "messages[0].content[0].source.data"),  # checked, not rewritten
+                      [(r["action"], r["field_path"]) for r in logged])
+        cited_only = dict(cited, title="Letter")
+        raw = json.dumps(dict(req, tools=[], messages=[{"role": "user", "content": [
+            cited_only]}]), indent=2).encode()
+        await http(self.port, "POST", "/v1/messages", raw, A_HEADERS)
+        self.assertEqual(self.up.requests[-1].body, raw)  # nothing rewritten: sent as it came
         await self.start_proxy({"security": {"pii": {"action": "block"}}})  # a second proxy:
         blocked = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)  # a cited
         self.assertEqual(blocked.status, 400)  # document is still checked, only not rewritten
@@ -3058,12 +3068,17 @@ class TestPIIStage(ProxyTestCase):
                           dict(O_HEADERS, **{"Content-Encoding": "gzip"}))
         self.assertEqual(resp.status, 400)
         self.assertEqual(len(self.up.requests), 0)
-        big = gzip.compress(b"a" * 100000)  # larger than the limit once decoded: a pass-through
-        resp = await http(self.port, "POST", "/v1/files", big,  # body goes as it came
-                          dict(O_HEADERS, **{"Content-Encoding": "gzip"}))
+        big = gzip.compress(b"a" * 100000)  # larger than the limit once decoded: an upload
+        resp = await http(self.port, "POST", "/v1/files", big, dict(  # goes as it came,
+            O_HEADERS, **{"Content-Encoding": "gzip", "Content-Type": "application/zip"}))
         self.assertEqual(resp.status, 200)
         self.assertEqual((self.up.requests[0].body, self.up.requests[0].headers[
             b"content-encoding"]), (big, b"gzip"))
+        padded = gzip.compress(json.dumps({"input": "mail jane@corp.com" + " " * 8000}).encode())
+        resp = await http(self.port, "POST", "/v1/responses", padded,  # JSON the PII stage
+                          dict(O_HEADERS, **{"Content-Encoding": "gzip"}))  # could not read:
+        self.assertEqual(resp.status, 413)  # refused, not sent unscreened
+        self.assertEqual(len(self.up.requests), 1)
 
     async def test_pass_through_detections_are_recorded(self):
         await self.start_proxy({"security": {"pii": {"action": "log"}}})

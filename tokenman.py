@@ -159,6 +159,7 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (passed through, accounted)
 # content parts that are media, not text: their base64 or URL says nothing about their tokens.
 # An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
 # scaled down) and up to ~1,100 at OpenAI (high detail); a PDF is billed per page (text plus an
@@ -3166,7 +3167,8 @@ class StreamMeter:
 
     def on_event(self, raw: bytes) -> bool:
         """Notes one complete event; False means: do not pass it to the client."""
-        if b"data:" in raw and b"event: ping" not in raw and b"event:ping" not in raw:
+        if b"data:" in raw and not (raw.startswith((b"event: ping", b"event:ping"))
+                                    or b"\nevent: ping" in raw or b"\nevent:ping" in raw):
             self.events += 1  # (what answers: not comments, keep-alives or pings)
         if self.api == API_ANTHROPIC:
             if raw.startswith(b"event: content_block_delta"):
@@ -4179,6 +4181,13 @@ class Pipeline:
 # (REGISTRY, at the end, maps each config name to its class)
 
 
+class CitedText(dict):
+    """The text of a document with citations enabled, handed to the stages as a copy: they
+    check it (log, block) but never rewrite it, because the provider's citations point at the
+    characters of the text as sent."""
+    __slots__ = ()
+
+
 def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     """Every text-bearing string of a request, as (container, key, path, role): string and
     array system prompts, every message's string or text parts, tool results (nested too),
@@ -4252,9 +4261,7 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
             if source.get("type") == "text" and isinstance(source.get("data"), str):
                 cited = isinstance(block.get("citations"), dict) and \
                     block["citations"].get("enabled") is True
-                # a cited text document is screened (log, block) on a copy: its citations
-                # point at character offsets of the text as sent, which a rewrite would move
-                out.append(({"data": source["data"]} if cited else source, "data",
+                out.append((CitedText(data=source["data"]) if cited else source, "data",
                             path + (j, "source", "data"), role))
             elif source.get("type") == "content":
                 _content_fields(out, source, "content", path + (j, "source", "content"), role,
@@ -4675,8 +4682,9 @@ class InjectionGuard(Stage):
             if not found:
                 continue
             where = field_path(path)
-            hits += [(where, f) for f in found]
-            if action == "sanitize":
+            done = "log" if action == "sanitize" and type(parent) is CitedText else action
+            hits += [(where, done, f) for f in found]
+            if done == "sanitize":
                 text = parent[key]
                 for _, _, matched in found:
                     text = text.replace(matched, "[REMOVED]")
@@ -4685,12 +4693,12 @@ class InjectionGuard(Stage):
         if not hits:
             return None
         now = utc_iso(ctx.wall)
-        categories = sorted({f[1] for _, f in hits})
-        for path, (pattern, category, matched) in hits:
-            self.store.write(_INJECTION_SQL, (ctx.id, now, category, pattern, action, path,
+        categories = sorted({f[1] for _, _, f in hits})
+        for path, done, (pattern, category, matched) in hits:
+            self.store.write(_INJECTION_SQL, (ctx.id, now, category, pattern, done, path,
                                               mask(matched[:60])))
             self.metrics.inc("tokenman_injection_detections_total",
-                             (("action", action), ("category", category)))
+                             (("action", done), ("category", category)))
         self.log.warn("prompt injection detected", id=ctx.id, action=action,
                       categories=",".join(categories), fields=len(hits))
         if action == "block":
@@ -4884,8 +4892,10 @@ class PIIGuard(Stage):
             if not spans:
                 continue
             where = field_path(path)
-            found += [(kind, where, text[s:e]) for s, e, kind in spans]
-            if action in ("redact", "hash"):
+            done = "log" if action in ("redact", "hash") and type(parent) is CitedText \
+                else action
+            found += [(kind, where, text[s:e], done) for s, e, kind in spans]
+            if done in ("redact", "hash"):
                 if taken is None and action == "redact":
                     taken = _spelled_placeholders(ctx.obj)
                 out, pos = [], 0
@@ -4901,10 +4911,10 @@ class PIIGuard(Stage):
             return None
         if not ctx.cache_hit and ctx.req.path not in SIDE_CALL_PATHS:  # (count_tokens:
             now = utc_iso(ctx.wall)  # the call it counts records the same detections)
-            for kind, path, value in found:
-                self.store.write(_PII_SQL, (ctx.id, now, kind, action, path, mask(value)))
+            for kind, path, value, done in found:
+                self.store.write(_PII_SQL, (ctx.id, now, kind, done, path, mask(value)))
                 self.metrics.inc("tokenman_pii_detections_total",
-                                 (("action", action), ("type", kind)))
+                                 (("action", done), ("type", kind)))
             self.log.info("pii detected", id=ctx.id, action=action,
                           types=",".join(sorted({f[0] for f in found})), count=len(found))
         if action == "block":
@@ -5458,7 +5468,7 @@ class RulesCompressor(Stage):
             return None
         before = after = 0
         for parent, key, path, role in text_fields(ctx.api, ctx.obj, self.roles):
-            if role not in self.roles:
+            if role not in self.roles or type(parent) is CitedText:
                 continue
             text = parent[key]
             new = compress_text(text, self.cfg.collapse_whitespace, self.cfg.minify_json)
@@ -5529,7 +5539,7 @@ class HistoryWindow(Stage):
         changed = False
         for parent, key, _, role in text_fields(ctx.api, ctx.obj, ("tool",)):
             text = parent[key]
-            if role == "tool" and len(text) > limit:
+            if role == "tool" and len(text) > limit and type(parent) is not CitedText:
                 half = limit // 2
                 parent[key] = (text[:half] + f"\n[... {len(text) - 2 * half} characters "
                                f"omitted by tokenman ...]\n" + text[-half:])
@@ -6540,6 +6550,12 @@ class ResponseRelay:
         ctx.usage = usage
         ctx.cost = self.prices.cost(ctx.model, usage)
 
+    @staticmethod
+    def _background(ctx: Context) -> bool:
+        """A Responses API call made in the background: it runs on at the provider."""
+        return ctx.req.path == RESPONSES_PATH and isinstance(ctx.obj, dict) \
+            and ctx.obj.get("background") is True
+
     def _background_estimate(self, ctx: Context) -> Usage:
         """A Responses API call made in the background answers before its usage exists, and
         its retrievals are not billed (they would bill every poll): it is billed now, at the
@@ -6657,7 +6673,7 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if not empty or isinstance(ctx.obj, dict) and ctx.obj.get("background") is True:
+        if not empty or self._background(ctx):
             self._account_stream(ctx, meter)  # (an answer that never came is not charged,
             # unless it goes on at the provider without the client)
 
@@ -6672,9 +6688,8 @@ class ResponseRelay:
             ctx.model = meter.model
         if not self._billable(ctx):  # a streamed retrieval (GET /v1/responses/{id}?stream=)
             return  # shows usage billed when the answer was made
-        if not usage.reported and isinstance(ctx.obj, dict) and ctx.obj.get("background") \
-                is True:  # left before it ended: it goes on (and is billed) at the provider
-            usage = self._background_estimate(ctx)
+        if not usage.reported and self._background(ctx):  # left before it ended: it goes on
+            usage = self._background_estimate(ctx)  # (and is billed) at the provider
         if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
             if not usage.reported:
                 usage.input = estimate_request_tokens(ctx.obj)
@@ -7023,9 +7038,11 @@ class Proxy(ResponseRelay, RequestLog):
             req.body = await asyncio.to_thread(decode_content, coding, req.body,
                                                self.cfg.server.max_body_size or DECODED_BODY_MAX)
         except HTTPError:
-            if req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS:
-                raise
-            return  # a pass-through body too large or not what it says goes as it came
+            ctype = req.headers.map.get(b"content-type", b"application/json").lower()
+            if req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS or \
+                    self.cfg.pii.enabled and ctype.startswith(b"application/json"):
+                raise  # (the stages could not read it: it is not sent unscreened)
+            return  # another pass-through body too large or not what it says goes as it came
         req.headers = Headers([(n, v) for n, v in req.headers.raw
                                if n.lower() != b"content-encoding"])
 
