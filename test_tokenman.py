@@ -3333,8 +3333,8 @@ class TestBudgetStage(ProxyTestCase):
         rejected = next(r for r in results if r.status == 429)
         self.assertEqual(rejected.json()["error"]["type"], "rate_limit_error")
         self.assertIn("daily budget", rejected.json()["error"]["message"])
-        self.assertIn(f"of ${limit:.6f}".rstrip("0") + " ",
-                      rejected.json()["error"]["message"])  # not rounded to cents
+        self.assertRegex(rejected.json()["error"]["message"],
+                         re.escape(f"of ${limit:.6f}".rstrip("0")) + "[ )]")  # not in cents
         self.assertEqual([tm._usd(x) for x in (12345.67, 1e6, 0.0006, 25)],
                          ["12,345.67", "1,000,000.00", "0.0006", "25.00"])
         await self.rows(200)
@@ -3414,6 +3414,15 @@ class TestBudgetStage(ProxyTestCase):
         for _ in range(2000):  # documents inside documents: the depth cap still holds
             nested = {"type": "document", "source": {"type": "content", "content": [nested]}}
         self.assertLess(extra(nested), 100)
+
+    async def test_a_refusal_says_whether_the_budget_is_spent_or_the_request_too_dear(self):
+        await self.start_proxy({"security": {"budget": {"enabled": True,
+                                                        "daily_limit": 0.000001}}})
+        resp = await http(self.port, "POST", "/v1/messages", self.MODEL_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 429)
+        message = resp.json()["error"]["message"]
+        self.assertIn("this request may cost up to $", message)
+        self.assertIn("more than the $0.0000 left (spent $0.0000 of $0.000001)", message)
 
     async def test_pass_through_calls_spend_from_the_budget_too(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {

@@ -5167,10 +5167,14 @@ class BudgetGuard(Stage):
                 wait = b"%d" % max(1, int(end - now + 0.999))
                 self.log.warn("budget exceeded", id=ctx.id, scope=scope, period=period,
                               limit=limit, spent=f"{spent:.6f}", held=f"{held:.6f}")
+                state = f"spent ${spent:.4f}" + (
+                    f" and ${held:.4f} held for requests in flight" if held else "") \
+                    + f" of ${_usd(limit)}"
                 return error_reply(
-                    ctx, 429, f"{period} budget for {scope} reached: spent ${spent:.4f}"
-                    + (f" and ${held:.4f} held for requests in flight" if held else "")
-                    + f" of ${_usd(limit)} (this request may cost up to ${worst:.4f})",
+                    ctx, 429, f"{period} budget for {scope} reached: {state} (this request may "
+                    f"cost up to ${worst:.4f})" if spent + held >= limit else
+                    f"{period} budget for {scope}: this request may cost up to ${worst:.4f}, "
+                    f"more than the ${max(0.0, limit - spent - held):.4f} left ({state})",
                     "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
                     [(b"Retry-After", wait)],
                     {"period": period, "scope": scope, "limit": limit,
