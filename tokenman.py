@@ -104,6 +104,7 @@ POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this i
 CACHE_MEMORY_MAX = 32 * 1024 * 1024  # answer bytes the response cache (and the heartbeat)
                                  # keep in memory, whatever max_entries allows (1,000 answers of
                                  # up to max_entry_bytes could otherwise hold a gigabyte)
+INFLATABLE = frozenset((b"gzip", b"x-gzip", b"deflate"))  # codings tokenman decodes (zlib)
 DECODED_BODY_MAX = 256 * 1024 * 1024  # a compressed request body inflates to this at most
                                  # when server.max_body_size is 0 (no limit): no gzip bomb
 RATE_KEYS_PRUNE = 4096           # rate-limit buckets kept before the idle (full) ones are dropped
@@ -1437,7 +1438,7 @@ def decode_content(coding: bytes, body: bytes, limit: int) -> bytes:
     import zlib  # (compressed request bodies are rare)
     codings = [c.strip().lower() for c in coding.split(b",")]
     for name in reversed([c for c in codings if c and c != b"identity"]):  # last applied first
-        if name not in (b"gzip", b"x-gzip", b"deflate"):
+        if name not in INFLATABLE:
             raise HTTPError(415, f"Content-Encoding {name.decode('latin-1')[:40]} is not "
                                  "supported: send gzip, deflate or identity")
         inflater = zlib.decompressobj(inflate_bits(name, body[:2]))
@@ -2516,7 +2517,7 @@ class UpstreamResponse:
         """A gzip- or deflate-encoded body (sent although tokenman asked for identity) is read
         inflated from now on, and the head no longer names the encoding."""
         coding = self.head.headers.map.get(b"content-encoding", b"").strip().lower()
-        if coding in (b"gzip", b"x-gzip", b"deflate"):
+        if coding in INFLATABLE:
             self.body = InflatingReader(self.body, coding)
             self.head.headers = Headers([(n, v) for n, v in self.head.headers.raw
                                          if n.lower() != b"content-encoding"])
@@ -4190,9 +4191,10 @@ class CitedText(dict):
 
 def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     """Every text-bearing string of a request, as (container, key, path, role): string and
-    array system prompts, every message's string or text parts, tool results (nested too),
-    tool-use inputs and tool-call arguments. `roles` limits which messages are visited.
-    Thinking blocks are skipped: the provider verifies their signatures. A path is a tuple
+    array system prompts, every message's string or text parts, plain-text documents (a cited
+    one as a CitedText copy) and their titles, tool results (nested too), tool-use inputs and
+    tool-call arguments. `roles` limits which messages are visited. Thinking blocks are
+    skipped: the provider verifies their signatures. A path is a tuple
     (("messages", 3, "content", 0, "text")); field_path() spells it for records: an agent's
     request holds hundreds of fields, and most are never reported."""
     out: list[tuple] = []
@@ -7034,17 +7036,16 @@ class Proxy(ResponseRelay, RequestLog):
         coding = req.headers.map[b"content-encoding"]
         if req.method != "POST" or coding.strip().lower() == b"identity":
             return
-        if req.path not in ACCOUNTED_PATHS and req.path not in SIDE_CALL_PATHS and any(
-                c.strip().lower() not in (b"gzip", b"x-gzip", b"deflate", b"identity", b"")
-                for c in coding.split(b",")):
+        read = req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS
+        if not read and any(c.strip().lower() not in INFLATABLE | {b"identity", b""}
+                            for c in coding.split(b",")):
             return  # another coding on a pass-through path goes as it came (not screened)
         try:
             req.body = await asyncio.to_thread(decode_content, coding, req.body,
                                                self.cfg.server.max_body_size or DECODED_BODY_MAX)
         except HTTPError:
             ctype = req.headers.map.get(b"content-type", b"application/json").lower()
-            if req.path in ACCOUNTED_PATHS or req.path in SIDE_CALL_PATHS or \
-                    self.cfg.pii.enabled and ctype.startswith(b"application/json"):
+            if read or self.cfg.pii.enabled and ctype.startswith(b"application/json"):
                 raise  # (the stages could not read it: it is not sent unscreened)
             return  # another pass-through body too large or not what it says goes as it came
         req.headers = Headers([(n, v) for n, v in req.headers.raw
