@@ -5201,6 +5201,17 @@ class TestCLI(unittest.TestCase):
 
 
 class TestSubprocess(unittest.TestCase):
+    def test_a_script_run_by_a_module_is_not_reexecuted(self):
+        # `python -m cProfile tokenman.py` got the profiler's options in the re-exec (exit 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "p.out")
+            done = subprocess.run([sys.executable, "-m", "cProfile", "-o", out,
+                                   os.path.join(HERE, "tokenman.py"), "version"],
+                                  capture_output=True, text=True, timeout=WAIT)
+            self.assertEqual((done.returncode, done.stderr), (0, ""))
+            self.assertIn(tm.__version__, done.stdout)
+            self.assertGreater(os.path.getsize(out), 0)
+
     def test_runs_from_the_command_line_and_stops_on_sigterm(self):
         with tempfile.TemporaryDirectory() as tmp:
             ports = free_ports(2)

@@ -35,13 +35,14 @@ import sys as _sys
 # (~15 MB here). Re-executing into a normal import of this file frees it and lets Python use (and
 # write) the cached bytecode; the process keeps its PID. Interpreter options given before the
 # script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so an unbuffered
-# request (PYTHONUNBUFFERED, as container images set it) is passed on as -u.
+# request (PYTHONUNBUFFERED, as container images set it) is passed on as -u. A script run by a
+# module (`python -m cProfile tokenman.py`, `-m pdb`) stays in that module: no re-exec.
 if __name__ == "__main__" and _os.name == "posix" \
         and _os.environ.get("TOKENMAN_REEXEC", "1") == "1":
     _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
-    if _at >= 1 and "__file__" in globals() \
+    _opts = [o for o in _sys.orig_argv[1:max(_at, 1)] if o != "--"]  # (-- ends the options)
+    if _at >= 1 and "__file__" in globals() and not any(o[:2] in ("-m", "-c") for o in _opts) \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
-        _opts = [o for o in _sys.orig_argv[1:_at] if o != "--"]  # (-- would end the options)
         _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S"]
                   + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
                       "import importlib.util as u, sys; s = u.spec_from_file_location("
