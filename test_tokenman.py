@@ -5638,7 +5638,7 @@ class TestBenchHarness(unittest.TestCase):
                 [sys.executable, os.path.join(HERE, "bench", "run.py"), "--profile", "bare",
                  "--generator", "asyncio", "--no-pin", "--duration", "0.3", "--concurrency", "4",
                  "--stream-concurrency", "1", "--chunks", "3", "--interval-ms", "0", "--hold",
-                 "0", "--apis", "anthropic", "--cold-runs", "1", "--retries", "0",
+                 "0", "--apis", "anthropic,openai", "--cold-runs", "1", "--retries", "0",
                  "--json", out], capture_output=True, text=True, timeout=120)
             self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
             with open(out) as fh:
