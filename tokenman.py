@@ -37,6 +37,10 @@ import sys as _sys
 # script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so an unbuffered
 # request (PYTHONUNBUFFERED, as container images set it) is passed on as -u. A script run by a
 # module (`python -m cProfile tokenman.py`, `-m pdb`) stays in that module: no re-exec.
+# The re-executed process imports asyncio with ssl held back: asyncio imports it eagerly, and
+# OpenSSL's libraries and the ssl module are ~4 MB of RSS that a proxy without a TLS connection
+# never uses; load_ssl() (§03) imports it on first use and hands it to asyncio. Only on the
+# versions whose asyncio this was checked against (3.11-3.13); later ones import ssl as before.
 if __name__ == "__main__" and _os.name == "posix" \
         and _os.environ.get("TOKENMAN_REEXEC", "1") == "1":
     _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
@@ -47,7 +51,10 @@ if __name__ == "__main__" and _os.name == "posix" \
                   + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
                       "import importlib.util as u, sys; s = u.spec_from_file_location("
                       "'tokenman', sys.argv[1]); m = u.module_from_spec(s); sys.modules["
-                      "'tokenman'] = m; s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))"),
+                      "'tokenman'] = m; lazy = sys.version_info < (3, 14) and 'ssl' not in "
+                      "sys.modules; lazy and sys.modules.update(ssl=None); "
+                      "s.loader.exec_module(m); lazy and sys.modules.pop('ssl'); "
+                      "sys.exit(m.main(sys.argv[2:]))"),
                       _os.path.abspath(__file__)] + _sys.argv[1:])
 
 __version__ = "0.2.0"
@@ -70,7 +77,6 @@ import re
 import signal
 import socket
 import sqlite3
-import ssl
 import subprocess
 import sys
 import threading
@@ -270,6 +276,21 @@ def escape_log(text: str) -> str:
 def _usd(amount: float) -> str:
     """12,345.67 / 25.00 / 0.0006: cents when the amount has no finer part."""
     return f"{amount:,.2f}" if round(amount, 2) == amount else f"{amount:,.6f}".rstrip("0")
+
+
+def load_ssl() -> types.ModuleType:
+    """The ssl module, imported on first use: a TLS connection (a provider, a CONNECT tunnel,
+    the trace collector) or serving TLS. Run as a script, tokenman imported asyncio with ssl held
+    back (see the top of this file), so asyncio's modules kept None for it; they get it here
+    (no-op when asyncio had it from the start, as in a process that imports tokenman)."""
+    import ssl
+    for name, module in list(sys.modules.items()):
+        if name.startswith("asyncio.") and getattr(module, "ssl", ssl) is None:
+            module.ssl = ssl
+    proto = sys.modules.get("asyncio.sslproto")
+    if proto is not None and not hasattr(proto, "SSLAgainErrors"):  # (set at import with ssl)
+        proto.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)
+    return ssl
 
 
 def redact_secrets(text: str) -> str:
@@ -2438,6 +2459,7 @@ class ClientTLS:
         self._lock = threading.Lock()  # reloads build routers in worker threads
 
     def context(self, ca_file: str = "") -> ssl.SSLContext:
+        ssl = load_ssl()
         if ca_file:
             try:
                 stamp = self._stamp(ca_file)
@@ -2596,7 +2618,7 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamError(f"connect to {origin.host}:{origin.port} timed out",
                                 timeout=True, connect=True) from None
-        except (OSError, ssl.SSLError, ConnectionGone, HeadTooLarge) as exc:
+        except (OSError, ConnectionGone, HeadTooLarge) as exc:  # (ssl.SSLError is an OSError)
             raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: "
                                 f"{type(exc).__name__}: {exc}", connect=True) from None
         self.opened += 1
@@ -5734,6 +5756,8 @@ def load_plugins(paths: tuple, log: Logger) -> list[Plugin]:
     """Imports every plugin file (a failing one is reported, never fatal). A plugin module
     lists its stages in STAGES and its hooks as module-level functions named in PLUGIN_HOOKS."""
     import importlib.util
+    if paths:
+        load_ssl()  # a plugin may open TLS connections through asyncio itself
     files = []
     for path in paths:
         path = os.path.expanduser(path)
@@ -8158,6 +8182,7 @@ class App:
         self.metrics.gauges.append(self._gauges)
         ssl_ctx = None
         if cfg.server.tls_enabled:
+            ssl = load_ssl()
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
         self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx,
@@ -8604,7 +8629,7 @@ def _status(cfg: Config) -> int:
         req.add_header("Authorization", "Bearer " + resolve_secret(cfg.auth.token, os.environ))
     ctx = None
     if s.tls_enabled:  # our own certificate, possibly self-signed, possibly for another name
-        ctx = ssl.create_default_context(cafile=s.cert_file)
+        ctx = load_ssl().create_default_context(cafile=s.cert_file)
         ctx.check_hostname = False
     try:
         with urllib.request.urlopen(req, timeout=3, context=ctx) as resp:
