@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -577,6 +578,11 @@ class TestLogRecords(unittest.TestCase):
                 self.assertEqual(fh.read(), '{"model":"abc\u2028defghijklmnop"}\n')
             with open(path + ".1", encoding="utf-8") as fh:
                 self.assertEqual(fh.read(), "012345678\n")
+            log = tm.RotatingFile(path)  # a lone surrogate from a client: the line is kept
+            tm.Logger("info", log, "json").info("request", model="gpt\udfff")
+            log.close()
+            with open(path, encoding="utf-8") as fh:
+                self.assertIn('"model": "gpt\\udfff"', fh.read())
 
 
 class TestConfig(unittest.TestCase):
@@ -1151,6 +1157,42 @@ class TestStore(unittest.TestCase):
         summary = tm.usage_summary(self.store, time.time() - 3600, "model")
         self.assertEqual(summary[0]["requests"], 1)
         self.assertEqual(summary[0]["cost_usd"], 0.5)
+
+    def test_a_value_sqlite_cannot_take_never_stops_the_writer(self):
+        # a lone surrogate (a client's unpaired \\ud800 escape) or an int past 64 bits raised
+        # outside sqlite3.Error: the writer restarted on the same row forever, later rows lost
+        model = tm.ROW_COLUMNS.index("model")
+        tokens = tm.ROW_COLUMNS.index("input_tokens")
+        row = list(sample_row("bad"))
+        row[model], row[tokens] = "gpt-4o\udfff", 2**70
+        self.store.record(tuple(row))
+        self.store.record(sample_row("after"))
+        self.store.flush()
+        got = {r["id"]: r for r in self.store.query("SELECT id, model, input_tokens "
+                                                    "FROM requests")}
+        self.assertEqual(set(got), {"bad", "after"})
+        self.assertEqual((got["bad"]["model"], got["bad"]["input_tokens"]),
+                         ("gpt-4o?", float(2**70)))  # (text, which the column makes a REAL)
+
+    def test_a_deleted_database_is_made_again(self):
+        # the writer kept committing into the unlinked file: every later row lost, nothing said
+        self.store.record(sample_row("before"))
+        self.store.flush()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.unlink(self.path + suffix)
+        self.store.record(sample_row("after"))
+        self.store.flush()
+        self.assertEqual([r["id"] for r in self.store.query("SELECT id FROM requests")],
+                         ["after"])
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        self.assertEqual(self.store.errors, 1)  # counted, and logged as an error
+        replaced = os.path.join(self.tmp.name, "restored.db")  # a backup restored over it
+        shutil.copy(self.path, replaced)
+        os.replace(replaced, self.path)
+        self.store.record(sample_row("restored"))
+        self.store.flush()
+        self.assertEqual(self.count(), 2)  # written to the file now at the path
 
     def test_shutdown_flushes_the_queue(self):
         for i in range(300):
@@ -4770,6 +4812,31 @@ def soak(seconds: float) -> None:
 class TestHostileInput(ProxyTestCase):
     def test_fuzz_parsers_briefly(self):
         self.assertGreater(fuzz(1.0, seed=42), 100)
+
+    async def test_lone_surrogates_go_out_as_they_came_and_break_nothing(self):
+        # json.loads takes an unpaired \ud83d escape (a JavaScript client that cut a string in
+        # an emoji): re-encoding it as UTF-8 for a fallback plan was a 500, and a model name
+        # with one stopped the request-log writer and /metrics until restart
+        refusal = {"type": "error", "error": {"type": "invalid_request_error",
+                                              "message": "no low surrogate in string"}}
+        self.up.handler = lambda rec, r, w: json_reply(w, refusal, 400) \
+            if b"\\ud" in rec.body else json_reply(w, anthropic_fixture("text")[1])
+        await self.start_proxy(extra={"routing": {"fallback_enabled": True,
+                                                  "cross_format_fallback": True},
+                                      "security": {"pii": {"action": "hash"}}})
+        body = dict(ANTHROPIC_REQ, model="claude-x\udfff", temperature=0,
+                    messages=[{"role": "user", "content": "cut \ud83d at a@b.example"}])
+        resp = await http(self.port, "POST", "/v1/messages", body, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()), (400, refusal))  # the provider's answer
+        self.assertIn(b"cut \\ud83d at [EMAIL_HASH_", self.up.requests[0].body)
+        ok = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(ok.status, 200)
+        rows = await self.rows(2)
+        self.assertEqual([r["model"] for r in rows][:1], ["claude-x?"])
+        self.assertEqual(rows[1]["status_code"], 200)
+        metrics = await http(self.app.dashboard_port, "GET", "/metrics")
+        self.assertEqual(metrics.status, 200)
+        self.assertIn(b'model="claude-x?"', metrics.body)
 
     def test_header_fields_parse_exactly_as_the_grammar_says(self):
         """The head parser uses byte-string methods for speed; on mutated heads it must accept

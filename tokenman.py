@@ -332,7 +332,14 @@ def parse_since(text: str, now: float) -> float:
 
 
 def json_dumps(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON, non-ASCII as UTF-8. A lone surrogate (a client's unpaired \\ud800 escape,
+    which json.loads takes) cannot be UTF-8: such a body is sent ASCII-escaped, as it came, and
+    the provider answers it (Anthropic refuses it with a 400)."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 _JSON_WS = " \t\n\r"
@@ -525,7 +532,8 @@ class RotatingFile:
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        self.fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1,
+                             errors="backslashreplace")  # (a lone surrogate from a client)
         self.size = self.fh.tell()
 
     def write(self, text: str) -> None:
@@ -3527,6 +3535,21 @@ def open_database(data_dir: str) -> str:
     return path
 
 
+def _storable(row: tuple) -> tuple:
+    """A row SQLite can bind: text with a lone surrogate gets "?" for it, an integer past 64
+    bits and any other object become text."""
+    out = []
+    for value in row:
+        if isinstance(value, str):
+            value = value.encode("utf-8", "replace").decode()
+        elif isinstance(value, int) and not -2**63 <= value < 2**63:
+            value = str(value)
+        elif value is not None and not isinstance(value, (int, float, bytes)):
+            value = str(value)
+        out.append(value)
+    return tuple(out)
+
+
 class Store:
     """The request log: rows in through record(), read through query() on other connections."""
 
@@ -3542,6 +3565,7 @@ class Store:
         self.written = 0     # rows committed
         self.backlog = 0     # rows waiting for a retry
         self.last_error = ""
+        self._ident: tuple | None = None  # (device, inode) of the file the writer has open
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tokenman-store", daemon=True)
@@ -3628,8 +3652,7 @@ class Store:
             for sql, row in batch:
                 groups.setdefault(sql, []).append(row)
             try:
-                if conn is None:
-                    conn = _connect(self.path)
+                conn = self._connection(conn)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for sql, rows in groups.items():
@@ -3639,7 +3662,19 @@ class Store:
                     if conn.in_transaction:  # SQLITE_FULL and friends roll back by themselves
                         conn.execute("ROLLBACK")
                     raise
-            except sqlite3.Error as exc:
+            except (ValueError, TypeError, OverflowError) as exc:  # a value SQLite cannot take
+                fixed = [(sql, _storable(row)) for sql, row in batch]
+                if fixed != batch:  # (a lone surrogate from a client, an int past 64 bits)
+                    for i, item in enumerate(fixed):
+                        pending[i] = item
+                    continue
+                for _ in batch:  # nothing to repair: drop them rather than stall behind them
+                    pending.popleft()
+                self.dropped += len(batch)
+                self.log.error("request log rows dropped: a value cannot be stored",
+                               rows=len(batch), error=f"{type(exc).__name__}: {exc}")
+                continue
+            except (sqlite3.Error, OSError) as exc:  # (OSError: making a deleted file again)
                 self.errors += 1
                 if self.last_error != str(exc) or self.errors % 100 == 1:
                     self.log.error("request log write failed; rows kept for retry",
@@ -3660,10 +3695,38 @@ class Store:
         self.backlog = 0
         return conn
 
+    def _connection(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
+        """The writer's connection, opened again when the file it writes to was deleted or
+        replaced (a cleaned data dir, a restored backup): rows written to an unlinked file
+        are lost at the next start."""
+        try:
+            st = os.stat(self.path)
+            ident = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            ident = None
+        if conn is not None and ident == self._ident:
+            return conn
+        if conn is not None:
+            conn.close()
+            self.errors += 1
+            self.log.error("request log database was deleted or replaced; opening it again",
+                           path=self.path, exists=ident is not None)
+        if ident is None:  # make it again, schema and all; an old journal must not replay into it
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.unlink(self.path + suffix)
+                except FileNotFoundError:
+                    pass
+            open_database(os.path.dirname(self.path))
+            st = os.stat(self.path)
+            ident = (st.st_dev, st.st_ino)
+        conn = _connect(self.path)
+        self._ident = ident
+        return conn
+
     def _job(self, conn: sqlite3.Connection | None, job) -> sqlite3.Connection | None:
         try:
-            if conn is None:
-                conn = _connect(self.path)
+            conn = self._connection(conn)
             job(conn)
         except Exception as exc:  # a maintenance job never kills the writer
             self.errors += 1
@@ -3765,7 +3828,10 @@ MODEL_LABEL_CAP = 100  # distinct model label values; later ones are folded into
 
 
 def _label_value(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    text = str(value)
+    if not text.isascii():  # a lone surrogate (from a client's model name) is no UTF-8: "?"
+        text = text.encode("utf-8", "replace").decode()
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _number(value: float) -> str:
@@ -4380,7 +4446,7 @@ class ResponseCache(Stage):
         for part in (ctx.api, ctx.req.path, tenant):
             digest.update(part.encode() + b"\x00")
         digest.update(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                 ensure_ascii=False).encode())
+                                 ensure_ascii=False).encode("utf-8", "surrogatepass"))
         return digest.hexdigest()
 
     def request(self, ctx: Context):
@@ -4956,7 +5022,8 @@ class PIIGuard(Stage):
                      taken: set[str]) -> str:
         if action == "hash":
             import hashlib
-            return f"[{kind.upper()}_HASH_{hashlib.sha256(value.encode()).hexdigest()[:8]}]"
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"[{kind.upper()}_HASH_{digest[:8]}]"
         placeholder = mapping.get(value)
         while placeholder is None or placeholder in taken:  # a number nobody else means
             counters[kind] = counters.get(kind, 0) + 1
@@ -4978,7 +5045,7 @@ class PIIRestorer:
 
     def __init__(self, originals: dict[str, str]) -> None:
         self.plain = originals  # placeholder -> original value
-        self.escaped = {p: json.dumps(v, ensure_ascii=False)[1:-1] for p, v in originals.items()}
+        self.escaped = {p: _compact(v)[1:-1] for p, v in originals.items()}
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
 
     def restore_json(self, body: bytes) -> bytes:
@@ -5613,7 +5680,7 @@ class Summarizer(Stage):
         transcript = "\n".join(f"{role}: {p[k]}" for p, k, _, role in text_fields(
             ctx.api, {"messages": older}))
         import hashlib
-        digest = hashlib.sha256(transcript.encode()).hexdigest()
+        digest = hashlib.sha256(transcript.encode("utf-8", "surrogatepass")).hexdigest()
         summary = self.memo.get(digest)
         if summary is None:
             try:
