@@ -1840,7 +1840,9 @@ class TestStreaming(ProxyTestCase):
     async def test_streams_without_a_model_or_done_are_not_empty(self):
         chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]},
                   {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{
-                      "index": 0, "function": {"arguments": {"q": 1}}}]}}]}]
+                      "index": 0, "function": {"arguments": {"q": 1}}}]}}]},
+                  {"id": "c", "choices": [{"index": 0, "delta": {},
+                                           "finish_reason": "tool_calls"}]}]
         status = [200]
 
         async def handler(rec, r, w):  # a local server: no model, no [DONE]
@@ -4433,6 +4435,50 @@ class TestCrossFormat(ProxyTestCase):
         self.assertEqual(plain.json(), {"input_tokens": 7})
         self.assertEqual(self.up.requests[0].target, b"/v1/messages/count_tokens")
         self.assertEqual(len(local.requests), 0)
+
+    async def test_a_stream_cut_before_the_answer_ended_fails_and_never_gets_an_ending(self):
+        # the provider's stream ended (cleanly) before its last event: a translated stream got a
+        # made-up end_turn / finish_reason "stop" and [DONE], so both SDKs took the cut answer
+        # as whole, and every such stream was logged ok; after an error event, too
+        a_events, _ = anthropic_fixture("text")
+        o_events, _ = openai_fixture("text")
+        a_error = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", ' \
+            b'"message": "Overloaded"}}\n\n'
+        cut = {"a": a_events[:4], "o": o_events[:2]}
+        self.up.handler = lambda rec, r, w: sse_reply(w, cut["a"])
+        local = await FakeUpstream(lambda rec, r, w: sse_reply(w, cut["o"])).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-on-local": "local:qwen3",
+                                             "gpt-on-claude": "anthropic:claude-haiku-4-5"}},
+                   "resilience": {"retry_enabled": False}})
+        a_req = dict(ANTHROPIC_REQ, stream=True)
+        same = await http(self.port, "POST", "/v1/messages", a_req, A_HEADERS)
+        crossed = await http(self.port, "POST", "/v1/messages",
+                             dict(a_req, model="claude-on-local"), A_HEADERS)
+        o_req = dict(OPENAI_REQ, model="gpt-on-claude", stream=True)
+        to_openai = await http(self.port, "POST", "/v1/chat/completions", o_req, O_HEADERS)
+        for resp in (same, crossed):
+            self.assertNotIn(b"message_stop", resp.body)
+            self.assertNotIn(b"end_turn", resp.body)
+            self.assertTrue(resp.body.endswith(b"\n\n") and b"event: error" in
+                            resp.body.rsplit(b"\n\n", 2)[-2], resp.body[-200:])
+        self.assertNotIn(b"[DONE]", to_openai.body)
+        self.assertNotIn(b'"finish_reason":"stop"', to_openai.body)
+        self.assertIn(b"ended before the answer did", to_openai.body.rsplit(b"\n\n", 2)[-2])
+        rows = await self.rows(3)
+        self.assertEqual([r["outcome"] for r in rows], ["upstream_failed"] * 3)
+        cut["a"] = [a_error]  # an error event alone: relayed, neither ended nor charged
+        errored = await http(self.port, "POST", "/v1/chat/completions", o_req, O_HEADERS)
+        self.assertIn(b"Overloaded", errored.body)
+        self.assertNotIn(b"[DONE]", errored.body)
+        same = await http(self.port, "POST", "/v1/messages", a_req, A_HEADERS)
+        self.assertEqual(same.body, a_error)
+        rows = await self.rows(5)
+        self.assertEqual([(r["outcome"], r["cost_usd"], r["input_tokens"]) for r in rows[3:]],
+                         [("upstream_error", 0.0, 0)] * 2)
 
     async def test_anthropic_client_on_an_openai_format_provider(self):
         events, body = openai_fixture("tool")

@@ -3177,8 +3177,8 @@ class StreamMeter:
     """Follows one SSE stream beside the relay: model, usage (last value wins), generated text
     for an estimate if the stream is cut short, and provider error events. Only the few event
     kinds that carry usage are parsed as JSON; content deltas are scanned with one regex."""
-    __slots__ = ("api", "usage", "model", "pieces", "kept", "error", "complete",
-                 "drop_usage_chunk", "events")
+    __slots__ = ("api", "usage", "model", "pieces", "kept", "error", "complete", "ended",
+                 "drop_usage_chunk", "events", "errors")
 
     def __init__(self, api: str, drop_usage_chunk: bool = False) -> None:
         self.api = api
@@ -3187,9 +3187,11 @@ class StreamMeter:
         self.pieces: list[bytes] = []
         self.kept = 0
         self.error = ""
-        self.complete = False
+        self.complete = False  # the stream's last event came (message_stop, [DONE], ...)
+        self.ended = False  # the answer said how it ended (a stop or finish reason)
         self.drop_usage_chunk = drop_usage_chunk
         self.events = 0  # data events other than pings
+        self.errors = 0  # of them error events
 
     def _keep_text(self, raw: bytes) -> None:
         if self.kept < _TEXT_KEEP:
@@ -3217,10 +3219,14 @@ class StreamMeter:
                             self.usage.apply_anthropic(msg.get("usage"))
                     else:
                         self.usage.apply_anthropic(obj.get("usage"))
+                        delta = obj.get("delta")
+                        if isinstance(delta, dict) and delta.get("stop_reason"):
+                            self.ended = True
             elif name == b"message_stop":
-                self.complete = True
+                self.complete = self.ended = True
             elif name == b"error":
                 self.error = _error_text(_loads(data)) or "error event"
+                self.errors += 1
             elif name == b"content_block_start":
                 self._keep_text(raw)
             return True
@@ -3237,8 +3243,10 @@ class StreamMeter:
         if i < 0:
             return True
         if raw.startswith(b"[DONE]", i + 5 + (raw[i + 5:i + 6] == b" ")):
-            self.complete = True
+            self.complete = self.ended = True
             return True
+        if b'"finish_reason":"' in raw or b'"finish_reason": "' in raw:
+            self.ended = True
         has_usage = self.has_usage(raw)
         if has_usage or not self.model or b'"error"' in raw:
             _, data = sse_fields(raw)
@@ -3249,8 +3257,10 @@ class StreamMeter:
                 self.model = self.model or str(obj.get("model") or "")
                 if obj.get("error"):
                     self.error = _error_text(obj) or "error event"
+                    self.errors += 1
                 elif obj.get("type") == "error":  # the Responses API's own error event
                     self.error = f"{obj.get('code') or 'error'}: {obj.get('message') or ''}"
+                    self.errors += 1
                 if has_usage and isinstance(obj.get("usage"), dict):
                     self.usage.apply_openai(obj["usage"])
                     if self.drop_usage_chunk and obj.get("choices") == []:
@@ -3267,7 +3277,7 @@ class StreamMeter:
             self.usage.apply_openai(resp["usage"])
         kind = obj.get("type")
         if kind in ("response.completed", "response.incomplete", "response.failed"):
-            self.complete = True
+            self.complete = self.ended = True
         if kind == "response.failed" or resp.get("error"):
             self.error = _error_text(resp) or "response failed"
 
@@ -6753,11 +6763,15 @@ class ResponseRelay:
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
         empty = not meter.events and not splitter.oversized  # no bytes, or only pings
-        if not meter.complete and not failure and empty and req.path in ACCOUNTED_PATHS \
-                and 200 <= resp.status < 300:
-            failure = "upstream answered with an empty stream"
-        if translator is not None and not failure and not conn.lost:
-            conn.stream_write(translator.finish())  # (nothing when already finished)
+        if not meter.complete and not failure and req.path in ACCOUNTED_PATHS \
+                and 200 <= resp.status < 300 and not conn.lost:
+            if empty:
+                failure = "upstream answered with an empty stream"
+            elif not meter.ended and not meter.error:  # (an error event ends it as it is)
+                failure = "upstream stream ended before the answer did"
+        if translator is not None and not failure and not meter.error and not conn.lost:
+            conn.stream_write(translator.finish())  # (nothing when already finished; after an
+            # error event no made-up ending: the client's SDK would take the answer as whole)
         if conn.lost and not meter.complete:
             ctx.outcome = "client_closed"
             ctx.error = "client disconnected mid-stream"
@@ -6771,9 +6785,9 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if not empty or self._background(ctx):
-            self._account_stream(ctx, meter)  # (an answer that never came is not charged,
-            # unless it goes on at the provider without the client)
+        if meter.events > meter.errors or self._background(ctx):
+            self._account_stream(ctx, meter)  # (an answer that never came, or came as an
+            # error alone, is not charged, unless it goes on at the provider without the client)
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
