@@ -1705,6 +1705,35 @@ class TestRelay(ProxyTestCase):
             self.assertEqual(resp.status, 200)
         self.assertEqual(len(calls), 3)
 
+    async def test_a_request_the_provider_held_is_not_sent_again_silently(self):
+        # a reused connection closed after the provider had read the request (and worked on
+        # it) was sent again at once, even with retry_enabled = false, and logged attempts 1
+        calls = []
+
+        async def read_then_close(rec, r, w):
+            calls.append(1)
+            if len(calls) == 1:
+                await json_reply(w, {"ok": True})  # the connection goes back to the pool
+                return True
+            if len(calls) == 2:
+                return False  # read in full, then closed without an answer
+            await json_reply(w, {"ok": True})
+        self.up.handler = read_then_close
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        self.app.pool.stale_retry = 0.0  # (as if the provider had held it past the window)
+        self.assertEqual((await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                     A_HEADERS)).status, 200)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, len(calls)), (502, 2))  # sent once, as configured
+        await self.start_proxy()  # with retries on, the retry policy sends it again, counted
+        self.app.pool.stale_retry = 0.0
+        calls.clear()
+        self.assertEqual((await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                                     A_HEADERS)).status, 200)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, len(calls)), (200, 3))
+        self.assertEqual(len(await self.rows(1, "attempts = 2 AND status_code = 200")), 1)
+
     async def test_store_body_keeps_bodies(self):
         await self.start_proxy({"server": {"store_body": True}})
         await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)

@@ -108,6 +108,10 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # least the busiest concurrency, or every request past it pays a
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
+STALE_RETRY_SECONDS = 0.25       # a reused connection closed this soon after the request was
+                                 # written, with no byte back, was closed idle by the provider:
+                                 # sent again at once. Later, the provider may be working on it:
+                                 # only the retry policy (counted, off with retry_enabled) resends
 CACHE_MEMORY_MAX = 32 * 1024 * 1024  # answer bytes the response cache (and the heartbeat)
                                  # keep in memory, whatever max_entries allows (1,000 answers of
                                  # up to max_entry_bytes could otherwise hold a gigabyte)
@@ -2570,6 +2574,7 @@ class UpstreamPool:
                 if name.islower() or scheme not in self.proxies:  # lowercase wins, as in curl
                     self.proxies[scheme] = value
         self.opened = 0  # connections opened since start (tests and metrics read it)
+        self.stale_retry = STALE_RETRY_SECONDS
         self.tls = ClientTLS()  # what every origin reached through this pool verifies with
 
     def size(self) -> int:
@@ -2679,6 +2684,7 @@ class UpstreamPool:
                     raise ConnectionGone()
                 watch.on_lost = chan.abort
             chan.write(payload)
+            written = loop.time()
             try:
                 while True:
                     rhead = parse_response_head(
@@ -2689,7 +2695,7 @@ class UpstreamPool:
                 chan.abort()
                 if watch is not None and watch.lost:
                     raise
-                if reused and not exc.partial:
+                if reused and not exc.partial and loop.time() - written < self.stale_retry:
                     continue  # a kept-alive connection the provider had closed: one fresh try
                 raise UpstreamError("upstream closed the connection before answering") from None
             except TimeoutError:
