@@ -4080,6 +4080,42 @@ class TestDashboard(ProxyTestCase):
             ("POST", "/v1/messages"), ("POST", "/v1/chat/completions")})  # a pass-through row
         # has no model of its own: its method and path say what it was
 
+    async def test_counters_only_go_up_and_errors_name_the_refusal(self):
+        # a prompt-cache write costs more than plain input: tokenman_savings_usd_total went
+        # negative and fell (rate() reads that as a reset); budget and rate-limit refusals were
+        # both type="rejected", an invalid body too
+        usages = [{"input_tokens": 5, "cache_creation_input_tokens": 10000, "output_tokens": 1},
+                  {"input_tokens": 5, "cache_read_input_tokens": 1000, "output_tokens": 1},
+                  {"input_tokens": 5, "output_tokens": 1}]
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "type": "message", "model": ANTHROPIC_REQ["model"], "content": [],
+            "usage": usages.pop(0)})
+        await self.start_proxy({"security": {
+            "budget": {"enabled": True, "projects": {"tight": {"daily_limit": 0.000001}}},
+            "rate_limit": {"enabled": True, "default_rate": 0.001, "default_burst": 3}}})
+        port = self.app.dashboard_port
+        seen = []
+        for headers in (A_HEADERS, A_HEADERS, dict(A_HEADERS, **{"X-Tokenman-Project": "tight"}),
+                        A_HEADERS, A_HEADERS):
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, headers)
+            seen.append(resp.status)
+            samples = parse_exposition((await http(port, "GET", "/metrics")).body.decode())
+            for name in ("tokenman_savings_usd_total", "tokenman_savings_cost_usd_total"):
+                for value in samples.get(name, {}).values():
+                    self.assertGreaterEqual(value, 0, name)
+        await http(self.port, "POST", "/v1/messages", b"{bad", A_HEADERS)
+        self.assertEqual(seen, [200, 200, 429, 200, 429])
+        samples = parse_exposition((await http(port, "GET", "/metrics")).body.decode())
+        saved = samples["tokenman_savings_usd_total"]['{source="prompt_cache"}']
+        premium = samples["tokenman_savings_cost_usd_total"]['{source="prompt_cache"}']
+        self.assertGreater(saved, 0)
+        self.assertGreater(premium, saved)  # 10,000 written, 1,000 read: a net loss so far
+        stats = (await http(port, "GET", "/api/stats")).json()
+        self.assertAlmostEqual(stats["savings_usd"], saved - premium, places=8)
+        kinds = {dict(re.findall(r'(\w+)="([^"]*)"', k))["type"]
+                 for k in samples["tokenman_errors_total"]}
+        self.assertEqual(kinds, {"budget", "ratelimit", "parse"})
+
     async def test_model_label_cardinality_is_bounded(self):
         await self.start_proxy()
         self.app.metrics.models = {f"m{i}" for i in range(tm.MODEL_LABEL_CAP)}

@@ -3822,7 +3822,10 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_tokens_saved_total": ("counter", "Tokens not sent: cache hits and compression."),
     "tokenman_tokens_total": ("counter", "Tokens by provider, model and kind."),
     "tokenman_cost_usd_total": ("counter", "Cost in USD by provider, model and project."),
-    "tokenman_savings_usd_total": ("counter", "USD saved by source."),
+    "tokenman_savings_usd_total": ("counter", "USD saved by source (requests that saved)."),
+    "tokenman_savings_cost_usd_total": ("counter", "USD a saving cost where it cost more than it "
+                                        "saved (prompt-cache writes, summary calls), by source; "
+                                        "net savings are the difference."),
     "tokenman_savings_percent": ("gauge", "Savings as a percent of cost plus savings."),
     "tokenman_cache_hits_total": ("counter", "Requests answered from the response cache."),
     "tokenman_cache_misses_total": ("counter", "Requests not answered from the cache."),
@@ -3841,6 +3844,16 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_build_info": ("gauge", "Version and Python of this process."),
 })
 MODEL_LABEL_CAP = 100  # distinct model label values; later ones are folded into "other"
+# tokenman_errors_total's type: the reference's parse, budget, ratelimit, pipeline and upstream;
+# a stage's refusal is named by its stage (budget, ratelimit, pii, injection, ...)
+_ERROR_TYPES = {"upstream_error": "upstream", "upstream_failed": "upstream",
+                "internal_error": "pipeline", "client_closed": "client_closed"}
+_PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
+
+
+def net_savings(m: "Metrics") -> float:
+    """USD saved less what savings cost (both counters only go up)."""
+    return m.total("tokenman_savings_usd_total") - m.total("tokenman_savings_cost_usd_total")
 
 
 def _label_value(value: object) -> str:
@@ -4244,6 +4257,9 @@ class Pipeline:
                     "middleware.name": stage.name, "middleware.phase": "request"})
             if reply is not None:
                 if reply.outcome not in HIT_OUTCOMES or hit is not None:
+                    if reply.outcome == "rejected":  # (the errors metric's type)
+                        ctx.notes["refused_by"] = "pipeline" if reply.status >= 500 \
+                            else stage.name
                     return reply
                 hit = reply
         return hit
@@ -6916,12 +6932,16 @@ class RequestLog:
             if count:
                 key = ("tokenman_tokens_total", labels)
                 values[key] = get(key, 0.0) + count
-        for source, usd in saved.items():
-            m.inc("tokenman_savings_usd_total", (("source", source),), usd)
+        for source, usd in saved.items():  # counters only go up: a net loss (a prompt-cache
+            if usd > 0:  # write premium, a summary call's cost) has a counter of its own
+                m.inc("tokenman_savings_usd_total", (("source", source),), usd)
+            elif usd < 0:
+                m.inc("tokenman_savings_cost_usd_total", (("source", source),), -usd)
         if outcome != "ok" and outcome not in HIT_OUTCOMES:
+            kind = _ERROR_TYPES.get(outcome) or ctx.notes.get("refused_by") or (
+                "parse" if ctx.status in _PARSE_STATUSES else "rejected")
             m.inc("tokenman_errors_total", (("provider", provider),
-                                            ("status_code", str(ctx.status)),
-                                            ("type", outcome)))
+                                            ("status_code", str(ctx.status)), ("type", kind)))
         if provider and provider != "cache":
             live = self.provider_stats.get(provider)
             if live is None:
@@ -7614,7 +7634,7 @@ class Dashboard:
     def stats(self) -> dict:
         m = self.metrics
         hits, misses = m.get("tokenman_cache_hits_total"), m.get("tokenman_cache_misses_total")
-        cost, saved = m.total("tokenman_cost_usd_total"), m.total("tokenman_savings_usd_total")
+        cost, saved = m.total("tokenman_cost_usd_total"), net_savings(m)
         up = time.time() - m.started
         return {"uptime": human_uptime(up), "uptime_seconds": round(up, 3),
                 "total_requests": int(m.get("tokenman_requests_total")),
@@ -8374,7 +8394,7 @@ class App:
         """Values read at scrape time rather than counted per request."""
         m = self.metrics
         hits, misses = m.get("tokenman_cache_hits_total"), m.get("tokenman_cache_misses_total")
-        cost, saved = m.total("tokenman_cost_usd_total"), m.total("tokenman_savings_usd_total")
+        cost, saved = m.total("tokenman_cost_usd_total"), net_savings(m)
         out = [("tokenman_active_requests", {}, self.proxy.in_flight),
                ("tokenman_uptime_seconds", {}, round(time.time() - m.started, 3)),
                ("tokenman_cache_hit_rate", {}, hits / (hits + misses) * 100
