@@ -2886,6 +2886,21 @@ CACHE_REQ = dict(ANTHROPIC_REQ, temperature=0)
 
 
 class TestCacheStage(ProxyTestCase):
+    async def test_api_version_and_betas_are_part_of_the_key(self):
+        # a beta (1M context, longer output, a new tool type) changes the answer: a request
+        # with one was answered from the cache entry made without it
+        _, body = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: json_reply(w, body)
+        await self.start_proxy()
+        beta = dict(A_HEADERS, **{"anthropic-beta": "context-1m-2025-08-07"})
+        version = dict(A_HEADERS, **{"anthropic-version": "2099-01-01"})
+        seen = [(await http(self.port, "POST", "/v1/messages", req, headers)).headers[
+            "x-tokenman-cache"] for req, headers in (
+                (CACHE_REQ, A_HEADERS), (CACHE_REQ, beta), (CACHE_REQ, version),
+                (CACHE_REQ, beta), (dict(CACHE_REQ, temperature=0.0), A_HEADERS))]
+        self.assertEqual(seen, ["MISS", "MISS", "MISS", "HIT", "HIT"])  # (0.0 is 0)
+        self.assertEqual(len(self.up.requests), 3)
+
     async def test_repeat_is_served_from_cache_with_savings(self):
         _, body = anthropic_fixture("text")
         self.up.handler = lambda rec, r, w: json_reply(w, body, headers=[

@@ -4439,6 +4439,7 @@ class CacheEntry:
 _CACHE_SQL = ("INSERT OR REPLACE INTO cache (key, created, expires, model, status, headers, body, "
               "tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _CACHED_HEADERS = frozenset((b"content-type", b"openai-model", b"anthropic-organization-id"))
+_KEYED_HEADERS = (b"anthropic-version", b"anthropic-beta", b"openai-beta")  # part of the key
 # (not request-id / x-request-id: a hit answers with its own X-Request-Id, and the provider's id
 # belongs to the request that filled the cache)
 
@@ -4468,7 +4469,8 @@ class ResponseCache(Stage):
 
     def key(self, ctx: Context) -> str:
         import hashlib  # loaded on the first cacheable request, not at start
-        body = {k: v for k, v in ctx.obj.items() if k not in ("stream", "stream_options")}
+        body = {k: int(v) if type(v) is float and v.is_integer() else v  # (temperature 0.0
+                for k, v in ctx.obj.items() if k not in ("stream", "stream_options")}  # is 0)
         tenant = ctx.project
         if self.passthrough.get(ctx.provider, True):
             cred = ctx.req.headers.map.get(b"x-api-key") or \
@@ -4477,6 +4479,9 @@ class ResponseCache(Stage):
         digest = hashlib.sha256()
         for part in (ctx.api, ctx.req.path, tenant):
             digest.update(part.encode() + b"\x00")
+        headers = ctx.req.headers.map
+        for name in _KEYED_HEADERS:  # an API version or beta changes what the model does
+            digest.update(headers.get(name, b"") + b"\x00")
         digest.update(json.dumps(body, sort_keys=True, separators=(",", ":"),
                                  ensure_ascii=False).encode("utf-8", "surrogatepass"))
         return digest.hexdigest()
