@@ -2567,6 +2567,14 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(resp.json()["from"], "backup")
         row = (await self.rows())[0]
         self.assertEqual((row["provider"], row["attempts"]), ("backup", 4))
+        # /api/providers shows every attempt and why it failed, though the request was saved
+        # (the primary showed no error at all); a refused request reached no provider
+        await http(self.port, "POST", "/v1/messages", b"{bad", A_HEADERS)
+        live = {p["name"]: p for p in (await http(self.app.dashboard_port, "GET",
+                                                  "/api/providers")).json()}
+        self.assertEqual((live["primary"]["requests"], live["primary"]["errors"]), (3, 3))
+        self.assertEqual(live["primary"]["last_error"], "503 overloaded_error: status 503")
+        self.assertEqual((live["backup"]["requests"], live["backup"]["errors"]), (1, 0))
         await self.app.stop()
         await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_enabled": False}},
                                providers=providers)
@@ -4158,6 +4166,15 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(rejected["total"], 1)
         one = (await http(port, "GET", "/api/requests/" + page["requests"][0]["id"])).json()
         self.assertEqual(one["id"], page["requests"][0]["id"])
+        self.assertLessEqual({"id", "timestamp", "method", "path", "format", "model", "tokens_in",
+                              "tokens_out", "tokens_cached", "tokens_saved", "cost_usd",
+                              "savings_usd", "latency_ms", "status_code", "cache_hit",
+                              "request_type", "provider", "error_message", "request_body",
+                              "response_body"}, set(one))  # the reference's shape, and more
+        self.assertEqual({k: one[k] for k in ("tokens_in", "tokens_out", "request_type")},
+                         {k: page["requests"][0][k] for k in ("tokens_in", "tokens_out",
+                                                              "request_type")})
+        self.assertIs(one["cache_hit"], page["requests"][0]["cache_hit"])
         self.assertEqual((await http(port, "GET", "/api/requests/nope")).status, 404)
         self.assertEqual((await http(port, "GET", "/api/projects")).json()[0]["project"],
                          "default")

@@ -6503,6 +6503,7 @@ class Dispatcher:
                         breaker.record(ticket, False)
                     self.metrics.inc("tokenman_provider_requests_total",
                                      (("provider", prov.key), ("status", "error")))
+                    proxy.note_attempt(prov.key, str(exc))
                     last = Failure(error=exc)
                     if exc.timeout and not exc.connect and not self.policy.on_timeout:
                         return last  # the provider may be generating: never send it twice
@@ -6518,6 +6519,7 @@ class Dispatcher:
                 self.metrics.inc("tokenman_provider_requests_total",
                                  (("provider", prov.key), ("status", "success" if ok else "error")))
                 if ok:
+                    proxy.note_attempt(prov.key)
                     return resp, prov, model, ticket
                 if breaker is not None:
                     if resp.status == 429 and not prov.cfg.key_ref:
@@ -6527,6 +6529,8 @@ class Dispatcher:
                         breaker.record(ticket, False)
                 retry_after = parse_retry_after(resp.head.headers, self.clock())
                 last = await self._keep_failure(resp, prov)
+                proxy.note_attempt(prov.key, f"{resp.status} " + (
+                    _error_text(_loads(last.body)) if last.head is not None else str(last.error)))
                 if last.error is not None and conn.lost:
                     raise ConnectionGone()
         if last.head is None and last.error is None and waits:
@@ -6947,18 +6951,11 @@ class RequestLog:
                 "parse" if ctx.status in _PARSE_STATUSES else "rejected")
             m.inc("tokenman_errors_total", (("provider", provider),
                                             ("status_code", str(ctx.status)), ("type", kind)))
-        if provider and provider != "cache":
-            live = self.provider_stats.get(provider)
-            if live is None:
-                live = self.provider_stats[provider] = {"requests": 0, "errors": 0}
-            live["requests"] += 1
-            if outcome == "ok":
-                ms = seconds * 1000
-                old = live.get("latency_ms")
-                live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
-            elif outcome in ("upstream_error", "upstream_failed"):
-                live["errors"] += 1
-                live["last_error"] = ctx.error[:200]
+        if outcome == "ok" and provider and provider != "cache":
+            live = self._live(provider)  # (its attempts are counted as they are made)
+            ms = seconds * 1000
+            old = live.get("latency_ms")
+            live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
         duration.observe(seconds)
         stage_hists = self._stage_hists
         for stage, secs in ctx.timings.items():
@@ -6969,6 +6966,26 @@ class RequestLog:
                     "tokenman_middleware_duration_seconds",
                     (("middleware", name), ("phase", phase or "request")), STAGE_BUCKETS)
             hist.observe(secs)
+
+    def _live(self, provider: str) -> dict:
+        live = self.provider_stats.get(provider)
+        if live is None:
+            live = self.provider_stats[provider] = {"requests": 0, "errors": 0}
+        return live
+
+    def note_attempt(self, provider: str, error: str = "") -> None:
+        """/api/providers: one request sent to a provider, and what went wrong with it (a
+        connection or timeout error, a 429 or 5xx), whether or not a retry or fallback saved
+        the request; requests refused before they left are not counted."""
+        live = self._live(provider)
+        live["requests"] += 1
+        if error:
+            self.note_failure(provider, error)
+
+    def note_failure(self, provider: str, error: str) -> None:
+        live = self._live(provider)
+        live["errors"] += 1
+        live["last_error"] = error[:200]
 
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
@@ -7424,6 +7441,8 @@ class Proxy(ResponseRelay, RequestLog):
             conn.chan.on_lost = None
             if not resp.chan.lost and not resp.body.done:
                 resp.close()
+            if ctx.outcome == "upstream_failed":  # (broke or came empty after its head)
+                self.note_failure(prov.key, ctx.error)
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
                 if ctx.outcome == "client_closed":
@@ -7452,6 +7471,18 @@ def mask_config(obj: object, key: str = "") -> object:
 
 
 _PAGE_LIMIT = 500
+
+
+def request_detail(row: sqlite3.Row) -> dict:
+    """One row for /api/requests/{id}: every column, plus the reference's names for the
+    totals (tokens_in, tokens_out, tokens_cached, request_type), flags as booleans."""
+    out = dict(row)
+    out.update(tokens_in=row["input_tokens"] + row["cache_read_tokens"]
+               + row["cache_write_tokens"], tokens_out=row["output_tokens"],
+               tokens_cached=row["cache_read_tokens"], request_type=row["outcome"],
+               cache_hit=bool(row["cache_hit"]), streaming=bool(row["streaming"]),
+               estimated=bool(row["estimated"]))
+    return out
 
 
 def _page(query: dict, default: int = 50) -> tuple[int, int]:
@@ -7575,7 +7606,8 @@ class Dashboard:
                 rows = await q("SELECT * FROM requests WHERE client_request_id = ? OR "
                                "upstream_request_id = ? ORDER BY timestamp DESC LIMIT 1",
                                (rid, rid))
-            return (200, dict(rows[0])) if rows else (404, {"error": "request not found"})
+            return (200, request_detail(rows[0])) if rows else \
+                (404, {"error": "request not found"})
         if path == "/api/projects":
             rows = await q("SELECT project, COUNT(*) AS requests, SUM(input_tokens + "
                            "cache_read_tokens + cache_write_tokens) AS tin, SUM(output_tokens) "
