@@ -4350,6 +4350,40 @@ class TestTracing(ProxyTestCase):
         tokens = {a["key"]: a["value"] for a in server["attributes"]}
         self.assertEqual(tokens["http.response.status_code"], {"intValue": "200"})
 
+    async def test_invalid_traceparents_are_ignored_and_attempts_carry_their_status(self):
+        # W3C Trace Context: all-zero trace or parent ids are invalid, as if no header came (an
+        # all-zero unsampled one switched tracing off; a sampled one put every request into one
+        # all-zero trace); a later version may add fields. Retries had no status on their spans
+        collector = await FakeUpstream(lambda rec, r, w: json_reply(w, {})).start()
+        self.addAsyncCleanup(collector.stop)
+        statuses = [503, 200, 200, 200, 200]
+        self.up.handler = lambda rec, r, w: json_reply(w, {"content": []},
+                                                       status=statuses.pop(0))
+        await self.start_proxy({"tracing": {"enabled": True, "sample_rate": 1.0,
+                                            "endpoint": collector.base + "/v1/traces"},
+                                "resilience": {"retry_base_delay_ms": 1,
+                                               "retry_max_delay_ms": 5}})
+        zero, tid, sid = "0" * 32, "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+        for value in (f"00-{zero}-{'0' * 16}-00", f"00-{zero}-{sid}-01", f"00-{tid}-{'0' * 16}-01",
+                      f"01-{tid}-{sid}-01-later"):
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                              dict(A_HEADERS, traceparent=value))
+            self.assertEqual(resp.status, 200)
+        await self.rows(4)
+        await self.app.stop()  # flushes the exporter
+        spans = [s for r in collector.requests for rs in json.loads(r.body)["resourceSpans"]
+                 for ss in rs["scopeSpans"] for s in ss["spans"]]
+        servers = [s for s in spans if s["name"] == "POST /v1/messages"]
+        self.assertEqual(len(servers), 4)  # every request traced
+        self.assertNotIn(zero, {s["traceId"] for s in servers})
+        self.assertEqual(len({s["traceId"] for s in servers}), 4)
+        self.assertEqual([s.get("parentSpanId") for s in servers][2:], [None, sid])
+        self.assertEqual(servers[3]["traceId"], tid)
+        attempts = [(next(a["value"]["intValue"] for a in s["attributes"]
+                          if a["key"] == "http.response.status_code"), s["status"])
+                    for s in spans if s["name"] == "upstream.forward"]
+        self.assertEqual(sorted(attempts, key=str), [("200", {})] * 4 + [("503", {"code": 2})])
+
     async def test_unsampled_parent_and_disabled_tracing_add_nothing(self):
         await self.start_proxy({"tracing": {"enabled": True, "endpoint": "http://127.0.0.1:9/x"}})
         await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, dict(
@@ -5212,6 +5246,33 @@ class TestReload(ProxyTestCase):
     def config(self, extra: str = "") -> str:
         return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
                 f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
+
+    async def test_metric_series_start_at_zero_stay_bounded_and_follow_the_providers(self):
+        # the unlabelled counters were missing until the first request (absent() alerts fired
+        # on an idle proxy); any client could add project label values without bound; a
+        # provider a reload removed kept its breaker series, open or not, until a restart
+        await self.start_from_file(self.config('[providers.spare]\nformat = "anthropic"\n'
+                                               f'api_base = "{self.up.base}"\n'))
+        port = self.app.dashboard_port
+        samples = parse_exposition((await http(port, "GET", "/metrics")).body.decode())
+        for name in ("tokenman_requests_total", "tokenman_tokens_in_total",
+                     "tokenman_tokens_out_total", "tokenman_tokens_saved_total",
+                     "tokenman_cache_hits_total", "tokenman_cache_misses_total"):
+            self.assertEqual(samples[name], {"": 0}, name)
+        self.assertIn('{provider="spare"}', samples["tokenman_provider_circuit_state"])
+        self.app.metrics.projects = {f"p{i}" for i in range(tm.MODEL_LABEL_CAP)}
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                   dict(A_HEADERS, **{"X-Tokenman-Project": "run-1234"}))
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config())
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        samples = parse_exposition((await http(port, "GET", "/metrics")).body.decode())
+        self.assertEqual(set(samples["tokenman_provider_circuit_state"]),
+                         {'{provider="anthropic"}'})
+        projects = {dict(re.findall(r'(\w+)="([^"]*)"', k))["project"]
+                    for k in samples["tokenman_cost_usd_total"]}
+        self.assertEqual(projects, {"other"})
+        self.assertEqual((await self.rows())[0]["project"], "run-1234")  # (the log keeps it)
 
     async def test_file_change_reloads_while_a_stream_finishes_on_its_snapshot(self):
         other = await FakeUpstream(lambda rec, r, w: json_reply(w, {"who": "other"})).start()

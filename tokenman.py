@@ -3843,12 +3843,21 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_store_errors_total": ("counter", "Failed request-log writes."),
     "tokenman_build_info": ("gauge", "Version and Python of this process."),
 })
-MODEL_LABEL_CAP = 100  # distinct model label values; later ones are folded into "other"
+MODEL_LABEL_CAP = 100  # distinct model (and project) label values; later ones are "other"
 # tokenman_errors_total's type: the reference's parse, budget, ratelimit, pipeline and upstream;
 # a stage's refusal is named by its stage (budget, ratelimit, pii, injection, ...)
 _ERROR_TYPES = {"upstream_error": "upstream", "upstream_failed": "upstream",
                 "internal_error": "pipeline", "client_closed": "client_closed"}
 _PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
+
+
+def _capped(seen: set[str], name: str) -> str:
+    if name in seen:
+        return name
+    if len(seen) < MODEL_LABEL_CAP:
+        seen.add(name)
+        return name
+    return "other"
 
 
 def net_savings(m: "Metrics") -> float:
@@ -3896,16 +3905,16 @@ class Metrics:
         self.values: dict[tuple, float] = {}
         self.histograms: dict[tuple, Histogram] = {}
         self.models: set[str] = set()
+        self.projects: set[str] = set()
         self.gauges = []  # callables returning [(name, labels dict, value)] at render time
 
     def model(self, name: str) -> str:
         """The model label value, folded into "other" past the cardinality cap."""
-        if name in self.models:
-            return name
-        if len(self.models) < MODEL_LABEL_CAP:
-            self.models.add(name)
-            return name
-        return "other"
+        return _capped(self.models, name)
+
+    def project(self, name: str) -> str:
+        """The project label value (any client can name one): capped the same way."""
+        return _capped(self.projects, name)
 
     def inc(self, name: str, labels: tuple = (), value: float = 1.0) -> None:
         key = (name, labels)
@@ -3960,7 +3969,8 @@ class Metrics:
 
 # -- tracing: W3C trace context in and out, spans exported as OTLP/HTTP JSON --------------------
 
-_TRACEPARENT_RE = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# W3C Trace Context: version-traceid-parentid-flags; a later version may append fields
+_TRACEPARENT_RE = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 SPAN_SERVER, SPAN_CLIENT, SPAN_INTERNAL = 2, 3, 1
 
 
@@ -3982,11 +3992,11 @@ class Trace:
         return self.start_ns + int((perf - self.t0) * 1e9)
 
     def child(self, name: str, start: float, end: float, kind: int = SPAN_INTERNAL,
-              attrs: dict | None = None, span_id: str = "") -> str:
+              attrs: dict | None = None, span_id: str = "", error: bool = False) -> str:
         span_id = span_id or os.urandom(8).hex()
         self.spans.append({"name": name, "spanId": span_id, "parentSpanId": self.span_id,
                            "kind": kind, "start": self.ns(start), "end": self.ns(end),
-                           "attrs": attrs or {}})
+                           "attrs": attrs or {}, "error": error})
         return span_id
 
     def traceparent(self, span_id: str) -> bytes:
@@ -4024,10 +4034,11 @@ class Tracer:
     def start(self, req: Request) -> Trace | None:
         """A Trace for this request when it is sampled (the client's decision wins)."""
         m = _TRACEPARENT_RE.fullmatch(req.headers.map.get(b"traceparent", b"").strip())
-        if m is not None:
-            if not int(m.group(3), 16) & 1:
+        if m is not None and m.group(1) != b"ff" and not (m.group(1) == b"00" and m.group(5)) \
+                and m.group(2).strip(b"0") and m.group(3).strip(b"0"):  # (all-zero ids: none)
+            if not int(m.group(4), 16) & 1:
                 return None
-            return Trace(m.group(1).decode(), m.group(2).decode(), req.t0)
+            return Trace(m.group(2).decode(), m.group(3).decode(), req.t0)
         if self.rng() >= self.cfg.sample_rate:
             return None
         return Trace(os.urandom(16).hex(), "", req.t0)
@@ -6484,6 +6495,7 @@ class Dispatcher:
                 ctx.attempts += 1
                 ctx.provider = prov.key
                 started = time.perf_counter()
+                outcome: dict = {}  # the attempt's span: its status code, or its error
                 if ctx.trace is not None:
                     ctx.notes["upstream_span"] = os.urandom(8).hex()
                 try:
@@ -6499,6 +6511,7 @@ class Dispatcher:
                         breaker.release(ticket)
                     raise
                 except UpstreamError as exc:
+                    outcome["error.type"] = str(exc)
                     if breaker is not None:
                         breaker.record(ticket, False)
                     self.metrics.inc("tokenman_provider_requests_total",
@@ -6513,9 +6526,16 @@ class Dispatcher:
                     if ctx.trace is not None:
                         ctx.trace.child("upstream.forward", started, time.perf_counter(),
                                         SPAN_CLIENT, {"upstream.provider": prov.key,
-                                                      "upstream.url": prov.cfg.api_base},
-                                        span_id=ctx.notes["upstream_span"])
+                                                      "upstream.url": prov.cfg.api_base,
+                                                      "upstream.attempt": attempt + 1,
+                                                      **outcome},
+                                        span_id=ctx.notes["upstream_span"],
+                                        error="error.type" in outcome)
                 ok = resp.status not in RETRY_STATUSES
+                if ctx.trace is not None:  # (the span is in the trace's list: add its status)
+                    span = ctx.trace.spans[-1]
+                    span["attrs"]["http.response.status_code"] = resp.status
+                    span["error"] = resp.status >= 500 or resp.status == 429
                 self.metrics.inc("tokenman_provider_requests_total",
                                  (("provider", prov.key), ("status", "success" if ok else "error")))
                 if ok:
@@ -6929,7 +6949,7 @@ class RequestLog:
         provider = ctx.provider
         outcome = ctx.outcome
         kinds, cost_labels, duration = self._labels(provider, m.model(ctx.model),
-                                                    ctx.project, ctx.streaming)
+                                                    m.project(ctx.project), ctx.streaming)
         for key, value in ((_REQUESTS_KEY, 1),
                            (_TOKENS_IN_KEY, u.input + u.cache_read + u.cache_write),
                            (_TOKENS_OUT_KEY, u.output),
@@ -7051,6 +7071,9 @@ class Proxy(ResponseRelay, RequestLog):
         self.router = router
         self.pipeline = pipeline or Pipeline([], log)
         self.metrics = metrics or Metrics()
+        for key in (_REQUESTS_KEY, _TOKENS_IN_KEY, _TOKENS_OUT_KEY, _TOKENS_SAVED_KEY,
+                    _CACHE_HITS_KEY, _CACHE_MISSES_KEY):  # counters without labels start at 0
+            self.metrics.values.setdefault(key, 0.0)
         self.pool = pool
         self.breakers = breakers if breakers is not None else {}
         self.dispatcher = Dispatcher(cfg, pool, self.breakers, log, metrics=self.metrics)
@@ -8442,8 +8465,9 @@ class App:
                ("tokenman_build_info", {"python": sys.version.split()[0],
                                         "version": __version__}, 1)]
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
+        live = self.proxy.router.providers  # (a provider a reload removed keeps no series)
         out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.shown])
-                for key, b in self.breakers.items()]
+                for key, b in self.breakers.items() if key in live]
         now = time.time()
         for (scope, period, start), spent in self.ledger.spent.items():
             if period_bounds(period, now)[0] == start:
