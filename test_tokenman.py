@@ -4465,6 +4465,29 @@ class TestTranslationTables(unittest.TestCase):
         self.assertEqual(out["stream_options"], {"include_usage": True})
         self.assertIn("top_k", dropped)
 
+    def test_one_tool_call_per_turn_is_kept_both_ways(self):
+        # OpenAI's parallel_tool_calls: false and Anthropic's disable_parallel_tool_use are the
+        # same setting: it was dropped both ways, and agents relying on it got several calls
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        msgs = [{"role": "user", "content": "x"}]
+        to_a = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "tools": tools,
+                                               "parallel_tool_calls": False}, [], 100)
+        self.assertEqual(to_a["tool_choice"], {"type": "auto", "disable_parallel_tool_use": True})
+        forced = tm.openai_to_anthropic_request({
+            "model": "m", "messages": msgs, "tools": tools, "parallel_tool_calls": False,
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}, [], 100)
+        self.assertEqual(forced["tool_choice"], {"type": "tool", "name": "f",
+                                                 "disable_parallel_tool_use": True})
+        none = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "tools": tools,
+                                               "parallel_tool_calls": False,
+                                               "tool_choice": "none"}, [], 100)
+        self.assertEqual(none["tool_choice"], {"type": "none"})  # (not allowed with none)
+        to_o = tm.anthropic_to_openai_request({
+            "model": "m", "max_tokens": 5, "messages": msgs,
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, [])
+        self.assertEqual((to_o["tool_choice"], to_o["parallel_tool_calls"]), ("required", False))
+
     def test_openai_request_to_anthropic(self):
         dropped = []
         out = tm.openai_to_anthropic_request({

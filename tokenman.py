@@ -6035,6 +6035,8 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
     if isinstance(choice, dict):
         out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(
             choice.get("type"), {"type": "function", "function": {"name": choice.get("name")}})
+        if choice.get("disable_parallel_tool_use") is True and out.get("tools"):
+            out["parallel_tool_calls"] = False
     thinking = obj.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens", 0)
@@ -6107,6 +6109,10 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         out["tool_choice"] = {"type": {"required": "any"}.get(choice, choice)}
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         out["tool_choice"] = {"type": "tool", "name": choice["function"].get("name", "")}
+    if obj.get("parallel_tool_calls") is False and out.get("tools") \
+            and (out.get("tool_choice") or {}).get("type") != "none":  # one call per turn
+        out["tool_choice"] = dict(out.get("tool_choice") or {"type": "auto"},
+                                  disable_parallel_tool_use=True)
     effort = obj.get("reasoning_effort")
     if effort in _EFFORT_BUDGET:
         budget = _EFFORT_BUDGET[effort]
@@ -6115,7 +6121,7 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         out.pop("temperature", None)  # thinking requires the default temperature
     dropped += [k for k in obj if k in ("n", "seed", "logprobs", "top_logprobs",
                                         "response_format", "presence_penalty",
-                                        "frequency_penalty", "logit_bias", "parallel_tool_calls")]
+                                        "frequency_penalty", "logit_bias")]
     return out
 
 
