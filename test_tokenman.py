@@ -4634,6 +4634,25 @@ class TestCrossFormat(ProxyTestCase):
         self.assertEqual([(r["outcome"], r["cost_usd"], r["input_tokens"]) for r in rows[3:]],
                          [("upstream_error", 0.0, 0)] * 2)
 
+    async def test_openai_clients_on_claude_get_prompt_cache_breakpoints(self):
+        # an OpenAI-format client (Cursor, the OpenAI SDK) cannot set cache_control: its
+        # translated requests got no breakpoints and paid the full input price every call
+        _, body = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: json_reply(w, body)
+        await self.start_proxy(extra={"routing": {"model_map": {
+            "claude-via-openai": "anthropic:claude-sonnet-4-5"}}})
+        system = "You review code carefully and answer briefly. " * 400  # ~4,000 tokens
+        req = dict(OPENAI_REQ, model="claude-via-openai", messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": "hi"}])
+        resp = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        sent = self.up.requests[0].json()
+        self.assertEqual(sent["system"], [{"type": "text", "text": system,
+                                           "cache_control": {"type": "ephemeral"}}])
+        short = dict(req, messages=[{"role": "user", "content": "hi"}])
+        await http(self.port, "POST", "/v1/chat/completions", short, O_HEADERS)
+        self.assertNotIn(b"cache_control", self.up.requests[1].body)  # too short to cache
+
     async def test_anthropic_client_on_an_openai_format_provider(self):
         events, body = openai_fixture("tool")
         local = await FakeUpstream(fixture_handler(events, body)).start()

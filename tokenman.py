@@ -5506,23 +5506,39 @@ class CacheHints(Stage):
             return None
         if any("cache_control" in json.dumps(ctx.changes[k]) for k in ctx.changes):
             return None  # a stage before this one set breakpoints
-        sizes = self._sizes(ctx)
+        self._place(obj, self._sizes(ctx), minimum, ctx.changes)
+        return None
+
+    def translated(self, obj: dict, model: str) -> None:
+        """Breakpoints for a request translated for an Anthropic provider from the OpenAI
+        format, whose clients (Cursor, OpenAI SDK applications) cannot set cache_control."""
+        if not self.cfg.enabled:
+            return
+        sizes = {k: len(json_dumps(obj[k])) // 4 for k in ("tools", "system", "messages")
+                 if k in obj}
+        minimum = cache_minimum(model)
+        if sum(sizes.values()) >= minimum:
+            self._place(obj, sizes, minimum, {})
+
+    def _place(self, obj: dict, sizes: dict[str, int], minimum: int, changes: dict) -> None:
+        """Marks the end of tools, system and the last message where the prefix up to it is
+        long enough to cache; `changes` gets every member it changed."""
         prefix = 0
         tools = obj.get("tools")
         if isinstance(tools, list) and tools and isinstance(tools[-1], dict):
             prefix += sizes.get("tools", 0)
             if prefix >= minimum:
                 tools[-1]["cache_control"] = dict(self.mark)
-                ctx.changes["tools"] = tools
+                changes["tools"] = tools
         system = obj.get("system")
         prefix += sizes.get("system", 0)
         if system and prefix >= minimum:
             if isinstance(system, str):
                 obj["system"] = [{"type": "text", "text": system,
                                   "cache_control": dict(self.mark)}]
-                ctx.changes["system"] = obj["system"]
+                changes["system"] = obj["system"]
             elif isinstance(system, list) and self._mark_last(system):
-                ctx.changes["system"] = system
+                changes["system"] = system
         prefix += sizes.get("messages", 0)
         messages = obj.get("messages")
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
@@ -5532,10 +5548,9 @@ class CacheHints(Stage):
             if isinstance(content, str) and content:
                 last["content"] = [{"type": "text", "text": content,
                                     "cache_control": dict(self.mark)}]
-                ctx.changes["messages"] = messages
+                changes["messages"] = messages
             elif isinstance(content, list) and self._mark_last(content):
-                ctx.changes["messages"] = messages
-        return None
+                changes["messages"] = messages
 
     def _mark_last(self, blocks: list) -> bool:
         for block in reversed(blocks):
@@ -7304,6 +7319,9 @@ class Proxy(ResponseRelay, RequestLog):
         else:
             out = openai_to_anthropic_request(obj, dropped,
                                               self.cfg.budget.default_max_tokens)
+            hints = ctx.pipeline.stage("cache_hints")
+            if hints is not None:
+                hints.translated(out, model)
         if dropped:
             self.log.debug("fields without a counterpart dropped in translation", id=ctx.id,
                            fields=",".join(sorted(set(dropped))))
