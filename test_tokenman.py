@@ -2581,6 +2581,37 @@ class TestResilience(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 503)
 
+    async def test_a_stream_that_opens_with_overloaded_is_retried_and_falls_back(self):
+        # a 200 whose first event (sent with the head) is overloaded_error: nothing had reached
+        # the client, yet it got the error, with no retry, fallback or breaker failure
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+        events, _ = anthropic_fixture("text")
+        script = [[overloaded], events]
+        self.up.handler = lambda rec, r, w: sse_reply(w, script.pop(0) if script else
+                                                      [overloaded])
+        backup = await FakeUpstream(lambda rec, r, w: sse_reply(w, events)).start()
+        self.addAsyncCleanup(backup.stop)
+        providers = {"primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
+                     "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}}
+        await self.start_proxy({"resilience": self.FAST}, providers=providers)
+        req = dict(ANTHROPIC_REQ, stream=True)
+        retried = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(assemble_anthropic(retried.body)["content"][0]["text"], "Hello!")
+        fell_back = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(assemble_anthropic(fell_back.body)["content"][0]["text"], "Hello!")
+        rows = await self.rows(2)
+        self.assertEqual([(r["provider"], r["attempts"], r["outcome"]) for r in rows],
+                         [("primary", 2, "ok"), ("backup", 4, "ok")])
+        self.assertEqual(len(backup.requests), 1)
+        await self.app.stop()  # the last attempt: the provider's own answer, as it came
+        await self.start_proxy({"resilience": dict(self.FAST, retry_max_attempts=2),
+                                "routing": {"fallback_enabled": False}}, providers=providers)
+        relayed = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual((relayed.status, relayed.body), (200, overloaded))
+        row = (await self.rows(1, "provider = 'primary' AND outcome = 'upstream_error'"))[0]
+        self.assertEqual(row["attempts"], 2)
+
     async def test_no_fallback_once_the_stream_has_started(self):
         events, _ = anthropic_fixture("text")
         backup = await FakeUpstream().start()
@@ -4596,8 +4627,8 @@ class TestCrossFormat(ProxyTestCase):
         # as whole, and every such stream was logged ok; after an error event, too
         a_events, _ = anthropic_fixture("text")
         o_events, _ = openai_fixture("text")
-        a_error = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", ' \
-            b'"message": "Overloaded"}}\n\n'
+        a_error = b'event: error\ndata: {"type": "error", "error": {"type": ' \
+            b'"invalid_request_error", "message": "no such tool"}}\n\n'
         cut = {"a": a_events[:4], "o": o_events[:2]}
         self.up.handler = lambda rec, r, w: sse_reply(w, cut["a"])
         local = await FakeUpstream(lambda rec, r, w: sse_reply(w, cut["o"])).start()
@@ -4626,7 +4657,7 @@ class TestCrossFormat(ProxyTestCase):
         self.assertEqual([r["outcome"] for r in rows], ["upstream_failed"] * 3)
         cut["a"] = [a_error]  # an error event alone: relayed, neither ended nor charged
         errored = await http(self.port, "POST", "/v1/chat/completions", o_req, O_HEADERS)
-        self.assertIn(b"Overloaded", errored.body)
+        self.assertIn(b"no such tool", errored.body)
         self.assertNotIn(b"[DONE]", errored.body)
         same = await http(self.port, "POST", "/v1/messages", a_req, A_HEADERS)
         self.assertEqual(same.body, a_error)

@@ -2046,6 +2046,33 @@ class BodyReader:
         return await read_to_end(self, limit, deadline)
 
 
+class PrefetchedReader:
+    """A body reader whose first bytes were read ahead (a stream's first event, checked before
+    the stream was taken as the answer): they come first."""
+    __slots__ = ("inner", "prefix")
+
+    def __init__(self, inner: BodyReader, prefix: bytes) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    @property
+    def done(self) -> bool:
+        return not self.prefix and self.inner.done
+
+    @property
+    def mode(self) -> str:
+        return self.inner.mode
+
+    async def read(self, deadline: float | None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
+        return await self.inner.read(deadline)
+
+    async def read_all(self, limit: int, deadline: float | None) -> bytes:
+        return await read_to_end(self, limit, deadline)
+
+
 async def read_to_end(reader, limit: int, deadline: float | None) -> bytes:
     """Every remaining piece of a body reader; HeadTooLarge past limit (0 = no limit)."""
     parts = bytearray()
@@ -6501,7 +6528,7 @@ class Dispatcher:
         Failure. Raises ConnectionGone when the client leaves while waiting."""
         last = Failure()
         waits = []
-        for prov, model, body in plan:
+        for index, (prov, model, body) in enumerate(plan):
             breaker = self.breakers.get(prov.key)
             retry_after = None
             for attempt in range(self.policy.attempts):
@@ -6553,15 +6580,32 @@ class Dispatcher:
                                         span_id=ctx.notes["upstream_span"],
                                         error="error.type" in outcome)
                 ok = resp.status not in RETRY_STATUSES
+                early = None  # a stream whose first event is an error, while others may answer
+                if ok and ctx.streaming and 200 <= resp.status < 300 and req.path in \
+                        ACCOUNTED_PATHS and (attempt + 1 < self.policy.attempts
+                                             or index + 1 < len(plan)):
+                    early = await self._first_event(resp, prov)
+                    ok = early is None
+                status = early.head.status if early is not None and early.head is not None \
+                    else 502 if early is not None else resp.status
                 if ctx.trace is not None:  # (the span is in the trace's list: add its status)
                     span = ctx.trace.spans[-1]
-                    span["attrs"]["http.response.status_code"] = resp.status
-                    span["error"] = resp.status >= 500 or resp.status == 429
+                    span["attrs"]["http.response.status_code"] = status
+                    span["error"] = status >= 500 or status == 429
                 self.metrics.inc("tokenman_provider_requests_total",
                                  (("provider", prov.key), ("status", "success" if ok else "error")))
                 if ok:
                     proxy.note_attempt(prov.key)
                     return resp, prov, model, ticket
+                if early is not None:
+                    if breaker is not None:
+                        breaker.record(ticket, False)
+                    last = early
+                    retry_after = None
+                    proxy.note_attempt(prov.key, f"{status} " + (
+                        _error_text(_loads(early.body)) if early.head is not None
+                        else str(early.error)))
+                    continue
                 if breaker is not None:
                     if resp.status == 429 and not prov.cfg.key_ref:
                         breaker.release(ticket)  # the caller's own key hit its rate limit: that
@@ -6577,6 +6621,48 @@ class Dispatcher:
         if last.head is None and last.error is None and waits:
             last.retry_in = min(waits)
         return last
+
+    async def _first_event(self, resp: UpstreamResponse, prov: Provider) -> Failure | None:
+        """A stream whose first event came with its head and is an error, while a retry or a
+        fallback could still replace it: a provider that sent its 200 head before it knew may
+        say "overloaded" (or rate limited, or a server error) that way. That is a failed
+        attempt (as the same error answered as JSON). Nothing is waited for: a stream whose
+        first bytes do not look like an error event is relayed untouched, head first."""
+        head = resp.head.headers.map
+        raw = resp.chan.buf
+        if b"error" not in raw[:READ_CHUNK] or b"\n\n" not in raw and b"\r\n\r\n" not in raw \
+                or not head.get(b"content-type", b"").startswith(b"text/event-stream") \
+                or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + prov.cfg.timeout  # (the bytes are here: no wait)
+        got = b""
+        try:
+            while b"\n\n" not in got and b"\r\n\r\n" not in got and len(got) < READ_CHUNK:
+                data = await resp.body.read(deadline)
+                if not data:
+                    break
+                got += data
+        except (TimeoutError, ConnectionGone, ValueError, OSError):
+            resp.close()
+            return Failure(error=UpstreamError("upstream stream broken at its first event"))
+        resp.body = PrefetchedReader(resp.body, got)
+        name, data = sse_fields(got.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0])
+        obj = _loads(data) if data[:1] == b"{" else None
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if not isinstance(err, dict) or name not in (b"error", b""):
+            return None
+        kind = f"{err.get('type') or ''} {err.get('code') or ''}"
+        status = 529 if "overload" in kind else 429 if "rate_limit" in kind \
+            else 500 if "api_error" in kind or "server_error" in kind else 0
+        if not status:
+            return None  # an error another attempt would not change: relayed as it came
+        resp.close()
+        headers = Headers([(n, v) for n, v in resp.head.headers.raw if n.lower() not in (
+            b"content-type", b"content-length", b"transfer-encoding")]
+            + [(b"content-type", b"application/json")])
+        return Failure(head=ResponseHead(status, b"", 1, headers), body=json_dumps(obj),
+                       api=prov.cfg.format)
 
     async def _keep_failure(self, resp: UpstreamResponse, prov: Provider) -> Failure:
         loop = asyncio.get_running_loop()
@@ -6768,9 +6854,11 @@ class ResponseRelay:
             translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
                                           and opts.get("include_usage") is True)
         buffered = resp.chan.buf  # an event came with the head: both leave in one write (an
-        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),  # event end
-                          resp.head.reason,  # in the buffer means the first read cannot wait)
-                          hold=b"\n\n" in buffered or b"\r\n\r\n" in buffered)
+        ahead = getattr(resp.body, "prefix", b"")  # event end in the buffer, or read ahead,
+        conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),  # means the
+                          resp.head.reason,  # first read cannot wait)
+                          hold=b"\n\n" in buffered or b"\r\n\r\n" in buffered
+                          or b"\n\n" in ahead or b"\r\n\r\n" in ahead)
         splitter = SSESplitter()
         passthrough = translator is None and not ctx.hooks  # events go out as they came
         droppable = meter.drop_usage_chunk  # except an OpenAI usage chunk tokenman asked for
