@@ -6630,7 +6630,7 @@ class Dispatcher:
         first bytes do not look like an error event is relayed untouched, head first."""
         head = resp.head.headers.map
         raw = resp.chan.buf
-        if b"error" not in raw[:READ_CHUNK] or b"\n\n" not in raw and b"\r\n\r\n" not in raw \
+        if raw.find(b"error", 0, READ_CHUNK) < 0 or b"\n\n" not in raw and b"\r\n\r\n" not in raw \
                 or not head.get(b"content-type", b"").startswith(b"text/event-stream") \
                 or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
             return None
