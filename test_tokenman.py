@@ -4519,6 +4519,17 @@ class TestTranslationTables(unittest.TestCase):
             "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, [])
         self.assertEqual((to_o["tool_choice"], to_o["parallel_tool_calls"]), ("required", False))
 
+    def test_openai_reasoning_models_get_max_completion_tokens(self):
+        # o-series and gpt-5 models refuse max_tokens; other OpenAI-format servers (vLLM,
+        # Ollama) know max_tokens best
+        wide = "max_completion_tokens"
+        for model, name in (("o3-mini", wide), ("gpt-5", wide), ("openai/o4-mini", wide),
+                            ("gpt-4o", "max_tokens"), ("qwen3", "max_tokens")):
+            out = tm.anthropic_to_openai_request({"model": model, "max_tokens": 7,
+                                                  "messages": [{"role": "user", "content": "x"}]},
+                                                 [])
+            self.assertEqual({k: v for k, v in out.items() if k.startswith("max")}, {name: 7})
+
     def test_openai_request_to_anthropic(self):
         dropped = []
         out = tm.openai_to_anthropic_request({

@@ -6009,6 +6009,9 @@ def _json_args(text: object) -> object:
     return value if isinstance(value, dict) else {"_value": value}
 
 
+_REASONING_MODEL_RE = re.compile(r"(?:openai/)?(?:o\d|gpt-5)")  # o1, o3-mini, o4-mini, gpt-5...
+
+
 def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
     out: dict = {"model": obj.get("model", "")}
     messages = []
@@ -6057,8 +6060,9 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
     for key in ("temperature", "top_p", "stream"):
         if key in obj:
             out[key] = obj[key]
-    if "max_tokens" in obj:
-        out["max_tokens"] = obj["max_tokens"]
+    if "max_tokens" in obj:  # OpenAI's reasoning models refuse max_tokens and take this name
+        out["max_completion_tokens" if _REASONING_MODEL_RE.match(str(out["model"]))
+            else "max_tokens"] = obj["max_tokens"]
     if obj.get("stop_sequences"):
         out["stop"] = obj["stop_sequences"]
     if obj.get("stream"):
