@@ -1166,11 +1166,16 @@ class TestStore(unittest.TestCase):
         row = list(sample_row("bad"))
         row[model], row[tokens] = "gpt-4o\udfff", 2**70
         self.store.record(tuple(row))
+        self.store.flush()
+        odd = list(sample_row("odd"))
+        odd[model] = {"not": "text"}  # (sqlite3.ProgrammingError: retried forever before)
+        self.store.record(tuple(odd))
         self.store.record(sample_row("after"))
         self.store.flush()
         got = {r["id"]: r for r in self.store.query("SELECT id, model, input_tokens "
                                                     "FROM requests")}
-        self.assertEqual(set(got), {"bad", "after"})
+        self.assertEqual(set(got), {"bad", "odd", "after"})
+        self.assertEqual(got["odd"]["model"], "{'not': 'text'}")
         self.assertEqual((got["bad"]["model"], got["bad"]["input_tokens"]),
                          ("gpt-4o?", float(2**70)))  # (text, which the column makes a REAL)
 
@@ -1193,6 +1198,16 @@ class TestStore(unittest.TestCase):
         self.store.record(sample_row("restored"))
         self.store.flush()
         self.assertEqual(self.count(), 2)  # written to the file now at the path
+        other = os.path.join(self.tmp.name, "data", "audit.db")  # a store of any name
+        tm.init_database(other)
+        store = tm.Store(other, tm.Logger("fatal"))
+        store.start()
+        self.addCleanup(store.close)
+        os.unlink(other)
+        store.record(sample_row("elsewhere"))
+        store.flush()
+        self.assertEqual([r["id"] for r in store.query("SELECT id FROM requests")],
+                         ["elsewhere"])
 
     def test_shutdown_flushes_the_queue(self):
         for i in range(300):
@@ -2575,6 +2590,13 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((live["primary"]["requests"], live["primary"]["errors"]), (3, 3))
         self.assertEqual(live["primary"]["last_error"], "503 overloaded_error: status 503")
         self.assertEqual((live["backup"]["requests"], live["backup"]["errors"]), (1, 0))
+        backup.handler = lambda rec, r, w: json_reply(w, {"type": "error", "error": {
+            "type": "authentication_error", "message": "invalid x-api-key"}}, status=401)
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)  # a wrong key
+        live = {p["name"]: p for p in (await http(self.app.dashboard_port, "GET",
+                                                  "/api/providers")).json()}
+        self.assertEqual((live["backup"]["requests"], live["backup"]["errors"]), (2, 1))
+        self.assertTrue(live["backup"]["last_error"].startswith("401 "))
         await self.app.stop()
         await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_enabled": False}},
                                providers=providers)
@@ -2611,6 +2633,14 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((relayed.status, relayed.body), (200, overloaded))
         row = (await self.rows(1, "provider = 'primary' AND outcome = 'upstream_error'"))[0]
         self.assertEqual(row["attempts"], 2)
+        await self.app.stop()  # a rate limit on the client's own key is no provider failure
+        limited = overloaded.replace(b"overloaded_error", b"rate_limit_error")
+        self.up.handler = lambda rec, r, w: sse_reply(w, [limited])
+        await self.start_proxy({"resilience": dict(self.FAST, cb_failure_threshold=2)},
+                               providers=providers)
+        for _ in range(3):
+            await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(self.app.proxy.breakers["primary"].state, "closed")
 
     async def test_no_fallback_once_the_stream_has_started(self):
         events, _ = anthropic_fixture("text")
@@ -5617,7 +5647,7 @@ class TestSubprocess(unittest.TestCase):
         # `python -m cProfile tokenman.py` got the profiler's options in the re-exec (exit 2)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "p.out")
-            done = subprocess.run([sys.executable, "-m", "cProfile", "-o", out,
+            done = subprocess.run([sys.executable, "-Bm", "cProfile", "-o", out,  # (-B -m)
                                    os.path.join(HERE, "tokenman.py"), "version"],
                                   capture_output=True, text=True, timeout=WAIT)
             self.assertEqual((done.returncode, done.stderr), (0, ""))

@@ -45,7 +45,10 @@ if __name__ == "__main__" and _os.name == "posix" \
         and _os.environ.get("TOKENMAN_REEXEC", "1") == "1":
     _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
     _opts = [o for o in _sys.orig_argv[1:max(_at, 1)] if o != "--"]  # (-- ends the options)
-    if _at >= 1 and "__file__" in globals() and not any(o[:2] in ("-m", "-c") for o in _opts) \
+    _runner = any(o[:1] == "-" and o[1:2] != "-" and  # -m or -c, alone or combined (-Bm):
+                  any(f in "mc" for f in o[1:].partition("W")[0].partition("X")[0])  # before
+                  for o in _opts)  # an option that takes the rest as its value
+    if _at >= 1 and "__file__" in globals() and not _runner \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
         _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S"]
                   + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
@@ -1757,6 +1760,7 @@ class Channel(asyncio.Protocol):
         self.buf = bytearray()
         self.eof = False
         self.lost = False
+        self.ended_at = 0.0  # loop time the peer's EOF or close arrived
         self._waiter: asyncio.Future | None = None
         self._deadline: float | None = None  # of the read being waited for
         self._timer: asyncio.TimerHandle | None = None  # armed at _timer_at, kept across reads
@@ -1790,12 +1794,14 @@ class Channel(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        self.ended_at = self.ended_at or self.loop.time()
         self._wake()
         return False  # let the transport close; a half-closed peer counts as gone
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.eof = True
+        self.ended_at = self.ended_at or self.loop.time()
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -2722,7 +2728,8 @@ class UpstreamPool:
                 chan.abort()
                 if watch is not None and watch.lost:
                     raise
-                if reused and not exc.partial and loop.time() - written < self.stale_retry:
+                if reused and not exc.partial and \
+                        (chan.ended_at or loop.time()) - written < self.stale_retry:
                     continue  # a kept-alive connection the provider had closed: one fresh try
                 raise UpstreamError("upstream closed the connection before answering") from None
             except TimeoutError:
@@ -3558,6 +3565,12 @@ def open_database(data_dir: str) -> str:
     except OSError:
         pass
     path = os.path.join(data_dir, "tokenman.db")
+    init_database(path)
+    return path
+
+
+def init_database(path: str) -> None:
+    """Creates the database file (0600) if needed and migrates it to the current schema."""
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     os.close(fd)
     conn = _connect(path)
@@ -3575,7 +3588,6 @@ def open_database(data_dir: str) -> str:
             os.chmod(path + suffix, 0o600)
         except OSError:
             pass
-    return path
 
 
 def _storable(row: tuple) -> tuple:
@@ -3705,7 +3717,8 @@ class Store:
                     if conn.in_transaction:  # SQLITE_FULL and friends roll back by themselves
                         conn.execute("ROLLBACK")
                     raise
-            except (ValueError, TypeError, OverflowError) as exc:  # a value SQLite cannot take
+            except (ValueError, TypeError, OverflowError, sqlite3.ProgrammingError,
+                    sqlite3.InterfaceError) as exc:  # a value SQLite cannot take
                 fixed = [(sql, _storable(row)) for sql, row in batch]
                 if fixed != batch:  # (a lone surrogate from a client, an int past 64 bits)
                     for i, item in enumerate(fixed):
@@ -3742,6 +3755,8 @@ class Store:
         """The writer's connection, opened again when the file it writes to was deleted or
         replaced (a cleaned data dir, a restored backup): rows written to an unlinked file
         are lost at the next start."""
+        if self.path == ":memory:" or self.path.startswith("file:"):  # (not a file to watch)
+            return conn if conn is not None else _connect(self.path)
         try:
             st = os.stat(self.path)
             ident = (st.st_dev, st.st_ino)
@@ -3760,7 +3775,7 @@ class Store:
                     os.unlink(self.path + suffix)
                 except FileNotFoundError:
                     pass
-            open_database(os.path.dirname(self.path))
+            init_database(self.path)
             st = os.stat(self.path)
             ident = (st.st_dev, st.st_ino)
         conn = _connect(self.path)
@@ -3873,9 +3888,11 @@ METRICS_HELP = types.MappingProxyType({
 MODEL_LABEL_CAP = 100  # distinct model (and project) label values; later ones are "other"
 # tokenman_errors_total's type: the reference's parse, budget, ratelimit, pipeline and upstream;
 # a stage's refusal is named by its stage (budget, ratelimit, pii, injection, ...)
-_ERROR_TYPES = {"upstream_error": "upstream", "upstream_failed": "upstream",
-                "internal_error": "pipeline", "client_closed": "client_closed"}
+_ERROR_TYPES = types.MappingProxyType({
+    "upstream_error": "upstream", "upstream_failed": "upstream", "internal_error": "pipeline",
+    "client_closed": "client_closed"})
 _PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
+_CLIENT_FAULTS = frozenset((400, 404, 409, 413, 422))  # a provider refusing a request
 
 
 def _capped(seen: set[str], name: str) -> str:
@@ -4261,6 +4278,7 @@ class Pipeline:
         self.log = log
         self.errors: dict[str, int] = {}
         self.finishers = [s for s in stages if type(s).finish is not Stage.finish]
+        self.hints = self.stage("cache_hints")  # (also placed on translated requests)
 
     def _failed(self, stage: Stage, ctx: Context, phase: str, exc: BaseException) -> None:
         self.errors[stage.name] = self.errors.get(stage.name, 0) + 1
@@ -5536,14 +5554,24 @@ class CacheHints(Stage):
         self._place(obj, self._sizes(ctx), minimum, ctx.changes)
         return None
 
-    def translated(self, obj: dict, model: str) -> None:
+    def translated(self, obj: dict, model: str, ctx: Context) -> None:
         """Breakpoints for a request translated for an Anthropic provider from the OpenAI
-        format, whose clients (Cursor, OpenAI SDK applications) cannot set cache_control."""
-        if not self.cfg.enabled:
-            return
-        sizes = {k: len(json_dumps(obj[k])) // 4 for k in ("tools", "system", "messages")
-                 if k in obj}
+        format, whose clients (Cursor, OpenAI SDK applications) cannot set cache_control.
+        Sizes come from the client's body where it was laid out (no second serialisation)."""
         minimum = cache_minimum(model)
+        if not self.cfg.enabled or len(ctx.req.body) // 3 < minimum:
+            return
+        system = obj.get("system")
+        sizes = {"system": len(system if isinstance(system, str) else json_dumps(system)) // 4
+                 if system else 0}
+        spans = ctx.layout[1] if ctx.layout is not None else None
+        for key in ("tools", "messages"):
+            if spans is not None and key in spans:  # (the OpenAI messages hold the system)
+                sizes[key] = (spans[key][2] - spans[key][1]) // 4
+            elif key in obj:
+                sizes[key] = len(json_dumps(obj[key])) // 4
+        if spans is not None and "messages" in spans:
+            sizes["messages"] = max(0, sizes["messages"] - sizes["system"])
         if sum(sizes.values()) >= minimum:
             self._place(obj, sizes, minimum, {})
 
@@ -6602,7 +6630,11 @@ class Dispatcher:
                     proxy.note_attempt(prov.key)
                     return resp, prov, model, ticket
                 if early is not None:
-                    if breaker is not None:
+                    if breaker is None:
+                        pass
+                    elif status == 429 and not prov.cfg.key_ref:
+                        breaker.release(ticket)  # (the caller's own key: as for a JSON 429)
+                    else:
                         breaker.record(ticket, False)
                     last = early
                     retry_after = None
@@ -7411,9 +7443,8 @@ class Proxy(ResponseRelay, RequestLog):
         else:
             out = openai_to_anthropic_request(obj, dropped,
                                               self.cfg.budget.default_max_tokens)
-            hints = ctx.pipeline.stage("cache_hints")
-            if hints is not None:
-                hints.translated(out, model)
+            if ctx.pipeline.hints is not None:
+                ctx.pipeline.hints.translated(out, model, ctx)
         if dropped:
             self.log.debug("fields without a counterpart dropped in translation", id=ctx.id,
                            fields=",".join(sorted(set(dropped))))
@@ -7580,8 +7611,11 @@ class Proxy(ResponseRelay, RequestLog):
             conn.chan.on_lost = None
             if not resp.chan.lost and not resp.body.done:
                 resp.close()
-            if ctx.outcome == "upstream_failed":  # (broke or came empty after its head)
-                self.note_failure(prov.key, ctx.error)
+            # the provider's panel shows what went wrong after its head (a broken stream, a 401
+            # for a wrong key, an error event), not a request it refused as malformed
+            if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
+                    and ctx.status not in _CLIENT_FAULTS:
+                self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
                 if ctx.outcome == "client_closed":
