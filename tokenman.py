@@ -45,10 +45,9 @@ if __name__ == "__main__" and _os.name == "posix" \
         and _os.environ.get("TOKENMAN_REEXEC", "1") == "1":
     _at = len(_sys.orig_argv) - len(_sys.argv)  # where the script's path is in orig_argv
     _opts = [o for o in _sys.orig_argv[1:max(_at, 1)] if o != "--"]  # (-- ends the options)
-    _runner = any(o[:1] == "-" and o[1:2] != "-" and  # -m or -c, alone or combined (-Bm):
-                  any(f in "mc" for f in o[1:].partition("W")[0].partition("X")[0])  # before
-                  for o in _opts)  # an option that takes the rest as its value
-    if _at >= 1 and "__file__" in globals() and not _runner \
+    # the short flags of each option (-Bm is -B -m), up to -W or -X, which take the rest
+    _flags = [o[1:].split("W")[0].split("X")[0] for o in _opts if o[:1] == "-" != o[1:2]]
+    if _at >= 1 and "__file__" in globals() and not any("m" in f or "c" in f for f in _flags) \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
         _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S"]
                   + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
