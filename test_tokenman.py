@@ -863,6 +863,32 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         self.assertIsNone(chan._timer)
 
 
+    async def test_an_idle_connection_the_peer_closed_is_not_reused(self):
+        # a provider's close of an idle keep-alive connection can wait in the kernel before
+        # the event loop reads it: the request went out on it and failed (a 502 with retries
+        # off); one idle past POOL_PROBE_SECONDS is polled first
+        loop = asyncio.get_running_loop()
+        pool = tm.UpstreamPool({})
+        origin = tm.Origin("http://127.0.0.1:9")
+        pairs = [socket.socketpair() for _ in range(2)]
+        chans = []
+        for ours, _ in pairs:
+            _, chan = await loop.create_connection(lambda: tm.Channel(loop), sock=ours)
+            chans.append(chan)
+        for chan in chans:
+            pool.put(origin, chan)
+        idle = pool.idle[origin.key]
+        for i in range(2):
+            idle[i] = (idle[i][0], time.monotonic() - 2 * tm.POOL_PROBE_SECONDS)
+        pairs[1][1].close()  # the peer of the newest closes; the loop has not run since
+        self.assertFalse(chans[1].eof)
+        self.assertIs(pool.take(origin), chans[0])  # the closed one was skipped, not reused
+        self.assertEqual(pool.size(), 0)
+        for chan in chans:
+            chan.abort()
+        pairs[0][1].close()
+
+
 def resilience(**kw):
     return tm.config_from_dict({"resilience": kw}, {}).resilience
 
@@ -1176,6 +1202,20 @@ class TestStore(unittest.TestCase):
                                                     "FROM requests")}
         self.assertEqual(set(got), {"bad", "odd", "after"})
         self.assertEqual(got["odd"]["model"], "{'not': 'text'}")
+        for i in range(3):  # a row with a value missing (say, from a plugin) goes alone
+            self.store.record(sample_row(f"good{i}"))
+            if i == 1:
+                self.store.record(sample_row("short")[:-1])
+        self.store.flush()
+        self.assertEqual(self.count(), 6)
+        self.assertEqual(self.store.dropped, 1)
+        self.store.submit(lambda conn: conn.close())  # a connection gone bad: opened again,
+        self.store.record(sample_row("reopened"))  # no row dropped
+        self.store.flush()
+        deadline = time.monotonic() + WAIT
+        while self.count() < 7 and time.monotonic() < deadline:
+            self.store.flush(0.5)
+        self.assertEqual((self.count(), self.store.dropped), (7, 1))
         self.assertEqual((got["bad"]["model"], got["bad"]["input_tokens"]),
                          ("gpt-4o?", float(2**70)))  # (text, which the column makes a REAL)
 
@@ -4553,12 +4593,19 @@ class TestTranslationTables(unittest.TestCase):
         # o-series and gpt-5 models refuse max_tokens; other OpenAI-format servers (vLLM,
         # Ollama) know max_tokens best
         wide = "max_completion_tokens"
-        for model, name in (("o3-mini", wide), ("gpt-5", wide), ("openai/o4-mini", wide),
+        for model, name in (("o3-mini", wide), ("GPT-5", wide), ("openai/o4-mini", wide),
                             ("gpt-4o", "max_tokens"), ("qwen3", "max_tokens")):
-            out = tm.anthropic_to_openai_request({"model": model, "max_tokens": 7,
-                                                  "messages": [{"role": "user", "content": "x"}]},
-                                                 [])
+            dropped = []
+            out = tm.anthropic_to_openai_request({
+                "model": model, "max_tokens": 7, "temperature": 0.2, "top_p": 0.9,
+                "stop_sequences": ["END"], "messages": [{"role": "user", "content": "x"}]},
+                dropped)
             self.assertEqual({k: v for k, v in out.items() if k.startswith("max")}, {name: 7})
+            sampling = {k for k in ("temperature", "top_p", "stop") if k in out}
+            self.assertEqual(sampling, set() if name == wide else {"temperature", "top_p",
+                                                                   "stop"})  # (refused by them)
+            self.assertEqual(set(dropped), {"temperature", "top_p", "stop_sequences"}
+                             if name == wide else set())
 
     def test_openai_request_to_anthropic(self):
         dropped = []
@@ -5663,16 +5710,19 @@ class TestSubprocess(unittest.TestCase):
                 fh.write(f'[server]\nproxy_port = {port}\ndashboard_port = {dash}\n'
                          f'data_dir = "{tmp}/data"\nlog_format = "json"\n')
             # interpreter options before the script survive the re-exec into an import
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONOPTIMIZE"}
             proc = subprocess.Popen([sys.executable, "-W", "ignore", "--", os.path.join(
                 HERE, "tokenman.py"), "--config", path], stderr=subprocess.PIPE,
-                env=dict(os.environ, HOME=tmp, PYTHONUNBUFFERED="1"))
+                env=dict(env, HOME=tmp, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
+                         PYTHONWARNINGS="default"))
             try:
                 line = json.loads(proc.stderr.readline())
                 self.assertEqual((line["level"], line["msg"]), ("info", "tokenman started"))
                 if os.path.exists(f"/proc/{proc.pid}/cmdline"):
                     with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
                         argv = fh.read().decode().rstrip("\0").split("\0")
-                    self.assertEqual(argv[1:7], ["-W", "ignore", "-I", "-S", "-u", "-c"])
+                    self.assertEqual(argv[1:9], ["-W", "ignore", "-u", "-B", "-Wdefault",
+                                                 "-I", "-S", "-c"])  # (-I drops PYTHON*)
                     self.assertEqual(argv[-2:], ["--config", path])
                 with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
                     conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

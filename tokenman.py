@@ -34,8 +34,9 @@ import sys as _sys
 # `python tokenman.py` keeps the parse tree of the whole script alive for as long as it runs
 # (~15 MB here). Re-executing into a normal import of this file frees it and lets Python use (and
 # write) the cached bytecode; the process keeps its PID. Interpreter options given before the
-# script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so an unbuffered
-# request (PYTHONUNBUFFERED, as container images set it) is passed on as -u. A script run by a
+# script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so the ones that
+# are interpreter options too (PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE, as container images set
+# them, PYTHONOPTIMIZE, PYTHONWARNINGS) are passed on as -u, -B, -O and -W. A script run by a
 # module (`python -m cProfile tokenman.py`, `-m pdb`) stays in that module: no re-exec.
 # The re-executed process imports asyncio with ssl held back: asyncio imports it eagerly, and
 # OpenSSL's libraries and the ssl module are ~4 MB of RSS that a proxy without a TLS connection
@@ -49,8 +50,13 @@ if __name__ == "__main__" and _os.name == "posix" \
     _flags = [o[1:].split("W")[0].split("X")[0] for o in _opts if o[:1] == "-" != o[1:2]]
     if _at >= 1 and "__file__" in globals() and not any("m" in f or "c" in f for f in _flags) \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
-        _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S"]
-                  + (["-u"] if _os.environ.get("PYTHONUNBUFFERED") else []) + ["-c", (
+        _env = _os.environ.get
+        _level = _env("PYTHONOPTIMIZE", "")
+        _opts += (["-u"] if _env("PYTHONUNBUFFERED") else []) \
+            + (["-B"] if _env("PYTHONDONTWRITEBYTECODE") else []) \
+            + ["-O"] * min(2, int(_level) if _level.isdigit() else 1 if _level else 0) \
+            + [f"-W{w}" for w in _env("PYTHONWARNINGS", "").split(",") if w]
+        _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S", "-c", (
                       "import importlib.util as u, sys; s = u.spec_from_file_location("
                       "'tokenman', sys.argv[1]); m = u.module_from_spec(s); sys.modules["
                       "'tokenman'] = m; lazy = sys.version_info < (3, 14) and 'ssl' not in "
@@ -76,6 +82,7 @@ import os
 import queue
 import random
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -110,6 +117,7 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # least the busiest concurrency, or every request past it pays a
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
+POOL_PROBE_SECONDS = 1.0         # one idle this long is checked for a close first (a syscall)
 STALE_RETRY_SECONDS = 0.25       # a reused connection closed this soon after the request was
                                  # written, with no byte back, was closed idle by the provider:
                                  # sent again at once. Later, the provider may be working on it:
@@ -1759,7 +1767,6 @@ class Channel(asyncio.Protocol):
         self.buf = bytearray()
         self.eof = False
         self.lost = False
-        self.ended_at = 0.0  # loop time the peer's EOF or close arrived
         self._waiter: asyncio.Future | None = None
         self._deadline: float | None = None  # of the read being waited for
         self._timer: asyncio.TimerHandle | None = None  # armed at _timer_at, kept across reads
@@ -1793,14 +1800,12 @@ class Channel(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.ended_at = self.ended_at or self.loop.time()
         self._wake()
         return False  # let the transport close; a half-closed peer counts as gone
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.eof = True
-        self.ended_at = self.ended_at or self.loop.time()
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -2590,6 +2595,20 @@ class UpstreamResponse:
                                          if n.lower() != b"content-encoding"])
 
 
+def _quiet(chan: Channel) -> bool:
+    """No close or byte from the peer waits in the kernel: a provider's close of an idle
+    connection can be there before the event loop has read it (one poll(2), no read)."""
+    sock = chan.transport.get_extra_info("socket") if chan.transport is not None else None
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -2624,7 +2643,8 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             chan, since = idle.pop()
-            if chan.lost or chan.eof or chan.buf or now - since > POOL_IDLE_SECONDS:
+            if chan.lost or chan.eof or chan.buf or now - since > POOL_IDLE_SECONDS \
+                    or now - since > POOL_PROBE_SECONDS and not _quiet(chan):
                 chan.abort()
                 continue
             return chan
@@ -2727,8 +2747,7 @@ class UpstreamPool:
                 chan.abort()
                 if watch is not None and watch.lost:
                     raise
-                if reused and not exc.partial and \
-                        (chan.ended_at or loop.time()) - written < self.stale_retry:
+                if reused and not exc.partial and loop.time() - written < self.stale_retry:
                     continue  # a kept-alive connection the provider had closed: one fresh try
                 raise UpstreamError("upstream closed the connection before answering") from None
             except TimeoutError:
@@ -3575,11 +3594,7 @@ def init_database(path: str) -> None:
     conn = _connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS, start=1):
-            if number > version:
-                conn.executescript("BEGIN IMMEDIATE;" + script
-                                   + f"PRAGMA user_version = {number}; COMMIT;")
+        migrate(conn)
     finally:
         conn.close()
     for suffix in ("", "-wal", "-shm"):
@@ -3587,6 +3602,23 @@ def init_database(path: str) -> None:
             os.chmod(path + suffix, 0o600)
         except OSError:
             pass
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Brings a database to the current schema (MIGRATIONS past its user_version)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS, start=1):
+        if number > version:
+            conn.executescript("BEGIN IMMEDIATE;" + script
+                               + f"PRAGMA user_version = {number}; COMMIT;")
+
+
+def _unbindable(exc: Exception) -> bool:
+    """A value no column can take (a lone surrogate, an int past 64 bits, a wrong number of
+    values), as opposed to a fault of the database or the connection, which a retry may cure."""
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return "binding" in str(exc)
+    return isinstance(exc, (ValueError, TypeError, OverflowError))
 
 
 def _storable(row: tuple) -> tuple:
@@ -3700,8 +3732,9 @@ class Store:
                 return
 
     def _write(self, conn: sqlite3.Connection | None, pending: collections.deque):
+        single = 0  # rows to write one at a time: their batch held a row no repair could fix
         while pending:
-            batch = [pending[i] for i in range(min(STORE_BATCH, len(pending)))]
+            batch = [pending[i] for i in range(min(1 if single else STORE_BATCH, len(pending)))]
             groups: dict[str, list[tuple]] = {}
             for sql, row in batch:
                 groups.setdefault(sql, []).append(row)
@@ -3716,21 +3749,23 @@ class Store:
                     if conn.in_transaction:  # SQLITE_FULL and friends roll back by themselves
                         conn.execute("ROLLBACK")
                     raise
-            except (ValueError, TypeError, OverflowError, sqlite3.ProgrammingError,
-                    sqlite3.InterfaceError) as exc:  # a value SQLite cannot take
-                fixed = [(sql, _storable(row)) for sql, row in batch]
-                if fixed != batch:  # (a lone surrogate from a client, an int past 64 bits)
-                    for i, item in enumerate(fixed):
-                        pending[i] = item
+            except (sqlite3.Error, OSError, ValueError, TypeError, OverflowError) as exc:
+                if _unbindable(exc):
+                    fixed = [(sql, _storable(row)) for sql, row in batch]
+                    if fixed != batch:  # (a lone surrogate from a client, an int past 64 bits)
+                        for i, item in enumerate(fixed):
+                            pending[i] = item
+                    elif len(batch) > 1:  # find the rows at fault; the others are written
+                        single = len(batch)
+                    else:  # no repair: dropped rather than stalling every row behind it
+                        pending.popleft()
+                        single = max(0, single - 1)
+                        self.dropped += 1
+                        self.log.error("request log row dropped: a value cannot be stored",
+                                       error=f"{type(exc).__name__}: {exc}")
                     continue
-                for _ in batch:  # nothing to repair: drop them rather than stall behind them
-                    pending.popleft()
-                self.dropped += len(batch)
-                self.log.error("request log rows dropped: a value cannot be stored",
-                               rows=len(batch), error=f"{type(exc).__name__}: {exc}")
-                continue
-            except (sqlite3.Error, OSError) as exc:  # (OSError: making a deleted file again)
-                self.errors += 1
+                self.errors += 1  # the database's or the connection's fault (OSError: making
+                # a deleted file again): rows wait for a retry
                 if self.last_error != str(exc) or self.errors % 100 == 1:
                     self.log.error("request log write failed; rows kept for retry",
                                    error=str(exc), backlog=len(pending))
@@ -3745,6 +3780,7 @@ class Store:
             for _ in batch:
                 pending.popleft()
             self.written += len(batch)
+            single = max(0, single - len(batch))
         if self.backlog:
             self.log.info("request log writes recovered", written=self.written)
         self.backlog = 0
@@ -3755,7 +3791,10 @@ class Store:
         replaced (a cleaned data dir, a restored backup): rows written to an unlinked file
         are lost at the next start."""
         if self.path == ":memory:" or self.path.startswith("file:"):  # (not a file to watch)
-            return conn if conn is not None else _connect(self.path)
+            if conn is None:
+                conn = _connect(self.path)
+                migrate(conn)
+            return conn
         try:
             st = os.stat(self.path)
             ident = (st.st_dev, st.st_ino)
@@ -5561,16 +5600,16 @@ class CacheHints(Stage):
         if not self.cfg.enabled or len(ctx.req.body) // 3 < minimum:
             return
         system = obj.get("system")
-        sizes = {"system": len(system if isinstance(system, str) else json_dumps(system)) // 4
-                 if system else 0}
+        sizes = {"system": len(json_dumps(system)) // 4 if system else 0}  # (JSON, as spans)
         spans = ctx.layout[1] if ctx.layout is not None else None
         for key in ("tools", "messages"):
-            if spans is not None and key in spans:  # (the OpenAI messages hold the system)
-                sizes[key] = (spans[key][2] - spans[key][1]) // 4
+            if spans is not None and key in spans and key not in ctx.changes:  # (a stage's
+                sizes[key] = (spans[key][2] - spans[key][1]) // 4  # rewrite: measured anew)
             elif key in obj:
                 sizes[key] = len(json_dumps(obj[key])) // 4
-        if spans is not None and "messages" in spans:
-            sizes["messages"] = max(0, sizes["messages"] - sizes["system"])
+        if spans is not None and "messages" in spans and "messages" not in ctx.changes:
+            sizes["messages"] = max(0, sizes["messages"] - sizes["system"])  # (OpenAI's
+            # messages held the system prompt)
         if sum(sizes.values()) >= minimum:
             self._place(obj, sizes, minimum, {})
 
@@ -6036,7 +6075,7 @@ def _json_args(text: object) -> object:
     return value if isinstance(value, dict) else {"_value": value}
 
 
-_REASONING_MODEL_RE = re.compile(r"(?:openai/)?(?:o\d|gpt-5)")  # o1, o3-mini, o4-mini, gpt-5...
+_REASONING_MODEL_RE = re.compile(r"(?:openai/)?(?:o\d|gpt-5)", re.I)  # o1, o3-mini, gpt-5...
 
 
 def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
@@ -6084,14 +6123,22 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
             messages.append({"role": role, "content": "".join(p["text"] for p in parts)
                              if only_text else parts})
     out["messages"] = messages
+    # OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
+    # sampling setting or stop sequence: those are dropped for them, as having no counterpart
+    reasoning = _REASONING_MODEL_RE.match(str(out["model"])) is not None
     for key in ("temperature", "top_p", "stream"):
         if key in obj:
-            out[key] = obj[key]
-    if "max_tokens" in obj:  # OpenAI's reasoning models refuse max_tokens and take this name
-        out["max_completion_tokens" if _REASONING_MODEL_RE.match(str(out["model"]))
-            else "max_tokens"] = obj["max_tokens"]
+            if reasoning and key != "stream":
+                dropped.append(key)
+            else:
+                out[key] = obj[key]
+    if "max_tokens" in obj:
+        out["max_completion_tokens" if reasoning else "max_tokens"] = obj["max_tokens"]
     if obj.get("stop_sequences"):
-        out["stop"] = obj["stop_sequences"]
+        if reasoning:
+            dropped.append("stop_sequences")
+        else:
+            out["stop"] = obj["stop_sequences"]
     if obj.get("stream"):
         out["stream_options"] = {"include_usage": True}
     user = (obj.get("metadata") or {}).get("user_id")
