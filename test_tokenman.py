@@ -1206,16 +1206,18 @@ class TestStore(unittest.TestCase):
             self.store.record(sample_row(f"good{i}"))
             if i == 1:
                 self.store.record(sample_row("short")[:-1])
+        self.store.write("INSERT INTO nowhere VALUES (?)", (1,))  # (a side table's row that
+        self.store.record(sample_row("good3"))  # cannot go in held every request row behind it)
         self.store.flush()
-        self.assertEqual(self.count(), 6)
-        self.assertEqual(self.store.dropped, 1)
+        self.assertEqual(self.count(), 7)
+        self.assertEqual(self.store.dropped, 2)
         self.store.submit(lambda conn: conn.close())  # a connection gone bad: opened again,
         self.store.record(sample_row("reopened"))  # no row dropped
         self.store.flush()
         deadline = time.monotonic() + WAIT
-        while self.count() < 7 and time.monotonic() < deadline:
+        while self.count() < 8 and time.monotonic() < deadline:
             self.store.flush(0.5)
-        self.assertEqual((self.count(), self.store.dropped), (7, 1))
+        self.assertEqual((self.count(), self.store.dropped), (8, 2))
         self.assertEqual((got["bad"]["model"], got["bad"]["input_tokens"]),
                          ("gpt-4o?", float(2**70)))  # (text, which the column makes a REAL)
 
@@ -5721,8 +5723,9 @@ class TestSubprocess(unittest.TestCase):
                 if os.path.exists(f"/proc/{proc.pid}/cmdline"):
                     with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
                         argv = fh.read().decode().rstrip("\0").split("\0")
-                    self.assertEqual(argv[1:9], ["-W", "ignore", "-u", "-B", "-Wdefault",
-                                                 "-I", "-S", "-c"])  # (-I drops PYTHON*)
+                    self.assertEqual(argv[1:8], ["-B", "-u", "-Wdefault", "-Wignore", "-I",
+                                                 "-S", "-c"])  # (as Python read them: -I
+                    # drops PYTHON*; the variable's warning filter comes before -W's)
                     self.assertEqual(argv[-2:], ["--config", path])
                 with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
                     conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -34,10 +34,11 @@ import sys as _sys
 # `python tokenman.py` keeps the parse tree of the whole script alive for as long as it runs
 # (~15 MB here). Re-executing into a normal import of this file frees it and lets Python use (and
 # write) the cached bytecode; the process keeps its PID. Interpreter options given before the
-# script (`python -u -X dev tokenman.py`) are kept; -I drops PYTHON* variables, so the ones that
-# are interpreter options too (PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE, as container images set
-# them, PYTHONOPTIMIZE, PYTHONWARNINGS) are passed on as -u, -B, -O and -W. A script run by a
-# module (`python -m cProfile tokenman.py`, `-m pdb`) stays in that module: no re-exec.
+# script (`python -u -X dev tokenman.py`) and the PYTHON* variables that set the same things
+# (PYTHONUNBUFFERED and PYTHONDONTWRITEBYTECODE, as container images set them, PYTHONOPTIMIZE,
+# PYTHONWARNINGS, PYTHONDEVMODE, ...), which -I would drop, are passed on as the options this
+# interpreter ended up with (sys.flags, sys.warnoptions, -X options). A script run by a module
+# (`python -m cProfile tokenman.py`, `-m pdb`) stays in that module: no re-exec.
 # The re-executed process imports asyncio with ssl held back: asyncio imports it eagerly, and
 # OpenSSL's libraries and the ssl module are ~4 MB of RSS that a proxy without a TLS connection
 # never uses; load_ssl() (§03) imports it on first use and hands it to asyncio. Only on the
@@ -50,12 +51,14 @@ if __name__ == "__main__" and _os.name == "posix" \
     _flags = [o[1:].split("W")[0].split("X")[0] for o in _opts if o[:1] == "-" != o[1:2]]
     if _at >= 1 and "__file__" in globals() and not any("m" in f or "c" in f for f in _flags) \
             and _os.path.abspath(_sys.orig_argv[_at]) == _os.path.abspath(__file__):
-        _env = _os.environ.get
-        _level = _env("PYTHONOPTIMIZE", "")
-        _opts += (["-u"] if _env("PYTHONUNBUFFERED") else []) \
-            + (["-B"] if _env("PYTHONDONTWRITEBYTECODE") else []) \
-            + ["-O"] * min(2, int(_level) if _level.isdigit() else 1 if _level else 0) \
-            + [f"-W{w}" for w in _env("PYTHONWARNINGS", "").split(",") if w]
+        _f = _sys.flags
+        _opts = (["-B"] if _f.dont_write_bytecode else []) + ["-O"] * _f.optimize \
+            + ["-v"] * _f.verbose + ["-b"] * _f.bytes_warning + ["-d"] * _f.debug \
+            + (["-u"] if getattr(_sys.stdout, "write_through", False) else []) \
+            + [f"-W{w}" for w in _sys.warnoptions] + [f"-X{k}" if v is True else f"-X{k}={v}"
+                                                    for k, v in _sys._xoptions.items()] \
+            + (["-Xdev"] if _f.dev_mode and "dev" not in _sys._xoptions else []) \
+            + (["-Xutf8"] if _f.utf8_mode and "utf8" not in _sys._xoptions else [])
         _os.execv(_sys.executable, [_sys.executable, *_opts, "-I", "-S", "-c", (
                       "import importlib.util as u, sys; s = u.spec_from_file_location("
                       "'tokenman', sys.argv[1]); m = u.module_from_spec(s); sys.modules["
@@ -3613,11 +3616,16 @@ def migrate(conn: sqlite3.Connection) -> None:
                                + f"PRAGMA user_version = {number}; COMMIT;")
 
 
-def _unbindable(exc: Exception) -> bool:
-    """A value no column can take (a lone surrogate, an int past 64 bits, a wrong number of
-    values), as opposed to a fault of the database or the connection, which a retry may cure."""
+def _row_fault(exc: Exception) -> bool:
+    """A row's own fault (a value no column can take: a lone surrogate, an int past 64 bits, a
+    wrong number of values; a constraint it breaks; a table or column it names that is not
+    there), as opposed to a fault of the database or the connection, which a retry may cure."""
     if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-        return "binding" in str(exc)
+        return "binding" in str(exc) or "unsupported type" in str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return "no such table" in str(exc) or "has no column" in str(exc)
     return isinstance(exc, (ValueError, TypeError, OverflowError))
 
 
@@ -3750,7 +3758,7 @@ class Store:
                         conn.execute("ROLLBACK")
                     raise
             except (sqlite3.Error, OSError, ValueError, TypeError, OverflowError) as exc:
-                if _unbindable(exc):
+                if _row_fault(exc):
                     fixed = [(sql, _storable(row)) for sql, row in batch]
                     if fixed != batch:  # (a lone surrogate from a client, an int past 64 bits)
                         for i, item in enumerate(fixed):
@@ -5600,7 +5608,7 @@ class CacheHints(Stage):
         if not self.cfg.enabled or len(ctx.req.body) // 3 < minimum:
             return
         system = obj.get("system")
-        sizes = {"system": len(json_dumps(system)) // 4 if system else 0}  # (JSON, as spans)
+        sizes = {"system": len(_compact(system)) // 4 if system else 0}  # (JSON text, as spans)
         spans = ctx.layout[1] if ctx.layout is not None else None
         for key in ("tools", "messages"):
             if spans is not None and key in spans and key not in ctx.changes:  # (a stage's
@@ -6075,7 +6083,10 @@ def _json_args(text: object) -> object:
     return value if isinstance(value, dict) else {"_value": value}
 
 
-_REASONING_MODEL_RE = re.compile(r"(?:openai/)?(?:o\d|gpt-5)", re.I)  # o1, o3-mini, gpt-5...
+# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, gpt-5.1-codex, fine-tuned ft:o4-mini...;
+# not gpt-5-chat-latest, which samples as other chat models do)
+_REASONING_MODEL_RE = re.compile(r"(?:openai/)?(?:ft:)?(?:o\d+|gpt-5(?:\.\d+)?)(?![\w.])(?!-chat)",
+                                 re.I)
 
 
 def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:

@@ -1024,7 +1024,15 @@ def compile_bytecode(script: str) -> None:
     """tokenman's bytecode cache, as an installation (or the Dockerfile) leaves it: tokenman
     honours PYTHONDONTWRITEBYTECODE, and without a cache every cold start would compile the
     whole module (~100 ms) instead of measuring a start."""
-    subprocess.run([*PYTHON, "-m", "py_compile", script], capture_output=True, timeout=60)
+    try:
+        done = subprocess.run([*PYTHON, "-m", "py_compile", script], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"[bench] could not compile {script}: {exc}", file=sys.stderr)
+        return
+    if done.returncode:
+        print(f"[bench] could not compile {script}: {done.stderr.strip()[-300:]}",
+              file=sys.stderr)
 
 
 def import_time(script: str) -> dict:
