@@ -1930,13 +1930,15 @@ class TestStreaming(ProxyTestCase):
                   {"id": "c", "choices": [{"index": 0, "delta": {},
                                            "finish_reason": "tool_calls"}]}]
         status = [200]
+        spaced = json.dumps(chunks[-1], separators=(", ", " : ")).encode()  # (a server's own
 
         async def handler(rec, r, w):  # a local server: no model, no [DONE]
             if status[0] != 200:
                 w.write(b"HTTP/1.1 400 Bad\r\ncontent-type: text/event-stream\r\n"
                         b"content-length: 0\r\n\r\n")
                 return
-            await sse_reply(w, [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks])
+            await sse_reply(w, [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks[:-1]]
+                            + [b"data: " + spaced + b"\n\n"])  # spacing: still an ending)
         self.up.handler = handler
         await self.start_proxy({"resilience": {"retry_enabled": False}})
         resp = await http(self.port, "POST", "/v1/chat/completions",

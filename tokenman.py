@@ -3234,6 +3234,9 @@ def strip_null_usage(event: bytes) -> bytes:
     return _NULL_USAGE.sub(b"", event)
 
 
+_FINISHED_RE = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
 class StreamMeter:
     """Follows one SSE stream beside the relay: model, usage (last value wins), generated text
     for an estimate if the stream is cut short, and provider error events. Only the few event
@@ -3306,7 +3309,7 @@ class StreamMeter:
         if raw.startswith(b"[DONE]", i + 5 + (raw[i + 5:i + 6] == b" ")):
             self.complete = self.ended = True
             return True
-        if b'"finish_reason":"' in raw or b'"finish_reason": "' in raw:
+        if b'"finish_reason"' in raw and _FINISHED_RE.search(raw):  # (a reason, not null)
             self.ended = True
         has_usage = self.has_usage(raw)
         if has_usage or not self.model or b'"error"' in raw:
