@@ -3202,6 +3202,41 @@ class TestPIIStage(ProxyTestCase):
             {"type": "text", "text": "You said: " + text}],
             "usage": {"input_tokens": 5, "output_tokens": 5}})
 
+    async def test_translated_and_doneless_streams_get_every_value_back(self):
+        # a translated event that became several (a tool call whole in one OpenAI chunk, as
+        # Ollama sends it) went through the restore hook as one blob: Claude Code got
+        # Read("[FILE_PATH_1]/t.py"); text held back at the end (it might have begun a
+        # placeholder) was lost when the closing events bypassed the hook or no finish reason came
+        def chunk(delta, finish=None):
+            return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                           "model": "gpt-4o", "choices": [
+                                               {"index": 0, "delta": delta,
+                                                "finish_reason": finish}]}).encode() + b"\n\n"
+
+        async def handler(rec, r, w):
+            ph = re.search(r"\[[A-Z_]+_1\]", rec.body.decode()).group()
+            if rec.json().get("tools"):
+                args = json.dumps({"file_path": ph + "/t.py"})
+                await sse_reply(w, [chunk({"role": "assistant", "tool_calls": [{
+                    "index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "read", "arguments": args}}]}),
+                    chunk({}, "tool_calls"), b"data: [DONE]\n\n"])
+            else:  # the last text starts like a placeholder; [DONE] without a finish reason
+                await sse_reply(w, [chunk({"role": "assistant", "content": ph + ", see [EMAIL"}),
+                                    b"data: [DONE]\n\n"])
+        self.up.handler = handler
+        await self.start_proxy(extra={"routing": {"model_map": {
+            "claude-via-gpt": "openai:gpt-4o"}}})
+        req = dict(ANTHROPIC_REQ, model="claude-via-gpt", stream=True, tools=[
+            {"name": "read", "input_schema": {"type": "object"}}], messages=[
+                {"role": "user", "content": "read /home/alice/t.py"}])
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(assemble_anthropic(resp.body)["content"][0]["input"],
+                         {"file_path": "/home/alice/t.py"})
+        plain = dict(OPENAI_REQ, stream=True, messages=[{"role": "user", "content": "a@b.io"}])
+        resp = await http(self.port, "POST", "/v1/chat/completions", plain, O_HEADERS)
+        self.assertEqual(assemble_openai(resp.body)["content"], "a@b.io, see [EMAIL")
+
     async def test_redacted_upstream_and_restored_for_the_client(self):
         self.up.handler = self.echo
         await self.start_proxy()

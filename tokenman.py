@@ -5235,6 +5235,8 @@ class PIIRestorer:
         if b"[" not in event and not self.held:
             return event
         name, data = sse_fields(event)
+        if api == API_OPENAI and data.strip() == b"[DONE]":  # the end without a finish
+            return self._openai_rest() + event  # reason: nothing may stay held back
         obj = _loads(data) if data[:1] == b"{" else None
         if not isinstance(obj, dict):
             return event
@@ -5287,7 +5289,30 @@ class PIIRestorer:
                         delta.get("content"), str) else rest
                     choice["delta"] = delta
                     changed = True
+                for slot in [s for s in self.held if s[0] == index]:  # tool arguments
+                    delta.setdefault("tool_calls", []).append(
+                        {"index": slot[2], "function": {"arguments": self.held.pop(slot)}})
+                    choice["delta"] = delta
+                    changed = True
         return b"data: " + json_dumps(obj) + b"\n\n" if changed else event
+
+    def _openai_rest(self) -> bytes:
+        """A chunk with whatever is still held back, for a stream that ends without a finish
+        reason (b"" when nothing is)."""
+        deltas: dict[int, dict] = {}
+        for slot in list(self.held):
+            rest = self.held.pop(slot)
+            delta = deltas.setdefault(slot[0], {})
+            if slot[1] == "content":
+                delta["content"] = rest
+            else:
+                delta.setdefault("tool_calls", []).append(
+                    {"index": slot[2], "function": {"arguments": rest}})
+        if not deltas:
+            return b""
+        return b"data: " + json_dumps({"object": "chat.completion.chunk", "choices": [
+            {"index": i, "delta": d, "finish_reason": None} for i, d in deltas.items()]}) \
+            + b"\n\n"
 
 
 # -- budgets ------------------------------------------------------------------------------------
@@ -6989,6 +7014,9 @@ class ResponseRelay:
                                 event = translator.feed(event)
                                 if not event:
                                     continue
+                                if ctx.hooks:  # (one upstream event may make several)
+                                    out += self._hooked(ctx, event)
+                                    continue
                             out.append(ctx.pipeline.stream_event(ctx, event) if ctx.hooks
                                        else event)
                 if out:
@@ -7026,8 +7054,10 @@ class ResponseRelay:
             elif not meter.ended and not meter.error:  # (an error event ends it as it is)
                 failure = "upstream stream ended before the answer did"
         if translator is not None and not failure and not meter.error and not conn.lost:
-            conn.stream_write(translator.finish())  # (nothing when already finished; after an
-            # error event no made-up ending: the client's SDK would take the answer as whole)
+            closing = translator.finish()  # (nothing when already finished; after an error
+            # event no made-up ending: the client's SDK would take the answer as whole)
+            conn.stream_write(b"".join(self._hooked(ctx, closing)) if ctx.hooks and closing
+                              else closing)
         if conn.lost and not meter.complete:
             ctx.outcome = "client_closed"
             ctx.error = "client disconnected mid-stream"
@@ -7044,6 +7074,13 @@ class ResponseRelay:
         if meter.events > meter.errors or self._background(ctx):
             self._account_stream(ctx, meter)  # (an answer that never came, or came as an
             # error alone, is not charged, unless it goes on at the provider without the client)
+
+    @staticmethod
+    def _hooked(ctx: Context, events: bytes) -> list[bytes]:
+        """Translated events (one upstream event may make several) through the stages' stream
+        hooks one by one: a placeholder restored in each, text held back flushed at a block's
+        end."""
+        return [ctx.pipeline.stream_event(ctx, e + b"\n\n") for e in events.split(b"\n\n") if e]
 
     def _stream_error_event(self, api: str, message: str) -> bytes:
         if api == API_ANTHROPIC:
