@@ -4598,12 +4598,26 @@ class TestTranslationTables(unittest.TestCase):
         self.assertEqual(out["messages"][4], {"role": "tool", "tool_call_id": "t2",
                                               "content": "[error] two"})
         self.assertEqual((out["max_tokens"], out["temperature"], out["top_p"], out["stop"],
-                          out["user"], out["reasoning_effort"]),
-                         (100, 0.2, 0.9, ["END"], "u1", "medium"))
+                          out["user"]), (100, 0.2, 0.9, ["END"], "u1"))
+        self.assertNotIn("reasoning_effort", out)  # ("m" is no reasoning model: it would 400)
         self.assertEqual(out["tool_choice"], {"type": "function", "function": {"name": "get"}})
         self.assertEqual(out["tools"][0]["function"]["parameters"], {"type": "object"})
         self.assertEqual(out["stream_options"], {"include_usage": True})
-        self.assertIn("top_k", dropped)
+        self.assertLessEqual({"top_k", "thinking"}, set(dropped))
+        thinking = tm.anthropic_to_openai_request({
+            "model": "o3-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}],
+            "thinking": {"type": "enabled", "budget_tokens": 8000}}, [])
+        self.assertEqual(thinking["reasoning_effort"], "medium")
+        # the other way: thinking refuses a forced tool choice and a top_p under 0.95
+        msgs = [{"role": "user", "content": "x"}]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        forced = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "tools": tools,
+                                                 "tool_choice": "required", "top_p": 0.5,
+                                                 "reasoning_effort": "high"}, [], 100)
+        self.assertEqual((forced["tool_choice"], "thinking" in forced), ({"type": "any"}, False))
+        free = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "tools": tools,
+                                               "top_p": 0.5, "reasoning_effort": "high"}, [], 100)
+        self.assertEqual((free["thinking"]["type"], "top_p" in free), ("enabled", False))
 
     def test_one_tool_call_per_turn_is_kept_both_ways(self):
         # OpenAI's parallel_tool_calls: false and Anthropic's disable_parallel_tool_use are the

@@ -6198,9 +6198,12 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
             out["parallel_tool_calls"] = False
     thinking = obj.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        budget = thinking.get("budget_tokens", 0)
-        out["reasoning_effort"] = "low" if budget < 4096 else "medium" if budget < 16384 \
-            else "high"
+        if reasoning:  # (other models refuse reasoning_effort)
+            budget = thinking.get("budget_tokens", 0)
+            out["reasoning_effort"] = "low" if budget < 4096 else "medium" if budget < 16384 \
+                else "high"
+        else:
+            dropped.append("thinking")
     dropped += [k for k in obj if k in ("top_k", "service_tier", "container", "mcp_servers")]
     return out
 
@@ -6273,11 +6276,16 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         out["tool_choice"] = dict(out.get("tool_choice") or {"type": "auto"},
                                   disable_parallel_tool_use=True)
     effort = obj.get("reasoning_effort")
-    if effort in _EFFORT_BUDGET:
-        budget = _EFFORT_BUDGET[effort]
+    forced = (out.get("tool_choice") or {}).get("type") in ("any", "tool")
+    if effort in _EFFORT_BUDGET and not forced:  # (thinking refuses a forced tool choice: the
+        budget = _EFFORT_BUDGET[effort]  # tool choice is kept, the effort dropped)
         out["thinking"] = {"type": "enabled", "budget_tokens": budget}
         out["max_tokens"] = max(out["max_tokens"], budget + 1024)
         out.pop("temperature", None)  # thinking requires the default temperature
+        if isinstance(out.get("top_p"), (int, float)) and out["top_p"] < 0.95:
+            out.pop("top_p")  # and a top_p of 0.95 or more
+    elif effort in _EFFORT_BUDGET:
+        dropped.append("reasoning_effort")
     dropped += [k for k in obj if k in ("n", "seed", "logprobs", "top_logprobs",
                                         "response_format", "presence_penalty",
                                         "frequency_penalty", "logit_bias")]
