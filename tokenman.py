@@ -6668,7 +6668,7 @@ class Dispatcher:
                 ctx.attempts += 1
                 ctx.provider = prov.key
                 started = time.perf_counter()
-                outcome: dict = {}  # the attempt's span: its status code, or its error
+                failed = ""  # the attempt's error, for its span
                 if ctx.trace is not None:
                     ctx.notes["upstream_span"] = os.urandom(8).hex()
                 try:
@@ -6684,7 +6684,7 @@ class Dispatcher:
                         breaker.release(ticket)
                     raise
                 except UpstreamError as exc:
-                    outcome["error.type"] = str(exc)
+                    failed = str(exc)
                     if breaker is not None:
                         breaker.record(ticket, False)
                     self.metrics.inc("tokenman_provider_requests_total",
@@ -6701,9 +6701,9 @@ class Dispatcher:
                                         SPAN_CLIENT, {"upstream.provider": prov.key,
                                                       "upstream.url": prov.cfg.api_base,
                                                       "upstream.attempt": attempt + 1,
-                                                      **outcome},
-                                        span_id=ctx.notes["upstream_span"],
-                                        error="error.type" in outcome)
+                                                      **({"error.type": failed} if failed
+                                                         else {})},
+                                        span_id=ctx.notes["upstream_span"], error=bool(failed))
                 ok = resp.status not in RETRY_STATUSES
                 early = None  # a stream whose first event is an error, while others may answer
                 if ok and ctx.streaming and 200 <= resp.status < 300 and req.path in \
@@ -6711,8 +6711,8 @@ class Dispatcher:
                                              or index + 1 < len(plan)):
                     early = await self._first_event(resp, prov)
                     ok = early is None
-                status = early.head.status if early is not None and early.head is not None \
-                    else 502 if early is not None else resp.status
+                status = resp.status if early is None else \
+                    early.head.status if early.head is not None else 502
                 if ctx.trace is not None:  # (the span is in the trace's list: add its status)
                     span = ctx.trace.spans[-1]
                     span["attrs"]["http.response.status_code"] = status
