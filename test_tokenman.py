@@ -863,6 +863,63 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         self.assertIsNone(chan._timer)
 
 
+    async def test_writes_are_held_while_callbacks_are_due_and_sent_in_order(self):
+        # under load a write waits for the callbacks already due and goes out with the others
+        # (one wake-up of the peers' CPU serves many sends); a close, a large write and an
+        # abort do not lose or reorder anything held
+        loop = asyncio.get_running_loop()
+        batch = tm.WriteBatch(loop)
+        pairs = [socket.socketpair() for _ in range(3)]
+        chans = []
+        for ours, theirs in pairs:
+            theirs.setblocking(False)
+            _, chan = await loop.create_connection(lambda: tm.Channel(loop, batch), sock=ours)
+            chans.append(chan)
+        a, b, c = chans
+
+        def received(i):
+            try:
+                return pairs[i][1].recv(1 << 20)
+            except BlockingIOError:
+                return None
+
+        loop.call_soon(lambda: None)  # another callback is due in this iteration
+        a.write(b"one ")
+        a.write(b"two")
+        b.write(b"x")
+        self.assertIsNone(received(0))  # held
+        self.assertEqual(len(batch.pending), 2)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        self.assertEqual(received(0), b"one two")
+        self.assertEqual(received(1), b"x")
+        self.assertEqual(batch.pending, [])
+
+        a.write(b"now")  # nothing else due: sent at once
+        self.assertEqual(received(0), b"now")
+
+        loop.call_soon(lambda: None)
+        b.write(b"held ")
+        b.write(b"L" * tm.WRITE_BATCH_MAX)  # a large write sends what was held, then itself
+        self.assertIsNone(b._out)
+        c.write(b"last words")
+        c.close()  # a close sends what was held first
+        loop.call_soon(lambda: None)
+        a.write(b"dropped")
+        a.abort()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        got = b""
+        while (part := received(1)) is not None and len(got) < tm.WRITE_BATCH_MAX + 5:
+            got += part
+        self.assertEqual(got, b"held " + b"L" * tm.WRITE_BATCH_MAX)
+        self.assertEqual(received(2), b"last words")
+        self.assertIn(received(0), (b"", None))  # aborted: nothing more arrives
+        for chan in (b, c):
+            chan.abort()
+        for ours, theirs in pairs:
+            theirs.close()
+
     async def test_an_idle_connection_the_peer_closed_is_not_reused(self):
         # a provider's close of an idle keep-alive connection can wait in the kernel before
         # the event loop reads it: the request went out on it and failed (a 502 with retries

@@ -111,6 +111,7 @@ MAX_UPSTREAM_HEAD = 64 * 1024    # a provider's response head
 SSE_MAX_EVENT = 10 * 1024 * 1024 # one SSE event the side parser follows (long tool outputs, base64)
 READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one read
 READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
+WRITE_BATCH_MAX = 64 * 1024      # a write this large is sent at once, not held for the batch
 READ_LOW_WATER = 64 * 1024       # and resume below this
 LINGER_SECONDS = 10.0            # after refusing a request whose body is still arriving, read
 LINGER_IDLE = 2.0                # and drop it this long (this long without bytes ends it) before
@@ -1756,6 +1757,38 @@ def sse_fields(event: bytes) -> tuple[bytes, bytes]:
 # abort the upstream call when the client disconnects), and TCP_NODELAY is set on every socket.
 
 
+class WriteBatch:
+    """Holds the sends of one event-loop iteration while other callbacks are ready to run, and
+    makes them one after another once those have run.
+
+    A send on loopback runs the receiver's side at once and, when the receiver's CPU is idle,
+    wakes it (an inter-processor interrupt; in a VM an exit to the hypervisor: ~30 us of this
+    proxy's CPU on the benchmark's VM). Under load, sends made back to back find the peers'
+    CPU already awake, so one wake-up serves many; measured at c=64, CPU per request fell by
+    about a quarter. With nothing else ready (one request at a time) a write goes out at once,
+    so the added latency does not grow. Reads asyncio's private ready queue (CPython 3.11 to
+    3.13); an event loop without one gets unbatched writes."""
+    __slots__ = ("loop", "ready", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ready = getattr(loop, "_ready", ())  # callbacks due in this iteration
+        self.pending: list["Channel"] = []
+
+    def hold(self, chan: "Channel") -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)  # after every callback already due
+        self.pending.append(chan)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for chan in pending:
+            try:
+                chan.flush()
+            except Exception:  # a transport that fails to write loses its connection only
+                chan.abort()
+
+
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -1764,8 +1797,10 @@ def _expire(fut: asyncio.Future) -> None:
 class Channel(asyncio.Protocol):
     """One TCP or TLS connection with a read buffer and backpressure in both directions."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, batch: WriteBatch | None = None) -> None:
         self.loop = loop
+        self.batch = batch  # None: every write is sent at once
+        self._out: list[bytes] | None = None  # writes held for the batch, in order
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.eof = False
@@ -1942,8 +1977,26 @@ class Channel(asyncio.Protocol):
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.lost:
+        if self.lost:
+            return
+        out = self._out
+        if out is not None:  # held writes go first
+            out.append(data)
+            if len(data) >= WRITE_BATCH_MAX:
+                self.flush()
+        elif self.batch is None or not self.batch.ready or len(data) >= WRITE_BATCH_MAX:
             self.transport.write(data)
+        else:
+            self._out = [data]
+            self.batch.hold(self)
+
+    def flush(self) -> None:
+        """Sends the writes held for the batch (a close, a half-close or the batch's turn)."""
+        out = self._out
+        if out is not None:
+            self._out = None
+            if not self.lost:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self, deadline: float | None) -> None:
         """Waits while the peer is not reading; TimeoutError past the deadline."""
@@ -1966,6 +2019,7 @@ class Channel(asyncio.Protocol):
         closes, goes quiet for `idle` or `seconds` pass (the caller closes afterwards)."""
         if self.lost or self.transport is None:
             return
+        self.flush()
         if self.transport.can_write_eof():
             self.transport.write_eof()  # after the buffered answer: the peer sees its end
         end = self.loop.time() + seconds
@@ -1981,10 +2035,13 @@ class Channel(asyncio.Protocol):
         self.buf.clear()
 
     def close(self) -> None:
+        """Closes once every write is sent."""
         if self.transport is not None and not self.transport.is_closing():
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:
+        self._out = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -2342,9 +2399,10 @@ class HTTPServer:
     async def start(self, host: str, port: int) -> int:
         self.loop = asyncio.get_running_loop()
         loop = self.loop
+        batch = WriteBatch(loop)
 
         def factory() -> Channel:
-            chan = Channel(loop)
+            chan = Channel(loop, batch)
             chan.on_made = self._accepted
             return chan
 
@@ -2630,6 +2688,7 @@ class UpstreamPool:
         self.opened = 0  # connections opened since start (tests and metrics read it)
         self.stale_retry = STALE_RETRY_SECONDS
         self.tls = ClientTLS()  # what every origin reached through this pool verifies with
+        self.batch: WriteBatch | None = None  # for the loop the pool last connected on
 
     def size(self) -> int:
         return sum(len(q) for q in self.idle.values())
@@ -2674,12 +2733,15 @@ class UpstreamPool:
 
     async def connect(self, origin: Origin, timeout: float) -> Channel:
         loop = asyncio.get_running_loop()
+        if self.batch is None or self.batch.loop is not loop:
+            self.batch = WriteBatch(loop)
+        batch = self.batch
         proxy = self._proxy_for(origin)
         try:
             async with asyncio.timeout(timeout):
                 if proxy is None:
                     _, chan = await loop.create_connection(
-                        lambda: Channel(loop), origin.host, origin.port, ssl=origin.ssl,
+                        lambda: Channel(loop, batch), origin.host, origin.port, ssl=origin.ssl,
                         server_hostname=origin.host if origin.ssl else None)
                 else:
                     chan = await self._connect_via(loop, proxy, origin, timeout)
@@ -2695,7 +2757,7 @@ class UpstreamPool:
     async def _connect_via(self, loop: asyncio.AbstractEventLoop, proxy: urllib.parse.SplitResult,
                            origin: Origin, timeout: float) -> Channel:
         """A tunnel through an HTTP CONNECT proxy (HTTPS_PROXY), then TLS to the origin."""
-        _, chan = await loop.create_connection(lambda: Channel(loop), proxy.hostname,
+        _, chan = await loop.create_connection(lambda: Channel(loop, self.batch), proxy.hostname,
                                                proxy.port or 80)
         authority = f"{origin.host}:{origin.port}".encode()
         lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
