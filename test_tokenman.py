@@ -1486,6 +1486,44 @@ class TestRelay(ProxyTestCase):
             self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])  # most
         self.assertEqual(posts[6]["cost_usd"], 0.0)  # a cancel shows what was billed before
 
+    async def test_a_responses_stream_cut_before_its_last_event_ends_with_an_error(self):
+        # a Responses API stream (Codex CLI, the Agents SDK) that ends cleanly without
+        # response.completed / .incomplete / .failed was logged ok with no usage and no charge;
+        # it is a cut: the client gets the API's error event, the row says so and is estimated
+        def event(obj, seq):
+            obj = dict(obj, sequence_number=seq)
+            return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+        response = {"id": "resp_2", "object": "response", "model": "gpt-4o-2024-08-06",
+                    "status": "in_progress", "output": [], "usage": None}
+        head = [event({"type": "response.created", "response": response}, 0),
+                event({"type": "response.output_text.delta", "delta": "Hello there, " * 20}, 1)]
+        done = event({"type": "response.completed",  # a server that reports no usage
+                      "response": dict(response, status="completed")}, 2)
+
+        async def handler(rec, r, w):
+            await sse_reply(w, head + ([done] if b"whole" in rec.body else []))
+        self.up.handler = handler
+        await self.start_proxy()
+        cut = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4o", "input": "cut", "stream": True}, O_HEADERS)
+        whole = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4o", "input": "whole", "stream": True}, O_HEADERS)
+        self.assertTrue(cut.body.startswith(b"".join(head)))
+        last = cut.body[len(b"".join(head)):]
+        self.assertTrue(last.startswith(b"event: error\ndata: "), last)
+        error = json.loads(last.split(b"data: ", 1)[1])
+        self.assertEqual((error["type"], error["code"], error["sequence_number"]),
+                         ("error", "server_error", 2))
+        self.assertIn("ended before the answer did", error["message"])
+        self.assertEqual(whole.body, b"".join(head) + done)  # nothing added to a whole one
+        rows = {r["id"]: r for r in await self.rows(2)}
+        cut_row = rows[cut.headers["x-request-id"]]
+        whole_row = rows[whole.headers["x-request-id"]]
+        self.assertEqual((cut_row["outcome"], cut_row["estimated"]), ("upstream_failed", 1))
+        self.assertGreater(cut_row["output_tokens"], 20)  # what was generated before the cut
+        self.assertGreater(cut_row["cost_usd"], 0)
+        self.assertEqual(whole_row["outcome"], "ok")
+
     async def test_other_answer_making_posts_record_their_usage(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {"created": 1, "data": [], "usage": {
             "input_tokens": 50, "output_tokens": 4160}})

@@ -3282,6 +3282,9 @@ class PriceTable:
 
 _DELTA_TEXT_RE = re.compile(
     rb'"(?:text|thinking|partial_json|content|arguments|refusal)":\s*"((?:[^"\\]|\\.)*)"')
+# a Responses API delta (response.output_text.delta, .function_call_arguments.delta, ...); the
+# .done events and response.completed repeat the whole text and are not kept
+_RESPONSE_DELTA_RE = re.compile(rb'"delta":\s*"((?:[^"\\]|\\.)*)"')
 _TEXT_KEEP = 2 * 1024 * 1024  # generated text kept per stream for an estimate, at the most
 # `"usage": null` as a member of an OpenAI chunk (outside strings a quote is never escaped, so
 # this cannot match inside one): what include_usage adds to every chunk before the last
@@ -3297,6 +3300,9 @@ def strip_null_usage(event: bytes) -> bytes:
 
 
 _FINISHED_RE = re.compile(rb'"finish_reason"\s*:\s*"')
+# The Responses API's terminal events, and the number each event carries
+_RESPONSE_END_RE = re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete|failed)"')
+_SEQUENCE_RE = re.compile(rb'"sequence_number"\s*:\s*([0-9]{1,18})')
 
 
 class StreamMeter:
@@ -3304,10 +3310,13 @@ class StreamMeter:
     for an estimate if the stream is cut short, and provider error events. Only the few event
     kinds that carry usage are parsed as JSON; content deltas are scanned with one regex."""
     __slots__ = ("api", "usage", "model", "pieces", "kept", "error", "complete", "ended",
-                 "drop_usage_chunk", "events", "errors")
+                 "drop_usage_chunk", "events", "errors", "responses", "sequence")
 
-    def __init__(self, api: str, drop_usage_chunk: bool = False) -> None:
+    def __init__(self, api: str, drop_usage_chunk: bool = False,
+                 responses: bool = False) -> None:
         self.api = api
+        self.responses = responses  # a Responses API stream (response.* events)
+        self.sequence = -1  # its last event's sequence_number
         self.usage = Usage()
         self.model = ""
         self.pieces: list[bytes] = []
@@ -3319,9 +3328,9 @@ class StreamMeter:
         self.events = 0  # data events other than pings
         self.errors = 0  # of them error events
 
-    def _keep_text(self, raw: bytes) -> None:
+    def _keep_text(self, raw: bytes, pattern: re.Pattern = _DELTA_TEXT_RE) -> None:
         if self.kept < _TEXT_KEEP:
-            for m in _DELTA_TEXT_RE.finditer(raw):
+            for m in pattern.finditer(raw):
                 self.pieces.append(m.group(1))
                 self.kept += len(m.group(1))
 
@@ -3374,7 +3383,13 @@ class StreamMeter:
         if b'"finish_reason"' in raw and _FINISHED_RE.search(raw):  # (a reason, not null)
             self.ended = True
         has_usage = self.has_usage(raw)
-        if has_usage or not self.model or b'"error"' in raw:
+        final = False
+        if self.responses:  # (its last event may carry "usage": null on some servers)
+            seq = _SEQUENCE_RE.search(raw)
+            if seq:
+                self.sequence = int(seq.group(1))
+            final = b'"response.' in raw and _RESPONSE_END_RE.search(raw) is not None
+        if has_usage or final or not self.model or b'"error"' in raw:
             _, data = sse_fields(raw)
             obj = _loads(data)
             if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
@@ -3391,7 +3406,10 @@ class StreamMeter:
                     self.usage.apply_openai(obj["usage"])
                     if self.drop_usage_chunk and obj.get("choices") == []:
                         return False
-        self._keep_text(raw)
+        if not self.responses:
+            self._keep_text(raw)
+        elif b'.delta"' in raw:
+            self._keep_text(raw, _RESPONSE_DELTA_RE)
         return True
 
     def _on_response(self, obj: dict) -> None:
@@ -7008,6 +7026,13 @@ class ResponseRelay:
         ctx.cost = self.prices.cost(ctx.model, usage)
 
     @staticmethod
+    def _responses_call(ctx: Context) -> bool:
+        """A Responses API call answered now (not one run in the background): its stream ends
+        with response.completed, .incomplete or .failed."""
+        return ctx.req.path == RESPONSES_PATH and ctx.req.method == "POST" \
+            and isinstance(ctx.obj, dict) and ctx.obj.get("background") is not True
+
+    @staticmethod
     def _background(ctx: Context) -> bool:
         """A Responses API call made in the background: it runs on at the provider."""
         return ctx.req.path == RESPONSES_PATH and isinstance(ctx.obj, dict) \
@@ -7038,7 +7063,9 @@ class ResponseRelay:
                          resp: UpstreamResponse, t_up: float) -> None:
         """Relays events as they arrive, bytes unchanged, one write per upstream read."""
         loop = asyncio.get_running_loop()
-        meter = StreamMeter(ctx.upstream_api, ctx.drop_usage_chunk and ctx.outcome == "ok")
+        answers = req.path in ACCOUNTED_PATHS or self._responses_call(ctx)  # (one made now)
+        meter = StreamMeter(ctx.upstream_api, ctx.drop_usage_chunk and ctx.outcome == "ok",
+                            responses=req.path == RESPONSES_PATH)
         translator = None
         if ctx.upstream_api != ctx.api:
             opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
@@ -7117,7 +7144,7 @@ class ResponseRelay:
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
         empty = not meter.events and not splitter.oversized  # no bytes, or only pings
-        if not meter.complete and not failure and req.path in ACCOUNTED_PATHS \
+        if not meter.complete and not failure and answers \
                 and 200 <= resp.status < 300 and not conn.lost:
             if empty:
                 failure = "upstream answered with an empty stream"
@@ -7134,7 +7161,9 @@ class ResponseRelay:
         elif failure:
             ctx.outcome = "upstream_failed"
             ctx.error = failure
-            conn.stream_write(self._stream_error_event(ctx.api, failure))
+            conn.stream_write(self._stream_error_event(ctx.api, failure,
+                                                       meter.sequence if meter.responses
+                                                       else None))
             conn.close_after = True
         if not conn.lost:
             conn.end_stream()
@@ -7152,7 +7181,13 @@ class ResponseRelay:
         end."""
         return [ctx.pipeline.stream_event(ctx, e + b"\n\n") for e in events.split(b"\n\n") if e]
 
-    def _stream_error_event(self, api: str, message: str) -> bytes:
+    def _stream_error_event(self, api: str, message: str, sequence: int | None = None) -> bytes:
+        """The provider's own way to end a stream with an error; a Responses API stream gets
+        its `error` event (sequence: the number of the last event relayed)."""
+        if sequence is not None:
+            return b"event: error\ndata: " + json_dumps({
+                "type": "error", "code": "server_error", "message": message, "param": None,
+                "sequence_number": sequence + 1}) + b"\n\n"
         if api == API_ANTHROPIC:
             return b"event: error\ndata: " + native_error(api, 502, message) + b"\n\n"
         return b"data: " + native_error(api, 502, message) + b"\n\n"
@@ -7165,7 +7200,7 @@ class ResponseRelay:
             return  # shows usage billed when the answer was made
         if not usage.reported and self._background(ctx):  # left before it ended: it goes on
             usage = self._background_estimate(ctx)  # (and is billed) at the provider
-        if ctx.req.path in ACCOUNTED_PATHS or usage.reported:
+        if ctx.req.path in ACCOUNTED_PATHS or usage.reported or self._responses_call(ctx):
             if not usage.reported:
                 usage.input = estimate_request_tokens(ctx.obj)
                 usage.output = meter.estimate_output()
