@@ -3332,6 +3332,51 @@ class TestPIIStage(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/chat/completions", plain, O_HEADERS)
         self.assertEqual(assemble_openai(resp.body)["content"], "a@b.io, see [EMAIL")
 
+    async def test_tool_calls_without_an_index_or_numbered_alike_stay_apart(self):
+        # OpenAI-compatible servers that leave out a tool call's index, or number every call
+        # 0, made one tool_use block of two calls for an Anthropic client (Claude Code got
+        # one call whose input was both argument objects run together, which is not JSON)
+        def chunk(calls=None, finish=None):
+            delta = {"tool_calls": calls} if calls else {}
+            return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                           "model": "gpt-4o", "choices": [
+                                               {"index": 0, "delta": delta,
+                                                "finish_reason": finish}]}).encode() + b"\n\n"
+
+        def call(cid, name, args, **index):
+            return dict(index, id=cid, type="function",
+                        function={"name": name, "arguments": args})
+        styles = {
+            "no index": [chunk([call("call_a", "read", '{"path": "a"}')]),
+                         chunk([call("call_b", "grep", '{"q": ')]),
+                         chunk([{"function": {"arguments": '"x"}'}}])],  # (continues call_b)
+            "all 0": [chunk([call("call_a", "read", '{"path": ', index=0)]),
+                      chunk([{"index": 0, "function": {"arguments": '"a"}'}}]),
+                      chunk([call("call_b", "grep", '{"q": "x"}', index=0)])],
+            "no ids": [chunk([dict(call("", "read", '{"path": "a"}', index=0), id=None)]),
+                       chunk([dict(call("", "grep", '{"q": "x"}', index=1), id=None)])]}
+        chosen = []
+
+        async def handler(rec, r, w):
+            await sse_reply(w, styles[chosen[-1]] + [chunk(finish="tool_calls"),
+                                                     b"data: [DONE]\n\n"])
+        self.up.handler = handler
+        await self.start_proxy(extra={"routing": {"model_map": {
+            "claude-via-gpt": "openai:gpt-4o"}}})
+        req = dict(ANTHROPIC_REQ, model="claude-via-gpt", stream=True, tools=[
+            {"name": "read", "input_schema": {"type": "object"}},
+            {"name": "grep", "input_schema": {"type": "object"}}])
+        for style in styles:
+            chosen.append(style)
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            msg = assemble_anthropic(resp.body)
+            self.assertEqual([(b["name"], b["input"]) for b in msg["content"]],
+                             [("read", {"path": "a"}), ("grep", {"q": "x"})], style)
+            ids = [b["id"] for b in msg["content"]]
+            self.assertEqual(len(set(ids)), 2, style)  # a client answers each by its id
+            self.assertTrue(all(ids), style)
+            self.assertEqual(msg["stop_reason"], "tool_use")
+
     async def test_redacted_upstream_and_restored_for_the_client(self):
         self.up.handler = self.echo
         await self.start_proxy()

@@ -6430,7 +6430,9 @@ class StreamTranslator:
         self.started = False
         self.open_block: int | None = None   # index of the open Anthropic content block
         self.blocks = 0
-        self.tools: dict[int, int] = {}      # OpenAI tool_call index -> block index
+        self.tools: dict[int, int] = {}      # OpenAI tool call (its slot) -> block index
+        self.slots: dict[int, int] = {}      # OpenAI tool_call index -> its current slot
+        self.call_ids: list[str] = []        # slot -> the call's id
         self.usage = Usage()
         self.stop = None
         self.id = "msg_" + os.urandom(8).hex()
@@ -6483,7 +6485,7 @@ class StreamTranslator:
                     "type": "content_block_delta", "index": self.open_block,
                     "delta": {"type": "text_delta", "text": delta["content"]}})
             for call in delta.get("tool_calls") or ():
-                k = call.get("index", 0)
+                k = self._tool_slot(call)
                 fn = call.get("function") or {}
                 if k not in self.tools:
                     out += self._close_block()
@@ -6491,7 +6493,8 @@ class StreamTranslator:
                     self.blocks += 1
                     out += _sse("content_block_start", {
                         "type": "content_block_start", "index": self.open_block,
-                        "content_block": {"type": "tool_use", "id": call.get("id", ""),
+                        "content_block": {"type": "tool_use", "id": self.call_ids[k] or (
+                            "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
                                           "name": fn.get("name", ""), "input": {}}})
                 if fn.get("arguments"):
                     out += _sse("content_block_delta", {
@@ -6500,6 +6503,28 @@ class StreamTranslator:
             if choice.get("finish_reason"):
                 self.stop = _O2A_STOP.get(choice["finish_reason"], "end_turn")
         return out
+
+    def _tool_slot(self, call: dict) -> int:
+        """Which tool call a tool_calls delta continues. By its index, as OpenAI numbers them;
+        but a delta with an id of its own under an index already taken by another id (servers
+        that number every call 0), or one with an id and no index (servers that leave it out),
+        starts a new call, and a delta with neither continues the last call."""
+        index = call.get("index")
+        cid = call.get("id")
+        cid = cid if type(cid) is str else ""
+        if type(index) is int:
+            slot = self.slots.get(index)
+            if slot is not None and (not cid or self.call_ids[slot] in ("", cid)):
+                return slot
+        elif not cid and self.call_ids:
+            return len(self.call_ids) - 1
+        elif cid in self.call_ids:
+            return self.call_ids.index(cid)
+        self.call_ids.append(cid)
+        slot = len(self.call_ids) - 1
+        if type(index) is int:
+            self.slots[index] = slot
+        return slot
 
     # -- Anthropic provider, OpenAI client --------------------------------------------------
     def _chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
