@@ -3078,6 +3078,10 @@ def assemble_anthropic(body: bytes) -> dict:
             block, delta = msg["content"][obj["index"]], obj["delta"]
             if delta["type"] == "text_delta":
                 block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
             elif delta["type"] == "input_json_delta":
                 block["_json"] = block.get("_json", "") + delta["partial_json"]
         elif name == b"content_block_stop":
@@ -3093,7 +3097,107 @@ def assemble_anthropic(body: bytes) -> dict:
 CACHE_REQ = dict(ANTHROPIC_REQ, temperature=0)
 
 
+class TestStreamAssembler(unittest.TestCase):
+    """§13: a stream gives back the answer the provider would have given without `stream`."""
+
+    @staticmethod
+    def assembled(api, events, limit=1 << 20):
+        assembler = tm.StreamAssembler(api, limit)
+        for event in events:
+            assembler.feed(event)
+        body = assembler.body()
+        return None if body is None else json.loads(body)
+
+    def test_every_fixture_stream_gives_its_buffered_body(self):
+        for kind in ("text", "thinking", "tool"):
+            events, body = anthropic_fixture(kind)
+            self.assertEqual(self.assembled(tm.API_ANTHROPIC, events), body, kind)
+        for kind in ("text", "tool", "usage_in_last_choice"):
+            events, body = openai_fixture(kind)
+            got = self.assembled(tm.API_OPENAI, events)
+            choice = got["choices"][0]
+            self.assertEqual((choice.pop("logprobs"), choice["message"].pop("refusal")),
+                             (None, None))
+            self.assertEqual(got, dict(body, system_fingerprint="fp_1"), kind)
+
+    def test_what_it_cannot_give_back_exactly_is_none(self):
+        events, _ = anthropic_fixture("text")
+        self.assertIsNone(self.assembled(tm.API_ANTHROPIC, events[:-1]))  # no message_stop
+        unknown = anthropic_events({"type": "content_block_delta", "index": 0, "delta": {
+            "type": "future_delta", "x": 1}})
+        self.assertIsNone(self.assembled(tm.API_ANTHROPIC, events[:3] + unknown + events[3:]))
+        error = anthropic_events({"type": "error", "error": {"type": "overloaded_error"}})
+        self.assertIsNone(self.assembled(tm.API_ANTHROPIC, events[:-1] + error + events[-1:]))
+        self.assertIsNone(self.assembled(tm.API_ANTHROPIC, events, limit=100))
+        events, _ = openai_fixture("text")
+        self.assertIsNone(self.assembled(tm.API_OPENAI, events[:-3] + events[-1:]))  # no finish
+        logprobs = openai_events({"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"content": "x"}, "logprobs": {"content": []},
+             "finish_reason": None}]})
+        self.assertIsNone(self.assembled(tm.API_OPENAI, logprobs + events))
+        audio = openai_events({"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"audio": {"data": "AAAA"}}, "finish_reason": None}]})
+        self.assertIsNone(self.assembled(tm.API_OPENAI, events[:1] + audio + events[1:]))
+
+
 class TestCacheStage(ProxyTestCase):
+    async def test_a_streamed_answer_fills_the_cache_for_both_kinds_of_request(self):
+        # streamed answers did not fill the cache: with the SDKs and agents that stream every
+        # call, the response cache never hit. The whole answer is rebuilt from the events
+        # (before PII restore, after translation) and kept as the JSON answer
+        streams = {tm.API_ANTHROPIC: anthropic_fixture("thinking"), tm.API_OPENAI:
+                   openai_fixture("text")}
+
+        async def handler(rec, r, w):
+            api = tm.API_OPENAI if rec.target.startswith(b"/v1/chat") else tm.API_ANTHROPIC
+            events, body = streams[api]
+            if rec.json().get("stream"):
+                await sse_reply(w, events)
+            else:
+                await json_reply(w, body)
+        self.up.handler = handler
+        await self.start_proxy()
+        for path, req, headers, api in (
+                ("/v1/messages", CACHE_REQ, A_HEADERS, tm.API_ANTHROPIC),
+                ("/v1/chat/completions", dict(OPENAI_REQ, temperature=0), O_HEADERS,
+                 tm.API_OPENAI)):
+            streamed = dict(req, stream=True)
+            first = await http(self.port, "POST", path, streamed, headers)
+            self.assertEqual(first.headers["x-tokenman-cache"], "MISS")
+            await self.rows(1, f"path = '{path}'")  # (the entry is made as the request ends)
+            buffered = await http(self.port, "POST", path, req, headers)
+            again = await http(self.port, "POST", path, streamed, headers)
+            self.assertEqual((buffered.headers["x-tokenman-cache"],
+                              again.headers["x-tokenman-cache"]), ("HIT", "HIT"), path)
+            self.assertTrue(buffered.headers["content-type"].startswith("application/json"))
+            self.assertTrue(again.headers["content-type"].startswith("text/event-stream"))
+            _, body = streams[api]
+            if api == tm.API_ANTHROPIC:
+                self.assertEqual(buffered.json(), body)
+                self.assertEqual(assemble_anthropic(again.body)["content"], body["content"])
+            else:
+                self.assertEqual(buffered.json()["choices"][0]["message"]["content"], "Hello")
+                self.assertEqual(buffered.json()["usage"], OPENAI_USAGE)  # (dropped for the
+                self.assertEqual(assemble_openai(again.body)["content"], "Hello")  # client)
+                self.assertNotIn(b'"usage"', first.body)  # the client did not ask for it
+        self.assertEqual(len(self.up.requests), 2)  # one per API: the streams
+
+    async def test_a_cut_or_failed_stream_is_not_cached(self):
+        events, _ = anthropic_fixture("text")
+        error = anthropic_events({"type": "error", "error": {"type": "overloaded_error",
+                                                             "message": "busy"}})
+        answers = [events[:-2], events[:-1] + error]
+        self.up.handler = lambda rec, r, w: sse_reply(w, answers.pop(0) if answers else events)
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        seen = []
+        for _ in range(4):
+            resp = await http(self.port, "POST", "/v1/messages", dict(CACHE_REQ, stream=True),
+                              A_HEADERS)
+            await self.rows(len(seen) + 1)
+            seen.append(resp.headers["x-tokenman-cache"])
+        self.assertEqual(seen, ["MISS", "MISS", "MISS", "HIT"])  # the whole one is kept
+        self.assertEqual(len(self.up.requests), 3)
+
     async def test_api_version_and_betas_are_part_of_the_key(self):
         # a beta (1M context, longer output, a new tool type) changes the answer: a request
         # with one was answered from the cache entry made without it

@@ -4795,6 +4795,152 @@ def _sse(name: str, obj: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json_dumps(obj) + b"\n\n"
 
 
+_CHUNK_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+_OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
+
+
+class StreamAssembler:
+    """The whole answer a stream makes, as the provider would have given it without `stream`
+    (the inverse of synthesize_sse): so a streamed answer fills the response cache and a hit
+    can be given as JSON or as a stream. Gives up (body() is None) on whatever it could not
+    give back exactly: an event or delta kind it does not know, an error event, logprobs,
+    more than `limit` bytes of events."""
+    __slots__ = ("api", "limit", "size", "failed", "msg", "json", "choices", "usage", "done")
+
+    def __init__(self, api: str, limit: int) -> None:
+        self.api = api
+        self.limit = limit
+        self.size = 0
+        self.failed = False
+        self.msg: dict | None = None  # Anthropic: the message; OpenAI: the chunk's fields
+        self.json: dict[int, str] = {}  # Anthropic: tool input JSON of a block, as streamed
+        self.choices: dict[int, dict] = {}  # OpenAI: index -> the choice being built
+        self.usage = None
+        self.done = False
+
+    def feed(self, raw: bytes) -> None:
+        """One complete event, as the client's API has it."""
+        if self.failed:
+            return
+        self.size += len(raw)
+        _, data = sse_fields(raw)
+        try:
+            if self.size > self.limit or not (
+                    self._anthropic(data) if self.api == API_ANTHROPIC else self._openai(data)):
+                self.failed = True
+        except (ValueError, LookupError, TypeError, AttributeError):  # not the shape it knows
+            self.failed = True
+
+    def feed_all(self, events: bytes) -> None:
+        """Events made by the stream translator (one upstream event may make several)."""
+        for event in events.split(b"\n\n"):
+            if event:
+                self.feed(event + b"\n\n")
+
+    def _anthropic(self, data: bytes) -> bool:
+        obj = json.loads(data)
+        kind = obj["type"]
+        if kind == "ping":
+            return True
+        if kind == "message_start":
+            self.msg = dict(obj["message"], content=[])
+            return self.msg.get("type") == "message"
+        content = self.msg["content"]
+        if kind == "content_block_start":
+            if obj["index"] != len(content):
+                return False
+            content.append(dict(obj["content_block"]))
+        elif kind == "content_block_delta":
+            i = obj["index"]
+            block, delta = content[i], obj["delta"]
+            step = delta["type"]
+            if step == "text_delta":
+                block["text"] += delta["text"]
+            elif step == "input_json_delta":
+                self.json[i] = self.json.get(i, "") + delta["partial_json"]
+            elif step == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif step == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif step == "citations_delta":
+                block["citations"] = (block.get("citations") or []) + [delta["citation"]]
+            else:
+                return False
+        elif kind == "content_block_stop":
+            i = obj["index"]
+            if i in self.json:
+                text = self.json.pop(i)
+                content[i]["input"] = json.loads(text) if text.strip() else {}
+        elif kind == "message_delta":
+            for key, value in obj["delta"].items():
+                self.msg[key] = value
+            self.msg["usage"] = dict(self.msg.get("usage") or {}, **(obj.get("usage") or {}))
+        elif kind == "message_stop":
+            self.done = True
+        else:
+            return False  # an error event, or one this does not know
+        return True
+
+    def _openai(self, data: bytes) -> bool:
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return True
+        obj = json.loads(data)
+        if obj.get("error") or obj.get("object", "chat.completion.chunk") \
+                != "chat.completion.chunk":
+            return False
+        if self.msg is None:
+            self.msg = {k: obj[k] for k in _CHUNK_KEYS if k in obj}
+        if obj.get("usage"):
+            self.usage = obj["usage"]
+        for choice in obj["choices"]:
+            if choice.get("logprobs") is not None:
+                return False
+            out = self.choices.setdefault(choice["index"], {
+                "index": choice["index"], "message": {"role": "assistant", "content": None,
+                                                      "refusal": None},
+                "logprobs": None, "finish_reason": None})
+            message = out["message"]
+            delta = choice.get("delta") or {}
+            for key, value in delta.items():
+                if value is None:
+                    continue
+                if key not in _OPENAI_DELTA_KEYS:
+                    return False
+                if key == "role":
+                    message["role"] = value
+                elif key == "tool_calls":
+                    calls = message.setdefault("tool_calls", [])
+                    for call in value:
+                        if call["index"] == len(calls):
+                            calls.append({"id": call.get("id") or "",
+                                          "type": call.get("type") or "function",
+                                          "function": {"name": "", "arguments": ""}})
+                        fn = call.get("function") or {}
+                        made = calls[call["index"]]["function"]
+                        made["name"] += fn.get("name") or ""
+                        made["arguments"] += fn.get("arguments") or ""
+                elif value != "":  # (the first chunk's "content": "" leaves a tool call's
+                    message[key] = (message[key] or "") + value  # content null, as buffered)
+            if choice.get("finish_reason"):
+                out["finish_reason"] = choice["finish_reason"]
+        return True
+
+    def body(self) -> bytes | None:
+        """The answer as JSON; None when the stream was not whole or not understood."""
+        if self.failed or not self.done or self.msg is None:
+            return None
+        if self.api == API_ANTHROPIC:
+            return None if self.json else json_dumps(self.msg)
+        if not self.choices or any(c["finish_reason"] is None for c in self.choices.values()):
+            return None
+        answer = dict(self.msg, object="chat.completion",
+                      choices=[self.choices[i] for i in sorted(self.choices)])
+        if self.usage is not None:
+            answer["usage"] = self.usage
+        return json_dumps(answer)
+
+
 def _anthropic_events(msg: dict) -> list[bytes]:
     usage = dict(msg.get("usage") or {})
     start = {k: v for k, v in msg.items() if k not in ("content", "stop_reason",
@@ -7103,6 +7249,9 @@ class ResponseRelay:
                           hold=b"\n\n" in buffered or b"\r\n\r\n" in buffered
                           or b"\n\n" in ahead or b"\r\n\r\n" in ahead)
         splitter = SSESplitter()
+        assembler = None  # the whole answer, for the response cache (before PII restore)
+        if (ctx.notes.get("cache") or ctx.notes.get("heartbeat")) and resp.status == 200:
+            assembler = StreamAssembler(ctx.api, self.cfg.cache.max_entry_bytes)
         passthrough = translator is None and not ctx.hooks  # events go out as they came
         droppable = meter.drop_usage_chunk  # except an OpenAI usage chunk tokenman asked for
         body = resp.body
@@ -7131,11 +7280,18 @@ class ResponseRelay:
                         if type(event) is RawPiece:
                             if translator is None:
                                 out.append(event)
-                        elif meter.on_event(event) or translator is not None:
+                            if assembler is not None:
+                                assembler.failed = True  # (an event too large to hold)
+                            continue
+                        if assembler is not None and translator is None:
+                            assembler.feed(event)  # (a usage chunk tokenman drops too)
+                        if meter.on_event(event) or translator is not None:
                             if translator is not None:
                                 event = translator.feed(event)
                                 if not event:
                                     continue
+                                if assembler is not None:
+                                    assembler.feed_all(event)
                                 if ctx.hooks:  # (one upstream event may make several)
                                     out += self._hooked(ctx, event)
                                     continue
@@ -7153,9 +7309,17 @@ class ResponseRelay:
                     for event in events:
                         if type(event) is not RawPiece and id(event) not in early:
                             meter.on_event(event)
+                    if assembler is not None:
+                        for event in events:
+                            if type(event) is RawPiece:
+                                assembler.failed = True
+                            else:
+                                assembler.feed(event)
                 if out and conn.chan._write_paused:
                     await conn.drain()
             rest = splitter.flush()
+            if rest and assembler is not None and translator is None:
+                assembler.feed(rest)
             if rest and meter.on_event(rest) and translator is None:
                 conn.stream_write(rest)
         except TimeoutError:
@@ -7178,6 +7342,8 @@ class ResponseRelay:
         if translator is not None and not failure and not meter.error and not conn.lost:
             closing = translator.finish()  # (nothing when already finished; after an error
             # event no made-up ending: the client's SDK would take the answer as whole)
+            if assembler is not None:
+                assembler.feed_all(closing)
             conn.stream_write(b"".join(self._hooked(ctx, closing)) if ctx.hooks and closing
                               else closing)
         if conn.lost and not meter.complete:
@@ -7198,6 +7364,13 @@ class ResponseRelay:
         if meter.events > meter.errors or self._background(ctx):
             self._account_stream(ctx, meter)  # (an answer that never came, or came as an
             # error alone, is not charged, unless it goes on at the provider without the client)
+        if assembler is not None and ctx.outcome == "ok" and meter.complete:
+            whole = assembler.body()
+            if whole is not None:  # the response cache keeps it as a JSON answer
+                ctx.upstream_body = whole
+                ctx.notes["cache_headers"] = [(b"Content-Type", b"application/json")] + [
+                    (n, v) for n, v in resp.head.headers.raw
+                    if n.lower() in _CACHED_HEADERS and n.lower() != b"content-type"]
 
     @staticmethod
     def _hooked(ctx: Context, events: bytes) -> list[bytes]:
