@@ -4577,6 +4577,30 @@ class TestDashboard(ProxyTestCase):
         for external in (b'src="http', b"src='http", b'href="http', b"@import", b"//cdn"):
             self.assertNotIn(external, page_html.body)  # self-contained: works air-gapped
 
+    async def test_budget_panel_shows_spend_for_periods_without_a_limit(self):
+        # spend was shown only for periods with a limit (0 for the others, and for every period
+        # while budgets were off: the reference's panel); those come from the request log now
+        _, body = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: json_reply(w, body)
+        await self.start_proxy({"security": {"budget": {
+            "enabled": True, "projects": {"team": {"daily_limit": 100.0}}}}})
+        for project in ("team", "team", "other"):
+            await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ,
+                       dict(A_HEADERS, **{"X-Tokenman-Project": project}))
+        rows = await self.rows(3)
+        total = sum(r["cost_usd"] for r in rows)
+        team = sum(r["cost_usd"] for r in rows if r["project"] == "team")
+        self.assertGreater(total, team)
+        self.assertGreater(team, 0)
+        panel = (await http(self.app.dashboard_port, "GET", "/api/security/budget")).json()
+        spent = {(e["scope"], e["period"]): e["spent"] for e in panel}
+        for period in tm.BUDGET_PERIODS:
+            self.assertAlmostEqual(spent[("global", period)], total, places=8)
+            self.assertAlmostEqual(spent[("project:team", period)], team, places=8)
+        daily = [e for e in panel if e["scope"] == "project:team" and e["period"] == "daily"][0]
+        self.assertEqual(daily["limit"], 100.0)
+        self.assertAlmostEqual(daily["pct"], round(team / 100.0 * 100, 2))
+
     async def test_config_is_masked(self):
         await self.start_proxy(env={"K": "sk-secret-value"}, providers={
             "anthropic": {"api_base": self.up.base, "key_ref": "env:K"}},

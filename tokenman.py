@@ -8195,7 +8195,7 @@ class Dashboard:
         if path == "/api/config":
             return 200, mask_config(self.cfg)
         if path == "/api/security/budget":
-            return 200, self.budget()
+            return 200, await self.budget()
         if path in ("/api/security/pii", "/api/security/injection"):
             table = "pii_log" if path.endswith("pii") else "injection_log"
             page, limit = _page(query, 50)
@@ -8274,7 +8274,10 @@ class Dashboard:
                         "latency_ms": live.get("latency_ms")})
         return out
 
-    def budget(self) -> list[dict]:
+    async def budget(self) -> list[dict]:
+        """Spend per scope and period: the budget ledger's figure for a period it tracks (one
+        with a limit, reservations included), the request log's sum for the others (the
+        reference showed 0 for them, and for every period while budgets were off)."""
         cfg = self.cfg.budget
         now = time.time()
         out = []
@@ -8284,7 +8287,14 @@ class Dashboard:
         for scope, limits in scopes:
             for period in BUDGET_PERIODS:
                 start, _ = period_bounds(period, now)
-                spent = self.ledger.spent.get((scope, period, start), 0.0)
+                spent = self.ledger.spent.get((scope, period, start))
+                if spent is None:  # (row stamps have milliseconds: compare without the Z)
+                    project = scope.partition(":")[2]
+                    rows = await self._query(
+                        "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM requests WHERE "
+                        "timestamp >= ?" + (" AND project = ?" if project else ""),
+                        (start[:-1], project) if project else (start[:-1],))
+                    spent = rows[0]["spent"] or 0.0
                 limit = limits[period]
                 out.append({"period": period, "scope": scope, "spent": round(spent, 8),
                             "limit": limit,
