@@ -4028,6 +4028,31 @@ class TestRateLimitStage(ProxyTestCase):
         ok = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(ok.status, 200)
 
+    async def test_pass_through_calls_are_limited_but_count_tokens_is_not(self):
+        # /v1/responses and /v1/embeddings went around the limits (a Codex CLI or an indexing
+        # job could exceed what the provider's key allows); count_tokens is free and stays so
+        async def handler(rec, r, w):
+            await json_reply(w, {"input_tokens": 3} if b"count_tokens" in rec.target else {
+                "object": "list", "data": [], "usage": {"prompt_tokens": 3,
+                                                        "total_tokens": 3}})
+        self.up.handler = handler
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 0.001, "default_burst": 2}}})
+        calls = [("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"},
+                  O_HEADERS), ("/v1/responses", {"model": "gpt-4o", "input": "hi"}, O_HEADERS),
+                 ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "y"},
+                  O_HEADERS)]
+        got = [await http(self.port, "POST", path, body, headers)
+               for path, body, headers in calls]
+        self.assertEqual([r.status for r in got], [200, 200, 429])
+        self.assertEqual(got[2].json()["error"]["type"], "rate_limit_exceeded")
+        self.assertIn("retry-after", got[2].headers)
+        for _ in range(3):  # the Anthropic bucket: count_tokens never takes from it
+            counted = await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ,
+                                 A_HEADERS)
+            self.assertEqual(counted.status, 200)
+        self.assertEqual(len(self.up.requests), 5)
+
     async def test_buckets_of_idle_projects_do_not_pile_up(self):
         await self.start_proxy({"security": {"rate_limit": {
             "enabled": True, "default_rate": 1000, "default_burst": 5, "per_project": True}}})

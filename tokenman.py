@@ -5730,6 +5730,7 @@ class RateLimiter(Stage):
     name = "ratelimit"
     section = "rate_limit"
     fails_closed = True
+    side_calls = True  # a pass-through POST (/v1/responses, embeddings) is a call too
 
     def __init__(self, cfg: Config, log: Logger, rate_state: dict, clock=time.monotonic,
                  **_: object) -> None:
@@ -5774,7 +5775,7 @@ class RateLimiter(Stage):
                 del self.state[key]
 
     def request(self, ctx: Context) -> Reply | None:
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or ctx.req.path in SIDE_CALL_PATHS:  # (count_tokens: free)
             return None
         now = self.clock()
         key, requests, tokens = self._buckets(ctx.provider, ctx.project, now)
