@@ -1327,6 +1327,19 @@ O_HEADERS = {"Authorization": "Bearer sk-client", "OpenAI-Organization": "org-1"
 
 
 class TestRelay(ProxyTestCase):
+    async def test_a_client_that_half_closes_after_its_request_gets_the_answer(self):
+        # `printf ... | nc`, shutdown(SHUT_WR): the end of the request arrived with it, the
+        # transport closed itself after eof_received and the answer held for the write batch
+        # (the read of the FIN was a callback due) was dropped: the client got nothing
+        await self.start_proxy()
+        for path in ("/health", "/nope"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writer.write_eof()
+            reply = await asyncio.wait_for(reader.read(), WAIT)
+            writer.close()
+            self.assertTrue(reply.startswith(b"HTTP/1.1 "), (path, reply))
+
     async def test_anthropic_body_and_headers_pass_through(self):
         body = (b'{"model": "claude-sonnet-4-5-20250929", "max_tokens": 10, '
                 b'"future_field": {"x": [1, 2.50, 1e3]}, "messages": [{"role": "user", '

@@ -1837,6 +1837,7 @@ class Channel(asyncio.Protocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool:
+        self.flush()  # the transport closes when this returns: what is held goes out first
         self.eof = True
         self._wake()
         return False  # let the transport close; a half-closed peer counts as gone
