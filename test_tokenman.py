@@ -1537,6 +1537,38 @@ class TestRelay(ProxyTestCase):
         self.assertGreater(cut_row["cost_usd"], 0)
         self.assertEqual(whole_row["outcome"], "ok")
 
+    async def test_a_responses_stream_with_a_huge_last_event_or_a_cut_event(self):
+        # review: a response.completed over SSE_MAX_EVENT (an image's base64) passes unread
+        # and was taken for a cut (an error event after a whole answer); an event cut in its
+        # middle went out glued to the error event, which the client's parser could not read
+        def event(obj, seq):
+            obj = dict(obj, sequence_number=seq)
+            return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+        response = {"id": "resp_3", "object": "response", "model": "gpt-4.1",
+                    "status": "in_progress", "output": [], "usage": None}
+        created = event({"type": "response.created", "response": response}, 0)
+        huge = event({"type": "response.completed", "response": dict(
+            response, status="completed", output=[{"type": "image_generation_call",
+                                                  "result": "A" * (tm.SSE_MAX_EVENT + 1024)}],
+            usage={"input_tokens": 100, "output_tokens": 5000})}, 1)
+        cut = event({"type": "response.output_text.delta", "delta": "Hello"}, 1)[:-12]
+
+        async def handler(rec, r, w):
+            await sse_reply(w, [created, huge] if b"draw" in rec.body else [created, cut])
+        self.up.handler = handler
+        await self.start_proxy()
+        drawn = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4.1", "input": "draw", "stream": True}, O_HEADERS)
+        self.assertEqual(drawn.body, created + huge)  # nothing added
+        broken = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4.1", "input": "say hello", "stream": True}, O_HEADERS)
+        parsed = [tm.sse_fields(e) for e in tm.SSESplitter().feed(broken.body)]
+        self.assertEqual([name for name, _ in parsed], [b"response.created", b"error"])
+        self.assertEqual(json.loads(parsed[1][1])["type"], "error")
+        rows = {r["id"]: r for r in await self.rows(2)}
+        self.assertNotEqual(rows[drawn.headers["x-request-id"]]["outcome"], "upstream_failed")
+        self.assertEqual(rows[broken.headers["x-request-id"]]["outcome"], "upstream_failed")
+
     async def test_other_answer_making_posts_record_their_usage(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {"created": 1, "data": [], "usage": {
             "input_tokens": 50, "output_tokens": 4160}})
@@ -3153,7 +3185,66 @@ class TestStreamAssembler(unittest.TestCase):
         self.assertIsNone(self.assembled(tm.API_OPENAI, events[:1] + audio + events[1:]))
 
 
+    def test_a_synthesized_stream_assembles_back_to_its_answer(self):
+        # a hit given as a stream (synthesize_sse) says what the stored answer says; a refusal
+        # was dropped from it
+        for kind in ("text", "thinking", "tool"):
+            _, body = anthropic_fixture(kind)
+            events = tm.synthesize_sse(tm.API_ANTHROPIC, json.dumps(body).encode())
+            self.assertEqual(self.assembled(tm.API_ANTHROPIC, events), body, kind)
+        _, body = openai_fixture("text")
+        body["choices"][0]["message"] = {"role": "assistant", "content": None,
+                                         "refusal": "I can't help with that."}
+        events = tm.synthesize_sse(tm.API_OPENAI, json.dumps(body).encode())
+        got = self.assembled(tm.API_OPENAI, events)
+        self.assertEqual(got["choices"][0]["message"], body["choices"][0]["message"])
+        self.assertEqual(got["usage"], body["usage"])
+
+    def test_review_findings_empty_content_deep_nesting_and_the_size_limit(self):
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "o4-mini"}
+        empty = openai_events(
+            dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None}]),
+            dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "length"}]),
+            b"[DONE]")  # an answer cut at max tokens while reasoning: content "", not null
+        got = self.assembled(tm.API_OPENAI, empty)
+        self.assertEqual(got["choices"][0]["message"]["content"], "")
+        events, _ = anthropic_fixture("tool")  # tool input nested past the recursion limit
+        deep = [e.replace(b'{\\"city\\": \\"Pa', b'{\\"city\\": ' + b"[" * 5000 + b"1"
+                          + b"]" * 5000 + b', \\"x\\": \\"Pa') for e in events]
+        self.assertNotEqual(deep, events)
+        self.assertIsNone(self.assembled(tm.API_ANTHROPIC, deep))  # no exception either
+        text = [dict(base, choices=[{"index": 0, "delta": {"content": "ab"},
+                                     "finish_reason": None}])] * 200
+        chunks = openai_events(*text, dict(base, choices=[
+            {"index": 0, "delta": {}, "finish_reason": "stop"}]), b"[DONE]")
+        self.assertGreater(sum(map(len, chunks)), 20000)  # the events: ~26 KB
+        got = self.assembled(tm.API_OPENAI, chunks, limit=2000)  # the answer: ~0.7 KB
+        self.assertEqual(got["choices"][0]["message"]["content"], "ab" * 200)
+        self.assertIsNone(self.assembled(tm.API_OPENAI, chunks, limit=300))
+
+
 class TestCacheStage(ProxyTestCase):
+    async def test_a_translated_stream_fills_the_cache_with_its_usage(self):
+        # an OpenAI client on an Anthropic provider that did not ask for usage: the cached
+        # answer had none (a buffered hit returned "usage": null, a streamed one none at all)
+        events, body = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: sse_reply(w, events)
+        await self.start_proxy(extra={"routing": {"model_map": {
+            "gpt-via-claude": "anthropic:claude-sonnet-4-5"}}})
+        req = dict(OPENAI_REQ, model="gpt-via-claude", temperature=0)
+        await http(self.port, "POST", "/v1/chat/completions", dict(req, stream=True),
+                   O_HEADERS)
+        await self.rows(1)
+        hit = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(hit.headers["x-tokenman-cache"], "HIT")
+        usage = hit.json()["usage"]
+        self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"]),
+                         (12 + 20000 + 3000, 420))
+        again = await http(self.port, "POST", "/v1/chat/completions", dict(
+            req, stream=True, stream_options={"include_usage": True}), O_HEADERS)
+        self.assertEqual(assemble_openai(again.body)["usage"], usage)
+
     async def test_a_streamed_answer_fills_the_cache_for_both_kinds_of_request(self):
         # streamed answers did not fill the cache: with the SDKs and agents that stream every
         # call, the response cache never hit. The whole answer is rebuilt from the events
@@ -3471,7 +3562,11 @@ class TestPIIStage(ProxyTestCase):
                       chunk([{"index": 0, "function": {"arguments": '"a"}'}}]),
                       chunk([call("call_b", "grep", '{"q": "x"}', index=0)])],
             "no ids": [chunk([dict(call("", "read", '{"path": "a"}', index=0), id=None)]),
-                       chunk([dict(call("", "grep", '{"q": "x"}', index=1), id=None)])]}
+                       chunk([dict(call("", "grep", '{"q": "x"}', index=1), id=None)])],
+            "new id mid-call": [  # (servers that send another id on every chunk)
+                chunk([call("call_a", "read", '{"path": ', index=0)]),
+                chunk([{"index": 0, "id": "call_x", "function": {"arguments": '"a"}'}}]),
+                chunk([call("call_b", "grep", '{"q": "x"}', index=1)])]}
         chosen = []
 
         async def handler(rec, r, w):

@@ -4805,7 +4805,7 @@ class StreamAssembler:
     (the inverse of synthesize_sse): so a streamed answer fills the response cache and a hit
     can be given as JSON or as a stream. Gives up (body() is None) on whatever it could not
     give back exactly: an event or delta kind it does not know, an error event, logprobs,
-    more than `limit` bytes of events."""
+    an answer of more than `limit` bytes (what it holds: not the events' size)."""
     __slots__ = ("api", "limit", "size", "failed", "msg", "json", "choices", "usage", "done")
 
     def __init__(self, api: str, limit: int) -> None:
@@ -4823,14 +4823,13 @@ class StreamAssembler:
         """One complete event, as the client's API has it."""
         if self.failed:
             return
-        self.size += len(raw)
         _, data = sse_fields(raw)
         try:
-            if self.size > self.limit or not (
-                    self._anthropic(data) if self.api == API_ANTHROPIC else self._openai(data)):
+            if not (self._anthropic(data) if self.api == API_ANTHROPIC else self._openai(data)) \
+                    or self.size > self.limit:
                 self.failed = True
-        except (ValueError, LookupError, TypeError, AttributeError):  # not the shape it knows
-            self.failed = True
+        except Exception:  # not the shape it knows (or nested too deeply): never the relay's
+            self.failed = True  # problem
 
     def feed_all(self, events: bytes) -> None:
         """Events made by the stream translator (one upstream event may make several)."""
@@ -4844,12 +4843,14 @@ class StreamAssembler:
         if kind == "ping":
             return True
         if kind == "message_start":
+            self.size += len(data)
             self.msg = dict(obj["message"], content=[])
             return self.msg.get("type") == "message"
         content = self.msg["content"]
         if kind == "content_block_start":
             if obj["index"] != len(content):
                 return False
+            self.size += len(data)
             content.append(dict(obj["content_block"]))
         elif kind == "content_block_delta":
             i = obj["index"]
@@ -4857,14 +4858,19 @@ class StreamAssembler:
             step = delta["type"]
             if step == "text_delta":
                 block["text"] += delta["text"]
+                self.size += len(delta["text"])
             elif step == "input_json_delta":
                 self.json[i] = self.json.get(i, "") + delta["partial_json"]
+                self.size += len(delta["partial_json"])
             elif step == "thinking_delta":
                 block["thinking"] += delta["thinking"]
+                self.size += len(delta["thinking"])
             elif step == "signature_delta":
                 block["signature"] = delta["signature"]
+                self.size += len(delta["signature"])
             elif step == "citations_delta":
                 block["citations"] = (block.get("citations") or []) + [delta["citation"]]
+                self.size += len(data)
             else:
                 return False
         elif kind == "content_block_stop":
@@ -4892,6 +4898,7 @@ class StreamAssembler:
             return False
         if self.msg is None:
             self.msg = {k: obj[k] for k in _CHUNK_KEYS if k in obj}
+            self.size += 256
         if obj.get("usage"):
             self.usage = obj["usage"]
         for choice in obj["choices"]:
@@ -4917,12 +4924,15 @@ class StreamAssembler:
                             calls.append({"id": call.get("id") or "",
                                           "type": call.get("type") or "function",
                                           "function": {"name": "", "arguments": ""}})
+                            self.size += 64
                         fn = call.get("function") or {}
                         made = calls[call["index"]]["function"]
                         made["name"] += fn.get("name") or ""
                         made["arguments"] += fn.get("arguments") or ""
-                elif value != "":  # (the first chunk's "content": "" leaves a tool call's
-                    message[key] = (message[key] or "") + value  # content null, as buffered)
+                        self.size += len(fn.get("name") or "") + len(fn.get("arguments") or "")
+                elif key == "content" or value:  # (content "" is an answer; refusal "" is not)
+                    message[key] = (message[key] or "") + value
+                    self.size += len(value)
             if choice.get("finish_reason"):
                 out["finish_reason"] = choice["finish_reason"]
         return True
@@ -4931,15 +4941,24 @@ class StreamAssembler:
         """The answer as JSON; None when the stream was not whole or not understood."""
         if self.failed or not self.done or self.msg is None:
             return None
-        if self.api == API_ANTHROPIC:
-            return None if self.json else json_dumps(self.msg)
-        if not self.choices or any(c["finish_reason"] is None for c in self.choices.values()):
+        try:
+            if self.api == API_ANTHROPIC:
+                return None if self.json else json_dumps(self.msg)
+            if not self.choices or any(c["finish_reason"] is None
+                                       for c in self.choices.values()):
+                return None
+            for choice in self.choices.values():  # a tool call or a refusal: content null
+                message = choice["message"]
+                if message["content"] == "" and (message.get("tool_calls") or
+                                                 message["refusal"]):
+                    message["content"] = None
+            answer = dict(self.msg, object="chat.completion",
+                          choices=[self.choices[i] for i in sorted(self.choices)])
+            if self.usage is not None:
+                answer["usage"] = self.usage
+            return json_dumps(answer)
+        except Exception:  # (an answer nested too deeply to encode)
             return None
-        answer = dict(self.msg, object="chat.completion",
-                      choices=[self.choices[i] for i in sorted(self.choices)])
-        if self.usage is not None:
-            answer["usage"] = self.usage
-        return json_dumps(answer)
 
 
 def _anthropic_events(msg: dict) -> list[bytes]:
@@ -4993,6 +5012,9 @@ def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
                                           "content": ""}, "finish_reason": None}])
         if message.get("content"):
             chunk([{"index": index, "delta": {"content": message["content"]},
+                    "finish_reason": None}])
+        if message.get("refusal"):
+            chunk([{"index": index, "delta": {"refusal": message["refusal"]},
                     "finish_reason": None}])
         for j, call in enumerate(message.get("tool_calls") or ()):
             chunk([{"index": index, "delta": {"tool_calls": [dict(call, index=j)]},
@@ -6654,20 +6676,24 @@ class StreamTranslator:
 
     def _tool_slot(self, call: dict) -> int:
         """Which tool call a tool_calls delta continues. By its index, as OpenAI numbers them;
-        but a delta with an id of its own under an index already taken by another id (servers
-        that number every call 0), or one with an id and no index (servers that leave it out),
-        starts a new call, and a delta with neither continues the last call."""
+        but a delta that names a function under an id other than the call's at that index
+        (servers that number every call 0) starts a new call, while one with a new id and no
+        name continues (servers that change the id mid-call). Without an index (servers that
+        leave it out): a known id continues its call, a named delta starts one, any other
+        continues the last."""
         index = call.get("index")
         cid = call.get("id")
         cid = cid if type(cid) is str else ""
+        fn = call.get("function")
+        named = isinstance(fn, dict) and bool(fn.get("name"))
         if type(index) is int:
             slot = self.slots.get(index)
-            if slot is not None and (not cid or self.call_ids[slot] in ("", cid)):
+            if slot is not None and not (named and cid and self.call_ids[slot] not in ("", cid)):
                 return slot
-        elif not cid and self.call_ids:
-            return len(self.call_ids) - 1
-        elif cid in self.call_ids:
+        elif cid and cid in self.call_ids:
             return self.call_ids.index(cid)
+        elif self.call_ids and not named:
+            return len(self.call_ids) - 1
         self.call_ids.append(cid)
         slot = len(self.call_ids) - 1
         if type(index) is int:
@@ -6743,12 +6769,16 @@ class StreamTranslator:
                 _sse("message_stop", {"type": "message_stop"})
         out = self._chunk({}, self.stop or "stop")
         if self.include_usage:
-            prompt = u.input + u.cache_read + u.cache_write
-            out += self._chunk({}, usage={"prompt_tokens": prompt, "completion_tokens": u.output,
-                                          "total_tokens": prompt + u.output,
-                                          "prompt_tokens_details": {"cached_tokens":
-                                                                    u.cache_read}})
+            out += self._chunk({}, usage=self.openai_usage())
         return out + b"data: [DONE]\n\n"
+
+    def openai_usage(self) -> dict:
+        """An Anthropic stream's usage as OpenAI reports it."""
+        u = self.usage
+        prompt = u.input + u.cache_read + u.cache_write
+        return {"prompt_tokens": prompt, "completion_tokens": u.output,
+                "total_tokens": prompt + u.output,
+                "prompt_tokens_details": {"cached_tokens": u.cache_read}}
 
 
 
@@ -7319,11 +7349,13 @@ class ResponseRelay:
                                 assembler.feed(event)
                 if out and conn.chan._write_paused:
                     await conn.drain()
-            rest = splitter.flush()
+            rest = splitter.flush()  # (an event without its blank line: the stream ended)
             if rest and assembler is not None and translator is None:
                 assembler.feed(rest)
-            if rest and meter.on_event(rest) and translator is None:
-                conn.stream_write(rest)
+            if rest and meter.on_event(rest) and translator is None \
+                    and (meter.complete or not answers):
+                conn.stream_write(rest)  # (a cut one is not sent: glued to the error event
+                # below it would break the client's parser before it read the error)
         except TimeoutError:
             failure = "stream_timeout reached" if end is not None and loop.time() >= end \
                 else "upstream stream idle too long (stream_idle_timeout)"
@@ -7335,6 +7367,8 @@ class ResponseRelay:
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
             failure = ""
         empty = not meter.events and not splitter.oversized  # no bytes, or only pings
+        if meter.responses and splitter.oversized:  # a response.completed over SSE_MAX_EVENT
+            answers = False  # (an image's base64) passes unread: its end cannot be told
         if not meter.complete and not failure and answers \
                 and 200 <= resp.status < 300 and not conn.lost:
             if empty:
@@ -7367,6 +7401,8 @@ class ResponseRelay:
             self._account_stream(ctx, meter)  # (an answer that never came, or came as an
             # error alone, is not charged, unless it goes on at the provider without the client)
         if assembler is not None and ctx.outcome == "ok" and meter.complete:
+            if translator is not None and ctx.api == API_OPENAI and assembler.usage is None:
+                assembler.usage = translator.openai_usage()  # (the client did not ask for it)
             whole = assembler.body()
             if whole is not None:  # the response cache keeps it as a JSON answer
                 ctx.upstream_body = whole
