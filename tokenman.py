@@ -111,8 +111,8 @@ MAX_UPSTREAM_HEAD = 64 * 1024    # a provider's response head
 SSE_MAX_EVENT = 10 * 1024 * 1024 # one SSE event the side parser follows (long tool outputs, base64)
 READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one read
 READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
-WRITE_BATCH_MAX = 64 * 1024      # a write this large is sent at once, not held for the batch
 READ_LOW_WATER = 64 * 1024       # and resume below this
+WRITE_BATCH_MAX = 64 * 1024      # a write this large is sent at once, not held for the batch
 LINGER_SECONDS = 10.0            # after refusing a request whose body is still arriving, read
 LINGER_IDLE = 2.0                # and drop it this long (this long without bytes ends it) before
                                  # closing: closing on unread bytes sends a reset, and the
@@ -1764,9 +1764,9 @@ class WriteBatch:
     A send on loopback runs the receiver's side at once and, when the receiver's CPU is idle,
     wakes it (an inter-processor interrupt; in a VM an exit to the hypervisor: ~30 us of this
     proxy's CPU on the benchmark's VM). Under load, sends made back to back find the peers'
-    CPU already awake, so one wake-up serves many; measured at c=64, CPU per request fell by
-    about a quarter. With nothing else ready (one request at a time) a write goes out at once,
-    so the added latency does not grow. Reads asyncio's private ready queue (CPython 3.11 to
+    CPU already awake, so one wake-up serves many: at c=64 the benchmark's CPU per request fell
+    by 10-20 % and its throughput rose by as much (bench/RESULTS.md, round 6). With nothing
+    else ready (one request at a time) a write goes out at once, so latency does not grow. Reads asyncio's private ready queue (CPython 3.11 to
     3.13); an event loop without one gets unbatched writes."""
     __slots__ = ("loop", "ready", "pending")
 
