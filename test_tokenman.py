@@ -251,6 +251,12 @@ def anthropic_events(*objs) -> list[bytes]:
             for o in objs]
 
 
+def responses_event(obj: dict, seq: int) -> bytes:
+    """One Responses API stream event with its sequence number."""
+    obj = dict(obj, sequence_number=seq)
+    return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+
+
 def openai_events(*objs) -> list[bytes]:
     return [b"data: %s\n\n" % (o if isinstance(o, bytes) else json.dumps(o).encode())
             for o in objs]
@@ -1503,9 +1509,7 @@ class TestRelay(ProxyTestCase):
         # a Responses API stream (Codex CLI, the Agents SDK) that ends cleanly without
         # response.completed / .incomplete / .failed was logged ok with no usage and no charge;
         # it is a cut: the client gets the API's error event, the row says so and is estimated
-        def event(obj, seq):
-            obj = dict(obj, sequence_number=seq)
-            return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+        event = responses_event
         response = {"id": "resp_2", "object": "response", "model": "gpt-4o-2024-08-06",
                     "status": "in_progress", "output": [], "usage": None}
         head = [event({"type": "response.created", "response": response}, 0),
@@ -1541,9 +1545,7 @@ class TestRelay(ProxyTestCase):
         # review: a response.completed over SSE_MAX_EVENT (an image's base64) passes unread
         # and was taken for a cut (an error event after a whole answer); an event cut in its
         # middle went out glued to the error event, which the client's parser could not read
-        def event(obj, seq):
-            obj = dict(obj, sequence_number=seq)
-            return b"event: %s\ndata: %s\n\n" % (obj["type"].encode(), json.dumps(obj).encode())
+        event = responses_event
         response = {"id": "resp_3", "object": "response", "model": "gpt-4.1",
                     "status": "in_progress", "output": [], "usage": None}
         created = event({"type": "response.created", "response": response}, 0)
