@@ -3197,10 +3197,29 @@ class TestStreamAssembler(unittest.TestCase):
         _, body = openai_fixture("text")
         body["choices"][0]["message"] = {"role": "assistant", "content": None,
                                          "refusal": "I can't help with that."}
+        body["service_tier"] = "default"  # (a replayed stream dropped it)
         events = tm.synthesize_sse(tm.API_OPENAI, json.dumps(body).encode())
         got = self.assembled(tm.API_OPENAI, events)
         self.assertEqual(got["choices"][0]["message"], body["choices"][0]["message"])
-        self.assertEqual(got["usage"], body["usage"])
+        self.assertEqual((got["usage"], got["service_tier"]), (body["usage"], "default"))
+
+    def test_tool_calls_numbered_alike_are_kept_apart(self):
+        # a trial: a server numbering every call 0 (ids differ) filled the cache with one call
+        # named get_weatherget_weather whose arguments were two JSON objects run together
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+        def call(cid, name, args):
+            return dict(base, choices=[{"index": 0, "finish_reason": None, "delta": {
+                "tool_calls": [{"index": 0, "id": cid, "type": "function",
+                                "function": {"name": name, "arguments": args}}]}}])
+        events = openai_events(call("call_a", "get_weather", '{"city": "Paris"}'),
+                               call("call_b", "get_weather", '{"city": "Tokyo"}'),
+                               dict(base, choices=[{"index": 0, "delta": {},
+                                                    "finish_reason": "tool_calls"}]), b"[DONE]")
+        calls = self.assembled(tm.API_OPENAI, events)["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"])
+                          for c in calls], [("call_a", "get_weather", '{"city": "Paris"}'),
+                                            ("call_b", "get_weather", '{"city": "Tokyo"}')])
 
     def test_review_findings_empty_content_deep_nesting_and_the_size_limit(self):
         base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "o4-mini"}
@@ -3566,6 +3585,9 @@ class TestPIIStage(ProxyTestCase):
                       chunk([call("call_b", "grep", '{"q": "x"}', index=0)])],
             "no ids": [chunk([dict(call("", "read", '{"path": "a"}', index=0), id=None)]),
                        chunk([dict(call("", "grep", '{"q": "x"}', index=1), id=None)])],
+            "all 0, no ids": [chunk([dict(call("", "read", '{"path": ', index=0), id=None)]),
+                              chunk([{"index": 0, "function": {"arguments": '"a"}'}}]),
+                              chunk([dict(call("", "grep", '{"q": "x"}', index=0), id=None)])],
             "new id mid-call": [  # (servers that send another id on every chunk)
                 chunk([call("call_a", "read", '{"path": ', index=0)]),
                 chunk([{"index": 0, "id": "call_x", "function": {"arguments": '"a"}'}}]),
@@ -4156,13 +4178,16 @@ class TestRateLimitStage(ProxyTestCase):
         got = [await http(self.port, "POST", path, body, headers)
                for path, body, headers in calls]
         self.assertEqual([r.status for r in got], [200, 200, 429])
-        self.assertEqual(got[2].json()["error"]["type"], "rate_limit_exceeded")
+        self.assertEqual((got[2].json()["error"]["type"], got[2].json()["error"]["code"]),
+                         ("rate_limit_exceeded", "rate_limit_exceeded"))  # (as OpenAI's)
         self.assertIn("retry-after", got[2].headers)
         for _ in range(3):  # the Anthropic bucket: count_tokens never takes from it
             counted = await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ,
                                  A_HEADERS)
             self.assertEqual(counted.status, 200)
         self.assertEqual(len(self.up.requests), 5)
+        rows = await self.rows(2, "path = '/v1/embeddings' AND status_code = 200")
+        self.assertGreater(rows[0]["cost_usd"], 0)  # embeddings are priced (they were not)
 
     async def test_buckets_of_idle_projects_do_not_pile_up(self):
         await self.start_proxy({"security": {"rate_limit": {

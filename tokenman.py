@@ -2237,8 +2237,8 @@ def native_error(api: str, status: int, message: str, kind: str = "") -> bytes:
         return json_dumps({"type": "error", "error": {"type": etype, "message": message}})
     etype = kind or OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else
                                            "invalid_request_error")
-    return json_dumps({"error": {"message": message, "type": etype, "param": None,
-                                 "code": None}})
+    return json_dumps({"error": {"message": message, "type": etype, "param": None,  # (OpenAI
+                                 "code": etype if status == 429 else None}})  # codes its 429s)
 
 
 def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
@@ -3230,6 +3230,9 @@ BUILTIN_PRICES = (
     ("o4-mini", 1.1, 4.4, 1.1, 1.1, 0.275),
     ("gpt-4-turbo", 10, 30, 10, 10, 10),
     ("gpt-3.5-turbo", 0.5, 1.5, 0.5, 0.5, 0.5),
+    ("text-embedding-3-small", 0.02, 0, 0.02, 0.02, 0.02),  # (input only)
+    ("text-embedding-3-large", 0.13, 0, 0.13, 0.13, 0.13),
+    ("text-embedding-ada-002", 0.1, 0, 0.1, 0.1, 0.1),
 )
 _MODEL_BOUNDARY = "-@:[_"  # a prefix must end where the id's next part begins
 
@@ -4800,13 +4803,54 @@ _CHUNK_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
 
 
+class ToolSlots:
+    """Which tool call an OpenAI tool_calls delta continues (numbered from 0 in the order the
+    calls start). By its index, as OpenAI numbers them; but under an index already taken, a
+    delta that names a function again starts a new call unless it repeats the call's id
+    (servers that number every call 0, with or without ids), while one with a new id and no
+    name continues (servers that change the id mid-call). Without an index (servers that leave
+    it out): a known id continues its call, a named delta starts one, any other continues the
+    last."""
+    __slots__ = ("by_index", "ids", "named")
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, int] = {}  # the delta's index -> the call it continues now
+        self.ids: list[str] = []  # per call: its id ("" when the server gave none)
+        self.named: list[bool] = []  # per call: a delta named its function
+
+    def slot(self, call: dict) -> int:
+        index = call.get("index")
+        cid = call.get("id")
+        cid = cid if type(cid) is str else ""
+        fn = call.get("function")
+        named = isinstance(fn, dict) and bool(fn.get("name"))
+        if type(index) is int:
+            slot = self.by_index.get(index)
+            if slot is not None and not (named and self.named[slot] and
+                                         not (cid and cid == self.ids[slot])):
+                self.named[slot] = self.named[slot] or named
+                self.ids[slot] = self.ids[slot] or cid
+                return slot
+        elif cid and cid in self.ids:
+            return self.ids.index(cid)
+        elif self.ids and not named:
+            return len(self.ids) - 1
+        self.ids.append(cid)
+        self.named.append(named)
+        slot = len(self.ids) - 1
+        if type(index) is int:
+            self.by_index[index] = slot
+        return slot
+
+
 class StreamAssembler:
     """The whole answer a stream makes, as the provider would have given it without `stream`
     (the inverse of synthesize_sse): so a streamed answer fills the response cache and a hit
     can be given as JSON or as a stream. Gives up (body() is None) on whatever it could not
     give back exactly: an event or delta kind it does not know, an error event, logprobs,
     an answer of more than `limit` bytes (what it holds: not the events' size)."""
-    __slots__ = ("api", "limit", "size", "failed", "msg", "json", "choices", "usage", "done")
+    __slots__ = ("api", "limit", "size", "failed", "msg", "json", "choices", "usage", "done",
+                 "calls")
 
     def __init__(self, api: str, limit: int) -> None:
         self.api = api
@@ -4818,6 +4862,7 @@ class StreamAssembler:
         self.choices: dict[int, dict] = {}  # OpenAI: index -> the choice being built
         self.usage = None
         self.done = False
+        self.calls: dict[int, ToolSlots] = {}  # OpenAI: choice index -> its tool calls
 
     def feed(self, raw: bytes) -> None:
         """One complete event, as the client's API has it."""
@@ -4919,14 +4964,16 @@ class StreamAssembler:
                     message["role"] = value
                 elif key == "tool_calls":
                     calls = message.setdefault("tool_calls", [])
+                    slots = self.calls.setdefault(choice["index"], ToolSlots())
                     for call in value:
-                        if call["index"] == len(calls):
+                        k = slots.slot(call)
+                        if k == len(calls):
                             calls.append({"id": call.get("id") or "",
                                           "type": call.get("type") or "function",
                                           "function": {"name": "", "arguments": ""}})
                             self.size += 64
                         fn = call.get("function") or {}
-                        made = calls[call["index"]]["function"]
+                        made = calls[k]["function"]
                         made["name"] += fn.get("name") or ""
                         made["arguments"] += fn.get("arguments") or ""
                         self.size += len(fn.get("name") or "") + len(fn.get("arguments") or "")
@@ -4999,7 +5046,7 @@ def _anthropic_events(msg: dict) -> list[bytes]:
 
 
 def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
-    base = {k: obj[k] for k in ("id", "created", "model", "system_fingerprint") if k in obj}
+    base = {k: obj[k] for k in _CHUNK_KEYS if k in obj}
     base["object"] = "chat.completion.chunk"
     events = []
 
@@ -6601,8 +6648,7 @@ class StreamTranslator:
         self.open_block: int | None = None   # index of the open Anthropic content block
         self.blocks = 0
         self.tools: dict[int, int] = {}      # OpenAI tool call (its slot) -> block index
-        self.slots: dict[int, int] = {}      # OpenAI tool_call index -> its current slot
-        self.call_ids: list[str] = []        # slot -> the call's id
+        self.slots = ToolSlots()
         self.usage = Usage()
         self.stop = None
         self.id = "msg_" + os.urandom(8).hex()
@@ -6655,7 +6701,7 @@ class StreamTranslator:
                     "type": "content_block_delta", "index": self.open_block,
                     "delta": {"type": "text_delta", "text": delta["content"]}})
             for call in delta.get("tool_calls") or ():
-                k = self._tool_slot(call)
+                k = self.slots.slot(call)
                 fn = call.get("function") or {}
                 if k not in self.tools:
                     out += self._close_block()
@@ -6663,7 +6709,7 @@ class StreamTranslator:
                     self.blocks += 1
                     out += _sse("content_block_start", {
                         "type": "content_block_start", "index": self.open_block,
-                        "content_block": {"type": "tool_use", "id": self.call_ids[k] or (
+                        "content_block": {"type": "tool_use", "id": self.slots.ids[k] or (
                             "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
                                           "name": fn.get("name", ""), "input": {}}})
                 if fn.get("arguments"):
@@ -6673,32 +6719,6 @@ class StreamTranslator:
             if choice.get("finish_reason"):
                 self.stop = _O2A_STOP.get(choice["finish_reason"], "end_turn")
         return out
-
-    def _tool_slot(self, call: dict) -> int:
-        """Which tool call a tool_calls delta continues. By its index, as OpenAI numbers them;
-        but a delta that names a function under an id other than the call's at that index
-        (servers that number every call 0) starts a new call, while one with a new id and no
-        name continues (servers that change the id mid-call). Without an index (servers that
-        leave it out): a known id continues its call, a named delta starts one, any other
-        continues the last."""
-        index = call.get("index")
-        cid = call.get("id")
-        cid = cid if type(cid) is str else ""
-        fn = call.get("function")
-        named = isinstance(fn, dict) and bool(fn.get("name"))
-        if type(index) is int:
-            slot = self.slots.get(index)
-            if slot is not None and not (named and cid and self.call_ids[slot] not in ("", cid)):
-                return slot
-        elif cid and cid in self.call_ids:
-            return self.call_ids.index(cid)
-        elif self.call_ids and not named:
-            return len(self.call_ids) - 1
-        self.call_ids.append(cid)
-        slot = len(self.call_ids) - 1
-        if type(index) is int:
-            self.slots[index] = slot
-        return slot
 
     # -- Anthropic provider, OpenAI client --------------------------------------------------
     def _chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
