@@ -3220,6 +3220,15 @@ class TestStreamAssembler(unittest.TestCase):
         self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"])
                           for c in calls], [("call_a", "get_weather", '{"city": "Paris"}'),
                                             ("call_b", "get_weather", '{"city": "Tokyo"}')])
+        repeated = openai_events(  # a server that names the function on every delta of it
+            call("call_a", "get_weather", '{"city": '),
+            dict(base, choices=[{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                {"index": 0, "function": {"name": "get_weather", "arguments": '"Paris"}'}}]}}])
+        ) + events[1:]
+        calls = self.assembled(tm.API_OPENAI, repeated)["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"])
+                          for c in calls], [("call_a", "get_weather", '{"city": "Paris"}'),
+                                            ("call_b", "get_weather", '{"city": "Tokyo"}')])
 
     def test_review_findings_empty_content_deep_nesting_and_the_size_limit(self):
         base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "o4-mini"}
@@ -3588,6 +3597,14 @@ class TestPIIStage(ProxyTestCase):
             "all 0, no ids": [chunk([dict(call("", "read", '{"path": ', index=0), id=None)]),
                               chunk([{"index": 0, "function": {"arguments": '"a"}'}}]),
                               chunk([dict(call("", "grep", '{"q": "x"}', index=0), id=None)])],
+            "name on every delta": [
+                chunk([call("call_a", "read", '{"path": ', index=0)]),
+                chunk([{"index": 0, "function": {"name": "read", "arguments": '"a"}'}}]),
+                chunk([call("call_b", "grep", '{"q": "x"}', index=1)])],
+            "id first, name next": [
+                chunk([{"index": 0, "id": "call_a", "type": "function"}]),
+                chunk([{"index": 0, "function": {"name": "read", "arguments": '{"path": "a"}'}}]),
+                chunk([call("call_b", "grep", '{"q": "x"}', index=1)])],
             "new id mid-call": [  # (servers that send another id on every chunk)
                 chunk([call("call_a", "read", '{"path": ', index=0)]),
                 chunk([{"index": 0, "id": "call_x", "function": {"arguments": '"a"}'}}]),

@@ -4806,41 +4806,58 @@ _OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
 class ToolSlots:
     """Which tool call an OpenAI tool_calls delta continues (numbered from 0 in the order the
     calls start). By its index, as OpenAI numbers them; but under an index already taken, a
-    delta that names a function again starts a new call unless it repeats the call's id
-    (servers that number every call 0, with or without ids), while one with a new id and no
-    name continues (servers that change the id mid-call). Without an index (servers that leave
-    it out): a known id continues its call, a named delta starts one, any other continues the
-    last."""
-    __slots__ = ("by_index", "ids", "named")
+    delta that names a function starts a new call when it brings an id other than the call's
+    (servers that number every call 0), or brings no id while the call's arguments so far are
+    a whole JSON value (the same without ids); a name repeated on every delta of one call, or
+    an id that changes mid-call, continues it. Without an index (servers that leave it out): a
+    known id continues its call, a named delta starts one, any other continues the last."""
+    __slots__ = ("by_index", "ids", "args")
 
     def __init__(self) -> None:
         self.by_index: dict[int, int] = {}  # the delta's index -> the call it continues now
         self.ids: list[str] = []  # per call: its id ("" when the server gave none)
-        self.named: list[bool] = []  # per call: a delta named its function
+        self.args: list[str] = []  # per call: its arguments so far
 
     def slot(self, call: dict) -> int:
         index = call.get("index")
         cid = call.get("id")
         cid = cid if type(cid) is str else ""
         fn = call.get("function")
-        named = isinstance(fn, dict) and bool(fn.get("name"))
+        fn = fn if isinstance(fn, dict) else {}
+        piece = fn.get("arguments")
+        piece = piece if type(piece) is str else ""
+        slot = None
         if type(index) is int:
             slot = self.by_index.get(index)
-            if slot is not None and not (named and self.named[slot] and
-                                         not (cid and cid == self.ids[slot])):
-                self.named[slot] = self.named[slot] or named
-                self.ids[slot] = self.ids[slot] or cid
-                return slot
+            if slot is not None and fn.get("name") and self._ended(slot, cid):
+                slot = None
         elif cid and cid in self.ids:
-            return self.ids.index(cid)
-        elif self.ids and not named:
-            return len(self.ids) - 1
-        self.ids.append(cid)
-        self.named.append(named)
-        slot = len(self.ids) - 1
-        if type(index) is int:
-            self.by_index[index] = slot
+            slot = self.ids.index(cid)
+        elif self.ids and not fn.get("name"):
+            slot = len(self.ids) - 1
+        if slot is None:
+            self.ids.append(cid)
+            self.args.append("")
+            slot = len(self.ids) - 1
+            if type(index) is int:
+                self.by_index[index] = slot
+        elif cid and not self.ids[slot]:
+            self.ids[slot] = cid
+        self.args[slot] += piece
         return slot
+
+    def _ended(self, slot: int, cid: str) -> bool:
+        """A named delta under this call's index begins another call."""
+        if cid:
+            return bool(self.ids[slot]) and cid != self.ids[slot]
+        text = self.args[slot].rstrip()
+        if not text.endswith(("}", "]")):
+            return False
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
 
 
 class StreamAssembler:
@@ -4974,7 +4991,8 @@ class StreamAssembler:
                             self.size += 64
                         fn = call.get("function") or {}
                         made = calls[k]["function"]
-                        made["name"] += fn.get("name") or ""
+                        if not made["name"]:  # (some servers repeat it on every delta)
+                            made["name"] = fn.get("name") or ""
                         made["arguments"] += fn.get("arguments") or ""
                         self.size += len(fn.get("name") or "") + len(fn.get("arguments") or "")
                 elif key == "content" or value:  # (content "" is an answer; refusal "" is not)
@@ -6704,6 +6722,8 @@ class StreamTranslator:
                 k = self.slots.slot(call)
                 fn = call.get("function") or {}
                 if k not in self.tools:
+                    if not fn.get("name") and not fn.get("arguments"):
+                        continue  # (an id alone: the block starts when its name comes)
                     out += self._close_block()
                     self.tools[k] = self.open_block = self.blocks
                     self.blocks += 1
@@ -6711,7 +6731,7 @@ class StreamTranslator:
                         "type": "content_block_start", "index": self.open_block,
                         "content_block": {"type": "tool_use", "id": self.slots.ids[k] or (
                             "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
-                                          "name": fn.get("name", ""), "input": {}}})
+                                          "name": fn.get("name") or "", "input": {}}})
                 if fn.get("arguments"):
                     out += _sse("content_block_delta", {
                         "type": "content_block_delta", "index": self.tools[k],
