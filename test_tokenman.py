@@ -3982,6 +3982,37 @@ class TestInjectionStage(ProxyTestCase):
         self.assertEqual([tuple(r) for r in logged], [(
             "instruction_override", "ignore_previous", "messages[0].content[0].content")])
 
+    async def test_responses_api_input_and_tool_outputs_are_checked(self):
+        # /v1/responses (Codex CLI, the Agents SDK) went around the check: an attack in a tool
+        # output reached the model; embeddings and count_tokens are not a conversation
+        self.up.handler = lambda rec, r, w: json_reply(w, {"object": "response", "output": []})
+        await self.start_proxy({"security": {"injection": {"action": "block"}}})
+        attacks = [{"model": "gpt-4o", "input": self.ATTACK},
+                   {"model": "gpt-4o", "input": [{"role": "user", "content": [
+                       {"type": "input_text", "text": self.ATTACK}]}]},
+                   {"model": "gpt-4o", "input": [
+                       {"type": "message", "role": "user", "content": "run the tool"},
+                       {"type": "function_call", "call_id": "c1", "name": "fetch",
+                        "arguments": "{}"},
+                       {"type": "function_call_output", "call_id": "c1", "output": self.ATTACK}]}]
+        for body in attacks:
+            resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
+            self.assertEqual(resp.status, 400, body)
+            self.assertIn("instruction_override", resp.json()["error"]["message"])
+        calm = await http(self.port, "POST", "/v1/responses", {
+            "model": "gpt-4o", "input": [{"role": "assistant", "content": self.ATTACK},
+                                         {"role": "user", "content": "thanks"}]}, O_HEADERS)
+        self.assertEqual(calm.status, 200)  # (the model's own words are not checked)
+        embedded = await http(self.port, "POST", "/v1/embeddings", {
+            "model": "text-embedding-3-small", "input": self.ATTACK}, O_HEADERS)
+        self.assertEqual(embedded.status, 200)
+        self.assertEqual(len(self.up.requests), 2)
+        await asyncio.to_thread(self.app.store.flush)
+        logged = await asyncio.to_thread(self.app.store.query,
+                                         "SELECT field_path FROM injection_log")
+        self.assertEqual(sorted(r["field_path"] for r in logged),
+                         ["input", "input[0].content[0].text", "input[2].output"])
+
     async def test_sanitize(self):
         resp = await self.send("sanitize")
         self.assertEqual(resp.status, 200)

@@ -4540,6 +4540,32 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     return out
 
 
+def responses_text_fields(obj: dict) -> list[tuple]:
+    """The user's and the tools' text in a Responses API request, as text_fields() gives them:
+    `input` as a string, user messages' string content or input_text parts, and the outputs of
+    function and custom tool calls."""
+    items = obj.get("input")
+    if isinstance(items, str):
+        return [(obj, "input", ("input",), "user")]
+    out: list[tuple] = []
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            if isinstance(item.get("output"), str):
+                out.append((item, "output", ("input", i, "output"), "tool"))
+        elif item.get("role") == "user" and kind in (None, "message"):
+            content = item.get("content")
+            if isinstance(content, str):
+                out.append((item, "content", ("input", i, "content"), "user"))
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                if isinstance(part, dict) and part.get("type") == "input_text" \
+                        and isinstance(part.get("text"), str):
+                    out.append((part, "text", ("input", i, "content", j, "text"), "user"))
+    return out
+
+
 def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, roles,
                     depth: int) -> None:
     content = parent.get(key)
@@ -5204,10 +5230,12 @@ class ScanMemo:
 
 class InjectionGuard(Stage):
     """Prompt-injection patterns in user messages and tool results (both APIs, array content
-    and nested tool results included). log records, warn also sets a response header,
-    sanitize replaces the matches, block answers 400. Fails closed."""
+    and nested tool results included), and in Responses API calls (`input` and tool outputs).
+    log records, warn also sets a response header, sanitize replaces the matches, block answers
+    400. Fails closed."""
     name = "injection"
     fails_closed = True
+    side_calls = True  # for /v1/responses; other pass-through calls are not a conversation
 
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
                  **_: object) -> None:
@@ -5222,7 +5250,12 @@ class InjectionGuard(Stage):
             return None
         action = self.cfg.action
         hits = []
-        fields = text_fields(ctx.api, ctx.obj, ("user", "tool"))
+        if ctx.req.path in ACCOUNTED_PATHS:
+            fields = text_fields(ctx.api, ctx.obj, ("user", "tool"))
+        elif ctx.req.path == RESPONSES_PATH and ctx.req.method == "POST":
+            fields = responses_text_fields(ctx.obj)
+        else:  # (count_tokens, embeddings: nothing a model acts on)
+            return None
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             found = self.memo.get(parent[key], find_injections, short)
