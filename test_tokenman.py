@@ -3631,6 +3631,77 @@ class TestPIIStage(ProxyTestCase):
             self.assertTrue(all(ids), style)
             self.assertEqual(msg["stop_reason"], "tool_use")
 
+    async def test_responses_api_is_redacted_and_restored_buffered_and_streamed(self):
+        # /v1/responses (Codex CLI, the Agents SDK) went to the provider unredacted
+        def reply_text(rec):
+            sent = rec.json()
+            return "Sent to " + re.search(r"\[EMAIL_1\]", json.dumps(sent)).group()
+
+        async def handler(rec, r, w):
+            text = reply_text(rec)
+            args = json.dumps({"to": "[EMAIL_1]", "dir": "[FILE_PATH_1]"})
+            if not rec.json().get("stream"):
+                await json_reply(w, {"object": "response", "status": "completed", "output": [
+                    {"type": "message", "role": "assistant", "content": [
+                        {"type": "output_text", "text": text}]}]})
+                return
+            head, tail = text[:-4], text[-4:]  # the placeholder split across two deltas
+            ids = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+            await sse_reply(w, [
+                responses_event({"type": "response.created", "response": {}}, 0),
+                responses_event(dict(ids, type="response.output_text.delta", delta=head), 1),
+                responses_event(dict(ids, type="response.output_text.delta", delta=tail), 2),
+                responses_event(dict(ids, type="response.output_text.done", text=text), 3),
+                responses_event({"type": "response.function_call_arguments.delta",
+                                 "item_id": "fc_1", "output_index": 1, "delta": args}, 4),
+                responses_event({"type": "response.completed", "response": {
+                    "status": "completed", "output": [{"type": "message", "content": [
+                        {"type": "output_text", "text": text}]}],
+                    "usage": {"input_tokens": 5, "output_tokens": 5}}}, 5)])
+        self.up.handler = handler
+        await self.start_proxy()
+        body = {"model": "gpt-4o", "instructions": "Reply to jane@corp.com",
+                "input": [{"role": "user", "content": [
+                    {"type": "input_text", "text": "mail jane@corp.com from C:\\Users\\jane"}]}]}
+        buffered = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
+        sent = self.up.requests[0].json()
+        self.assertNotIn("jane@corp.com", json.dumps(sent))
+        self.assertEqual(sent["instructions"], "Reply to [EMAIL_1]")
+        self.assertEqual(buffered.json()["output"][0]["content"][0]["text"],
+                         "Sent to jane@corp.com")
+        streamed = await http(self.port, "POST", "/v1/responses", dict(body, stream=True),
+                              O_HEADERS)
+        events = [json.loads(tm.sse_fields(e)[1]) for e in tm.SSESplitter().feed(streamed.body)]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        self.assertEqual(deltas, "Sent to jane@corp.com")
+        done = [e for e in events if e["type"] == "response.output_text.done"][0]
+        self.assertEqual(done["text"], "Sent to jane@corp.com")
+        args = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+        self.assertEqual(json.loads(args[0]["delta"]),  # (JSON text: the path stays valid)
+                         {"to": "jane@corp.com", "dir": "C:\\Users\\jane"})
+        completed = [e for e in events if e["type"] == "response.completed"][0]
+        self.assertEqual(completed["response"]["output"][0]["content"][0]["text"],
+                         "Sent to jane@corp.com")
+
+    async def test_a_conversation_the_provider_keeps_gets_one_placeholder_per_value(self):
+        # with previous_response_id the history is not resent: numbered per request, jane's
+        # [EMAIL_1] of turn 1 and bob's [EMAIL_1] of turn 2 were one name to the model, and a
+        # reply about jane was restored with bob's address
+        self.up.handler = lambda rec, r, w: json_reply(w, {"object": "response", "output": []})
+        await self.start_proxy()
+        turns = ["write to jane@corp.com", "and to bob@example.org", "jane@corp.com again"]
+        for i, text in enumerate(turns):
+            await http(self.port, "POST", "/v1/responses", {
+                "model": "gpt-4o", "input": text, "previous_response_id": f"resp_{i}"},
+                O_HEADERS)
+        sent = [re.search(r"\[EMAIL_\d+\]", r.json()["input"]).group()
+                for r in self.up.requests]
+        self.assertNotEqual(sent[0], sent[1])
+        self.assertEqual(sent[0], sent[2])
+        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": turns[1]},
+                   O_HEADERS)  # a call on its own: numbered in order, as in the chat APIs
+        self.assertEqual(self.up.requests[-1].json()["input"], "and to [EMAIL_1]")
+
     async def test_redacted_upstream_and_restored_for_the_client(self):
         self.up.handler = self.echo
         await self.start_proxy()

@@ -4540,29 +4540,40 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     return out
 
 
-def responses_text_fields(obj: dict) -> list[tuple]:
-    """The user's and the tools' text in a Responses API request, as text_fields() gives them:
-    `input` as a string, user messages' string content or input_text parts, and the outputs of
-    function and custom tool calls."""
+def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
+    """The text of a Responses API request, as text_fields() gives it for the chat APIs:
+    `instructions`, `input` as a string, every message's string content or text parts, function
+    call arguments and the outputs of function and custom tool calls. `roles` limits which
+    are visited ("tool" for the outputs)."""
+    out: list[tuple] = []
+    if roles is None and isinstance(obj.get("instructions"), str):
+        out.append((obj, "instructions", ("instructions",), "system"))
     items = obj.get("input")
     if isinstance(items, str):
-        return [(obj, "input", ("input",), "user")]
-    out: list[tuple] = []
+        if roles is None or "user" in roles:
+            out.append((obj, "input", ("input",), "user"))
+        return out
     for i, item in enumerate(items if isinstance(items, list) else ()):
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
-        if kind in ("function_call_output", "custom_tool_call_output"):
-            if isinstance(item.get("output"), str):
-                out.append((item, "output", ("input", i, "output"), "tool"))
-        elif item.get("role") == "user" and kind in (None, "message"):
+        if kind in (None, "message"):
+            role = item.get("role") if isinstance(item.get("role"), str) else ""
+            if roles is not None and role not in roles:
+                continue
             content = item.get("content")
             if isinstance(content, str):
-                out.append((item, "content", ("input", i, "content"), "user"))
+                out.append((item, "content", ("input", i, "content"), role))
             for j, part in enumerate(content if isinstance(content, list) else ()):
-                if isinstance(part, dict) and part.get("type") == "input_text" \
+                if isinstance(part, dict) and part.get("type") in ("input_text", "output_text") \
                         and isinstance(part.get("text"), str):
-                    out.append((part, "text", ("input", i, "content", j, "text"), "user"))
+                    out.append((part, "text", ("input", i, "content", j, "text"), role))
+            continue
+        key, role = ("output", "tool") if kind in (
+            "function_call_output", "custom_tool_call_output") else ("arguments", "assistant") \
+            if kind == "function_call" else ("", "")
+        if key and (roles is None or role in roles) and isinstance(item.get(key), str):
+            out.append((item, key, ("input", i, key), role))
     return out
 
 
@@ -5253,7 +5264,7 @@ class InjectionGuard(Stage):
         if ctx.req.path in ACCOUNTED_PATHS:
             fields = text_fields(ctx.api, ctx.obj, ("user", "tool"))
         elif ctx.req.path == RESPONSES_PATH and ctx.req.method == "POST":
-            fields = responses_text_fields(ctx.obj)
+            fields = responses_text_fields(ctx.obj, ("user", "tool"))
         else:  # (count_tokens, embeddings: nothing a model acts on)
             return None
         short = len(fields) >= ScanMemo.HISTORY
@@ -5464,7 +5475,13 @@ class PIIGuard(Stage):
         counters: dict[str, int] = {}
         taken: set[str] | None = None
         found = []
-        fields = text_fields(ctx.api, ctx.obj)
+        fields = responses_text_fields(ctx.obj) if ctx.req.path == RESPONSES_PATH \
+            else text_fields(ctx.api, ctx.obj)
+        # a Responses call that continues a conversation the provider keeps does not resend
+        # it: numbered in order, [EMAIL_1] would be another person in every turn (and be
+        # restored as this turn's); numbered from the value, it means one value in all turns
+        stable = ctx.req.path == RESPONSES_PATH and bool(
+            ctx.obj.get("previous_response_id") or ctx.obj.get("conversation"))
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             text = parent[key]
@@ -5482,7 +5499,7 @@ class PIIGuard(Stage):
                 for s, e, kind in spans:
                     out.append(text[pos:s])
                     out.append(self._placeholder(text[s:e], kind, action, mapping, counters,
-                                                 taken))
+                                                 taken, stable))
                     pos = e
                 out.append(text[pos:])
                 parent[key] = "".join(out)
@@ -5508,12 +5525,19 @@ class PIIGuard(Stage):
 
     @staticmethod
     def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict,
-                     taken: set[str]) -> str:
-        if action == "hash":
-            import hashlib
-            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-            return f"[{kind.upper()}_HASH_{digest[:8]}]"
+                     taken: set[str], stable: bool = False) -> str:
         placeholder = mapping.get(value)
+        if action == "hash" or placeholder is None and stable:
+            import hashlib  # (only for requests with personal data)
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            if action == "hash":
+                return f"[{kind.upper()}_HASH_{digest[:8]}]"
+            number = int(digest[:15], 16) % 900_000_000 + 100_000_000  # (the same number for
+            # the same value in every request)
+            used = set(mapping.values())
+            while f"[{kind.upper()}_{number}]" in taken or f"[{kind.upper()}_{number}]" in used:
+                number += 1
+            placeholder = mapping[value] = f"[{kind.upper()}_{number}]"
         while placeholder is None or placeholder in taken:  # a number nobody else means
             counters[kind] = counters.get(kind, 0) + 1
             placeholder = mapping[value] = f"[{kind.upper()}_{counters[kind]}]"
@@ -5589,7 +5613,35 @@ class PIIRestorer:
             return event
         if api == API_ANTHROPIC:
             return self._anthropic(name, obj, event)
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):  # the Responses API
+            return self._responses(name, kind, obj, data, event)
         return self._openai(obj, event)
+
+    def _responses(self, name: bytes, kind: str, obj: dict, data: bytes,
+                   event: bytes) -> bytes:
+        """A Responses API event: a delta is restored like a chat delta (a placeholder split
+        across deltas held back until it is whole; function arguments are JSON text); the
+        matching .done event sends what is still held first; any other event (whole items,
+        response.completed) has its placeholders replaced in place."""
+        head = b"event: " + name + b"\ndata: " if name else b"data: "
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            slot = (kind, obj.get("item_id"), obj.get("output_index"), obj.get("content_index"))
+            obj["delta"] = self._restore_text(slot, obj["delta"], "arguments" in kind)
+            return head + json_dumps(obj) + b"\n\n"
+        flush = b""
+        if kind.endswith(".done"):
+            delta_kind = kind[:-5] + ".delta"
+            rest = self.held.pop((delta_kind, obj.get("item_id"), obj.get("output_index"),
+                                  obj.get("content_index")), "")
+            if rest:
+                held = {k: obj[k] for k in ("item_id", "output_index", "content_index",
+                                            "sequence_number") if k in obj}
+                flush = (b"event: " + delta_kind.encode() + b"\ndata: " if name else
+                         b"data: ") + json_dumps(dict(held, type=delta_kind, delta=rest)) \
+                    + b"\n\n"
+        restored = self.restore_json(data)
+        return flush + (event if restored is data else head + restored + b"\n\n")
 
     def _anthropic(self, name: bytes, obj: dict, event: bytes) -> bytes:
         index = obj.get("index")
