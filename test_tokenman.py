@@ -3527,6 +3527,74 @@ class TestCacheStage(ProxyTestCase):
         self.assertEqual(self.app.pipeline.errors["cache"], 1)
 
 
+class TestPIIRestorer(unittest.TestCase):
+    """§13: placeholders back in answers: JSON text escaped for where it sits, Responses API
+    events held whole and released in order with their own numbers."""
+
+    def restorer(self):
+        return tm.PIIRestorer({"[EMAIL_1]": "jane@corp.com", "[FILE_PATH_1]": "C:\\Users\\jane"})
+
+    def test_tool_call_arguments_stay_valid_json(self):
+        # arguments are JSON text inside a string: a value restored into them needs escaping
+        # for both (a Windows path made them invalid JSON, buffered chat answers included)
+        args = json.dumps({"dir": "[FILE_PATH_1]", "to": "[EMAIL_1]"})
+        chat = json.dumps({"choices": [{"message": {"content": "see [EMAIL_1]", "tool_calls": [
+            {"function": {"name": "ls", "arguments": args}}]}}]}).encode()
+        out = json.loads(self.restorer().restore_json(chat))["choices"][0]["message"]
+        self.assertEqual(out["content"], "see jane@corp.com")
+        self.assertEqual(json.loads(out["tool_calls"][0]["function"]["arguments"]),
+                         {"dir": "C:\\Users\\jane", "to": "jane@corp.com"})
+        done = responses_event({"type": "response.function_call_arguments.done",
+                                "item_id": "fc_1", "output_index": 0, "arguments": args}, 7)
+        data = tm.sse_fields(self.restorer().restore_event(tm.API_OPENAI, done))[1]
+        self.assertEqual(json.loads(json.loads(data)["arguments"])["dir"], "C:\\Users\\jane")
+
+    def test_responses_deltas_are_held_whole_and_released_in_order(self):
+        r = self.restorer()
+        part = {"item_id": "rs_1", "output_index": 0, "summary_index": 2}
+        kind = "response.reasoning_summary_text"
+        out = [r.restore_event(tm.API_OPENAI, responses_event(dict(part, type=kind + ".delta",
+                                                                   delta=d), n))
+               for n, d in ((3, "write to [EMA"), (4, "IL_1] and ["))]
+        out.append(r.restore_event(tm.API_OPENAI, responses_event(dict(
+            part, type=kind + ".done", text="write to [EMAIL_1] and ["), 5)))
+        events = [json.loads(tm.sse_fields(e)[1]) for e in tm.SSESplitter().feed(b"".join(out))]
+        self.assertEqual(out[:2], [b"", b""])  # held whole (the second ends in "[" too)
+        self.assertEqual([(e["type"], e["sequence_number"], e.get("summary_index"))
+                          for e in events], [(kind + ".delta", 3, 2), (kind + ".done", 5, 2)])
+        self.assertEqual(events[0]["delta"], "write to jane@corp.com and [")  # merged, under
+        # the first one's number (a gap, never a number twice)
+        self.assertEqual(events[1]["text"], "write to jane@corp.com and [")
+
+    def test_held_text_goes_out_before_the_response_ends(self):
+        r = self.restorer()
+        held = r.restore_event(tm.API_OPENAI, responses_event({
+            "type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+            "content_index": 0, "delta": "write to [EMAIL"}, 1))
+        end = r.restore_event(tm.API_OPENAI, responses_event({
+            "type": "response.failed", "response": {"status": "failed"}}, 2))
+        events = [json.loads(tm.sse_fields(e)[1]) for e in tm.SSESplitter().feed(end)]
+        self.assertEqual(held, b"")
+        self.assertEqual([(e["type"], e.get("delta")) for e in events],
+                         [("response.output_text.delta", "write to [EMAIL"),
+                          ("response.failed", None)])
+
+    def test_responses_request_fields_cover_what_answers_restore(self):
+        obj = {"instructions": "be brief", "input": [
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "no, jane"}]},
+            {"type": "custom_tool_call", "call_id": "c", "name": "sh", "input": "ls /home/j"},
+            {"type": "function_call_output", "call_id": "f", "output": [
+                {"type": "input_text", "text": "bob@example.org"}]},
+            {"type": "mcp_call", "name": "m", "arguments": "{}", "output": "ok"},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "x"}],
+             "encrypted_content": "gAAA"}]}
+        paths = [tm.field_path(f[2]) for f in tm.responses_text_fields(obj)]
+        self.assertEqual(paths, ["instructions", "input[0].content[0].refusal", "input[1].input",
+                                 "input[2].output[0].text", "input[3].output"])
+        tools = [tm.field_path(f[2]) for f in tm.responses_text_fields(obj, ("user", "tool"))]
+        self.assertEqual(tools, ["input[2].output[0].text", "input[3].output"])
+
+
 class TestPIIStage(ProxyTestCase):
     @staticmethod
     async def echo(rec, r, w):
@@ -3633,13 +3701,13 @@ class TestPIIStage(ProxyTestCase):
 
     async def test_responses_api_is_redacted_and_restored_buffered_and_streamed(self):
         # /v1/responses (Codex CLI, the Agents SDK) went to the provider unredacted
-        def reply_text(rec):
-            sent = rec.json()
-            return "Sent to " + re.search(r"\[EMAIL_1\]", json.dumps(sent)).group()
+        def placeholder(rec, kind):  # (numbered from the value: the call is stored)
+            return re.search(r"\[%s_\d+\]" % kind, json.dumps(rec.json())).group()
 
         async def handler(rec, r, w):
-            text = reply_text(rec)
-            args = json.dumps({"to": "[EMAIL_1]", "dir": "[FILE_PATH_1]"})
+            text = "Sent to " + placeholder(rec, "EMAIL")
+            args = json.dumps({"to": placeholder(rec, "EMAIL"),
+                               "dir": placeholder(rec, "FILE_PATH")})
             if not rec.json().get("stream"):
                 await json_reply(w, {"object": "response", "status": "completed", "output": [
                     {"type": "message", "role": "assistant", "content": [
@@ -3666,7 +3734,7 @@ class TestPIIStage(ProxyTestCase):
         buffered = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
         sent = self.up.requests[0].json()
         self.assertNotIn("jane@corp.com", json.dumps(sent))
-        self.assertEqual(sent["instructions"], "Reply to [EMAIL_1]")
+        self.assertRegex(sent["instructions"], r"^Reply to \[EMAIL_\d{9}\]$")
         self.assertEqual(buffered.json()["output"][0]["content"][0]["text"],
                          "Sent to jane@corp.com")
         streamed = await http(self.port, "POST", "/v1/responses", dict(body, stream=True),
@@ -3690,16 +3758,17 @@ class TestPIIStage(ProxyTestCase):
         self.up.handler = lambda rec, r, w: json_reply(w, {"object": "response", "output": []})
         await self.start_proxy()
         turns = ["write to jane@corp.com", "and to bob@example.org", "jane@corp.com again"]
-        for i, text in enumerate(turns):
-            await http(self.port, "POST", "/v1/responses", {
-                "model": "gpt-4o", "input": text, "previous_response_id": f"resp_{i}"},
-                O_HEADERS)
+        for i, text in enumerate(turns):  # (the first turn starts the conversation)
+            await http(self.port, "POST", "/v1/responses", dict(
+                {"model": "gpt-4o", "input": text},
+                **({"previous_response_id": f"resp_{i}"} if i else {})), O_HEADERS)
         sent = [re.search(r"\[EMAIL_\d+\]", r.json()["input"]).group()
                 for r in self.up.requests]
         self.assertNotEqual(sent[0], sent[1])
         self.assertEqual(sent[0], sent[2])
-        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": turns[1]},
-                   O_HEADERS)  # a call on its own: numbered in order, as in the chat APIs
+        await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": turns[1],
+                                                       "store": False},
+                   O_HEADERS)  # a call not kept: numbered in order, as in the chat APIs
         self.assertEqual(self.up.requests[-1].json()["input"], "and to [EMAIL_1]")
 
     async def test_redacted_upstream_and_restored_for_the_client(self):
@@ -4065,7 +4134,12 @@ class TestInjectionStage(ProxyTestCase):
                        {"type": "message", "role": "user", "content": "run the tool"},
                        {"type": "function_call", "call_id": "c1", "name": "fetch",
                         "arguments": "{}"},
-                       {"type": "function_call_output", "call_id": "c1", "output": self.ATTACK}]}]
+                       {"type": "function_call_output", "call_id": "c1", "output": self.ATTACK}]},
+                   {"model": "gpt-4o", "input": [  # (an output as text parts, an MCP call's)
+                       {"type": "function_call_output", "call_id": "c2", "output": [
+                           {"type": "input_text", "text": self.ATTACK}]}]},
+                   {"model": "gpt-4o", "input": [{"type": "mcp_call", "name": "fetch",
+                                                  "arguments": "{}", "output": self.ATTACK}]}]
         for body in attacks:
             resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
             self.assertEqual(resp.status, 400, body)
@@ -4082,7 +4156,8 @@ class TestInjectionStage(ProxyTestCase):
         logged = await asyncio.to_thread(self.app.store.query,
                                          "SELECT field_path FROM injection_log")
         self.assertEqual(sorted(r["field_path"] for r in logged),
-                         ["input", "input[0].content[0].text", "input[2].output"])
+                         ["input", "input[0].content[0].text", "input[0].output",
+                          "input[0].output[0].text", "input[2].output"])
 
     async def test_sanitize(self):
         resp = await self.send("sanitize")

@@ -4542,9 +4542,10 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
 
 def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
     """The text of a Responses API request, as text_fields() gives it for the chat APIs:
-    `instructions`, `input` as a string, every message's string content or text parts, function
-    call arguments and the outputs of function and custom tool calls. `roles` limits which
-    are visited ("tool" for the outputs)."""
+    `instructions`, `input` as a string, every message's string content or text and refusal
+    parts, function call arguments, custom tool call inputs and the outputs of function, custom
+    and MCP tool calls (a string or text parts). `roles` limits which are visited ("tool" for
+    the outputs). Reasoning items are left alone (the provider may verify them)."""
     out: list[tuple] = []
     if roles is None and isinstance(obj.get("instructions"), str):
         out.append((obj, "instructions", ("instructions",), "system"))
@@ -4559,22 +4560,30 @@ def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
         kind = item.get("type")
         if kind in (None, "message"):
             role = item.get("role") if isinstance(item.get("role"), str) else ""
-            if roles is not None and role not in roles:
-                continue
-            content = item.get("content")
-            if isinstance(content, str):
-                out.append((item, "content", ("input", i, "content"), role))
-            for j, part in enumerate(content if isinstance(content, list) else ()):
-                if isinstance(part, dict) and part.get("type") in ("input_text", "output_text") \
-                        and isinstance(part.get("text"), str):
-                    out.append((part, "text", ("input", i, "content", j, "text"), role))
+            key = "content"
+        else:
+            key, role = _RESPONSES_ITEM_TEXT.get(kind, ("", ""))
+        if not key or roles is not None and role not in roles:
             continue
-        key, role = ("output", "tool") if kind in (
-            "function_call_output", "custom_tool_call_output") else ("arguments", "assistant") \
-            if kind == "function_call" else ("", "")
-        if key and (roles is None or role in roles) and isinstance(item.get(key), str):
+        value = item.get(key)
+        if isinstance(value, str):
             out.append((item, key, ("input", i, key), role))
+        for j, part in enumerate(value if isinstance(value, list) else ()):
+            if not isinstance(part, dict):
+                continue
+            field = "refusal" if part.get("type") == "refusal" else "text"
+            if part.get("type") in ("input_text", "output_text", "refusal") \
+                    and isinstance(part.get(field), str):
+                out.append((part, field, ("input", i, key, j, field), role))
     return out
+
+
+# Responses API input items that carry text: type -> (its member, the role it counts as)
+_RESPONSES_ITEM_TEXT = {
+    "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
+    "mcp_call": ("output", "tool"), "function_call": ("arguments", "assistant"),
+    "custom_tool_call": ("input", "assistant"),
+}
 
 
 def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, roles,
@@ -5455,8 +5464,9 @@ class PIIGuard(Stage):
     side_calls = True  # count_tokens carries the same conversation to the same provider
 
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
-                 **_: object) -> None:
+                 pii_key: bytes = b"", **_: object) -> None:
         self.cfg = cfg.pii
+        self.key = pii_key or os.urandom(16)  # numbers stable placeholders (kept across reloads)
         self.metrics = metrics
         self.types = frozenset(cfg.pii.types)
         self.allow = frozenset(cfg.pii.allow_list)
@@ -5477,11 +5487,13 @@ class PIIGuard(Stage):
         found = []
         fields = responses_text_fields(ctx.obj) if ctx.req.path == RESPONSES_PATH \
             else text_fields(ctx.api, ctx.obj)
-        # a Responses call that continues a conversation the provider keeps does not resend
-        # it: numbered in order, [EMAIL_1] would be another person in every turn (and be
-        # restored as this turn's); numbered from the value, it means one value in all turns
-        stable = ctx.req.path == RESPONSES_PATH and bool(
-            ctx.obj.get("previous_response_id") or ctx.obj.get("conversation"))
+        # a Responses call the provider keeps (store is on unless turned off) may be continued
+        # without being resent: numbered in order, [EMAIL_1] would be another person in every
+        # turn (and be restored as this turn's); numbered from the value (a keyed digest, so
+        # the provider cannot confirm a guess), it means one value in all of them
+        stable = ctx.req.path == RESPONSES_PATH and (
+            ctx.obj.get("store") is not False or bool(ctx.obj.get("previous_response_id")
+                                                      or ctx.obj.get("conversation")))
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             text = parent[key]
@@ -5499,7 +5511,7 @@ class PIIGuard(Stage):
                 for s, e, kind in spans:
                     out.append(text[pos:s])
                     out.append(self._placeholder(text[s:e], kind, action, mapping, counters,
-                                                 taken, stable))
+                                                 taken, self.key if stable else b""))
                     pos = e
                 out.append(text[pos:])
                 parent[key] = "".join(out)
@@ -5525,15 +5537,17 @@ class PIIGuard(Stage):
 
     @staticmethod
     def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict,
-                     taken: set[str], stable: bool = False) -> str:
+                     taken: set[str], stable_key: bytes = b"") -> str:
         placeholder = mapping.get(value)
-        if action == "hash" or placeholder is None and stable:
+        if action == "hash":
             import hashlib  # (only for requests with personal data)
             digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-            if action == "hash":
-                return f"[{kind.upper()}_HASH_{digest[:8]}]"
-            number = int(digest[:15], 16) % 900_000_000 + 100_000_000  # (the same number for
-            # the same value in every request)
+            return f"[{kind.upper()}_HASH_{digest[:8]}]"
+        if placeholder is None and stable_key:  # the same number for the same value while
+            import hmac  # this process runs
+            digest = hmac.new(stable_key, value.encode("utf-8", "surrogatepass"),
+                              "sha256").hexdigest()
+            number = int(digest[:15], 16) % 900_000_000 + 100_000_000
             used = set(mapping.values())
             while f"[{kind.upper()}_{number}]" in taken or f"[{kind.upper()}_{number}]" in used:
                 number += 1
@@ -5550,44 +5564,51 @@ class PIIGuard(Stage):
         return ctx.notes["pii"].restore_event(ctx.api, event)
 
 
+_RESPONSE_PART_KEYS = ("item_id", "output_index", "content_index", "summary_index")
+_RESPONSE_ENDS = frozenset(("response.completed", "response.incomplete", "response.failed",
+                            "error"))
+
+
 class PIIRestorer:
     """Puts original values back where placeholders come out of the provider. In JSON text the
     value is inserted JSON-escaped (a Windows path stays valid JSON); in streamed deltas a
     placeholder split across events is held back until it is whole."""
-    __slots__ = ("plain", "escaped", "held")
+    __slots__ = ("plain", "escaped", "held", "pending")
 
     def __init__(self, originals: dict[str, str]) -> None:
         self.plain = originals  # placeholder -> original value
         self.escaped = {p: _compact(v)[1:-1] for p, v in originals.items()}
+        self.pending: dict[tuple, tuple[dict, str]] = {}  # Responses: a delta event held whole
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
 
     def restore_json(self, body: bytes) -> bytes:
-        """Placeholders inside the JSON string values of a body, replaced JSON-escaped. Thinking
-        blocks keep theirs: the provider signed that text and verifies it when it comes back
-        (streamed thinking deltas are left alone the same way)."""
+        """Placeholders inside the JSON string values of a body, replaced JSON-escaped. Tool
+        call arguments are JSON text inside a string: their values are escaped for it (a
+        Windows path stays valid JSON there too). Thinking blocks keep theirs: the provider
+        signed that text and verifies it when it comes back (streamed thinking deltas are left
+        alone the same way)."""
         if b"[" not in body or not _PLACEHOLDER_RE.search(body):
             return body
-        if b'"thinking"' in body or b'"redacted_thinking"' in body:
+        if b'"arguments"' in body or b'"thinking"' in body or b'"redacted_thinking"' in body:
             obj = _loads(body)
-            content = obj.get("content") if isinstance(obj, dict) else None
-            if isinstance(content, list):
-                obj["content"] = [block if isinstance(block, dict) and block.get("type") in (
-                    "thinking", "redacted_thinking") else self._restore_value(block)
-                    for block in content]
-                return json_dumps(obj)
+            if isinstance(obj, (dict, list)):
+                return json_dumps(self._restore_value(obj))
         esc = self.escaped
         return _PLACEHOLDER_RE.sub(
             lambda m: esc.get(m.group().decode(), m.group().decode()).encode(), body)
 
-    def _restore_value(self, value):
+    def _restore_value(self, value, key: str = ""):
         if isinstance(value, str):
             if "[" not in value:
                 return value
-            return _PLACEHOLDER_TEXT_RE.sub(lambda m: self.plain.get(m.group(), m.group()), value)
+            table = self.escaped if key == "arguments" else self.plain
+            return _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), value)
         if isinstance(value, dict):
-            return {k: self._restore_value(v) for k, v in value.items()}
+            if value.get("type") in ("thinking", "redacted_thinking"):
+                return value
+            return {k: self._restore_value(v, k) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._restore_value(v) for v in value]
+            return [self._restore_value(v, key) for v in value]
         return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
@@ -5603,7 +5624,7 @@ class PIIRestorer:
         return _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), text)
 
     def restore_event(self, api: str, event: bytes) -> bytes:
-        if b"[" not in event and not self.held:
+        if b"[" not in event and not self.held and not self.pending:
             return event
         name, data = sse_fields(event)
         if api == API_OPENAI and data.strip() == b"[DONE]":  # the end without a finish
@@ -5614,34 +5635,50 @@ class PIIRestorer:
         if api == API_ANTHROPIC:
             return self._anthropic(name, obj, event)
         kind = obj.get("type")
-        if isinstance(kind, str) and kind.startswith("response."):  # the Responses API
-            return self._responses(name, kind, obj, data, event)
+        if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
+            return self._responses(name, kind, obj, data, event)  # the Responses API
         return self._openai(obj, event)
 
     def _responses(self, name: bytes, kind: str, obj: dict, data: bytes,
                    event: bytes) -> bytes:
-        """A Responses API event: a delta is restored like a chat delta (a placeholder split
-        across deltas held back until it is whole; function arguments are JSON text); the
-        matching .done event sends what is still held first; any other event (whole items,
-        response.completed) has its placeholders replaced in place."""
-        head = b"event: " + name + b"\ndata: " if name else b"data: "
+        """A Responses API event. A delta whose text may end in the start of a placeholder is
+        held whole and goes out with the next delta of its part, merged (under the first one's
+        sequence number: numbers stay unique), or before the part's .done event; the end of the
+        response (completed, incomplete, failed, an error) sends everything still held. Other
+        events (.done, whole items, response.completed) are restored in place."""
+        named = bool(name)
         if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
-            slot = (kind, obj.get("item_id"), obj.get("output_index"), obj.get("content_index"))
-            obj["delta"] = self._restore_text(slot, obj["delta"], "arguments" in kind)
-            return head + json_dumps(obj) + b"\n\n"
+            slot = (kind,) + tuple(obj.get(k) for k in _RESPONSE_PART_KEYS)
+            first, text = self.pending.pop(slot, (obj, ""))
+            text += obj["delta"]
+            cut = text.rfind("[")
+            if cut >= 0 and "]" not in text[cut:] and any(p.startswith(text[cut:])
+                                                          for p in self.plain):
+                self.pending[slot] = (first, text)  # wait for the rest
+                return b""
+            return self._delta_event(named, first, text)
         flush = b""
         if kind.endswith(".done"):
-            delta_kind = kind[:-5] + ".delta"
-            rest = self.held.pop((delta_kind, obj.get("item_id"), obj.get("output_index"),
-                                  obj.get("content_index")), "")
-            if rest:
-                held = {k: obj[k] for k in ("item_id", "output_index", "content_index",
-                                            "sequence_number") if k in obj}
-                flush = (b"event: " + delta_kind.encode() + b"\ndata: " if name else
-                         b"data: ") + json_dumps(dict(held, type=delta_kind, delta=rest)) \
-                    + b"\n\n"
+            held = self.pending.pop((kind[:-5] + ".delta",) + tuple(
+                obj.get(k) for k in _RESPONSE_PART_KEYS), None)
+            if held is not None:
+                flush = self._delta_event(named, *held)
+        elif kind in _RESPONSE_ENDS and self.pending:
+            flush = b"".join(self._delta_event(named, *held) for held in self.pending.values())
+            self.pending.clear()
         restored = self.restore_json(data)
-        return flush + (event if restored is data else head + restored + b"\n\n")
+        if restored is data:
+            return flush + event
+        return flush + (b"event: " + name + b"\ndata: " if named else b"data: ") + restored \
+            + b"\n\n"
+
+    def _delta_event(self, named: bool, first: dict, text: str) -> bytes:
+        kind = first["type"]
+        if "[" in text:
+            table = self.escaped if "arguments" in kind else self.plain  # (JSON text)
+            text = _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), text)
+        return (b"event: " + kind.encode() + b"\ndata: " if named else b"data: ") \
+            + json_dumps(dict(first, delta=text)) + b"\n\n"
 
     def _anthropic(self, name: bytes, obj: dict, event: bytes) -> bytes:
         index = obj.get("index")
@@ -9045,6 +9082,7 @@ class App:
         self.dashboard_port = 0
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
+        self.pii_key = os.urandom(16)  # stable PII placeholders, kept across reloads
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
@@ -9116,6 +9154,7 @@ class App:
         self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
         pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
+                                  pii_key=self.pii_key,
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline
 
