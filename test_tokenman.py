@@ -3544,6 +3544,12 @@ class TestPIIRestorer(unittest.TestCase):
         self.assertEqual(out["content"], "see jane@corp.com")
         self.assertEqual(json.loads(out["tool_calls"][0]["function"]["arguments"]),
                          {"dir": "C:\\Users\\jane", "to": "jane@corp.com"})
+        anthropic = json.dumps({"content": [  # a tool's own parameter named "arguments" is
+            {"type": "thinking", "thinking": "[EMAIL_1]", "signature": "s"},  # plain text
+            {"type": "tool_use", "name": "run", "input": {"arguments": ["[FILE_PATH_1]"]}}]})
+        out = json.loads(self.restorer().restore_json(anthropic.encode()))["content"]
+        self.assertEqual(out[0]["thinking"], "[EMAIL_1]")  # (signed: left as it came)
+        self.assertEqual(out[1]["input"]["arguments"], ["C:\\Users\\jane"])
         done = responses_event({"type": "response.function_call_arguments.done",
                                 "item_id": "fc_1", "output_index": 0, "arguments": args}, 7)
         data = tm.sse_fields(self.restorer().restore_event(tm.API_OPENAI, done))[1]

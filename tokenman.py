@@ -5597,18 +5597,23 @@ class PIIRestorer:
         return _PLACEHOLDER_RE.sub(
             lambda m: esc.get(m.group().decode(), m.group().decode()).encode(), body)
 
-    def _restore_value(self, value, key: str = ""):
+    def _restore_value(self, value, key: str = "", json_text: bool = False):
         if isinstance(value, str):
             if "[" not in value:
                 return value
-            table = self.escaped if key == "arguments" else self.plain
+            table = self.escaped if json_text else self.plain
             return _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), value)
-        if isinstance(value, dict):
-            if value.get("type") in ("thinking", "redacted_thinking"):
-                return value
-            return {k: self._restore_value(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._restore_value(v, key) for v in value]
+        if isinstance(value, dict):  # arguments are JSON text in a chat tool call's function
+            kind = value.get("type")  # and in Responses function and MCP calls
+            text_args = key in ("function", "function_call") or kind in (
+                "function_call", "mcp_call") or type(kind) is str and kind.endswith(
+                "arguments.done")
+            return {k: self._restore_value(v, k, text_args and k == "arguments")
+                    for k, v in value.items()}
+        if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
+            return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
+                "thinking", "redacted_thinking") else self._restore_value(v, key)
+                for v in value]
         return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
