@@ -4540,6 +4540,14 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     return out
 
 
+# Responses API input items that carry text: type -> (its member, the role it counts as)
+_RESPONSES_ITEM_TEXT = {
+    "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
+    "mcp_call": ("output", "tool"), "function_call": ("arguments", "assistant"),
+    "custom_tool_call": ("input", "assistant"),
+}
+
+
 def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
     """The text of a Responses API request, as text_fields() gives it for the chat APIs:
     `instructions`, `input` as a string, every message's string content or text and refusal
@@ -4576,14 +4584,6 @@ def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
                     and isinstance(part.get(field), str):
                 out.append((part, field, ("input", i, key, j, field), role))
     return out
-
-
-# Responses API input items that carry text: type -> (its member, the role it counts as)
-_RESPONSES_ITEM_TEXT = {
-    "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
-    "mcp_call": ("output", "tool"), "function_call": ("arguments", "assistant"),
-    "custom_tool_call": ("input", "assistant"),
-}
 
 
 def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, roles,
