@@ -3593,7 +3593,7 @@ class TestPIIRestorer(unittest.TestCase):
                 {"type": "input_text", "text": "bob@example.org"}]},
             {"type": "mcp_call", "name": "m", "arguments": "{}", "output": "ok"},
             {"type": "reasoning", "summary": [{"type": "summary_text", "text": "x"}],
-             "encrypted_content": "gAAA"}]}
+             "encrypted_content": "gAAA"}, {"type": ["not", "a", "name"], "output": "x"}]}
         paths = [tm.field_path(f[2]) for f in tm.responses_text_fields(obj)]
         self.assertEqual(paths, ["instructions", "input[0].content[0].refusal", "input[1].input",
                                  "input[2].output[0].text", "input[3].output"])

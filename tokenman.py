@@ -4569,8 +4569,9 @@ def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
         if kind in (None, "message"):
             role = item.get("role") if isinstance(item.get("role"), str) else ""
             key = "content"
-        else:
-            key, role = _RESPONSES_ITEM_TEXT.get(kind, ("", ""))
+        else:  # (a type that is not a string names nothing)
+            key, role = _RESPONSES_ITEM_TEXT.get(kind, ("", "")) if type(kind) is str \
+                else ("", "")
         if not key or roles is not None and role not in roles:
             continue
         value = item.get(key)
