@@ -6847,6 +6847,8 @@ class StreamTranslator:
                     "type": "content_block_delta", "index": self.open_block,
                     "delta": {"type": "text_delta", "text": delta["content"]}})
             for call in delta.get("tool_calls") or ():
+                if not isinstance(call, dict):
+                    continue  # (not a tool call: nothing to translate)
                 k = self.slots.slot(call)
                 fn = call.get("function") or {}
                 if k not in self.tools:
