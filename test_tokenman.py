@@ -5349,8 +5349,10 @@ class TestTranslationTables(unittest.TestCase):
 
     def test_streams_both_ways(self):
         events, _ = openai_fixture("tool")
+        junk = openai_events({"id": "c", "model": "m", "choices": [  # (not a tool call: it
+            {"index": 0, "delta": {"tool_calls": ["junk"]}, "finish_reason": None}]})  # raised)
         translator = tm.StreamTranslator("openai", "anthropic", False)
-        out = b"".join(translator.feed(e) for e in events) + translator.finish()
+        out = b"".join(translator.feed(e) for e in junk + events) + translator.finish()
         msg = assemble_anthropic(out)
         self.assertEqual(msg["content"][0]["input"], {"city": "Paris"})
         self.assertEqual((msg["stop_reason"], msg["usage"]["output_tokens"],
