@@ -4834,6 +4834,9 @@ def cache_purge_job(now: float, max_rows: int | None = None):
     return job
 
 
+# -- whole answers and streams: a stored answer replayed as events, a stream's answer rebuilt
+# (ToolSlots, which reads OpenAI tool-call deltas, also serves the stream translator in §14)
+
 def synthesize_sse(api: str, body: bytes, include_usage: bool = True) -> list[bytes]:
     """A valid SSE stream, in the provider's own event format, for a stored whole answer."""
     obj = json.loads(body)
@@ -5030,17 +5033,15 @@ class StreamAssembler:
                     calls = message.setdefault("tool_calls", [])
                     slots = self.calls.setdefault(choice["index"], ToolSlots())
                     for call in value:
-                        k = slots.slot(call)
+                        k = slots.slot(call)  # (it keeps the call's id and arguments)
                         if k == len(calls):
-                            calls.append({"id": call.get("id") or "",
-                                          "type": call.get("type") or "function",
+                            calls.append({"id": "", "type": call.get("type") or "function",
                                           "function": {"name": "", "arguments": ""}})
                             self.size += 64
                         fn = call.get("function") or {}
                         made = calls[k]["function"]
                         if not made["name"]:  # (some servers repeat it on every delta)
                             made["name"] = fn.get("name") or ""
-                        made["arguments"] += fn.get("arguments") or ""
                         self.size += len(fn.get("name") or "") + len(fn.get("arguments") or "")
                 elif key == "content" or value:  # (content "" is an answer; refusal "" is not)
                     message[key] = (message[key] or "") + value
@@ -5059,6 +5060,10 @@ class StreamAssembler:
             if not self.choices or any(c["finish_reason"] is None
                                        for c in self.choices.values()):
                 return None
+            for index, slots in self.calls.items():
+                for k, call in enumerate(self.choices[index]["message"]["tool_calls"]):
+                    call["id"] = slots.ids[k]
+                    call["function"]["arguments"] = slots.args[k]
             for choice in self.choices.values():  # a tool call or a refusal: content null
                 message = choice["message"]
                 if message["content"] == "" and (message.get("tool_calls") or
