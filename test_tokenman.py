@@ -2272,8 +2272,8 @@ class TestStreaming(ProxyTestCase):
             await gate.wait()
             w.write(second)
         self.up.handler = handler
-        await self.start_proxy()
-        reader, writer = await self.send_stream_request()
+        await self.start_proxy({"resilience": {"retry_enabled": False}})  # (no other attempt:
+        reader, writer = await self.send_stream_request()  # the head does not wait, see below)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the event
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         gate.set()
@@ -2294,7 +2294,7 @@ class TestStreamHead(ProxyTestCase):
             event = anthropic_events({"type": "message_stop"})[0]
             w.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))  # ...32
         self.up.handler = handler
-        await self.start_proxy()
+        await self.start_proxy({"resilience": {"retry_enabled": False}})  # (the last attempt)
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
@@ -2827,6 +2827,133 @@ class TestResilience(ProxyTestCase):
         for _ in range(3):
             await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertEqual(self.app.proxy.breakers["primary"].state, "closed")
+
+    def head_then(self, then):
+        """An upstream that sends a stream's 200 head alone, then (once tokenman has read it
+        and is deciding whether to take the stream: a spy on the dispatcher says when) does
+        `then(reader, writer)`: nothing else is in tokenman's buffer with the head."""
+        ready = asyncio.Event()
+        dispatcher = self.app.proxy.dispatcher
+        original = dispatcher._first_event
+
+        async def spy(*args):
+            ready.set()
+            return await original(*args)
+        dispatcher._first_event = spy
+
+        async def handler(rec, reader, writer):
+            ready.clear()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await ready.wait()
+            return await then(reader, writer)
+        handler.waiting = ready
+        return handler
+
+    async def test_a_stream_that_fails_before_its_first_event_is_retried(self):
+        # the head came alone, and then the provider said overloaded, ended the stream or
+        # reset the connection: nothing had reached the client, so another attempt is made
+        # (before, the head went out at once and the client got a 200 with an error event)
+        events, _ = anthropic_fixture("text")
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+
+        async def say_overloaded(reader, writer):
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(overloaded), overloaded))
+
+        async def end_cleanly(reader, writer):
+            writer.write(b"0\r\n\r\n")
+
+        async def reset(reader, writer):
+            await writer.drain()
+            writer.transport.abort()
+            return False
+
+        async def send_events(reader, writer):
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(b"0\r\n\r\n")
+        await self.start_proxy({"resilience": self.FAST})
+        req = dict(ANTHROPIC_REQ, stream=True)
+        for failure in (say_overloaded, end_cleanly, reset):
+            script = [failure, send_events]
+            self.up.handler = self.head_then(lambda r, w: script.pop(0)(r, w))
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(resp.status, 200, failure.__name__)
+            self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!",
+                             failure.__name__)
+            self.assertNotIn(b"event: error", resp.body)
+            self.assertEqual(script, [])
+        rows = await self.rows(3)
+        self.assertEqual([(r["outcome"], r["attempts"]) for r in rows], [("ok", 2)] * 3)
+        self.assertIn("stream broken at its first event",
+                      self.app.proxy.provider_stats["anthropic"]["last_error"])
+        # an empty stream that came with its head (the last chunk looks like an event's end)
+        script = [b"", b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)]
+
+        async def together(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n%s0\r\n\r\n" % script.pop(0))
+        self.up.handler = together
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
+        self.assertEqual((await self.rows(4))[3]["attempts"], 2)
+        # a stream whose first event is an answer is taken at once (the last attempt's error
+        # is relayed as it came: test_a_stream_that_opens_with_overloaded_is_retried_...)
+        self.up.handler = self.head_then(send_events)
+        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
+        self.assertEqual((await self.rows(5))[4]["attempts"], 1)
+
+    async def test_a_slow_first_event_releases_the_head_and_a_leaving_client_ends_the_wait(self):
+        # the head waits for the first event only so long (a reasoning model may think
+        # first): then it goes out alone and the stream is relayed as before
+        events, _ = anthropic_fixture("text")
+        gate = asyncio.Event()
+
+        async def later(reader, writer):
+            await gate.wait()
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(b"0\r\n\r\n")
+        await self.start_proxy({"resilience": self.FAST})
+        self.app.proxy.dispatcher.first_event_wait = 0.05
+        self.up.handler = self.head_then(later)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        request = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                   b"x-api-key: k\r\nanthropic-version: 2023-06-01\r\n\r\n%s"
+                   % (len(body), body))
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the gate
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        gate.set()
+        rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WAIT)
+        self.assertIn(b"message_stop", rest)
+        self.assertEqual((await self.rows(1))[0]["attempts"], 1)
+        # a client that leaves while tokenman waits for the first event: the upstream
+        # connection is closed at once and the provider's breaker is not charged
+
+        async def hang(reader, writer):  # until tokenman closes the connection
+            await reader.read()
+            return False
+        self.app.proxy.dispatcher.first_event_wait = tm.FIRST_EVENT_WAIT
+        self.up.handler = handler = self.head_then(hang)
+        closed = self.up.closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(request)
+        await asyncio.wait_for(handler.waiting.wait(), WAIT)
+        writer.close()
+        await asyncio.wait_for(self.up.closed_event.wait(), WAIT)
+        deadline = time.monotonic() + WAIT
+        while self.up.closed == closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.assertEqual(self.up.closed, closed + 1)
+        row = (await self.rows(2))[1]
+        self.assertEqual((row["outcome"], row["attempts"]), ("client_closed", 1))
+        self.assertEqual(self.app.proxy.breakers["anthropic"].failures, 0)
 
     async def test_no_fallback_once_the_stream_has_started(self):
         events, _ = anthropic_fixture("text")

@@ -122,6 +122,10 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
 POOL_PROBE_SECONDS = 1.0         # one idle this long is checked for a close first (a syscall)
+FIRST_EVENT_WAIT = 5.0           # a stream's head waits this long for its first event while
+                                 # a retry or fallback could replace it (an error in it, or an
+                                 # end before it, is then one more failed attempt); a slower
+                                 # first event (a reasoning model) finds the head already sent
 STALE_RETRY_SECONDS = 0.25       # a reused connection closed this soon after the request was
                                  # written, with no byte back, was closed idle by the provider:
                                  # sent again at once. Later, the provider may be working on it:
@@ -1959,6 +1963,17 @@ class Channel(asyncio.Protocol):
         del buf[:n]
         self._consumed()
         return data
+
+    async def wait_more(self, deadline: float | None) -> bool:
+        """Waits for more bytes or the end, leaving them in the buffer; False when the
+        deadline came first."""
+        if self.eof:
+            return True
+        try:
+            await self._wait(deadline)
+        except TimeoutError:
+            return False
+        return True
 
     async def read_some(self, n: int, deadline: float | None) -> bytes:
         """Up to n bytes as soon as any are there; b"" at EOF."""
@@ -7104,6 +7119,8 @@ class Dispatcher:
                                   STORED_BODY_MAX)
         self.log = log
         self.clock = clock
+        self.idle_timeout = cfg.resilience.stream_idle_timeout
+        self.first_event_wait = FIRST_EVENT_WAIT
 
     async def send(self, proxy: "Proxy", req: Request, ctx: Context, conn: ServerConn,
                    plan: list[tuple[Provider, str, bytes]]):
@@ -7167,7 +7184,12 @@ class Dispatcher:
                 if ok and ctx.streaming and 200 <= resp.status < 300 and req.path in \
                         ACCOUNTED_PATHS and (attempt + 1 < self.policy.attempts
                                              or index + 1 < len(plan)):
-                    early = await self._first_event(resp, prov)
+                    try:
+                        early = await self._first_event(resp, prov, conn.chan)
+                    except ConnectionGone:
+                        if breaker is not None:
+                            breaker.release(ticket)
+                        raise
                     ok = early is None
                 status = resp.status if early is None else \
                     early.head.status if early.head is not None else 502
@@ -7209,30 +7231,58 @@ class Dispatcher:
             last.retry_in = min(waits)
         return last
 
-    async def _first_event(self, resp: UpstreamResponse, prov: Provider) -> Failure | None:
-        """A stream whose first event came with its head and is an error, while a retry or a
-        fallback could still replace it: a provider that sent its 200 head before it knew may
-        say "overloaded" (or rate limited, or a server error) that way. That is a failed
-        attempt (as the same error answered as JSON). Nothing is waited for: a stream whose
-        first bytes do not look like an error event is relayed untouched, head first."""
+    async def _first_event(self, resp: UpstreamResponse, prov: Provider,
+                           watch: Channel) -> Failure | None:
+        """A stream that fails at its first event, while a retry or a fallback could still
+        replace it: a provider that sent its 200 head before it knew may say "overloaded" (or
+        rate limited, or a server error) in the first event, or end the stream (cleanly or
+        not) before one. That is a failed attempt, as the same error answered as JSON. So the
+        head waits up to FIRST_EVENT_WAIT for the first event and leaves with it (the client
+        sees its first byte no later); a stream whose first event is no such error, or comes
+        later, is relayed untouched."""
         head = resp.head.headers.map
-        raw = resp.chan.buf
-        if raw.find(b"error", 0, READ_CHUNK) < 0 or b"\n\n" not in raw and b"\r\n\r\n" not in raw \
-                or not head.get(b"content-type", b"").startswith(b"text/event-stream") \
+        if not head.get(b"content-type", b"").startswith(b"text/event-stream") \
                 or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
             return None
+        chan = resp.chan
+        buf = chan.buf
+        if resp.body.done:
+            resp.close()
+            return Failure(error=UpstreamError("upstream stream ended before its first event"))
+        whole = b"\n\n" in buf or b"\r\n\r\n" in buf
+        if whole and buf.find(b"error", 0, READ_CHUNK) < 0 and not (
+                resp.body.mode == "chunked" and buf[:1] == b"0"):  # (0: perhaps the last chunk)
+            return None  # the usual case: a first event that is no error came with the head
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + prov.cfg.timeout  # (the bytes are here: no wait)
-        got = b""
+        if not whole and not chan.eof:
+            if watch.lost:
+                resp.close()
+                raise ConnectionGone()
+            deadline = loop.time() + min(self.first_event_wait, self.idle_timeout)
+            watch.on_lost = chan.abort  # a client that leaves ends the wait
+            try:
+                while b"\n\n" not in buf and b"\r\n\r\n" not in buf and not chan.eof \
+                        and len(buf) < READ_CHUNK:
+                    if not await chan.wait_more(deadline):
+                        return None  # a slow first event: the head goes out alone
+            finally:
+                watch.on_lost = None
+            if watch.lost:
+                resp.close()
+                raise ConnectionGone()
+        got = b""  # decoded: the framing (chunked) may hide an end or look like an event's end
         try:
             while b"\n\n" not in got and b"\r\n\r\n" not in got and len(got) < READ_CHUNK:
-                data = await resp.body.read(deadline)
+                data = await resp.body.read(loop.time() + self.idle_timeout)
                 if not data:
                     break
                 got += data
         except (TimeoutError, ConnectionGone, ValueError, OSError):
             resp.close()
             return Failure(error=UpstreamError("upstream stream broken at its first event"))
+        if b"\n\n" not in got and b"\r\n\r\n" not in got and len(got) < READ_CHUNK:
+            resp.close()  # the body ended (cleanly) before a whole event
+            return Failure(error=UpstreamError("upstream stream ended before its first event"))
         resp.body = PrefetchedReader(resp.body, got)
         name, data = sse_fields(got.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0])
         obj = _loads(data) if data[:1] == b"{" else None
