@@ -3904,6 +3904,107 @@ class TestPIIStage(ProxyTestCase):
                    O_HEADERS)  # a call not kept: numbered in order, as in the chat APIs
         self.assertEqual(self.up.requests[-1].json()["input"], "and to [EMAIL_1]")
 
+    async def test_responses_the_provider_keeps_are_restored_in_later_turns_and_fetches(self):
+        # the provider keeps a stored response's text with placeholders: a later turn that
+        # names it (previous_response_id, a conversation), a background call's result and any
+        # fetch of it (GET, streamed, its input_items) showed [EMAIL_...] to the client
+        kept = {}  # a small Responses API: id -> (input, output text)
+        threads = {}  # conversation -> its last output text
+
+        def answer(rid, text, status="completed"):
+            return {"id": rid, "object": "response", "status": status, "output": [
+                {"type": "message", "role": "assistant", "content": [
+                    {"type": "output_text", "text": text}]}] if text else []}
+
+        async def handler(rec, r, w):
+            method, path = rec.head.split(b" ")[:2]
+            path = path.decode()
+            if method == b"GET":
+                rid = path.split("/")[3].split("?")[0]
+                given, text = kept[rid]
+                if path.endswith("/input_items"):
+                    return await json_reply(w, {"object": "list", "data": [
+                        {"type": "message", "role": "user", "content": [
+                            {"type": "input_text", "text": given}]}]})
+                if "stream=true" not in path:
+                    return await json_reply(w, answer(rid, text))
+                return await sse_reply(w, [
+                    responses_event({"type": "response.created",
+                                     "response": answer(rid, "", "in_progress")}, 0),
+                    responses_event({"type": "response.output_text.delta", "item_id": "m",
+                                     "output_index": 0, "content_index": 0, "delta": text}, 1),
+                    responses_event({"type": "response.completed",
+                                     "response": answer(rid, text)}, 2)])
+            req = rec.json()
+            rid = f"resp_{len(kept) + 1}"
+            mails = re.findall(r"\[EMAIL_\d+\]", req["input"])
+            earlier = kept.get(req.get("previous_response_id") or "", ("", ""))[1] \
+                or threads.get(json.dumps(req.get("conversation")), "")
+            text = "Noted " + " ".join(mails) if mails else "Still " + earlier.split(" ", 1)[1]
+            kept[rid] = (req["input"], text)
+            threads[json.dumps(req.get("conversation"))] = text
+            if req.get("background"):
+                return await json_reply(w, answer(rid, "", "queued"))
+            if not req.get("stream"):
+                return await json_reply(w, answer(rid, text))
+            await sse_reply(w, [
+                responses_event({"type": "response.created",
+                                 "response": answer(rid, "", "in_progress")}, 0),
+                responses_event({"type": "response.output_text.delta", "item_id": "m",
+                                 "output_index": 0, "content_index": 0, "delta": text}, 1),
+                responses_event({"type": "response.completed", "response": dict(
+                    answer(rid, text), usage={"input_tokens": 5, "output_tokens": 2})}, 2)])
+        self.up.handler = handler
+        await self.start_proxy()
+
+        def text_of(resp):
+            return resp.json()["output"][0]["content"][0]["text"]
+
+        def streamed_text(resp):
+            events = [json.loads(tm.sse_fields(e)[1])
+                      for e in tm.SSESplitter().feed(resp.body)]
+            deltas = "".join(e["delta"] for e in events
+                             if e["type"] == "response.output_text.delta")
+            done = [e for e in events if e["type"] == "response.completed"][0]
+            return deltas, done["response"]["output"][0]["content"][0]["text"]
+
+        async def post(body, headers=O_HEADERS):
+            return await http(self.port, "POST", "/v1/responses",
+                              dict({"model": "gpt-4o"}, **body), headers)
+        first = await post({"input": "write to jane@corp.com"})
+        self.assertEqual(text_of(first), "Noted jane@corp.com")
+        second = await post({"input": "and again", "previous_response_id": "resp_1"})
+        self.assertEqual(text_of(second), "Still jane@corp.com")
+        queued = await post({"input": "mail bob@example.org", "background": True})
+        self.assertEqual(queued.json()["status"], "queued")
+        self.assertNotIn("bob@example.org", json.dumps(self.up.requests[-1].json()))
+        fetched = await http(self.port, "GET", "/v1/responses/resp_3", headers=O_HEADERS)
+        self.assertEqual(text_of(fetched), "Noted bob@example.org")
+        replayed = await http(self.port, "GET", "/v1/responses/resp_3?stream=true",
+                              headers=O_HEADERS)
+        self.assertEqual(streamed_text(replayed), ("Noted bob@example.org",) * 2)
+        items = await http(self.port, "GET", "/v1/responses/resp_3/input_items",
+                           headers=O_HEADERS)
+        self.assertEqual(items.json()["data"][0]["content"][0]["text"], "mail bob@example.org")
+        streamed = await post({"input": "go on", "previous_response_id": "resp_3",
+                               "stream": True})
+        self.assertEqual(streamed_text(streamed), ("Still bob@example.org",) * 2)
+        later = await http(self.port, "GET", "/v1/responses/resp_4", headers=O_HEADERS)
+        self.assertEqual(text_of(later), "Still bob@example.org")  # (learned from the stream)
+        for text in ("call carol@corp.com", "and?"):  # a conversation the provider keeps
+            turn = await post({"input": text, "conversation": {"id": "conv_1"}})
+        self.assertEqual(text_of(turn), "Still carol@corp.com")
+        # another caller's key: nothing is restored for it, a fetch or a continuation
+        other = dict(O_HEADERS, Authorization="Bearer sk-someone-else")
+        fetched = await http(self.port, "GET", "/v1/responses/resp_3", headers=other)
+        self.assertRegex(text_of(fetched), r"^Noted \[EMAIL_\d{9}\]$")
+        continued = await post({"input": "and again", "previous_response_id": "resp_1"}, other)
+        self.assertRegex(text_of(continued), r"^Still \[EMAIL_\d{9}\]$")
+        # a request that spells the placeholder itself keeps it as written
+        spelled = re.search(r"\[EMAIL_\d+\]", kept["resp_1"][0]).group()
+        mine = await post({"input": f"explain {spelled}", "previous_response_id": "resp_1"})
+        self.assertEqual(text_of(mine), f"Noted {spelled}")
+
     async def test_redacted_upstream_and_restored_for_the_client(self):
         self.up.handler = self.echo
         await self.start_proxy()

@@ -5484,10 +5484,17 @@ class PIIGuard(Stage):
     runs_on_hit = True  # a cached answer holds placeholders: rebuild the mapping to restore
     side_calls = True  # count_tokens carries the same conversation to the same provider
 
+    KEEP = 4096         # Responses API answers (and conversations) whose placeholders are kept
+    KEEP_VALUES = 1024  # at most this many values of one of them
+
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
-                 pii_key: bytes = b"", **_: object) -> None:
+                 pii_key: bytes = b"", pii_kept: collections.OrderedDict | None = None,
+                 **_: object) -> None:
         self.cfg = cfg.pii
         self.key = pii_key or os.urandom(16)  # numbers stable placeholders (kept across reloads)
+        # (response or conversation id, tenant) -> placeholder -> value, for the Responses
+        # API's later turns and retrievals: the provider keeps the text with placeholders
+        self.kept = pii_kept if pii_kept is not None else collections.OrderedDict()
         self.metrics = metrics
         self.types = frozenset(cfg.pii.types)
         self.allow = frozenset(cfg.pii.allow_list)
@@ -5515,6 +5522,7 @@ class PIIGuard(Stage):
         stable = ctx.req.path == RESPONSES_PATH and (
             ctx.obj.get("store") is not False or bool(ctx.obj.get("previous_response_id")
                                                       or ctx.obj.get("conversation")))
+        earlier = self._earlier(ctx) if stable and action == "redact" else None
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             text = parent[key]
@@ -5537,9 +5545,9 @@ class PIIGuard(Stage):
                 out.append(text[pos:])
                 parent[key] = "".join(out)
                 mark_changed(ctx, path)
-        if not found:
+        if not found and not earlier:
             return None
-        if not ctx.cache_hit and ctx.req.path not in SIDE_CALL_PATHS:  # (count_tokens:
+        if found and not ctx.cache_hit and ctx.req.path not in SIDE_CALL_PATHS:  # (count_tokens:
             now = utc_iso(ctx.wall)  # the call it counts records the same detections)
             for kind, path, value, done in found:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, done, path, mask(value)))
@@ -5552,9 +5560,90 @@ class PIIGuard(Stage):
             return error_reply(ctx, 400, "request contains personal data or secrets: "
                                + ", ".join(kinds))
         if action == "redact":
-            ctx.notes["pii"] = PIIRestorer({p: v for v, p in mapping.items()})
+            originals = {p: v for v, p in mapping.items()}
+            if earlier:  # an earlier turn's values (not where this request spells the same)
+                taken = _spelled_placeholders(ctx.obj) if taken is None else taken
+                originals = {**{p: v for p, v in earlier.items() if p not in taken},
+                             **originals}
+            ctx.notes["pii"] = PIIRestorer(originals)
             ctx.hooks.append(self)
+            if stable:
+                ctx.notes["pii_keep"] = True
         return None
+
+    # -- Responses API: placeholders kept per response and conversation ---------------------------
+    # A stored response is continued by id (previous_response_id, a conversation) without the
+    # earlier turns being resent, run in the background, and fetched again later
+    # (GET /v1/responses/{id}, its input_items, plain or streamed): the text the provider keeps
+    # holds placeholders. Each answer's placeholders are kept under its id and the caller's
+    # tenant (project and a keyed digest of its credential: no other caller's retrieval or
+    # continuation restores them), bounded, in memory only (a restart forgets them).
+    def _tenant(self, ctx: Context) -> str:
+        import hmac
+        headers = ctx.req.headers.map
+        cred = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
+        return ctx.project + ":" + hmac.new(self.key, cred, "sha256").hexdigest()[:16]
+
+    @staticmethod
+    def _conversation(obj: dict) -> str:
+        conv = obj.get("conversation")
+        conv = conv.get("id") if isinstance(conv, dict) else conv
+        return conv if isinstance(conv, str) else ""
+
+    def _earlier(self, ctx: Context) -> dict[str, str]:
+        """The placeholders of the response and conversation this call continues."""
+        obj = ctx.obj
+        prev = obj.get("previous_response_id")
+        conv = self._conversation(obj)
+        if not (isinstance(prev, str) and prev or conv):
+            return {}
+        tenant = self._tenant(ctx)
+        out: dict[str, str] = {}
+        for key in ((prev, tenant), ("conversation " + conv, tenant)):
+            found = self.kept.get(key)
+            if found is not None:
+                self.kept.move_to_end(key)
+                out.update(found)
+        return out
+
+    def _learn(self, ctx: Context, response_id: object) -> None:
+        """Keeps this answer's placeholders under its id (and its conversation's)."""
+        if not ctx.notes.pop("pii_keep", False) or not isinstance(response_id, str) \
+                or not response_id:
+            return
+        originals = ctx.notes["pii"].plain
+        if not originals or len(originals) > self.KEEP_VALUES:
+            return
+        tenant = self._tenant(ctx)
+        self._keep((response_id, tenant), originals)
+        conv = self._conversation(ctx.obj)
+        if conv:
+            key = ("conversation " + conv, tenant)
+            merged = {**self.kept.get(key, {}), **originals}
+            if len(merged) <= self.KEEP_VALUES:
+                self._keep(key, merged)
+
+    def _keep(self, key: tuple, originals: dict[str, str]) -> None:
+        kept = self.kept
+        kept[key] = originals
+        kept.move_to_end(key)
+        while len(kept) > self.KEEP:
+            kept.popitem(last=False)
+
+    def retrieval(self, ctx: Context) -> None:
+        """GET /v1/responses/{id} (and .../input_items): restores the placeholders kept for
+        that response and this caller, in the body or the replayed stream."""
+        if not self.cfg.enabled or self.cfg.action != "redact" or not self.kept:
+            return
+        parts = ctx.req.path.split("/")  # "", "v1", "responses", id, ...
+        if len(parts) < 4:
+            return
+        key = (parts[3], self._tenant(ctx))
+        found = self.kept.get(key)
+        if found is not None:
+            self.kept.move_to_end(key)
+            ctx.notes["pii"] = PIIRestorer(found)
+            ctx.hooks.append(self)
 
     @staticmethod
     def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict,
@@ -5579,9 +5668,18 @@ class PIIGuard(Stage):
         return placeholder
 
     def response(self, ctx: Context, body: bytes) -> bytes:
+        if ctx.notes.get("pii_keep") and ctx.status < 300:
+            obj = _loads(body)
+            self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
         return ctx.notes["pii"].restore_json(body)
 
     def stream_event(self, ctx: Context, event: bytes) -> bytes:
+        if ctx.notes.get("pii_keep") and b"response.created" in event:
+            name, data = sse_fields(event)
+            obj = _loads(data) if data[:1] == b"{" else None
+            if isinstance(obj, dict) and obj.get("type") == "response.created" \
+                    and isinstance(obj.get("response"), dict):
+                self._learn(ctx, obj["response"].get("id"))
         return ctx.notes["pii"].restore_event(ctx.api, event)
 
 
@@ -7984,6 +8082,10 @@ class Proxy(ResponseRelay, RequestLog):
                 reply = await ctx.pipeline.request(ctx)
             elif isinstance(ctx.obj, dict) and req.method == "POST":  # a pass-through call
                 reply = await ctx.pipeline.request(ctx, side_call=True)
+            elif req.method == "GET" and req.path.startswith(RESPONSES_PATH + "/"):
+                pii = ctx.pipeline.stage("pii")  # a stored response fetched again
+                if pii is not None:
+                    pii.retrieval(ctx)
             if reply is None and req.path not in ACCOUNTED_PATHS:
                 pairs, reply = self._passthrough_plan(req, ctx, pairs)
             if reply is not None:
@@ -9146,6 +9248,7 @@ class App:
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.pii_key = os.urandom(16)  # stable PII placeholders, kept across reloads
+        self.pii_kept: collections.OrderedDict = collections.OrderedDict()  # (the same)
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
@@ -9217,7 +9320,7 @@ class App:
         self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
         pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
-                                  pii_key=self.pii_key,
+                                  pii_key=self.pii_key, pii_kept=self.pii_kept,
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline
 
