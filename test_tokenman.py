@@ -952,6 +952,33 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         pairs[0][1].close()
 
 
+    def test_a_body_is_peeked_through_its_framing_and_its_first_event_found(self):
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+
+        def peek(mode, raw, length=0, eof=False):
+            chan = tm.Channel(loop)
+            chan.buf += raw
+            chan.eof = eof
+            body = tm.BodyReader(chan, mode, length)
+            got = tm.peek_body(body)
+            self.assertEqual(bytes(chan.buf), raw)  # nothing taken
+            return got
+        event = b"event: a\r\ndata: {}\r\n\r\n"
+        self.assertEqual(peek("chunked", b"%x\r\n%s\r\n" % (len(event), event)), (event, False))
+        self.assertEqual(peek("chunked", b"5;x=1\r\nhello\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n"),
+                         (b"helloabc", True))
+        self.assertEqual(peek("chunked", b"a\r\nhello"), (b"hello", False))  # half a chunk
+        self.assertEqual(peek("chunked", b"1"), (b"", False))  # half a size line
+        self.assertEqual(peek("chunked", b"zz\r\n"), (b"", True))  # broken: reading says so
+        self.assertEqual(peek("length", b"data: 1\n\nmore", 9), (b"data: 1\n\n", True))
+        self.assertEqual(peek("close", b"data: 1", eof=True), (b"data: 1", True))
+        self.assertIsNone(tm.leading_event(b"event: message_start\r\n"))
+        self.assertIsNone(tm.leading_event(b": keep-alive\n\nevent: ping\ndata: {}\n\n"))
+        self.assertEqual(tm.leading_event(b": hi\r\n\r\ndata: {\"error\": 1}\r\n\r\nx"),
+                         b'data: {"error": 1}\n\n')
+
+
 def resilience(**kw):
     return tm.config_from_dict({"resilience": kw}, {}).resilience
 
@@ -2870,13 +2897,18 @@ class TestResilience(ProxyTestCase):
             writer.transport.abort()
             return False
 
+        async def ping_then_overloaded(reader, writer):  # (keep-alives before it)
+            for event in (b": keep-alive\n\n", b"event: ping\ndata: {}\n\n", overloaded):
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(b"0\r\n\r\n")
+
         async def send_events(reader, writer):
             for event in events:
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             writer.write(b"0\r\n\r\n")
         await self.start_proxy({"resilience": self.FAST})
         req = dict(ANTHROPIC_REQ, stream=True)
-        for failure in (say_overloaded, end_cleanly, reset):
+        for failure in (say_overloaded, end_cleanly, reset, ping_then_overloaded):
             script = [failure, send_events]
             self.up.handler = self.head_then(lambda r, w: script.pop(0)(r, w))
             resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
@@ -2885,26 +2917,30 @@ class TestResilience(ProxyTestCase):
                              failure.__name__)
             self.assertNotIn(b"event: error", resp.body)
             self.assertEqual(script, [])
-        rows = await self.rows(3)
-        self.assertEqual([(r["outcome"], r["attempts"]) for r in rows], [("ok", 2)] * 3)
-        self.assertIn("stream broken at its first event",
+        rows = await self.rows(4)
+        self.assertEqual([(r["outcome"], r["attempts"]) for r in rows], [("ok", 2)] * 4)
+        self.assertIn("529 overloaded_error",
                       self.app.proxy.provider_stats["anthropic"]["last_error"])
-        # an empty stream that came with its head (the last chunk looks like an event's end)
-        script = [b"", b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)]
+        # an empty stream, or half an event, that came with its head and the last chunk (which
+        # looks like an event's end in the raw bytes)
+        whole = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+        for cut in (b"", b"%x\r\n%s\r\n" % (20, events[0][:20])):
+            script = [cut, whole]
 
-        async def together(rec, reader, writer):
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n%s0\r\n\r\n" % script.pop(0))
-        self.up.handler = together
-        resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
-        self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
-        self.assertEqual((await self.rows(4))[3]["attempts"], 2)
+            async def together(rec, reader, writer):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n%s0\r\n\r\n"
+                             % script.pop(0))
+            self.up.handler = together
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
+        self.assertEqual([r["attempts"] for r in (await self.rows(6))[4:]], [2, 2])
         # a stream whose first event is an answer is taken at once (the last attempt's error
         # is relayed as it came: test_a_stream_that_opens_with_overloaded_is_retried_...)
         self.up.handler = self.head_then(send_events)
         resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
-        self.assertEqual((await self.rows(5))[4]["attempts"], 1)
+        self.assertEqual((await self.rows(7))[6]["attempts"], 1)
 
     async def test_a_slow_first_event_releases_the_head_and_a_leaving_client_ends_the_wait(self):
         # the head waits for the first event only so long (a reasoning model may think
@@ -2912,7 +2948,9 @@ class TestResilience(ProxyTestCase):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()
 
-        async def later(reader, writer):
+        async def later(reader, writer):  # (a first line alone: no event's end yet, although
+            line = b"event: message_start\r\n"  # the raw bytes hold a CRLF CRLF)
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line))
             await gate.wait()
             for event in events:
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))

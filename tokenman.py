@@ -1740,6 +1740,22 @@ class SSESplitter:
         return rest
 
 
+def leading_event(data: bytes) -> bytes | None:
+    """The first whole event of a stream's start that is more than comments or a ping (the
+    keep-alives some providers send while they wait), LF-normalized; None before one."""
+    text = data.replace(b"\r\n", b"\n")
+    pos = 0
+    while True:
+        end = text.find(b"\n\n", pos)
+        if end < 0:
+            return None
+        block = text[pos:end + 2]
+        pos = end + 2
+        lines = [line for line in block.split(b"\n") if line and line[:1] != b":"]
+        if lines and lines[0].replace(b" ", b"") != b"event:ping":
+            return block
+
+
 def sse_fields(event: bytes) -> tuple[bytes, bytes]:
     """The event name and the joined data of one raw SSE event (WHATWG SSE parsing rules)."""
     name = b""
@@ -2130,6 +2146,35 @@ class BodyReader:
             self.done = True
             return data
         return await read_to_end(self, limit, deadline)
+
+
+def peek_body(body: "BodyReader") -> tuple[bytes, bool]:
+    """The body bytes already in the channel's buffer, through the chunked framing, without
+    taking them, and whether the body's end is among them (or the framing is broken: reading
+    it will say so)."""
+    buf = body.chan.buf
+    if body.mode == "length":
+        return bytes(buf[:body.remaining]), len(buf) >= body.remaining
+    if body.mode != "chunked":
+        return bytes(buf), body.chan.eof
+    out, pos, left = [], 0, body.remaining
+    while True:
+        if left:
+            piece = buf[pos:pos + left]
+            out.append(bytes(piece))
+            if len(piece) < left:
+                return b"".join(out), False
+            pos += left + 2  # (and its CRLF)
+        end = buf.find(b"\n", pos)
+        if end < 0 or end - pos > MAX_CHUNK_LINE:
+            return b"".join(out), end >= 0
+        try:
+            left = parse_chunk_size(bytes(buf[pos:end + 1]))
+        except ValueError:
+            return b"".join(out), True
+        if not left:
+            return b"".join(out), True
+        pos = end + 1
 
 
 class PrefetchedReader:
@@ -7333,56 +7378,57 @@ class Dispatcher:
                            watch: Channel) -> Failure | None:
         """A stream that fails at its first event, while a retry or a fallback could still
         replace it: a provider that sent its 200 head before it knew may say "overloaded" (or
-        rate limited, or a server error) in the first event, or end the stream (cleanly or
-        not) before one. That is a failed attempt, as the same error answered as JSON. So the
-        head waits up to FIRST_EVENT_WAIT for the first event and leaves with it (the client
-        sees its first byte no later); a stream whose first event is no such error, or comes
-        later, is relayed untouched."""
+        rate limited, or a server error) in the first event (after comments or pings, too), or
+        end the stream (cleanly or not) before one. That is a failed attempt, as the same error
+        answered as JSON. So the head waits up to FIRST_EVENT_WAIT for the first event and
+        leaves with it (the client sees its first byte no later); a stream whose first event
+        is no such error, or comes later, is relayed untouched. The bytes are looked at where
+        they lie (through the chunked framing): only an error or an end is taken from them."""
         head = resp.head.headers.map
         if not head.get(b"content-type", b"").startswith(b"text/event-stream") \
                 or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
             return None
-        chan = resp.chan
-        buf = chan.buf
         if resp.body.done:
             resp.close()
             return Failure(error=UpstreamError("upstream stream ended before its first event"))
-        whole = b"\n\n" in buf or b"\r\n\r\n" in buf
-        if whole and buf.find(b"error", 0, READ_CHUNK) < 0 and not (
-                resp.body.mode == "chunked" and buf[:1] == b"0"):  # (0: perhaps the last chunk)
-            return None  # the usual case: a first event that is no error came with the head
+        chan = resp.chan
         loop = asyncio.get_running_loop()
-        if not whole and not chan.eof:
-            if watch.lost:
-                resp.close()
-                raise ConnectionGone()
-            deadline = loop.time() + min(self.first_event_wait, self.idle_timeout)
-            watch.on_lost = chan.abort  # a client that leaves ends the wait
-            try:
-                while b"\n\n" not in buf and b"\r\n\r\n" not in buf and not chan.eof \
-                        and len(buf) < READ_CHUNK:
-                    if not await chan.wait_more(deadline):
-                        return None  # a slow first event: the head goes out alone
-            finally:
-                watch.on_lost = None
-            if watch.lost:
-                resp.close()
-                raise ConnectionGone()
-        got = b""  # decoded: the framing (chunked) may hide an end or look like an event's end
+        deadline = loop.time() + min(self.first_event_wait, self.idle_timeout)
+        watch.on_lost = chan.abort  # a client that leaves ends the wait
         try:
-            while b"\n\n" not in got and b"\r\n\r\n" not in got and len(got) < READ_CHUNK:
-                data = await resp.body.read(loop.time() + self.idle_timeout)
-                if not data:
+            while True:
+                data, ended = peek_body(resp.body)
+                event = leading_event(data)
+                if event is not None or ended or chan.eof or len(chan.buf) >= READ_CHUNK:
                     break
-                got += data
-        except (TimeoutError, ConnectionGone, ValueError, OSError):
-            resp.close()
-            return Failure(error=UpstreamError("upstream stream broken at its first event"))
-        if b"\n\n" not in got and b"\r\n\r\n" not in got and len(got) < READ_CHUNK:
+                if watch.lost or not await chan.wait_more(deadline):
+                    break  # (a slow first event: the head goes out alone)
+            if watch.lost:
+                resp.close()
+                raise ConnectionGone()
+            if event is not None and b"error" not in event or event is None and not (
+                    ended or chan.eof):
+                return None  # the usual case: a first event that is no error
+            got = b""  # every byte the event needs is here: read it out for the relay
+            try:
+                while (event is None or leading_event(got) is None) and len(got) < READ_CHUNK:
+                    data = await resp.body.read(loop.time() + self.idle_timeout)
+                    if not data:
+                        break
+                    got += data
+            except (TimeoutError, ConnectionGone, ValueError, OSError):
+                resp.close()
+                if watch.lost:
+                    raise ConnectionGone() from None
+                return Failure(error=UpstreamError("upstream stream broken at its first event"))
+        finally:
+            watch.on_lost = None
+        event = leading_event(got)
+        if event is None:
             resp.close()  # the body ended (cleanly) before a whole event
             return Failure(error=UpstreamError("upstream stream ended before its first event"))
         resp.body = PrefetchedReader(resp.body, got)
-        name, data = sse_fields(got.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0])
+        name, data = sse_fields(event)
         obj = _loads(data) if data[:1] == b"{" else None
         err = obj.get("error") if isinstance(obj, dict) else None
         if not isinstance(err, dict) or name not in (b"error", b""):
@@ -8361,6 +8407,11 @@ class Proxy(ResponseRelay, RequestLog):
             ctx.outcome = "upstream_error"
         conn.chan.on_lost = resp.chan.abort
         try:
+            if conn.lost:  # (gone while the answer was chosen: nobody to relay it to)
+                ctx.status = 499
+                ctx.outcome = "client_closed"
+                ctx.error = "client disconnected before the upstream answered"
+                return
             ctype = resp.head.headers.map.get(b"content-type", b"")
             if req.path in ACCOUNTED_PATHS or ctype.startswith((b"text/event-stream",
                                                                 b"application/json")):
