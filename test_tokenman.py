@@ -956,12 +956,12 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
 
-        def peek(mode, raw, length=0, eof=False):
+        def peek(mode, raw, length=0, eof=False, limit=tm.READ_CHUNK):
             chan = tm.Channel(loop)
             chan.buf += raw
             chan.eof = eof
             body = tm.BodyReader(chan, mode, length)
-            got = tm.peek_body(body)
+            got = tm.peek_body(body, limit)
             self.assertEqual(bytes(chan.buf), raw)  # nothing taken
             return got
         event = b"event: a\r\ndata: {}\r\n\r\n"
@@ -973,6 +973,7 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(peek("chunked", b"zz\r\n"), (b"", True))  # broken: reading says so
         self.assertEqual(peek("length", b"data: 1\n\nmore", 9), (b"data: 1\n\n", True))
         self.assertEqual(peek("close", b"data: 1", eof=True), (b"data: 1", True))
+        self.assertEqual(peek("chunked", b"3\r\nabc\r\n3\r\ndef\r\n", limit=4), (b"abcd", False))
         self.assertIsNone(tm.leading_event(b"event: message_start\r\n"))
         self.assertIsNone(tm.leading_event(b": keep-alive\n\nevent: ping\ndata: {}\n\n"))
         self.assertEqual(tm.leading_event(b": hi\r\n\r\ndata: {\"error\": 1}\r\n\r\nx"),

@@ -2148,20 +2148,21 @@ class BodyReader:
         return await read_to_end(self, limit, deadline)
 
 
-def peek_body(body: "BodyReader") -> tuple[bytes, bool]:
-    """The body bytes already in the channel's buffer, through the chunked framing, without
-    taking them, and whether the body's end is among them (or the framing is broken: reading
-    it will say so)."""
+def peek_body(body: "BodyReader", limit: int = READ_CHUNK) -> tuple[bytes, bool]:
+    """The body bytes already in the channel's buffer (about `limit` of them at most), through
+    the chunked framing, without taking them, and whether the body's end is among them (or the
+    framing is broken: reading it will say so)."""
     buf = body.chan.buf
     if body.mode == "length":
-        return bytes(buf[:body.remaining]), len(buf) >= body.remaining
+        return bytes(buf[:min(body.remaining, limit)]), len(buf) >= body.remaining
     if body.mode != "chunked":
-        return bytes(buf), body.chan.eof
-    out, pos, left = [], 0, body.remaining
-    while True:
+        return bytes(buf[:limit]), body.chan.eof
+    out, pos, left, size = [], 0, body.remaining, 0
+    while size < limit:
         if left:
-            piece = buf[pos:pos + left]
+            piece = buf[pos:pos + min(left, limit - size)]
             out.append(bytes(piece))
+            size += len(piece)
             if len(piece) < left:
                 return b"".join(out), False
             pos += left + 2  # (and its CRLF)
@@ -2175,6 +2176,7 @@ def peek_body(body: "BodyReader") -> tuple[bytes, bool]:
         if not left:
             return b"".join(out), True
         pos = end + 1
+    return b"".join(out), False
 
 
 class PrefetchedReader:
