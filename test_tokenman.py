@@ -8,6 +8,7 @@ Run: python -m unittest -v test_tokenman   (pytest works too)
 import ast
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -472,6 +473,14 @@ class TestJsonPatch(unittest.TestCase):
 
 
 class TestUtilities(unittest.TestCase):
+    def test_settling_the_collector_freezes_start_up_and_raises_the_young_threshold(self):
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        tm.settle_gc()
+        self.assertEqual(gc.get_threshold(), (tm.GC_YOUNG_THRESHOLD,) + before[1:])
+        self.assertGreater(gc.get_freeze_count(), 0)
+
     def test_durations_and_sizes(self):
         self.assertEqual(tm.parse_duration(30), 30.0)
         self.assertEqual(tm.parse_duration("5m"), 300.0)

@@ -122,6 +122,8 @@ POOL_MAX_IDLE = 256              # idle keep-alive connections kept per upstream
                                  # new connection (and TLS handshake) to the provider
 POOL_IDLE_SECONDS = 30.0         # an idle upstream connection older than this is not reused
 POOL_PROBE_SECONDS = 1.0         # one idle this long is checked for a close first (a syscall)
+GC_YOUNG_THRESHOLD = 10_000      # new container objects before a young-generation collection
+                                 # (CPython: 700, which 64 requests in flight cross all the time)
 FIRST_EVENT_WAIT = 5.0           # a stream's head waits this long for its first event while
                                  # a retry or fallback could replace it (an error in it, or an
                                  # end before it, is then one more failed attempt); a slower
@@ -9250,6 +9252,19 @@ def release_memory() -> None:
         trim(0)
 
 
+def settle_gc() -> None:
+    """After start-up, for a long run: what start-up made (modules, config, tables) is taken
+    out of the cyclic collector's sight (gc.freeze: a full collection walked all of it), and a
+    young collection waits for GC_YOUNG_THRESHOLD new container objects. With many requests in
+    flight their objects crossed CPython's 700 a few hundred times a second, each time for
+    nothing: the request path makes almost no reference cycles (refcounting frees the rest at
+    once; ~400 objects were collected over 30,000 requests), and the collections cost ~4 % of
+    the CPU per request at 64 in flight."""
+    import gc
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -9566,6 +9581,7 @@ class App:
             await self.stop()  # gives back what start took: the PID file, the store
             raise
         release_memory()
+        settle_gc()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, first_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
