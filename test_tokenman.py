@@ -2952,6 +2952,69 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!")
         self.assertEqual((await self.rows(7))[6]["attempts"], 1)
 
+    async def test_a_long_first_event_is_relayed_and_a_late_crlf_holds_nothing(self):
+        # a first event longer than the 64 KiB looked at (a gateway that sends the whole
+        # answer as one event) is no end of the stream, whatever its framing; a chunk whose
+        # closing CRLF is late, or a last chunk without its final CRLF, waits no longer than
+        # the first-event bound (it waited for stream_idle_timeout)
+        def chunk(delta, finish=None):
+            return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                           "model": "gpt-4o-mini", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+        body = b"".join([chunk({"role": "assistant", "content": "error: " + "x" * 70000}),
+                         chunk({}, "stop"), b"data: [DONE]\n\n"])
+        framings = {
+            "length": b"content-length: %d\r\n\r\n%s" % (len(body), body),
+            "close": b"connection: close\r\n\r\n" + body,
+            "chunked": b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                       % (len(body), body)}
+        await self.start_proxy({"resilience": dict(self.FAST, stream_idle_timeout=60)})
+        dispatcher = self.app.proxy.dispatcher
+        original = dispatcher._first_event
+
+        async def all_there(resp, *args):  # (it looks once every byte is in its buffer)
+            while not resp.chan.eof and len(resp.chan.buf) < len(body):
+                await resp.chan.wait_more(None)
+            return await original(resp, *args)
+        dispatcher._first_event = all_there
+        for name, rest in framings.items():
+            async def handler(rec, r, w):
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + rest)
+                return name != "close"
+            self.up.handler = handler
+            calls = len(self.up.requests)
+            resp = await http(self.port, "POST", "/v1/chat/completions",
+                              dict(OPENAI_REQ, stream=True), O_HEADERS)
+            self.assertEqual((resp.status, len(self.up.requests) - calls), (200, 1), name)
+            self.assertIn(b"x" * 70000, resp.body, name)
+            self.assertIn(b"data: [DONE]", resp.body, name)
+        dispatcher._first_event = original
+        dispatcher.first_event_wait = 0.05
+        events, _ = anthropic_fixture("text")
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+
+        async def crlf_late(reader, writer):  # the event's chunk whole, its CRLF not yet
+            writer.write(b"%x\r\n%s" % (len(overloaded), overloaded))
+            await reader.read()
+            return False
+
+        async def last_chunk_cut(reader, writer):  # "0" and its CRLF, not the final one
+            writer.write(b"0\r\n")
+            await reader.read()
+            return False
+
+        async def send_events(reader, writer):
+            writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+                         + b"0\r\n\r\n")
+        req = dict(ANTHROPIC_REQ, stream=True)
+        for first in (crlf_late, last_chunk_cut):
+            script = [first, send_events]
+            self.up.handler = self.head_then(lambda r, w: script.pop(0)(r, w))
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(assemble_anthropic(resp.body)["content"][0]["text"], "Hello!",
+                             first.__name__)
+
     async def test_a_slow_first_event_releases_the_head_and_a_leaving_client_ends_the_wait(self):
         # the head waits for the first event only so long (a reasoning model may think
         # first): then it goes out alone and the stream is relayed as before

@@ -2082,7 +2082,7 @@ class Channel(asyncio.Protocol):
 
 class BodyReader:
     """Reads one message body (content-length, chunked or close-delimited) piece by piece."""
-    __slots__ = ("chan", "mode", "remaining", "done", "trailer_limit")
+    __slots__ = ("chan", "mode", "remaining", "done", "trailer_limit", "crlf")
 
     def __init__(self, chan: Channel, mode: str, length: int = 0) -> None:
         self.chan = chan
@@ -2090,6 +2090,7 @@ class BodyReader:
         self.remaining = length if mode == "length" else 0
         self.done = mode == "none"
         self.trailer_limit = MAX_TRAILERS
+        self.crlf = False  # the CRLF after a chunk's data is still to be read
 
     async def read(self, deadline: float | None) -> bytes:
         """The next piece of the body, b"" once it is complete. ConnectionGone if cut short,
@@ -2110,6 +2111,10 @@ class BodyReader:
             return data
         while True:  # chunked
             if self.remaining == 0:
+                if self.crlf:  # (checked now: the data went out without waiting for it)
+                    if await chan.read_exactly(2, deadline) != b"\r\n":
+                        raise ValueError("chunk data not followed by CRLF")
+                    self.crlf = False
                 line = await chan.read_line(MAX_CHUNK_LINE, deadline)
                 size = parse_chunk_size(line)
                 if size == 0:
@@ -2121,9 +2126,7 @@ class BodyReader:
             if not data:
                 raise ConnectionGone(partial=True)
             self.remaining -= len(data)
-            if self.remaining == 0:
-                if await chan.read_exactly(2, deadline) != b"\r\n":
-                    raise ValueError("chunk data not followed by CRLF")
+            self.crlf = self.remaining == 0
             return data
 
     async def _skip_trailers(self, deadline: float | None) -> None:
@@ -2159,7 +2162,7 @@ def peek_body(body: "BodyReader", limit: int = READ_CHUNK) -> tuple[bytes, bool]
         return bytes(buf[:min(body.remaining, limit)]), len(buf) >= body.remaining
     if body.mode != "chunked":
         return bytes(buf[:limit]), body.chan.eof
-    out, pos, left, size = [], 0, body.remaining, 0
+    out, pos, left, size = [], 2 if body.crlf else 0, body.remaining, 0
     while size < limit:
         if left:
             piece = buf[pos:pos + min(left, limit - size)]
@@ -2169,8 +2172,8 @@ def peek_body(body: "BodyReader", limit: int = READ_CHUNK) -> tuple[bytes, bool]
                 return b"".join(out), False
             pos += left + 2  # (and its CRLF)
         end = buf.find(b"\n", pos)
-        if end < 0 or end - pos > MAX_CHUNK_LINE:
-            return b"".join(out), end >= 0
+        if end < 0:  # (a size line longer than the reader takes: reading it will say so)
+            return b"".join(out), len(buf) - pos > MAX_CHUNK_LINE
         try:
             left = parse_chunk_size(bytes(buf[pos:end + 1]))
         except ValueError:
@@ -7414,13 +7417,16 @@ class Dispatcher:
                     ended or chan.eof):
                 return None  # the usual case: a first event that is no error
             got = b""  # every byte the event needs is here: read it out for the relay
+            ended = False  # (a read said so: the body's end, not only a long first event)
+            until = max(deadline, loop.time()) + 1.0  # (a last CRLF late: no longer than that)
             try:
                 while (event is None or leading_event(got) is None) and len(got) < READ_CHUNK:
-                    data = await resp.body.read(loop.time() + self.idle_timeout)
+                    data = await resp.body.read(until)
                     if not data:
+                        ended = True
                         break
                     got += data
-            except (TimeoutError, ConnectionGone, ValueError, OSError):
+            except (TimeoutError, ConnectionGone, ValueError, OSError, HeadTooLarge):
                 resp.close()
                 if watch.lost:
                     raise ConnectionGone() from None
@@ -7428,10 +7434,12 @@ class Dispatcher:
         finally:
             watch.on_lost = None
         event = leading_event(got)
-        if event is None:
+        if event is None and ended:
             resp.close()  # the body ended (cleanly) before a whole event
             return Failure(error=UpstreamError("upstream stream ended before its first event"))
         resp.body = PrefetchedReader(resp.body, got)
+        if event is None:
+            return None  # a first event longer than READ_CHUNK: relayed as it comes
         name, data = sse_fields(event)
         obj = _loads(data) if data[:1] == b"{" else None
         err = obj.get("error") if isinstance(obj, dict) else None
@@ -8412,6 +8420,7 @@ class Proxy(ResponseRelay, RequestLog):
         conn.chan.on_lost = resp.chan.abort
         try:
             if conn.lost:  # (gone while the answer was chosen: nobody to relay it to)
+                resp.close()
                 ctx.status = 499
                 ctx.outcome = "client_closed"
                 ctx.error = "client disconnected before the upstream answered"
