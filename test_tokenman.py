@@ -473,6 +473,29 @@ class TestJsonPatch(unittest.TestCase):
 
 
 class TestUtilities(unittest.TestCase):
+    def test_placeholder_memory_walks_chains_and_stays_within_its_bounds(self):
+        memory = tm.PlaceholderMemory(max_entries=4, max_bytes=16 * 1024)
+        memory.learn("r1", "t", {"[E_1]": "jane"}, "", "c1")
+        memory.learn("r2", "t", {}, "r1", "c1")  # a turn without values still links
+        memory.learn("r3", "t", {"[E_1]": "janet", "[E_2]": "bob"}, "r2", "c1")
+        self.assertEqual(memory.recall("r3", "t"), {"[E_1]": "janet", "[E_2]": "bob"})
+        self.assertEqual(memory.recall("r2", "t"), {"[E_1]": "jane"})
+        self.assertEqual(memory.recall("r3", "other"), {})
+        self.assertEqual(memory.thread("c1", "t"), "r3")
+        memory.learn("r4", "t", {}, "", "")  # nothing to keep, nothing to link
+        self.assertNotIn(("r4", "t"), memory.entries)
+        memory.learn("big", "t", {"[K_1]": "x" * 2000}, "", "")  # over a 16th of the bytes
+        self.assertNotIn(("big", "t"), memory.entries)
+        for i in range(5, 10):  # the oldest go first, by count and by bytes
+            memory.learn(f"r{i}", "t", {"[E_%d]" % i: "y" * 700}, "", "")
+        self.assertEqual(len(memory.entries), 4)
+        self.assertLessEqual(memory.size, 16 * 1024)
+        self.assertEqual(memory.recall("r3", "t"), {})
+        size = memory.size
+        memory.forget("r9", "t")
+        self.assertLess(memory.size, size)
+        self.assertEqual(memory.size, sum(e[2] for e in memory.entries.values()))
+
     def test_settling_the_collector_freezes_start_up_and_raises_the_young_threshold(self):
         before = gc.get_threshold()
         self.addCleanup(gc.set_threshold, *before)
@@ -4030,6 +4053,11 @@ class TestPIIStage(ProxyTestCase):
         async def handler(rec, r, w):
             method, path = rec.head.split(b" ")[:2]
             path = path.decode()
+            if method == b"DELETE":
+                return await json_reply(w, {"id": path.split("/")[3], "deleted": True})
+            if path.endswith("/cancel"):
+                return await json_reply(w, answer(path.split("/")[3], kept[path.split("/")[3]][1],
+                                                  "cancelled"))
             if method == b"GET":
                 rid = path.split("/")[3].split("?")[0]
                 given, text = kept[rid]
@@ -4049,7 +4077,8 @@ class TestPIIStage(ProxyTestCase):
             req = rec.json()
             rid = f"resp_{len(kept) + 1}"
             mails = re.findall(r"\[EMAIL_\d+\]", req["input"])
-            earlier = kept.get(req.get("previous_response_id") or "", ("", ""))[1] \
+            prev = req.get("previous_response_id")
+            earlier = kept.get(prev if isinstance(prev, str) else "", ("", ""))[1] \
                 or threads.get(json.dumps(req.get("conversation")), "")
             text = "Noted " + " ".join(mails) if mails else "Still " + earlier.split(" ", 1)[1]
             kept[rid] = (req["input"], text)
@@ -4115,6 +4144,28 @@ class TestPIIStage(ProxyTestCase):
         spelled = re.search(r"\[EMAIL_\d+\]", kept["resp_1"][0]).group()
         mine = await post({"input": f"explain {spelled}", "previous_response_id": "resp_1"})
         self.assertEqual(text_of(mine), f"Noted {spelled}")
+        # a cancel answers with the response so far; a delete forgets the values
+        for body in (b"", {}):
+            cancelled = await http(self.port, "POST", "/v1/responses/resp_3/cancel", body,
+                                   O_HEADERS)
+            self.assertEqual(text_of(cancelled), "Noted bob@example.org")
+        await http(self.port, "DELETE", "/v1/responses/resp_3", headers=O_HEADERS)
+        fetched = await http(self.port, "GET", "/v1/responses/resp_3", headers=O_HEADERS)
+        self.assertRegex(text_of(fetched), r"^Noted \[EMAIL_\d{9}\]$")
+        # an id that is no string, with a conversation: the provider's own 400, not a 500
+        odd = await post({"input": "hi jane@corp.com", "previous_response_id": {"id": "r"},
+                          "conversation": "conv_1"})
+        self.assertEqual(odd.status, 200)
+        # answers made with tokenman's own key are not kept: its callers send its token (or
+        # nothing), which tells none of them apart
+        await self.app.stop()
+        await self.start_proxy(env={"OPENAI_KEY": "sk-tokenman"}, providers={
+            "openai": {"api_base": self.up.base, "key_ref": "env:OPENAI_KEY"}})
+        shared = await post({"input": "write to dan@corp.com"})
+        self.assertEqual(text_of(shared), "Noted dan@corp.com")
+        rid = shared.json()["id"]
+        fetched = await http(self.port, "GET", f"/v1/responses/{rid}", headers=O_HEADERS)
+        self.assertRegex(text_of(fetched), r"^Noted \[EMAIL_\d{9}\]$")
 
     async def test_redacted_upstream_and_restored_for_the_client(self):
         self.up.handler = self.echo

@@ -5526,6 +5526,62 @@ def _spelled_placeholders(obj: object) -> set[str]:
     return {t for text in strings if "[" in text for t in _PLACEHOLDER_TEXT_RE.findall(text)}
 
 
+class PlaceholderMemory:
+    """The values behind the placeholders of Responses API answers the provider keeps, per
+    (response id, tenant): the values first sent in that turn and the response it continued,
+    so a turn's values are those of its whole chain (walked back, the latest winning); and a
+    conversation's last response. Bounded by entries and bytes (oldest out); memory only."""
+    __slots__ = ("entries", "threads", "size", "max_entries", "max_bytes")
+    CHAIN = 1024  # responses walked back at most
+    ENTRY_BYTES = 160  # what an entry costs besides its values
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 8 * 1024 * 1024) -> None:
+        self.entries: collections.OrderedDict[tuple[str, str], tuple[dict, str, int]] = \
+            collections.OrderedDict()
+        self.threads: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self.size = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    def learn(self, rid: str, tenant: str, values: dict[str, str], prev: str,
+              conv: str) -> None:
+        cost = self.ENTRY_BYTES + sum(len(p) + len(v) for p, v in values.items())
+        if cost > self.max_bytes // 16 or not values and not prev:
+            return  # (one answer may not push out most of the others)
+        self.forget(rid, tenant)
+        self.entries[(rid, tenant)] = (values, prev, cost)
+        self.size += cost
+        if conv:
+            self.threads[(conv, tenant)] = rid
+            self.threads.move_to_end((conv, tenant))
+            if len(self.threads) > self.max_entries:
+                self.threads.popitem(last=False)
+        while len(self.entries) > self.max_entries or self.size > self.max_bytes:
+            self.size -= self.entries.popitem(last=False)[1][2]
+
+    def recall(self, rid: str, tenant: str) -> dict[str, str]:
+        chain = []
+        while rid and len(chain) < self.CHAIN:
+            entry = self.entries.get((rid, tenant))
+            if entry is None:
+                break
+            self.entries.move_to_end((rid, tenant))
+            chain.append(entry[0])
+            rid = entry[1]
+        out: dict[str, str] = {}
+        for values in reversed(chain):
+            out.update(values)
+        return out
+
+    def thread(self, conv: str, tenant: str) -> str:
+        return self.threads.get((conv, tenant), "")
+
+    def forget(self, rid: str, tenant: str) -> None:
+        old = self.entries.pop((rid, tenant), None)
+        if old is not None:
+            self.size -= old[2]
+
+
 class PIIGuard(Stage):
     """Personal data and secrets in every text field of both APIs. redact swaps each value for a
     placeholder ([EMAIL_1]) and restores it in the answer (streamed deltas included, with JSON
@@ -5536,17 +5592,16 @@ class PIIGuard(Stage):
     runs_on_hit = True  # a cached answer holds placeholders: rebuild the mapping to restore
     side_calls = True  # count_tokens carries the same conversation to the same provider
 
-    KEEP = 4096         # Responses API answers (and conversations) whose placeholders are kept
-    KEEP_VALUES = 1024  # at most this many values of one of them
-
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
-                 pii_key: bytes = b"", pii_kept: collections.OrderedDict | None = None,
-                 **_: object) -> None:
+                 pii_key: bytes = b"", pii_memory: "PlaceholderMemory | None" = None,
+                 router: "Router | None" = None, **_: object) -> None:
         self.cfg = cfg.pii
         self.key = pii_key or os.urandom(16)  # numbers stable placeholders (kept across reloads)
-        # (response or conversation id, tenant) -> placeholder -> value, for the Responses
-        # API's later turns and retrievals: the provider keeps the text with placeholders
-        self.kept = pii_kept if pii_kept is not None else collections.OrderedDict()
+        # the Responses API's stored answers, for later turns and fetches (kept across reloads)
+        self.memory = pii_memory if pii_memory is not None else PlaceholderMemory()
+        # providers that answer with tokenman's own key: their callers cannot be told apart
+        self.own_key = frozenset(k for k, p in router.providers.items() if p.api_key) \
+            if router is not None else frozenset()
         self.metrics = metrics
         self.types = frozenset(cfg.pii.types)
         self.allow = frozenset(cfg.pii.allow_list)
@@ -5574,7 +5629,7 @@ class PIIGuard(Stage):
         stable = ctx.req.path == RESPONSES_PATH and (
             ctx.obj.get("store") is not False or bool(ctx.obj.get("previous_response_id")
                                                       or ctx.obj.get("conversation")))
-        earlier = self._earlier(ctx) if stable and action == "redact" else None
+        earlier, keep = self._earlier(ctx) if stable and action == "redact" else (None, None)
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             text = parent[key]
@@ -5619,81 +5674,65 @@ class PIIGuard(Stage):
                              **originals}
             ctx.notes["pii"] = PIIRestorer(originals)
             ctx.hooks.append(self)
-            if stable:
-                ctx.notes["pii_keep"] = True
+            if keep is not None:  # (this turn's own values: the earlier ones are kept already)
+                ctx.notes["pii_keep"] = keep + ({p: v for v, p in mapping.items()},)
         return None
 
     # -- Responses API: placeholders kept per response and conversation ---------------------------
     # A stored response is continued by id (previous_response_id, a conversation) without the
     # earlier turns being resent, run in the background, and fetched again later
-    # (GET /v1/responses/{id}, its input_items, plain or streamed): the text the provider keeps
-    # holds placeholders. Each answer's placeholders are kept under its id and the caller's
-    # tenant (project and a keyed digest of its credential: no other caller's retrieval or
-    # continuation restores them), bounded, in memory only (a restart forgets them).
+    # (GET /v1/responses/{id}, its input_items, plain or streamed, a cancel): the text the
+    # provider keeps holds placeholders. Each answer's values are kept under its id and the
+    # caller's credential (a keyed digest of the provider key it sends), so only a caller that
+    # holds that key (as the provider itself demands) gets them back. An answer made with
+    # tokenman's own key is not kept: nothing tells its callers apart.
     def _tenant(self, ctx: Context) -> str:
-        import hmac
         headers = ctx.req.headers.map
         cred = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
-        return ctx.project + ":" + hmac.new(self.key, cred, "sha256").hexdigest()[:16]
+        if not cred.strip():
+            return ""
+        import hmac
+        return ctx.project + ":" + hmac.new(self.key, cred, "sha256").hexdigest()[:24]
 
-    @staticmethod
-    def _conversation(obj: dict) -> str:
+    def _earlier(self, ctx: Context) -> tuple[dict[str, str], tuple | None]:
+        """The values of the response (or conversation) this call continues, and what to
+        keep this call's answer under: (tenant, the response it continues, conversation)."""
+        obj = ctx.obj
+        tenant = self._tenant(ctx)
+        if not tenant:
+            return {}, None
+        prev = obj.get("previous_response_id")
+        prev = prev if isinstance(prev, str) else ""
         conv = obj.get("conversation")
         conv = conv.get("id") if isinstance(conv, dict) else conv
-        return conv if isinstance(conv, str) else ""
-
-    def _earlier(self, ctx: Context) -> dict[str, str]:
-        """The placeholders of the response and conversation this call continues."""
-        obj = ctx.obj
-        prev = obj.get("previous_response_id")
-        conv = self._conversation(obj)
-        if not (isinstance(prev, str) and prev or conv):
-            return {}
-        tenant = self._tenant(ctx)
-        out: dict[str, str] = {}
-        for key in ((prev, tenant), ("conversation " + conv, tenant)):
-            found = self.kept.get(key)
-            if found is not None:
-                self.kept.move_to_end(key)
-                out.update(found)
-        return out
+        conv = conv if isinstance(conv, str) else ""
+        if not prev and conv:
+            prev = self.memory.thread(conv, tenant)
+        return self.memory.recall(prev, tenant), (tenant, prev, conv)
 
     def _learn(self, ctx: Context, response_id: object) -> None:
-        """Keeps this answer's placeholders under its id (and its conversation's)."""
-        if not ctx.notes.pop("pii_keep", False) or not isinstance(response_id, str) \
-                or not response_id:
+        keep = ctx.notes.pop("pii_keep", None)
+        if keep is None or not isinstance(response_id, str) or not response_id \
+                or ctx.provider in self.own_key:
             return
-        originals = ctx.notes["pii"].plain
-        if not originals or len(originals) > self.KEEP_VALUES:
-            return
-        tenant = self._tenant(ctx)
-        self._keep((response_id, tenant), originals)
-        conv = self._conversation(ctx.obj)
-        if conv:
-            key = ("conversation " + conv, tenant)
-            merged = {**self.kept.get(key, {}), **originals}
-            if len(merged) <= self.KEEP_VALUES:
-                self._keep(key, merged)
-
-    def _keep(self, key: tuple, originals: dict[str, str]) -> None:
-        kept = self.kept
-        kept[key] = originals
-        kept.move_to_end(key)
-        while len(kept) > self.KEEP:
-            kept.popitem(last=False)
+        tenant, prev, conv, values = keep
+        self.memory.learn(response_id, tenant, values, prev, conv)
 
     def retrieval(self, ctx: Context) -> None:
-        """GET /v1/responses/{id} (and .../input_items): restores the placeholders kept for
-        that response and this caller, in the body or the replayed stream."""
-        if not self.cfg.enabled or self.cfg.action != "redact" or not self.kept:
+        """/v1/responses/{id} and below (a fetch, its input_items, a cancel, a delete): the
+        values kept for that response and this caller, restored in the body or the replayed
+        stream; a delete forgets them."""
+        if not self.cfg.enabled or self.cfg.action != "redact":
             return
         parts = ctx.req.path.split("/")  # "", "v1", "responses", id, ...
-        if len(parts) < 4:
+        tenant = self._tenant(ctx)
+        if len(parts) < 4 or not parts[3] or not tenant:
             return
-        key = (parts[3], self._tenant(ctx))
-        found = self.kept.get(key)
-        if found is not None:
-            self.kept.move_to_end(key)
+        if ctx.req.method == "DELETE":
+            self.memory.forget(parts[3], tenant)
+            return
+        found = self.memory.recall(parts[3], tenant)
+        if found:
             ctx.notes["pii"] = PIIRestorer(found)
             ctx.hooks.append(self)
 
@@ -8140,8 +8179,9 @@ class Proxy(ResponseRelay, RequestLog):
                 reply = await ctx.pipeline.request(ctx)
             elif isinstance(ctx.obj, dict) and req.method == "POST":  # a pass-through call
                 reply = await ctx.pipeline.request(ctx, side_call=True)
-            elif req.method == "GET" and req.path.startswith(RESPONSES_PATH + "/"):
-                pii = ctx.pipeline.stage("pii")  # a stored response fetched again
+            if reply is None and req.path.startswith(RESPONSES_PATH + "/") \
+                    and "pii" not in ctx.notes:  # a stored response fetched, cancelled...
+                pii = ctx.pipeline.stage("pii")
                 if pii is not None:
                     pii.retrieval(ctx)
             if reply is None and req.path not in ACCOUNTED_PATHS:
@@ -9325,7 +9365,7 @@ class App:
         self._tasks: list[asyncio.Task] = []
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.pii_key = os.urandom(16)  # stable PII placeholders, kept across reloads
-        self.pii_kept: collections.OrderedDict = collections.OrderedDict()  # (the same)
+        self.pii_memory = PlaceholderMemory()  # Responses API placeholders (the same)
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
@@ -9397,7 +9437,7 @@ class App:
         self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
         pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
-                                  pii_key=self.pii_key, pii_kept=self.pii_kept,
+                                  pii_key=self.pii_key, pii_memory=self.pii_memory,
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline
 
