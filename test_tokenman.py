@@ -4044,6 +4044,7 @@ class TestPIIStage(ProxyTestCase):
         # fetch of it (GET, streamed, its input_items) showed [EMAIL_...] to the client
         kept = {}  # a small Responses API: id -> (input, output text)
         threads = {}  # conversation -> its last output text
+        said = []  # the inputs of the conversation
 
         def answer(rid, text, status="completed"):
             return {"id": rid, "object": "response", "status": status, "output": [
@@ -4055,6 +4056,10 @@ class TestPIIStage(ProxyTestCase):
             path = path.decode()
             if method == b"DELETE":
                 return await json_reply(w, {"id": path.split("/")[3], "deleted": True})
+            if path.startswith("/v1/conversations/"):  # its items: the turns' inputs
+                return await json_reply(w, {"object": "list", "data": [
+                    {"type": "message", "role": "user", "content": [
+                        {"type": "input_text", "text": text}]} for text in said]})
             if path.endswith("/cancel"):
                 return await json_reply(w, answer(path.split("/")[3], kept[path.split("/")[3]][1],
                                                   "cancelled"))
@@ -4083,6 +4088,8 @@ class TestPIIStage(ProxyTestCase):
             text = "Noted " + " ".join(mails) if mails else "Still " + earlier.split(" ", 1)[1]
             kept[rid] = (req["input"], text)
             threads[json.dumps(req.get("conversation"))] = text
+            if req.get("conversation"):
+                said.append(req["input"])
             if req.get("background"):
                 return await json_reply(w, answer(rid, "", "queued"))
             if not req.get("stream"):
@@ -4134,12 +4141,18 @@ class TestPIIStage(ProxyTestCase):
         for text in ("call carol@corp.com", "and?"):  # a conversation the provider keeps
             turn = await post({"input": text, "conversation": {"id": "conv_1"}})
         self.assertEqual(text_of(turn), "Still carol@corp.com")
+        items = await http(self.port, "GET", "/v1/conversations/conv_1/items", headers=O_HEADERS)
+        self.assertEqual(items.json()["data"][0]["content"][0]["text"], "call carol@corp.com")
         # another caller's key: nothing is restored for it, a fetch or a continuation
         other = dict(O_HEADERS, Authorization="Bearer sk-someone-else")
         fetched = await http(self.port, "GET", "/v1/responses/resp_3", headers=other)
         self.assertRegex(text_of(fetched), r"^Noted \[EMAIL_\d{9}\]$")
         continued = await post({"input": "and again", "previous_response_id": "resp_1"}, other)
         self.assertRegex(text_of(continued), r"^Still \[EMAIL_\d{9}\]$")
+        # nor can it confirm a guess: its jane@corp.com gets a placeholder of its own
+        await post({"input": "is it jane@corp.com?", "previous_response_id": "resp_1"}, other)
+        guessed = re.search(r"\[EMAIL_\d+\]", self.up.requests[-1].json()["input"]).group()
+        self.assertNotIn(guessed, kept["resp_1"][0])
         # a request that spells the placeholder itself keeps it as written
         spelled = re.search(r"\[EMAIL_\d+\]", kept["resp_1"][0]).group()
         mine = await post({"input": f"explain {spelled}", "previous_response_id": "resp_1"})

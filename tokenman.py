@@ -5629,7 +5629,10 @@ class PIIGuard(Stage):
         stable = ctx.req.path == RESPONSES_PATH and (
             ctx.obj.get("store") is not False or bool(ctx.obj.get("previous_response_id")
                                                       or ctx.obj.get("conversation")))
-        earlier, keep = self._earlier(ctx) if stable and action == "redact" else (None, None)
+        tenant = self._tenant(ctx) if stable else ""
+        number_key = self._number_key(tenant) if stable else b""
+        earlier, keep = self._earlier(ctx, tenant) if tenant and action == "redact" \
+            else (None, None)
         short = len(fields) >= ScanMemo.HISTORY
         for parent, key, path, _ in fields:
             text = parent[key]
@@ -5647,7 +5650,7 @@ class PIIGuard(Stage):
                 for s, e, kind in spans:
                     out.append(text[pos:s])
                     out.append(self._placeholder(text[s:e], kind, action, mapping, counters,
-                                                 taken, self.key if stable else b""))
+                                                 taken, number_key))
                     pos = e
                 out.append(text[pos:])
                 parent[key] = "".join(out)
@@ -5694,13 +5697,19 @@ class PIIGuard(Stage):
         import hmac
         return ctx.project + ":" + hmac.new(self.key, cred, "sha256").hexdigest()[:24]
 
-    def _earlier(self, ctx: Context) -> tuple[dict[str, str], tuple | None]:
+    def _number_key(self, tenant: str) -> bytes:
+        """The key that numbers a caller's placeholders: one per caller, so another caller
+        able to continue this one's stored response cannot confirm a guessed value by seeing
+        it given the same placeholder."""
+        if not tenant:
+            return self.key
+        import hmac
+        return hmac.new(self.key, tenant.encode("utf-8", "surrogatepass"), "sha256").digest()
+
+    def _earlier(self, ctx: Context, tenant: str) -> tuple[dict[str, str], tuple | None]:
         """The values of the response (or conversation) this call continues, and what to
         keep this call's answer under: (tenant, the response it continues, conversation)."""
         obj = ctx.obj
-        tenant = self._tenant(ctx)
-        if not tenant:
-            return {}, None
         prev = obj.get("previous_response_id")
         prev = prev if isinstance(prev, str) else ""
         conv = obj.get("conversation")
@@ -5719,19 +5728,23 @@ class PIIGuard(Stage):
         self.memory.learn(response_id, tenant, values, prev, conv)
 
     def retrieval(self, ctx: Context) -> None:
-        """/v1/responses/{id} and below (a fetch, its input_items, a cancel, a delete): the
-        values kept for that response and this caller, restored in the body or the replayed
+        """/v1/responses/{id} and below (a fetch, its input_items, a cancel, a delete), and a
+        conversation's items (/v1/conversations/{id}/items): the values kept for that response
+        (or the conversation's last) and this caller, restored in the body or the replayed
         stream; a delete forgets them."""
         if not self.cfg.enabled or self.cfg.action != "redact":
             return
-        parts = ctx.req.path.split("/")  # "", "v1", "responses", id, ...
+        parts = ctx.req.path.split("/")  # "", "v1", "responses" or "conversations", id, ...
         tenant = self._tenant(ctx)
         if len(parts) < 4 or not parts[3] or not tenant:
             return
-        if ctx.req.method == "DELETE":
-            self.memory.forget(parts[3], tenant)
+        rid = parts[3]
+        if parts[2] == "conversations":  # its items: the values of its last response's chain
+            rid = self.memory.thread(rid, tenant)
+        elif ctx.req.method == "DELETE":
+            self.memory.forget(rid, tenant)
             return
-        found = self.memory.recall(parts[3], tenant)
+        found = self.memory.recall(rid, tenant)
         if found:
             ctx.notes["pii"] = PIIRestorer(found)
             ctx.hooks.append(self)
@@ -8179,7 +8192,8 @@ class Proxy(ResponseRelay, RequestLog):
                 reply = await ctx.pipeline.request(ctx)
             elif isinstance(ctx.obj, dict) and req.method == "POST":  # a pass-through call
                 reply = await ctx.pipeline.request(ctx, side_call=True)
-            if reply is None and req.path.startswith(RESPONSES_PATH + "/") \
+            if reply is None and req.path.startswith((RESPONSES_PATH + "/",
+                                                      "/v1/conversations/")) \
                     and "pii" not in ctx.notes:  # a stored response fetched, cancelled...
                 pii = ctx.pipeline.stage("pii")
                 if pii is not None:
