@@ -3089,6 +3089,89 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((row["outcome"], row["attempts"]), ("client_closed", 1))
         self.assertEqual(self.app.proxy.breakers["anthropic"].failures, 0)
 
+    def test_the_status_an_error_event_stands_for(self):
+        for err, status in (({"type": "overloaded_error"}, 529),
+                            ({"type": "rate_limit_error"}, 429),
+                            ({"type": "server_error", "code": None}, 500),
+                            ({"type": "api_error"}, 500),
+                            ({"code": 503, "message": "Service Unavailable"}, 503),
+                            ({"code": "429"}, 429),
+                            ({"type": "InternalServerError"}, 500),  # (vLLM)
+                            ({"type": "error", "code": "server_error"}, 500),
+                            ({"code": "rate_limit_exceeded"}, 429),
+                            ({"type": "ServiceUnavailableError"}, 503),
+                            ({"type": "invalid_request_error"}, 0),
+                            ({"code": 400}, 0), ({}, 0)):
+            self.assertEqual(tm.retry_status(err), status, err)
+
+    async def test_openai_and_responses_streams_that_fail_at_their_first_event_are_retried(self):
+        # an OpenAI-compatible server's numeric code, and the Responses API's own error event
+        # (its fields at the top), were relayed although another attempt could answer
+        def chunk(delta, finish=None):
+            return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                           "model": "gpt-4o-mini", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+        chat = [chunk({"role": "assistant", "content": "Hi!"}), chunk({}, "stop"),
+                b"data: [DONE]\n\n"]
+        responses = [
+            responses_event({"type": "response.created", "response": {"id": "resp_1"}}, 0),
+            responses_event({"type": "response.output_text.delta", "item_id": "m",
+                             "output_index": 0, "content_index": 0, "delta": "Hi!"}, 1),
+            responses_event({"type": "response.completed", "response": {
+                "id": "resp_1", "status": "completed", "output": [],
+                "usage": {"input_tokens": 3, "output_tokens": 1}}}, 2)]
+        failures = {
+            "/v1/chat/completions": b'data: {"error": {"code": 503, "message": "busy"}}\n\n',
+            "/v1/responses": responses_event({"type": "error", "code": "server_error",
+                                              "message": "try again", "param": None}, 0)}
+        answers = {"/v1/chat/completions": chat, "/v1/responses": responses}
+        tries = []
+
+        async def handler(rec, r, w):
+            path = rec.head.split(b" ")[1].decode()
+            tries.append(path)
+            await sse_reply(w, [failures[path]] if tries.count(path) == 1 else answers[path])
+        self.up.handler = handler
+        await self.start_proxy({"resilience": self.FAST})
+        chat_resp = await http(self.port, "POST", "/v1/chat/completions",
+                               dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertIn(b'"content": "Hi!"', chat_resp.body)
+        self.assertNotIn(b"busy", chat_resp.body)
+        resp = await http(self.port, "POST", "/v1/responses",
+                          {"model": "gpt-4o", "input": "hi", "stream": True}, O_HEADERS)
+        self.assertIn(b"response.completed", resp.body)
+        self.assertNotIn(b"try again", resp.body)
+        self.assertEqual(tries, ["/v1/chat/completions"] * 2 + ["/v1/responses"] * 2)
+        rows = await self.rows(2)
+        self.assertEqual([(r["outcome"], r["attempts"]) for r in rows], [("ok", 2)] * 2)
+
+    async def test_a_client_that_hangs_up_on_the_providers_error_event_logs_that_error(self):
+        # the SDKs raise on an error event and close the connection at once: while the
+        # provider still held its stream open, the row said client_closed and lost the error
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+
+        async def error_then_hold(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+                         % (len(overloaded), overloaded))
+            await reader.read()  # (until tokenman closes it)
+            return False
+        self.up.handler = error_then_hold
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"x-api-key: k\r\nanthropic-version: 2023-06-01\r\n\r\n%s"
+                     % (len(body), body))
+        seen = b""
+        while b"overloaded_error" not in seen:
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        writer.close()
+        row = (await self.rows(1))[0]
+        self.assertEqual(row["outcome"], "upstream_error")
+        self.assertIn("Overloaded", row["error_message"])
+
     async def test_no_fallback_once_the_stream_has_started(self):
         events, _ = anthropic_fixture("text")
         backup = await FakeUpstream().start()

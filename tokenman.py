@@ -7307,6 +7307,22 @@ class Failure:
         self.api = api  # the provider's API format (its error body's shape)
 
 
+def retry_status(err: dict) -> int:
+    """The status an error sent inside a stream stands for, when another attempt could get
+    an answer: an overload (529), a rate limit (429), a server error (500, 503) by its type or
+    code as the providers and OpenAI-compatible servers spell them (vLLM's
+    InternalServerError, a numeric code 503); 0 for any other error."""
+    code = err.get("code")
+    if type(code) is str and code.isdigit():
+        code = int(code)
+    if type(code) is int:
+        return code if code in RETRY_STATUSES else 0
+    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    return 529 if "overload" in kind else 429 if "ratelimit" in kind or "toomanyrequests" \
+        in kind else 503 if "unavailable" in kind else 500 if "apierror" in kind \
+        or "servererror" in kind else 0
+
+
 class Dispatcher:
     """Sends a request along its plan of providers: retries with backoff, Retry-After, circuit
     breakers and fallback, all before the first byte of an answer reaches the client."""
@@ -7383,9 +7399,9 @@ class Dispatcher:
                                         span_id=ctx.notes["upstream_span"], error=bool(failed))
                 ok = resp.status not in RETRY_STATUSES
                 early = None  # a stream whose first event is an error, while others may answer
-                if ok and ctx.streaming and 200 <= resp.status < 300 and req.path in \
-                        ACCOUNTED_PATHS and (attempt + 1 < self.policy.attempts
-                                             or index + 1 < len(plan)):
+                if ok and ctx.streaming and 200 <= resp.status < 300 and (
+                        req.path in ACCOUNTED_PATHS or proxy._responses_call(ctx)) and (
+                        attempt + 1 < self.policy.attempts or index + 1 < len(plan)):
                     try:
                         early = await self._first_event(resp, prov, conn.chan)
                     except ConnectionGone:
@@ -7495,11 +7511,13 @@ class Dispatcher:
         name, data = sse_fields(event)
         obj = _loads(data) if data[:1] == b"{" else None
         err = obj.get("error") if isinstance(obj, dict) else None
+        if err is None and isinstance(obj, dict) and obj.get("type") == "error":
+            err = obj  # the Responses API's error event: its fields at the top
+            obj = {"error": {"message": err.get("message"), "type": "server_error",
+                             "param": err.get("param"), "code": err.get("code")}}
         if not isinstance(err, dict) or name not in (b"error", b""):
             return None
-        kind = f"{err.get('type') or ''} {err.get('code') or ''}"
-        status = 529 if "overload" in kind else 429 if "rate_limit" in kind \
-            else 500 if "api_error" in kind or "server_error" in kind else 0
+        status = retry_status(err)
         if not status:
             return None  # an error another attempt would not change: relayed as it came
         resp.close()
@@ -7816,8 +7834,12 @@ class ResponseRelay:
             conn.stream_write(b"".join(self._hooked(ctx, closing)) if ctx.hooks and closing
                               else closing)
         if conn.lost and not meter.complete:
-            ctx.outcome = "client_closed"
-            ctx.error = "client disconnected mid-stream"
+            if meter.error:  # the provider's error reached the client, whose SDK hung up on it
+                ctx.outcome = "upstream_error"
+                ctx.error = meter.error
+            else:
+                ctx.outcome = "client_closed"
+                ctx.error = "client disconnected mid-stream"
         elif failure:
             ctx.outcome = "upstream_failed"
             ctx.error = failure
