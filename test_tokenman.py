@@ -3144,6 +3144,17 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(tries, ["/v1/chat/completions"] * 2 + ["/v1/responses"] * 2)
         rows = await self.rows(2)
         self.assertEqual([(r["outcome"], r["attempts"]) for r in rows], [("ok", 2)] * 2)
+        # an error another attempt would not change is relayed, and a refusal of the request
+        # is no failure of the provider (as for the same 400 answered as JSON)
+        refused = b'data: {"error": {"type": "invalid_request_error", "message": "bad"}}\n\n'
+        self.up.handler = lambda rec, r, w: sse_reply(w, [refused])
+        errors = self.app.proxy.provider_stats["openai"].get("errors", 0)
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertEqual(resp.body, refused)
+        row = (await self.rows(3))[2]
+        self.assertEqual((row["outcome"], row["attempts"]), ("upstream_error", 1))
+        self.assertEqual(self.app.proxy.provider_stats["openai"].get("errors", 0), errors)
 
     async def test_a_client_that_hangs_up_on_the_providers_error_event_logs_that_error(self):
         # the SDKs raise on an error event and close the connection at once: while the

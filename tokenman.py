@@ -4093,6 +4093,8 @@ _ERROR_TYPES = types.MappingProxyType({
     "client_closed": "client_closed"})
 _PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
 _CLIENT_FAULTS = frozenset((400, 404, 409, 413, 422))  # a provider refusing a request
+_CLIENT_FAULT_ERRORS = ("invalid_request_error", "not_found_error", "request_too_large")  # (the
+# same, said by an error event in a 200 stream)
 
 
 def _capped(seen: set[str], name: str) -> str:
@@ -8519,7 +8521,8 @@ class Proxy(ResponseRelay, RequestLog):
             # the provider's panel shows what went wrong after its head (a broken stream, a 401
             # for a wrong key, an error event), not a request it refused as malformed
             if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
-                    and ctx.status not in _CLIENT_FAULTS:
+                    and ctx.status not in _CLIENT_FAULTS \
+                    and not (ctx.streaming and ctx.error.startswith(_CLIENT_FAULT_ERRORS)):
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
