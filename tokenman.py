@@ -1745,6 +1745,10 @@ class SSESplitter:
 def leading_event(data: bytes) -> bytes | None:
     """The first whole event of a stream's start that is more than comments or a ping (the
     keep-alives some providers send while they wait), LF-normalized; None before one."""
+    end = data.find(b"\n\n")  # (the usual first event: LF lines, no comment or ping first)
+    if end > 0 and data[:1] != b":" and b"\r" not in data[:end] \
+            and not data.startswith((b"event: ping", b"event:ping")):
+        return data[:end + 2]
     text = data.replace(b"\r\n", b"\n")
     pos = 0
     while True:
