@@ -2667,6 +2667,21 @@ class TestResilience(ProxyTestCase):
                                  reason=b"Err", headers=headers)
         return handler, calls
 
+    async def test_each_failed_attempt_is_logged_for_the_operator(self):
+        import io
+        self.up.handler, calls = self.scripted([503, 529, 200])
+        await self.start_proxy({"resilience": self.FAST})
+        out = io.StringIO()
+        self.app.proxy.dispatcher.log = tm.Logger("warn", out)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        lines = [line for line in out.getvalue().splitlines() if "upstream attempt failed" in line]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("provider=anthropic attempt=1", lines[0])
+        self.assertIn("503 overloaded_error: status 503", lines[0])
+        self.assertIn("attempt=2", lines[1])
+        self.assertIn(resp.headers["x-request-id"], lines[0])
+
     async def test_fails_twice_then_succeeds(self):
         self.up.handler, calls = self.scripted([529, 503, 200])
         await self.start_proxy({"resilience": self.FAST})

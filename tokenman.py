@@ -7388,7 +7388,7 @@ class Dispatcher:
                         breaker.record(ticket, False)
                     self.metrics.inc("tokenman_provider_requests_total",
                                      (("provider", prov.key), ("status", "error")))
-                    proxy.note_attempt(prov.key, str(exc))
+                    self._attempt_failed(proxy, ctx, prov, str(exc))
                     last = Failure(error=exc)
                     if exc.timeout and not exc.connect and not self.policy.on_timeout:
                         return last  # the provider may be generating: never send it twice
@@ -7435,7 +7435,7 @@ class Dispatcher:
                         breaker.record(ticket, False)
                     last = early
                     retry_after = None
-                    proxy.note_attempt(prov.key, f"{status} " + (
+                    self._attempt_failed(proxy, ctx, prov, f"{status} " + (
                         _error_text(_loads(early.body)) if early.head is not None
                         else str(early.error)))
                     continue
@@ -7447,13 +7447,20 @@ class Dispatcher:
                         breaker.record(ticket, False)
                 retry_after = parse_retry_after(resp.head.headers, self.clock())
                 last = await self._keep_failure(resp, prov)
-                proxy.note_attempt(prov.key, f"{resp.status} " + (
+                self._attempt_failed(proxy, ctx, prov, f"{resp.status} " + (
                     _error_text(_loads(last.body)) if last.head is not None else str(last.error)))
                 if last.error is not None and conn.lost:
                     raise ConnectionGone()
         if last.head is None and last.error is None and waits:
             last.retry_in = min(waits)
         return last
+
+    def _attempt_failed(self, proxy: "Proxy", ctx: Context, prov: Provider, error: str) -> None:
+        """One attempt that failed (a retry or a fallback may still answer): counted for the
+        provider's panel and logged, so an operator sees what the client never does."""
+        proxy.note_attempt(prov.key, error)
+        self.log.warn("upstream attempt failed", id=ctx.id, provider=prov.key,
+                      attempt=ctx.attempts, error=error[:300])
 
     async def _first_event(self, resp: UpstreamResponse, prov: Provider,
                            watch: Channel) -> Failure | None:
