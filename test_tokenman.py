@@ -486,6 +486,8 @@ class TestUtilities(unittest.TestCase):
         self.assertNotIn(("r4", "t"), memory.entries)
         memory.learn("big", "t", {"[K_1]": "x" * 2000}, "", "")  # over a 16th of the bytes
         self.assertNotIn(("big", "t"), memory.entries)
+        memory.learn("r", "t", {"[E_1]": "x"}, "p" * 300, "")  # no provider's id is that long
+        self.assertNotIn(("r", "t"), memory.entries)
         for i in range(5, 10):  # the oldest go first, by count and by bytes
             memory.learn(f"r{i}", "t", {"[E_%d]" % i: "y" * 700}, "", "")
         self.assertEqual(len(memory.entries), 4)
@@ -1010,6 +1012,9 @@ class TestChannel(unittest.IsolatedAsyncioTestCase):
         self.assertIsNone(tm.leading_event(b": keep-alive\n\nevent: ping\ndata: {}\n\n"))
         self.assertEqual(tm.leading_event(b": hi\r\n\r\ndata: {\"error\": 1}\r\n\r\nx"),
                          b'data: {"error": 1}\n\n')
+        for keep_alive in (b"\n: keep-alive\n\n", b"\nevent: ping\ndata: {}\n\n",
+                           b"event:  ping\ndata: {}\n\n"):  # (the quick path agrees)
+            self.assertEqual(tm.leading_event(keep_alive + b"data: 1\n\n"), b"data: 1\n\n")
 
 
 def resilience(**kw):
@@ -3171,6 +3176,71 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((row["outcome"], row["attempts"]), ("upstream_error", 1))
         self.assertEqual(self.app.proxy.provider_stats["openai"].get("errors", 0), errors)
 
+    async def test_error_events_count_for_the_breaker_and_the_panel_as_their_status(self):
+        # an overloaded error event relayed on the last attempt was a success for the breaker
+        # (status 200): a provider streaming nothing but overloaded never had its circuit
+        # opened; a refusal of the request in a Responses stream was a provider failure
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+        self.up.handler = lambda rec, r, w: sse_reply(w, [overloaded])
+        await self.start_proxy({"resilience": {"retry_enabled": False,
+                                               "cb_failure_threshold": 2}})
+        for _ in range(2):
+            resp = await http(self.port, "POST", "/v1/messages",
+                              dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+            self.assertEqual(resp.body, overloaded)
+        self.assertEqual(self.app.proxy.breakers["anthropic"].state, "open")
+        refused = responses_event({"type": "response.failed", "response": {
+            "id": "resp_1", "status": "failed", "error": {
+                "code": "invalid_prompt", "message": "no"}}}, 0)
+        self.up.handler = lambda rec, r, w: sse_reply(w, [refused])
+        resp = await http(self.port, "POST", "/v1/responses",
+                          {"model": "gpt-4o", "input": "hi", "stream": True}, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertNotIn("errors", {k for k, v in self.app.proxy.provider_stats.get(
+            "openai", {}).items() if k == "errors" and v})
+        self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
+        # every attempt failed and the breaker then refused: the error is answered as JSON,
+        # in the API's own shape (OpenAI has no 529: an overload is a 503)
+        await self.app.stop()
+        await self.start_proxy({"resilience": dict(self.FAST, cb_failure_threshold=1)})
+        server_error = responses_event({"type": "error", "code": "server_error",
+                                        "message": "try again", "param": None}, 0)
+        self.up.handler = lambda rec, r, w: sse_reply(w, [server_error])
+        resp = await http(self.port, "POST", "/v1/responses",
+                          {"model": "gpt-4o", "input": "hi", "stream": True}, O_HEADERS)
+        self.assertEqual(resp.status, 500)
+        self.assertEqual(resp.json(), {"error": {"code": "server_error", "message": "try again",
+                                                 "param": None, "type": "server_error"}})
+        busy = b'data: {"error": {"type": "overloaded_error", "message": "busy"}}\n\n'
+        self.up.handler = lambda rec, r, w: sse_reply(w, [busy])
+        self.app.proxy.breakers["openai"].state = "closed"
+        self.app.proxy.breakers["openai"].failures = 0
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertEqual(resp.status, 503)
+        self.assertEqual(resp.json()["error"]["type"], "overloaded_error")
+
+    async def test_an_overlong_chunk_size_line_mid_stream_is_an_upstream_failure(self):
+        # it escaped the relay as an internal error (and aborted the client's connection)
+        events, _ = anthropic_fixture("text")
+
+        async def long_line(rec, reader, writer):  # a chunk-size line past 4 KiB, in parts
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n"
+                         + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events[:2])
+                         + b"5;ext=" + b"a" * 5000)
+            await writer.drain()
+            await reader.read()
+            return False
+        self.up.handler = long_line
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertIn(b"event: error", resp.body)  # (the provider-shaped end of a cut stream)
+        row = (await self.rows(1))[0]
+        self.assertEqual(row["outcome"], "upstream_failed")
+
     async def test_a_client_that_hangs_up_on_the_providers_error_event_logs_that_error(self):
         # the SDKs raise on an error event and close the connection at once: while the
         # provider still held its stream open, the row said client_closed and lost the error
@@ -4164,7 +4234,12 @@ class TestPIIStage(ProxyTestCase):
             method, path = rec.head.split(b" ")[:2]
             path = path.decode()
             if method == b"DELETE":
+                if path.endswith("resp_2"):  # (this one fails)
+                    return await json_reply(w, {"error": {"message": "x"}}, status=500)
                 return await json_reply(w, {"id": path.split("/")[3], "deleted": True})
+            if path.endswith("/input_tokens"):
+                return await json_reply(w, {"object": "response.input_tokens",
+                                            "input_tokens": 7})
             if path.startswith("/v1/conversations/"):  # its items: the turns' inputs
                 return await json_reply(w, {"object": "list", "data": [
                     {"type": "message", "role": "user", "content": [
@@ -4211,7 +4286,8 @@ class TestPIIStage(ProxyTestCase):
                 responses_event({"type": "response.completed", "response": dict(
                     answer(rid, text), usage={"input_tokens": 5, "output_tokens": 2})}, 2)])
         self.up.handler = handler
-        await self.start_proxy()
+        fast = {"resilience": {"retry_base_delay_ms": 1, "retry_max_delay_ms": 5}}
+        await self.start_proxy(fast)
 
         def text_of(resp):
             return resp.json()["output"][0]["content"][0]["text"]
@@ -4274,6 +4350,15 @@ class TestPIIStage(ProxyTestCase):
         await http(self.port, "DELETE", "/v1/responses/resp_3", headers=O_HEADERS)
         fetched = await http(self.port, "GET", "/v1/responses/resp_3", headers=O_HEADERS)
         self.assertRegex(text_of(fetched), r"^Noted \[EMAIL_\d{9}\]$")
+        failed = await http(self.port, "DELETE", "/v1/responses/resp_2", headers=O_HEADERS)
+        self.assertEqual(failed.status, 500)  # not deleted: nothing forgotten
+        fetched = await http(self.port, "GET", "/v1/responses/resp_2", headers=O_HEADERS)
+        self.assertEqual(text_of(fetched), "Still jane@corp.com")
+        # counting a call's input tokens sends what the call would: screened the same way
+        counted = await http(self.port, "POST", "/v1/responses/input_tokens",
+                             {"model": "gpt-4o", "input": "count jane@corp.com"}, O_HEADERS)
+        self.assertEqual(counted.json()["input_tokens"], 7)
+        self.assertRegex(self.up.requests[-1].json()["input"], r"^count \[EMAIL_\d{9}\]$")
         # an id that is no string, with a conversation: the provider's own 400, not a 500
         odd = await post({"input": "hi jane@corp.com", "previous_response_id": {"id": "r"},
                           "conversation": "conv_1"})
@@ -4281,7 +4366,7 @@ class TestPIIStage(ProxyTestCase):
         # answers made with tokenman's own key are not kept: its callers send its token (or
         # nothing), which tells none of them apart
         await self.app.stop()
-        await self.start_proxy(env={"OPENAI_KEY": "sk-tokenman"}, providers={
+        await self.start_proxy(fast, env={"OPENAI_KEY": "sk-tokenman"}, providers={
             "openai": {"api_base": self.up.base, "key_ref": "env:OPENAI_KEY"}})
         shared = await post({"input": "write to dan@corp.com"})
         self.assertEqual(text_of(shared), "Noted dan@corp.com")

@@ -1746,8 +1746,8 @@ def leading_event(data: bytes) -> bytes | None:
     """The first whole event of a stream's start that is more than comments or a ping (the
     keep-alives some providers send while they wait), LF-normalized; None before one."""
     end = data.find(b"\n\n")  # (the usual first event: LF lines, no comment or ping first)
-    if end > 0 and data[:1] != b":" and b"\r" not in data[:end] \
-            and not data.startswith((b"event: ping", b"event:ping")):
+    if end > 0 and data[:1] not in b":\n" and b"\r" not in data[:end] \
+            and not (data[:6] == b"event:" and b"ping" in data[:data.find(b"\n")]):
         return data[:end + 2]
     text = data.replace(b"\r\n", b"\n")
     pos = 0
@@ -3385,7 +3385,7 @@ class StreamMeter:
     for an estimate if the stream is cut short, and provider error events. Only the few event
     kinds that carry usage are parsed as JSON; content deltas are scanned with one regex."""
     __slots__ = ("api", "usage", "model", "pieces", "kept", "error", "complete", "ended",
-                 "drop_usage_chunk", "events", "errors", "responses", "sequence")
+                 "drop_usage_chunk", "events", "errors", "responses", "sequence", "error_status")
 
     def __init__(self, api: str, drop_usage_chunk: bool = False,
                  responses: bool = False) -> None:
@@ -3397,6 +3397,7 @@ class StreamMeter:
         self.pieces: list[bytes] = []
         self.kept = 0
         self.error = ""
+        self.error_status = 0  # the HTTP status the error stands for (error_status())
         self.complete = False  # the stream's last event came (message_stop, [DONE], ...)
         self.ended = False  # the answer said how it ended (a stop or finish reason)
         self.drop_usage_chunk = drop_usage_chunk
@@ -3435,7 +3436,10 @@ class StreamMeter:
             elif name == b"message_stop":
                 self.complete = self.ended = True
             elif name == b"error":
-                self.error = _error_text(_loads(data)) or "error event"
+                obj = _loads(data)
+                self.error = _error_text(obj) or "error event"
+                self.error_status = error_status(obj.get("error") if isinstance(obj, dict)
+                                                 else None)
                 self.errors += 1
             elif name == b"content_block_start":
                 self._keep_text(raw)
@@ -3473,9 +3477,11 @@ class StreamMeter:
                 self.model = self.model or str(obj.get("model") or "")
                 if obj.get("error"):
                     self.error = _error_text(obj) or "error event"
+                    self.error_status = error_status(obj["error"])
                     self.errors += 1
                 elif obj.get("type") == "error":  # the Responses API's own error event
                     self.error = f"{obj.get('code') or 'error'}: {obj.get('message') or ''}"
+                    self.error_status = error_status(obj)
                     self.errors += 1
                 if has_usage and isinstance(obj.get("usage"), dict):
                     self.usage.apply_openai(obj["usage"])
@@ -3499,6 +3505,7 @@ class StreamMeter:
             self.complete = self.ended = True
         if kind == "response.failed" or resp.get("error"):
             self.error = _error_text(resp) or "response failed"
+            self.error_status = error_status(resp.get("error"))
 
     def estimate_output(self) -> int:
         text = b"".join(self.pieces).decode("utf-8", "replace")
@@ -4097,8 +4104,6 @@ _ERROR_TYPES = types.MappingProxyType({
     "client_closed": "client_closed"})
 _PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
 _CLIENT_FAULTS = frozenset((400, 404, 409, 413, 422))  # a provider refusing a request
-_CLIENT_FAULT_ERRORS = ("invalid_request_error", "not_found_error", "request_too_large")  # (the
-# same, said by an error event in a 200 stream)
 
 
 def _capped(seen: set[str], name: str) -> str:
@@ -5532,6 +5537,10 @@ def _spelled_placeholders(obj: object) -> set[str]:
     return {t for text in strings if "[" in text for t in _PLACEHOLDER_TEXT_RE.findall(text)}
 
 
+_RESPONSES_BODIES = frozenset((RESPONSES_PATH, RESPONSES_PATH + "/input_tokens"))  # (the same
+# body: input_tokens counts what a call would send, so it is screened as the call is)
+
+
 class PlaceholderMemory:
     """The values behind the placeholders of Responses API answers the provider keeps, per
     (response id, tenant): the values first sent in that turn and the response it continued,
@@ -5539,6 +5548,7 @@ class PlaceholderMemory:
     conversation's last response. Bounded by entries and bytes (oldest out); memory only."""
     __slots__ = ("entries", "threads", "size", "max_entries", "max_bytes")
     CHAIN = 1024  # responses walked back at most
+    MAX_ID = 256  # characters of a response or conversation id
     ENTRY_BYTES = 160  # what an entry costs besides its values
 
     def __init__(self, max_entries: int = 4096, max_bytes: int = 8 * 1024 * 1024) -> None:
@@ -5551,8 +5561,11 @@ class PlaceholderMemory:
 
     def learn(self, rid: str, tenant: str, values: dict[str, str], prev: str,
               conv: str) -> None:
-        cost = self.ENTRY_BYTES + sum(len(p) + len(v) for p, v in values.items())
-        if cost > self.max_bytes // 16 or not values and not prev:
+        if max(len(rid), len(prev), len(conv)) > self.MAX_ID or not values and not prev:
+            return  # (ids are short: a long one is no provider's)
+        cost = self.ENTRY_BYTES + len(rid) + len(prev) + len(conv) \
+            + sum(len(p) + len(v) for p, v in values.items())
+        if cost > self.max_bytes // 16:
             return  # (one answer may not push out most of the others)
         self.forget(rid, tenant)
         self.entries[(rid, tenant)] = (values, prev, cost)
@@ -5626,13 +5639,13 @@ class PIIGuard(Stage):
         counters: dict[str, int] = {}
         taken: set[str] | None = None
         found = []
-        fields = responses_text_fields(ctx.obj) if ctx.req.path == RESPONSES_PATH \
-            else text_fields(ctx.api, ctx.obj)
+        responses = ctx.req.path in _RESPONSES_BODIES
+        fields = responses_text_fields(ctx.obj) if responses else text_fields(ctx.api, ctx.obj)
         # a Responses call the provider keeps (store is on unless turned off) may be continued
         # without being resent: numbered in order, [EMAIL_1] would be another person in every
         # turn (and be restored as this turn's); numbered from the value (a keyed digest, so
         # the provider cannot confirm a guess), it means one value in all of them
-        stable = ctx.req.path == RESPONSES_PATH and (
+        stable = responses and (
             ctx.obj.get("store") is not False or bool(ctx.obj.get("previous_response_id")
                                                       or ctx.obj.get("conversation")))
         tenant = self._tenant(ctx) if stable else ""
@@ -5747,8 +5760,9 @@ class PIIGuard(Stage):
         rid = parts[3]
         if parts[2] == "conversations":  # its items: the values of its last response's chain
             rid = self.memory.thread(rid, tenant)
-        elif ctx.req.method == "DELETE":
-            self.memory.forget(rid, tenant)
+        elif ctx.req.method == "DELETE":  # forgotten once the provider says it is deleted
+            ctx.notes["pii_forget"] = (rid, tenant)
+            ctx.hooks.append(self)
             return
         found = self.memory.recall(rid, tenant)
         if found:
@@ -5781,6 +5795,10 @@ class PIIGuard(Stage):
         if ctx.notes.get("pii_keep") and ctx.status < 300:
             obj = _loads(body)
             self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
+        if "pii_forget" in ctx.notes:
+            if ctx.status < 300:
+                self.memory.forget(*ctx.notes["pii_forget"])
+            return body
         return ctx.notes["pii"].restore_json(body)
 
     def stream_event(self, ctx: Context, event: bytes) -> bytes:
@@ -7329,6 +7347,31 @@ def retry_status(err: dict) -> int:
         or "servererror" in kind else 0
 
 
+def error_status(err: object) -> int:
+    """The HTTP status an error sent inside a 200 stream stands for: retry_status() for what
+    another attempt could change, 401 for a key refused, 400 for a refusal of the request
+    itself (as the same error answered as JSON would be), 0 when it cannot be told."""
+    if not isinstance(err, dict):
+        return 0
+    status = retry_status(err)
+    if status:
+        return status
+    code = err.get("code")
+    if type(code) is str and code.isdigit():
+        code = int(code)
+    if type(code) is int:
+        return code if 400 <= code < 600 else 0
+    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    if "apikey" in kind or "authentication" in kind:
+        return 401
+    if "permission" in kind:
+        return 403
+    if any(word in kind for word in ("invalid", "notfound", "badrequest", "toolarge",
+                                     "contextlength", "image")):
+        return 400
+    return 0
+
+
 class Dispatcher:
     """Sends a request along its plan of providers: retries with backoff, Retry-After, circuit
     breakers and fallback, all before the first byte of an answer reaches the client."""
@@ -7526,14 +7569,19 @@ class Dispatcher:
         err = obj.get("error") if isinstance(obj, dict) else None
         if err is None and isinstance(obj, dict) and obj.get("type") == "error":
             err = obj  # the Responses API's error event: its fields at the top
-            obj = {"error": {"message": err.get("message"), "type": "server_error",
-                             "param": err.get("param"), "code": err.get("code")}}
         if not isinstance(err, dict) or name not in (b"error", b""):
             return None
         status = retry_status(err)
         if not status:
             return None  # an error another attempt would not change: relayed as it came
         resp.close()
+        if prov.cfg.format == API_OPENAI:  # as the API answers it in JSON: {"error": {...}}
+            status = 503 if status == 529 else status  # (OpenAI has no 529)
+            kind = err.get("type")
+            obj = {"error": dict({k: v for k, v in err.items()
+                                  if k not in ("type", "sequence_number")},
+                                 type=kind if isinstance(kind, str) and kind != "error"
+                                 else OPENAI_ERROR_TYPES.get(status, "server_error"))}
         headers = Headers([(n, v) for n, v in resp.head.headers.raw if n.lower() not in (
             b"content-type", b"content-length", b"transfer-encoding")]
             + [(b"content-type", b"application/json")])
@@ -7823,7 +7871,7 @@ class ResponseRelay:
         except TimeoutError:
             failure = "stream_timeout reached" if end is not None and loop.time() >= end \
                 else "upstream stream idle too long (stream_idle_timeout)"
-        except (ConnectionGone, ValueError, OSError) as exc:
+        except (ConnectionGone, ValueError, OSError, HeadTooLarge) as exc:
             failure = "upstream stream broken" if not isinstance(exc, ValueError) \
                 else f"upstream stream malformed: {exc}"
         if body.done:
@@ -7865,6 +7913,8 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
+        if meter.error_status:  # (for the breaker and the provider's panel)
+            ctx.notes["stream_error_status"] = meter.error_status
         if meter.events > meter.errors or self._background(ctx):
             self._account_stream(ctx, meter)  # (an answer that never came, or came as an
             # error alone, is not charged, unless it goes on at the provider without the client)
@@ -7934,7 +7984,7 @@ class ResponseRelay:
                 if conn.chan._write_paused:
                     await conn.drain()
             resp.release()
-        except (TimeoutError, ConnectionGone, ValueError, OSError) as exc:
+        except (TimeoutError, ConnectionGone, ValueError, OSError, HeadTooLarge) as exc:
             ctx.outcome = "client_closed" if conn.lost else "upstream_failed"
             ctx.error = f"relay stopped: {type(exc).__name__}"
             conn.close_after = True
@@ -8530,10 +8580,11 @@ class Proxy(ResponseRelay, RequestLog):
             if not resp.chan.lost and not resp.body.done:
                 resp.close()
             # the provider's panel shows what went wrong after its head (a broken stream, a 401
-            # for a wrong key, an error event), not a request it refused as malformed
+            # for a wrong key, an error event), not a request it refused as malformed; an
+            # error event in a 200 stream counts as the status it stands for
+            status = ctx.notes.get("stream_error_status") or ctx.status
             if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
-                    and ctx.status not in _CLIENT_FAULTS \
-                    and not (ctx.streaming and ctx.error.startswith(_CLIENT_FAULT_ERRORS)):
+                    and status not in _CLIENT_FAULTS:
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
@@ -8541,7 +8592,7 @@ class Proxy(ResponseRelay, RequestLog):
                     breaker.release(ticket)
                 else:
                     breaker.record(ticket, ctx.outcome != "upstream_failed" and
-                                   ctx.status < 500 and ctx.status != 429)
+                                   status < 500 and status != 429)
 
 
 # ================================================================================================
