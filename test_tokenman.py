@@ -3200,6 +3200,12 @@ class TestResilience(ProxyTestCase):
         self.assertNotIn("errors", {k for k, v in self.app.proxy.provider_stats.get(
             "openai", {}).items() if k == "errors" and v})
         self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
+        limited = b'data: {"error": {"type": "requests", "code": "rate_limit_exceeded"}}\n\n'
+        self.up.handler = lambda rec, r, w: sse_reply(w, [limited])
+        for _ in range(3):  # the caller's own key: its rate limit says nothing of the provider
+            await http(self.port, "POST", "/v1/chat/completions",
+                       dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
         # every attempt failed and the breaker then refused: the error is answered as JSON,
         # in the API's own shape (OpenAI has no 529: an overload is a 503)
         await self.app.stop()

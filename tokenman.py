@@ -8588,9 +8588,9 @@ class Proxy(ResponseRelay, RequestLog):
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
             breaker = self.breakers.get(prov.key)
             if breaker is not None:
-                if ctx.outcome == "client_closed":
-                    breaker.release(ticket)
-                else:
+                if ctx.outcome == "client_closed" or status == 429 and not prov.cfg.key_ref:
+                    breaker.release(ticket)  # (a rate limit on the caller's own key says
+                else:  # nothing about the provider, as for a JSON 429 in Dispatcher.send)
                     breaker.record(ticket, ctx.outcome != "upstream_failed" and
                                    status < 500 and status != 429)
 
