@@ -2934,6 +2934,47 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def retry_status(err: dict) -> int:
+    """The status an error sent inside a stream stands for, when another attempt could get
+    an answer: an overload (529), a rate limit (429), a server error (500, 503) by its type or
+    code as the providers and OpenAI-compatible servers spell them (vLLM's
+    InternalServerError, a numeric code 503); 0 for any other error."""
+    code = err.get("code")
+    if type(code) is str and code.isdigit():
+        code = int(code)
+    if type(code) is int:
+        return code if code in RETRY_STATUSES else 0
+    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    return 529 if "overload" in kind else 429 if "ratelimit" in kind or "toomanyrequests" \
+        in kind else 503 if "unavailable" in kind else 500 if "apierror" in kind \
+        or "servererror" in kind else 0
+
+
+def error_status(err: object) -> int:
+    """The HTTP status an error sent inside a 200 stream stands for: retry_status() for what
+    another attempt could change, 401 for a key refused, 400 for a refusal of the request
+    itself (as the same error answered as JSON would be), 0 when it cannot be told."""
+    if not isinstance(err, dict):
+        return 0
+    status = retry_status(err)
+    if status:
+        return status
+    code = err.get("code")
+    if type(code) is str and code.isdigit():
+        code = int(code)
+    if type(code) is int:
+        return code if 400 <= code < 600 else 0
+    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    if "apikey" in kind or "authentication" in kind:
+        return 401
+    if "permission" in kind:
+        return 403
+    if any(word in kind for word in ("invalid", "notfound", "badrequest", "toolarge",
+                                     "contextlength", "image")):
+        return 400
+    return 0
+
+
 class RetryPolicy:
     """Attempts per provider and the wait before each retry: full jitter, capped, and an
     upstream Retry-After honoured up to the same cap."""
@@ -7329,47 +7370,6 @@ class Failure:
         self.error = error
         self.retry_in = retry_in
         self.api = api  # the provider's API format (its error body's shape)
-
-
-def retry_status(err: dict) -> int:
-    """The status an error sent inside a stream stands for, when another attempt could get
-    an answer: an overload (529), a rate limit (429), a server error (500, 503) by its type or
-    code as the providers and OpenAI-compatible servers spell them (vLLM's
-    InternalServerError, a numeric code 503); 0 for any other error."""
-    code = err.get("code")
-    if type(code) is str and code.isdigit():
-        code = int(code)
-    if type(code) is int:
-        return code if code in RETRY_STATUSES else 0
-    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
-    return 529 if "overload" in kind else 429 if "ratelimit" in kind or "toomanyrequests" \
-        in kind else 503 if "unavailable" in kind else 500 if "apierror" in kind \
-        or "servererror" in kind else 0
-
-
-def error_status(err: object) -> int:
-    """The HTTP status an error sent inside a 200 stream stands for: retry_status() for what
-    another attempt could change, 401 for a key refused, 400 for a refusal of the request
-    itself (as the same error answered as JSON would be), 0 when it cannot be told."""
-    if not isinstance(err, dict):
-        return 0
-    status = retry_status(err)
-    if status:
-        return status
-    code = err.get("code")
-    if type(code) is str and code.isdigit():
-        code = int(code)
-    if type(code) is int:
-        return code if 400 <= code < 600 else 0
-    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
-    if "apikey" in kind or "authentication" in kind:
-        return 401
-    if "permission" in kind:
-        return 403
-    if any(word in kind for word in ("invalid", "notfound", "badrequest", "toolarge",
-                                     "contextlength", "image")):
-        return 400
-    return 0
 
 
 class Dispatcher:
