@@ -3121,8 +3121,16 @@ class TestResilience(ProxyTestCase):
                             ({"code": "rate_limit_exceeded"}, 429),
                             ({"type": "ServiceUnavailableError"}, 503),
                             ({"type": "invalid_request_error"}, 0),
+                            ({"type": "timeout_error"}, 504),
+                            ({"type": "rate_limit_error", "code": 1302}, 429),  # (not HTTP)
                             ({"code": 400}, 0), ({}, 0)):
             self.assertEqual(tm.retry_status(err), status, err)
+        for err, status in (("overloaded", 529), ({"type": "invalid_request_error"}, 400),
+                            ({"code": "context_length_exceeded"}, 400),
+                            ({"code": "invalid_api_key"}, 401),
+                            ({"type": "permission_error"}, 403), ({"code": 404}, 404),
+                            ({"type": "billing_error"}, 0), (None, 0), ([1], 0)):
+            self.assertEqual(tm.error_status(err), status, err)
 
     async def test_openai_and_responses_streams_that_fail_at_their_first_event_are_retried(self):
         # an OpenAI-compatible server's numeric code, and the Responses API's own error event
@@ -3200,6 +3208,13 @@ class TestResilience(ProxyTestCase):
         self.assertNotIn("errors", {k for k, v in self.app.proxy.provider_stats.get(
             "openai", {}).items() if k == "errors" and v})
         self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
+        failed = responses_event({"type": "response.failed", "response": {  # (fetched again:
+            "id": "resp_1", "status": "failed", "error": {  # a stored failure says nothing
+                "code": "server_error", "message": "x"}}}, 0)  # of the provider now)
+        self.up.handler = lambda rec, r, w: sse_reply(w, [failed])
+        for _ in range(3):
+            await http(self.port, "GET", "/v1/responses/resp_1?stream=true", headers=O_HEADERS)
+        self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
         limited = b'data: {"error": {"type": "requests", "code": "rate_limit_exceeded"}}\n\n'
         self.up.handler = lambda rec, r, w: sse_reply(w, [limited])
         for _ in range(3):  # the caller's own key: its rate limit says nothing of the provider
@@ -3246,6 +3261,16 @@ class TestResilience(ProxyTestCase):
         self.assertIn(b"event: error", resp.body)  # (the provider-shaped end of a cut stream)
         row = (await self.rows(1))[0]
         self.assertEqual(row["outcome"], "upstream_failed")
+
+    async def test_an_openai_client_never_gets_a_529_from_an_anthropic_provider(self):
+        self.up.handler, calls = self.scripted([529])
+        await self.start_proxy({"resilience": self.FAST, "routing": {"model_map": {
+            "gpt-mapped": "anthropic:claude-haiku-4-5"}}},
+            providers={"anthropic": {"api_base": self.up.base}})
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, model="gpt-mapped"), O_HEADERS)
+        self.assertEqual(resp.status, 503)  # (OpenAI has no 529: its SDKs retry a 503)
+        self.assertIn("status 529", resp.json()["error"]["message"])
 
     async def test_a_client_that_hangs_up_on_the_providers_error_event_logs_that_error(self):
         # the SDKs raise on an error event and close the connection at once: while the
@@ -4242,6 +4267,9 @@ class TestPIIStage(ProxyTestCase):
             if method == b"DELETE":
                 if path.endswith("resp_2"):  # (this one fails)
                     return await json_reply(w, {"error": {"message": "x"}}, status=500)
+                if path.endswith("resp_4"):  # (a compatible server's answer: no body)
+                    w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    return
                 return await json_reply(w, {"id": path.split("/")[3], "deleted": True})
             if path.endswith("/input_tokens"):
                 return await json_reply(w, {"object": "response.input_tokens",
@@ -4360,11 +4388,21 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(failed.status, 500)  # not deleted: nothing forgotten
         fetched = await http(self.port, "GET", "/v1/responses/resp_2", headers=O_HEADERS)
         self.assertEqual(text_of(fetched), "Still jane@corp.com")
+        deleted = await http(self.port, "DELETE", "/v1/responses/resp_4", headers=O_HEADERS)
+        self.assertEqual(deleted.status, 204)
+        fetched = await http(self.port, "GET", "/v1/responses/resp_4", headers=O_HEADERS)
+        self.assertRegex(text_of(fetched), r"^Still \[EMAIL_\d{9}\]$")
         # counting a call's input tokens sends what the call would: screened the same way
+        # (its detections are the call's: recorded once, with the call)
+        await self.rows(1)
+        logged = await asyncio.to_thread(self.app.store.query, "SELECT * FROM pii_log")
         counted = await http(self.port, "POST", "/v1/responses/input_tokens",
                              {"model": "gpt-4o", "input": "count jane@corp.com"}, O_HEADERS)
         self.assertEqual(counted.json()["input_tokens"], 7)
         self.assertRegex(self.up.requests[-1].json()["input"], r"^count \[EMAIL_\d{9}\]$")
+        await asyncio.to_thread(self.app.store.flush)
+        self.assertEqual(len(await asyncio.to_thread(self.app.store.query,
+                                                     "SELECT * FROM pii_log")), len(logged))
         # an id that is no string, with a conversation: the provider's own 400, not a 500
         odd = await post({"input": "hi jane@corp.com", "previous_response_id": {"id": "r"},
                           "conversation": "conv_1"})

@@ -2936,24 +2936,26 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
 
 def retry_status(err: dict) -> int:
     """The status an error sent inside a stream stands for, when another attempt could get
-    an answer: an overload (529), a rate limit (429), a server error (500, 503) by its type or
-    code as the providers and OpenAI-compatible servers spell them (vLLM's
-    InternalServerError, a numeric code 503); 0 for any other error."""
+    an answer: an overload (529), a rate limit (429), a server error (500, 503) or the
+    provider's own timeout (504), by its type or code as the providers and OpenAI-compatible
+    servers spell them (vLLM's InternalServerError, a numeric code 503); 0 for any other."""
     code = err.get("code")
     if type(code) is str and code.isdigit():
         code = int(code)
-    if type(code) is int:
+    if type(code) is int and 400 <= code < 600:
         return code if code in RETRY_STATUSES else 0
-    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    kind = f"{err.get('type') or ''} {err.get('code') or ''}".lower().replace("_", "")
     return 529 if "overload" in kind else 429 if "ratelimit" in kind or "toomanyrequests" \
-        in kind else 503 if "unavailable" in kind else 500 if "apierror" in kind \
-        or "servererror" in kind else 0
+        in kind else 503 if "unavailable" in kind else 504 if "timeout" in kind \
+        else 500 if "apierror" in kind or "servererror" in kind else 0
 
 
 def error_status(err: object) -> int:
     """The HTTP status an error sent inside a 200 stream stands for: retry_status() for what
     another attempt could change, 401 for a key refused, 400 for a refusal of the request
     itself (as the same error answered as JSON would be), 0 when it cannot be told."""
+    if isinstance(err, str):  # (a server that sends the error's name alone)
+        err = {"type": err}
     if not isinstance(err, dict):
         return 0
     status = retry_status(err)
@@ -2962,9 +2964,9 @@ def error_status(err: object) -> int:
     code = err.get("code")
     if type(code) is str and code.isdigit():
         code = int(code)
-    if type(code) is int:
-        return code if 400 <= code < 600 else 0
-    kind = f"{err.get('type') or ''} {code or ''}".lower().replace("_", "")
+    if type(code) is int and 400 <= code < 600:
+        return code
+    kind = f"{err.get('type') or ''} {err.get('code') or ''}".lower().replace("_", "")
     if "apikey" in kind or "authentication" in kind:
         return 401
     if "permission" in kind:
@@ -5580,6 +5582,8 @@ def _spelled_placeholders(obj: object) -> set[str]:
 
 _RESPONSES_BODIES = frozenset((RESPONSES_PATH, RESPONSES_PATH + "/input_tokens"))  # (the same
 # body: input_tokens counts what a call would send, so it is screened as the call is)
+_COUNTING_PATHS = SIDE_CALL_PATHS | {RESPONSES_PATH + "/input_tokens"}  # (their detections
+# are the call's: recorded once, with it)
 
 
 class PlaceholderMemory:
@@ -5717,7 +5721,7 @@ class PIIGuard(Stage):
                 mark_changed(ctx, path)
         if not found and not earlier:
             return None
-        if found and not ctx.cache_hit and ctx.req.path not in SIDE_CALL_PATHS:  # (count_tokens:
+        if found and not ctx.cache_hit and ctx.req.path not in _COUNTING_PATHS:  # (counting:
             now = utc_iso(ctx.wall)  # the call it counts records the same detections)
             for kind, path, value, done in found:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, done, path, mask(value)))
@@ -5803,7 +5807,7 @@ class PIIGuard(Stage):
             rid = self.memory.thread(rid, tenant)
         elif ctx.req.method == "DELETE":  # forgotten once the provider says it is deleted
             ctx.notes["pii_forget"] = (rid, tenant)
-            ctx.hooks.append(self)
+            ctx.passed.append(self)  # (finish() runs for it)
             return
         found = self.memory.recall(rid, tenant)
         if found:
@@ -5836,11 +5840,12 @@ class PIIGuard(Stage):
         if ctx.notes.get("pii_keep") and ctx.status < 300:
             obj = _loads(body)
             self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
-        if "pii_forget" in ctx.notes:
-            if ctx.status < 300:
-                self.memory.forget(*ctx.notes["pii_forget"])
-            return body
         return ctx.notes["pii"].restore_json(body)
+
+    def finish(self, ctx: Context) -> None:
+        forget = ctx.notes.get("pii_forget")
+        if forget is not None and 200 <= ctx.status < 300:
+            self.memory.forget(*forget)
 
     def stream_event(self, ctx: Context, event: bytes) -> bytes:
         if ctx.notes.get("pii_keep") and b"response.created" in event:
@@ -5849,7 +5854,8 @@ class PIIGuard(Stage):
             if isinstance(obj, dict) and obj.get("type") == "response.created" \
                     and isinstance(obj.get("response"), dict):
                 self._learn(ctx, obj["response"].get("id"))
-        return ctx.notes["pii"].restore_event(ctx.api, event)
+        restorer = ctx.notes.get("pii")
+        return event if restorer is None else restorer.restore_event(ctx.api, event)
 
 
 _RESPONSE_PART_KEYS = ("item_id", "output_index", "content_index", "summary_index")
@@ -7635,9 +7641,12 @@ class ResponseRelay:
             ctx.error = redact_secrets(failure.body[:500].decode("utf-8", "replace"))
             headers = self._client_headers(head, ctx)
             body = failure.body
+            status = head.status
             if failure.api and failure.api != ctx.api and req.path in ACCOUNTED_PATHS:
                 body = translate_error(body, head.status, ctx.api)
-            conn.send(req, head.status, headers, body, head.reason)
+                if status == 529 and ctx.api == API_OPENAI:
+                    status = ctx.status = 503  # (OpenAI has no 529)
+            conn.send(req, status, headers, body, head.reason)
         elif failure.error is not None:
             exc = failure.error
             ctx.status = 504 if exc.timeout and not exc.connect else 502
@@ -7913,8 +7922,9 @@ class ResponseRelay:
         if meter.error and ctx.outcome == "ok":
             ctx.outcome = "upstream_error"
             ctx.error = meter.error
-        if meter.error_status:  # (for the breaker and the provider's panel)
-            ctx.notes["stream_error_status"] = meter.error_status
+        if meter.error_status and req.method == "POST":  # (for the breaker and the panel: a
+            ctx.notes["stream_error_status"] = meter.error_status  # stored failure fetched
+            # again says nothing of the provider now)
         if meter.events > meter.errors or self._background(ctx):
             self._account_stream(ctx, meter)  # (an answer that never came, or came as an
             # error alone, is not charged, unless it goes on at the provider without the client)
