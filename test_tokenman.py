@@ -3123,6 +3123,8 @@ class TestResilience(ProxyTestCase):
                             ({"type": "invalid_request_error"}, 0),
                             ({"type": "timeout_error"}, 504),
                             ({"type": "rate_limit_error", "code": 1302}, 429),  # (not HTTP)
+                            ({"type": "invalid_request_error", "code": "invalid_timeout"}, 0),
+                            ({"code": "\u00b2"}, 0), ({"code": "9" * 5000}, 0), ({"code": True}, 0),
                             ({"code": 400}, 0), ({}, 0)):
             self.assertEqual(tm.retry_status(err), status, err)
         for err, status in (("overloaded", 529), ({"type": "invalid_request_error"}, 400),
@@ -3212,9 +3214,13 @@ class TestResilience(ProxyTestCase):
             "id": "resp_1", "status": "failed", "error": {  # a stored failure says nothing
                 "code": "server_error", "message": "x"}}}, 0)  # of the provider now)
         self.up.handler = lambda rec, r, w: sse_reply(w, [failed])
+        self.app.proxy.breakers["openai"].failures = 1  # (neither reset nor raised by them)
+        errors = self.app.proxy.provider_stats["openai"].get("errors", 0)
         for _ in range(3):
             await http(self.port, "GET", "/v1/responses/resp_1?stream=true", headers=O_HEADERS)
-        self.assertEqual(self.app.proxy.breakers["openai"].failures, 0)
+        self.assertEqual(self.app.proxy.breakers["openai"].failures, 1)
+        self.assertEqual(self.app.proxy.provider_stats["openai"].get("errors", 0), errors)
+        self.app.proxy.breakers["openai"].failures = 0
         limited = b'data: {"error": {"type": "requests", "code": "rate_limit_exceeded"}}\n\n'
         self.up.handler = lambda rec, r, w: sse_reply(w, [limited])
         for _ in range(3):  # the caller's own key: its rate limit says nothing of the provider
@@ -3271,6 +3277,45 @@ class TestResilience(ProxyTestCase):
                           dict(OPENAI_REQ, model="gpt-mapped"), O_HEADERS)
         self.assertEqual(resp.status, 503)  # (OpenAI has no 529: its SDKs retry a 503)
         self.assertIn("status 529", resp.json()["error"]["message"])
+
+    async def test_odd_error_events_at_the_first_event_fail_nothing_inside_tokenman(self):
+        # an error code int() cannot read ("\u00b2".isdigit() is true) or JSON nested too deep
+        # raised inside the dispatcher: a 500, and a half-open breaker's probe never returned;
+        # an error given as a bare name was retried by no one but counted by the breaker
+        odd = [b'data: {"error": {"code": "\xc2\xb2", "message": "x"}}\n\n',
+               b'data: ' + b'{"error": ' * 3000 + b'1' + b'}' * 3000 + b'\n\n']
+        good = [b'data: {"id": "c", "object": "chat.completion.chunk", "model": "m", '
+                b'"choices": [{"index": 0, "delta": {"content": "Hi!"}, '
+                b'"finish_reason": "stop"}]}\n\n', b"data: [DONE]\n\n"]
+        script = []
+        self.up.handler = lambda rec, r, w: sse_reply(w, script.pop(0))
+        await self.start_proxy({"resilience": dict(self.FAST, cb_failure_threshold=1,
+                                                   cb_reset_timeout_seconds=0.01)})
+        breaker = self.app.proxy.breakers["openai"]
+        for first in odd:
+            breaker.state, breaker.opened_at = "open", 0.0  # (the next call is its probe)
+            script[:] = [[first], good]
+            resp = await http(self.port, "POST", "/v1/chat/completions",
+                              dict(OPENAI_REQ, stream=True), O_HEADERS)
+            self.assertEqual(resp.status, 200)
+            self.assertTrue(resp.body.startswith(first))  # (no retry changes it: relayed)
+            self.assertEqual(breaker.probes, 0)
+        script[:] = [[b'data: {"error": "overloaded"}\n\n'], good]
+        breaker.state, breaker.threshold = "closed", 100
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, stream=True), O_HEADERS)
+        self.assertIn(b"Hi!", resp.body)
+
+    async def test_no_breaker_moves_while_breakers_are_off(self):
+        overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                      b'"overloaded_error", "message": "Overloaded"}}\n\n')
+        self.up.handler = lambda rec, r, w: sse_reply(w, [overloaded])
+        await self.start_proxy({"resilience": {"retry_enabled": False, "cb_failure_threshold": 2,
+                                               "circuit_breaker_enabled": False}})
+        for _ in range(3):
+            await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                       A_HEADERS)
+        self.assertEqual(self.app.proxy.breakers["anthropic"].state, "closed")
 
     async def test_a_client_that_hangs_up_on_the_providers_error_event_logs_that_error(self):
         # the SDKs raise on an error event and close the connection at once: while the
@@ -4270,6 +4315,10 @@ class TestPIIStage(ProxyTestCase):
                 if path.endswith("resp_4"):  # (a compatible server's answer: no body)
                     w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                     return
+                if path.endswith("resp_6"):  # (deleted, and its answer cut short)
+                    w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                            b"content-length: 100\r\n\r\n{\"id\": ")
+                    return False
                 return await json_reply(w, {"id": path.split("/")[3], "deleted": True})
             if path.endswith("/input_tokens"):
                 return await json_reply(w, {"object": "response.input_tokens",
@@ -4388,6 +4437,13 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(failed.status, 500)  # not deleted: nothing forgotten
         fetched = await http(self.port, "GET", "/v1/responses/resp_2", headers=O_HEADERS)
         self.assertEqual(text_of(fetched), "Still jane@corp.com")
+        deleted = await http(self.port, "DELETE", "/v1/responses/resp_6", headers=O_HEADERS)
+        self.assertEqual(deleted.status, 502)  # (the provider said 200: forgotten all the same)
+        self.assertEqual(self.app.pii_memory.recall("resp_6", next(
+            t for (r, t) in self.app.pii_memory.entries if r == "resp_5")), {})
+        await http(self.port, "DELETE", "/v1/conversations/conv_1", headers=O_HEADERS)
+        items = await http(self.port, "GET", "/v1/conversations/conv_1/items", headers=O_HEADERS)
+        self.assertRegex(items.json()["data"][0]["content"][0]["text"], r"^call \[EMAIL_\d{9}\]$")
         deleted = await http(self.port, "DELETE", "/v1/responses/resp_4", headers=O_HEADERS)
         self.assertEqual(deleted.status, 204)
         fetched = await http(self.port, "GET", "/v1/responses/resp_4", headers=O_HEADERS)

@@ -2934,17 +2934,22 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+# words in an error's type or code that name a refusal of the request itself
+_REFUSAL_WORDS = ("invalid", "notfound", "badrequest", "toolarge", "contextlength", "image",
+                  "apikey", "authentication", "permission")
+
+
 def retry_status(err: dict) -> int:
     """The status an error sent inside a stream stands for, when another attempt could get
     an answer: an overload (529), a rate limit (429), a server error (500, 503) or the
     provider's own timeout (504), by its type or code as the providers and OpenAI-compatible
     servers spell them (vLLM's InternalServerError, a numeric code 503); 0 for any other."""
-    code = err.get("code")
-    if type(code) is str and code.isdigit():
-        code = int(code)
+    code = _int_code(err.get("code"))
     if type(code) is int and 400 <= code < 600:
         return code if code in RETRY_STATUSES else 0
     kind = f"{err.get('type') or ''} {err.get('code') or ''}".lower().replace("_", "")
+    if any(word in kind for word in _REFUSAL_WORDS):
+        return 0  # (a refusal of the request, whatever else its name says)
     return 529 if "overload" in kind else 429 if "ratelimit" in kind or "toomanyrequests" \
         in kind else 503 if "unavailable" in kind else 504 if "timeout" in kind \
         else 500 if "apierror" in kind or "servererror" in kind else 0
@@ -2961,9 +2966,7 @@ def error_status(err: object) -> int:
     status = retry_status(err)
     if status:
         return status
-    code = err.get("code")
-    if type(code) is str and code.isdigit():
-        code = int(code)
+    code = _int_code(err.get("code"))
     if type(code) is int and 400 <= code < 600:
         return code
     kind = f"{err.get('type') or ''} {err.get('code') or ''}".lower().replace("_", "")
@@ -2971,10 +2974,16 @@ def error_status(err: object) -> int:
         return 401
     if "permission" in kind:
         return 403
-    if any(word in kind for word in ("invalid", "notfound", "badrequest", "toolarge",
-                                     "contextlength", "image")):
+    if any(word in kind for word in _REFUSAL_WORDS):
         return 400
     return 0
+
+
+def _int_code(code: object) -> object:
+    """A numeric error code given as a string ("503") as an int; anything else as it is."""
+    if type(code) is str and code.isascii() and code.isdigit() and len(code) <= 4:
+        return int(code)
+    return code
 
 
 class RetryPolicy:
@@ -3562,7 +3571,7 @@ class StreamMeter:
 def _loads(data: bytes) -> object:
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested thousands deep)
         return None
 
 
@@ -5645,6 +5654,9 @@ class PlaceholderMemory:
         if old is not None:
             self.size -= old[2]
 
+    def forget_thread(self, conv: str, tenant: str) -> None:
+        self.threads.pop((conv, tenant), None)
+
 
 class PIIGuard(Stage):
     """Personal data and secrets in every text field of both APIs. redact swaps each value for a
@@ -5804,6 +5816,9 @@ class PIIGuard(Stage):
             return
         rid = parts[3]
         if parts[2] == "conversations":  # its items: the values of its last response's chain
+            if ctx.req.method == "DELETE" and len(parts) == 4:
+                self.memory.forget_thread(rid, tenant)  # (its responses stay the provider's)
+                return
             rid = self.memory.thread(rid, tenant)
         elif ctx.req.method == "DELETE":  # forgotten once the provider says it is deleted
             ctx.notes["pii_forget"] = (rid, tenant)
@@ -5843,8 +5858,9 @@ class PIIGuard(Stage):
         return ctx.notes["pii"].restore_json(body)
 
     def finish(self, ctx: Context) -> None:
-        forget = ctx.notes.get("pii_forget")
-        if forget is not None and 200 <= ctx.status < 300:
+        forget = ctx.notes.get("pii_forget")  # (the provider's answer: its body may have
+        status = ctx.notes.get("upstream_status", 0)  # been cut, or the client gone, after it)
+        if forget is not None and (200 <= status < 300 or status == 404):
             self.memory.forget(*forget)
 
     def stream_event(self, ctx: Context, event: bytes) -> bytes:
@@ -7459,9 +7475,10 @@ class Dispatcher:
                         attempt + 1 < self.policy.attempts or index + 1 < len(plan)):
                     try:
                         early = await self._first_event(resp, prov, conn.chan)
-                    except ConnectionGone:
-                        if breaker is not None:
+                    except BaseException:  # (the client left, or a bug: the ticket goes back,
+                        if breaker is not None:  # or a half-open probe would never return)
                             breaker.release(ticket)
+                        resp.close()
                         raise
                     ok = early is None
                 status = resp.status if early is None else \
@@ -7573,6 +7590,8 @@ class Dispatcher:
         name, data = sse_fields(event)
         obj = _loads(data) if data[:1] == b"{" else None
         err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, str):  # (a server that sends the error's name alone)
+            err = {"type": err, "message": err}
         if err is None and isinstance(obj, dict) and obj.get("type") == "error":
             err = obj  # the Responses API's error event: its fields at the top
         if not isinstance(err, dict) or name not in (b"error", b""):
@@ -8562,6 +8581,8 @@ class Proxy(ResponseRelay, RequestLog):
         resp, prov, model, ticket = sent
         ctx.model = model
         ctx.status = resp.status
+        if "pii_forget" in ctx.notes:
+            ctx.notes["upstream_status"] = resp.status
         if req.path in ACCOUNTED_PATHS:
             ctx.upstream_api = prov.cfg.format
         if resp.status >= 400:
@@ -8593,12 +8614,15 @@ class Proxy(ResponseRelay, RequestLog):
             # for a wrong key, an error event), not a request it refused as malformed; an
             # error event in a 200 stream counts as the status it stands for
             status = ctx.notes.get("stream_error_status") or ctx.status
+            # (an error in a stored answer streamed again says nothing of the provider now)
+            stored = ctx.outcome == "upstream_error" and ctx.streaming and req.method != "POST"
             if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
-                    and status not in _CLIENT_FAULTS:
+                    and status not in _CLIENT_FAULTS and not stored:
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
-            breaker = self.breakers.get(prov.key)
+            breaker = self.dispatcher.breakers.get(prov.key)  # (none when they are off)
             if breaker is not None:
-                if ctx.outcome == "client_closed" or status == 429 and not prov.cfg.key_ref:
+                if ctx.outcome == "client_closed" or stored or status == 429 \
+                        and ctx.outcome != "upstream_failed" and not prov.cfg.key_ref:
                     breaker.release(ticket)  # (a rate limit on the caller's own key says
                 else:  # nothing about the provider, as for a JSON 429 in Dispatcher.send)
                     breaker.record(ticket, ctx.outcome != "upstream_failed" and
