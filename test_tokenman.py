@@ -1038,7 +1038,9 @@ class TestRetryPolicy(unittest.TestCase):
         date = email.utils.formatdate(now + 30, usegmt=True).encode()
         cases = [([(b"Retry-After", b"7")], 7.0), ([(b"Retry-After", date)], 30.0),
                  ([(b"retry-after-ms", b"1500")], 1.5), ([(b"Retry-After", b"soon")], None),
-                 ([], None), ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], 0.0)]
+                 ([], None), ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], 0.0),
+                 ([(b"Retry-After", b"9" * 400)], None),  # (float() overflowed: a 500)
+                 ([(b"Retry-After", b"9" * 5000)], None)]
         for fields, expected in cases:
             with self.subTest(fields=fields):
                 self.assertEqual(tm.parse_retry_after(tm.Headers(fields), now), expected)
@@ -3306,6 +3308,28 @@ class TestResilience(ProxyTestCase):
                           dict(OPENAI_REQ, stream=True), O_HEADERS)
         self.assertIn(b"Hi!", resp.body)
 
+    async def test_a_reload_mid_request_returns_the_ticket_to_the_breaker_that_gave_it(self):
+        # a reload that switched breakers off while a half-open probe was in flight: the
+        # probe was looked for in the new (empty) set and never returned: shut for good
+        gate = asyncio.Event()
+        events, _ = anthropic_fixture("text")
+        self.up.handler = lambda rec, r, w: sse_reply(w, events, gate=gate, after=1)
+        await self.start_proxy({"resilience": {"retry_enabled": False,
+                                               "cb_reset_timeout_seconds": 0.01}})
+        breaker = self.app.proxy.breakers["anthropic"]
+        breaker.state, breaker.opened_at = "open", 0.0
+        task = asyncio.ensure_future(http(self.port, "POST", "/v1/messages",
+                                          dict(ANTHROPIC_REQ, stream=True), A_HEADERS))
+        while breaker.probes == 0:
+            await asyncio.sleep(0.01)
+        off = tm.config_from_dict({"resilience": {"circuit_breaker_enabled": False},
+                                   "providers": {"anthropic": {"api_base": self.up.base}}}, {})
+        self.app.proxy.dispatcher = tm.Dispatcher(off, self.app.proxy.pool, self.app.breakers,
+                                                  tm.Logger("fatal"))
+        gate.set()
+        self.assertEqual((await task).status, 200)
+        self.assertEqual((breaker.state, breaker.probes), ("closed", 0))
+
     async def test_no_breaker_moves_while_breakers_are_off(self):
         overloaded = (b'event: error\ndata: {"type": "error", "error": {"type": '
                       b'"overloaded_error", "message": "Overloaded"}}\n\n')
@@ -4310,7 +4334,7 @@ class TestPIIStage(ProxyTestCase):
             method, path = rec.head.split(b" ")[:2]
             path = path.decode()
             if method == b"DELETE":
-                if path.endswith("resp_2"):  # (this one fails)
+                if path.endswith(("resp_2", "conv_2")):  # (these fail)
                     return await json_reply(w, {"error": {"message": "x"}}, status=500)
                 if path.endswith("resp_4"):  # (a compatible server's answer: no body)
                     w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -4441,6 +4465,11 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(deleted.status, 502)  # (the provider said 200: forgotten all the same)
         self.assertEqual(self.app.pii_memory.recall("resp_6", next(
             t for (r, t) in self.app.pii_memory.entries if r == "resp_5")), {})
+        for text in ("call erin@corp.com", "and?"):  # another conversation: its delete fails
+            await post({"input": text, "conversation": "conv_2"})
+        await http(self.port, "DELETE", "/v1/conversations/conv_2", headers=O_HEADERS)
+        self.assertEqual(text_of(await post({"input": "and?", "conversation": "conv_2"})),
+                         "Still erin@corp.com")
         await http(self.port, "DELETE", "/v1/conversations/conv_1", headers=O_HEADERS)
         items = await http(self.port, "GET", "/v1/conversations/conv_1/items", headers=O_HEADERS)
         self.assertRegex(items.json()["data"][0]["content"][0]["text"], r"^call \[EMAIL_\d{9}\]$")

@@ -2921,7 +2921,7 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(int(value))
+        return float(int(value)) if len(value) <= 9 else None  # (absurd: no header)
     import email.utils  # HTTP dates in Retry-After are rare: load the parser only then
     try:
         when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
@@ -5816,12 +5816,13 @@ class PIIGuard(Stage):
             return
         rid = parts[3]
         if parts[2] == "conversations":  # its items: the values of its last response's chain
-            if ctx.req.method == "DELETE" and len(parts) == 4:
-                self.memory.forget_thread(rid, tenant)  # (its responses stay the provider's)
+            if ctx.req.method == "DELETE" and len(parts) == 4:  # (its responses stay the
+                ctx.notes["pii_forget"] = ("", tenant, rid)  # provider's; the thread goes)
+                ctx.passed.append(self)
                 return
             rid = self.memory.thread(rid, tenant)
         elif ctx.req.method == "DELETE":  # forgotten once the provider says it is deleted
-            ctx.notes["pii_forget"] = (rid, tenant)
+            ctx.notes["pii_forget"] = (rid, tenant, "")
             ctx.passed.append(self)  # (finish() runs for it)
             return
         found = self.memory.recall(rid, tenant)
@@ -5861,7 +5862,11 @@ class PIIGuard(Stage):
         forget = ctx.notes.get("pii_forget")  # (the provider's answer: its body may have
         status = ctx.notes.get("upstream_status", 0)  # been cut, or the client gone, after it)
         if forget is not None and (200 <= status < 300 or status == 404):
-            self.memory.forget(*forget)
+            rid, tenant, conv = forget
+            if conv:
+                self.memory.forget_thread(conv, tenant)
+            else:
+                self.memory.forget(rid, tenant)
 
     def stream_event(self, ctx: Context, event: bytes) -> bytes:
         if ctx.notes.get("pii_keep") and b"response.created" in event:
@@ -8569,7 +8574,8 @@ class Proxy(ResponseRelay, RequestLog):
                        plan: list[tuple[Provider, str, bytes]]) -> None:
         t_up = time.perf_counter()
         try:
-            sent = await self.dispatcher.send(self, req, ctx, conn, plan)
+            dispatcher = self.dispatcher  # (a reload may swap it: tickets go back to its breakers)
+            sent = await dispatcher.send(self, req, ctx, conn, plan)
         except ConnectionGone:
             ctx.status = 499
             ctx.outcome = "client_closed"
@@ -8581,8 +8587,8 @@ class Proxy(ResponseRelay, RequestLog):
         resp, prov, model, ticket = sent
         ctx.model = model
         ctx.status = resp.status
-        if "pii_forget" in ctx.notes:
-            ctx.notes["upstream_status"] = resp.status
+        if "pii_forget" in ctx.notes and (resp.status != 404 or prov is plan[0][0]):
+            ctx.notes["upstream_status"] = resp.status  # (a fallback's 404: it never had it)
         if req.path in ACCOUNTED_PATHS:
             ctx.upstream_api = prov.cfg.format
         if resp.status >= 400:
@@ -8619,7 +8625,7 @@ class Proxy(ResponseRelay, RequestLog):
             if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
                     and status not in _CLIENT_FAULTS and not stored:
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
-            breaker = self.dispatcher.breakers.get(prov.key)  # (none when they are off)
+            breaker = dispatcher.breakers.get(prov.key)  # (none when they are off)
             if breaker is not None:
                 if ctx.outcome == "client_closed" or stored or status == 429 \
                         and ctx.outcome != "upstream_failed" and not prov.cfg.key_ref:
