@@ -1040,7 +1040,10 @@ class TestRetryPolicy(unittest.TestCase):
                  ([(b"retry-after-ms", b"1500")], 1.5), ([(b"Retry-After", b"soon")], None),
                  ([], None), ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], 0.0),
                  ([(b"Retry-After", b"9" * 400)], None),  # (float() overflowed: a 500)
-                 ([(b"Retry-After", b"9" * 5000)], None)]
+                 ([(b"Retry-After", b"9" * 5000)], None),
+                 ([(b"Retry-After", b"0000000005")], 5.0),
+                 ([(b"Retry-After", b"Mon, 01 Jan 99999999999999999999 00:00:00 GMT")], None),
+                 ([(b"Retry-After", b"Mon, 01 Jan 2024 00:00:99999999999999999999 GMT")], None)]
         for fields, expected in cases:
             with self.subTest(fields=fields):
                 self.assertEqual(tm.parse_retry_after(tm.Headers(fields), now), expected)

@@ -2920,18 +2920,18 @@ def parse_retry_after(headers: Headers, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(int(value)) if len(value) <= 9 else None  # (absurd: no header)
+    if value.isdigit():  # (absurdly long: no header)
+        return float(int(value)) if len(value.lstrip(b"0")) <= 9 else None
     import email.utils  # HTTP dates in Retry-After are rare: load the parser only then
     try:
         when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return max(0.0, when.timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):  # (a year past any clock)
         return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - now)
 
 
 # words in an error's type or code that name a refusal of the request itself
@@ -9653,7 +9653,8 @@ class App:
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
         live = self.proxy.router.providers  # (a provider a reload removed keeps no series)
         out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.shown])
-                for key, b in self.breakers.items() if key in live]
+                for key, b in list(self.breakers.items()) if key in live]  # (a reload's
+        # worker thread may add to it meanwhile: list() copies it in one step)
         now = time.time()
         for (scope, period, start), spent in self.ledger.spent.items():
             if period_bounds(period, now)[0] == start:
