@@ -7592,6 +7592,12 @@ class Dispatcher:
         resp.body = PrefetchedReader(resp.body, got)
         if event is None:
             return None  # a first event longer than READ_CHUNK: relayed as it comes
+        return self._event_failure(event, resp, prov)
+
+    @staticmethod
+    def _event_failure(event: bytes, resp: UpstreamResponse, prov: Provider) -> Failure | None:
+        """A stream's first event as a failed attempt, when it is an error another attempt
+        could change: the error as the API answers it in JSON, with the status it stands for."""
         name, data = sse_fields(event)
         obj = _loads(data) if data[:1] == b"{" else None
         err = obj.get("error") if isinstance(obj, dict) else None
