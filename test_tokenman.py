@@ -3371,6 +3371,50 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(row["outcome"], "upstream_error")
         self.assertIn("Overloaded", row["error_message"])
 
+    async def test_a_buffered_answer_cut_after_its_head_is_retried(self):
+        # nothing had reached the client: it got a 502 while a retry or the fallback could
+        # answer; and an attempt that broke after its head counted as a success in /metrics
+        good = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+                "usage": {"input_tokens": 3, "output_tokens": 2}}
+        script = ["cut", "good"]
+
+        async def handler(rec, reader, writer):
+            if script.pop(0) == "cut":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: 500\r\n\r\n{\"id\": \"msg_")
+                return False
+            await json_reply(writer, good)
+        self.up.handler = handler
+        await self.start_proxy({"resilience": self.FAST})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()["content"][0]["text"]), (200, "Hello!"))
+        row = (await self.rows(1))[0]
+        self.assertEqual((row["outcome"], row["attempts"]), ("ok", 2))
+        get = self.app.metrics.get
+        labels = lambda status: (("provider", "anthropic"), ("status", status))  # noqa: E731
+        self.assertEqual((get("tokenman_provider_requests_total", labels("error")),
+                          get("tokenman_provider_requests_total", labels("success"))), (1, 1))
+
+    async def test_a_stream_cut_midway_counts_and_logs_as_a_failed_attempt(self):
+        import io
+        events, _ = anthropic_fixture("text")
+        self.up.handler = broken_sse(events, 3)
+        await self.start_proxy({"resilience": {"retry_enabled": False}})
+        out = io.StringIO()
+        self.app.proxy.log = tm.Logger("warn", out)
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertIn(b"event: error", resp.body)
+        await self.rows(1)
+        get = self.app.metrics.get
+        self.assertEqual(get("tokenman_provider_requests_total",
+                             (("provider", "anthropic"), ("status", "error"))), 1)
+        self.assertEqual(get("tokenman_provider_requests_total",
+                             (("provider", "anthropic"), ("status", "success"))), 0)
+        self.assertIn("upstream attempt failed", out.getvalue())
+        self.assertIn("provider=anthropic attempt=1", out.getvalue())
+
     async def test_no_fallback_once_the_stream_has_started(self):
         events, _ = anthropic_fixture("text")
         backup = await FakeUpstream().start()

@@ -2692,7 +2692,7 @@ class Origin:
 
 class UpstreamResponse:
     """A provider's response whose body is read on demand; release() or close() it."""
-    __slots__ = ("head", "body", "chan", "pool", "origin", "reusable")
+    __slots__ = ("head", "body", "chan", "pool", "origin", "reusable", "data")
 
     def __init__(self, head: ResponseHead, body: BodyReader, chan: Channel, pool: "UpstreamPool",
                  origin: Origin) -> None:
@@ -2703,6 +2703,7 @@ class UpstreamResponse:
         self.origin = origin
         conn = head.headers.map.get(b"connection", b"").lower()
         self.reusable = head.version == 1 and b"close" not in conn and body.mode != "close"
+        self.data = None  # the whole body when it was read ahead (Dispatcher._whole_body)
 
     @property
     def status(self) -> int:
@@ -7411,6 +7412,7 @@ class Dispatcher:
         self.breakers = breakers if cfg.resilience.circuit_breaker_enabled else {}
         self.max_error_body = min(cfg.server.max_response_size or STORED_BODY_MAX,
                                   STORED_BODY_MAX)
+        self.max_response_size = cfg.server.max_response_size
         self.log = log
         self.clock = clock
         self.idle_timeout = cfg.resilience.stream_idle_timeout
@@ -7474,12 +7476,14 @@ class Dispatcher:
                                                          else {})},
                                         span_id=ctx.notes["upstream_span"], error=bool(failed))
                 ok = resp.status not in RETRY_STATUSES
-                early = None  # a stream whose first event is an error, while others may answer
-                if ok and ctx.streaming and 200 <= resp.status < 300 and (
+                early = None  # an answer that fails before any of it left, while others may
+                if ok and 200 <= resp.status < 300 and (  # answer: a stream's first event,
                         req.path in ACCOUNTED_PATHS or proxy._responses_call(ctx)) and (
                         attempt + 1 < self.policy.attempts or index + 1 < len(plan)):
-                    try:
-                        early = await self._first_event(resp, prov, conn.chan)
+                    try:  # a buffered answer's whole body
+                        early = await (self._first_event(resp, prov, conn.chan)
+                                       if ctx.streaming else
+                                       self._whole_body(resp, prov, conn.chan))
                     except BaseException:  # (the client left, or a bug: the ticket goes back,
                         if breaker is not None:  # or a half-open probe would never return)
                             breaker.release(ticket)
@@ -7492,11 +7496,11 @@ class Dispatcher:
                     span = ctx.trace.spans[-1]
                     span["attrs"]["http.response.status_code"] = status
                     span["error"] = status >= 500 or status == 429
-                self.metrics.inc("tokenman_provider_requests_total",
-                                 (("provider", prov.key), ("status", "success" if ok else "error")))
-                if ok:
+                if ok:  # (counted when the relay ends: it may yet fail)
                     proxy.note_attempt(prov.key)
                     return resp, prov, model, ticket
+                self.metrics.inc("tokenman_provider_requests_total",
+                                 (("provider", prov.key), ("status", "error")))
                 if early is not None:
                     if breaker is None:
                         pass
@@ -7506,6 +7510,10 @@ class Dispatcher:
                         breaker.record(ticket, False)
                     last = early
                     retry_after = None
+                    if early.error is not None and early.error.timeout \
+                            and not self.policy.on_timeout:
+                        self._attempt_failed(proxy, ctx, prov, str(early.error))
+                        return last  # (as for a head that did not come in time)
                     self._attempt_failed(proxy, ctx, prov, f"{status} " + (
                         _error_text(_loads(early.body)) if early.head is not None
                         else str(early.error)))
@@ -7624,6 +7632,36 @@ class Dispatcher:
         return Failure(head=ResponseHead(status, b"", 1, headers), body=json_dumps(obj),
                        api=prov.cfg.format)
 
+    async def _whole_body(self, resp: UpstreamResponse, prov: Provider,
+                          watch: Channel) -> Failure | None:
+        """A buffered answer read whole before it is taken, while a retry or a fallback could
+        still replace it: a body cut short after its 200 head is a failed attempt (nothing
+        reached the client yet). The bytes are kept on the response for the relay."""
+        if resp.head.headers.map.get(b"content-type", b"").startswith(b"text/event-stream") \
+                or resp.head.headers.map.get(b"content-encoding", b"identity").strip().lower() \
+                != b"identity":
+            return None  # (a stream after all, or a body to inflate: read by the relay)
+        loop = asyncio.get_running_loop()
+        watch.on_lost = resp.chan.abort  # a client that leaves ends the read
+        try:
+            resp.data = await resp.body.read_all(self.max_response_size,
+                                                 loop.time() + prov.cfg.timeout)
+        except HeadTooLarge:
+            resp.data = HeadTooLarge  # (too large whoever answers: the relay says so)
+            resp.close()
+        except TimeoutError:
+            resp.close()
+            return Failure(error=UpstreamError("upstream timed out sending its answer",
+                                               timeout=True))
+        except (ConnectionGone, ValueError, OSError):
+            resp.close()
+            if watch.lost:
+                raise ConnectionGone() from None
+            return Failure(error=UpstreamError("upstream response cut short"))
+        finally:
+            watch.on_lost = None
+        return None
+
     async def _keep_failure(self, resp: UpstreamResponse, prov: Provider) -> Failure:
         loop = asyncio.get_running_loop()
         resp.inflate()  # (logged, maybe translated: plain bytes)
@@ -7697,8 +7735,12 @@ class ResponseRelay:
                               resp: UpstreamResponse, t_up: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            data = await resp.body.read_all(self.cfg.server.max_response_size,
-                                            loop.time() + prov.cfg.timeout)
+            data = resp.data  # (read whole already, while another attempt could replace it)
+            if data is None:
+                data = await resp.body.read_all(self.cfg.server.max_response_size,
+                                                loop.time() + prov.cfg.timeout)
+            elif data is HeadTooLarge:
+                raise HeadTooLarge()
         except HeadTooLarge:
             return self._fail(req, conn, ctx, 502, "upstream response too large")
         except TimeoutError:
@@ -8631,6 +8673,14 @@ class Proxy(ResponseRelay, RequestLog):
             if ctx.outcome == "upstream_failed" or ctx.outcome == "upstream_error" \
                     and status not in _CLIENT_FAULTS and not stored:
                 self.note_failure(prov.key, f"{ctx.status} {ctx.error}")
+            failed = ctx.outcome == "upstream_failed" or not stored and ctx.outcome != \
+                "client_closed" and (status >= 500 or status == 429)
+            self.metrics.inc("tokenman_provider_requests_total",  # (the attempt that answered,
+                             (("provider", prov.key), ("status", "error" if failed  # counted
+                                                       else "success")))  # once it ended)
+            if ctx.outcome == "upstream_failed":  # (it broke after its head: not retried)
+                self.log.warn("upstream attempt failed", id=ctx.id, provider=prov.key,
+                              attempt=ctx.attempts, error=ctx.error[:300])
             breaker = dispatcher.breakers.get(prov.key)  # (none when they are off)
             if breaker is not None:
                 if ctx.outcome == "client_closed" or stored or status == 429 \
