@@ -3396,6 +3396,17 @@ class TestResilience(ProxyTestCase):
         self.assertEqual((get("tokenman_provider_requests_total", labels("error")),
                           get("tokenman_provider_requests_total", labels("success"))), (1, 1))
 
+    async def test_a_responses_answer_the_raw_relay_takes_is_not_read_ahead(self):
+        # a body read ahead and then relayed raw (not JSON) reached the client empty
+        async def plain(rec, reader, writer):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                         b"content-length: 5\r\n\r\nhello")
+        self.up.handler = plain
+        await self.start_proxy({"resilience": self.FAST})
+        resp = await http(self.port, "POST", "/v1/responses", {"model": "gpt-4o", "input": "x"},
+                          O_HEADERS)
+        self.assertEqual((resp.status, resp.body), (200, b"hello"))
+
     async def test_a_stream_cut_midway_counts_and_logs_as_a_failed_attempt(self):
         import io
         events, _ = anthropic_fixture("text")

@@ -7483,7 +7483,8 @@ class Dispatcher:
                     try:  # a buffered answer's whole body
                         early = await (self._first_event(resp, prov, conn.chan)
                                        if ctx.streaming else
-                                       self._whole_body(resp, prov, conn.chan))
+                                       self._whole_body(resp, prov, conn.chan,
+                                                        req.path in ACCOUNTED_PATHS))
                     except BaseException:  # (the client left, or a bug: the ticket goes back,
                         if breaker is not None:  # or a half-open probe would never return)
                             breaker.release(ticket)
@@ -7632,15 +7633,17 @@ class Dispatcher:
         return Failure(head=ResponseHead(status, b"", 1, headers), body=json_dumps(obj),
                        api=prov.cfg.format)
 
-    async def _whole_body(self, resp: UpstreamResponse, prov: Provider,
-                          watch: Channel) -> Failure | None:
+    async def _whole_body(self, resp: UpstreamResponse, prov: Provider, watch: Channel,
+                          accounted: bool) -> Failure | None:
         """A buffered answer read whole before it is taken, while a retry or a fallback could
         still replace it: a body cut short after its 200 head is a failed attempt (nothing
         reached the client yet). The bytes are kept on the response for the relay."""
-        if resp.head.headers.map.get(b"content-type", b"").startswith(b"text/event-stream") \
+        ctype = resp.head.headers.map.get(b"content-type", b"")
+        if ctype.startswith(b"text/event-stream") or not (
+                accounted or ctype.startswith(b"application/json")) \
                 or resp.head.headers.map.get(b"content-encoding", b"identity").strip().lower() \
                 != b"identity":
-            return None  # (a stream after all, or a body to inflate: read by the relay)
+            return None  # (what the buffered relay would not take: the relay reads it)
         loop = asyncio.get_running_loop()
         watch.on_lost = resp.chan.abort  # a client that leaves ends the read
         try:
@@ -8678,9 +8681,9 @@ class Proxy(ResponseRelay, RequestLog):
             self.metrics.inc("tokenman_provider_requests_total",  # (the attempt that answered,
                              (("provider", prov.key), ("status", "error" if failed  # counted
                                                        else "success")))  # once it ended)
-            if ctx.outcome == "upstream_failed":  # (it broke after its head: not retried)
+            if failed:  # (it broke after its head, or its error was the last word)
                 self.log.warn("upstream attempt failed", id=ctx.id, provider=prov.key,
-                              attempt=ctx.attempts, error=ctx.error[:300])
+                              attempt=ctx.attempts, error=f"{status} {ctx.error}"[:300])
             breaker = dispatcher.breakers.get(prov.key)  # (none when they are off)
             if breaker is not None:
                 if ctx.outcome == "client_closed" or stored or status == 429 \
