@@ -7588,10 +7588,7 @@ class Dispatcher:
                         break
                     got += data
             except (TimeoutError, ConnectionGone, ValueError, OSError, HeadTooLarge):
-                resp.close()
-                if watch.lost:
-                    raise ConnectionGone() from None
-                return Failure(error=UpstreamError("upstream stream broken at its first event"))
+                return self._broken(resp, watch, "upstream stream broken at its first event")
         finally:
             watch.on_lost = None
         event = leading_event(got)
@@ -7657,13 +7654,19 @@ class Dispatcher:
             return Failure(error=UpstreamError("upstream timed out sending its answer",
                                                timeout=True))
         except (ConnectionGone, ValueError, OSError):
-            resp.close()
-            if watch.lost:
-                raise ConnectionGone() from None
-            return Failure(error=UpstreamError("upstream response cut short"))
+            return self._broken(resp, watch, "upstream response cut short")
         finally:
             watch.on_lost = None
         return None
+
+    @staticmethod
+    def _broken(resp: UpstreamResponse, watch: Channel, message: str) -> Failure:
+        """A read ahead that failed: the response is closed; the attempt failed, unless the
+        client left (ConnectionGone: nobody is waiting for another)."""
+        resp.close()
+        if watch.lost:
+            raise ConnectionGone()
+        return Failure(error=UpstreamError(message))
 
     async def _keep_failure(self, resp: UpstreamResponse, prov: Provider) -> Failure:
         loop = asyncio.get_running_loop()
