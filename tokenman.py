@@ -7400,6 +7400,14 @@ class Failure:
         self.api = api  # the provider's API format (its error body's shape)
 
 
+def relay_kind(accounted: bool, ctype: bytes) -> str:
+    """How an answer is relayed, by its path and content type: "sse" (event by event),
+    "buffered" (read whole: accounted, restored, translated) or "raw" (bytes as they come)."""
+    if ctype.startswith(b"text/event-stream"):
+        return "sse"
+    return "buffered" if accounted or ctype.startswith(b"application/json") else "raw"
+
+
 class Dispatcher:
     """Sends a request along its plan of providers: retries with backoff, Retry-After, circuit
     breakers and fallback, all before the first byte of an answer reaches the client."""
@@ -7635,11 +7643,9 @@ class Dispatcher:
         """A buffered answer read whole before it is taken, while a retry or a fallback could
         still replace it: a body cut short after its 200 head is a failed attempt (nothing
         reached the client yet). The bytes are kept on the response for the relay."""
-        ctype = resp.head.headers.map.get(b"content-type", b"")
-        if ctype.startswith(b"text/event-stream") or not (
-                accounted or ctype.startswith(b"application/json")) \
-                or resp.head.headers.map.get(b"content-encoding", b"identity").strip().lower() \
-                != b"identity":
+        head = resp.head.headers.map
+        if relay_kind(accounted, head.get(b"content-type", b"")) != "buffered" \
+                or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
             return None  # (what the buffered relay would not take: the relay reads it)
         loop = asyncio.get_running_loop()
         watch.on_lost = resp.chan.abort  # a client that leaves ends the read
@@ -8655,14 +8661,14 @@ class Proxy(ResponseRelay, RequestLog):
                 ctx.outcome = "client_closed"
                 ctx.error = "client disconnected before the upstream answered"
                 return
-            ctype = resp.head.headers.map.get(b"content-type", b"")
-            if req.path in ACCOUNTED_PATHS or ctype.startswith((b"text/event-stream",
-                                                                b"application/json")):
+            kind = relay_kind(req.path in ACCOUNTED_PATHS,
+                              resp.head.headers.map.get(b"content-type", b""))
+            if kind != "raw":
                 resp.inflate()  # (usage, placeholders and events are in the plain bytes)
-            if ctype.startswith(b"text/event-stream"):
+            if kind == "sse":
                 ctx.streaming = True
                 await self._relay_sse(req, conn, ctx, prov, resp, t_up)
-            elif req.path in ACCOUNTED_PATHS or ctype.startswith(b"application/json"):
+            elif kind == "buffered":  # (the dispatcher may have read it whole: relay_kind)
                 await self._relay_buffered(req, conn, ctx, prov, resp, t_up)
             else:
                 await self._relay_raw(req, conn, ctx, prov, resp)
