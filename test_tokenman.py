@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import types
@@ -7592,6 +7593,39 @@ class TestBenchHarness(unittest.TestCase):
             self.assertEqual(json.loads(raw)["messages"][-1]["content"][:-8],
                              self.bench.PROMPT[:-8])
 
+    def test_the_byte_relay_copies_both_ways_and_passes_a_half_close_on(self):
+        seen = []
+        upstream = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(upstream.close)
+
+        def answer() -> None:  # reads to the client's EOF, then answers on the same socket
+            conn, _ = upstream.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                seen.append(data)
+                conn.sendall(b"got " + str(len(data)).encode())
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "bench", "relay_floor.py"), "--upstream",
+             f"127.0.0.1:{upstream.getsockname()[1]}"], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.terminate)
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        payload = os.urandom(300_000)  # larger than a socket buffer: flow control at work
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        thread.join(10)
+        self.assertEqual(seen, [payload])
+        self.assertEqual(reply, b"got 300000")
+
     def test_a_short_run_puts_direct_and_tokenman_side_by_side(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
@@ -7612,6 +7646,19 @@ class TestBenchHarness(unittest.TestCase):
         self.assertTrue(all(c["ok"] for c in prof["sanity"]), prof["sanity"])
         self.assertIn("anthropic buffered c=4", proc.stdout)
         self.assertIn("direct", proc.stdout)
+        # the machine floor: the byte relay in tokenman's place relayed every stream whole
+        floor = result["floor"]["streams"]
+        self.assertEqual([(r["api"], r["c"]) for r in floor], [("anthropic", 1), ("openai", 1)])
+        for row in floor:
+            self.assertGreater(row["tokenman"]["rps"], 0)
+            self.assertEqual(row["tokenman"]["errors"], 0)
+        self.assertIn("== machine floor", proc.stdout)
+        ttfb = [b for b in prof["budget"] if b["what"].startswith("stream added TTFB")]
+        self.assertEqual(len(ttfb), 2)
+        self.assertTrue(all("a byte relay here" in b["note"] for b in ttfb), ttfb)
+        cold = result["machine"]["cold_code_us"]
+        self.assertGreater(cold["hot_us"], 0)
+        self.assertIn("after-idle slowdown", proc.stdout)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 Starts bench/mock_upstream.py and tokenman (with a profile config), drives load from a separate
 process (wrk when installed, else bench/loadgen.py) and prints, for each API and concurrency, the
 figures for a direct call to the mock next to the same figures through tokenman, with the
-difference and the ratio, then checks them against the budget of the performance issue.
+difference and the ratio, then checks them against the budget of the performance issue. First it
+measures the machine's floor: bench/relay_floor.py (a byte relay, no HTTP) in tokenman's place,
+so the table tells what any process in the path costs here from what tokenman adds to it.
 
     python bench/run.py                         # default profile, full run (a few minutes)
     python bench/run.py --quick                 # about a minute
@@ -52,6 +54,7 @@ ROOT = os.path.dirname(HERE)
 TOKENMAN = os.path.join(ROOT, "tokenman.py")
 MOCK = os.path.join(HERE, "mock_upstream.py")
 LOADGEN = os.path.join(HERE, "loadgen.py")
+FLOOR = os.path.join(HERE, "relay_floor.py")
 PROFILES = {name: os.path.join(HERE, "profiles", name + ".toml")
             for name in ("default", "bare", "full")}
 JSON_VERSION = 1
@@ -335,17 +338,27 @@ class Children:
 CHILDREN = Children()
 
 
-def start_mock(cpus: set[int] | None, port: int = 0, extra: tuple = ()) -> tuple:
-    """Starts the mock; returns (proc, port) once it listens."""
-    proc = CHILDREN.spawn([*PYTHON, MOCK, "--port", str(port), *extra], cpus,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def _start_listener(cmd: list[str], cpus: set[int] | None, what: str) -> tuple:
+    """Starts a child that prints `... listening on HOST:PORT`; returns (proc, port)."""
+    proc = CHILDREN.spawn(cmd, cpus, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
     line = proc.stdout.readline().decode() if ready else ""
     m = re.search(r"listening on [0-9.]+:([0-9]+)", line)
     if not m:
         CHILDREN.stop(proc)
-        raise RuntimeError(f"mock did not start: {line!r}")
+        raise RuntimeError(f"{what} did not start: {line!r}")
     return proc, int(m.group(1))
+
+
+def start_mock(cpus: set[int] | None, port: int = 0, extra: tuple = ()) -> tuple:
+    """Starts the mock; returns (proc, port) once it listens."""
+    return _start_listener([*PYTHON, MOCK, "--port", str(port), *extra], cpus, "mock")
+
+
+def start_floor(cpus: set[int] | None, mock_port: int) -> tuple:
+    """Starts the byte relay in front of the mock; returns (proc, port) once it listens."""
+    return _start_listener([*PYTHON, FLOOR, "--upstream", f"127.0.0.1:{mock_port}"], cpus,
+                           "byte relay")
 
 
 def start_tokenman(script: str, cfg_path: str, log_path: str, cpus: set[int] | None,
@@ -381,6 +394,48 @@ for _ in range(5):
     runs.append((time.perf_counter() - t) * 1000)
 print(statistics.median(runs))
 """
+
+
+# The same kind of small workload (about 10 us: what one step of a request costs a proxy) timed
+# back to back, then as the first thing after the CPU idled 1 ms and 20 ms. On a machine whose
+# caches survive a short idle the three are close; on a shared VM the host reclaims them and the
+# first run after an idle is many times slower. A proxy at concurrency 1 pays that on every
+# request (its code ran last a request ago); a byte relay runs too little code to notice.
+_COLD_PROBE = r"""
+import json, re, statistics, sys, time
+body = json.dumps({"model": "m", "max_tokens": 256, "stream": True, "messages": [
+    {"role": "user", "content": "what does a reverse proxy do for an app " * 4}]})
+rx = re.compile(r"[0-9]{3}-[0-9]{4}|@[a-z]+[.]")
+def work():
+    obj = json.loads(body)
+    rx.search(obj["messages"][0]["content"])
+    return {k: v for k, v in obj.items() if k != "stream"}
+def timed():
+    t = time.perf_counter()
+    work()
+    return (time.perf_counter() - t) * 1e6
+out = {"hot_us": statistics.median([timed() for _ in range(500)][100:])}
+for gap in (0.001, 0.02):
+    samples = []
+    for _ in range(max(20, int(float(sys.argv[1]) / (gap + 0.0005)))):
+        time.sleep(gap)
+        samples.append(timed())
+    out[f"idle_{gap * 1000:g}ms_us"] = statistics.median(samples)
+print(json.dumps({k: round(v, 1) for k, v in out.items()}))
+"""
+
+
+def cold_probe(cpus: set[int] | None, seconds: float = 1.5) -> dict:
+    """The after-idle slowdown of this machine on these CPUs (see _COLD_PROBE), or {}."""
+    proc = CHILDREN.spawn([*PYTHON, "-c", _COLD_PROBE, str(seconds)], cpus, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+    try:
+        out, _ = proc.communicate(timeout=60)
+        return json.loads(out.decode())
+    except (subprocess.TimeoutExpired, ValueError):
+        return {}
+    finally:
+        CHILDREN.stop(proc, signal.SIGKILL)
 
 
 def calibrate(cpus: set[int] | None) -> float | None:
@@ -673,6 +728,7 @@ class Bench:
         self.mock = None
         self.mock_port = 0
         self.mock_idle_mb = None
+        self.floor_rows: dict = {}
         self.seconds = args.duration or (QUICK_PHASE_SECONDS if args.quick else PHASE_SECONDS)
         self.progress = sys.stderr
 
@@ -802,6 +858,34 @@ class Bench:
         if self.mock is not None:
             CHILDREN.stop(self.mock)
             self.mock = None
+
+    def floor(self) -> dict:
+        """The machine's floor: the byte relay in tokenman's place (same CPU, same load), for
+        the scenarios the budget judges at c=1 (and c=64 for CPU); direct runs alongside."""
+        rows: dict = {"buffered": [], "streams": []}
+        buffered = [c for c in (1, 64) if c in self._concurrency()]
+        streams = [c for c in (1,) if c in self._stream_concurrency()]
+        if self.args.no_floor or not (buffered or streams):
+            return rows
+        proc, port = start_floor(self.tm_cpus, self.mock_port)
+        try:
+            self._wait_ready(port, "anthropic", time.perf_counter(), proc)
+            for api in self._apis():  # the same warm-up as tokenman's
+                self._load(port, api, 16, [], seconds=min(1.0, self.seconds), use_wrk=False)
+            hdr = {"x-mock-chunks": str(self.args.chunks),
+                   "x-mock-interval-ms": str(self.args.interval_ms)}
+            for api in self._apis():
+                for conc in buffered:
+                    self.say(f"[floor] byte relay: buffered {api} c={conc}")
+                    rows["buffered"].append(self._pair("buffered", api, conc, port, proc.pid))
+                for conc in streams:
+                    self.say(f"[floor] byte relay: streams {api} c={conc}")
+                    rows["streams"].append(self._pair("stream", api, conc, port, proc.pid,
+                                                      stream=True, extra_headers=hdr))
+        finally:
+            CHILDREN.stop(proc)
+        self.floor_rows = rows
+        return rows
 
     def direct_cold_start(self, runs: int) -> dict:
         quiet = self.wait_quiet([self.mock.pid], QUIET_WAIT / 2)
@@ -935,7 +1019,7 @@ class Bench:
             r["tokenman"].update(own_overhead(db, r))
         if prof_path and os.path.exists(prof_path):
             out["cprofile"] = top_functions(prof_path, 25)
-        out["budget"] = budget(out, self.args)
+        out["budget"] = budget(out, self.args, self.floor_rows)
         return out
 
     def _apis(self) -> tuple:
@@ -1136,8 +1220,24 @@ def _added(row: dict, key: str) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
-def budget(out: dict, args: argparse.Namespace) -> list[dict]:
+def _floor_note(floor: dict, kind: str, api: str, conc: int, key: str, unit: str,
+                mine: float | None, added: bool = True) -> str:
+    """What the byte relay measured for the same figure, and what tokenman adds beyond it."""
+    r = _find(floor.get(kind, []), api, conc)
+    if r is None:
+        return ""
+    value = _added(r, key) if added else r["tokenman"].get(key)
+    if value is None:
+        return ""
+    text = f"a byte relay here: {fmt(value, unit, added)}"
+    if mine is not None:
+        text += f"; tokenman beyond it: {fmt(mine - value, unit, True)}"
+    return text
+
+
+def budget(out: dict, args: argparse.Namespace, floor: dict | None = None) -> list[dict]:
     lines = []
+    floor = floor or {}
 
     def line(what: str, value: float | None, limit: float, unit: str, le: bool = True,
              extra_ok: bool = True, note: str = "") -> None:
@@ -1149,16 +1249,18 @@ def budget(out: dict, args: argparse.Namespace) -> list[dict]:
     for api in APIS:
         r1 = _find(rows, api, 1)
         if r1:
-            line(f"added latency p50, c=1, {api}", _added(r1, "p50_us"), BUDGET["added_p50_c1_us"],
-                 "us")
-            line(f"added latency p99, c=1, {api}", _added(r1, "p99_us"), BUDGET["added_p99_c1_us"],
-                 "us")
+            for key, limit in (("p50_us", "added_p50_c1_us"), ("p99_us", "added_p99_c1_us")):
+                value = _added(r1, key)
+                line(f"added latency {key[:3]}, c=1, {api}", value, BUDGET[limit], "us",
+                     note=_floor_note(floor, "buffered", api, 1, key, "us", value))
     for api in APIS:
         for conc in (1, 64):
             r = _find(rows, api, conc)
             if r:
-                line(f"tokenman CPU per 1,000 requests, c={conc}, {api}",
-                     r["tokenman"].get("cpu_per_1k_s"), BUDGET["cpu_per_1k_s"], "s")
+                value = r["tokenman"].get("cpu_per_1k_s")
+                line(f"tokenman CPU per 1,000 requests, c={conc}, {api}", value,
+                     BUDGET["cpu_per_1k_s"], "s", note=_floor_note(
+                         floor, "buffered", api, conc, "cpu_per_1k_s", "s", value, added=False))
     for api in APIS:
         r = _find(rows, api, 64)
         if r:
@@ -1170,8 +1272,10 @@ def budget(out: dict, args: argparse.Namespace) -> list[dict]:
     for api in APIS:
         r = _find(srows, api, 1)
         if r:
-            line(f"stream added TTFB p50, c=1, {api}", _added(r, "ttfb_p50_us"),
-                 BUDGET["stream_added_ttfb_p50_us"], "us")
+            value = _added(r, "ttfb_p50_us")
+            line(f"stream added TTFB p50, c=1, {api}", value,
+                 BUDGET["stream_added_ttfb_p50_us"], "us",
+                 note=_floor_note(floor, "streams", api, 1, "ttfb_p50_us", "us", value))
             body = _added(r, "body_p50_us")
             per_chunk = body / max(1, args.chunks - 1) if body is not None else None
             line(f"stream added delay per chunk (p50 body time / {args.chunks - 1}), c=1, {api}",
@@ -1278,10 +1382,10 @@ def scenario_label(r: dict, args_chunks: int | None = None) -> str:
     return f"{r['api']} {kind} c={r['c']} [{gen}]{note}"
 
 
-def report_profile(p: dict, settings: dict) -> list[str]:
-    out = [f"== profile {p['name']}: {p['config']} =="]
-    rows = [["scenario", "metric", "direct", "tokenman", "diff", "ratio"]]
-    for r in p.get("buffered", []) + p.get("streams", []) + p.get("hold", []):
+def scenario_table(scenarios: list[dict], column: str = "tokenman") -> list[str]:
+    """Every figure of every scenario: direct next to the process in the path."""
+    rows = [["scenario", "metric", "direct", column, "diff", "ratio"]]
+    for r in scenarios:
         label = scenario_label(r)
         for key, name, unit, kinds in METRICS:
             if r["kind"] not in kinds:
@@ -1294,7 +1398,23 @@ def report_profile(p: dict, settings: dict) -> list[str]:
                          ratio(t, d) if (unit != "count" or key == "max_open")
                          and key != "other_cpu_util" else "-"])
             label = ""
-    out += _table(rows, right=(2, 3, 4, 5))
+    return _table(rows, right=(2, 3, 4, 5))
+
+
+def report_floor(floor: dict) -> list[str]:
+    scenarios = floor.get("buffered", []) + floor.get("streams", [])
+    if not scenarios:
+        return []
+    return ["== machine floor: bench/relay_floor.py in tokenman's place (a byte relay: asyncio, "
+            "no HTTP parsing, one upstream connection per client connection) ==",
+            *scenario_table(scenarios, "byte relay"),
+            "what any process in the path costs on this machine (its CPU pinning, wake-ups and "
+            "loopback hops); the budget lines below say what tokenman adds beyond it", ""]
+
+
+def report_profile(p: dict, settings: dict) -> list[str]:
+    out = [f"== profile {p['name']}: {p['config']} =="]
+    out += scenario_table(p.get("buffered", []) + p.get("streams", []) + p.get("hold", []))
     mem = p.get("memory", {})
     cold = p.get("cold_start", {})
     out.append("")
@@ -1411,7 +1531,17 @@ def report(result: dict) -> str:
                      + (f" (the host got {abs(drift):.0%} {'slower' if drift > 0 else 'faster'}"
                         " meanwhile: figures of this run are less comparable)"
                         if abs(drift) > CALIBRATION_DRIFT else ""))
+    cold = m.get("cold_code_us") or {}
+    if cold.get("hot_us") and cold.get("idle_1ms_us") and cold.get("idle_20ms_us"):
+        lines.append(f"after-idle slowdown on tokenman's CPU: a fixed piece of Python (a small "
+                     f"request's json.loads, a regex, a dict) takes {cold['hot_us']:.1f} us back "
+                     f"to back, {cold['idle_1ms_us']:.1f} us as the first thing 1 ms after the "
+                     f"CPU idled and {cold['idle_20ms_us']:.1f} us after 20 ms "
+                     f"({cold['idle_1ms_us'] / cold['hot_us']:.1f}x and "
+                     f"{cold['idle_20ms_us'] / cold['hot_us']:.1f}x): what the caches lose while "
+                     "the CPU waits, paid again by a proxy's code on every request at c=1")
     lines.append("")
+    lines += report_floor(result.get("floor") or {})
     for p in result["profiles"]:
         lines += report_profile(p, s)
         lines.append("")
@@ -1486,7 +1616,11 @@ def compare(old: dict, new: dict) -> str:
             lines.append(f"warning: {what} differ ({was} vs {now}): those figures are not "
                          "like for like")
     olds = {p["name"]: p for p in old.get("profiles", [])}
-    for p in new["profiles"]:
+    news = list(new["profiles"])
+    if old.get("floor") and new.get("floor"):  # the floor of both runs: the machine's own drift
+        olds["machine floor"] = dict(old["floor"], name="machine floor")
+        news.insert(0, dict(new["floor"], name="machine floor"))
+    for p in news:
         if p["name"] not in olds:
             lines.append(f"profile {p['name']}: not in the old file")
             continue
@@ -1605,6 +1739,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-runs", type=_number(int, 1, "a whole number >= 1"),
                    help="cold starts measured (5)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the machine floor (bench/relay_floor.py, a byte relay, measured "
+                        "in tokenman's place at c=1 and c=64)")
     p.add_argument("--retries", type=_number(int, 0, "a whole number >= 0"), default=2,
                    help="measure a scenario again when other processes used the CPUs (2)")
     p.add_argument("--json", help="write the results as JSON here")
@@ -1687,8 +1824,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         calibration = result["machine"]["calibration_ms"] = {"before": calibrate(bench.tm_cpus)}
+        result["machine"]["cold_code_us"] = cold_probe(bench.tm_cpus, min(1.5, bench.seconds))
         bench.say("direct cold start (the mock)")
         direct_cold = bench.direct_cold_start(args.cold_runs)
+        result["floor"] = bench.floor()
         for name, path in configs:
             result["profiles"].append(bench.run_profile(name, path, direct_cold))
         calibration["after"] = calibrate(bench.tm_cpus)
