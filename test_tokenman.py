@@ -3740,6 +3740,38 @@ def assemble_anthropic(body: bytes) -> dict:
     return msg
 
 
+def openai_tool_stream(*deltas) -> list[bytes]:
+    """OpenAI chunks, one per delta: (index, id, name, arguments) of a tool call, or text."""
+    return openai_events(*({"id": "c", "model": "m", "choices": [{"index": 0, "delta": (
+        {"content": d} if isinstance(d, str) else {"tool_calls": [
+            {"index": d[0], **({"id": d[1], "type": "function"} if d[1] else {}),
+             "function": {k: v for k, v in (("name", d[2]), ("arguments", d[3]))
+                          if v is not None}}]}), "finish_reason": None}]} for d in deltas),
+                           {"id": "c", "model": "m", "choices": [
+                               {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+                           b"[DONE]")
+
+
+def anthropic_blocks(test: unittest.TestCase, body: bytes) -> list[dict]:
+    """The blocks an Anthropic stream builds, after checking it keeps the protocol: one block
+    open at a time, numbered in order, deltas only to the open one."""
+    open_, count = None, 0
+    for raw in body.split(b"\n\n"):
+        name, data = tm.sse_fields(raw + b"\n\n")
+        if not data:
+            continue
+        index = json.loads(data).get("index")
+        if name == b"content_block_start":
+            test.assertEqual((open_, index), (None, count), body)
+            open_, count = index, count + 1
+        elif name in (b"content_block_delta", b"content_block_stop"):
+            test.assertEqual(index, open_, body)
+            open_ = None if name == b"content_block_stop" else open_
+        elif name in (b"message_delta", b"message_stop"):
+            test.assertIsNone(open_, body)
+    return assemble_anthropic(body)["content"]
+
+
 CACHE_REQ = dict(ANTHROPIC_REQ, temperature=0)
 
 
@@ -6152,6 +6184,48 @@ class TestTranslationTables(unittest.TestCase):
                          ("tool_calls", True, 420))
 
 
+    def test_interleaved_parallel_tool_calls_become_whole_blocks_in_turn(self):
+        events = openai_tool_stream("Checking both. ", (0, "call_a", "weather", ""),
+                            (1, "call_b", "clock", ""), (0, None, None, '{"city": '),
+                            (1, None, None, '{"tz": "U'), (0, None, None, '"Paris"}'),
+                            "(text between)", (1, None, None, 'TC"}'))
+        translator = tm.StreamTranslator("openai", "anthropic", False)
+        out = b"".join(translator.feed(e) for e in events) + translator.finish()
+        blocks = anthropic_blocks(self, out)
+        self.assertEqual([(b["type"], b.get("name"), b.get("id"), b.get("input"), b.get("text"))
+                          for b in blocks],
+                         [("text", None, None, None, "Checking both. "),
+                          ("tool_use", "weather", "call_a", {"city": "Paris"}, None),
+                          ("tool_use", "clock", "call_b", {"tz": "UTC"}, None),
+                          ("text", None, None, None, "(text between)")])
+        self.assertIn(b'"stop_reason":"tool_use"', out.replace(b" ", b""))
+
+    def test_tool_calls_made_one_after_another_still_stream_as_they_come(self):
+        events = openai_tool_stream((0, "call_a", "weather", '{"city": '), (0, None, None, '"Paris"}'),
+                            (1, "call_b", "clock", '{"tz": '), (1, None, None, '"UTC"}'))
+        translator = tm.StreamTranslator("openai", "anthropic", False)
+        outs = [translator.feed(e) for e in events]
+        self.assertIn(b"input_json_delta", outs[0])  # the first call streams from its start
+        self.assertIn(b"content_block_start", outs[2])  # the second call began at once
+        self.assertIn(b"input_json_delta", outs[3])
+        blocks = anthropic_blocks(self, b"".join(outs) + translator.finish())
+        self.assertEqual([b["input"] for b in blocks], [{"city": "Paris"}, {"tz": "UTC"}])
+        # a call whose arguments never became whole holds the next one to the end, complete
+        translator = tm.StreamTranslator("openai", "anthropic", False)
+        events = openai_tool_stream((0, "call_a", "weather", '{"city": "Par'),
+                            (1, "call_b", "clock", '{"tz": "UTC"}'))
+        out = b"".join(translator.feed(e) for e in events[:2])
+        self.assertNotIn(b"clock", out)
+        out += b"".join(translator.feed(e) for e in events[2:])
+        blocks = [b["content_block"] for b in map(json.loads, (
+            tm.sse_fields(r + b"\n\n")[1] for r in out.split(b"\n\n") if b"block_start" in r))]
+        self.assertEqual([b["name"] for b in blocks], ["weather", "clock"])
+        deltas = [json.loads(tm.sse_fields(r + b"\n\n")[1])["delta"] for r in out.split(b"\n\n")
+                  if b"block_delta" in r]
+        self.assertEqual([d["partial_json"] for d in deltas], ['{"city": "Par', '{"tz": "UTC"}'])
+        self.assertTrue(out.endswith(b'"message_stop"}\n\n'), out[-80:])  # (held ones, then the end)
+
+
 class TestCrossFormat(ProxyTestCase):
     async def test_paths_that_are_not_translated_never_go_to_the_other_format(self):
         local = await FakeUpstream(lambda rec, r, w: json_reply(w, {"ok": 1})).start()
@@ -6277,6 +6351,26 @@ class TestCrossFormat(ProxyTestCase):
         self.assertEqual({(r["input_tokens"], r["cache_read_tokens"], r["output_tokens"])
                           for r in rows}, {(86, 1920, 300)})
         self.assertEqual(len(self.up.requests), 0)
+
+    async def test_interleaved_tool_calls_reach_an_anthropic_client_as_whole_blocks(self):
+        events = openai_tool_stream((0, "call_a", "weather", ""), (1, "call_b", "clock", ""),
+                                    (0, None, None, '{"city": "Pa'), (1, None, None, '{"tz":'),
+                                    (0, None, None, 'ris"}'), (1, None, None, ' "UTC"}'))
+        local = await FakeUpstream(fixture_handler(events, {})).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        blocks = anthropic_blocks(self, resp.body)
+        self.assertEqual([(b["id"], b["name"], b["input"]) for b in blocks],
+                         [("call_a", "weather", {"city": "Paris"}),
+                          ("call_b", "clock", {"tz": "UTC"})])
+        self.assertEqual(assemble_anthropic(resp.body)["stop_reason"], "tool_use")
+        self.assertEqual([r["outcome"] for r in await self.rows(1)], ["ok"])
 
     async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
         events, body = anthropic_fixture("tool")

@@ -4984,6 +4984,19 @@ _CHUNK_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
 
 
+def whole_json(text: str) -> bool:
+    """Tool-call arguments so far that are a whole JSON object or array: nothing valid can be
+    appended to them, so the call is complete."""
+    text = text.rstrip()
+    if not text.endswith(("}", "]")):
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 class ToolSlots:
     """Which tool call an OpenAI tool_calls delta continues (numbered from 0 in the order the
     calls start). By its index, as OpenAI numbers them; but under an index already taken, a
@@ -5031,14 +5044,7 @@ class ToolSlots:
         """A named delta under this call's index begins another call."""
         if cid:
             return bool(self.ids[slot]) and cid != self.ids[slot]
-        text = self.args[slot].rstrip()
-        if not text.endswith(("}", "]")):
-            return False
-        try:
-            json.loads(text)
-        except ValueError:
-            return False
-        return True
+        return whole_json(self.args[slot])
 
 
 class StreamAssembler:
@@ -7100,15 +7106,23 @@ def translate_error(body: bytes, status: int, client_api: str) -> bytes:
 class StreamTranslator:
     """Rewrites one provider's SSE events into the client's format as they arrive: OpenAI
     chunks into Anthropic's message/content-block events (tool arguments as input_json_delta)
-    or Anthropic events into OpenAI chunks (tool calls with streamed arguments)."""
+    or Anthropic events into OpenAI chunks (tool calls with streamed arguments).
+
+    Anthropic's blocks come one at a time (start, deltas, stop), while an OpenAI server may
+    interleave the deltas of parallel tool calls. So a call (or text) that begins while the
+    open tool call's arguments are not yet a whole JSON value is held back, and follows once
+    they are (or at the end); calls made one after the other stream as they come."""
 
     def __init__(self, upstream: str, client: str, include_usage: bool) -> None:
         self.upstream = upstream
         self.include_usage = include_usage
         self.started = False
         self.open_block: int | None = None   # index of the open Anthropic content block
+        self.open_tool: int | None = None    # the tool call (its slot) that block is, if any
         self.blocks = 0
         self.tools: dict[int, int] = {}      # OpenAI tool call (its slot) -> block index
+        self.held: list[list] = []           # blocks waiting for the open call: [slot or
+        self.held_tools: dict[int, list] = {}  # None for text, name, pieces]; slot -> entry
         self.slots = ToolSlots()
         self.usage = Usage()
         self.stop = None
@@ -7132,8 +7146,92 @@ class StreamTranslator:
     def _close_block(self) -> bytes:
         if self.open_block is None:
             return b""
-        index, self.open_block = self.open_block, None
+        index, self.open_block, self.open_tool = self.open_block, None, None
         return _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _open(self, slot: int | None, name: str, pieces: list[str]) -> bytes:
+        """Starts the next block (text, or the tool call in `slot`) with what it has so far."""
+        self.open_block = self.blocks
+        self.blocks += 1
+        self.open_tool = slot
+        if slot is None:
+            block = {"type": "text", "text": ""}
+        else:
+            self.tools[slot] = self.open_block
+            block = {"type": "tool_use", "id": self.slots.ids[slot] or (
+                "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
+                     "name": name, "input": {}}
+        out = _sse("content_block_start", {"type": "content_block_start",
+                                           "index": self.open_block, "content_block": block})
+        return out + self._delta("".join(pieces)) if pieces else out
+
+    def _delta(self, piece: str) -> bytes:
+        delta = {"type": "text_delta", "text": piece} if self.open_tool is None else \
+            {"type": "input_json_delta", "partial_json": piece}
+        return _sse("content_block_delta", {"type": "content_block_delta",
+                                            "index": self.open_block, "delta": delta})
+
+    def _busy_open(self) -> bool:
+        """The open block is a tool call whose arguments are not whole yet: more may come."""
+        return self.open_tool is not None and not whole_json(self.slots.args[self.open_tool])
+
+    def _busy(self) -> bool:
+        """Whether a new block must wait: blocks already wait, or the open call goes on."""
+        return bool(self.held) or self._busy_open()
+
+    def _text(self, piece: str) -> bytes:
+        if self.open_block is not None and self.open_tool is None and not self.held:
+            return self._delta(piece)
+        if self._busy():
+            if self.held and self.held[-1][0] is None:
+                self.held[-1][2].append(piece)
+            else:
+                self.held.append([None, "", [piece]])
+            return b""
+        return self._close_block() + self._open(None, "", [piece])
+
+    def _tool(self, call: dict) -> bytes:
+        k = self.slots.slot(call)
+        fn = call.get("function")
+        fn = fn if isinstance(fn, dict) else {}
+        piece = fn.get("arguments")
+        piece = piece if type(piece) is str else ""
+        name = fn.get("name")
+        name = name if type(name) is str else ""
+        entry = self.held_tools.get(k)
+        if entry is not None:  # a held call goes on: kept with it
+            entry[1] = entry[1] or name
+            if piece:
+                entry[2].append(piece)
+            return b""
+        if k in self.tools:
+            if k != self.open_tool:
+                return b""  # (its block ended with whole arguments: nothing valid can follow)
+            out = self._delta(piece) if piece else b""
+            return out + self._release() if self.held and not self._busy_open() else out
+        if not name and not piece:
+            return b""  # (an id alone: the block starts when its name comes)
+        if self._busy():
+            entry = [k, name, [piece] if piece else []]
+            self.held.append(entry)
+            self.held_tools[k] = entry
+            return b""
+        return self._close_block() + self._open(k, name, [piece] if piece else [])
+
+    def _release(self, final: bool = False) -> bytes:
+        """Held blocks after the open one, in the order they began: each whole one closed,
+        the first unfinished tool call (or the last block) left open to go on live; at the
+        end (`final`) all of them, closed."""
+        out = b""
+        while self.held:
+            out += self._close_block()
+            slot, name, pieces = self.held.pop(0)
+            if slot is not None:
+                del self.held_tools[slot]
+            out += self._open(slot, name, pieces)
+            if not final and (not self.held or self._busy_open()):
+                break
+        return out
 
     def _from_openai(self, event: bytes) -> bytes:
         _, data = sse_fields(event)
@@ -7150,37 +7248,11 @@ class StreamTranslator:
             self.usage.apply_openai(obj["usage"])
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if self.open_block is None or self.open_block in self.tools.values():
-                    out += self._close_block()
-                    self.open_block = self.blocks
-                    self.blocks += 1
-                    out += _sse("content_block_start", {
-                        "type": "content_block_start", "index": self.open_block,
-                        "content_block": {"type": "text", "text": ""}})
-                out += _sse("content_block_delta", {
-                    "type": "content_block_delta", "index": self.open_block,
-                    "delta": {"type": "text_delta", "text": delta["content"]}})
+            if delta.get("content") and type(delta["content"]) is str:
+                out += self._text(delta["content"])
             for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    continue  # (not a tool call: nothing to translate)
-                k = self.slots.slot(call)
-                fn = call.get("function") or {}
-                if k not in self.tools:
-                    if not fn.get("name") and not fn.get("arguments"):
-                        continue  # (an id alone: the block starts when its name comes)
-                    out += self._close_block()
-                    self.tools[k] = self.open_block = self.blocks
-                    self.blocks += 1
-                    out += _sse("content_block_start", {
-                        "type": "content_block_start", "index": self.open_block,
-                        "content_block": {"type": "tool_use", "id": self.slots.ids[k] or (
-                            "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
-                                          "name": fn.get("name") or "", "input": {}}})
-                if fn.get("arguments"):
-                    out += _sse("content_block_delta", {
-                        "type": "content_block_delta", "index": self.tools[k],
-                        "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+                if isinstance(call, dict):  # (else not a tool call: nothing to translate)
+                    out += self._tool(call)
             if choice.get("finish_reason"):
                 self.stop = _O2A_STOP.get(choice["finish_reason"], "end_turn")
         return out
@@ -7245,7 +7317,7 @@ class StreamTranslator:
         if self.upstream == API_OPENAI:
             if not self.started:
                 return b""
-            return self._close_block() + _sse("message_delta", {
+            return self._release(final=True) + self._close_block() + _sse("message_delta", {
                 "type": "message_delta", "delta": {"stop_reason": self.stop or "end_turn",
                                                    "stop_sequence": None},
                 "usage": {"input_tokens": u.input, "output_tokens": u.output,
