@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3742,14 +3743,16 @@ def assemble_anthropic(body: bytes) -> dict:
 
 def openai_tool_stream(*deltas) -> list[bytes]:
     """OpenAI chunks, one per delta: (index, id, name, arguments) of a tool call, or text."""
-    return openai_events(*({"id": "c", "model": "m", "choices": [{"index": 0, "delta": (
-        {"content": d} if isinstance(d, str) else {"tool_calls": [
-            {"index": d[0], **({"id": d[1], "type": "function"} if d[1] else {}),
-             "function": {k: v for k, v in (("name", d[2]), ("arguments", d[3]))
-                          if v is not None}}]}), "finish_reason": None}]} for d in deltas),
-                           {"id": "c", "model": "m", "choices": [
-                               {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-                           b"[DONE]")
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {"id": "c", "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def call(index: int, cid: str | None, name: str | None, args: str | None) -> dict:
+        fn = {k: v for k, v in (("name", name), ("arguments", args)) if v is not None}
+        return {"tool_calls": [dict({"index": index, "function": fn},
+                                    **({"id": cid, "type": "function"} if cid else {}))]}
+    return openai_events(*(chunk({"content": d} if isinstance(d, str) else call(*d))
+                           for d in deltas), chunk({}, "tool_calls"), b"[DONE]")
 
 
 def anthropic_blocks(test: unittest.TestCase, body: bytes) -> list[dict]:
@@ -6183,12 +6186,11 @@ class TestTranslationTables(unittest.TestCase):
         self.assertEqual((got["finish_reason"], got["done"], got["usage"]["completion_tokens"]),
                          ("tool_calls", True, 420))
 
-
     def test_interleaved_parallel_tool_calls_become_whole_blocks_in_turn(self):
         events = openai_tool_stream("Checking both. ", (0, "call_a", "weather", ""),
-                            (1, "call_b", "clock", ""), (0, None, None, '{"city": '),
-                            (1, None, None, '{"tz": "U'), (0, None, None, '"Paris"}'),
-                            "(text between)", (1, None, None, 'TC"}'))
+                                    (1, "call_b", "clock", ""), (0, None, None, '{"city": '),
+                                    (1, None, None, '{"tz": "U'), (0, None, None, '"Paris"}'),
+                                    "(text between)", (1, None, None, 'TC"}'))
         translator = tm.StreamTranslator("openai", "anthropic", False)
         out = b"".join(translator.feed(e) for e in events) + translator.finish()
         blocks = anthropic_blocks(self, out)
@@ -6201,8 +6203,9 @@ class TestTranslationTables(unittest.TestCase):
         self.assertIn(b'"stop_reason":"tool_use"', out.replace(b" ", b""))
 
     def test_tool_calls_made_one_after_another_still_stream_as_they_come(self):
-        events = openai_tool_stream((0, "call_a", "weather", '{"city": '), (0, None, None, '"Paris"}'),
-                            (1, "call_b", "clock", '{"tz": '), (1, None, None, '"UTC"}'))
+        events = openai_tool_stream((0, "call_a", "weather", '{"city": '),
+                                    (0, None, None, '"Paris"}'), (1, "call_b", "clock", '{"tz": '),
+                                    (1, None, None, '"UTC"}'))
         translator = tm.StreamTranslator("openai", "anthropic", False)
         outs = [translator.feed(e) for e in events]
         self.assertIn(b"input_json_delta", outs[0])  # the first call streams from its start
@@ -6210,20 +6213,39 @@ class TestTranslationTables(unittest.TestCase):
         self.assertIn(b"input_json_delta", outs[3])
         blocks = anthropic_blocks(self, b"".join(outs) + translator.finish())
         self.assertEqual([b["input"] for b in blocks], [{"city": "Paris"}, {"tz": "UTC"}])
-        # a call whose arguments never became whole holds the next one to the end, complete
+
+    def test_a_call_whose_arguments_never_end_holds_the_next_to_the_end(self):
         translator = tm.StreamTranslator("openai", "anthropic", False)
         events = openai_tool_stream((0, "call_a", "weather", '{"city": "Par'),
-                            (1, "call_b", "clock", '{"tz": "UTC"}'))
+                                    (1, "call_b", "clock", '{"tz": "UTC"}'))
         out = b"".join(translator.feed(e) for e in events[:2])
         self.assertNotIn(b"clock", out)
-        out += b"".join(translator.feed(e) for e in events[2:])
-        blocks = [b["content_block"] for b in map(json.loads, (
-            tm.sse_fields(r + b"\n\n")[1] for r in out.split(b"\n\n") if b"block_start" in r))]
-        self.assertEqual([b["name"] for b in blocks], ["weather", "clock"])
-        deltas = [json.loads(tm.sse_fields(r + b"\n\n")[1])["delta"] for r in out.split(b"\n\n")
-                  if b"block_delta" in r]
-        self.assertEqual([d["partial_json"] for d in deltas], ['{"city": "Par', '{"tz": "UTC"}'])
-        self.assertTrue(out.endswith(b'"message_stop"}\n\n'), out[-80:])  # (held ones, then the end)
+        out += b"".join(translator.feed(e) for e in events[2:])  # the end: held ones, whole
+        found = [(name, json.loads(data)) for name, data in (
+            tm.sse_fields(raw + b"\n\n") for raw in out.split(b"\n\n")) if data]
+        self.assertEqual([o["content_block"]["name"] for n, o in found
+                          if n == b"content_block_start"], ["weather", "clock"])
+        self.assertEqual([o["delta"]["partial_json"] for n, o in found
+                          if n == b"content_block_delta"], ['{"city": "Par', '{"tz": "UTC"}'])
+        self.assertEqual(found[-1][0], b"message_stop")
+
+    def test_tool_arguments_are_judged_whole_in_one_pass_whatever_their_pieces(self):
+        text = json.dumps({"path": "a\\b \"q\" }]", "rows": [{"id": i} for i in range(50)]})
+        for size in (1, 2, 3, 7, len(text)):
+            args = tm.ToolArgs()
+            for i in range(0, len(text), size):
+                self.assertFalse(args.whole, (size, i))
+                args.add(text[i:i + size])
+            self.assertTrue(args.whole, size)
+            self.assertEqual(args.text(), text)
+            args.add("  ")
+            self.assertTrue(args.whole)  # (blanks after the end change nothing)
+            args.add("{")
+            self.assertFalse(args.whole)  # (anything else makes it no JSON at all)
+        for never in ('"a string"', "42", '{"a": 1}}', '{"a": tru}', "{} {}"):
+            args = tm.ToolArgs()
+            args.add(never)
+            self.assertFalse(args.whole, never)
 
 
 class TestCrossFormat(ProxyTestCase):
@@ -7687,38 +7709,50 @@ class TestBenchHarness(unittest.TestCase):
             self.assertEqual(json.loads(raw)["messages"][-1]["content"][:-8],
                              self.bench.PROMPT[:-8])
 
-    def test_the_byte_relay_copies_both_ways_and_passes_a_half_close_on(self):
+    def test_the_byte_relay_copies_both_ways_passes_a_half_close_on_and_closes_the_pair(self):
         seen = []
         upstream = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(upstream.close)
 
-        def answer() -> None:  # reads to the client's EOF, then answers on the same socket
-            conn, _ = upstream.accept()
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                seen.append(data)
-                conn.sendall(b"got " + str(len(data)).encode())
+        def answer() -> None:  # reads to the client's EOF, then answers and closes
+            for _ in range(2):
+                conn, _ = upstream.accept()
+                with conn:
+                    data = b""
+                    while chunk := conn.recv(65536):
+                        data += chunk
+                    seen.append(data)
+                    conn.sendall(b"got " + str(len(data)).encode())
 
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
         proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "bench", "relay_floor.py"), "--upstream",
              f"127.0.0.1:{upstream.getsockname()[1]}"], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait, 10)
         self.addCleanup(proc.terminate)
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        self.assertTrue(ready, "the relay did not start")
         port = int(proc.stdout.readline().rsplit(":", 1)[1])
-        payload = os.urandom(300_000)  # larger than a socket buffer: flow control at work
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            reply = b""
-            while chunk := sock.recv(65536):
-                reply += chunk
+        fds = f"/proc/{proc.pid}/fd"
+        idle = len(os.listdir(fds)) if os.path.isdir(fds) else None
+        payload = os.urandom(300_000)  # more than one read: relayed in pieces
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            self.assertEqual(reply, b"got 300000")
         thread.join(10)
-        self.assertEqual(seen, [payload])
-        self.assertEqual(reply, b"got 300000")
+        self.assertEqual(seen, [payload, payload])
+        if idle is not None:  # both ends closed: the relay closed both sockets of each pair
+            deadline = time.monotonic() + 10
+            while len(os.listdir(fds)) > idle and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.assertEqual(len(os.listdir(fds)), idle)
 
     def test_a_short_run_puts_direct_and_tokenman_side_by_side(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -4984,17 +4984,90 @@ _CHUNK_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
 
 
-def whole_json(text: str) -> bool:
-    """Tool-call arguments so far that are a whole JSON object or array: nothing valid can be
-    appended to them, so the call is complete."""
-    text = text.rstrip()
-    if not text.endswith(("}", "]")):
-        return False
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+_JSON_MARKS = re.compile(r'[][{}"\\]')  # what moves a JSON scanner: brackets, quotes, escapes
+
+
+class ToolArgs:
+    """One tool call's arguments as they stream in, and whether they are whole yet (a JSON
+    object or array closed, nothing but blanks after it: nothing valid can follow, so the call
+    is complete). Each piece is scanned once, the text joined and parsed once, when the outer
+    bracket closes: linear in the arguments' size, however many pieces they come in."""
+    __slots__ = ("parts", "depth", "quoted", "escaped", "state")
+
+    OPENING, OPEN, WHOLE, BROKEN = range(4)
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.depth = 0
+        self.quoted = False   # inside a string
+        self.escaped = False  # the next character is escaped (a piece ended in a backslash)
+        self.state = ToolArgs.OPENING
+
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+    @property
+    def whole(self) -> bool:
+        return self.state == ToolArgs.WHOLE
+
+    def add(self, piece: str) -> None:
+        if not piece:
+            return
+        self.parts.append(piece)
+        if self.state == ToolArgs.BROKEN:
+            return
+        if self.state == ToolArgs.WHOLE:
+            if piece.strip():
+                self.state = ToolArgs.BROKEN  # (more after the end: not JSON any more)
+            return
+        i = 0
+        if self.state == ToolArgs.OPENING:
+            rest = piece.lstrip()
+            if not rest:
+                return
+            if rest[0] not in "{[":
+                self.state = ToolArgs.BROKEN  # (not an object or array: never whole)
+                return
+            self.state = ToolArgs.OPEN
+            i = len(piece) - len(rest)
+        elif self.escaped:
+            self.escaped = False
+            i = 1
+        find = _JSON_MARKS.search
+        while (m := find(piece, i)) is not None:
+            c = m.group()
+            i = m.end()
+            if self.quoted:
+                if c == "\\":
+                    if i < len(piece):
+                        i += 1
+                    else:
+                        self.escaped = True
+                elif c == '"':
+                    self.quoted = False
+            elif c == '"':
+                self.quoted = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self._closed(piece[i:])
+                    return
+            # (a backslash outside a string is invalid JSON: json.loads will say so)
+
+    def _closed(self, after: str) -> None:
+        if after.strip():
+            self.state = ToolArgs.BROKEN  # (more after the end: not JSON)
+            return
+        try:
+            json.loads(self.text())
+        except ValueError:
+            self.state = ToolArgs.BROKEN
+            return
+        self.state = ToolArgs.WHOLE
 
 
 class ToolSlots:
@@ -5010,7 +5083,7 @@ class ToolSlots:
     def __init__(self) -> None:
         self.by_index: dict[int, int] = {}  # the delta's index -> the call it continues now
         self.ids: list[str] = []  # per call: its id ("" when the server gave none)
-        self.args: list[str] = []  # per call: its arguments so far
+        self.args: list[ToolArgs] = []  # per call: its arguments so far
 
     def slot(self, call: dict) -> int:
         index = call.get("index")
@@ -5031,20 +5104,20 @@ class ToolSlots:
             slot = len(self.ids) - 1
         if slot is None:
             self.ids.append(cid)
-            self.args.append("")
+            self.args.append(ToolArgs())
             slot = len(self.ids) - 1
             if type(index) is int:
                 self.by_index[index] = slot
         elif cid and not self.ids[slot]:
             self.ids[slot] = cid
-        self.args[slot] += piece
+        self.args[slot].add(piece)
         return slot
 
     def _ended(self, slot: int, cid: str) -> bool:
         """A named delta under this call's index begins another call."""
         if cid:
             return bool(self.ids[slot]) and cid != self.ids[slot]
-        return whole_json(self.args[slot])
+        return self.args[slot].whole
 
 
 class StreamAssembler:
@@ -5200,7 +5273,7 @@ class StreamAssembler:
             for index, slots in self.calls.items():
                 for k, call in enumerate(self.choices[index]["message"]["tool_calls"]):
                     call["id"] = slots.ids[k]
-                    call["function"]["arguments"] = slots.args[k]
+                    call["function"]["arguments"] = slots.args[k].text()
             for choice in self.choices.values():  # a tool call or a refusal: content null
                 message = choice["message"]
                 if message["content"] == "" and (message.get("tool_calls") or
@@ -7103,6 +7176,16 @@ def translate_error(body: bytes, status: int, client_api: str) -> bytes:
     return native_error(client_api, status, text.split(": ", 1)[-1] or "upstream error")
 
 
+class HeldBlock:
+    """A block that waits for the open tool call to end: text (slot None) or a tool call."""
+    __slots__ = ("slot", "name", "pieces")
+
+    def __init__(self, slot: int | None, name: str, piece: str) -> None:
+        self.slot = slot
+        self.name = name
+        self.pieces = [piece] if piece else []
+
+
 class StreamTranslator:
     """Rewrites one provider's SSE events into the client's format as they arrive: OpenAI
     chunks into Anthropic's message/content-block events (tool arguments as input_json_delta)
@@ -7121,8 +7204,8 @@ class StreamTranslator:
         self.open_tool: int | None = None    # the tool call (its slot) that block is, if any
         self.blocks = 0
         self.tools: dict[int, int] = {}      # OpenAI tool call (its slot) -> block index
-        self.held: list[list] = []           # blocks waiting for the open call: [slot or
-        self.held_tools: dict[int, list] = {}  # None for text, name, pieces]; slot -> entry
+        self.held: list[HeldBlock] = []      # blocks waiting for the open call to end
+        self.held_tools: dict[int, HeldBlock] = {}  # the tool calls among them, by slot
         self.slots = ToolSlots()
         self.usage = Usage()
         self.stop = None
@@ -7173,7 +7256,7 @@ class StreamTranslator:
 
     def _busy_open(self) -> bool:
         """The open block is a tool call whose arguments are not whole yet: more may come."""
-        return self.open_tool is not None and not whole_json(self.slots.args[self.open_tool])
+        return self.open_tool is not None and not self.slots.args[self.open_tool].whole
 
     def _busy(self) -> bool:
         """Whether a new block must wait: blocks already wait, or the open call goes on."""
@@ -7183,10 +7266,10 @@ class StreamTranslator:
         if self.open_block is not None and self.open_tool is None and not self.held:
             return self._delta(piece)
         if self._busy():
-            if self.held and self.held[-1][0] is None:
-                self.held[-1][2].append(piece)
+            if self.held and self.held[-1].slot is None:
+                self.held[-1].pieces.append(piece)
             else:
-                self.held.append([None, "", [piece]])
+                self.held.append(HeldBlock(None, "", piece))
             return b""
         return self._close_block() + self._open(None, "", [piece])
 
@@ -7198,11 +7281,11 @@ class StreamTranslator:
         piece = piece if type(piece) is str else ""
         name = fn.get("name")
         name = name if type(name) is str else ""
-        entry = self.held_tools.get(k)
-        if entry is not None:  # a held call goes on: kept with it
-            entry[1] = entry[1] or name
+        held = self.held_tools.get(k)
+        if held is not None:  # a held call goes on: kept with it
+            held.name = held.name or name
             if piece:
-                entry[2].append(piece)
+                held.pieces.append(piece)
             return b""
         if k in self.tools:
             if k != self.open_tool:
@@ -7212,9 +7295,8 @@ class StreamTranslator:
         if not name and not piece:
             return b""  # (an id alone: the block starts when its name comes)
         if self._busy():
-            entry = [k, name, [piece] if piece else []]
-            self.held.append(entry)
-            self.held_tools[k] = entry
+            held = self.held_tools[k] = HeldBlock(k, name, piece)
+            self.held.append(held)
             return b""
         return self._close_block() + self._open(k, name, [piece] if piece else [])
 
@@ -7225,10 +7307,10 @@ class StreamTranslator:
         out = b""
         while self.held:
             out += self._close_block()
-            slot, name, pieces = self.held.pop(0)
-            if slot is not None:
-                del self.held_tools[slot]
-            out += self._open(slot, name, pieces)
+            held = self.held.pop(0)
+            if held.slot is not None:
+                del self.held_tools[held.slot]
+            out += self._open(held.slot, held.name, held.pieces)
             if not final and (not self.held or self._busy_open()):
                 break
         return out
