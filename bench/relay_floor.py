@@ -10,8 +10,12 @@ and the event loop. What tokenman adds beyond this figure is its own work.
     python bench/relay_floor.py --port 0 --upstream 127.0.0.1:18080
 
 On start it prints one line `relay listening on 127.0.0.1:PORT` to stdout (run.py reads it).
-SIGINT / SIGTERM stop it. TCP_NODELAY is set on both sockets of every pair; a side whose peer
-cannot take more (a full write buffer) stops reading until the peer drains.
+SIGINT / SIGTERM stop it. TCP_NODELAY is set on both sockets of every pair; the client is not
+read until its upstream is connected; a side whose peer cannot take more (a full write buffer)
+stops reading until the peer drains; an end of input is passed on as a half-close, and the pair
+is closed once both sides have ended.
+
+Sections: §01 constants  §02 a pair of sockets  §03 the server and the command line
 """
 from __future__ import annotations
 
@@ -21,16 +25,24 @@ import signal
 import socket
 import sys
 
+# ================================================================================================
+# §01 constants
+# ================================================================================================
+
 HIGH_WATER = 256 * 1024          # a peer's write buffer past this pauses the reading side
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+# ================================================================================================
+# §02 a pair of sockets: what one reads, the other writes
+# ================================================================================================
 
 
 class Side(asyncio.Protocol):
     """One socket of a pair: what it reads goes to the other socket, as it came."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: "Side | None" = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self.peer: Side | None = None
-        self.early: list[bytes] = []   # bytes read before the peer was connected
+        self.peer = peer
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -40,30 +52,17 @@ class Side(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
 
-    def link(self, peer: "Side") -> None:
-        self.peer = peer
-        for data in self.early:
-            peer.transport.write(data)
-        self.early = []
-        if self.eof:
-            self._half_close()
-
     def data_received(self, data: bytes) -> None:
-        if self.peer is None:
-            self.early.append(data)
-        else:
-            self.peer.transport.write(data)
+        self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is not None:
-            self._half_close()
-        return True  # keep our side open: the peer may still answer
-
-    def _half_close(self) -> None:
-        peer = self.peer.transport
-        if peer.can_write_eof() and not peer.is_closing():
-            peer.write_eof()
+        if self.peer.eof:  # both ended: nothing more can cross (close() still flushes)
+            self.transport.close()
+            self.peer.transport.close()
+        elif self.peer.transport.can_write_eof() and not self.peer.transport.is_closing():
+            self.peer.transport.write_eof()  # the peer may still answer
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and not self.peer.transport.is_closing():
@@ -79,29 +78,35 @@ class Side(asyncio.Protocol):
 
 
 class Client(Side):
-    """The accepted side: connects its upstream, then the pair relays."""
+    """The accepted side: not read until its upstream is connected, then the pair relays."""
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__()
         self.host = host
         self.port = port
+        self.connecting: asyncio.Task | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._connect())
+        self.transport.pause_reading()
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, upstream = await loop.create_connection(Side, self.host, self.port)
+            _, upstream = await loop.create_connection(lambda: Side(self), self.host, self.port)
         except OSError:
             self.transport.close()
             return
         if self.transport.is_closing():
             upstream.transport.close()
             return
-        upstream.peer = self
-        self.link(upstream)
+        self.peer = upstream
+        self.transport.resume_reading()
+
+# ================================================================================================
+# §03 the server and the command line
+# ================================================================================================
 
 
 async def serve(port: int, host: str, upstream_port: int) -> None:
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", required=True, help="host:port to relay to (loopback)")
     args = p.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
-    if host not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+    if host not in LOOPBACK or not port.isdigit():
         p.error("--upstream must be a loopback host:port")
     asyncio.run(serve(args.port, host, int(port)))
     return 0

@@ -4,9 +4,10 @@
 Starts bench/mock_upstream.py and tokenman (with a profile config), drives load from a separate
 process (wrk when installed, else bench/loadgen.py) and prints, for each API and concurrency, the
 figures for a direct call to the mock next to the same figures through tokenman, with the
-difference and the ratio, then checks them against the budget of the performance issue. First it
-measures the machine's floor: bench/relay_floor.py (a byte relay, no HTTP) in tokenman's place,
-so the table tells what any process in the path costs here from what tokenman adds to it.
+difference and the ratio, then checks them against the budget of the performance issue. Before
+the profiles it measures the machine: its speed, how much slower code runs just after the CPU
+idled, and its floor: bench/relay_floor.py (a byte relay, no HTTP) in tokenman's place, so the
+table tells what any process in the path costs here from what tokenman adds to it.
 
     python bench/run.py                         # default profile, full run (a few minutes)
     python bench/run.py --quick                 # about a minute
@@ -396,11 +397,12 @@ print(statistics.median(runs))
 """
 
 
-# The same kind of small workload (about 10 us: what one step of a request costs a proxy) timed
-# back to back, then as the first thing after the CPU idled 1 ms and 20 ms. On a machine whose
-# caches survive a short idle the three are close; on a shared VM the host reclaims them and the
-# first run after an idle is many times slower. A proxy at concurrency 1 pays that on every
-# request (its code ran last a request ago); a byte relay runs too little code to notice.
+# The same kind of small workload (about 5 us: one step of what a proxy does per request) timed
+# back to back, then as the first thing after the CPU idled 0.2 ms (a round trip at c=1), 1 ms
+# (a paced stream's chunks) and 20 ms. On a machine whose caches survive a short idle they are
+# close; on a shared VM the host reclaims them and the first run after an idle is many times
+# slower. A proxy pays that whenever its code ran last an idle ago: at c=1 between the steps of
+# every request, at the start of every paced stream; a byte relay runs too little code to notice.
 _COLD_PROBE = r"""
 import json, re, statistics, sys, time
 body = json.dumps({"model": "m", "max_tokens": 256, "stream": True, "messages": [
@@ -415,7 +417,7 @@ def timed():
     work()
     return (time.perf_counter() - t) * 1e6
 out = {"hot_us": statistics.median([timed() for _ in range(500)][100:])}
-for gap in (0.001, 0.02):
+for gap in (0.0002, 0.001, 0.02):
     samples = []
     for _ in range(max(20, int(float(sys.argv[1]) / (gap + 0.0005)))):
         time.sleep(gap)
@@ -867,7 +869,11 @@ class Bench:
         streams = [c for c in (1,) if c in self._stream_concurrency()]
         if self.args.no_floor or not (buffered or streams):
             return rows
-        proc, port = start_floor(self.tm_cpus, self.mock_port)
+        try:
+            proc, port = start_floor(self.tm_cpus, self.mock_port)
+        except RuntimeError as exc:  # (a side figure: the run goes on without it)
+            self.say(f"[floor] skipped: {exc}")
+            return dict(rows, error=str(exc))
         try:
             self._wait_ready(port, "anthropic", time.perf_counter(), proc)
             for api in self._apis():  # the same warm-up as tokenman's
@@ -882,6 +888,9 @@ class Bench:
                     self.say(f"[floor] byte relay: streams {api} c={conc}")
                     rows["streams"].append(self._pair("stream", api, conc, port, proc.pid,
                                                       stream=True, extra_headers=hdr))
+        except RuntimeError as exc:
+            self.say(f"[floor] stopped: {exc}")
+            rows["error"] = str(exc)
         finally:
             CHILDREN.stop(proc)
         self.floor_rows = rows
@@ -1252,7 +1261,8 @@ def budget(out: dict, args: argparse.Namespace, floor: dict | None = None) -> li
             for key, limit in (("p50_us", "added_p50_c1_us"), ("p99_us", "added_p99_c1_us")):
                 value = _added(r1, key)
                 line(f"added latency {key[:3]}, c=1, {api}", value, BUDGET[limit], "us",
-                     note=_floor_note(floor, "buffered", api, 1, key, "us", value))
+                     note=_floor_note(floor, "buffered", api, 1, key, "us",  # (tails of two
+                                 value if key == "p50_us" else None))  # runs do not subtract)
     for api in APIS:
         for conc in (1, 64):
             r = _find(rows, api, conc)
@@ -1404,10 +1414,13 @@ def scenario_table(scenarios: list[dict], column: str = "tokenman") -> list[str]
 def report_floor(floor: dict) -> list[str]:
     scenarios = floor.get("buffered", []) + floor.get("streams", [])
     if not scenarios:
-        return []
+        return [f"machine floor: not measured ({floor['error']})", ""] if floor.get("error") \
+            else []
     return ["== machine floor: bench/relay_floor.py in tokenman's place (a byte relay: asyncio, "
             "no HTTP parsing, one upstream connection per client connection) ==",
             *scenario_table(scenarios, "byte relay"),
+            *([f"the floor's measurement stopped early: {floor['error']}"]
+              if floor.get("error") else []),
             "what any process in the path costs on this machine (its CPU pinning, wake-ups and "
             "loopback hops); the budget lines below say what tokenman adds beyond it", ""]
 
@@ -1532,14 +1545,14 @@ def report(result: dict) -> str:
                         " meanwhile: figures of this run are less comparable)"
                         if abs(drift) > CALIBRATION_DRIFT else ""))
     cold = m.get("cold_code_us") or {}
-    if cold.get("hot_us") and cold.get("idle_1ms_us") and cold.get("idle_20ms_us"):
+    idles = [(k[5:-3], v) for k, v in cold.items() if k.startswith("idle_") and v]
+    if cold.get("hot_us") and idles:
         lines.append(f"after-idle slowdown on tokenman's CPU: a fixed piece of Python (a small "
                      f"request's json.loads, a regex, a dict) takes {cold['hot_us']:.1f} us back "
-                     f"to back, {cold['idle_1ms_us']:.1f} us as the first thing 1 ms after the "
-                     f"CPU idled and {cold['idle_20ms_us']:.1f} us after 20 ms "
-                     f"({cold['idle_1ms_us'] / cold['hot_us']:.1f}x and "
-                     f"{cold['idle_20ms_us'] / cold['hot_us']:.1f}x): what the caches lose while "
-                     "the CPU waits, paid again by a proxy's code on every request at c=1")
+                     "to back and, as the first thing after the CPU idled, " + ", ".join(
+                         f"{v:.1f} us after {gap} ({v / cold['hot_us']:.1f}x)" for gap, v in idles)
+                     + ": what the caches lose while the CPU waits, paid again by a proxy's code "
+                     "after each idle (at c=1 between the steps of every request)")
     lines.append("")
     lines += report_floor(result.get("floor") or {})
     for p in result["profiles"]:
@@ -1617,17 +1630,18 @@ def compare(old: dict, new: dict) -> str:
                          "like for like")
     olds = {p["name"]: p for p in old.get("profiles", [])}
     news = list(new["profiles"])
-    if old.get("floor") and new.get("floor"):  # the floor of both runs: the machine's own drift
-        olds["machine floor"] = dict(old["floor"], name="machine floor")
-        news.insert(0, dict(new["floor"], name="machine floor"))
+    if _scenarios(old.get("floor") or {}) and _scenarios(new.get("floor") or {}):
+        olds["machine floor"] = dict(old["floor"], name="machine floor")  # (the floor of both
+        news.insert(0, dict(new["floor"], name="machine floor"))  # runs: the machine's drift)
     for p in news:
+        what = p["name"] if p["name"] == "machine floor" else f"profile {p['name']}"
         if p["name"] not in olds:
-            lines.append(f"profile {p['name']}: not in the old file")
+            lines.append(f"{what}: not in the old file")
             continue
         a, b = _flat(olds[p["name"]]), _flat(p)
         gone = _scenarios(olds[p["name"]]) - _scenarios(p)
         if gone:
-            lines.append(f"profile {p['name']}: not measured in this run: "
+            lines.append(f"{what}: not measured in this run: "
                          + ", ".join(sorted(gone)))
         rows = [["figure", "old", "new", "change", "old added", "new added"]]
         for key in b:
@@ -1641,7 +1655,7 @@ def compare(old: dict, new: dict) -> str:
         for x in p.get("budget", []):
             if x["what"] in ob and ob[x["what"]] != x["ok"]:
                 lines.append(f"budget {'now met' if x['ok'] else 'now MISSED'}: {x['what']}")
-        lines.append(f"== profile {p['name']} ==")
+        lines.append(f"== {what} ==")
         lines += _table(rows, right=(1, 2, 3, 4, 5))
     return "\n".join(lines)
 
@@ -1741,7 +1755,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the machine floor (bench/relay_floor.py, a byte relay, measured "
-                        "in tokenman's place at c=1 and c=64)")
+                        "in tokenman's place: buffered at c=1 and c=64, streams at c=1)")
     p.add_argument("--retries", type=_number(int, 0, "a whole number >= 0"), default=2,
                    help="measure a scenario again when other processes used the CPUs (2)")
     p.add_argument("--json", help="write the results as JSON here")
