@@ -6186,6 +6186,57 @@ class TestTranslationTables(unittest.TestCase):
         self.assertEqual((got["finish_reason"], got["done"], got["usage"]["completion_tokens"]),
                          ("tool_calls", True, 420))
 
+    def test_tool_results_keep_their_blocks_apart_and_their_images(self):
+        dropped = []
+        out = tm.anthropic_to_openai_request({"model": "m", "max_tokens": 9, "messages": [
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "read", "input": {}},
+                {"type": "tool_use", "id": "t2", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "text", "text": "line one"}, {"type": "text", "text": "line two"},
+                    {"type": "search_result", "source": "s", "title": "t", "content": []}]},
+                {"type": "tool_result", "tool_use_id": "t2", "is_error": True, "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": "AAA"}}]},
+                {"type": "text", "text": "Go on"}]}]}, dropped)
+        self.assertEqual(out["messages"][1:3], [
+            {"role": "tool", "tool_call_id": "t1", "content": "line one\nline two"},
+            {"role": "tool", "tool_call_id": "t2",
+             "content": "[error] (images: in the next message)"}])
+        self.assertEqual(out["messages"][3], {"role": "user", "content": [  # (a tool message
+            {"type": "text", "text": "Images from tool call t2:"},  # carries text only)
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+            {"type": "text", "text": "Go on"}]})
+        self.assertEqual(dropped, ["messages[].content[tool_result].content[search_result]"])
+        back = tm.openai_to_anthropic_request({"model": "m", "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [
+                {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"}]}]}, [], 10)
+        self.assertEqual(back["messages"][1]["content"][0]["content"], [
+            {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"}])
+
+    def test_tool_calls_without_ids_or_with_stop_still_ask_the_client_for_results(self):
+        calls = [{"type": "function", "function": {"name": "a", "arguments": "{}"}},
+                 {"id": None, "type": "function", "function": {"name": "b", "arguments": "{}"}}]
+        body = {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                                      "message": {"role": "assistant",
+                                                                  "tool_calls": calls}}]}
+        msg = tm.openai_to_anthropic_response(body)
+        ids = [b["id"] for b in msg["content"]]
+        self.assertTrue(all(i.startswith("toolu_") for i in ids), ids)
+        self.assertEqual(len(set(ids)), 2)
+        self.assertEqual(msg["stop_reason"], "tool_use")
+        body["choices"][0]["message"] = {"role": "assistant", "content": "Hi"}
+        self.assertEqual(tm.openai_to_anthropic_response(body)["stop_reason"], "end_turn")
+        events = openai_tool_stream((0, None, "a", "{}"))  # streamed, ended with "stop"
+        events[-2] = events[-2].replace(b'"tool_calls"}', b'"stop"}')
+        translator = tm.StreamTranslator("openai", "anthropic", False)
+        out = b"".join(translator.feed(e) for e in events)
+        self.assertEqual(assemble_anthropic(out)["stop_reason"], "tool_use")
+        self.assertTrue(anthropic_blocks(self, out)[0]["id"].startswith("toolu_"))
+
     def test_interleaved_parallel_tool_calls_become_whole_blocks_in_turn(self):
         events = openai_tool_stream("Checking both. ", (0, "call_a", "weather", ""),
                                     (1, "call_b", "clock", ""), (0, None, None, '{"city": '),
@@ -6242,10 +6293,14 @@ class TestTranslationTables(unittest.TestCase):
             self.assertTrue(args.whole)  # (blanks after the end change nothing)
             args.add("{")
             self.assertFalse(args.whole)  # (anything else makes it no JSON at all)
-        for never in ('"a string"', "42", '{"a": 1}}', '{"a": tru}', "{} {}"):
+        for never in ('"a string"', "42", '{"a": 1}}', '{"a": tru}', "{} {}",
+                      "[" * 5000 + "]" * 5000):  # (nested past the parser's depth: no crash)
             args = tm.ToolArgs()
             args.add(never)
-            self.assertFalse(args.whole, never)
+            self.assertFalse(args.whole, never[:20])
+        args = tm.ToolArgs()
+        args.add('{"a": 1}\u00a0')  # (a blank json.loads would not take after the end)
+        self.assertTrue(args.whole)
 
 
 class TestCrossFormat(ProxyTestCase):
@@ -6393,6 +6448,35 @@ class TestCrossFormat(ProxyTestCase):
                           ("call_b", "clock", {"tz": "UTC"})])
         self.assertEqual(assemble_anthropic(resp.body)["stop_reason"], "tool_use")
         self.assertEqual([r["outcome"] for r in await self.rows(1)], ["ok"])
+
+    async def test_an_agent_turn_through_an_openai_provider_that_omits_ids(self):
+        answer = {"id": "x", "model": "m", "usage": {"prompt_tokens": 9, "completion_tokens": 2},
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                      "role": "assistant", "content": None, "tool_calls": [
+                          {"type": "function", "function": {"name": "shot", "arguments": "{}"}}]}}]}
+        local = await FakeUpstream(fixture_handler([], answer)).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        first = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        call = first.json()["content"][0]
+        self.assertEqual((first.json()["stop_reason"], call["type"]), ("tool_use", "tool_use"))
+        self.assertTrue(call["id"].startswith("toolu_"))  # the client answers by this id
+        follow = dict(ANTHROPIC_REQ, messages=[
+            ANTHROPIC_REQ["messages"][0], {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                          "content": [{"type": "text", "text": "a"},
+                                                      {"type": "text", "text": "b"},
+                                                      {"type": "image", "source": {
+                                                          "type": "base64", "data": "AAA",
+                                                          "media_type": "image/png"}}]}]}])
+        second = await http(self.port, "POST", "/v1/messages", follow, A_HEADERS)
+        self.assertEqual(second.status, 200)
+        sent = local.requests[-1].json()["messages"]
+        self.assertEqual(sent[2], {"role": "tool", "tool_call_id": call["id"], "content": "a\nb"})
+        self.assertEqual(sent[3]["content"][1]["image_url"]["url"], "data:image/png;base64,AAA")
 
     async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
         events, body = anthropic_fixture("tool")

@@ -5063,8 +5063,8 @@ class ToolArgs:
             self.state = ToolArgs.BROKEN  # (more after the end: not JSON)
             return
         try:
-            json.loads(self.text())
-        except ValueError:
+            json.loads(self.text().rstrip())  # (blanks json.loads would not take: U+00A0...)
+        except (ValueError, RecursionError):  # (nested past the parser's depth: not whole)
             self.state = ToolArgs.BROKEN
             return
         self.state = ToolArgs.WHOLE
@@ -6940,10 +6940,46 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _image_part(block: dict) -> dict | None:
+    """An Anthropic image block as an OpenAI image_url part (None when it is not one)."""
+    src = block.get("source")
+    if block.get("type") != "image" or not isinstance(src, dict):
+        return None
+    url = src.get("url") if src.get("type") == "url" else \
+        f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool_result(block: dict, dropped: list[str]) -> tuple[dict, list[dict]]:
+    """An Anthropic tool_result as an OpenAI tool message, and its images: a tool message
+    carries text only, so they go to the user message that follows (after a line saying
+    whose they are). Several text blocks are kept apart by a line break."""
+    content = block.get("content")
+    call = block.get("tool_use_id", "")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        image = _image_part(part)
+        if part.get("type") == "text":
+            texts.append(part.get("text", ""))
+        elif image is not None:
+            images.append(image)
+        else:
+            dropped.append(f"messages[].content[tool_result].content[{part.get('type')}]")
+    text = "\n".join(texts) or ("(images: in the next message)" if images else "")
+    if images:
+        images.insert(0, {"type": "text", "text": f"Images from tool call {call}:"})
+    return {"role": "tool", "tool_call_id": call,
+            "content": ("[error] " + text) if block.get("is_error") else text}, images
+
+
 def _json_args(text: object) -> object:
     try:
         value = json.loads(text) if isinstance(text, str) and text else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"_raw": text}
     return value if isinstance(value, dict) else {"_value": value}
 
@@ -6967,20 +7003,18 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue
-        parts, results, calls = [], [], []
+        parts, results, calls, shown = [], [], [], []
         for block in content or ():
             kind = block.get("type")
+            image = _image_part(block)
             if kind == "text":
                 parts.append({"type": "text", "text": block.get("text", "")})
-            elif kind == "image" and isinstance(block.get("source"), dict):
-                src = block["source"]
-                url = src.get("url") if src.get("type") == "url" else \
-                    f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
-                parts.append({"type": "image_url", "image_url": {"url": url}})
+            elif image is not None:
+                parts.append(image)
             elif kind == "tool_result":
-                text = _text_of(block.get("content"))
-                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
-                                "content": ("[error] " + text) if block.get("is_error") else text})
+                result, images = _tool_result(block, dropped)
+                results.append(result)
+                shown += images  # (what a tool message cannot carry: the user's turn shows)
             elif kind == "tool_use":
                 calls.append({"id": block.get("id", ""), "type": "function", "function": {
                     "name": block.get("name", ""),
@@ -6988,6 +7022,7 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
             else:
                 dropped.append(f"messages[].content[{kind}]")
         messages += results  # tool results answer the assistant's calls just before them
+        parts = shown + parts
         if role == "assistant":
             message: dict = {"role": "assistant",
                              "content": "".join(p["text"] for p in parts if "text" in p) or None}
@@ -7057,9 +7092,12 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         role, content = msg.get("role"), msg.get("content")
         if role in ("system", "developer"):
             system.append(_text_of(content))
-        elif role == "tool":
+        elif role == "tool":  # (text parts stay apart, as blocks)
             add("user", [{"type": "tool_result", "tool_use_id": msg.get("tool_call_id", ""),
-                          "content": _text_of(content)}])
+                          "content": [{"type": "text", "text": p.get("text", "")}
+                                      for p in content if isinstance(p, dict)
+                                      and p.get("type") in ("text", "input_text")]
+                          if isinstance(content, list) else _text_of(content)}])
         elif role in ("user", "assistant"):
             blocks = []
             if isinstance(content, str) and content:
@@ -7155,15 +7193,19 @@ def openai_to_anthropic_response(obj: dict) -> dict:
     choice = (obj.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content = [{"type": "text", "text": message["content"]}] if message.get("content") else []
-    content += [{"type": "tool_use", "id": c.get("id", ""),
+    content += [{"type": "tool_use", "id": c["id"] if isinstance(c.get("id"), str) and c["id"]
+                 else "toolu_" + os.urandom(12).hex(),  # (a client must answer by id)
                  "name": (c.get("function") or {}).get("name", ""),
                  "input": _json_args((c.get("function") or {}).get("arguments"))}
-                for c in message.get("tool_calls") or ()]
+                for c in message.get("tool_calls") or () if isinstance(c, dict)]
     usage = Usage()
     usage.apply_openai(obj.get("usage"))
+    stop = _O2A_STOP.get(choice.get("finish_reason"), "end_turn")
+    if stop == "end_turn" and any(b["type"] == "tool_use" for b in content):
+        stop = "tool_use"  # (servers that say "stop" after calls: the client's loop must go on)
     return {"id": "msg_" + str(obj.get("id", "")), "type": "message", "role": "assistant",
             "model": obj.get("model", ""), "content": content,
-            "stop_reason": _O2A_STOP.get(choice.get("finish_reason"), "end_turn"),
+            "stop_reason": stop,
             "stop_sequence": None,
             "usage": {"input_tokens": usage.input, "output_tokens": usage.output,
                       "cache_read_input_tokens": usage.cache_read,
@@ -7399,8 +7441,11 @@ class StreamTranslator:
         if self.upstream == API_OPENAI:
             if not self.started:
                 return b""
+            stop = self.stop or "end_turn"
+            if stop == "end_turn" and (self.tools or self.held_tools):
+                stop = "tool_use"  # (servers that say "stop" after calls: the loop goes on)
             return self._release(final=True) + self._close_block() + _sse("message_delta", {
-                "type": "message_delta", "delta": {"stop_reason": self.stop or "end_turn",
+                "type": "message_delta", "delta": {"stop_reason": stop,
                                                    "stop_sequence": None},
                 "usage": {"input_tokens": u.input, "output_tokens": u.output,
                           "cache_read_input_tokens": u.cache_read,
