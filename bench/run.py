@@ -888,6 +888,8 @@ class Bench:
                     self.say(f"[floor] byte relay: streams {api} c={conc}")
                     rows["streams"].append(self._pair("stream", api, conc, port, proc.pid,
                                                       stream=True, extra_headers=hdr))
+                if proc.poll() is not None:  # (its figures would be the errors of a dead port)
+                    raise RuntimeError(f"the byte relay exited with {proc.returncode}")
         except RuntimeError as exc:
             self.say(f"[floor] stopped: {exc}")
             rows["error"] = str(exc)
@@ -1630,6 +1632,8 @@ def compare(old: dict, new: dict) -> str:
                          "like for like")
     olds = {p["name"]: p for p in old.get("profiles", [])}
     news = list(new["profiles"])
+    if (new.get("floor") or {}).get("error"):
+        lines.append(f"machine floor: {new['floor']['error']}")
     if _scenarios(old.get("floor") or {}) and _scenarios(new.get("floor") or {}):
         olds["machine floor"] = dict(old["floor"], name="machine floor")  # (the floor of both
         news.insert(0, dict(new["floor"], name="machine floor"))  # runs: the machine's drift)
