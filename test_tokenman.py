@@ -6195,27 +6195,50 @@ class TestTranslationTables(unittest.TestCase):
             {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "t1", "content": [
                     {"type": "text", "text": "line one"}, {"type": "text", "text": "line two"},
-                    {"type": "search_result", "source": "s", "title": "t", "content": []}]},
+                    {"type": "search_result", "source": "s", "title": "t", "content": [
+                        {"type": "text", "text": "found"}]},
+                    {"type": "image", "source": {"type": "file", "file_id": "f1"}},
+                    {"type": "tool_reference", "tool_name": "x"}]},
                 {"type": "tool_result", "tool_use_id": "t2", "is_error": True, "content": [
                     {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                  "data": "AAA"}}]},
                 {"type": "text", "text": "Go on"}]}]}, dropped)
         self.assertEqual(out["messages"][1:3], [
-            {"role": "tool", "tool_call_id": "t1", "content": "line one\nline two"},
+            {"role": "tool", "tool_call_id": "t1", "content": "line one\nline two\nt (s)\nfound"},
             {"role": "tool", "tool_call_id": "t2",
              "content": "[error] (images: in the next message)"}])
         self.assertEqual(out["messages"][3], {"role": "user", "content": [  # (a tool message
             {"type": "text", "text": "Images from tool call t2:"},  # carries text only)
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
             {"type": "text", "text": "Go on"}]})
-        self.assertEqual(dropped, ["messages[].content[tool_result].content[search_result]"])
+        self.assertEqual(dropped, ["messages[].content[tool_result].content[image]",  # (a file
+                                   "messages[].content[tool_result].content[tool_reference]"])
+        # results split over two user turns: every tool message first, then the images
+        out = tm.anthropic_to_openai_request({"model": "m", "max_tokens": 9, "messages": [
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "shot", "input": {}},
+                {"type": "tool_use", "id": "t2", "name": "read", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "image", "source": {"type": "url", "url": "https://x/1.png"}}]}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2",
+                                          "content": "ok"}]}]}, [])
+        self.assertEqual([m["role"] for m in out["messages"]],
+                         ["assistant", "tool", "tool", "user"])
+        self.assertEqual(out["messages"][3]["content"][1]["image_url"]["url"], "https://x/1.png")
         back = tm.openai_to_anthropic_request({"model": "m", "messages": [
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "c1", "content": [
-                {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"}]}]}, [], 10)
-        self.assertEqual(back["messages"][1]["content"][0]["content"], [
-            {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"}])
+                {"type": "text", "text": "a.txt"}, {"type": "text", "text": " "},
+                {"type": "text", "text": "b.txt"},
+                {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0"}}]},
+            {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": ""}]}]},
+            [], 10)
+        self.assertEqual([b["content"] for b in back["messages"][1]["content"]], [
+            [{"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"},  # (a blank
+             {"type": "image", "source": {"type": "base64", "media_type": "image/gif",  # text
+                                          "data": "R0"}}],  # block is refused there)
+            ""])
 
     def test_tool_calls_without_ids_or_with_stop_still_ask_the_client_for_results(self):
         calls = [{"type": "function", "function": {"name": "a", "arguments": "{}"}},
@@ -6293,11 +6316,14 @@ class TestTranslationTables(unittest.TestCase):
             self.assertTrue(args.whole)  # (blanks after the end change nothing)
             args.add("{")
             self.assertFalse(args.whole)  # (anything else makes it no JSON at all)
-        for never in ('"a string"', "42", '{"a": 1}}', '{"a": tru}', "{} {}",
-                      "[" * 5000 + "]" * 5000):  # (nested past the parser's depth: no crash)
+        for never in ('"a string"', "42", '{"a": 1}}', '{"a": tru}', "{} {}"):
             args = tm.ToolArgs()
             args.add(never)
-            self.assertFalse(args.whole, never[:20])
+            self.assertFalse(args.whole, never)
+        deep = "[" * 100_000 + "]" * 100_000  # (past the parser's depth, whatever the Python)
+        args = tm.ToolArgs()
+        args.add(deep)
+        self.assertFalse(args.whole)
         args = tm.ToolArgs()
         args.add('{"a": 1}\u00a0')  # (a blank json.loads would not take after the end)
         self.assertTrue(args.whole)

@@ -267,6 +267,11 @@ def new_request_id() -> str:
     return f"req_{time.time_ns():016x}{random.getrandbits(64):016x}"  # (no syscall, unlike urandom)
 
 
+def new_tool_id() -> str:
+    """An id for a tool call a provider sent without one: the client answers by it."""
+    return "toolu_" + os.urandom(12).hex()
+
+
 def utc_iso(ts: float) -> str:
     """Seconds since the epoch as a sortable UTC string with milliseconds."""
     t = time.gmtime(ts)
@@ -5063,7 +5068,7 @@ class ToolArgs:
             self.state = ToolArgs.BROKEN  # (more after the end: not JSON)
             return
         try:
-            json.loads(self.text().rstrip())  # (blanks json.loads would not take: U+00A0...)
+            json.loads(self.text().strip())  # (blanks json.loads would not take: U+00A0...)
         except (ValueError, RecursionError):  # (nested past the parser's depth: not whole)
             self.state = ToolArgs.BROKEN
             return
@@ -6941,13 +6946,26 @@ def _text_of(content: object) -> str:
 
 
 def _image_part(block: dict) -> dict | None:
-    """An Anthropic image block as an OpenAI image_url part (None when it is not one)."""
+    """An Anthropic image block as an OpenAI image_url part; None when it is not one OpenAI
+    can take (a file id, a source without its data)."""
     src = block.get("source")
     if block.get("type") != "image" or not isinstance(src, dict):
         return None
-    url = src.get("url") if src.get("type") == "url" else \
-        f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
+    if src.get("type") == "url" and isinstance(src.get("url"), str) and src["url"]:
+        url = src["url"]
+    elif src.get("type") == "base64" and isinstance(src.get("data"), str) and src["data"]:
+        url = f"data:{src.get('media_type') or 'image/png'};base64,{src['data']}"
+    else:
+        return None
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _anthropic_image(url: str) -> dict:
+    """An OpenAI image_url's URL as an Anthropic image block."""
+    if url.startswith("data:") and ";base64," in url:
+        media, data = url[5:].split(";base64,", 1)
+        return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
 
 
 def _tool_result(block: dict, dropped: list[str]) -> tuple[dict, list[dict]]:
@@ -6963,12 +6981,20 @@ def _tool_result(block: dict, dropped: list[str]) -> tuple[dict, list[dict]]:
         if not isinstance(part, dict):
             continue
         image = _image_part(part)
-        if part.get("type") == "text":
+        kind = part.get("type")
+        src = part.get("source")
+        if kind == "text":
             texts.append(part.get("text", ""))
         elif image is not None:
             images.append(image)
+        elif kind == "document" and isinstance(src, dict) and src.get("type") == "text":
+            texts.append(str(src.get("data", "")))  # (a plain-text document: its text)
+        elif kind == "search_result":  # (its title, where it came from, and its text)
+            texts.append("\n".join([f"{part.get('title', '')} ({part.get('source', '')})"]
+                                   + [_text_of([c]) for c in part.get("content") or ()
+                                      if isinstance(c, dict)]))
         else:
-            dropped.append(f"messages[].content[tool_result].content[{part.get('type')}]")
+            dropped.append(f"messages[].content[tool_result].content[{kind}]")
     text = "\n".join(texts) or ("(images: in the next message)" if images else "")
     if images:
         images.insert(0, {"type": "text", "text": f"Images from tool call {call}:"})
@@ -6978,7 +7004,7 @@ def _tool_result(block: dict, dropped: list[str]) -> tuple[dict, list[dict]]:
 
 def _json_args(text: object) -> object:
     try:
-        value = json.loads(text) if isinstance(text, str) and text else {}
+        value = json.loads(text.strip()) if isinstance(text, str) and text.strip() else {}
     except (ValueError, RecursionError):
         return {"_raw": text}
     return value if isinstance(value, dict) else {"_value": value}
@@ -6998,12 +7024,18 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
         messages.append({"role": "system", "content": system if isinstance(system, str)
                          else "\n\n".join(b.get("text", "") for b in system
                                           if isinstance(b, dict) and b.get("type") == "text")})
-    for msg in obj.get("messages") or ():
-        role, content = msg.get("role"), msg.get("content")
+    shown: list[dict] = []  # tool results' images: for the user message after the tool messages
+    for msg in obj.get("messages") or ():  # (an assistant's calls must be answered by tool
+        role, content = msg.get("role"), msg.get("content")  # messages before anything else)
         if isinstance(content, str):
+            if shown and role == "user":
+                content = shown + [{"type": "text", "text": content}]
+            elif shown:
+                messages.append({"role": "user", "content": shown})
             messages.append({"role": role, "content": content})
+            shown = []
             continue
-        parts, results, calls, shown = [], [], [], []
+        parts, results, calls = [], [], []
         for block in content or ():
             kind = block.get("type")
             image = _image_part(block)
@@ -7022,17 +7054,22 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
             else:
                 dropped.append(f"messages[].content[{kind}]")
         messages += results  # tool results answer the assistant's calls just before them
-        parts = shown + parts
         if role == "assistant":
+            if shown:
+                messages.append({"role": "user", "content": shown})
+                shown = []
             message: dict = {"role": "assistant",
                              "content": "".join(p["text"] for p in parts if "text" in p) or None}
             if calls:
                 message["tool_calls"] = calls
             messages.append(message)
-        elif parts:
+        elif parts:  # (a turn of tool results alone: its images wait for the next message)
+            parts, shown = shown + parts, []
             only_text = all(p["type"] == "text" for p in parts)
             messages.append({"role": role, "content": "".join(p["text"] for p in parts)
                              if only_text else parts})
+    if shown:
+        messages.append({"role": "user", "content": shown})
     out["messages"] = messages
     # OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
     # sampling setting or stop sequence: those are dropped for them, as having no counterpart
@@ -7092,12 +7129,18 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         role, content = msg.get("role"), msg.get("content")
         if role in ("system", "developer"):
             system.append(_text_of(content))
-        elif role == "tool":  # (text parts stay apart, as blocks)
+        elif role == "tool":  # (parts stay apart, as blocks; blank text is refused there)
+            blocks = []
+            for part in content if isinstance(content, list) else ():
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("text", "input_text") and str(part.get("text", "")).strip():
+                    blocks.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url" and (part.get("image_url") or {}).get("url"):
+                    blocks.append(_anthropic_image(part["image_url"]["url"]))
+                elif kind not in ("text", "input_text"):
+                    dropped.append(f"messages[tool].content[{kind}]")
             add("user", [{"type": "tool_result", "tool_use_id": msg.get("tool_call_id", ""),
-                          "content": [{"type": "text", "text": p.get("text", "")}
-                                      for p in content if isinstance(p, dict)
-                                      and p.get("type") in ("text", "input_text")]
-                          if isinstance(content, list) else _text_of(content)}])
+                          "content": blocks or _text_of(content)}])
         elif role in ("user", "assistant"):
             blocks = []
             if isinstance(content, str) and content:
@@ -7106,13 +7149,7 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
                 if part.get("type") in ("text", "input_text"):
                     blocks.append({"type": "text", "text": part.get("text", "")})
                 elif part.get("type") == "image_url":
-                    url = (part.get("image_url") or {}).get("url", "")
-                    if url.startswith("data:") and ";base64," in url:
-                        media, data = url[5:].split(";base64,", 1)
-                        blocks.append({"type": "image", "source": {
-                            "type": "base64", "media_type": media, "data": data}})
-                    else:
-                        blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+                    blocks.append(_anthropic_image((part.get("image_url") or {}).get("url", "")))
                 else:
                     dropped.append(f"messages[].content[{part.get('type')}]")
             for call in msg.get("tool_calls") or ():
@@ -7194,7 +7231,7 @@ def openai_to_anthropic_response(obj: dict) -> dict:
     message = choice.get("message") or {}
     content = [{"type": "text", "text": message["content"]}] if message.get("content") else []
     content += [{"type": "tool_use", "id": c["id"] if isinstance(c.get("id"), str) and c["id"]
-                 else "toolu_" + os.urandom(12).hex(),  # (a client must answer by id)
+                 else new_tool_id(),
                  "name": (c.get("function") or {}).get("name", ""),
                  "input": _json_args((c.get("function") or {}).get("arguments"))}
                 for c in message.get("tool_calls") or () if isinstance(c, dict)]
@@ -7283,8 +7320,7 @@ class StreamTranslator:
             block = {"type": "text", "text": ""}
         else:
             self.tools[slot] = self.open_block
-            block = {"type": "tool_use", "id": self.slots.ids[slot] or (
-                "toolu_" + os.urandom(12).hex()),  # (a client must answer by id)
+            block = {"type": "tool_use", "id": self.slots.ids[slot] or new_tool_id(),
                      "name": name, "input": {}}
         out = _sse("content_block_start", {"type": "content_block_start",
                                            "index": self.open_block, "content_block": block})
