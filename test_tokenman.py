@@ -638,13 +638,15 @@ class TestConfig(unittest.TestCase):
 
     def test_all_errors_reported_together(self):
         raw = {"server": {"proxy_port": 70000, "log_level": "loud", "read_timeout": "soon"},
-               "providers": {"mystery": {"api_base": "ftp://x"}},
+               "providers": {"mystery": {"api_base": "ftp://x"},
+                             "openai": {"max_output_tokens": -1}},
                "routing": {"default_provider": "nope"}}
         with self.assertRaises(tm.ConfigError) as ctx:
             tm.config_from_dict(raw, {})
         text = str(ctx.exception)
         for needle in ("proxy_port", "log_level", "read_timeout", "providers.mystery.format",
-                       "providers.mystery.api_base", "default_provider"):
+                       "providers.mystery.api_base", "default_provider",
+                       "providers.openai: max_output_tokens"):
             self.assertIn(needle, text)
         self.assertGreaterEqual(len(ctx.exception.problems), 6)
 
@@ -6240,6 +6242,21 @@ class TestTranslationTables(unittest.TestCase):
                                           "data": "R0"}}],  # block is refused there)
             ""])
 
+    def test_output_limits_over_a_providers_cap_are_lowered(self):
+        self.assertEqual(tm.capped_output({"max_tokens": 32000}, 16384), {"max_tokens": 16384})
+        self.assertEqual(tm.capped_output({"max_tokens": 8000, "max_output_tokens": 99}, 16384),
+                         {})
+        self.assertEqual(tm.capped_output({"max_completion_tokens": 50000, "max_tokens": True},
+                                          4096), {"max_completion_tokens": 4096})
+        thinking = {"type": "enabled", "budget_tokens": 20000}
+        self.assertEqual(tm.capped_output({"max_tokens": 32000, "thinking": thinking}, 16384),
+                         {"max_tokens": 16384, "thinking": {"type": "enabled",
+                                                            "budget_tokens": 15360}})
+        self.assertIs(tm.capped_output({"max_tokens": 32000, "thinking": thinking}, 1500)
+                      ["thinking"], tm.REMOVE)  # (no budget of 1,024 or more fits under it)
+        self.assertEqual(tm.capped_output({"max_tokens": 32000, "thinking": {
+            "type": "enabled", "budget_tokens": 2000}}, 16384), {"max_tokens": 16384})
+
     def test_tool_calls_without_ids_or_with_stop_still_ask_the_client_for_results(self):
         calls = [{"type": "function", "function": {"name": "a", "arguments": "{}"}},
                  {"id": None, "type": "function", "function": {"name": "b", "arguments": "{}"}}]
@@ -6503,6 +6520,30 @@ class TestCrossFormat(ProxyTestCase):
         sent = local.requests[-1].json()["messages"]
         self.assertEqual(sent[2], {"role": "tool", "tool_call_id": call["id"], "content": "a\nb"})
         self.assertEqual(sent[3]["content"][1]["image_url"]["url"], "data:image/png;base64,AAA")
+
+    async def test_a_providers_output_cap_holds_translated_or_not(self):
+        local = await FakeUpstream(lambda rec, r, w: json_reply(w, {
+            "id": "x", "model": "m", "usage": {"prompt_tokens": 9, "completion_tokens": 2},
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "ok"}}]})).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai",
+                      "max_output_tokens": 16384, "models": ["gpt-4o"]}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local:gpt-4o"}}})
+        resp = await http(self.port, "POST", "/v1/messages",  # (as Claude Code asks)
+                          dict(ANTHROPIC_REQ, max_tokens=32000), A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(local.requests[-1].json()["max_tokens"], 16384)
+        raw = (b'{"model": "gpt-4o", "x_vendor": {"keep": [1, 2]}, "max_completion_tokens": '
+               b'50000, "messages": [{"role": "user", "content": "Hi"}]}')
+        resp = await http(self.port, "POST", "/v1/chat/completions", raw, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(local.requests[-1].body, raw.replace(b"50000", b"16384"))
+        small = dict(OPENAI_REQ, model="gpt-4o", max_tokens=100)  # (under the cap: untouched)
+        await http(self.port, "POST", "/v1/chat/completions", small, O_HEADERS)
+        self.assertEqual(local.requests[-1].json()["max_tokens"], 100)
 
     async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
         events, body = anthropic_fixture("tool")

@@ -721,6 +721,9 @@ class ProviderConfig:
                                 "non-streamed body", "duration")
     connect_timeout: float = _f(10.0, "TCP + TLS connect timeout in seconds", "duration")
     ca_file: str = _f("", "extra PEM CA bundle for this provider's TLS (private gateways)")
+    max_output_tokens: int = _f(0, "cap on the output tokens a request sent here may ask for "
+                                   "(0 = none): a larger max_tokens is lowered to it, e.g. "
+                                   "16384 for gpt-4o behind Claude Code's 32000")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1233,6 +1236,8 @@ def validate_config(cfg: Config) -> list[str]:
             errs.append(f"{where}.priority: must be >= 0")
         if p.timeout <= 0 or p.connect_timeout <= 0:
             errs.append(f"{where}: timeout and connect_timeout must be > 0")
+        if p.max_output_tokens < 0:
+            errs.append(f"{where}: max_output_tokens must be >= 0 (0 = no cap)")
     r = cfg.routing
     if r.default_provider and r.default_provider not in cfg.providers:
         errs.append(f"routing.default_provider: {r.default_provider!r} is not a configured "
@@ -6945,6 +6950,23 @@ def _text_of(content: object) -> str:
     return ""
 
 
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+THINKING_MIN = 1024  # the least thinking budget Anthropic takes
+
+
+def capped_output(obj: dict, cap: int) -> dict:
+    """The top-level members to change so that a request asks for at most `cap` output
+    tokens (a provider's max_output_tokens): each output limit above it, and a thinking budget
+    that would no longer fit under it (lowered, or thinking dropped when nothing fits)."""
+    changes: dict = {k: cap for k in _OUTPUT_LIMITS if _is_count(obj.get(k)) and obj[k] > cap}
+    thinking = obj.get("thinking")
+    if changes and isinstance(thinking, dict) and _is_count(thinking.get("budget_tokens")) \
+            and thinking["budget_tokens"] >= cap:
+        changes["thinking"] = dict(thinking, budget_tokens=cap - THINKING_MIN) \
+            if cap - THINKING_MIN >= THINKING_MIN else REMOVE
+    return changes
+
+
 def _image_part(block: dict) -> dict | None:
     """An Anthropic image block as an OpenAI image_url part; None when it is not one OpenAI
     can take (a file id, a source without its data)."""
@@ -8717,16 +8739,19 @@ class Proxy(ResponseRelay, RequestLog):
         body = json_patch(req.body, ctx.changes, ctx.layout) if ctx.changes else req.body
         plan = []
         for prov, model in pairs:
+            cap = prov.cfg.max_output_tokens if isinstance(ctx.obj, dict) else 0
             if prov.cfg.format != ctx.api and isinstance(ctx.obj, dict) \
                     and req.path in ACCOUNTED_PATHS:
-                plan.append((prov, model, self._translated(ctx, model, prov.cfg.format)))
-            else:
-                plan.append((prov, model, body if model == ctx.model or ctx.obj is None
-                             else json_patch(body, {"model": model})))
+                plan.append((prov, model, self._translated(ctx, model, prov.cfg.format, cap)))
+                continue
+            changes = {} if model == ctx.model or ctx.obj is None else {"model": model}
+            if cap:
+                changes.update(capped_output(ctx.obj, cap))
+            plan.append((prov, model, json_patch(body, changes) if changes else body))
         return plan
 
-    def _translated(self, ctx: Context, model: str, target: str) -> bytes:
-        """The request rewritten for a provider of the other API format."""
+    def _translated(self, ctx: Context, model: str, target: str, cap: int = 0) -> bytes:
+        """The request rewritten for a provider of the other API format (its output capped)."""
         dropped: list[str] = []
         obj = dict(ctx.obj, model=model)
         if target == API_OPENAI:
@@ -8736,6 +8761,12 @@ class Proxy(ResponseRelay, RequestLog):
                                               self.cfg.budget.default_max_tokens)
             if ctx.pipeline.hints is not None:
                 ctx.pipeline.hints.translated(out, model, ctx)
+        for key, value in (capped_output(out, cap) if cap else {}).items():
+            if value is REMOVE:
+                out.pop(key)
+                dropped.append(key)
+            else:
+                out[key] = value
         if dropped:
             self.log.debug("fields without a counterpart dropped in translation", id=ctx.id,
                            fields=",".join(sorted(set(dropped))))
