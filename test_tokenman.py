@@ -5064,6 +5064,25 @@ class TestBudgetStage(ProxyTestCase):
         self.assertGreater(alias, 0)
         self.assertAlmostEqual(alias, target)
 
+    async def test_a_providers_output_cap_bounds_the_worst_case_and_background_bills(self):
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "id": "resp_1", "object": "response", "status": "queued", "model": "gpt-4o"})
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 0.05}}},
+                               providers={"openai": {"api_base": self.up.base,
+                                                     "max_output_tokens": 1000}})
+        chat = {"model": "gpt-4o", "max_tokens": 100000,  # ($1 uncapped: refused before)
+                "messages": [{"role": "user", "content": "hi"}]}
+        resp = await http(self.port, "POST", "/v1/chat/completions", chat, O_HEADERS)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(self.up.requests[-1].json()["max_tokens"], 1000)
+        background = {"model": "gpt-4o", "input": "hi", "background": True,
+                      "max_output_tokens": 100000}
+        resp = await http(self.port, "POST", "/v1/responses", background, O_HEADERS)
+        self.assertEqual(resp.status, 200, resp.body)
+        rows = await self.rows(2)
+        billed = next(r for r in rows if r["path"] == "/v1/responses")
+        self.assertEqual((billed["output_tokens"], billed["estimated"]), (1000, 1))
+
     async def test_schemas_with_a_type_property_and_documents_are_estimated(self):
         await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100},
                                              "rate_limit": {"enabled": True,
@@ -6256,6 +6275,10 @@ class TestTranslationTables(unittest.TestCase):
                       ["thinking"], tm.REMOVE)  # (no budget of 1,024 or more fits under it)
         self.assertEqual(tm.capped_output({"max_tokens": 32000, "thinking": {
             "type": "enabled", "budget_tokens": 2000}}, 16384), {"max_tokens": 16384})
+        self.assertEqual(tm.capped_output({"max_tokens": 32000, "thinking": {  # (room left
+            "type": "enabled", "budget_tokens": 16000}}, 16384)["thinking"]["budget_tokens"],
+            15360)  # for the answer after the thinking)
+
 
     def test_tool_calls_without_ids_or_with_stop_still_ask_the_client_for_results(self):
         calls = [{"type": "function", "function": {"name": "a", "arguments": "{}"}},
@@ -6527,11 +6550,13 @@ class TestCrossFormat(ProxyTestCase):
             "choices": [{"index": 0, "finish_reason": "stop", "message": {
                 "role": "assistant", "content": "ok"}}]})).start()
         self.addAsyncCleanup(local.stop)
+        self.up.handler = fixture_handler(*anthropic_fixture("text"))
         await self.start_proxy(providers={
-            "anthropic": {"api_base": self.up.base},
+            "anthropic": {"api_base": self.up.base, "max_output_tokens": 1500},
             "local": {"api_base": local.base + "/v1", "format": "openai",
                       "max_output_tokens": 16384, "models": ["gpt-4o"]}},
-            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local:gpt-4o"}}})
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local:gpt-4o",
+                                             "gpt-4o-mini": "anthropic:claude-haiku-4-5"}}})
         resp = await http(self.port, "POST", "/v1/messages",  # (as Claude Code asks)
                           dict(ANTHROPIC_REQ, max_tokens=32000), A_HEADERS)
         self.assertEqual(resp.status, 200)
@@ -6544,6 +6569,13 @@ class TestCrossFormat(ProxyTestCase):
         small = dict(OPENAI_REQ, model="gpt-4o", max_tokens=100)  # (under the cap: untouched)
         await http(self.port, "POST", "/v1/chat/completions", small, O_HEADERS)
         self.assertEqual(local.requests[-1].json()["max_tokens"], 100)
+        # thinking that no longer fits under the cap goes, and the sampling it displaced is back
+        effort = dict(OPENAI_REQ, temperature=0.2, reasoning_effort="low")
+        resp = await http(self.port, "POST", "/v1/chat/completions", effort, O_HEADERS)
+        self.assertEqual(resp.status, 200, resp.body)
+        sent = self.up.requests[-1].json()
+        self.assertEqual((sent["max_tokens"], sent.get("temperature"), "thinking" in sent),
+                         (1500, 0.2, False))
 
     async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
         events, body = anthropic_fixture("tool")

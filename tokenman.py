@@ -6236,22 +6236,24 @@ class BudgetGuard(Stage):
 
     def _worst(self, ctx: Context) -> float:
         """The most this request can cost: its input estimate at the dearest input rate and
-        max_tokens (times n choices) of output, at the dearest model it may be sent as (a
-        model_map alias is priced as its target, a fallback as itself)."""
-        prices = [p for p in {self.prices.lookup(m) for m in
-                              [ctx.model] + [m for _, m in ctx.plan]} if p is not None]
+        max_tokens (times n choices; lowered to a provider's max_output_tokens where the step
+        that goes there is capped) of output, at the dearest step of its plan (a model_map
+        alias is priced as its target, a fallback as itself)."""
+        steps = [(m, prov.cfg.max_output_tokens) for prov, m in ctx.plan]
+        steps.append((ctx.model, steps[0][1] if steps else 0))
+        prices = [(p, cap) for p, cap in ((self.prices.lookup(m), cap) for m, cap in steps)
+                  if p is not None]
         if not prices:
             return 0.0  # unpriced models cost null: nothing to reserve, logged by PriceTable
         obj = ctx.obj
-        most = next((obj[k] for k in ("max_tokens", "max_completion_tokens",
-                                      "max_output_tokens") if _is_count(obj.get(k))),
+        most = next((obj[k] for k in _OUTPUT_LIMITS if _is_count(obj.get(k))),
                     self.cfg.default_max_tokens)
         n = obj.get("n")
-        if _is_count(n) and n > 1:
-            most *= n
+        n = n if _is_count(n) and n > 1 else 1
         tokens = request_estimate(ctx)
-        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h) + most * p.output
-                   for p in prices) / 1_000_000
+        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h)
+                   + (min(most, cap) if cap else most) * n * p.output
+                   for p, cap in prices) / 1_000_000
 
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or ctx.req.path in UNBILLED_PATHS:
@@ -6951,7 +6953,7 @@ def _text_of(content: object) -> str:
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-THINKING_MIN = 1024  # the least thinking budget Anthropic takes
+THINKING_MIN = 1024  # the least thinking budget Anthropic takes; also left for the answer
 
 
 def capped_output(obj: dict, cap: int) -> dict:
@@ -6961,7 +6963,7 @@ def capped_output(obj: dict, cap: int) -> dict:
     changes: dict = {k: cap for k in _OUTPUT_LIMITS if _is_count(obj.get(k)) and obj[k] > cap}
     thinking = obj.get("thinking")
     if changes and isinstance(thinking, dict) and _is_count(thinking.get("budget_tokens")) \
-            and thinking["budget_tokens"] >= cap:
+            and thinking["budget_tokens"] > cap - THINKING_MIN:  # (room left for the answer)
         changes["thinking"] = dict(thinking, budget_tokens=cap - THINKING_MIN) \
             if cap - THINKING_MIN >= THINKING_MIN else REMOVE
     return changes
@@ -8111,7 +8113,10 @@ class ResponseRelay:
         obj = ctx.obj if isinstance(ctx.obj, dict) else {}
         usage.input = estimate_request_tokens(obj)
         most = obj.get("max_output_tokens")
-        usage.output = most if _is_count(most) else self.cfg.budget.default_max_tokens
+        most = most if _is_count(most) else self.cfg.budget.default_max_tokens
+        prov = self.router.providers.get(ctx.provider)
+        cap = prov.cfg.max_output_tokens if prov is not None else 0
+        usage.output = min(most, cap) if cap else most  # (what the provider was asked for)
         usage.estimated = True
         return usage
 
@@ -8737,7 +8742,7 @@ class Proxy(ResponseRelay, RequestLog):
         """The upstream body for each step of the plan: the client's bytes, patched only where
         tokenman changed something (top-level members named in ctx.changes, or the model)."""
         body = json_patch(req.body, ctx.changes, ctx.layout) if ctx.changes else req.body
-        plan = []
+        plan = []  # (each step's own changes patched into the client's bytes in one pass)
         for prov, model in pairs:
             cap = prov.cfg.max_output_tokens if isinstance(ctx.obj, dict) else 0
             if prov.cfg.format != ctx.api and isinstance(ctx.obj, dict) \
@@ -8747,7 +8752,8 @@ class Proxy(ResponseRelay, RequestLog):
             changes = {} if model == ctx.model or ctx.obj is None else {"model": model}
             if cap:
                 changes.update(capped_output(ctx.obj, cap))
-            plan.append((prov, model, json_patch(body, changes) if changes else body))
+            plan.append((prov, model, json_patch(req.body, {**ctx.changes, **changes},
+                                                 ctx.layout) if changes else body))
         return plan
 
     def _translated(self, ctx: Context, model: str, target: str, cap: int = 0) -> bytes:
@@ -8762,9 +8768,10 @@ class Proxy(ResponseRelay, RequestLog):
             if ctx.pipeline.hints is not None:
                 ctx.pipeline.hints.translated(out, model, ctx)
         for key, value in (capped_output(out, cap) if cap else {}).items():
-            if value is REMOVE:
-                out.pop(key)
+            if value is REMOVE:  # (thinking, which no longer fits: the sampling settings it
+                out.pop(key)  # made translation drop come back)
                 dropped.append(key)
+                out.update({k: obj[k] for k in ("temperature", "top_p") if k in obj})
             else:
                 out[key] = value
         if dropped:
