@@ -3463,6 +3463,34 @@ class TestResilience(ProxyTestCase):
             router.plan("anthropic", f"m{i}", True)
         self.assertLessEqual(len(router._plans), 4096)
 
+    def test_a_mapped_model_falls_back_only_to_providers_that_name_it(self):
+        cfg = tm.config_from_dict({"providers": {
+            "anthropic": {"api_base": "http://127.0.0.1:9"},  # (takes any model)
+            "local": {"api_base": "http://127.0.0.1:9/v1", "format": "openai"},
+            "spare": {"api_base": "http://127.0.0.1:9/v1", "format": "openai",
+                      "models": ["claude-sonnet-*"]}},
+            "routing": {"model_map": {"claude-sonnet-4-5": "local:qwen3"}}}, {})
+        router = tm.Router(cfg, {}, tm.Logger("fatal"))
+        plan = router.plan("anthropic", "claude-sonnet-4-5", True, (), True)
+        self.assertEqual([(p.key, m) for p, m in plan],  # (never the cloud that takes any)
+                         [("local", "qwen3"), ("spare", "claude-sonnet-4-5")])
+        plan = router.plan("anthropic", "claude-haiku-4-5", True, (), True)  # (not mapped)
+        self.assertEqual([p.key for p, _ in plan], ["anthropic", "local"])
+
+    async def test_a_mapped_model_stays_off_the_cloud_when_its_server_is_down(self):
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))  # (bound, never listening: connections are refused)
+        self.addCleanup(dead.close)
+        await self.start_proxy({"resilience": self.FAST, "routing": {"model_map": {
+            "claude-sonnet-4-5-20250929": "local:qwen3"}}}, providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": f"http://127.0.0.1:{dead.getsockname()[1]}/v1",
+                      "format": "openai"}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(resp.json()["type"], "error")  # (in the client's shape)
+        self.assertEqual(len(self.up.requests), 0)  # the conversation never left for the cloud
+
     async def test_fallback_models_rewrite_only_the_model(self):
         self.up.handler, calls = self.scripted([503, 503, 503, 200])
         await self.start_proxy({"resilience": self.FAST, "routing": {"fallback_models": {
@@ -5037,8 +5065,9 @@ class TestBudgetStage(ProxyTestCase):
 
     async def test_worst_case_counts_choices_images_and_the_model_an_alias_names(self):
         await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100}},
-                                "routing": {"model_map": {"team-default":
-                                                          "anthropic:claude-opus-4-1"}}})
+                                "routing": {"model_map": {
+                                    "team-default": "anthropic:claude-opus-4-1",
+                                    "claude-sonnet-4-5": "anthropic:my-local-qwen"}}})
         budget = self.app.pipeline.stage("budget")
 
         def worst(path, api, body):
@@ -5063,6 +5092,9 @@ class TestBudgetStage(ProxyTestCase):
                                                          model="claude-opus-4-1"))
         self.assertGreater(alias, 0)
         self.assertAlmostEqual(alias, target)
+        self.assertEqual(worst("/v1/messages", "anthropic",  # (a priced name mapped to an
+                               dict(self.MODEL_REQ, model="claude-sonnet-4-5")), 0.0)  # unpriced
+        # model: nothing to reserve)
 
     async def test_a_providers_output_cap_bounds_the_worst_case_and_background_bills(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
@@ -6260,6 +6292,30 @@ class TestTranslationTables(unittest.TestCase):
              {"type": "image", "source": {"type": "base64", "media_type": "image/gif",  # text
                                           "data": "R0"}}],  # block is refused there)
             ""])
+
+    def test_errors_of_openai_compatible_servers_keep_their_message(self):
+        vllm = (b'{"object":"error","message":"This model\'s maximum context length is 32768 '
+                b'tokens. However, you requested 40983 tokens: 8791 in the messages, 32192 in '
+                b'the completion.","type":"BadRequestError","param":null,"code":400}')
+        fastapi = b'{"detail":[{"loc":["body","messages"],"msg":"field required"}]}'
+        for body, message in ((vllm, json.loads(vllm)["message"]),
+                              (fastapi, "field required"),
+                              (b'{"error": "Invalid request: no model"}', "Invalid request: no model"),
+                              (b"upstream exploded", "upstream exploded")):
+            err = json.loads(tm.translate_error(body, 400, "anthropic"))
+            self.assertEqual(err["error"]["message"], message)
+        self.assertEqual(tm._error_text(json.loads(vllm)).split(": ")[0], "BadRequestError")
+
+    def test_text_blocks_stay_apart_when_translated(self):
+        out = tm.anthropic_to_openai_request({"model": "m", "max_tokens": 9, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<reminder>x</reminder>"},
+                                         {"type": "text", "text": "rename foo"},
+                                         {"type": "text", "text": "to bar"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Done."},
+                                              {"type": "text", "text": "Anything else?"}]}]}, [])
+        self.assertEqual([m["content"] for m in out["messages"]],
+                         ["<reminder>x</reminder>\nrename foo\nto bar",
+                          "Done.\nAnything else?"])
 
     def test_output_limits_over_a_providers_cap_are_lowered(self):
         self.assertEqual(tm.capped_output({"max_tokens": 32000}, 16384), {"max_tokens": 16384})

@@ -3586,15 +3586,31 @@ def _loads(data: bytes) -> object:
         return None
 
 
+def _error_parts(obj: object) -> tuple[str, str]:
+    """An error body's kind and message, in the shapes servers use: the providers'
+    {"error": {...}} (or a bare string), vLLM's {"object": "error", "message": ...}, and
+    FastAPI's {"detail": ...} (a string, or a list of {"msg": ...}); ("", "") otherwise."""
+    if not isinstance(obj, dict):
+        return "", ""
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return str(err.get("type") or err.get("code") or ""), str(err.get("message") or "")
+    if isinstance(err, str):
+        return "", err
+    if isinstance(obj.get("message"), str):
+        return str(obj.get("type") or obj.get("code") or ""), obj["message"]
+    detail = obj.get("detail")
+    if isinstance(detail, str):
+        return "", detail
+    if isinstance(detail, list):
+        return "", "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d)
+                             for d in detail[:10])
+    return "", ""
+
+
 def _error_text(obj: object) -> str:
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict):
-            return str(err.get("type") or err.get("code") or "") + ": " + str(
-                err.get("message") or "")
-        if isinstance(err, str):
-            return err
-    return ""
+    kind, message = _error_parts(obj)
+    return f"{kind}: {message}" if kind else message
 
 
 def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
@@ -6238,9 +6254,9 @@ class BudgetGuard(Stage):
         """The most this request can cost: its input estimate at the dearest input rate and
         max_tokens (times n choices; lowered to a provider's max_output_tokens where the step
         that goes there is capped) of output, at the dearest step of its plan (a model_map
-        alias is priced as its target, a fallback as itself)."""
-        steps = [(m, prov.cfg.max_output_tokens) for prov, m in ctx.plan]
-        steps.append((ctx.model, steps[0][1] if steps else 0))
+        alias is priced as its target, so a model mapped to an unpriced local one reserves
+        nothing; a fallback as itself)."""
+        steps = [(m, prov.cfg.max_output_tokens) for prov, m in ctx.plan] or [(ctx.model, 0)]
         prices = [(p, cap) for p, cap in ((self.prices.lookup(m), cap) for m, cap in steps)
                   if p is not None]
         if not prices:
@@ -7082,16 +7098,17 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
             if shown:
                 messages.append({"role": "user", "content": shown})
                 shown = []
-            message: dict = {"role": "assistant",
-                             "content": "".join(p["text"] for p in parts if "text" in p) or None}
+            message: dict = {"role": "assistant",  # (blocks apart: a line break between)
+                             "content": "\n".join(p["text"] for p in parts if "text" in p)
+                             or None}
             if calls:
                 message["tool_calls"] = calls
             messages.append(message)
         elif parts:  # (a turn of tool results alone: its images wait for the next message)
             parts, shown = shown + parts, []
             only_text = all(p["type"] == "text" for p in parts)
-            messages.append({"role": role, "content": "".join(p["text"] for p in parts)
-                             if only_text else parts})
+            messages.append({"role": role, "content": "\n".join(p["text"] for p in parts)
+                             if only_text else parts})  # (text blocks apart, as vLLM joins)
     if shown:
         messages.append({"role": "user", "content": shown})
     out["messages"] = messages
@@ -7275,8 +7292,8 @@ def openai_to_anthropic_response(obj: dict) -> dict:
 
 def translate_error(body: bytes, status: int, client_api: str) -> bytes:
     """A provider's error body in the client's native shape (same status)."""
-    text = _error_text(_loads(body)) or body[:300].decode("utf-8", "replace")
-    return native_error(client_api, status, text.split(": ", 1)[-1] or "upstream error")
+    message = _error_parts(_loads(body))[1] or body[:300].decode("utf-8", "replace").strip()
+    return native_error(client_api, status, message or "upstream error")
 
 
 class HeldBlock:
@@ -7612,7 +7629,10 @@ class Router:
              cross_format: bool = False) -> list[tuple[Provider, str]]:
         """The (provider, model) pairs to try in order: the routed provider, then (with
         fallback) every other provider of the format that lists the model or takes any model,
-        then the same for each configured alternate model. (Fixed per snapshot: memoized.)"""
+        then the same for each configured alternate model. A model that model_map sends
+        somewhere falls back only to providers that list it by name or pattern: a mapping
+        chosen to keep it (and the conversation) on one provider, a local one say, does not end
+        on a provider that takes any model. (Fixed per snapshot: memoized.)"""
         key = (api, model, fallback, tuple(alternates), cross_format)
         plan = self._plans.get(key)
         if plan is None:
@@ -7635,8 +7655,8 @@ class Router:
                 formats = API_FORMATS if cross_format else (api,)
                 for prov in [p for f in sorted(formats, key=lambda f: f != api)
                              for p in self.by_format[f]]:
-                    if (prov, name) not in plan and (prov.serves(name) or not (
-                            prov.exact or prov.patterns)):
+                    if (prov, name) not in plan and (prov.serves(name) or mapped is None
+                                                     and not (prov.exact or prov.patterns)):
                         plan.append((prov, name))
         return tuple(plan)
 
