@@ -3476,6 +3476,13 @@ class TestResilience(ProxyTestCase):
                          [("local", "qwen3"), ("spare", "claude-sonnet-4-5")])
         plan = router.plan("anthropic", "claude-haiku-4-5", True, (), True)  # (not mapped)
         self.assertEqual([p.key for p, _ in plan], ["anthropic", "local"])
+        cfg = tm.config_from_dict({"providers": {  # its provider's key unreadable: no route
+            "anthropic": {"api_base": "http://127.0.0.1:9"},
+            "local": {"api_base": "http://127.0.0.1:9/v1", "format": "openai",
+                      "key_ref": "env:LOCAL_KEY"}},
+            "routing": {"model_map": {"claude-sonnet-4-5": "local:qwen3"}}}, {})
+        router = tm.Router(cfg, {}, tm.Logger("fatal"))
+        self.assertEqual(router.plan("anthropic", "claude-sonnet-4-5", True, (), True), [])
 
     async def test_a_mapped_model_stays_off_the_cloud_when_its_server_is_down(self):
         dead = socket.socket()
@@ -3490,6 +3497,16 @@ class TestResilience(ProxyTestCase):
         self.assertEqual(resp.status, 502)
         self.assertEqual(resp.json()["type"], "error")  # (in the client's shape)
         self.assertEqual(len(self.up.requests), 0)  # the conversation never left for the cloud
+        await self.app.stop()
+        await self.start_proxy({"routing": {"model_map": {  # its key unreadable: a 503 that
+            "claude-sonnet-4-5-20250929": "local:qwen3"}}}, providers={  # says why
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": self.up.base + "/v1", "format": "openai",
+                      "key_ref": "env:TOKENMAN_TEST_UNSET_KEY"}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 503)
+        self.assertIn("provider local is unusable", resp.json()["error"]["message"])
+        self.assertEqual(len(self.up.requests), 0)
 
     async def test_fallback_models_rewrite_only_the_model(self):
         self.up.handler, calls = self.scripted([503, 503, 503, 200])
@@ -6305,6 +6322,12 @@ class TestTranslationTables(unittest.TestCase):
             err = json.loads(tm.translate_error(body, 400, "anthropic"))
             self.assertEqual(err["error"]["message"], message)
         self.assertEqual(tm._error_text(json.loads(vllm)).split(": ")[0], "BadRequestError")
+        for body, message in ((b'{"error": {"type": "overloaded_error"}}', "overloaded_error"),
+                              (b'{"detail": []}', "upstream error")):  # (no JSON fragments)
+            err = json.loads(tm.translate_error(body, 529, "anthropic"))
+            self.assertEqual(err["error"]["message"], message)
+        self.assertEqual(tm._error_text({"type": "error", "code": "server_error",
+                                         "message": "boom"}), "server_error: boom")
 
     def test_text_blocks_stay_apart_when_translated(self):
         out = tm.anthropic_to_openai_request({"model": "m", "max_tokens": 9, "messages": [
@@ -6632,6 +6655,26 @@ class TestCrossFormat(ProxyTestCase):
         sent = self.up.requests[-1].json()
         self.assertEqual((sent["max_tokens"], sent.get("temperature"), "thinking" in sent),
                          (1500, 0.2, False))
+
+    async def test_a_server_that_reports_no_usage_gives_the_client_the_estimate(self):
+        events = openai_events(*({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {
+            "content": word}, "finish_reason": None}]} for word in ("Hello ", "there, friend")),
+                               {"id": "c", "model": "m", "choices": [
+                                   {"index": 0, "delta": {}, "finish_reason": "stop"}]}, b"[DONE]")
+        local = await FakeUpstream(fixture_handler(events, {})).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        usage = assemble_anthropic(resp.body)["usage"]
+        row = (await self.rows(1))[0]
+        self.assertEqual(row["estimated"], 1)
+        self.assertGreater(usage["output_tokens"], 0)  # (zeros would read as an empty context)
+        self.assertEqual((usage["input_tokens"], usage["output_tokens"]),
+                         (row["input_tokens"], row["output_tokens"]))
 
     async def test_openai_client_on_an_anthropic_provider_multi_turn(self):
         events, body = anthropic_fixture("tool")

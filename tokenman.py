@@ -3597,8 +3597,9 @@ def _error_parts(obj: object) -> tuple[str, str]:
         return str(err.get("type") or err.get("code") or ""), str(err.get("message") or "")
     if isinstance(err, str):
         return "", err
-    if isinstance(obj.get("message"), str):
-        return str(obj.get("type") or obj.get("code") or ""), obj["message"]
+    if isinstance(obj.get("message"), str):  # (a Responses "error" event: its code)
+        kind = obj.get("type") if obj.get("type") != "error" else None
+        return str(kind or obj.get("code") or ""), obj["message"]
     detail = obj.get("detail")
     if isinstance(detail, str):
         return "", detail
@@ -7292,8 +7293,11 @@ def openai_to_anthropic_response(obj: dict) -> dict:
 
 def translate_error(body: bytes, status: int, client_api: str) -> bytes:
     """A provider's error body in the client's native shape (same status)."""
-    message = _error_parts(_loads(body))[1] or body[:300].decode("utf-8", "replace").strip()
-    return native_error(client_api, status, message or "upstream error")
+    obj = _loads(body)
+    kind, message = _error_parts(obj)
+    if not isinstance(obj, (dict, list)):  # (not JSON: its first bytes, as text)
+        message = message or body[:300].decode("utf-8", "replace").strip()
+    return native_error(client_api, status, message or kind or "upstream error")
 
 
 class HeldBlock:
@@ -7333,6 +7337,7 @@ class StreamTranslator:
         self.model = ""
         self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
         self.finished = False
+        self.estimate = None  # () -> (input, output) tokens, for a stream that reports none
 
     def feed(self, event: bytes) -> bytes:
         return self._from_openai(event) if self.upstream == API_OPENAI \
@@ -7515,6 +7520,9 @@ class StreamTranslator:
             return b""
         self.finished = True
         u = self.usage
+        if not u.reported and self.estimate is not None:  # (a server that sends no usage: the
+            u.input, u.output = self.estimate()  # estimate the log row keeps, not zeros a
+            # client's context meter would take at their word)
         if self.upstream == API_OPENAI:
             if not self.started:
                 return b""
@@ -7609,11 +7617,19 @@ class Router:
         prov = self.providers.get(key)
         return (prov, rename or model) if prov is not None and prov.usable else (None, model)
 
+    def pinned(self, model: str) -> Provider | None:
+        """The enabled provider model_map sends a model to, usable or not (a key that could
+        not be read): such a model never goes to a provider that merely takes any model."""
+        prov = self.providers.get(self.model_map.get(model, "").partition(":")[0])
+        return prov if prov is not None and prov.cfg.enabled else None
+
     def _resolve(self, api: str, model: str) -> Provider | None:
         candidates = self.by_format[api]
         mapped, _ = self.mapped(model)
         if mapped is not None:  # may be of the other format: then translated
             return mapped
+        if self.pinned(model) is not None:
+            return None  # (its provider is broken: refused, with why, not sent elsewhere)
         for prov in candidates:
             if (prov.exact or prov.patterns) and prov.serves(model):
                 return prov
@@ -7647,6 +7663,7 @@ class Router:
         for name in (model,) + (tuple(alternates) if fallback else ()):
             first = self.resolve(api, name)
             mapped, renamed = self.mapped(name)
+            pinned = self.pinned(name) is not None
             if first is not None and first is mapped:
                 plan.append((first, renamed))
             elif first is not None and (first, name) not in plan:
@@ -7655,7 +7672,7 @@ class Router:
                 formats = API_FORMATS if cross_format else (api,)
                 for prov in [p for f in sorted(formats, key=lambda f: f != api)
                              for p in self.by_format[f]]:
-                    if (prov, name) not in plan and (prov.serves(name) or mapped is None
+                    if (prov, name) not in plan and (prov.serves(name) or not pinned
                                                      and not (prov.exact or prov.patterns)):
                         plan.append((prov, name))
         return tuple(plan)
@@ -8161,6 +8178,8 @@ class ResponseRelay:
             opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
             translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
                                           and opts.get("include_usage") is True)
+            translator.estimate = lambda: (estimate_request_tokens(ctx.obj),
+                                           meter.estimate_output())
         buffered = resp.chan.buf  # an event came with the head: both leave in one write (an
         ahead = getattr(resp.body, "prefix", b"")  # event end in the buffer, or read ahead,
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),  # means the
@@ -8838,9 +8857,11 @@ class Proxy(ResponseRelay, RequestLog):
                                  routing.fallback_models.get(ctx.model, ()),
                                  routing.cross_format_fallback)
         if not pairs:
-            broken = [p for p in self.router.providers.values()
-                      if p.cfg.enabled and p.error and p.cfg.format == ctx.api
-                      and (not p.cfg.models or p.serves(ctx.model))]
+            pinned = self.router.pinned(ctx.model)
+            broken = [pinned] if pinned is not None and pinned.error else [
+                p for p in self.router.providers.values()
+                if p.cfg.enabled and p.error and p.cfg.format == ctx.api
+                and (not p.cfg.models or p.serves(ctx.model))]
             if broken:  # the provider exists, but its key could not be read
                 raise HTTPError(503, f"provider {broken[0].key} is unusable: {broken[0].error}")
             what = f"model {ctx.model!r}" if ctx.model else "this request"
