@@ -1147,6 +1147,10 @@ class TestUsage(unittest.TestCase):
             u.apply_anthropic(junk)
             u.apply_openai(junk)
         self.assertEqual((u.input, u.output), (0, 0))
+        u = tm.Usage()  # an empty or all-null OpenAI usage object reports nothing: estimated
+        for empty in ({}, {"prompt_tokens": None, "completion_tokens": None}):
+            u.apply_openai(empty)
+        self.assertFalse(u.reported)
 
 
 class TestPrices(unittest.TestCase):
@@ -3483,6 +3487,17 @@ class TestResilience(ProxyTestCase):
             "routing": {"model_map": {"claude-sonnet-4-5": "local:qwen3"}}}, {})
         router = tm.Router(cfg, {}, tm.Logger("fatal"))
         self.assertEqual(router.plan("anthropic", "claude-sonnet-4-5", True, (), True), [])
+        cfg = tm.config_from_dict({"providers": {  # (a provider that names it still serves it)
+            "anthropic": {"api_base": "http://127.0.0.1:9"},
+            "spare": {"api_base": "http://127.0.0.1:9", "format": "anthropic",
+                      "models": ["claude-sonnet-4-5"]},
+            "local": {"api_base": "http://127.0.0.1:9/v1", "format": "openai",
+                      "key_ref": "env:LOCAL_KEY"}},
+            "routing": {"model_map": {"claude-sonnet-4-5": "local:qwen3"}}}, {})
+        router = tm.Router(cfg, {}, tm.Logger("fatal"))
+        for fallback in (True, False):
+            self.assertEqual([p.key for p, _ in router.plan(
+                "anthropic", "claude-sonnet-4-5", fallback, (), True)], ["spare"])
 
     async def test_a_mapped_model_stays_off_the_cloud_when_its_server_is_down(self):
         dead = socket.socket()
@@ -6323,7 +6338,12 @@ class TestTranslationTables(unittest.TestCase):
             self.assertEqual(err["error"]["message"], message)
         self.assertEqual(tm._error_text(json.loads(vllm)).split(": ")[0], "BadRequestError")
         for body, message in ((b'{"error": {"type": "overloaded_error"}}', "overloaded_error"),
-                              (b'{"detail": []}', "upstream error")):  # (no JSON fragments)
+                              (b'{"detail": []}', "upstream error"),  # (no JSON fragments)
+                              (b'[{"error": {"code": 400, "message": "API key not valid"}}]',
+                               "API key not valid"),
+                              (b'{"errors": [{"message": "No route"}], "success": false}',
+                               "No route"),
+                              (b'{"oops": "no known shape"}', '{"oops": "no known shape"}')):
             err = json.loads(tm.translate_error(body, 529, "anthropic"))
             self.assertEqual(err["error"]["message"], message)
         self.assertEqual(tm._error_text({"type": "error", "code": "server_error",

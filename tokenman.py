@@ -3268,7 +3268,8 @@ class Usage:
             self.output = completion
         if _is_count(cdet.get("reasoning_tokens")):
             self.reasoning = cdet["reasoning_tokens"]
-        self.reported = True
+        self.reported = self.reported or _is_count(prompt) or _is_count(completion)  # (an
+        # empty or all-null usage object reports nothing: the estimate stands in for it)
 
     def apply(self, api: str, u: object) -> None:
         if api == API_ANTHROPIC:
@@ -3590,8 +3591,14 @@ def _error_parts(obj: object) -> tuple[str, str]:
     """An error body's kind and message, in the shapes servers use: the providers'
     {"error": {...}} (or a bare string), vLLM's {"object": "error", "message": ...}, and
     FastAPI's {"detail": ...} (a string, or a list of {"msg": ...}); ("", "") otherwise."""
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        return _error_parts(obj[0])  # (servers that wrap the error in a list)
     if not isinstance(obj, dict):
         return "", ""
+    errors = obj.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict) \
+            and "error" not in obj:  # (Cloudflare's {"errors": [{"message": ...}]})
+        return _error_parts(errors[0])
     err = obj.get("error")
     if isinstance(err, dict):
         return str(err.get("type") or err.get("code") or ""), str(err.get("message") or "")
@@ -7295,9 +7302,9 @@ def translate_error(body: bytes, status: int, client_api: str) -> bytes:
     """A provider's error body in the client's native shape (same status)."""
     obj = _loads(body)
     kind, message = _error_parts(obj)
-    if not isinstance(obj, (dict, list)):  # (not JSON: its first bytes, as text)
-        message = message or body[:300].decode("utf-8", "replace").strip()
-    return native_error(client_api, status, message or kind or "upstream error")
+    if not (kind or message) and not (isinstance(obj, dict) and not any(obj.values())):
+        message = body[:300].decode("utf-8", "replace").strip()  # (a shape not known: its
+    return native_error(client_api, status, message or kind or "upstream error")  # text)
 
 
 class HeldBlock:
@@ -7628,8 +7635,9 @@ class Router:
         mapped, _ = self.mapped(model)
         if mapped is not None:  # may be of the other format: then translated
             return mapped
-        if self.pinned(model) is not None:
-            return None  # (its provider is broken: refused, with why, not sent elsewhere)
+        if self.pinned(model) is not None:  # (its provider is broken: only a provider that
+            return next((p for p in candidates if p.serves(model)), None)  # names it, else a
+            # refusal that says why, never one that merely takes any model)
         for prov in candidates:
             if (prov.exact or prov.patterns) and prov.serves(model):
                 return prov
