@@ -6469,6 +6469,17 @@ class TestTranslationTables(unittest.TestCase):
 
 
 class TestCrossFormat(ProxyTestCase):
+    async def on_local(self, handler) -> "FakeUpstream":
+        """A fake OpenAI-format server as provider "local", and tokenman with the test's
+        Anthropic model mapped to it; returns the fake."""
+        local = await FakeUpstream(handler).start()
+        self.addAsyncCleanup(local.stop)
+        await self.start_proxy(providers={
+            "anthropic": {"api_base": self.up.base},
+            "local": {"api_base": local.base + "/v1", "format": "openai"}},
+            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        return local
+
     async def test_paths_that_are_not_translated_never_go_to_the_other_format(self):
         local = await FakeUpstream(lambda rec, r, w: json_reply(w, {"ok": 1})).start()
         self.addAsyncCleanup(local.stop)
@@ -6559,12 +6570,7 @@ class TestCrossFormat(ProxyTestCase):
 
     async def test_anthropic_client_on_an_openai_format_provider(self):
         events, body = openai_fixture("tool")
-        local = await FakeUpstream(fixture_handler(events, body)).start()
-        self.addAsyncCleanup(local.stop)
-        await self.start_proxy(providers={
-            "anthropic": {"api_base": self.up.base},
-            "local": {"api_base": local.base + "/v1", "format": "openai"}},
-            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        local = await self.on_local(fixture_handler(events, body))
         req = dict(ANTHROPIC_REQ, tools=[{"name": "get_weather", "description": "w",
                                           "input_schema": {"type": "object"}}])
         # the Anthropic SDK may send its key as a bearer token: still a bearer token for OpenAI
@@ -6598,12 +6604,7 @@ class TestCrossFormat(ProxyTestCase):
         events = openai_tool_stream((0, "call_a", "weather", ""), (1, "call_b", "clock", ""),
                                     (0, None, None, '{"city": "Pa'), (1, None, None, '{"tz":'),
                                     (0, None, None, 'ris"}'), (1, None, None, ' "UTC"}'))
-        local = await FakeUpstream(fixture_handler(events, {})).start()
-        self.addAsyncCleanup(local.stop)
-        await self.start_proxy(providers={
-            "anthropic": {"api_base": self.up.base},
-            "local": {"api_base": local.base + "/v1", "format": "openai"}},
-            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        local = await self.on_local(fixture_handler(events, {}))
         resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
                           A_HEADERS)
         self.assertEqual(resp.status, 200)
@@ -6619,12 +6620,7 @@ class TestCrossFormat(ProxyTestCase):
                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
                       "role": "assistant", "content": None, "tool_calls": [
                           {"type": "function", "function": {"name": "shot", "arguments": "{}"}}]}}]}
-        local = await FakeUpstream(fixture_handler([], answer)).start()
-        self.addAsyncCleanup(local.stop)
-        await self.start_proxy(providers={
-            "anthropic": {"api_base": self.up.base},
-            "local": {"api_base": local.base + "/v1", "format": "openai"}},
-            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        local = await self.on_local(fixture_handler([], answer))
         first = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         call = first.json()["content"][0]
         self.assertEqual((first.json()["stop_reason"], call["type"]), ("tool_use", "tool_use"))
@@ -6681,12 +6677,7 @@ class TestCrossFormat(ProxyTestCase):
             "content": word}, "finish_reason": None}]} for word in ("Hello ", "there, friend")),
                                {"id": "c", "model": "m", "choices": [
                                    {"index": 0, "delta": {}, "finish_reason": "stop"}]}, b"[DONE]")
-        local = await FakeUpstream(fixture_handler(events, {})).start()
-        self.addAsyncCleanup(local.stop)
-        await self.start_proxy(providers={
-            "anthropic": {"api_base": self.up.base},
-            "local": {"api_base": local.base + "/v1", "format": "openai"}},
-            extra={"routing": {"model_map": {"claude-sonnet-4-5-20250929": "local"}}})
+        local = await self.on_local(fixture_handler(events, {}))
         resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
                           A_HEADERS)
         usage = assemble_anthropic(resp.body)["usage"]
