@@ -3282,6 +3282,10 @@ def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0
 
 
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # a request's
+# limit on its answer, as each API names it (Anthropic; OpenAI chat; OpenAI Responses)
+
+
 class Price:
     """USD per million tokens for one model family."""
     __slots__ = PRICE_FIELDS
@@ -6976,7 +6980,6 @@ def _text_of(content: object) -> str:
     return ""
 
 
-_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 THINKING_MIN = 1024  # the least thinking budget Anthropic takes; also left for the answer
 
 
