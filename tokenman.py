@@ -3591,18 +3591,19 @@ def _loads(data: bytes) -> object:
         return None
 
 
-def _error_parts(obj: object) -> tuple[str, str]:
+def _error_parts(obj: object, unwrap: bool = True) -> tuple[str, str]:
     """An error body's kind and message, in the shapes servers use: the providers'
     {"error": {...}} (or a bare string), vLLM's {"object": "error", "message": ...}, and
     FastAPI's {"detail": ...} (a string, or a list of {"msg": ...}); ("", "") otherwise."""
-    if isinstance(obj, list) and obj and isinstance(obj[0], dict):
-        return _error_parts(obj[0])  # (servers that wrap the error in a list)
+    if unwrap and isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        return _error_parts(obj[0], False)  # (servers that wrap the error in a list; once:
+        # a body nested a thousand deep must not reach the recursion limit)
     if not isinstance(obj, dict):
         return "", ""
     errors = obj.get("errors")
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict) \
+    if unwrap and isinstance(errors, list) and errors and isinstance(errors[0], dict) \
             and "error" not in obj:  # (Cloudflare's {"errors": [{"message": ...}]})
-        return _error_parts(errors[0])
+        return _error_parts(errors[0], False)
     err = obj.get("error")
     if isinstance(err, dict):
         return str(err.get("type") or err.get("code") or ""), str(err.get("message") or "")
