@@ -6074,7 +6074,8 @@ class TestTracing(ProxyTestCase):
 
 def assemble_openai(body: bytes) -> dict:
     """What an OpenAI SSE client builds from a stream: content, tool calls, finish, usage."""
-    out = {"content": "", "tool_calls": {}, "finish_reason": None, "usage": None, "done": False}
+    out = {"content": "", "tool_calls": {}, "finish_reason": None, "usage": None, "done": False,
+           "reasoning": ""}
     for event in tm.SSESplitter().feed(body):
         _, data = tm.sse_fields(event)
         if data == b"[DONE]":
@@ -6086,6 +6087,7 @@ def assemble_openai(body: bytes) -> dict:
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             out["content"] += delta.get("content") or ""
+            out["reasoning"] += delta.get("reasoning_content") or ""
             for call in delta.get("tool_calls") or ():
                 slot = out["tool_calls"].setdefault(call["index"], {"id": "", "name": "",
                                                                     "arguments": ""})
@@ -6548,6 +6550,117 @@ class TestCrossFormat(ProxyTestCase):
         rows = await self.rows(5)
         self.assertEqual([(r["outcome"], r["cost_usd"], r["input_tokens"]) for r in rows[3:]],
                          [("upstream_error", 0.0, 0)] * 2)
+
+    async def test_a_reasoning_servers_thoughts_are_thinking_blocks_when_asked(self):
+        # an Anthropic client with thinking on (Claude Code) mapped to a reasoning model on an
+        # OpenAI-compatible server (DeepSeek, vLLM, Ollama): the server's reasoning_content /
+        # reasoning was dropped, so the client saw a long pause and an answer without thoughts
+        def chunk(delta, finish=None):
+            return {"id": "c1", "model": "qwen3", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish}]}
+        events = openai_events(
+            chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Two "}),
+            chunk({"reasoning_content": "and two."}), chunk({"content": "Four."}),
+            chunk({}, "stop"), {"id": "c1", "model": "qwen3", "choices": [], "usage": {
+                "prompt_tokens": 9, "completion_tokens": 20,
+                "completion_tokens_details": {"reasoning_tokens": 15}}}, b"[DONE]")
+        buffered = {"id": "c2", "object": "chat.completion", "model": "qwen3", "choices": [{
+            "index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "Four.", "reasoning": "Two and two."}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 20}}
+
+        async def handler(rec, r, w):
+            if json.loads(rec.body).get("stream"):
+                await sse_reply(w, events)
+            else:
+                await json_reply(w, buffered)
+        await self.on_local(handler)
+        think = dict(ANTHROPIC_REQ, thinking={"type": "enabled", "budget_tokens": 2048},
+                     max_tokens=4096)
+        streamed = await http(self.port, "POST", "/v1/messages", dict(think, stream=True),
+                              A_HEADERS)
+        msg = assemble_anthropic(streamed.body)
+        self.assertEqual(anthropic_blocks(self, streamed.body), msg["content"])
+        self.assertEqual(msg["content"], [
+            {"type": "thinking", "thinking": "Two and two.", "signature": ""},
+            {"type": "text", "text": "Four."}])
+        self.assertEqual((msg["stop_reason"], msg["usage"]["output_tokens"]), ("end_turn", 20))
+        whole = await http(self.port, "POST", "/v1/messages", think, A_HEADERS)
+        self.assertEqual(whole.json()["content"], msg["content"])
+        plain = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                           A_HEADERS)  # (not asked: no thinking block, as Anthropic does)
+        self.assertEqual(assemble_anthropic(plain.body)["content"],
+                         [{"type": "text", "text": "Four."}])
+        plain = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(plain.json()["content"], [{"type": "text", "text": "Four."}])
+        rows = await self.rows(4)
+        self.assertEqual({(r["output_tokens"], r["outcome"]) for r in rows}, {(20, "ok")})
+
+    async def test_claudes_thinking_reaches_an_openai_client_as_reasoning_content(self):
+        thinking = {"type": "thinking", "thinking": "Add them.", "signature": "sig"}
+        events = [
+            b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+            b'"type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],'
+            b'"usage":{"input_tokens":9,"output_tokens":1}}}\n\n',
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"thinking_delta","thinking":"Add them."}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"signature_delta","signature":"sig"}}\n\n',
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":1,'
+            b'"content_block":{"type":"text","text":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,'
+            b'"delta":{"type":"text_delta","text":"Four."}}\n\n',
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n',
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+            b'"end_turn"},"usage":{"output_tokens":30}}\n\n',
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n']
+        body = {"id": "msg_2", "type": "message", "role": "assistant", "model": "claude",
+                "content": [thinking, {"type": "text", "text": "Four."}],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 9, "output_tokens": 30}}
+
+        async def handler(rec, r, w):
+            if json.loads(rec.body).get("stream"):
+                await sse_reply(w, events)
+            else:
+                await json_reply(w, body)
+        self.up.handler = handler
+        await self.start_proxy(extra={"routing": {"model_map": {
+            "claude-via-openai": "anthropic:claude-sonnet-4-5"}}})
+        req = dict(OPENAI_REQ, model="claude-via-openai", reasoning_effort="low")
+        streamed = await http(self.port, "POST", "/v1/chat/completions", dict(req, stream=True),
+                              O_HEADERS)
+        got = assemble_openai(streamed.body)
+        self.assertEqual((got["reasoning"], got["content"], got["done"]),
+                         ("Add them.", "Four.", True))
+        self.assertNotIn(b"sig", streamed.body)
+        whole = (await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)).json()
+        self.assertEqual(whole["choices"][0]["message"]["reasoning_content"], "Add them.")
+        self.assertEqual(whole["choices"][0]["message"]["content"], "Four.")
+
+    async def test_a_reasoning_stream_fills_the_cache_and_its_hit_keeps_the_reasoning(self):
+        def chunk(delta, finish=None):
+            return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "r1",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        events = openai_events(chunk({"role": "assistant", "content": ""}),
+                               chunk({"reasoning_content": "Think."}), chunk({"content": "Ok."}),
+                               chunk({}, "stop"), b"[DONE]")
+        self.up.handler = lambda rec, r, w: sse_reply(w, events)
+        await self.start_proxy()
+        req = dict(OPENAI_REQ, stream=True, temperature=0)
+        first = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        hit = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(len(self.up.requests), 1)
+        self.assertEqual(hit.headers.get("x-tokenman-cache"), "HIT")
+        for resp in (first, hit):
+            got = assemble_openai(resp.body)
+            self.assertEqual((got["reasoning"], got["content"], got["finish_reason"]),
+                             ("Think.", "Ok.", "stop"))
+        whole = await http(self.port, "POST", "/v1/chat/completions", dict(req, stream=False),
+                           O_HEADERS)
+        self.assertEqual(whole.json()["choices"][0]["message"]["reasoning_content"], "Think.")
 
     async def test_openai_clients_on_claude_get_prompt_cache_breakpoints(self):
         # an OpenAI-format client (Cursor, the OpenAI SDK) cannot set cache_control: its

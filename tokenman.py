@@ -5021,6 +5021,7 @@ def _sse(name: str, obj: dict) -> bytes:
 
 _CHUNK_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
 _OPENAI_DELTA_KEYS = frozenset(("role", "content", "refusal", "tool_calls"))
+_REASONING_KEYS = ("reasoning_content", "reasoning")  # (OpenAI-compatible servers' reasoning)
 
 
 _JSON_MARKS = re.compile(r'[][{}"\\]')  # what moves a JSON scanner: brackets, quotes, escapes
@@ -5274,7 +5275,7 @@ class StreamAssembler:
             for key, value in delta.items():
                 if value is None:
                     continue
-                if key not in _OPENAI_DELTA_KEYS:
+                if key not in _OPENAI_DELTA_KEYS and key not in _REASONING_KEYS:
                     return False
                 if key == "role":
                     message["role"] = value
@@ -5293,7 +5294,7 @@ class StreamAssembler:
                             made["name"] = fn.get("name") or ""
                         self.size += len(fn.get("name") or "") + len(fn.get("arguments") or "")
                 elif key == "content" or value:  # (content "" is an answer; refusal "" is not)
-                    message[key] = (message[key] or "") + value
+                    message[key] = (message.get(key) or "") + value
                     self.size += len(value)
             if choice.get("finish_reason"):
                 out["finish_reason"] = choice["finish_reason"]
@@ -5376,6 +5377,9 @@ def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
         message = choice.get("message") or {}
         chunk([{"index": index, "delta": {"role": message.get("role", "assistant"),
                                           "content": ""}, "finish_reason": None}])
+        for key in _REASONING_KEYS:  # (a reasoning server's thoughts come before the answer)
+            if message.get(key) and type(message[key]) is str:
+                chunk([{"index": index, "delta": {key: message[key]}, "finish_reason": None}])
         if message.get("content"):
             chunk([{"index": index, "delta": {"content": message["content"]},
                     "finish_reason": None}])
@@ -7265,6 +7269,10 @@ def anthropic_to_openai_response(obj: dict) -> dict:
                                                            ensure_ascii=False)}}
         for b in obj.get("content") or () if b.get("type") == "tool_use"]
     message: dict = {"role": "assistant", "content": text or None}
+    reasoning = "\n".join(b.get("thinking", "") for b in obj.get("content") or ()
+                          if b.get("type") == "thinking" and b.get("thinking"))
+    if reasoning:  # (where OpenAI-compatible servers and their clients put a model's reasoning)
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     u = obj.get("usage") or {}
@@ -7279,10 +7287,31 @@ def anthropic_to_openai_response(obj: dict) -> dict:
                       "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
-def openai_to_anthropic_response(obj: dict) -> dict:
+def _reasoning_of(message: dict) -> str:
+    """An OpenAI-compatible server's reasoning text (DeepSeek and older vLLM say
+    reasoning_content, newer vLLM, Ollama and OpenRouter reasoning), or ""."""
+    for key in _REASONING_KEYS:
+        text = message.get(key)
+        if type(text) is str and text:
+            return text
+    return ""
+
+
+def thinking_asked(obj: object) -> bool:
+    """An Anthropic request that enabled extended thinking: only its answer has thinking
+    blocks (a client that did not ask may read content[0] as the text)."""
+    thinking = obj.get("thinking") if isinstance(obj, dict) else None
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def openai_to_anthropic_response(obj: dict, thinking: bool = False) -> dict:
     choice = (obj.get("choices") or [{}])[0]
     message = choice.get("message") or {}
-    content = [{"type": "text", "text": message["content"]}] if message.get("content") else []
+    reasoning = _reasoning_of(message) if thinking else ""
+    content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning \
+        else []  # (no signature to give: a later turn to this provider drops the block)
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
     content += [{"type": "tool_use", "id": c["id"] if isinstance(c.get("id"), str) and c["id"]
                  else new_tool_id(),
                  "name": (c.get("function") or {}).get("name", ""),
@@ -7312,7 +7341,8 @@ def translate_error(body: bytes, status: int, client_api: str) -> bytes:
 
 
 class HeldBlock:
-    """A block that waits for the open tool call to end: text (slot None) or a tool call."""
+    """A block that waits for the open tool call to end: a tool call, or (slot None) text,
+    or thinking when its name is "thinking"."""
     __slots__ = ("slot", "name", "pieces")
 
     def __init__(self, slot: int | None, name: str, piece: str) -> None:
@@ -7331,12 +7361,15 @@ class StreamTranslator:
     open tool call's arguments are not yet a whole JSON value is held back, and follows once
     they are (or at the end); calls made one after the other stream as they come."""
 
-    def __init__(self, upstream: str, client: str, include_usage: bool) -> None:
+    def __init__(self, upstream: str, client: str, include_usage: bool,
+                 thinking: bool = False) -> None:
         self.upstream = upstream
         self.include_usage = include_usage
+        self.thinking = thinking  # the Anthropic client asked for thinking: reasoning shows
         self.started = False
         self.open_block: int | None = None   # index of the open Anthropic content block
         self.open_tool: int | None = None    # the tool call (its slot) that block is, if any
+        self.open_kind = ""                  # else "" for text, "thinking" for thinking
         self.blocks = 0
         self.tools: dict[int, int] = {}      # OpenAI tool call (its slot) -> block index
         self.held: list[HeldBlock] = []      # blocks waiting for the open call to end
@@ -7373,8 +7406,10 @@ class StreamTranslator:
         self.open_block = self.blocks
         self.blocks += 1
         self.open_tool = slot
+        self.open_kind = name if slot is None else ""
         if slot is None:
-            block = {"type": "text", "text": ""}
+            block = {"type": "thinking", "thinking": "", "signature": ""} if name \
+                else {"type": "text", "text": ""}
         else:
             self.tools[slot] = self.open_block
             block = {"type": "tool_use", "id": self.slots.ids[slot] or new_tool_id(),
@@ -7384,8 +7419,9 @@ class StreamTranslator:
         return out + self._delta("".join(pieces)) if pieces else out
 
     def _delta(self, piece: str) -> bytes:
-        delta = {"type": "text_delta", "text": piece} if self.open_tool is None else \
-            {"type": "input_json_delta", "partial_json": piece}
+        delta = {"type": "input_json_delta", "partial_json": piece} \
+            if self.open_tool is not None else {"type": "thinking_delta", "thinking": piece} \
+            if self.open_kind else {"type": "text_delta", "text": piece}
         return _sse("content_block_delta", {"type": "content_block_delta",
                                             "index": self.open_block, "delta": delta})
 
@@ -7397,16 +7433,19 @@ class StreamTranslator:
         """Whether a new block must wait: blocks already wait, or the open call goes on."""
         return bool(self.held) or self._busy_open()
 
-    def _text(self, piece: str) -> bytes:
-        if self.open_block is not None and self.open_tool is None and not self.held:
+    def _text(self, piece: str, kind: str = "") -> bytes:
+        """Text, or (kind "thinking") reasoning: it goes on the open block of its kind."""
+        if self.open_block is not None and self.open_tool is None \
+                and self.open_kind == kind and not self.held:
             return self._delta(piece)
         if self._busy():
-            if self.held and self.held[-1].slot is None:
-                self.held[-1].pieces.append(piece)
+            last = self.held[-1] if self.held else None
+            if last is not None and last.slot is None and last.name == kind:
+                last.pieces.append(piece)
             else:
-                self.held.append(HeldBlock(None, "", piece))
+                self.held.append(HeldBlock(None, kind, piece))
             return b""
-        return self._close_block() + self._open(None, "", [piece])
+        return self._close_block() + self._open(None, kind, [piece])
 
     def _tool(self, call: dict) -> bytes:
         k = self.slots.slot(call)
@@ -7465,6 +7504,9 @@ class StreamTranslator:
             self.usage.apply_openai(obj["usage"])
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") or {}
+            reasoning = _reasoning_of(delta) if self.thinking else ""
+            if reasoning:
+                out += self._text(reasoning, "thinking")
             if delta.get("content") and type(delta["content"]) is str:
                 out += self._text(delta["content"])
             for call in delta.get("tool_calls") or ():
@@ -7513,7 +7555,9 @@ class StreamTranslator:
                 return self._chunk({"tool_calls": [{
                     "index": self.tool_index[obj["index"]],
                     "function": {"arguments": delta.get("partial_json", "")}}]})
-            return b""  # thinking and signatures have no Chat Completions counterpart
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return self._chunk({"reasoning_content": delta["thinking"]})  # (as the
+            return b""  # answer's reasoning_content; a signature has no counterpart)
         if kind == "message_delta":
             self.usage.apply_anthropic(obj.get("usage"))
             self.stop = _A2O_STOP.get((obj.get("delta") or {}).get("stop_reason"), "stop")
@@ -8105,7 +8149,7 @@ class ResponseRelay:
         if not isinstance(obj, dict):
             return data
         out = anthropic_to_openai_response(obj) if ctx.upstream_api == API_ANTHROPIC \
-            else openai_to_anthropic_response(obj)
+            else openai_to_anthropic_response(obj, thinking_asked(ctx.obj))
         return json_dumps(out)
 
     @staticmethod
@@ -8189,7 +8233,8 @@ class ResponseRelay:
         if ctx.upstream_api != ctx.api:
             opts = ctx.obj.get("stream_options") if isinstance(ctx.obj, dict) else None
             translator = StreamTranslator(ctx.upstream_api, ctx.api, isinstance(opts, dict)
-                                          and opts.get("include_usage") is True)
+                                          and opts.get("include_usage") is True,
+                                          thinking_asked(ctx.obj))
             translator.estimate = lambda: (estimate_request_tokens(ctx.obj),
                                            meter.estimate_output())
         buffered = resp.chan.buf  # an event came with the head: both leave in one write (an
