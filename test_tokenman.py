@@ -4306,6 +4306,44 @@ class TestPIIStage(ProxyTestCase):
             {"type": "text", "text": "You said: " + text}],
             "usage": {"input_tokens": 5, "output_tokens": 5}})
 
+    async def test_embeddings_and_bare_prompts_are_screened_too(self):
+        # /v1/embeddings (input), legacy /v1/completions (prompt) and /v1/moderations went to
+        # the provider with the personal data in them: only chat-shaped text was screened
+        async def handler(rec, r, w):
+            if rec.target.endswith(b"/completions"):
+                await json_reply(w, {"object": "text_completion", "model": "m", "choices": [
+                    {"index": 0, "text": "Wrote to " + rec.json()["prompt"][-9:],
+                     "finish_reason": "stop"}], "usage": {"prompt_tokens": 3,
+                                                          "completion_tokens": 3}})
+            else:
+                await json_reply(w, {"object": "list", "data": [
+                    {"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                    "model": "m", "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+        self.up.handler = handler
+        await self.start_proxy()
+        emb = {"model": "text-embedding-3-small",
+               "input": ["mail jane@corp.com", [101, 202], "nothing here"]}
+        resp = await http(self.port, "POST", "/v1/embeddings", emb, O_HEADERS)
+        self.assertEqual((resp.status, resp.json()["data"][0]["embedding"]), (200, [0.5, -0.25]))
+        self.assertEqual(self.up.requests[0].json()["input"],
+                         ["mail [EMAIL_1]", [101, 202], "nothing here"])
+        one = await http(self.port, "POST", "/v1/embeddings",
+                         dict(emb, input="jane@corp.com"), O_HEADERS)
+        self.assertEqual(one.status, 200)
+        self.assertEqual(self.up.requests[1].json()["input"], "[EMAIL_1]")
+        await http(self.port, "POST", "/v1/moderations",
+                   {"input": "call jane@corp.com"}, O_HEADERS)
+        self.assertEqual(self.up.requests[2].json()["input"], "call [EMAIL_1]")
+        done = await http(self.port, "POST", "/v1/completions",
+                          {"model": "m", "prompt": "Write to bob@mail.io"}, O_HEADERS)
+        self.assertEqual(self.up.requests[3].json()["prompt"], "Write to [EMAIL_1]")
+        self.assertEqual(done.json()["choices"][0]["text"], "Wrote to bob@mail.io")
+        await self.rows(4)
+        logged = await asyncio.to_thread(self.app.store.query,
+                                         "SELECT field_path FROM pii_log ORDER BY id")
+        self.assertEqual([r["field_path"] for r in logged], ["input[0]", "input", "input",
+                                                             "prompt"])
+
     async def test_translated_and_doneless_streams_get_every_value_back(self):
         # a translated event that became several (a tool call whole in one OpenAI chunk, as
         # Ollama sends it) went through the restore hook as one blob: Claude Code got

@@ -4710,6 +4710,24 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
     return out
 
 
+# OpenAI calls whose text is a bare prompt: path -> its member (a string, or a list of strings;
+# token-id arrays carry no text to screen)
+_PROMPT_MEMBERS = {"/v1/embeddings": "input", "/v1/completions": "prompt",
+                   "/v1/moderations": "input"}
+
+
+def prompt_fields(obj: dict, member: str) -> list[tuple]:
+    """The text of a bare-prompt call (embeddings, legacy completions, moderations), in
+    text_fields' form, as the user's."""
+    value = obj.get(member)
+    if isinstance(value, str):
+        return [(obj, member, (member,), "user")]
+    if isinstance(value, list):
+        return [(value, i, (member, i), "user") for i, v in enumerate(value)
+                if isinstance(v, str)]
+    return []
+
+
 # Responses API input items that carry text: type -> (its member, the role it counts as)
 _RESPONSES_ITEM_TEXT = {
     "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
@@ -5820,7 +5838,9 @@ class PIIGuard(Stage):
         taken: set[str] | None = None
         found = []
         responses = ctx.req.path in _RESPONSES_BODIES
-        fields = responses_text_fields(ctx.obj) if responses else text_fields(ctx.api, ctx.obj)
+        prompt = _PROMPT_MEMBERS.get(ctx.req.path) if ctx.api == API_OPENAI else None
+        fields = responses_text_fields(ctx.obj) if responses else \
+            prompt_fields(ctx.obj, prompt) if prompt else text_fields(ctx.api, ctx.obj)
         # a Responses call the provider keeps (store is on unless turned off) may be continued
         # without being resent: numbered in order, [EMAIL_1] would be another person in every
         # turn (and be restored as this turn's); numbered from the value (a keyed digest, so
@@ -5868,8 +5888,8 @@ class PIIGuard(Stage):
             kinds = sorted({f[0] for f in found})
             return error_reply(ctx, 400, "request contains personal data or secrets: "
                                + ", ".join(kinds))
-        if action == "redact":
-            originals = {p: v for v, p in mapping.items()}
+        if action == "redact" and prompt != "input":  # (embeddings and moderations answer
+            originals = {p: v for v, p in mapping.items()}  # with no text to restore)
             if earlier:  # an earlier turn's values (not where this request spells the same)
                 taken = _spelled_placeholders(ctx.obj) if taken is None else taken
                 originals = {**{p: v for p, v in earlier.items() if p not in taken},
