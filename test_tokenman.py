@@ -6822,6 +6822,19 @@ class TestCrossFormat(ProxyTestCase):
         sent = self.up.requests[-1].json()
         self.assertEqual((sent["max_tokens"], sent.get("temperature"), "thinking" in sent),
                          (1500, 0.2, False))
+        # a message batch's requests are capped as each call would be
+        batch = {"requests": [
+            {"custom_id": "a", "params": dict(ANTHROPIC_REQ, max_tokens=32000, thinking={
+                "type": "enabled", "budget_tokens": 1400})},
+            {"custom_id": "b", "params": dict(ANTHROPIC_REQ, max_tokens=200)}, "junk"]}
+        self.up.handler = lambda rec, r, w: json_reply(w, {"id": "msgbatch_1",
+                                                           "type": "message_batch"})
+        resp = await http(self.port, "POST", "/v1/messages/batches", batch, A_HEADERS)
+        self.assertEqual(resp.status, 200, resp.body)
+        sent = self.up.requests[-1].json()["requests"]
+        self.assertEqual((sent[0]["params"]["max_tokens"], "thinking" in sent[0]["params"],
+                          sent[0]["custom_id"]), (1500, False, "a"))
+        self.assertEqual(sent[1:], batch["requests"][1:])
 
     async def test_a_server_that_reports_no_usage_gives_the_client_the_estimate(self):
         events = openai_events(*({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {

@@ -191,6 +191,7 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+BATCHES_PATH = ANTHROPIC_PATH + "/batches"  # (its requests are capped as each call would be)
 RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (passed through, accounted)
 # content parts that are media, not text: their base64 or URL says nothing about their tokens.
 # An image costs up to ~1,600 input tokens at Anthropic (about width x height / 750, large ones
@@ -7021,6 +7022,21 @@ def capped_output(obj: dict, cap: int) -> dict:
     return changes
 
 
+def capped_batch(obj: dict, cap: int) -> dict:
+    """capped_output for each request of an Anthropic message batch (its `params`)."""
+    items = obj.get("requests")
+    out, changed = [], False
+    for item in items if isinstance(items, list) else ():
+        params = item.get("params") if isinstance(item, dict) else None
+        changes = capped_output(params, cap) if isinstance(params, dict) else {}
+        if changes:
+            changed = True
+            item = dict(item, params={k: v for k, v in {**params, **changes}.items()
+                                      if v is not REMOVE})
+        out.append(item)
+    return {"requests": out} if changed else {}
+
+
 def _image_part(block: dict) -> dict | None:
     """An Anthropic image block as an OpenAI image_url part; None when it is not one OpenAI
     can take (a file id, a source without its data)."""
@@ -8867,7 +8883,8 @@ class Proxy(ResponseRelay, RequestLog):
                 continue
             changes = {} if model == ctx.model or ctx.obj is None else {"model": model}
             if cap:
-                changes.update(capped_output(ctx.obj, cap))
+                changes.update(capped_batch(ctx.obj, cap) if req.path == BATCHES_PATH
+                               else capped_output(ctx.obj, cap))
             plan.append((prov, model, json_patch(req.body, {**ctx.changes, **changes},
                                                  ctx.layout) if changes else body))
         return plan
