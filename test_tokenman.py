@@ -3972,6 +3972,80 @@ class TestCacheStage(ProxyTestCase):
             req, stream=True, stream_options={"include_usage": True}), O_HEADERS)
         self.assertEqual(assemble_openai(again.body)["usage"], usage)
 
+    async def test_every_credential_header_and_org_is_part_of_the_key(self):
+        # an Azure-style client sends its key as api-key: it was not in the key, so another
+        # caller (a wrong key, none at all) got the first caller's answer from the cache; the
+        # same for another OpenAI organization or project under one key
+        async def handler(rec, r, w):
+            if rec.headers.get(b"api-key") != b"key-a" and b"authorization" not in rec.headers:
+                await json_reply(w, {"error": {"message": "bad key"}}, status=401)
+            else:
+                await json_reply(w, openai_fixture("text")[1])
+        self.up.handler = handler
+        await self.start_proxy()
+        req = dict(OPENAI_REQ, temperature=0)
+        plain = {k: v for k, v in O_HEADERS.items() if k.lower() != "authorization"}
+        first = await http(self.port, "POST", "/v1/chat/completions", req,
+                           dict(plain, **{"api-key": "key-a"}))
+        self.assertEqual(first.status, 200)
+        await self.rows(1)
+        for headers in (dict(plain, **{"api-key": "key-b"}), plain):
+            other = await http(self.port, "POST", "/v1/chat/completions", req, headers)
+            self.assertEqual((other.status, other.headers["x-tokenman-cache"]), (401, "MISS"))
+        await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        await self.rows(4)
+        for extra in ({"OpenAI-Organization": "org-2"}, {"OpenAI-Project": "proj-2"}):
+            other = await http(self.port, "POST", "/v1/chat/completions", req,
+                               dict(O_HEADERS, **extra))
+            self.assertEqual(other.headers["x-tokenman-cache"], "MISS")
+        self.assertEqual(len(self.up.requests), 6)
+
+    async def test_legacy_function_calls_and_logprobs_come_back_whole(self):
+        # a legacy functions answer (message.function_call) was cached although tool answers
+        # are not by default, and its streamed hit came without the call; a streamed hit of an
+        # answer with logprobs came without them
+        call = {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}
+        logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
+                                 "top_logprobs": []}]}
+
+        async def handler(rec, r, w):
+            functions = bool(rec.json().get("functions"))
+            await json_reply(w, {"id": "c1", "object": "chat.completion", "created": 1,
+                                 "model": "gpt-4o-mini", "choices": [{
+                                     "index": 0, "logprobs": None if functions else logprobs,
+                                     "finish_reason": "function_call" if functions else "stop",
+                                     "message": {"role": "assistant",
+                                                 "content": None if functions else "Hi",
+                                                 **({"function_call": call} if functions
+                                                    else {})}}],
+                                 "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+        self.up.handler = handler
+        await self.start_proxy()
+        req = dict(OPENAI_REQ, temperature=0, functions=[
+            {"name": "weather", "parameters": {"type": "object"}}])
+        for n in (1, 2):
+            await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+            await self.rows(n)
+        self.assertEqual(len(self.up.requests), 2)  # (not cached)
+        await self.start_proxy(extra={"cache": {"tool_use": True}})
+        await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        await self.rows(3)
+        hit = await http(self.port, "POST", "/v1/chat/completions", dict(req, stream=True),
+                         O_HEADERS)
+        self.assertEqual(hit.headers["x-tokenman-cache"], "HIT")
+        deltas = [json.loads(tm.sse_fields(e)[1])["choices"][0]["delta"]
+                  for e in tm.SSESplitter().feed(hit.body)[:-1]]
+        self.assertIn({"function_call": call}, deltas)
+        asked = dict(OPENAI_REQ, temperature=0, logprobs=True)
+        await http(self.port, "POST", "/v1/chat/completions", asked, O_HEADERS)
+        await self.rows(5)
+        hit = await http(self.port, "POST", "/v1/chat/completions", dict(asked, stream=True),
+                         O_HEADERS)
+        self.assertEqual(hit.headers["x-tokenman-cache"], "HIT")
+        chunks = [json.loads(tm.sse_fields(e)[1]) for e in tm.SSESplitter().feed(hit.body)[:-1]]
+        self.assertEqual([c["choices"][0]["logprobs"] for c in chunks
+                          if c["choices"][0].get("logprobs")], [logprobs])
+
     async def test_a_streamed_answer_fills_the_cache_for_both_kinds_of_request(self):
         # streamed answers did not fill the cache: with the SDKs and agents that stream every
         # call, the response cache never hit. The whole answer is rebuilt from the events

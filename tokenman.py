@@ -4864,7 +4864,10 @@ class CacheEntry:
 _CACHE_SQL = ("INSERT OR REPLACE INTO cache (key, created, expires, model, status, headers, body, "
               "tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _CACHED_HEADERS = frozenset((b"content-type", b"openai-model", b"anthropic-organization-id"))
-_KEYED_HEADERS = (b"anthropic-version", b"anthropic-beta", b"openai-beta")  # part of the key
+_KEYED_HEADERS = (b"anthropic-version", b"anthropic-beta", b"openai-beta",  # part of the key
+                  b"openai-organization", b"openai-project")  # (whose data, settings, models)
+# a client's own credential, in any of the headers a provider takes it from (Azure: api-key)
+_CREDENTIAL_HEADERS = (b"x-api-key", b"authorization", b"api-key")
 # (not request-id / x-request-id: a hit answers with its own X-Request-Id, and the provider's id
 # belongs to the request that filled the cache)
 
@@ -4898,8 +4901,8 @@ class ResponseCache(Stage):
                 for k, v in ctx.obj.items() if k not in ("stream", "stream_options")}  # is 0)
         tenant = ctx.project
         if self.passthrough.get(ctx.provider, True):
-            cred = ctx.req.headers.map.get(b"x-api-key") or \
-                ctx.req.headers.map.get(b"authorization") or b""
+            headers = ctx.req.headers.map
+            cred = b"\x00".join(headers.get(name, b"") for name in _CREDENTIAL_HEADERS)
             tenant += ":" + hashlib.sha256(cred).hexdigest()[:16]
         digest = hashlib.sha256()
         for part in (ctx.api, ctx.req.path, tenant):
@@ -4980,7 +4983,8 @@ class ResponseCache(Stage):
         if not key or ctx.cache_hit or ctx.outcome != "ok" or not replayable(ctx, body) \
                 or len(body) > self.cfg.max_entry_bytes:
             return
-        if not self.cfg.tool_use and (b'"tool_use"' in body or b'"tool_calls"' in body):
+        if not self.cfg.tool_use and (b'"tool_use"' in body or b'"tool_calls"' in body
+                                      or b'"function_call"' in body):  # (legacy functions)
             return
         u = ctx.usage
         now = self.clock()
@@ -5399,14 +5403,18 @@ def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
         for key in _REASONING_KEYS:  # (a reasoning server's thoughts come before the answer)
             if message.get(key) and type(message[key]) is str:
                 chunk([{"index": index, "delta": {key: message[key]}, "finish_reason": None}])
-        if message.get("content"):
-            chunk([{"index": index, "delta": {"content": message["content"]},
-                    "finish_reason": None}])
+        if message.get("content"):  # (with the logprobs of its tokens, when asked)
+            chunk([dict({"index": index, "delta": {"content": message["content"]},
+                         "finish_reason": None},
+                        **({"logprobs": choice["logprobs"]} if choice.get("logprobs") else {}))])
         if message.get("refusal"):
             chunk([{"index": index, "delta": {"refusal": message["refusal"]},
                     "finish_reason": None}])
         for j, call in enumerate(message.get("tool_calls") or ()):
             chunk([{"index": index, "delta": {"tool_calls": [dict(call, index=j)]},
+                    "finish_reason": None}])
+        if isinstance(message.get("function_call"), dict):  # (the legacy functions API)
+            chunk([{"index": index, "delta": {"function_call": message["function_call"]},
                     "finish_reason": None}])
         chunk([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}])
     if include_usage and obj.get("usage"):
@@ -5911,7 +5919,8 @@ class PIIGuard(Stage):
     # tokenman's own key is not kept: nothing tells its callers apart.
     def _tenant(self, ctx: Context) -> str:
         headers = ctx.req.headers.map
-        cred = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
+        cred = headers.get(b"authorization") or headers.get(b"x-api-key") \
+            or headers.get(b"api-key") or b""  # (Azure's)
         if not cred.strip():
             return ""
         import hmac
