@@ -5614,8 +5614,24 @@ def _ssn_ok(m: re.Match) -> bool:
 
 
 def _card_ok(m: re.Match) -> bool:
+    """Luhn-valid and shaped like a card a network issues (its first digits and length): one
+    random digit run in ten passes Luhn alone (a millisecond timestamp, a run of zeros)."""
     digits = re.sub(r"\D", "", m.group())
-    return 13 <= len(digits) <= 19 and _luhn(digits)
+    n = len(digits)
+    if not 12 <= n <= 19 or digits.count(digits[0]) == n or not _luhn(digits):
+        return False
+    two, four = int(digits[:2]), int(digits[:4])
+    if digits[0] == "4":  # Visa
+        return n in (13, 16, 19)
+    if 51 <= two <= 55 or 2221 <= four <= 2720:  # Mastercard
+        return n == 16
+    if two in (34, 37):  # American Express
+        return n == 15
+    if 2200 <= four <= 2204:  # Mir
+        return n == 16
+    if 300 <= int(digits[:3]) <= 305 or two in (36, 38, 39) or 3528 <= four <= 3589:
+        return n >= 14  # Diners Club, JCB
+    return digits[0] in "56" and n >= 12  # Maestro, Discover, UnionPay, RuPay
 
 
 def _entropy_ok(m: re.Match) -> bool:
@@ -5652,8 +5668,10 @@ PII_DETECTORS = (
     ("phone", 1, re.compile(
         r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]\d{2,4}){1,4}"
         r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}[.\-]\d{3}[.\-]\d{4})(?![\w])"), None, "digits"),
-    ("file_path", 0, re.compile(r"(?:/Users/|/home/)[A-Za-z0-9._\-]+|[A-Za-z]:\\Users\\[^\\\s\"']+"),
-     None, ("text", ("/Users/", "/home/", ":\\Users\\"))),
+    # (a Windows profile in any case, with / or \\ or, in JSON text and code, \\\\)
+    ("file_path", 0, re.compile(r"(?:/Users/|/home/)[A-Za-z0-9._\-]+|"
+                                r"[A-Za-z]:(?:\\{1,2}|/)(?i:users)(?:\\{1,2}|/)[^\\/\s\"']+"),
+     None, ("lower", ("/users/", "/home/", ":\\users", ":\\\\users", ":/users"))),
 )
 _DIGIT_MAP = bytes(ord("0") if chr(i).isdigit() and i < 128 else i if chr(i) in " .()+-" else
                    ord("x") for i in range(256))
@@ -5728,6 +5746,17 @@ def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, i
         if all(end <= s or start >= e for s, e, _ in taken):
             taken.append((start, end, kind))
     return sorted(taken)
+
+
+def _unescaped(value: str) -> str:
+    """A value found in JSON text as the string it spells (itself when it spells none)."""
+    if "\\" not in value:
+        return value
+    try:
+        out = json.loads('"' + value + '"')
+    except ValueError:
+        return value
+    return out if type(out) is str else value
 
 
 def _spelled_placeholders(obj: object) -> set[str]:
@@ -5875,10 +5904,13 @@ class PIIGuard(Stage):
                 if taken is None and action == "redact":
                     taken = _spelled_placeholders(ctx.obj)
                 out, pos = [], 0
-                for s, e, kind in spans:
+                json_text = key == "arguments"  # (a value there is spelled JSON-escaped:
+                for s, e, kind in spans:  # C:\\Users\\bob means C:\Users\bob, restored so)
                     out.append(text[pos:s])
-                    out.append(self._placeholder(text[s:e], kind, action, mapping, counters,
-                                                 taken, number_key))
+                    value = text[s:e]
+                    out.append(self._placeholder(_unescaped(value) if json_text else value,
+                                                 kind, action, mapping, counters, taken,
+                                                 number_key))
                     pos = e
                 out.append(text[pos:])
                 parent[key] = "".join(out)
@@ -5983,16 +6015,15 @@ class PIIGuard(Stage):
             ctx.notes["pii"] = PIIRestorer(found)
             ctx.hooks.append(self)
 
-    @staticmethod
-    def _placeholder(value: str, kind: str, action: str, mapping: dict, counters: dict,
+    def _placeholder(self, value: str, kind: str, action: str, mapping: dict, counters: dict,
                      taken: set[str], stable_key: bytes = b"") -> str:
         placeholder = mapping.get(value)
-        if action == "hash":
-            import hashlib  # (only for requests with personal data)
-            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        import hmac  # (only for requests with personal data)
+        if action == "hash":  # keyed: a plain digest of a phone number or an SSN is reversed
+            digest = hmac.new(self.key, value.encode("utf-8", "surrogatepass"),  # by trying
+                              "sha256").hexdigest()  # every candidate (10^4 SSNs in ms)
             return f"[{kind.upper()}_HASH_{digest[:8]}]"
         if placeholder is None and stable_key:  # the same number for the same value while
-            import hmac  # this process runs
             digest = hmac.new(stable_key, value.encode("utf-8", "surrogatepass"),
                               "sha256").hexdigest()
             number = int(digest[:15], 16) % 900_000_000 + 100_000_000
