@@ -699,6 +699,12 @@ class TestConfig(unittest.TestCase):
             tm.resolve_key("env:MISSING", {})
         with self.assertRaises(tm.ConfigError):
             tm.config_from_dict({"providers": {"anthropic": {"key_ref": "vault://x"}}}, {})
+        key = "sk-ant-api03-" + "AbCd" * 20  # a key pasted in by mistake is never echoed
+        for ref in (key, "x" + key.replace("-", ":")):
+            with self.assertRaises(tm.ConfigError) as caught:
+                tm.config_from_dict({"providers": {"anthropic": {"key_ref": ref}}}, {})
+            self.assertNotIn("AbCd", str(caught.exception))
+            self.assertIn("never the key itself", str(caught.exception))
 
     def test_keyring_refs_use_the_os_tool_then_the_env_fallback(self):
         with tempfile.TemporaryDirectory() as bin_dir:
@@ -7993,6 +7999,42 @@ class TestShutdownWithStream(ProxyTestCase):
         rows = conn.execute("SELECT outcome, output_tokens FROM requests").fetchall()
         conn.close()
         self.assertEqual(rows, [("ok", 420)])
+
+
+    async def test_requests_cut_at_the_shutdown_timeout_answer_and_are_logged(self):
+        # a stream still running when shutdown_timeout ran out was cut without an error event
+        # and left no row (its input tokens, reported at its start, were never accounted); a
+        # buffered request waiting for its answer got no answer and no row either
+        events, _ = anthropic_fixture("text")
+        never = asyncio.Event()
+
+        async def handler(rec, r, w):
+            if rec.json().get("stream"):
+                await sse_reply(w, events, gate=never, after=3)
+            else:
+                await never.wait()
+        self.up.handler = handler
+        await self.start_proxy(extra={"server": {"shutdown_timeout": 0.3}})
+        stream = asyncio.create_task(http(self.port, "POST", "/v1/messages",
+                                          dict(ANTHROPIC_REQ, stream=True), A_HEADERS))
+        waiting = asyncio.create_task(http(self.port, "POST", "/v1/chat/completions",
+                                           OPENAI_REQ, O_HEADERS))
+        while len(self.up.requests) < 2:
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(self.app.stop(), WAIT)
+        streamed, buffered = await asyncio.wait_for(asyncio.gather(stream, waiting), WAIT)
+        self.assertTrue(streamed.body.startswith(b"".join(events[:3])))
+        name, data = tm.sse_fields(streamed.body.rsplit(b"\n\n", 2)[-2] + b"\n\n")
+        self.assertEqual(name, b"error")
+        self.assertIn("shut down", json.loads(data)["error"]["message"])
+        self.assertEqual(buffered.status, 503)
+        self.assertIn("shut down", buffered.json()["error"]["message"])
+        conn = sqlite3.connect(os.path.join(self.tmp.name, "tokenman.db"))
+        rows = conn.execute("SELECT path, outcome, input_tokens, status_code FROM requests "
+                            "ORDER BY path").fetchall()
+        conn.close()
+        self.assertEqual(rows, [("/v1/chat/completions", "upstream_failed", 0, 503),
+                                ("/v1/messages", "upstream_failed", 12, 200)])
 
 
 class TestPlugins(ProxyTestCase):

@@ -191,6 +191,7 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+SHUTDOWN_CUT = "tokenman shut down with the request in flight (server.shutdown_timeout)"
 BATCHES_PATH = ANTHROPIC_PATH + "/batches"  # (its requests are capped as each call would be)
 RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (passed through, accounted)
 # content parts that are media, not text: their base64 or URL says nothing about their tokens.
@@ -1230,9 +1231,12 @@ def validate_config(cfg: Config) -> list[str]:
             errs.append(f"{where}.api_base: must be an http:// or https:// URL "
                         f"(got {p.api_base!r})")
         if p.key_ref and not p.key_ref.startswith(("env:", "file://", "keyring://")):
+            scheme, colon, _ = p.key_ref.partition(":")  # (never the value: it may be the
+            shown = f"{scheme!r}:..." if colon and scheme.isalpha() and len(scheme) <= 10 \
+                else f"a value of {len(p.key_ref)} characters"  # key itself, pasted in)
             errs.append(f"{where}.key_ref: must be env:VAR, file:///path, "
-                        f"keyring://tokenman/<provider> or empty (passthrough); got "
-                        f"{p.key_ref.split(':')[0]!r}:...")
+                        f"keyring://tokenman/<provider> or empty (passthrough), never the key "
+                        f"itself; got {shown}")
         if p.priority < 0:
             errs.append(f"{where}.priority: must be >= 0")
         if p.timeout <= 0 or p.connect_timeout <= 0:
@@ -2625,12 +2629,15 @@ class HTTPServer:
         return True
 
     async def close(self) -> None:
-        for conn in list(self.conns):
-            conn.chan.abort()
+        """Ends what is still in flight: each request is cancelled (it answers with an error,
+        or ends its stream with an error event, and records its row), then every connection
+        closes once that is sent."""
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        for conn in list(self.conns):
+            conn.chan.close()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -8330,6 +8337,7 @@ class ResponseRelay:
         stream_timeout = self.cfg.server.stream_timeout
         end = loop.time() + stream_timeout if stream_timeout else None
         failure = ""
+        cancelled = False
         try:
             while True:
                 deadline = loop.time() + read_timeout
@@ -8401,6 +8409,8 @@ class ResponseRelay:
         except (ConnectionGone, ValueError, OSError, HeadTooLarge) as exc:
             failure = "upstream stream broken" if not isinstance(exc, ValueError) \
                 else f"upstream stream malformed: {exc}"
+        except asyncio.CancelledError:  # tokenman stopping: the client gets the error event,
+            failure, cancelled = SHUTDOWN_CUT, True  # the row what the stream used
         if body.done:
             resp.release()
         if meter.complete:  # the answer ended (message_stop / [DONE]); what follows is framing
@@ -8455,6 +8465,8 @@ class ResponseRelay:
                 ctx.notes["cache_headers"] = [(b"Content-Type", b"application/json")] + [
                     (n, v) for n, v in resp.head.headers.raw
                     if n.lower() in _CACHED_HEADERS and n.lower() != b"content-type"]
+        if cancelled:
+            raise asyncio.CancelledError
 
     @staticmethod
     def _hooked(ctx: Context, events: bytes) -> list[bytes]:
@@ -8824,6 +8836,12 @@ class Proxy(ResponseRelay, RequestLog):
             if not conn.lost:
                 conn.send_error(req, ctx.api, exc.status, exc.detail,
                                 [(b"X-Request-Id", ctx.xid)], exc.kind)
+        except asyncio.CancelledError:  # tokenman stopping: shutdown_timeout reached (a
+            if not conn.started and ctx.outcome == "ok":  # stream ends itself, recorded)
+                ctx.outcome, ctx.error, ctx.status = "upstream_failed", SHUTDOWN_CUT, 503
+                if not conn.lost:
+                    conn.send_error(req, ctx.api, 503, SHUTDOWN_CUT, [(b"X-Request-Id", ctx.xid)])
+            raise
         except Exception as exc:  # a bug: contained, answered, logged with context, counted
             ctx.outcome = "internal_error"
             ctx.error = f"{type(exc).__name__}: {exc}"
@@ -8837,9 +8855,9 @@ class Proxy(ResponseRelay, RequestLog):
                 ctx.status = 500
                 conn.send_error(req, ctx.api, 500, "internal error in tokenman",
                                 [(b"X-Request-Id", ctx.xid)])
-        finally:
+        finally:  # (cancelled too: the row is written, a reservation released)
             ctx.pipeline.finish(ctx)
-        self._finish(ctx)
+            self._finish(ctx)
 
     async def _decode_body(self, req: Request) -> None:
         """A compressed POST body is decoded here, in a worker thread (~1.5 ms per MiB of
