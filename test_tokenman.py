@@ -7571,6 +7571,29 @@ class TestReload(ProxyTestCase):
         return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
                 f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
 
+    async def test_a_minimal_stage_runs_and_every_replaced_pipeline_closes(self):
+        # a plugin stage with only name and request() (as the example says is enough) stopped
+        # tokenman at start (no finish()), and failed every reload; close() was never called
+        closed = os.path.join(self.tmp.name, "closed.txt")
+        minimal = os.path.join(self.tmp.name, "minimal.py")
+        with open(minimal, "w") as fh:
+            fh.write("class Minimal:\n    name = 'minimal'\n"
+                     "    def __init__(self, cfg, **services):\n        pass\n"
+                     "    def request(self, ctx):\n"
+                     "        ctx.headers_out.append((b'X-Minimal', b'1'))\n"
+                     f"    def close(self):\n        open({closed!r}, 'a').write('closed\\n')\n"
+                     "\nSTAGES = [Minimal]\n")
+        await self.start_from_file(self.config(f'[plugins]\nenabled = true\n'
+                                               f'paths = ["{minimal}"]\n'))
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.headers.get("x-minimal")), (200, "1"))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertEqual(open(closed).read(), "closed\n")  # the replaced pipeline's stage
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.headers.get("x-minimal"), "1")
+        await self.app.stop()
+        self.assertEqual(open(closed).read(), "closed\nclosed\n")
+
     async def test_metric_series_start_at_zero_stay_bounded_and_follow_the_providers(self):
         # the unlabelled counters were missing until the first request (absent() alerts fired
         # on an idle proxy); any client could add project label values without bound; a

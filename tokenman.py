@@ -4589,11 +4589,15 @@ class Pipeline:
         self.log = log
         self.errors: dict[str, int] = {}
         self.finishers = [s for s in stages if type(s).finish is not Stage.finish]
+        self.users = 0  # requests in flight with this pipeline (a reload replaces it)
+        self.retired = False
         self.hints = self.stage("cache_hints")  # (also placed on translated requests)
 
-    def _failed(self, stage: Stage, ctx: Context, phase: str, exc: BaseException) -> None:
+    def _failed(self, stage: Stage, ctx: Context | None, phase: str,
+                exc: BaseException) -> None:
         self.errors[stage.name] = self.errors.get(stage.name, 0) + 1
-        self.log.error("pipeline stage failed", stage=stage.name, phase=phase, id=ctx.id,
+        self.log.error("pipeline stage failed", stage=stage.name, phase=phase,
+                       id=ctx.id if ctx is not None else "",
                        fails="closed" if stage.fails_closed else "open",
                        error=f"{type(exc).__name__}: {exc}")
 
@@ -4661,9 +4665,27 @@ class Pipeline:
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
 
+    def retire(self) -> None:
+        """A reload replaced this pipeline (or tokenman stops): its stages close once no
+        request uses it, once."""
+        if self.retired:
+            return
+        self.retired = True
+        if not self.users:
+            self.close()
+
+    def leave(self) -> None:
+        """A request that used this pipeline ended."""
+        self.users -= 1
+        if self.retired and not self.users:
+            self.close()
+
     def close(self) -> None:
         for stage in self.stages:
-            stage.close()
+            try:
+                stage.close()
+            except Exception as exc:  # (a plugin's) never stops a reload or a shutdown
+                self._failed(stage, None, "close", exc)
 
 
 # -- stages: response cache, heartbeat, injection, PII, budgets, rate limits, savings -----------
@@ -6984,8 +7006,11 @@ def load_plugins(paths: tuple, log: Logger) -> list[Plugin]:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             for cls in getattr(module, "STAGES", ()):
-                if not getattr(cls, "name", "") or not callable(getattr(cls, "request", None)):
+                if not isinstance(cls, type) or not getattr(cls, "name", "") \
+                        or not callable(getattr(cls, "request", None)):
                     raise TypeError(f"{cls!r} is not a stage (needs a name and request())")
+                if not issubclass(cls, Stage):  # the hooks it leaves out do nothing
+                    cls = type(cls.__name__, (cls, Stage), {"__module__": cls.__module__})
                 plugin.stages[cls.name] = cls
             plugin.hooks = {h: getattr(module, h) for h in PLUGIN_HOOKS
                             if callable(getattr(module, h, None))}
@@ -8804,6 +8829,7 @@ class Proxy(ResponseRelay, RequestLog):
     async def relay(self, req: Request, conn: ServerConn) -> None:
         ctx = Context(req, api_for(req.path, req.headers))
         ctx.pipeline = self.pipeline  # a reload swaps self.pipeline; this request keeps its own
+        ctx.pipeline.users += 1
         if self.tracer is not None:
             ctx.trace = self.tracer.start(req)
         if self.plugins:
@@ -8857,6 +8883,7 @@ class Proxy(ResponseRelay, RequestLog):
                                 [(b"X-Request-Id", ctx.xid)])
         finally:  # (cancelled too: the row is written, a reservation released)
             ctx.pipeline.finish(ctx)
+            ctx.pipeline.leave()
             self._finish(ctx)
 
     async def _decode_body(self, req: Request) -> None:
@@ -10060,7 +10087,8 @@ class App:
         self.pool = UpstreamPool(self.env)
         self.ledger = BudgetLedger()
         await asyncio.to_thread(self.ledger.load, self.store)
-        router, prices, self.pipeline = await asyncio.to_thread(self._components, cfg)
+        router, prices, self.pipeline, self.plugins = await asyncio.to_thread(
+            self._components, cfg)
         self.tracer = Tracer(cfg.tracing, self.log) if cfg.tracing.enabled else None
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
                            self.pipeline, self.metrics, self.tracer)
@@ -10094,7 +10122,7 @@ class App:
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
 
-    def _components(self, cfg: Config) -> tuple[Router, PriceTable, Pipeline]:
+    def _components(self, cfg: Config) -> tuple[Router, PriceTable, Pipeline, list[Plugin]]:
         """What one config snapshot needs (reads key files: run in a worker thread). Breakers,
         rate-limit buckets, budget ledger and metrics are shared across snapshots."""
         prices = PriceTable(cfg.pricing, warn=lambda model: self.log.warn(
@@ -10109,24 +10137,28 @@ class App:
                 breaker.threshold = cfg.resilience.cb_failure_threshold
                 breaker.reset = cfg.resilience.cb_reset_timeout_seconds
                 breaker.max_probes = cfg.resilience.cb_half_open_max_calls
-        self.plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
-        pipeline = build_pipeline(cfg, self.log, self.plugins, store=self.store, prices=prices,
+        plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
+        pipeline = build_pipeline(cfg, self.log, plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
                                   pii_key=self.pii_key, pii_memory=self.pii_memory,
                                   metrics=self.metrics, pool=self.pool, router=router)
-        return router, prices, pipeline
+        return router, prices, pipeline, plugins
 
     async def reload(self, reason: str) -> bool:
         """Loads and validates the config again; on success swaps the snapshot (requests in
         flight finish on theirs), on failure keeps the old one and logs every problem."""
         try:
             cfg = await asyncio.to_thread(load_config, self.cfg.source or None, self.env)
-            router, prices, pipeline = await asyncio.to_thread(self._components, cfg)
+            router, prices, pipeline, plugins = await asyncio.to_thread(self._components, cfg)
         except ConfigError as exc:
             self.log.error("config reload failed; keeping the running config", reason=reason,
                            problems=len(exc.problems))
             for problem in exc.problems:
                 self.log.error("config problem", problem=problem)
+            return False
+        except Exception as exc:  # (a plugin stage that fails to start, a key file...)
+            self.log.error("config reload failed; keeping the running config", reason=reason,
+                           error=f"{type(exc).__name__}: {exc}")
             return False
         old = self.cfg
         fixed = [f"server.{k}" for k in ("bind_address", "proxy_port", "dashboard_port",
@@ -10137,7 +10169,9 @@ class App:
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
         self.proxy.reconfigure(cfg, router, prices, pipeline)
-        self.proxy.plugins = self.plugins
+        self.proxy.plugins = self.plugins = plugins
+        if self.pipeline is not None:
+            self.pipeline.retire()  # (its stages close when its last request ends)
         if self.dashboard is not None:
             self.dashboard_api.reconfigure(cfg)
         self.log.level = LOG_LEVELS.get(cfg.server.log_level, 20)
@@ -10261,6 +10295,8 @@ class App:
             if not await self.server.wait_idle(self.cfg.server.shutdown_timeout):
                 self.log.warn("shutdown timeout reached; closing requests still in flight")
             await self.server.close()
+        if self.pipeline is not None:
+            self.pipeline.retire()  # (no request uses it now: its stages close)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
