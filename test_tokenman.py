@@ -6060,8 +6060,17 @@ class TestDashboard(ProxyTestCase):
                                   if p == port else headers)
                 self.assertEqual(resp.status, status)
         self.assertEqual(self.up.requests[1].headers.get(b"authorization"), None)  # not leaked
-        self.assertEqual((await http(port, "POST", "/v1/messages", ANTHROPIC_REQ,
-                                     A_HEADERS)).json()["error"]["type"], "authentication_error")
+        refused = await http(port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(refused.json()["error"]["type"], "authentication_error")
+        # every /v1 request has its row, refusals too (they left none, and no error metric)
+        rows = await self.rows(3, "status_code IN (401, 403)")
+        self.assertEqual(sorted((r["status_code"], r["outcome"]) for r in rows),
+                         [(401, "rejected")] * 2 + [(403, "rejected")])
+        self.assertIn("x-request-id", refused.headers)
+        metrics = (await http(dash, "GET", "/metrics", headers={
+            "Authorization": "Bearer tok-123"})).body.decode()
+        self.assertIn('tokenman_errors_total{provider="",status_code="401",type="rejected"} 2',
+                      metrics)
 
     async def test_tokenman_token_header_lets_the_clients_own_key_through(self):
         await self.start_proxy({"auth": {"enabled": True, "token": "tok-123"}})

@@ -8770,11 +8770,12 @@ class Proxy(ResponseRelay, RequestLog):
         if path.startswith("/v1/"):
             if self.auth_token:
                 denied = check_token(req.headers, self.auth_token)
-                if denied:
-                    conn.send_error(req, api_for(path, req.headers), denied,
-                                    "authentication required" if denied == 401
-                                    else "invalid token",
-                                    [(b"WWW-Authenticate", b"Bearer")] if denied == 401 else [])
+                if denied:  # (logged and counted like any refused request)
+                    detail = "authentication required" if denied == 401 else "invalid token"
+                    conn.send_error(req, api_for(path, req.headers), denied, detail,
+                                    self.rejected(req, denied, detail) + (
+                                        [(b"WWW-Authenticate", b"Bearer")] if denied == 401
+                                        else []))
                     return
             self.in_flight += 1
             try:
