@@ -1589,6 +1589,80 @@ class TestRelay(ProxyTestCase):
             self.assertGreater(background["cost_usd"], posts[0]["cost_usd"])  # most
         self.assertEqual(posts[6]["cost_usd"], 0.0)  # a cancel shows what was billed before
 
+    async def test_an_answer_without_usage_is_estimated_alike_buffered_or_streamed(self):
+        # a server that reports no usage: the buffered estimate counted every string of the
+        # answer (type names, ids, a thinking block's signature: 32x the streamed figure for a
+        # real signature), and a buffered Responses call or embedding was logged at $0
+        def bare(events):  # the same events without any usage
+            out = []
+            for raw in events:
+                name, data = tm.sse_fields(raw)
+                obj = json.loads(data) if data[:1] == b"{" else None
+                if isinstance(obj, dict):
+                    obj.pop("usage", None)
+                    (obj.get("message") or obj.get("response") or {}).pop("usage", None)
+                    if obj.get("choices") == []:
+                        continue
+                    raw = (b"event: " + name + b"\n" if name else b"") + b"data: " + \
+                        json.dumps(obj).encode() + b"\n\n"
+                out.append(raw)
+            return out
+        a_events, a_body = anthropic_fixture("thinking")
+        a_body = dict(a_body, content=[dict(b, signature="Eq" + "A" * 1800)
+                                       if b["type"] == "thinking" else b
+                                       for b in a_body["content"]])
+        a_events = [e.replace(b"EqQBCgIYAh", b"Eq" + b"A" * 1800) for e in a_events]
+        o_events, o_body = openai_fixture("tool")
+        r_text = "Hello there, friend."
+        response = {"id": "resp_1", "object": "response", "model": "gpt-4o",
+                    "status": "completed", "output": [{
+                        "type": "message", "id": "msg_1", "role": "assistant",
+                        "status": "completed", "content": [
+                            {"type": "output_text", "text": r_text, "annotations": []}]}]}
+        r_events = [responses_event({"type": "response.created", "response": dict(
+                        response, status="in_progress", output=[])}, 0),
+                    responses_event({"type": "response.output_text.delta", "delta": r_text}, 1),
+                    responses_event({"type": "response.completed", "response": response}, 2)]
+        answers = {b"/v1/messages": (bare(a_events), dict(a_body, usage=None)),
+                   b"/v1/chat/completions": (bare(o_events), dict(o_body, usage=None)),
+                   b"/v1/responses": (r_events, response),
+                   b"/v1/embeddings": ([], {"object": "list", "model": "text-embedding-3-small",
+                                            "data": [{"index": 0, "embedding": [0.5]}]})}
+
+        async def handler(rec, r, w):
+            events, body = answers[rec.target]
+            if rec.json().get("stream"):
+                await sse_reply(w, events)
+            else:
+                await json_reply(w, {k: v for k, v in body.items() if v is not None})
+        self.up.handler = handler
+        await self.start_proxy()
+        calls = [("/v1/messages", ANTHROPIC_REQ, A_HEADERS),
+                 ("/v1/chat/completions", OPENAI_REQ, O_HEADERS),
+                 ("/v1/responses", {"model": "gpt-4o", "input": "Hi"}, O_HEADERS)]
+        for path, req, headers in calls:
+            for stream in (False, True):
+                resp = await http(self.port, "POST", path, dict(req, stream=stream), headers)
+                self.assertEqual(resp.status, 200, (path, resp.body[:300]))
+        await http(self.port, "POST", "/v1/embeddings",
+                   {"model": "text-embedding-3-small", "input": "some words to embed"},
+                   O_HEADERS)
+        rows = await self.rows(7)
+        by_path = {}
+        for row in rows:
+            by_path.setdefault(row["path"], []).append(
+                (row["input_tokens"], row["output_tokens"], row["cost_usd"], row["estimated"]))
+        for path, _, _ in calls:
+            buffered, streamed = by_path[path]
+            self.assertEqual(buffered, streamed, path)
+            self.assertEqual(buffered[3], 1)
+            self.assertGreater(buffered[2], 0)
+        self.assertLess(by_path["/v1/messages"][0][1], 40)  # (not the signature's ~450)
+        embedded = by_path["/v1/embeddings"][0]
+        self.assertEqual((embedded[1], embedded[3]), (0, 1))
+        self.assertGreater(embedded[0], 0)
+        self.assertGreater(embedded[2], 0)
+
     async def test_a_responses_stream_cut_before_its_last_event_ends_with_an_error(self):
         # a Responses API stream (Codex CLI, the Agents SDK) that ends cleanly without
         # response.completed / .incomplete / .failed was logged ok with no usage and no charge;
@@ -2568,16 +2642,16 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         providers = self.app.proxy.router.providers
         shared = providers["anthropic"].origin.ssl
         self.assertIs(providers["openai"].origin.ssl, shared)
-        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)  # a reload
+        router, _, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)  # a reload
         self.assertIs(router.providers["anthropic"].origin.ssl, shared)
         st = os.stat(self.cert)
         os.utime(self.cert, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the CA renewed
-        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
+        router, _, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
         renewed = router.providers["anthropic"].origin.ssl
         self.assertIsNot(renewed, shared)
         self.assertIs(router.providers["openai"].origin.ssl, renewed)
         os.chmod(self.cert, 0o640)  # permissions (e.g. revoked read access) are checked again
-        router, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
+        router, _, _, _ = await asyncio.to_thread(self.app._components, self.app.cfg)
         self.assertIsNot(router.providers["anthropic"].origin.ssl, renewed)
         self.assertEqual(len(self.tls_up.requests), 2)
 

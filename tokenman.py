@@ -191,6 +191,7 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 # calls that carry a whole conversation without answering it: PII is screened there too
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
+EMBEDDINGS_PATH = "/v1/embeddings"
 SHUTDOWN_CUT = "tokenman shut down with the request in flight (server.shutdown_timeout)"
 BATCHES_PATH = ANTHROPIC_PATH + "/batches"  # (its requests are capped as each call would be)
 RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (passed through, accounted)
@@ -3590,6 +3591,32 @@ class StreamMeter:
         except ValueError:
             pass
         return estimate_tokens(text)
+
+
+_ANSWER_TEXT_KEYS = frozenset(("text", "thinking", "content", "arguments", "refusal"))
+
+
+def answer_text(obj: object, depth: int = 0, out: list | None = None) -> str:
+    """What a model generated in a whole answer: the members a stream's deltas carry (text,
+    thinking, content, arguments, refusal; a tool call's input as its JSON), so an answer
+    without usage is estimated alike buffered or streamed (not its ids, type names or
+    signatures)."""
+    top = out is None
+    out = [] if top else out
+    if depth <= 64:
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if isinstance(value, str):
+                    if key in _ANSWER_TEXT_KEYS:
+                        out.append(value)
+                elif key == "input" and obj.get("type") in ("tool_use", "server_tool_use"):
+                    out.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+                elif isinstance(value, (dict, list)):
+                    answer_text(value, depth + 1, out)
+        elif isinstance(obj, list):
+            for value in obj:
+                answer_text(value, depth + 1, out)
+    return "".join(out) if top else ""
 
 
 def _loads(data: bytes) -> object:
@@ -8283,12 +8310,13 @@ class ResponseRelay:
         if isinstance(obj, dict) and obj.get("object") == "response" and not usage.reported \
                 and obj.get("status") in ("queued", "in_progress"):
             usage = self._background_estimate(ctx)
-        if not usage.reported and ctx.req.path in ACCOUNTED_PATHS:
+        if not usage.reported and (ctx.req.path in ACCOUNTED_PATHS or self._responses_call(ctx)
+                                   or ctx.req.path == EMBEDDINGS_PATH):  # (as streamed)
             usage.input = estimate_request_tokens(ctx.obj)
-            strings: list[str] = []
-            if isinstance(obj, dict):
-                _json_strings(obj.get("content", obj.get("choices")), strings)
-            usage.output = estimate_tokens("\n".join(strings))
+            answer = obj.get("response", obj) if isinstance(obj, dict) else None
+            usage.output = estimate_tokens(answer_text(
+                answer.get("content", answer.get("choices", answer.get("output")))
+                if isinstance(answer, dict) and ctx.req.path != EMBEDDINGS_PATH else None))
             usage.estimated = True
         ctx.usage = usage
         ctx.cost = self.prices.cost(ctx.model, usage)
