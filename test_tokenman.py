@@ -6111,6 +6111,27 @@ class TestDashboard(ProxyTestCase):
         self.assertNotIn("env:K", text)
         self.assertEqual(cfg.json()["providers"]["anthropic"]["key_ref"], "****")
 
+    async def test_the_dashboard_can_listen_apart_from_the_proxy(self):
+        # a sidecar keeps the proxy on loopback; Prometheus scrapes /metrics on the pod's IP:
+        # both servers shared server.bind_address, so the scrape was refused
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.2", 0))
+        except OSError:
+            self.skipTest("127.0.0.2 is not a local address here")
+        finally:
+            probe.close()
+        await self.start_proxy({"dashboard": {"bind_address": "127.0.0.2"}})
+        reader, writer = await asyncio.open_connection("127.0.0.2", self.app.dashboard_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), WAIT)
+        writer.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertIn(b"tokenman_requests_total", reply)
+        with self.assertRaises(OSError):  # not on the proxy's address any more
+            await http(self.app.dashboard_port, "GET", "/metrics")
+        self.assertEqual((await http(self.port, "GET", "/health")).status, 200)
+
     async def test_auth_matrix(self):
         await self.start_proxy({"auth": {"enabled": True, "token": "tok-123"}})
         port, dash = self.port, self.app.dashboard_port
@@ -8168,6 +8189,11 @@ class TestPlugins(ProxyTestCase):
         self.assertTrue(sent.startswith(raw[:-1]))  # only the metadata member was added
         await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
         self.assertEqual(self.up.requests[1].json()["user"], "default")
+        # a side call (count_tokens, embeddings) met the example's stage, which has no
+        # side_calls: every one was a 500
+        counted = await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ,
+                             A_HEADERS)
+        self.assertEqual(counted.status, 200, counted.body)
         listed = (await http(self.app.dashboard_port, "GET", "/api/plugins")).json()
         by_name = {p["name"]: p for p in listed}
         self.assertEqual(by_name["tag_requests"]["stages"], ["tag_requests"])
@@ -8175,7 +8201,7 @@ class TestPlugins(ProxyTestCase):
         self.assertFalse(by_name["broken"]["loaded"])
         self.assertIn("plugin bug", by_name["broken"]["error"])
         plugin = next(p for p in self.app.plugins if p.name == "tag_requests")
-        self.assertEqual(plugin.hooks["request_complete"].__globals__["COMPLETED"]["requests"], 2)
+        self.assertEqual(plugin.hooks["request_complete"].__globals__["COMPLETED"]["requests"], 3)
 
 
 def _can_unshare() -> bool:
@@ -8269,7 +8295,7 @@ class TestDeployment(unittest.TestCase):
             text = fh.read()
         block = text.split("tokenman.toml: |\n", 1)[1].split("\n---", 1)[0]
         toml_text = "\n".join(line[4:] for line in block.splitlines())
-        cfg = tm.config_from_dict(tomllib.loads(toml_text), {})
+        cfg = tm.config_from_dict(tomllib.loads(toml_text), {"PROXY_TOKEN": "t"})
         self.assertEqual(cfg.warnings, ())
         self.assertEqual((cfg.server.proxy_port, cfg.server.dashboard_port), (7677, 7678))
         for port in re.findall(r"containerPort: (\d+)", text) + re.findall(
@@ -8283,7 +8309,17 @@ class TestDeployment(unittest.TestCase):
         for prov in cfg.providers.values():  # every key file lies in the mounted secret
             self.assertTrue(prov.key_ref.startswith("file:///var/run/secrets/tokenman/"))
         secret_keys = re.findall(r"^  (\w+): \"", text.split("kind: Secret", 1)[1], re.M)
-        self.assertEqual(sorted(secret_keys), sorted(cfg.providers))
+        self.assertEqual(sorted(secret_keys), sorted([*cfg.providers, "auth_token"]))
+        self.assertEqual(cfg.auth.token, "env:PROXY_TOKEN")
+        self.assertTrue(cfg.auth.enabled and not cfg.auth.protect_metrics)
+        # the scraper reaches the dashboard on the pod's IP; the proxy stays on loopback
+        self.assertEqual((cfg.dashboard.bind_address, cfg.server.bind_address),
+                         ("0.0.0.0", "127.0.0.1"))
+        self.assertIn("fsGroup: 10001", text)  # (the image's user reads the secret's files)
+        self.assertIn("defaultMode: 0440", text)
+        self.assertEqual(set(re.findall(r"secretKeyRef: \{name: tokenman-keys, key: (\w+)\}",
+                                        text)), {"auth_token"})
+        self.assertEqual(text.count("- name: PROXY_TOKEN"), 1)
         for name in re.findall(r"name: (TOKENMAN_\w+)", text):
             self.assertIn(name, {tm._env_name(path.split(".")[0], *path.split(".")[1:], f.name)
                                  for path, attr, cls in tm.SECTIONS

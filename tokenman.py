@@ -773,6 +773,8 @@ class AuthConfig:
 @dataclasses.dataclass(frozen=True)
 class DashboardConfig:
     enabled: bool = _f(True, "serve the dashboard, JSON API and /metrics on dashboard_port")
+    bind_address: str = _f("", "address the dashboard listens on (empty = server.bind_address):"
+                               " a sidecar keeps the proxy on loopback and lets Prometheus in")
     allowed_origins: tuple = _f(("http://localhost:7678", "http://127.0.0.1:7678"),
                                 "origins allowed by CORS (\"*\" = any)")
 
@@ -1125,7 +1127,7 @@ def config_from_dict(raw: dict, env: dict, source: str = "") -> Config:
     pricing = _build_pricing(raw.get("pricing", {}), errors)
     cfg = Config(providers=providers, pricing=pricing, source=source, **sections)
     warnings += _unknown_env(env, providers)
-    errors.extend(validate_config(cfg))
+    errors.extend(validate_config(cfg, env))
     if errors:  # the warnings too: a misspelt key may be why a value is wrong
         raise ConfigError(errors + [f"{w} (warning)" for w in warnings])
     return dataclasses.replace(
@@ -1200,7 +1202,7 @@ def _build_pricing(raw: object, errors: list[str]) -> types.MappingProxyType:
     return types.MappingProxyType(out)
 
 
-def validate_config(cfg: Config) -> list[str]:
+def validate_config(cfg: Config, env: dict | None = None) -> list[str]:
     """Every semantic problem of an assembled config (types were checked while coercing)."""
     errs: list[str] = []
     s = cfg.server
@@ -1300,7 +1302,7 @@ def validate_config(cfg: Config) -> list[str]:
                     "token (or env:VAR / file:///path) back, or export with --with-secrets")
     elif cfg.auth.enabled and cfg.auth.token.startswith(("env:", "file://")):
         try:
-            resolve_key(cfg.auth.token, os.environ)
+            resolve_key(cfg.auth.token, os.environ if env is None else env)
         except ValueError as exc:
             errs.append(f"auth.token: {exc}")
     tr = cfg.tracing
@@ -10136,8 +10138,8 @@ class App:
                                            self.breakers, self.ledger, self.log)
             self.dashboard = HTTPServer(self.dashboard_api.handle, cfg.server, self.log, ssl_ctx,
                                         name="dashboard")
-            self.dashboard_port = await self.dashboard.start(cfg.server.bind_address,
-                                                             cfg.server.dashboard_port)
+            self.dashboard_port = await self.dashboard.start(
+                cfg.dashboard.bind_address or cfg.server.bind_address, cfg.server.dashboard_port)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._pruner()), loop.create_task(self._purger()),
                         loop.create_task(self._watch()), loop.create_task(self._flush_log())]
@@ -10146,7 +10148,8 @@ class App:
         scheme = "https" if ssl_ctx else "http"
         self.log.info("tokenman started", version=__version__,
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
-                      dashboard=f"{scheme}://{cfg.server.bind_address}:{self.dashboard_port}"
+                      dashboard=f"{scheme}://{cfg.dashboard.bind_address or cfg.server.bind_address}"
+                      f":{self.dashboard_port}"
                       if self.dashboard else "off",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
@@ -10193,7 +10196,8 @@ class App:
         fixed = [f"server.{k}" for k in ("bind_address", "proxy_port", "dashboard_port",
                                          "tls_enabled", "cert_file", "key_file", "data_dir")
                  if getattr(cfg.server, k) != getattr(old.server, k)]
-        fixed += ["dashboard.enabled"] if cfg.dashboard.enabled != old.dashboard.enabled else []
+        fixed += [f"dashboard.{k}" for k in ("enabled", "bind_address")
+                  if getattr(cfg.dashboard, k) != getattr(old.dashboard, k)]
         fixed += ["tracing"] if cfg.tracing != old.tracing else []
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
