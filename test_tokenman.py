@@ -699,6 +699,11 @@ class TestConfig(unittest.TestCase):
             tm.resolve_key("env:MISSING", {})
         with self.assertRaises(tm.ConfigError):
             tm.config_from_dict({"providers": {"anthropic": {"key_ref": "vault://x"}}}, {})
+        with self.assertRaises(tm.ConfigError) as caught:  # a project no request can name:
+            tm.config_from_dict({"security": {"budget": {"projects": {  # its limit never held
+                "Team A": {"daily_limit": 1.0}, "team-b": {"daily_limit": 1.0}}}}}, {})
+        self.assertEqual(len(caught.exception.problems), 1)
+        self.assertIn("'Team_A'", str(caught.exception))
         key = "sk-ant-api03-" + "AbCd" * 20  # a key pasted in by mistake is never echoed
         for ref in (key, "x" + key.replace("-", ":")):
             with self.assertRaises(tm.ConfigError) as caught:
@@ -5894,6 +5899,16 @@ class TestSavingsEndToEnd(ProxyTestCase):
         self.assertGreater(row["saved_compression_usd"], 0)
         hit = next(r for r in rows if r["outcome"] == "heartbeat_hit")
         self.assertEqual(hit["saved_heartbeat_usd"], row["cost_usd"])
+        # Cache-Control as the response cache reads it (the heartbeat ignored it): no-cache
+        # reuses nothing, no-store keeps nothing
+        other = dict(req, max_tokens=99)
+        for control in ("no-store", "no-cache", "no-cache"):
+            resp = await http(self.port, "POST", "/v1/messages", other,
+                              dict(A_HEADERS, **{"Cache-Control": control}))
+            self.assertNotIn("x-tokenman-heartbeat", resp.headers, control)
+        self.assertEqual(len(self.up.requests), 4)
+        again = await http(self.port, "POST", "/v1/messages", other, A_HEADERS)
+        self.assertEqual(again.headers["x-tokenman-heartbeat"], "HIT")  # (no-cache's answer)
 
 
 # ================================================================================================
@@ -7793,13 +7808,14 @@ class TestReload(ProxyTestCase):
         with open(key_file, "w") as fh:
             fh.write("sk-ant-new\n")
         with open(self.cfg_path, "w") as fh:
-            fh.write(text.replace("dashboard_port = 0", "dashboard_port = 1"))
+            fh.write(text.replace("dashboard_port = 0", "dashboard_port = 1\n"
+                                  'log_format = "json"'))
         self.assertTrue(await self.app.reload("SIGHUP"))
         await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual([r.headers[b"x-api-key"] for r in self.up.requests],
                          [b"sk-ant-old", b"sk-ant-new"])
         self.assertIn("need a restart", self.logbuf.getvalue())
-        self.assertIn("server.dashboard_port", self.logbuf.getvalue())
+        self.assertIn("server.dashboard_port,server.log_format", self.logbuf.getvalue())
         self.assertNotIn("sk-ant-new", self.logbuf.getvalue())  # never a key in a log line
 
 

@@ -265,6 +265,11 @@ _SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+",
 _LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"=]")
 
 
+def project_name(text: str) -> str:
+    """A project as tokenman names it: other characters become _, at most 64 of them."""
+    return _PROJECT_RE.sub("_", text)[:64]
+
+
 def new_request_id() -> str:
     """Unique and time-ordered (new rows land at the end of the primary-key index)."""
     return f"req_{time.time_ns():016x}{random.getrandbits(64):016x}"  # (no syscall, unlike urandom)
@@ -1284,6 +1289,11 @@ def validate_config(cfg: Config, env: dict | None = None) -> list[str]:
         bad = set(limits) - {"hourly_limit", "daily_limit", "monthly_limit"}
         if bad:
             errs.append(f"security.budget.projects.{project}: unknown {', '.join(sorted(bad))}")
+        spelled = project_name(project.encode("utf-8", "replace").decode("latin-1"))
+        if spelled != project:  # (a request's project is never spelled so: never limited)
+            errs.append(f"security.budget.projects.{project!r}: no request's project can be "
+                        f"named so (letters, digits and ._:/@- only, at most 64): "
+                        f"X-Tokenman-Project: {project} is project {spelled!r}")
     rl = cfg.rate_limit
     if rl.enabled and (rl.default_rate <= 0 or rl.default_burst < 1):
         errs.append("security.rate_limit: default_rate must be > 0 and default_burst >= 1")
@@ -4517,7 +4527,7 @@ class Context:
         self.model = ""
         self.provider = ""
         project = req.headers.map.get(b"x-tokenman-project")
-        self.project = _PROJECT_RE.sub("_", project.decode("latin-1"))[:64] if project \
+        self.project = project_name(project.decode("latin-1")) if project \
             else "default"
         self.streaming = False
         self.status = 0
@@ -6955,8 +6965,11 @@ class Heartbeat(ResponseCache):
     def request(self, ctx: Context) -> Reply | None:
         if not self._eligible(ctx):
             return None
-        key = self.key(ctx)
-        ctx.notes["heartbeat"] = key
+        control = ctx.req.headers.map.get(b"cache-control", b"").lower()
+        key = self.key(ctx)  # (as the response cache: no-store, the answer is not kept;
+        ctx.notes["heartbeat"] = None if b"no-store" in control else key  # no-cache, none
+        if b"no-cache" in control:  # is reused)
+            return None
         entry = self.memory.get(key)
         if entry is None or entry.expires <= self.clock():
             return None
@@ -10194,7 +10207,8 @@ class App:
             return False
         old = self.cfg
         fixed = [f"server.{k}" for k in ("bind_address", "proxy_port", "dashboard_port",
-                                         "tls_enabled", "cert_file", "key_file", "data_dir")
+                                         "tls_enabled", "cert_file", "key_file", "data_dir",
+                                         "log_format")
                  if getattr(cfg.server, k) != getattr(old.server, k)]
         fixed += [f"dashboard.{k}" for k in ("enabled", "bind_address")
                   if getattr(cfg.dashboard, k) != getattr(old.dashboard, k)]
