@@ -1172,7 +1172,12 @@ class TestPrices(unittest.TestCase):
                  ("claude-opus-4-1-20250805", 15), ("claude-opus-4-5-20251101", 5),
                  ("claude-haiku-4-5", 1), ("o3-mini-2025-01-31", 1.1), ("o3-2025-04-16", 2),
                  ("gpt-5.1", 1.25), ("gpt-5-mini-2025-08-07", 0.25),
-                 ("anthropic/claude-3-5-haiku-20241022", 0.8)]
+                 ("anthropic/claude-3-5-haiku-20241022", 0.8),
+                 # fine-tuned OpenAI models: their own prices (they were unpriced: logged with a
+                 # null cost and never held by a budget)
+                 ("ft:gpt-4o-mini-2024-07-18:acme::abc123", 0.3),
+                 ("ft:gpt-4o-2024-08-06:acme:run-2:xyz", 3.75),
+                 ("ft:gpt-4.1-mini-2025-04-14:acme::q1", 0.8)]
         for model, price in cases:
             with self.subTest(model=model):
                 self.assertEqual(table.lookup(model).input, price)
@@ -5464,7 +5469,8 @@ class TestBudgetStage(ProxyTestCase):
         await self.start_proxy({"security": {"budget": {"enabled": True, "projects": {
             "team-a": {"hourly_limit": 0.0101}}}}})
         budget = self.app.pipeline.stage("budget")
-        budget.clock = lambda: 1764241170.0  # 10:59:30 UTC: the hour resets in 30 s
+        at = (time.time() // 3600 + 1) * 3600 - 30  # the hour resets in 30 s (a time of today:
+        budget.clock = lambda: at  # older alerts are pruned at start, as past retention)
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "model": "claude-haiku-4-5", "content": [],
             "usage": {"input_tokens": 10, "output_tokens": 1000}})
@@ -5483,9 +5489,19 @@ class TestBudgetStage(ProxyTestCase):
         await self.app.stop()
         await self.start_proxy({"security": {"budget": {"enabled": True, "projects": {
             "team-a": {"hourly_limit": 0.0101}}}}})
-        self.app.pipeline.stage("budget").clock = lambda: 1764241170.0
+        self.app.pipeline.stage("budget").clock = lambda: at
         again = await http(self.port, "POST", "/v1/messages", self.MODEL_REQ, headers)
         self.assertEqual(again.status, 429)  # spend survived the restart
+        await self.app.stop()  # a doubled limit: the spend passes 50 % of it again after a
+        await self.start_proxy({"security": {"budget": {"enabled": True, "projects": {
+            "team-a": {"hourly_limit": 0.0202}}}}})  # restart, whose alert already fired
+        self.app.pipeline.stage("budget").clock = lambda: at
+        more = await http(self.port, "POST", "/v1/messages", self.MODEL_REQ, headers)
+        self.assertEqual(more.status, 200)
+        await self.rows(6)
+        events = await asyncio.to_thread(self.app.store.query,
+                                         "SELECT threshold FROM budget_events ORDER BY id")
+        self.assertEqual([r["threshold"] for r in events], [50.0, 75.0, 90.0])  # once
 
 
 class TestRateLimitStage(ProxyTestCase):

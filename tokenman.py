@@ -3375,6 +3375,13 @@ BUILTIN_PRICES = (
     ("gpt-5-mini", 0.25, 2, 0.25, 0.25, 0.025),
     ("gpt-5-nano", 0.05, 0.4, 0.05, 0.05, 0.005),
     ("gpt-5", 1.25, 10, 1.25, 1.25, 0.125),
+    # fine-tuned models (ft:<base>:<org>::<id>) have prices of their own
+    ("ft:gpt-4.1-mini", 0.8, 3.2, 0.8, 0.8, 0.2),
+    ("ft:gpt-4.1-nano", 0.2, 0.8, 0.2, 0.2, 0.05),
+    ("ft:gpt-4.1", 3, 12, 3, 3, 0.75),
+    ("ft:gpt-4o-mini", 0.3, 1.2, 0.3, 0.3, 0.15),
+    ("ft:gpt-4o", 3.75, 15, 3.75, 3.75, 1.875),
+    ("ft:gpt-3.5-turbo", 3, 6, 3, 3, 3),
     ("gpt-4.1-mini", 0.4, 1.6, 0.4, 0.4, 0.1),
     ("gpt-4.1-nano", 0.1, 0.4, 0.1, 0.1, 0.025),
     ("gpt-4.1", 2, 8, 2, 2, 0.5),
@@ -6362,6 +6369,10 @@ class BudgetLedger:
     def load(self, store: Store) -> None:
         for r in store.query("SELECT scope, period, period_start, spent_usd FROM budgets"):
             self.spent[(r["scope"], r["period"], r["period_start"])] = r["spent_usd"]
+        for r in store.query("SELECT DISTINCT scope, period, period_start, threshold "
+                             "FROM budget_events"):  # (an alert fires once per period, also
+            self.fired.add((r["scope"], r["period"], r["period_start"], r["threshold"]))
+            # across a restart)
 
 
 def request_estimate(ctx: Context) -> int:
