@@ -4772,6 +4772,8 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
         role = msg.get("role")
         if not isinstance(role, str):
             role = ""
+        elif role == "function":  # (the legacy functions API's results)
+            role = "tool"
         if roles is not None and role not in roles and not (role == "user" and "tool" in roles):
             continue
         _content_fields(out, msg, "content", ("messages", i, "content"), role, roles, 0)
@@ -4889,6 +4891,18 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
             elif source.get("type") == "content":
                 _content_fields(out, source, "content", path + (j, "source", "content"), role,
                                 roles, depth + 1)
+        elif kind == "search_result":  # (a RAG result: what indirect injection rides on)
+            if roles is not None and role not in roles:
+                continue
+            if isinstance(block.get("title"), str):
+                out.append((block, "title", path + (j, "title"), role))
+            cited = isinstance(block.get("citations"), dict) and \
+                block["citations"].get("enabled") is True
+            parts = block.get("content")
+            for k, part in enumerate(parts if isinstance(parts, list) else ()):
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append((CitedText(text=part["text"]) if cited else part, "text",
+                                path + (j, "content", k, "text"), role))
         elif isinstance(block.get("text"), str) and (roles is None or role in roles):
             out.append((block, "text", path + (j, "text"), role))
 
@@ -5517,24 +5531,37 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"context|conversation|content|input)\b|\s*(?:[.,;:!)]|\band\b|$))", re.I, "disregard"),
     ("new_instructions", "instruction_override",
      r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
-    ("system_prompt_override", "instruction_override", r"\bsystem\s+prompt\s*:", re.I, "prompt"),
+    # system_prompt_override: not someone's own ("improve my system prompt: ...")
+    ("system_prompt_override", "instruction_override",
+     r"(?<!my )(?<!our )(?<!this )(?<!the )(?<!your )\bsystem\s+prompt\s*:", re.I, "prompt"),
     ("forget_instructions", "instruction_override",
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
      re.I, "forget"),
-    ("code_block_system", "delimiter_injection", r"```\s*system\b", re.I, "```"),
-    # markdown_system: not a documentation heading such as "### System requirements"
+    ("code_block_system", "delimiter_injection", r"```\s*system(?![\w-])", re.I, "```"),
+    # markdown_system: a heading that is a role marker ("### System", "### SYSTEM:", "###
+    # System prompt"), not a documentation heading ("### System requirements", "### System
+    # calls")
     ("markdown_system", "delimiter_injection",
-     r"###\s*SYSTEM\b(?!\s+(?:requirements?|design|architecture|overview|status|information|"
-     r"info|settings|configuration|setup|diagram|health|logs?|details|components?|"
-     r"dependencies|specs?|specifications?)\b)", re.I, "###"),
+     r"###\s*SYSTEM\s*(?::|$|(?:message|prompt|instructions?|override|update|notice|note)\b)",
+     re.I | re.M, "###"),
     ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
-    ("xml_system_tag", "delimiter_injection", r"<system\s*>", re.I, "<system"),
+    # xml_system_tag: not a data element holding one word (a Maven pom's
+    # <system>GitHub</system>)
+    ("xml_system_tag", "delimiter_injection", r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>)",
+     re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
     # you_are_now: as the reference, except a user asking for help ("you are now going to
     # help me ...")
+    # you_are_now: nor a program's status line ("You are now logged in.", "you are now
+    # connected")
     ("you_are_now", "role_confusion",
      r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
-     r"translate|summari[sz]e|read|fix)\b)", re.I, "now"),
+     r"translate|summari[sz]e|read|fix)\b)(?!\s*(?:logged|signed|connected|disconnected|"
+     r"authenticated|authori[sz]ed|subscribed|unsubscribed|registered|enrolled|ready|online|"
+     r"offline|running|using|viewing|following|in\s+(?:the\s+)?(?:directory|folder|branch|"
+     r"channel|room|queue)|on\s+(?:the\s+)?(?:branch|page|step|screen|line)|at\s+(?:the\s+)?"
+     r"(?:step|line|page)|up\s+to\s+date|all\s+set|set\s+up|eligible|a\s+member|"
+     r"the\s+owner)\b)", re.I, "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
