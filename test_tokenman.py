@@ -5116,6 +5116,51 @@ class TestPIIStage(ProxyTestCase):
         self.assertEqual(text, "Dear +44 20 7946 0958")
         self.assertEqual(json.loads(args[0]), {"p": "/home/carol/a"})
 
+    async def test_values_restored_in_a_json_answer_keep_it_json(self):
+        # JSON mode or a schema: the answer's text is JSON, and a Windows path restored into it
+        # unescaped broke it (json.loads: Invalid \\escape), buffered and streamed
+        async def handler(rec, r, w):
+            sent = rec.body.decode()
+            ph = re.search(r"\[FILE_PATH_1\]", sent).group()
+            answer = json.dumps({"file": ph + "\\report.txt"})
+            if rec.target.startswith(b"/v1/chat"):
+                if rec.json().get("stream"):
+                    half = len(answer) // 2 - 3  # (the placeholder split across chunks)
+                    await sse_reply(w, openai_events(*(
+                        {"id": "c", "model": "m", "choices": [
+                            {"index": 0, "delta": {"content": part}, "finish_reason": None}]}
+                        for part in (answer[:half], answer[half:])), {
+                        "id": "c", "model": "m", "choices": [
+                            {"index": 0, "delta": {}, "finish_reason": "stop"}]}, b"[DONE]"))
+                else:
+                    await json_reply(w, {"id": "c", "object": "chat.completion", "model": "m",
+                                         "choices": [{"index": 0, "finish_reason": "stop",
+                                                      "message": {"role": "assistant",
+                                                                  "content": answer}}]})
+            else:
+                await json_reply(w, {"id": "m", "type": "message", "role": "assistant",
+                                     "model": "claude-haiku-4-5", "stop_reason": "end_turn",
+                                     "content": [{"type": "text", "text": answer}],
+                                     "usage": {"input_tokens": 5, "output_tokens": 5}})
+        self.up.handler = handler
+        await self.start_proxy()
+        user = {"role": "user", "content": "Summarise C:\\Users\\bob\\report.txt as JSON"}
+        o_req = dict(OPENAI_REQ, messages=[user], response_format={"type": "json_object"})
+        a_req = dict(ANTHROPIC_REQ, messages=[user], output_format={
+            "type": "json_schema", "schema": {"type": "object"}})
+        whole = await http(self.port, "POST", "/v1/chat/completions", o_req, O_HEADERS)
+        streamed = await http(self.port, "POST", "/v1/chat/completions",
+                              dict(o_req, stream=True), O_HEADERS)
+        claude = await http(self.port, "POST", "/v1/messages", a_req, A_HEADERS)
+        expected = {"file": "C:\\Users\\bob\\report.txt"}
+        self.assertEqual(json.loads(whole.json()["choices"][0]["message"]["content"]), expected)
+        self.assertEqual(json.loads(assemble_openai(streamed.body)["content"]), expected)
+        self.assertEqual(json.loads(claude.json()["content"][0]["text"]), expected)
+        plain = await http(self.port, "POST", "/v1/chat/completions",  # (prose: as it was)
+                           dict(OPENAI_REQ, messages=[user]), O_HEADERS)
+        self.assertIn("C:\\Users\\bob\\\\report.txt",
+                      plain.json()["choices"][0]["message"]["content"])
+
     async def test_a_path_in_tool_arguments_comes_back_as_the_path_it_spells(self):
         # in a tool call's arguments (JSON text) a Windows path is spelled C:\\\\Users\\\\erin: it
         # was not found there, and once found it must come back as the path, not its spelling

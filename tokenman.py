@@ -5850,6 +5850,21 @@ def find_pii(text: str, types: frozenset, allow: frozenset) -> list[tuple[int, i
     return sorted(taken)
 
 
+def json_answer(obj: object) -> bool:
+    """A request whose answer text is JSON: OpenAI's JSON mode or a schema (response_format,
+    the Responses API's text.format), Anthropic's structured outputs (output_format)."""
+    if not isinstance(obj, dict):
+        return False
+    text = obj.get("text")
+    config = obj.get("output_config")
+    for fmt in (obj.get("response_format"), obj.get("output_format"),
+                text.get("format") if isinstance(text, dict) else None,
+                config.get("format") if isinstance(config, dict) else None):
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+            return True
+    return False
+
+
 def _unescaped(value: str) -> str:
     """A value found in JSON text as the string it spells (itself when it spells none)."""
     if "\\" not in value:
@@ -6037,7 +6052,7 @@ class PIIGuard(Stage):
                 taken = _spelled_placeholders(ctx.obj) if taken is None else taken
                 originals = {**{p: v for p, v in earlier.items() if p not in taken},
                              **originals}
-            ctx.notes["pii"] = PIIRestorer(originals)
+            ctx.notes["pii"] = PIIRestorer(originals, json_answer(ctx.obj))
             ctx.hooks.append(self)
             if keep is not None:  # (this turn's own values: the earlier ones are kept already)
                 ctx.notes["pii_keep"] = keep + ({p: v for v, p in mapping.items()},)
@@ -6174,10 +6189,11 @@ class PIIRestorer:
     """Puts original values back where placeholders come out of the provider. In JSON text the
     value is inserted JSON-escaped (a Windows path stays valid JSON); in streamed deltas a
     placeholder split across events is held back until it is whole."""
-    __slots__ = ("plain", "escaped", "held", "pending")
+    __slots__ = ("plain", "escaped", "held", "pending", "json_answer")
 
-    def __init__(self, originals: dict[str, str]) -> None:
+    def __init__(self, originals: dict[str, str], json_answer: bool = False) -> None:
         self.plain = originals  # placeholder -> original value
+        self.json_answer = json_answer  # the answer's text is JSON (JSON mode, a schema)
         self.escaped = {p: _compact(v)[1:-1] for p, v in originals.items()}
         self.pending: dict[tuple, tuple[dict, str]] = {}  # Responses: a delta event held whole
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
@@ -6190,7 +6206,8 @@ class PIIRestorer:
         alone the same way)."""
         if b"[" not in body or not _PLACEHOLDER_RE.search(body):
             return body
-        if b'"arguments"' in body or b'"thinking"' in body or b'"redacted_thinking"' in body:
+        if b'"arguments"' in body or b'"thinking"' in body or b'"redacted_thinking"' in body \
+                or self.json_answer:
             obj = _loads(body)
             if isinstance(obj, (dict, list)):
                 return json_dumps(self._restore_value(obj))
@@ -6209,7 +6226,10 @@ class PIIRestorer:
             text_args = key in ("function", "function_call") or kind in (
                 "function_call", "mcp_call") or type(kind) is str and kind.endswith(
                 "arguments.done")
-            return {k: self._restore_value(v, k, text_args and k == "arguments")
+            answer = self.json_answer and kind not in (  # the answer's text is JSON too
+                "reasoning", "summary_text", "reasoning_text")  # (not the model's thoughts)
+            return {k: self._restore_value(v, k, text_args and k == "arguments" or answer
+                                           and k in ("content", "text") and type(v) is str)
                     for k, v in value.items()}
         if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
             return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
@@ -6281,7 +6301,8 @@ class PIIRestorer:
     def _delta_event(self, named: bool, first: dict, text: str) -> bytes:
         kind = first["type"]
         if "[" in text:
-            table = self.escaped if "arguments" in kind else self.plain  # (JSON text)
+            table = self.escaped if "arguments" in kind or self.json_answer and \
+                "output_text" in kind else self.plain  # (JSON text)
             text = _PLACEHOLDER_TEXT_RE.sub(lambda m: table.get(m.group(), m.group()), text)
         return (b"event: " + kind.encode() + b"\ndata: " if named else b"data: ") \
             + json_dumps(dict(first, delta=text)) + b"\n\n"
@@ -6301,7 +6322,7 @@ class PIIRestorer:
         delta = obj.get("delta")
         if name != b"content_block_delta" or not isinstance(delta, dict):
             return event
-        for field, json_text in (("text", False), ("partial_json", True)):
+        for field, json_text in (("text", self.json_answer), ("partial_json", True)):
             if isinstance(delta.get(field), str):
                 delta[field] = self._restore_text((index, field), delta[field], json_text)
                 return _sse("content_block_delta", obj)
@@ -6316,7 +6337,7 @@ class PIIRestorer:
             delta = choice.get("delta") or {}
             if isinstance(delta.get("content"), str):
                 delta["content"] = self._restore_text((index, "content"), delta["content"],
-                                                      False)
+                                                      self.json_answer)
                 changed = True
             for call in delta.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
