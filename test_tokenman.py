@@ -6164,6 +6164,8 @@ class TestDashboard(ProxyTestCase):
         history = (await http(port, "GET", "/api/stats/history?range=7d")).json()
         self.assertEqual(history[0]["requests"], 5)
         self.assertEqual((await http(port, "GET", "/api/stats/history?range=zz")).status, 400)
+        most = (await http(port, "GET", "/api/requests?limit=100000")).json()
+        self.assertEqual(most["limit"], 500)  # the most, not the default of 50
         page = (await http(port, "GET", "/api/requests?limit=2&page=1")).json()
         self.assertEqual((page["page"], page["limit"], page["total"], len(page["requests"])),
                          (1, 2, 5, 2))
@@ -8185,6 +8187,13 @@ class TestSubprocess(unittest.TestCase):
                 self.assertTrue(tm.pid_alive(pid))
                 self.assertEqual(run("start").returncode, 1)  # refuses to start twice
                 self.assertIn(f"running (pid {pid})", run("status").stdout)
+                piped = subprocess.Popen(cli + ["status", "--config", path],  # `| head -0`:
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                piped.stdout.close()  # the reader is gone before a line is written
+                err = piped.stderr.read()
+                piped.wait(60)
+                piped.stderr.close()
+                self.assertNotIn(b"Traceback", err)  # (a BrokenPipeError traceback was)
                 restarted = run("restart")
                 self.assertEqual(restarted.returncode, 0, restarted.stderr)
                 new_pid = tm.read_pid(os.path.join(tmp, "data"))

@@ -65,7 +65,7 @@ if __name__ == "__main__" and _os.name == "posix" \
                       "'tokenman'] = m; lazy = sys.version_info < (3, 14) and 'ssl' not in "
                       "sys.modules; lazy and sys.modules.update(ssl=None); "
                       "s.loader.exec_module(m); lazy and sys.modules.pop('ssl'); "
-                      "sys.exit(m.main(sys.argv[2:]))"),
+                      "sys.exit(m.run_cli(sys.argv[2:]))"),
                       _os.path.abspath(__file__)] + _sys.argv[1:])
 
 __version__ = "0.2.0"
@@ -9341,7 +9341,7 @@ def _page(query: dict, default: int = 50) -> tuple[int, int]:
         limit = int(query.get("limit", [str(default)])[0])
     except ValueError:
         limit = default
-    return page, limit if 1 <= limit <= _PAGE_LIMIT else default
+    return page, default if limit < 1 else min(limit, _PAGE_LIMIT)  # (more: the most)
 
 
 def human_uptime(seconds: float) -> str:
@@ -10802,5 +10802,16 @@ def _stats(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cli(argv: list[str] | None = None) -> int:
+    """main(), quiet when its output is piped into a reader that stops early (`| head`)."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flush)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli())
