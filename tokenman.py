@@ -10220,7 +10220,8 @@ class App:
         scheme = "https" if ssl_ctx else "http"
         self.log.info("tokenman started", version=__version__,
                       proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
-                      dashboard=f"{scheme}://{cfg.dashboard.bind_address or cfg.server.bind_address}"
+                      dashboard=f"{scheme}://"
+                      f"{cfg.dashboard.bind_address or cfg.server.bind_address}"
                       f":{self.dashboard_port}"
                       if self.dashboard else "off",
                       config=cfg.source or "built-in defaults", database=path,
