@@ -7805,8 +7805,7 @@ class TestReload(ProxyTestCase):
         closed = os.path.join(self.tmp.name, "closed.txt")
         minimal = os.path.join(self.tmp.name, "minimal.py")
         with open(minimal, "w") as fh:
-            fh.write("class Minimal:\n    name = 'minimal'\n"
-                     "    def __init__(self, cfg, **services):\n        pass\n"
+            fh.write("class Minimal:\n    name = 'minimal'\n"  # (no __init__ either)
                      "    def request(self, ctx):\n"
                      "        ctx.headers_out.append((b'X-Minimal', b'1'))\n"
                      f"    def close(self):\n        open({closed!r}, 'a').write('closed\\n')\n"
@@ -8309,8 +8308,13 @@ class TestPlugins(ProxyTestCase):
                      "        await asyncio.sleep(0)\n"
                      "        ctx.headers_out.append((b'X-Waited', b'1'))\n\n"
                      "STAGES = [Waits]\n")
+        fails = os.path.join(self.tmp.name, "fails.py")  # a stage that cannot start
+        with open(fails, "w") as fh:
+            fh.write("class Fails:\n    name = 'fails'\n    def __init__(self, cfg, **kw):\n"
+                     "        raise ValueError('no licence')\n"
+                     "    def request(self, ctx):\n        pass\n\nSTAGES = [Fails]\n")
         await self.start_proxy({"plugins": {"enabled": True, "paths": [
-            os.path.join(HERE, "examples", "tag_requests.py"), broken, waits]}})
+            os.path.join(HERE, "examples", "tag_requests.py"), broken, waits, fails]}})
         raw = json.dumps(ANTHROPIC_REQ).encode()
         resp = await http(self.port, "POST", "/v1/messages", raw,
                           dict(A_HEADERS, **{"X-Tokenman-Project": "team-x"}))
@@ -8332,6 +8336,9 @@ class TestPlugins(ProxyTestCase):
         self.assertEqual(by_name["tag_requests"]["hooks"], ["request_complete"])
         self.assertFalse(by_name["broken"]["loaded"])
         self.assertIn("plugin bug", by_name["broken"]["error"])
+        self.assertFalse(by_name["fails"]["loaded"])  # (it said loaded, and never ran)
+        self.assertIn("stage fails failed to start: ValueError: no licence",
+                      by_name["fails"]["error"])
         plugin = next(p for p in self.app.plugins if p.name == "tag_requests")
         self.assertEqual(plugin.hooks["request_complete"].__globals__["COMPLETED"]["requests"], 3)
 

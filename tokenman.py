@@ -4610,6 +4610,10 @@ class Stage:
     runs_on_hit = False  # also runs (after the cache) when the answer comes from the cache
     side_calls = False  # also runs on side calls that carry a conversation (count_tokens)
 
+    def __init__(self, cfg: Config, **services: object) -> None:
+        """Built with the config snapshot and the services (store, log, prices, ...); a
+        stage takes what it needs."""
+
     def request(self, ctx: Context) -> Reply | None:
         return None
 
@@ -7147,8 +7151,11 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
         except Exception as exc:
             if name in REGISTRY:
                 raise
-            log.error("plugin stage failed to start; left out", stage=name,
-                      error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("plugin stage failed to start; left out", stage=name, error=error)
+            for plugin in plugins:  # (/api/plugins says so)
+                if name in plugin.stages:
+                    plugin.error = f"stage {name} failed to start: {error}"
     return Pipeline(stages, log)
 
 

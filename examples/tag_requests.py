@@ -8,9 +8,10 @@ Enable it in the config:
 
 A plugin module lists its pipeline stages in STAGES and may define hook functions
 request_start(ctx), request_complete(ctx) and request_error(ctx). A stage has the interface of
-tokenman's own stages: a `name`, `__init__(cfg, **services)`, `async request(ctx)` that may change
-`ctx.obj` (marking changed top-level members in `ctx.changes`) or return a reply, and optionally
-`response`, `stream_event`, `finish` and `close`. Errors in a plugin are logged and contained.
+tokenman's own stages: a `name` and `request(ctx)` (plain or `async`) that may change `ctx.obj`
+(marking changed top-level members in `ctx.changes`) or return a reply, and optionally
+`__init__(cfg, **services)`, `response`, `stream_event`, `finish` and `close` (a class that does
+not derive from tokenman's Stage gets its defaults). Errors in a plugin are logged and contained.
 """
 
 
