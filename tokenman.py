@@ -142,6 +142,7 @@ RATE_KEYS_PRUNE = 4096           # rate-limit buckets kept before the idle (full
 LAYOUT_MIN_BODY = 16 * 1024      # request bodies this large are parsed member by member, so a
                                  # stage's change is patched in without parsing them again
 STORE_MAX_PENDING = 100_000      # rows held in memory while the database refuses writes
+CLOSE_FLUSH_SECONDS = 2.0        # at stop, what a connection still has to send gets this long
 STORE_BATCH = 500                # rows written in one transaction
 STORE_RETRY_SECONDS = 1.0        # wait before retrying a failed write
 STORE_GATHER_SECONDS = 0.005     # the writer collects rows this long, then commits them at once:
@@ -2645,14 +2646,21 @@ class HTTPServer:
         """Ends what is still in flight: each request is cancelled (it answers with an error,
         or ends its stream with an error event, and records its row), then every connection
         closes once that is sent."""
+        conns = list(self.conns)  # (each request's end takes its connection off the set)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for conn in list(self.conns):
+        for conn in conns:
             conn.chan.close()
-        if self.server is not None:
-            await self.server.wait_closed()
+        if self.server is not None:  # (3.12+ waits for every connection: one whose client
+            try:  # stopped reading would never close)
+                async with asyncio.timeout(CLOSE_FLUSH_SECONDS):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                for conn in conns:
+                    conn.chan.abort()
+                await self.server.wait_closed()
 
 
 # ================================================================================================
@@ -4794,8 +4802,8 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
 
 # OpenAI calls whose text is a bare prompt: path -> its member (a string, or a list of strings;
 # token-id arrays carry no text to screen)
-_PROMPT_MEMBERS = {"/v1/embeddings": "input", "/v1/completions": "prompt",
-                   "/v1/moderations": "input"}
+_PROMPT_MEMBERS = types.MappingProxyType({EMBEDDINGS_PATH: "input", "/v1/completions": "prompt",
+                                          "/v1/moderations": "input"})
 
 
 def prompt_fields(obj: dict, member: str) -> list[tuple]:
@@ -5537,22 +5545,21 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"\b(?:new|updated|revised|real)\s+instructions?\s*:", re.I, "instruction"),
     # system_prompt_override: not someone's own ("improve my system prompt: ...")
     ("system_prompt_override", "instruction_override",
-     r"(?<!my )(?<!our )(?<!this )(?<!the )(?<!your )\bsystem\s+prompt\s*:", re.I, "prompt"),
+     r"(?<!\bmy )(?<!\bour )\bsystem\s+prompt\s*:", re.I, "prompt"),
     ("forget_instructions", "instruction_override",
      r"\bforget\s+(?:all\s+)?(?:your\s+)?(?:previous\s+)?(?:instructions?|rules?|guidelines?)",
      re.I, "forget"),
-    ("code_block_system", "delimiter_injection", r"```\s*system(?![\w-])", re.I, "```"),
-    # markdown_system: a heading that is a role marker ("### System", "### SYSTEM:", "###
-    # System prompt"), not a documentation heading ("### System requirements", "### System
-    # calls")
+    ("code_block_system", "delimiter_injection", r"```\s*system(?!-verilog)\b", re.I, "```"),
+    # markdown_system: not a documentation heading such as "### System requirements"
     ("markdown_system", "delimiter_injection",
-     r"###\s*SYSTEM\s*(?::|$|(?:message|prompt|instructions?|override|update|notice|note)\b)",
-     re.I | re.M, "###"),
+     r"###\s*SYSTEM\b(?!\s+(?:requirements?|design|architecture|overview|status|information|"
+     r"info|settings|configuration|setup|diagram|health|logs?|details|components?|"
+     r"dependencies|specs?|specifications?|calls?)\b)", re.I, "###"),
     ("chatml_system", "delimiter_injection", r"<\|im_start\|>system", 0, "<|im_start|>"),
-    # xml_system_tag: not a data element holding one word (a Maven pom's
-    # <system>GitHub</system>)
-    ("xml_system_tag", "delimiter_injection", r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>)",
-     re.I, "<system"),
+    # xml_system_tag: not a one-word data element inside an XML document (a Maven pom's
+    # <system>GitHub</system><url>...)
+    ("xml_system_tag", "delimiter_injection",
+     r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>\s*<)", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
     # you_are_now: as the reference, except a user asking for help ("you are now going to
     # help me ...")
@@ -5560,12 +5567,9 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     # connected")
     ("you_are_now", "role_confusion",
      r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
-     r"translate|summari[sz]e|read|fix)\b)(?!\s*(?:logged|signed|connected|disconnected|"
-     r"authenticated|authori[sz]ed|subscribed|unsubscribed|registered|enrolled|ready|online|"
-     r"offline|running|using|viewing|following|in\s+(?:the\s+)?(?:directory|folder|branch|"
-     r"channel|room|queue)|on\s+(?:the\s+)?(?:branch|page|step|screen|line)|at\s+(?:the\s+)?"
-     r"(?:step|line|page)|up\s+to\s+date|all\s+set|set\s+up|eligible|a\s+member|"
-     r"the\s+owner)\b)", re.I, "now"),
+     r"translate|summari[sz]e|read|fix)\b)(?!\s*(?:(?:logged|signed)\s+(?:in|out|on|off)|"
+     r"(?:dis)?connected(?:\s+to\b|\s*[.!]|\s*$)|authenticated\b|(?:un)?subscribed\b|"
+     r"on\s+branch\b|up\s+to\s+date\b))", re.I, "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
@@ -5724,7 +5728,7 @@ def _card_ok(m: re.Match) -> bool:
     random digit run in ten passes Luhn alone (a millisecond timestamp, a run of zeros)."""
     digits = re.sub(r"\D", "", m.group())
     n = len(digits)
-    if not 12 <= n <= 19 or digits.count(digits[0]) == n or not _luhn(digits):
+    if not 13 <= n <= 19 or digits.count(digits[0]) == n or not _luhn(digits):
         return False
     two, four = int(digits[:2]), int(digits[:4])
     if digits[0] == "4":  # Visa
@@ -5737,7 +5741,7 @@ def _card_ok(m: re.Match) -> bool:
         return n == 16
     if 300 <= int(digits[:3]) <= 305 or two in (36, 38, 39) or 3528 <= four <= 3589:
         return n >= 14  # Diners Club, JCB
-    return digits[0] in "56" and n >= 12  # Maestro, Discover, UnionPay, RuPay
+    return digits[0] in "56"  # Maestro, Discover, UnionPay, RuPay
 
 
 def _entropy_ok(m: re.Match) -> bool:
@@ -6161,7 +6165,9 @@ class PIIGuard(Stage):
         if ctx.notes.get("pii_keep") and ctx.status < 300:
             obj = _loads(body)
             self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
-        return ctx.notes["pii"].restore_json(body)
+        restorer = ctx.notes["pii"]
+        restorer.own_thinking = ctx.upstream_api != ctx.api  # (translated: tokenman's blocks)
+        return restorer.restore_json(body)
 
     def finish(self, ctx: Context) -> None:
         forget = ctx.notes.get("pii_forget")  # (the provider's answer: its body may have
@@ -6181,7 +6187,10 @@ class PIIGuard(Stage):
                     and isinstance(obj.get("response"), dict):
                 self._learn(ctx, obj["response"].get("id"))
         restorer = ctx.notes.get("pii")
-        return event if restorer is None else restorer.restore_event(ctx.api, event)
+        if restorer is None:
+            return event
+        restorer.own_thinking = ctx.upstream_api != ctx.api  # (translated: tokenman's blocks)
+        return restorer.restore_event(ctx.api, event)
 
 
 _RESPONSE_PART_KEYS = ("item_id", "output_index", "content_index", "summary_index")
@@ -6193,11 +6202,13 @@ class PIIRestorer:
     """Puts original values back where placeholders come out of the provider. In JSON text the
     value is inserted JSON-escaped (a Windows path stays valid JSON); in streamed deltas a
     placeholder split across events is held back until it is whole."""
-    __slots__ = ("plain", "escaped", "held", "pending", "json_answer")
+    __slots__ = ("plain", "escaped", "held", "pending", "json_answer", "own_thinking")
 
     def __init__(self, originals: dict[str, str], json_answer: bool = False) -> None:
         self.plain = originals  # placeholder -> original value
         self.json_answer = json_answer  # the answer's text is JSON (JSON mode, a schema)
+        self.own_thinking = False  # thinking blocks tokenman made (from a server's reasoning,
+        # unsigned): restored like text; a provider's own are signed and left as they are
         self.escaped = {p: _compact(v)[1:-1] for p, v in originals.items()}
         self.pending: dict[tuple, tuple[dict, str]] = {}  # Responses: a delta event held whole
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
@@ -6230,15 +6241,18 @@ class PIIRestorer:
             text_args = key in ("function", "function_call") or kind in (
                 "function_call", "mcp_call") or type(kind) is str and kind.endswith(
                 "arguments.done")
-            answer = self.json_answer and kind not in (  # the answer's text is JSON too
-                "reasoning", "summary_text", "reasoning_text")  # (not the model's thoughts)
+            # the answer's own text is JSON too: a text block, a chat message, output text (not
+            # a tool's input)
+            answer = self.json_answer and (kind in ("text", "output_text") or "role" in value
+                                           or type(kind) is str
+                                           and kind.endswith("output_text.done"))
             return {k: self._restore_value(v, k, text_args and k == "arguments" or answer
                                            and k in ("content", "text") and type(v) is str)
                     for k, v in value.items()}
         if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
             return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
-                "thinking", "redacted_thinking") else self._restore_value(v, key)
-                for v in value]
+                "thinking", "redacted_thinking") and not self.own_thinking
+                else self._restore_value(v, key) for v in value]
         return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
@@ -6315,10 +6329,11 @@ class PIIRestorer:
         index = obj.get("index")
         if name == b"content_block_stop":
             flush = b""
-            for field in ("text", "partial_json"):
+            for field in ("text", "partial_json", "thinking"):
                 rest = self.held.pop((index, field), "")
                 if rest:
-                    kind = "text_delta" if field == "text" else "input_json_delta"
+                    kind = {"text": "text_delta", "thinking": "thinking_delta"}.get(
+                        field, "input_json_delta")
                     flush += _sse("content_block_delta", {"type": "content_block_delta",
                                                           "index": index,
                                                           "delta": {"type": kind, field: rest}})
@@ -6326,7 +6341,10 @@ class PIIRestorer:
         delta = obj.get("delta")
         if name != b"content_block_delta" or not isinstance(delta, dict):
             return event
-        for field, json_text in (("text", self.json_answer), ("partial_json", True)):
+        for field, json_text in (("text", self.json_answer), ("partial_json", True),
+                                 ("thinking", False)):
+            if field == "thinking" and not self.own_thinking:
+                break  # (the provider's: signed)
             if isinstance(delta.get(field), str):
                 delta[field] = self._restore_text((index, field), delta[field], json_text)
                 return _sse("content_block_delta", obj)
@@ -6343,6 +6361,13 @@ class PIIRestorer:
                 delta["content"] = self._restore_text((index, "content"), delta["content"],
                                                       self.json_answer)
                 changed = True
+            for key in _REASONING_KEYS:  # (a reasoning server's thoughts, or Claude's)
+                if isinstance(delta.get(key), str):
+                    delta[key] = self._restore_text((index, key), delta[key], False)
+                    changed = True
+            if isinstance(choice.get("text"), str):  # (a legacy /v1/completions stream)
+                choice["text"] = self._restore_text((index, "text"), choice["text"], False)
+                changed = True
             for call in delta.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
@@ -6350,36 +6375,38 @@ class PIIRestorer:
                     fn["arguments"] = self._restore_text(slot, fn["arguments"], True)
                     changed = True
             if choice.get("finish_reason"):  # the answer ends: nothing may stay held back
-                rest = self.held.pop((index, "content"), "")
-                if rest:
-                    delta["content"] = delta.get("content", "") + rest if isinstance(
-                        delta.get("content"), str) else rest
-                    choice["delta"] = delta
-                    changed = True
-                for slot in [s for s in self.held if s[0] == index]:  # tool arguments
-                    delta.setdefault("tool_calls", []).append(
-                        {"index": slot[2], "function": {"arguments": self.held.pop(slot)}})
-                    choice["delta"] = delta
+                for slot in [s for s in self.held if s[0] == index]:
+                    self._put_back(choice, delta, slot, self.held.pop(slot))
                     changed = True
         return b"data: " + json_dumps(obj) + b"\n\n" if changed else event
+
+    @staticmethod
+    def _put_back(choice: dict, delta: dict, slot: tuple, rest: str) -> None:
+        """Text held back for `slot` goes out in this chunk's choice."""
+        field = slot[1]
+        if field == "text":  # (a legacy completion's choice has its text, no delta)
+            choice["text"] = (choice.get("text") or "") + rest
+            return
+        if field == "arguments":
+            delta.setdefault("tool_calls", []).append(
+                {"index": slot[2], "function": {"arguments": rest}})
+        else:  # content, reasoning
+            delta[field] = delta[field] + rest if isinstance(delta.get(field), str) else rest
+        choice["delta"] = delta
 
     def _openai_rest(self) -> bytes:
         """A chunk with whatever is still held back, for a stream that ends without a finish
         reason (b"" when nothing is)."""
-        deltas: dict[int, dict] = {}
+        choices: dict[int, dict] = {}
         for slot in list(self.held):
-            rest = self.held.pop(slot)
-            delta = deltas.setdefault(slot[0], {})
-            if slot[1] == "content":
-                delta["content"] = rest
-            else:
-                delta.setdefault("tool_calls", []).append(
-                    {"index": slot[2], "function": {"arguments": rest}})
-        if not deltas:
+            choice = choices.setdefault(slot[0], {"index": slot[0], "finish_reason": None})
+            self._put_back(choice, choice.get("delta") or {}, slot, self.held.pop(slot))
+        if not choices:
             return b""
-        return b"data: " + json_dumps({"object": "chat.completion.chunk", "choices": [
-            {"index": i, "delta": d, "finish_reason": None} for i, d in deltas.items()]}) \
-            + b"\n\n"
+        legacy = any("text" in c for c in choices.values())
+        return b"data: " + json_dumps({
+            "object": "text_completion" if legacy else "chat.completion.chunk",
+            "choices": list(choices.values())}) + b"\n\n"
 
 
 # -- budgets ------------------------------------------------------------------------------------
@@ -9341,7 +9368,7 @@ def request_detail(row: sqlite3.Row) -> dict:
 
 def _page(query: dict, default: int = 50) -> tuple[int, int]:
     try:
-        page = max(1, int(query.get("page", ["1"])[0]))
+        page = min(max(1, int(query.get("page", ["1"])[0])), 10**9)  # (SQLite's integers)
     except ValueError:
         page = 1
     try:
@@ -10199,6 +10226,7 @@ class App:
         await asyncio.to_thread(self.ledger.load, self.store)
         router, prices, self.pipeline, self.plugins = await asyncio.to_thread(
             self._components, cfg)
+        self._set_breakers(cfg)
         self.tracer = Tracer(cfg.tracing, self.log) if cfg.tracing.enabled else None
         self.proxy = Proxy(cfg, router, self.pool, self.store, prices, self.log, self.breakers,
                            self.pipeline, self.metrics, self.tracer)
@@ -10240,21 +10268,25 @@ class App:
         prices = PriceTable(cfg.pricing, warn=lambda model: self.log.warn(
             "no price for model; its cost is recorded as null", model=model))
         router = Router(cfg, self.env, self.log, self.pool.tls)
-        for key in cfg.providers:
-            breaker = self.breakers.get(key)
-            if breaker is None:
-                self.breakers[key] = CircuitBreaker(key, cfg.resilience,
-                                                    on_change=self._breaker_moved)
-            else:  # new thresholds, same state
-                breaker.threshold = cfg.resilience.cb_failure_threshold
-                breaker.reset = cfg.resilience.cb_reset_timeout_seconds
-                breaker.max_probes = cfg.resilience.cb_half_open_max_calls
         plugins = load_plugins(cfg.plugins.paths, self.log) if cfg.plugins.enabled else []
         pipeline = build_pipeline(cfg, self.log, plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
                                   pii_key=self.pii_key, pii_memory=self.pii_memory,
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline, plugins
+
+    def _set_breakers(self, cfg: Config) -> None:
+        """A breaker per provider (on the event loop, once the snapshot is known good): a new
+        one closed, a kept one with the new thresholds and its state."""
+        for key in cfg.providers:
+            breaker = self.breakers.get(key)
+            if breaker is None:
+                self.breakers[key] = CircuitBreaker(key, cfg.resilience,
+                                                    on_change=self._breaker_moved)
+            else:
+                breaker.threshold = cfg.resilience.cb_failure_threshold
+                breaker.reset = cfg.resilience.cb_reset_timeout_seconds
+                breaker.max_probes = cfg.resilience.cb_half_open_max_calls
 
     async def reload(self, reason: str) -> bool:
         """Loads and validates the config again; on success swaps the snapshot (requests in
@@ -10282,6 +10314,7 @@ class App:
         fixed += ["tracing"] if cfg.tracing != old.tracing else []
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
+        self._set_breakers(cfg)
         self.proxy.reconfigure(cfg, router, prices, pipeline)
         self.proxy.plugins = self.plugins = plugins
         if self.pipeline is not None:
