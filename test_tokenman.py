@@ -6610,6 +6610,48 @@ class TestTranslationTables(unittest.TestCase):
         free = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "tools": tools,
                                                "top_p": 0.5, "reasoning_effort": "high"}, [], 100)
         self.assertEqual((free["thinking"]["type"], "top_p" in free), ("enabled", False))
+        # the client's own cap holds its reasoning: the budget fits under it (it raised the
+        # cap 25x), or thinking goes when nothing fits
+        capped = tm.openai_to_anthropic_request({"model": "m", "messages": msgs,
+                                                 "max_completion_tokens": 4000,
+                                                 "reasoning_effort": "high"}, [], 100)
+        self.assertEqual((capped["max_tokens"], capped["thinking"]["budget_tokens"]),
+                         (4000, 4000 - tm.THINKING_MIN))
+        dropped = []
+        small = tm.openai_to_anthropic_request({"model": "m", "messages": msgs,
+                                                "max_completion_tokens": 1000,
+                                                "reasoning_effort": "high"}, dropped, 100)
+        self.assertEqual((small["max_tokens"], "thinking" in small), (1000, False))
+        self.assertIn("reasoning_effort", dropped)
+        # in a tool loop Anthropic wants the calling turn's signed thinking back, which an
+        # OpenAI client never had: thinking there was a 400 on every agent's second turn
+        loop = tm.openai_to_anthropic_request({"model": "m", "reasoning_effort": "low",
+                                               "tools": tools, "messages": msgs + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}, [], 100)
+        self.assertNotIn("thinking", loop)
+
+    def test_structured_outputs_cross_both_ways(self):
+        schema = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"], "additionalProperties": False}
+        msgs = [{"role": "user", "content": "x"}]
+        to_a = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "place", "schema": schema,
+                                                   "strict": True}}}, [], 100)
+        self.assertEqual(to_a["output_config"], {"format": {"type": "json_schema",
+                                                            "schema": schema}})
+        dropped = []
+        mode = tm.openai_to_anthropic_request({"model": "m", "messages": msgs, "response_format": {
+            "type": "json_object"}}, dropped, 100)  # (JSON mode has no schema to give)
+        self.assertEqual(("output_config" in mode, dropped), (False, ["response_format"]))
+        for key, value in (("output_config", {"format": {"type": "json_schema",
+                                                         "schema": schema}}),
+                           ("output_format", {"type": "json_schema", "schema": schema})):
+            to_o = tm.anthropic_to_openai_request({"model": "m", "max_tokens": 9,
+                                                   "messages": msgs, key: value}, [])
+            self.assertEqual(to_o["response_format"], {"type": "json_schema", "json_schema": {
+                "name": "output", "schema": schema}})
 
     def test_one_tool_call_per_turn_is_kept_both_ways(self):
         # OpenAI's parallel_tool_calls: false and Anthropic's disable_parallel_tool_use are the

@@ -7413,6 +7413,14 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
                 else "high"
         else:
             dropped.append("thinking")
+    config = obj.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else obj.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" \
+            and isinstance(fmt.get("schema"), dict):  # structured outputs, both sides
+        out["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": fmt["schema"]}}
+    elif fmt is not None:
+        dropped.append("output_format")
     dropped += [k for k in obj if k in ("top_k", "service_tier", "container", "mcp_servers")]
     return out
 
@@ -7488,20 +7496,39 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
         out["tool_choice"] = dict(out.get("tool_choice") or {"type": "auto"},
                                   disable_parallel_tool_use=True)
     effort = obj.get("reasoning_effort")
-    forced = (out.get("tool_choice") or {}).get("type") in ("any", "tool")
-    if effort in _EFFORT_BUDGET and not forced:  # (thinking refuses a forced tool choice: the
-        budget = _EFFORT_BUDGET[effort]  # tool choice is kept, the effort dropped)
+    budget = _EFFORT_BUDGET.get(effort) if isinstance(effort, str) else None
+    asked = obj.get("max_completion_tokens") or obj.get("max_tokens")
+    if budget and _is_count(asked):  # the client's cap holds its reasoning too (OpenAI's
+        budget = min(budget, asked - THINKING_MIN)  # max_completion_tokens): the budget fits
+    if budget and (budget < THINKING_MIN or _thinking_refused(out)):
+        dropped.append("reasoning_effort")
+    elif budget:
         out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        out["max_tokens"] = max(out["max_tokens"], budget + 1024)
+        out["max_tokens"] = max(out["max_tokens"], budget + THINKING_MIN)
         out.pop("temperature", None)  # thinking requires the default temperature
         if isinstance(out.get("top_p"), (int, float)) and out["top_p"] < 0.95:
             out.pop("top_p")  # and a top_p of 0.95 or more
-    elif effort in _EFFORT_BUDGET:
-        dropped.append("reasoning_effort")
+    fmt = obj.get("response_format")
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema"), dict) \
+            and fmt.get("type") == "json_schema":  # structured outputs, both sides
+        out["output_config"] = {"format": {"type": "json_schema", "schema": spec["schema"]}}
+    elif fmt is not None:  # (JSON mode without a schema has no counterpart)
+        dropped.append("response_format")
     dropped += [k for k in obj if k in ("n", "seed", "logprobs", "top_logprobs",
-                                        "response_format", "presence_penalty",
-                                        "frequency_penalty", "logit_bias")]
+                                        "presence_penalty", "frequency_penalty", "logit_bias")]
     return out
+
+
+def _thinking_refused(out: dict) -> bool:
+    """Whether Anthropic would refuse thinking on this translated request: with a forced tool
+    choice, or in a tool loop, where the assistant turn that called the tools must start with
+    its signed thinking block (which an OpenAI client never had to send back)."""
+    if (out.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        return True
+    last = next((m for m in reversed(out["messages"]) if m["role"] == "assistant"), None)
+    return last is not None and any(isinstance(b, dict) and b.get("type") == "tool_use"
+                                    for b in last["content"])
 
 
 def anthropic_to_openai_response(obj: dict) -> dict:
