@@ -1459,7 +1459,8 @@ def render_config(cfg: Config, title: str, mask: bool = False) -> str:
         lines.append(f"[pricing.{json.dumps(model)}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()] + [""]
     lines += ["# Prices in USD per million tokens override or extend the built-in table; the",
-              "# longest matching model-id prefix wins. cache_* default to Anthropic's ratios",
+              "# longest matching model-id prefix wins, a prefix ending where the id's next",
+              "# part begins (- @ : [ _ or the end). cache_* default to Anthropic's ratios",
               "# of the input price (1.25x, 2x, 0.1x).",
               '# [pricing."my-model"]',
               "# input = 1.0", "# output = 2.0", "# cache_write_5m = 1.25",
