@@ -4505,6 +4505,26 @@ class TestPIIStage(ProxyTestCase):
             {"type": "text", "text": "You said: " + text}],
             "usage": {"input_tokens": 5, "output_tokens": 5}})
 
+    async def test_end_user_ids_are_digested_not_numbered(self):
+        # OpenAI's user and Anthropic's metadata.user_id (often an e-mail address) went to the
+        # provider as they were; a numbered placeholder would make every user [EMAIL_1], so a
+        # keyed digest keeps them apart for the provider's abuse checks
+        await self.start_proxy()
+        for user in ("ann@corp.io", "bob@corp.io", "ann@corp.io"):
+            await http(self.port, "POST", "/v1/chat/completions",
+                       dict(OPENAI_REQ, user=user), O_HEADERS)
+        await http(self.port, "POST", "/v1/messages",
+                   dict(ANTHROPIC_REQ, metadata={"user_id": "ann@corp.io"}), A_HEADERS)
+        sent = [r.json().get("user") for r in self.up.requests[:3]]
+        self.assertTrue(all(re.fullmatch(r"\[EMAIL_HASH_[0-9a-f]{8}\]", u) for u in sent), sent)
+        self.assertEqual((sent[0] == sent[2], sent[0] == sent[1]), (True, False))
+        self.assertEqual(self.up.requests[3].json()["metadata"]["user_id"], sent[0])
+        await self.rows(4)
+        logged = await asyncio.to_thread(self.app.store.query,
+                                         "SELECT action, field_path FROM pii_log ORDER BY id")
+        self.assertEqual([tuple(r) for r in logged], [("hash", "user")] * 3
+                         + [("hash", "metadata.user_id")])
+
     async def test_embeddings_and_bare_prompts_are_screened_too(self):
         # /v1/embeddings (input), legacy /v1/completions (prompt) and /v1/moderations went to
         # the provider with the personal data in them: only chat-shaped text was screened

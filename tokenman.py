@@ -4819,6 +4819,25 @@ def prompt_fields(obj: dict, member: str) -> list[tuple]:
     return []
 
 
+# the end user's id a request may carry (OpenAI's user and safety_identifier, Anthropic's
+# metadata.user_id): often an e-mail address, never shown back to the client
+_ID_FIELDS = (("user",), ("safety_identifier",), ("metadata", "user_id"))
+
+
+def id_fields(obj: dict) -> list[tuple]:
+    """A request's end-user ids, in text_fields' form with the role "id": personal data in
+    one is replaced by a keyed digest, whatever the action, so that users stay apart for the
+    provider's abuse checks (a numbered placeholder would make them all [EMAIL_1])."""
+    out = []
+    for path in _ID_FIELDS:
+        parent = obj
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), str):
+            out.append((parent, path[-1], path, "id"))
+    return out
+
+
 # Responses API input items that carry text: type -> (its member, the role it counts as)
 _RESPONSES_ITEM_TEXT = {
     "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
@@ -6005,6 +6024,7 @@ class PIIGuard(Stage):
         prompt = _PROMPT_MEMBERS.get(ctx.req.path) if ctx.api == API_OPENAI else None
         fields = responses_text_fields(ctx.obj) if responses else \
             prompt_fields(ctx.obj, prompt) if prompt else text_fields(ctx.api, ctx.obj)
+        fields += id_fields(ctx.obj)
         # a Responses call the provider keeps (store is on unless turned off) may be continued
         # without being resent: numbered in order, [EMAIL_1] would be another person in every
         # turn (and be restored as this turn's); numbered from the value (a keyed digest, so
@@ -6017,14 +6037,14 @@ class PIIGuard(Stage):
         earlier, keep = self._earlier(ctx, tenant) if tenant and action == "redact" \
             else (None, None)
         short = len(fields) >= ScanMemo.HISTORY
-        for parent, key, path, _ in fields:
+        for parent, key, path, role in fields:
             text = parent[key]
             spans = self.memo.get(text, self._scan, short)
             if not spans:
                 continue
             where = field_path(path)
-            done = "log" if action in ("redact", "hash") and type(parent) is CitedText \
-                else action
+            done = action if action not in ("redact", "hash") else "log" \
+                if type(parent) is CitedText else "hash" if role == "id" else action
             found += [(kind, where, text[s:e], done) for s, e, kind in spans]
             if done in ("redact", "hash"):
                 if taken is None and action == "redact":
@@ -6035,7 +6055,7 @@ class PIIGuard(Stage):
                     out.append(text[pos:s])
                     value = text[s:e]
                     out.append(self._placeholder(_unescaped(value) if json_text else value,
-                                                 kind, action, mapping, counters, taken,
+                                                 kind, done, mapping, counters, taken,
                                                  number_key))
                     pos = e
                 out.append(text[pos:])
