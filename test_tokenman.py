@@ -5920,17 +5920,30 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
                     self.assertEqual(stripped, original)  # only breakpoints were added
 
     def test_compress_text_golden(self):
-        text = ("Intro   text  with   runs.   \n\n\n\nNext para.\n"
+        text = ("Intro   text  with   runs.   \n\n  \n\nNext para.\n"
                 "```python\ndef f():\n    x  =  1   \n\n\n\n    return x\n```\n"
                 "    indented  line kept at the start\n")
-        expected = ("Intro text with runs.\n\nNext para.\n"
+        expected = ("Intro   text  with   runs.   \n\nNext para.\n"
                     "```python\ndef f():\n    x  =  1   \n\n\n\n    return x\n```\n"
-                    "    indented line kept at the start\n")
+                    "    indented  line kept at the start\n")
         self.assertEqual(tm.compress_text(text, True, True), expected)
         self.assertEqual(tm.compress_text(expected, True, True), expected)  # idempotent
         doc = '{\n  "b": 1,\n  "a": ["\u00e9", {"k": null}]\n}'
         self.assertEqual(tm.compress_text(doc, True, True), '{"b":1,"a":["\u00e9",{"k":null}]}')
-        self.assertEqual(tm.compress_text("{not json}  x", True, True), "{not json} x")
+        self.assertEqual(tm.compress_text("{not json}  x", True, True), "{not json}  x")
+        # lossless (a trial found each of these changed): every number, key and string of a
+        # JSON document as written; spaces inside a line (a string literal, a TSV row, a YAML
+        # value) and at its end (a Markdown hard break, a Makefile value); a fence indented in a
+        # list item, or holding a shorter fence
+        doc = '{"price": 10.50, "big": 1e400, "exp": 1E2, "dup": 1, "dup": 2, "s": "a  \\" b"}'
+        self.assertEqual(tm.compress_text(doc, True, True),
+                         '{"price":10.50,"big":1e400,"exp":1E2,"dup":1,"dup":2,"s":"a  \\" b"}')
+        for kept in ('return "col1    col2"\n\n\n\nx', "1\t\tempty-name\n2\tbob\t\t\n",
+                     'name: "hello   world"\nDIR := /tmp/out   \nline  \nbreak',
+                     "1. Step:\n   ```python\n   s = 'a    b'\n\n\n\n   ```",
+                     "````markdown\n```python\nx = \"a    b\"   \n\n\n\n```\n````"):
+            expected = kept if kept[:6] != "return" else 'return "col1    col2"\n\nx'
+            self.assertEqual(tm.compress_text(kept, True, True), expected)
 
     async def test_history_window_keeps_valid_turns_and_tool_pairs(self):
         cfg = tm.config_from_dict({"compression": {"history": {"enabled": True,
@@ -5951,6 +5964,19 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(sum(1 for m in msgs if m["role"] == "user"
                              and not tm._is_tool_turn("anthropic", m)), 2)
         self.assertGreater(ctx.notes["compressed_tokens"], 0)
+        # Claude Code adds text after its tool results ([tool_result, text]): such a message
+        # counted as a new turn, so the window began at it and cut its tool_use away
+        mixed = claude_code_request(turns=6, big=False)
+        for m in mixed["messages"]:
+            if isinstance(m["content"], list) and m["content"][0]["type"] == "tool_result":
+                m["content"].append({"type": "text", "text": "<system-reminder>x"})
+        _, sent = await self.run_stage(stage, mixed)
+        for i, m in enumerate(sent["messages"]):
+            for block in m["content"] if isinstance(m["content"], list) else ():
+                if block.get("type") == "tool_result":
+                    self.assertIn(block["tool_use_id"], [
+                        b.get("id") for b in sent["messages"][i - 1]["content"]
+                        if isinstance(b, dict)], i)
         oa = {"model": "gpt-4o", "messages": [{"role": "system", "content": "sys"}]}
         for t in range(5):
             oa["messages"] += [{"role": "user", "content": f"q{t}"},
@@ -5974,8 +6000,9 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         obj = {"model": "m", "messages": [{"role": "user", "content": "a    b"}]}
         ctx, sent = await self.run_stage(stage, obj, headers=[(b"X-Tokenman-No-Compress", b"1")])
         self.assertEqual(ctx.changes, {})
-        ctx, sent = await self.run_stage(stage, obj)
-        self.assertEqual(sent["messages"][0]["content"], "a b")
+        ctx, sent = await self.run_stage(stage, dict(obj, messages=[
+            {"role": "user", "content": "a\n\n\n\nb"}]))
+        self.assertEqual(sent["messages"][0]["content"], "a\n\nb")
         defaults = tm.config_from_dict({}, {})
         self.assertEqual((defaults.rules.enabled, defaults.history.enabled,
                           defaults.heartbeat.enabled, defaults.cache_hints.enabled),
@@ -6077,18 +6104,32 @@ class TestSavingsEndToEnd(ProxyTestCase):
         self.assertTrue(all(r.headers.get(b"authorization") != b"Bearer tok-123"
                             for r in self.up.requests))
 
+    async def test_a_text_about_cache_control_still_gets_breakpoints(self):
+        # a member another stage rewrote (a path redacted) was searched for the bare word
+        # cache_control: an agent working on LLM code lost prompt caching on every turn
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "claude-sonnet-4-5", "content": [], "usage": {"input_tokens": 5,
+                                                                   "output_tokens": 5}})
+        await self.start_proxy()
+        obj = claude_code_request(turns=2)
+        obj["messages"][-1]["content"] = "Open /home/alice/proj/main.py and explain cache_control"
+        await http(self.port, "POST", "/v1/messages", obj, A_HEADERS)
+        sent = self.up.requests[0].json()
+        self.assertIn("[FILE_PATH_1]", json.dumps(sent["messages"]))
+        self.assertGreaterEqual(len(breakpoints(sent)), 2)
+
     async def test_rules_and_heartbeat_end_to_end(self):
         await self.start_proxy({"compression": {"rules": {"enabled": True},
                                                 "heartbeat": {"enabled": True}}})
         req = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "spaced     out   "
-                                             "text\n\n\n\n\nend " + "word " * 50}])
+                                             "text" + "\n  \n\n \n\nend " * 40}])
         first = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         second = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertNotIn("x-tokenman-heartbeat", first.headers)
         self.assertEqual(second.headers["x-tokenman-heartbeat"], "HIT")
         self.assertEqual(len(self.up.requests), 1)
         self.assertTrue(self.up.requests[0].json()["messages"][0]["content"].startswith(
-            "spaced out text\n\nend"))
+            "spaced     out   text\n\nend"))
         rows = await self.rows(2)
         row = next(r for r in rows if r["outcome"] == "ok")
         self.assertGreater(row["compressed_tokens"], 0)

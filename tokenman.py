@@ -837,9 +837,10 @@ class CacheHintsConfig:
 @dataclasses.dataclass(frozen=True)
 class RulesConfig:
     enabled: bool = _f(False, "lossless compression of prompt text outside code blocks")
-    collapse_whitespace: bool = _f(True, "trailing spaces, space runs inside lines, 3+ blank "
-                                         "lines (never indentation)")
-    minify_json: bool = _f(True, "text parts that are a whole JSON document, key order kept")
+    collapse_whitespace: bool = _f(True, "runs of blank lines become one (nothing inside a line, "
+                                         "at its end or in a fence changes)")
+    minify_json: bool = _f(True, "text parts that are a whole JSON document lose the blanks "
+                                 "between tokens (every key, string and number kept as written)")
     tool_results: bool = _f(False, "also compress tool results")
 
 
@@ -6745,8 +6746,9 @@ class CacheHints(Stage):
         minimum = cache_minimum(ctx.model)
         if len(ctx.req.body) // 3 < minimum:
             return None
-        if any("cache_control" in json.dumps(ctx.changes[k]) for k in ctx.changes):
-            return None  # a stage before this one set breakpoints
+        if any('"cache_control"' in json.dumps(ctx.changes[k]) for k in ctx.changes):
+            return None  # a stage before this one set breakpoints (the quoted name: a key;
+            # in a string value its quotes are escaped, so a text about it does not count)
         self._place(obj, self._sizes(ctx), minimum, ctx.changes)
         return None
 
@@ -6830,37 +6832,53 @@ class CacheHints(Stage):
         return sizes
 
 
-_FENCE_RE = re.compile(r"(^|\n)(```|~~~)[^\n]*\n.*?(\n\2[^\n]*(?=\n|$)|$)", re.S)
-_SPACE_RUN_RE = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
-_TRAILING_RE = re.compile(r"[ \t]+(?=\n)")
-_BLANK_RUN_RE = re.compile(r"\n{3,}")
+_FENCE_LINE_RE = re.compile(r"[ \t]*(`{3,}|~{3,})")  # a fence, indented in a list item too
+_BLANK_RUN_RE = re.compile(r"\n(?:[ \t]*\n){2,}")  # two or more blank lines
+_JSON_SPACE_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\s+')  # a JSON string, or blanks between tokens
 
 
 def compress_text(text: str, whitespace: bool, minify_json: bool) -> str:
-    """Lossless compaction outside fenced code blocks: a part that is a whole JSON document is
-    minified (key order and characters kept); trailing spaces, space runs between words and
-    3+ blank lines are collapsed. Leading indentation is never touched, nor anything inside a
-    fence, and the same input always gives the same output (provider prefix caches still hit)."""
+    """Lossless compaction outside fenced code blocks: a text that is a whole JSON document
+    loses the blanks between its tokens (every key, string and number kept as written, in its
+    order); runs of blank lines become one. Nothing else changes: not the spaces inside a line
+    (a string literal, a TSV row, a YAML value), not a line's end (a Markdown hard break, a
+    Makefile value), not indentation, nothing inside a fence; the same input always gives the
+    same output (provider prefix caches still hit)."""
     if minify_json and text[:1] in "{[" and text.rstrip()[-1:] in "}]":
         try:
-            return json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+            json.loads(text)
         except (ValueError, RecursionError):
             pass
-    if not whitespace:
+        else:
+            return _JSON_SPACE_RE.sub(lambda m: m.group() if m.group()[0] == '"' else "", text)
+    if not whitespace or "\n" not in text:
         return text
     out, pos = [], 0
-    for m in _FENCE_RE.finditer(text):
-        out.append(_squeeze(text[pos:m.start()]))
-        out.append(m.group())
-        pos = m.end()
-    out.append(_squeeze(text[pos:]))
+    for start, end in _fenced_spans(text):
+        out.append(_BLANK_RUN_RE.sub("\n\n", text[pos:start]))
+        out.append(text[start:end])
+        pos = end
+    out.append(_BLANK_RUN_RE.sub("\n\n", text[pos:]))
     return "".join(out)
 
 
-def _squeeze(part: str) -> str:
-    part = _TRAILING_RE.sub("", part)
-    part = _SPACE_RUN_RE.sub(" ", part)
-    return _BLANK_RUN_RE.sub("\n\n", part)
+def _fenced_spans(text: str) -> list[tuple[int, int]]:
+    """Where fenced code blocks are (CommonMark: a fence of 3+ backticks or tildes, closed by
+    one of the same character at least as long, alone on its line; unclosed: to the end)."""
+    spans, opened, pos = [], None, 0
+    for line in text.splitlines(keepends=True):
+        m = _FENCE_LINE_RE.match(line)
+        if opened is None:
+            if m is not None:
+                opened = (m.group(1)[0], len(m.group(1)), pos)
+        elif m is not None and m.group(1)[0] == opened[0] and len(m.group(1)) >= opened[1] \
+                and not line[m.end():].strip():
+            spans.append((opened[2], pos + len(line)))
+            opened = None
+        pos += len(line)
+    if opened is not None:
+        spans.append((opened[2], len(text)))
+    return spans
 
 
 class RulesCompressor(Stage):
@@ -6896,8 +6914,8 @@ def _is_tool_turn(api: str, msg: dict) -> bool:
     """A message that continues a turn (tool results) rather than starting a new one."""
     if api == API_OPENAI:
         return msg.get("role") == "tool"
-    content = msg.get("content")
-    return msg.get("role") == "user" and isinstance(content, list) and bool(content) and all(
+    content = msg.get("content")  # (results and text in one message: still the tool turn)
+    return msg.get("role") == "user" and isinstance(content, list) and any(
         isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
 
 
