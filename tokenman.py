@@ -96,6 +96,7 @@ import time
 import tomllib
 import types
 import urllib.parse
+import weakref
 
 # ================================================================================================
 # §01 constants and limits: every number the wire layer enforces, with where it comes from
@@ -2495,6 +2496,7 @@ class HTTPServer:
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[ServerConn] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.chans: weakref.WeakSet = weakref.WeakSet()  # every connection, till it is gone
         self.draining = False
         self.date = _DateCache()
         self.port = 0
@@ -2507,6 +2509,7 @@ class HTTPServer:
         def factory() -> Channel:
             chan = Channel(loop, batch)
             chan.on_made = self._accepted
+            self.chans.add(chan)
             return chan
 
         self.server = await loop.create_server(factory, host, port, ssl=self.ssl_ctx,
@@ -2648,21 +2651,24 @@ class HTTPServer:
         """Ends what is still in flight: each request is cancelled (it answers with an error,
         or ends its stream with an error event, and records its row), then every connection
         closes once that is sent."""
-        conns = list(self.conns)  # (each request's end takes its connection off the set)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for conn in conns:
-            conn.chan.close()
-        if self.server is not None:  # (3.12+ waits for every connection: one whose client
+        for chan in list(self.chans):  # (also those whose answer still waits to be read:
+            chan.close()  # a Connection: close one has left self.conns already)
+        if self.server is None:
+            return
+        for give_up in (False, True):  # (3.12+ waits for every connection: one whose client
             try:  # stopped reading would never close)
                 async with asyncio.timeout(CLOSE_FLUSH_SECONDS):
                     await self.server.wait_closed()
+                return
             except TimeoutError:
-                for conn in conns:
-                    conn.chan.abort()
-                await self.server.wait_closed()
+                for chan in list(self.chans):
+                    chan.abort()
+                if give_up:
+                    self.log.warn("connections still open at stop", server=self.name)
 
 
 # ================================================================================================
@@ -5063,6 +5069,7 @@ class ResponseCache(Stage):
             return None
         ctx.headers_out[-1] = (b"X-Tokenman-Cache", b"HIT")
         ctx.cache_hit = True
+        _note_own_thinking(ctx, entry.body)
         ctx.model = entry.model or ctx.model
         ctx.tokens_saved = entry.tokens
         ctx.saved["cache"] = entry.cost or 0.0
@@ -5125,6 +5132,13 @@ class ResponseCache(Stage):
         now = self.clock()
         self._forget_expired(now)
         return cache_purge_job(now, self.cfg.max_rows)
+
+
+def _note_own_thinking(ctx: Context, body: bytes) -> None:
+    """A stored answer with an unsigned thinking block was translated: tokenman made that
+    block (a provider signs each of its own), so the PII stage may restore values in it."""
+    if b'"signature":""' in body:
+        ctx.notes["own_thinking"] = True
 
 
 def replayable(ctx: Context, body: bytes | None) -> bool:
@@ -5580,7 +5594,8 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     # xml_system_tag: not a one-word data element inside an XML document (a Maven pom's
     # <system>GitHub</system><url>...)
     ("xml_system_tag", "delimiter_injection",
-     r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>\s*<)", re.I, "<system"),
+     r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>\s*<(?!/?(?:user|assistant|human|ai|"
+     r"model|instructions?)\b))", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
     # you_are_now: as the reference, except a user asking for help ("you are now going to
     # help me ...")
@@ -5589,8 +5604,8 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     ("you_are_now", "role_confusion",
      r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
      r"translate|summari[sz]e|read|fix)\b)(?!\s*(?:(?:logged|signed)\s+(?:in|out|on|off)|"
-     r"(?:dis)?connected(?:\s+to\b|\s*[.!]|\s*$)|authenticated\b|(?:un)?subscribed\b|"
-     r"on\s+branch\b|up\s+to\s+date\b))", re.I, "now"),
+     r"(?:dis)?connected(?:\s+to\s+[\w.:/@-]+)?|authenticated|(?:un)?subscribed|"
+     r"on\s+branch\s+[\w./-]+|up\s+to\s+date)\s*(?:[.!,;]|\n|$))", re.I, "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
@@ -6188,8 +6203,8 @@ class PIIGuard(Stage):
             obj = _loads(body)
             self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
         restorer = ctx.notes["pii"]
-        restorer.own_thinking = ctx.upstream_api != ctx.api  # (translated: tokenman's blocks)
-        return restorer.restore_json(body)
+        restorer.own_thinking = ctx.upstream_api != ctx.api or "own_thinking" in ctx.notes
+        return restorer.restore_json(body)  # (translated, now or when stored: tokenman's)
 
     def finish(self, ctx: Context) -> None:
         forget = ctx.notes.get("pii_forget")  # (the provider's answer: its body may have
@@ -6211,13 +6226,17 @@ class PIIGuard(Stage):
         restorer = ctx.notes.get("pii")
         if restorer is None:
             return event
-        restorer.own_thinking = ctx.upstream_api != ctx.api  # (translated: tokenman's blocks)
-        return restorer.restore_event(ctx.api, event)
+        restorer.own_thinking = ctx.upstream_api != ctx.api or "own_thinking" in ctx.notes
+        return restorer.restore_event(ctx.api, event)  # (translated: tokenman's blocks)
 
 
 _RESPONSE_PART_KEYS = ("item_id", "output_index", "content_index", "summary_index")
 _RESPONSE_ENDS = frozenset(("response.completed", "response.incomplete", "response.failed",
                             "error"))
+
+
+_TOOL_CALL_KINDS = frozenset(("tool_use", "server_tool_use", "function_call", "mcp_call",
+                              "custom_tool_call"))  # (their values are a tool's, not the answer)
 
 
 class PIIRestorer:
@@ -6252,7 +6271,9 @@ class PIIRestorer:
         return _PLACEHOLDER_RE.sub(
             lambda m: esc.get(m.group().decode(), m.group().decode()).encode(), body)
 
-    def _restore_value(self, value, key: str = "", json_text: bool = False):
+    def _restore_value(self, value, key: str = "", json_text: bool = False,
+                       answer_ok: bool = True):
+        """`answer_ok`: not inside a tool call, whose values are never the answer's text."""
         if isinstance(value, str):
             if "[" not in value:
                 return value
@@ -6263,18 +6284,19 @@ class PIIRestorer:
             text_args = key in ("function", "function_call") or kind in (
                 "function_call", "mcp_call") or type(kind) is str and kind.endswith(
                 "arguments.done")
-            # the answer's own text is JSON too: a text block, a chat message, output text (not
-            # a tool's input)
-            answer = self.json_answer and (kind in ("text", "output_text") or "role" in value
-                                           or type(kind) is str
-                                           and kind.endswith("output_text.done"))
+            answer_ok = answer_ok and not text_args and kind not in _TOOL_CALL_KINDS
+            # the answer's own text is JSON too: a text block, a chat message, output text
+            answer = self.json_answer and answer_ok and (
+                kind in ("text", "output_text") or "role" in value
+                or type(kind) is str and kind.endswith("output_text.done"))
             return {k: self._restore_value(v, k, text_args and k == "arguments" or answer
-                                           and k in ("content", "text") and type(v) is str)
+                                           and k in ("content", "text") and type(v) is str,
+                                           answer_ok and k not in ("input", "tool_calls"))
                     for k, v in value.items()}
         if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
             return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
                 "thinking", "redacted_thinking") and not self.own_thinking
-                else self._restore_value(v, key) for v in value]
+                else self._restore_value(v, key, False, answer_ok) for v in value]
         return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
@@ -7104,6 +7126,7 @@ class Heartbeat(ResponseCache):
             return None
         self.memory.move_to_end(key)
         ctx.headers_out.append((b"X-Tokenman-Heartbeat", b"HIT"))
+        _note_own_thinking(ctx, entry.body)
         ctx.model = entry.model or ctx.model
         ctx.tokens_saved = entry.tokens
         ctx.saved["heartbeat"] = entry.cost or 0.0
@@ -7215,13 +7238,14 @@ def build_pipeline(cfg: Config, log: Logger, plugins: list[Plugin] = (),
         try:
             stages.append(cls(cfg, log=log, **services))
         except Exception as exc:
-            if name in REGISTRY:
+            if cls is REGISTRY.get(name):
                 raise
             error = f"{type(exc).__name__}: {exc}"
             log.error("plugin stage failed to start; left out", stage=name, error=error)
             for plugin in plugins:  # (/api/plugins says so)
-                if name in plugin.stages:
-                    plugin.error = f"stage {name} failed to start: {error}"
+                if plugin.stages.get(name) is cls:
+                    plugin.error = (plugin.error + "; " if plugin.error else "") + \
+                        f"stage {name} failed to start: {error}"
     return Pipeline(stages, log)
 
 
@@ -7453,7 +7477,8 @@ def anthropic_to_openai_request(obj: dict, dropped: list[str]) -> dict:
         else:
             dropped.append("thinking")
     config = obj.get("output_config")
-    fmt = config.get("format") if isinstance(config, dict) else obj.get("output_format")
+    fmt = (config.get("format") if isinstance(config, dict) else None) \
+        or obj.get("output_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" \
             and isinstance(fmt.get("schema"), dict):  # structured outputs, both sides
         out["response_format"] = {"type": "json_schema", "json_schema": {
@@ -7539,7 +7564,9 @@ def openai_to_anthropic_request(obj: dict, dropped: list[str], default_max: int)
     asked = obj.get("max_completion_tokens") or obj.get("max_tokens")
     if budget and _is_count(asked):  # the client's cap holds its reasoning too (OpenAI's
         budget = min(budget, asked - THINKING_MIN)  # max_completion_tokens): the budget fits
-    if budget and (budget < THINKING_MIN or _thinking_refused(out)):
+    elif budget and asked is not None:  # (not a count: sent as it is, for the provider to
+        budget = 0  # refuse; thinking is not made to fit it)
+    if budget is not None and (budget < THINKING_MIN or _thinking_refused(out)):
         dropped.append("reasoning_effort")
     elif budget:
         out["thinking"] = {"type": "enabled", "budget_tokens": budget}
@@ -9592,8 +9619,9 @@ class Dashboard:
                 params.append(query[field][0])
         if "status" in query:
             value = query["status"][0]
-            where.append("status_code = ?" if value.isdigit() else "outcome = ?")
-            params.append(int(value) if value.isdigit() else value)
+            code = value.isascii() and value.isdigit() and len(value) <= 3  # (an HTTP status;
+            where.append("status_code = ?" if code else "outcome = ?")  # a longer number was
+            params.append(int(value) if code else value)  # past SQLite's integers)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = (await self._query(f"SELECT COUNT(*) AS n FROM requests {clause}",
                                    tuple(params)))[0]["n"]
