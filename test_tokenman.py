@@ -6085,12 +6085,33 @@ class TestSavingsEndToEnd(ProxyTestCase):
         rows = await self.rows(2)
         self.assertGreater(rows[0]["compressed_tokens"], 0)
         self.assertLess(rows[1]["saved_compression_usd"], rows[0]["saved_compression_usd"] + 1)
+        # the summary call is billed with the request that needed it (it was in no row, no
+        # cost metric and no budget); the second request used the summary kept in memory
+        main_cost = (100 * 3 + 10 * 15) / 1e6  # claude-sonnet-4-5
+        summary_cost = (900 * 1 + 20 * 5) / 1e6  # claude-haiku-4-5
+        self.assertAlmostEqual(rows[0]["cost_usd"], main_cost + summary_cost)
+        self.assertAlmostEqual(rows[1]["cost_usd"], main_cost)
         fail_now = True
         other = claude_code_request(turns=9, big=False, seed=5)
         resp = await http(self.port, "POST", "/v1/messages", other, A_HEADERS)
         self.assertEqual(resp.status, 200)
         self.assertEqual(len(self.up.requests[-1].json()["messages"]), len(other["messages"]))
 
+
+    async def test_removed_tokens_are_priced_as_this_request_paid_for_its_input(self):
+        # tokens a window removed were priced at the full input rate although most of the
+        # prompt was read from the provider's cache at a tenth of it: 9x the bill's change
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "claude-sonnet-4-5", "content": [], "usage": {
+                "input_tokens": 1000, "cache_read_input_tokens": 9000, "output_tokens": 10}})
+        await self.start_proxy({"compression": {"history": {"enabled": True, "window_size": 2}}})
+        await http(self.port, "POST", "/v1/messages", claude_code_request(turns=6, big=False),
+                   A_HEADERS)
+        row = (await self.rows(1))[0]
+        rate = (1000 * 3 + 9000 * 0.3) / 10000  # USD per million input tokens, as billed
+        self.assertGreater(row["compressed_tokens"], 0)
+        self.assertAlmostEqual(row["saved_compression_usd"],
+                               row["compressed_tokens"] * rate / 1e6)
 
     async def test_summary_calls_never_carry_tokenmans_token(self):
         seen = []

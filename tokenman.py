@@ -4242,7 +4242,8 @@ METRICS_HELP = types.MappingProxyType({
                                         "saved (prompt-cache writes, summary calls), by source; "
                                         "net savings are the difference."),
     "tokenman_savings_percent": ("gauge", "Savings as a percent of cost plus savings."),
-    "tokenman_cache_hits_total": ("counter", "Requests answered from the response cache."),
+    "tokenman_cache_hits_total": ("counter", "Requests answered from the response cache or "
+                                             "the heartbeat."),
     "tokenman_cache_misses_total": ("counter", "Requests not answered from the cache."),
     "tokenman_cache_hit_rate": ("gauge", "Cache hits as a percent of hits plus misses."),
     "tokenman_active_requests": ("gauge", "Requests in flight."),
@@ -7007,7 +7008,8 @@ class Summarizer(Stage):
     """Long conversations: the turns before the last `keep_last` user turns are replaced by a
     summary written by a configured model through tokenman's own client, cut at a real user
     turn (tool pairs and role order stay valid) and cached by content hash. Any failure leaves
-    the request as it was. Off by default. Its own call's cost is netted out of the savings."""
+    the request as it was. Off by default. Its own call's cost is added to the request's and
+    netted out of its savings."""
     name = "summarization"
 
     def __init__(self, cfg: Config, log: Logger, prices: PriceTable, pool: UpstreamPool = None,
@@ -8815,8 +8817,15 @@ class RequestLog:
                         u.cache_read * (price.input - price.cache_read)
                         - u.cache_write_5m * (price.cache_write_5m - price.input)
                         - u.cache_write_1h * (price.cache_write_1h - price.input)) / 1_000_000
-                if compressed:
-                    saved["compression"] = compressed * price.input / 1_000_000 \
+                if compressed:  # (at what this request's input cost per token: removed
+                    # tokens a prompt cache would have read were worth a tenth of the input
+                    # price, not all of it)
+                    tokens = u.input + u.cache_read + u.cache_write
+                    rate = (u.input * price.input + u.cache_read * price.cache_read
+                            + u.cache_write_5m * price.cache_write_5m
+                            + u.cache_write_1h * price.cache_write_1h) / tokens \
+                        if tokens else price.input
+                    saved["compression"] = compressed * rate / 1_000_000 \
                         - ctx.notes.get("summary_cost", 0.0)
         return saved, compressed
 
@@ -9112,6 +9121,8 @@ class Proxy(ResponseRelay, RequestLog):
                 conn.send_error(req, ctx.api, 500, "internal error in tokenman",
                                 [(b"X-Request-Id", ctx.xid)])
         finally:  # (cancelled too: the row is written, a reservation released)
+            if "summary_cost" in ctx.notes:  # tokenman's own call made for this request is
+                ctx.cost = (ctx.cost or 0.0) + ctx.notes["summary_cost"]  # billed with it
             ctx.pipeline.finish(ctx)
             ctx.pipeline.leave()
             self._finish(ctx)
