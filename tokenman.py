@@ -4834,8 +4834,9 @@ _ID_FIELDS = (("user",), ("safety_identifier",), ("metadata", "user_id"))
 
 def id_fields(obj: dict) -> list[tuple]:
     """A request's end-user ids, in text_fields' form with the role "id": personal data in
-    one is replaced by a keyed digest, whatever the action, so that users stay apart for the
-    provider's abuse checks (a numbered placeholder would make them all [EMAIL_1])."""
+    one is replaced by a keyed digest in redact, hash and block mode (never refused), so that
+    users stay apart for the provider's abuse checks (a numbered placeholder would make them all
+    [EMAIL_1]); log mode only records it."""
     out = []
     for path in _ID_FIELDS:
         parent = obj
@@ -5121,7 +5122,7 @@ class ResponseCache(Stage):
         headers = [(n, v) for n, v in ctx.notes.get("cache_headers", ())
                    if n.lower() in _CACHED_HEADERS]
         entry = CacheEntry(now + self.cfg.ttl_seconds, ctx.status, headers, body, ctx.model,
-                           u.input + u.output + u.cache_read + u.cache_write, ctx.cost)
+                           u.input + u.output + u.cache_read + u.cache_write, answer_cost(ctx))
         self._remember(key, entry)
         self.store.write(_CACHE_SQL, (key, now, entry.expires, entry.model, entry.status,
                                       json.dumps([(n.decode("latin-1"), v.decode("latin-1"))
@@ -5135,10 +5136,23 @@ class ResponseCache(Stage):
         return cache_purge_job(now, self.cfg.max_rows)
 
 
+def answer_cost(ctx: Context) -> float | None:
+    """What the answer itself cost: a hit of it saves that (a summary tokenman made for the
+    request, billed with it, is not made again: it is kept)."""
+    if ctx.cost is None or "summary_cost" not in ctx.notes:
+        return ctx.cost
+    return max(0.0, ctx.cost - ctx.notes["summary_cost"])
+
+
 def _note_own_thinking(ctx: Context, body: bytes) -> None:
-    """A stored answer with an unsigned thinking block was translated: tokenman made that
-    block (a provider signs each of its own), so the PII stage may restore values in it."""
-    if b'"signature":""' in body:
+    """A stored answer whose thinking blocks are unsigned was translated: tokenman made them
+    (a provider signs each of its own), so the PII stage may restore values in them."""
+    if b'"signature":""' not in body:
+        return
+    obj = _loads(body)
+    blocks = [b for b in obj.get("content") or () if isinstance(b, dict)
+              and b.get("type") == "thinking"] if isinstance(obj, dict) else []
+    if blocks and all(b.get("signature") == "" for b in blocks):
         ctx.notes["own_thinking"] = True
 
 
@@ -5596,7 +5610,7 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
     # <system>GitHub</system><url>...)
     ("xml_system_tag", "delimiter_injection",
      r"<system\s*>(?!\s*[^\s<]{1,80}\s*</system\s*>\s*<(?!/?(?:user|assistant|human|ai|"
-     r"model|instructions?)\b))", re.I, "<system"),
+     r"model|instructions?)\s*>))", re.I, "<system"),
     ("chatml_end_start", "delimiter_injection", r"<\|im_end\|>\s*<\|im_start\|>", 0, "<|im_end|>"),
     # you_are_now: as the reference, except a user asking for help ("you are now going to
     # help me ...")
@@ -5606,7 +5620,7 @@ INJECTION_PATTERNS = tuple((name, cat, re.compile(rx, flags), needle) for name, 
      r"\byou\s+are\s+now\s(?!\s*going\s+to\s+(?:help|write|answer|explain|review|check|"
      r"translate|summari[sz]e|read|fix)\b)(?!\s*(?:(?:logged|signed)\s+(?:in|out|on|off)|"
      r"(?:dis)?connected(?:\s+to\s+[\w.:/@-]+)?|authenticated|(?:un)?subscribed|"
-     r"on\s+branch\s+[\w./-]+|up\s+to\s+date)\s*(?:[.!,;]|\n|$))", re.I, "now"),
+     r"on\s+branch\s+[\w./-]+|up\s+to\s+date)\s*(?:[.!]|\n|$))", re.I, "now"),
     ("act_as_if", "role_confusion", r"\bact\s+as\s+if\s+you\s+are\s", re.I, "as if"),
     ("pretend_you_are", "role_confusion", r"\bpretend\s+(?:that\s+)?you\s+are\s", re.I, "pretend"),
     ("roleplay_as", "role_confusion", r"\brole[\s-]?play\s+as\s", re.I, "play"),
@@ -6060,8 +6074,8 @@ class PIIGuard(Stage):
             if not spans:
                 continue
             where = field_path(path)
-            done = action if action not in ("redact", "hash") else "log" \
-                if type(parent) is CitedText else "hash" if role == "id" else action
+            done = "hash" if role == "id" and action != "log" else action \
+                if action not in ("redact", "hash") or type(parent) is not CitedText else "log"
             found += [(kind, where, text[s:e], done) for s, e, kind in spans]
             if done in ("redact", "hash"):
                 if taken is None and action == "redact":
@@ -6088,8 +6102,8 @@ class PIIGuard(Stage):
                                  (("action", done), ("type", kind)))
             self.log.info("pii detected", id=ctx.id, action=action,
                           types=",".join(sorted({f[0] for f in found})), count=len(found))
-        if action == "block":
-            kinds = sorted({f[0] for f in found})
+        if any(f[3] == "block" for f in found):  # (an id is digested, never refused)
+            kinds = sorted({f[0] for f in found if f[3] == "block"})
             return error_reply(ctx, 400, "request contains personal data or secrets: "
                                + ", ".join(kinds))
         if action == "redact" and prompt != "input":  # (embeddings and moderations answer
@@ -6297,7 +6311,8 @@ class PIIRestorer:
         if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
             return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
                 "thinking", "redacted_thinking") and not self.own_thinking
-                else self._restore_value(v, key, False, answer_ok) for v in value]
+                and v.get("signature") != "" else self._restore_value(v, key, False, answer_ok)
+                for v in value]  # (an unsigned block is tokenman's: translated)
         return value
 
     def _restore_text(self, slot: tuple, text: str, json_text: bool) -> str:
@@ -6856,7 +6871,8 @@ class CacheHints(Stage):
 
 
 _FENCE_LINE_RE = re.compile(r"[ \t]*(`{3,}|~{3,})")  # a fence, indented in a list item too
-_BLANK_RUN_RE = re.compile(r"\n(?:[ \t]*\n){2,}")  # two or more blank lines
+_BLANK_RUN_RE = re.compile(r"\n{3,}")  # two or more empty lines (a line of blanks is kept:
+# a unified diff's unchanged empty line is a single space)
 _JSON_SPACE_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\s+')  # a JSON string, or blanks between tokens
 
 
@@ -6867,7 +6883,7 @@ def compress_text(text: str, whitespace: bool, minify_json: bool) -> str:
     (a string literal, a TSV row, a YAML value), not a line's end (a Markdown hard break, a
     Makefile value), not indentation, nothing inside a fence; the same input always gives the
     same output (provider prefix caches still hit)."""
-    if minify_json and text[:1] in "{[" and text.rstrip()[-1:] in "}]":
+    if minify_json and text.lstrip()[:1] in "{[" and text.rstrip()[-1:] in "}]":
         try:
             json.loads(text)
         except (ValueError, RecursionError):
@@ -6893,10 +6909,10 @@ def _fenced_spans(text: str) -> list[tuple[int, int]]:
         m = _FENCE_LINE_RE.match(line)
         if opened is None:
             if m is not None:
-                opened = (m.group(1)[0], len(m.group(1)), pos)
+                opened = (m.group(1)[0], len(m.group(1)), pos, m.start(1))
         elif m is not None and m.group(1)[0] == opened[0] and len(m.group(1)) >= opened[1] \
-                and not line[m.end():].strip():
-            spans.append((opened[2], pos + len(line)))
+                and m.start(1) <= opened[3] + 3 and not line[m.end():].strip():
+            spans.append((opened[2], pos + len(line)))  # (an indented one is the block's text)
             opened = None
         pos += len(line)
     if opened is not None:
@@ -7144,7 +7160,7 @@ class Heartbeat(ResponseCache):
                    if n.lower() in _CACHED_HEADERS]
         self._remember(key, CacheEntry(self.clock() + self.window, ctx.status, headers, body,
                                        ctx.model, u.input + u.output + u.cache_read +
-                                       u.cache_write, ctx.cost))
+                                       u.cache_write, answer_cost(ctx)))
 
     def purge_job(self):
         self._forget_expired(self.clock())
