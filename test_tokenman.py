@@ -7812,6 +7812,51 @@ class TestHostileInput(ProxyTestCase):
     def test_fuzz_parsers_briefly(self):
         self.assertGreater(fuzz(1.0, seed=42), 100)
 
+    async def test_an_attack_trials_findings_answer_at_once_and_leave_rows(self):
+        import gzip
+        self.up.handler = fixture_handler(*anthropic_fixture("text"))
+        await self.start_proxy(extra={"server": {"read_timeout": 30}})
+        body = json.dumps(ANTHROPIC_REQ).encode()
+        head = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                b"Content-Type: application/json\r\n")
+        # a head the parser refuses (obs-fold) has its row, under the id the client got
+        folded = await raw_exchange(self.port, head + b"X-A: a\r\n b\r\nContent-Length: %d"
+                                    b"\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(folded.startswith(b"HTTP/1.1 400"), folded[:80])
+        rid = re.search(rb"X-Request-Id: (\S+)", folded, re.I).group(1).decode()
+        row = (await self.rows(1, f"id = '{rid}'"))[0]
+        self.assertEqual((row["path"], row["method"], row["status_code"], row["outcome"]),
+                         ("/v1/messages", "POST", 400, "rejected"))
+        # a head with bare LFs is refused at once (it waited for read_timeout: a 408)
+        started = time.monotonic()
+        bare = await raw_exchange(self.port, head.replace(b"\r\n", b"\n")
+                                  + b"Content-Length: 2\n\n{}")
+        self.assertTrue(bare.startswith(b"HTTP/1.1 400"), bare[:80])
+        self.assertLess(time.monotonic() - started, 5)
+        # empty lines before the request line are skipped (RFC 9112 2.2; it was a 400)
+        ok = await raw_exchange(self.port, b"\r\n\r\n" + head + b"Content-Length: %d\r\n"
+                                b"Connection: close\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(ok.startswith(b"HTTP/1.1 200"), ok[:80])
+        # HTTP/1.0: chunked framing is refused, Expect is ignored (no 100 it cannot read)
+        old = head.replace(b"HTTP/1.1", b"HTTP/1.0")
+        te = await raw_exchange(self.port, old + b"Transfer-Encoding: chunked\r\n\r\n"
+                                b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertTrue(te.startswith(b"HTTP/1.1 400"), te[:80])
+        expect = await raw_exchange(self.port, old + b"Expect: 100-continue\r\n"
+                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(expect.startswith(b"HTTP/1.1 200"), expect[:80])
+        # a gzip body of two members is the two decoded; bytes after a member are refused
+        half = len(body) // 2
+        for data, status in ((gzip.compress(body[:half]) + gzip.compress(body[half:]), 200),
+                             (gzip.compress(body) + b"GARBAGE", 400)):
+            resp = await http(self.port, "POST", "/v1/messages", data,
+                              dict(A_HEADERS, **{"Content-Encoding": "gzip"}))
+            self.assertEqual(resp.status, status, resp.body[:200])
+        # a range past the platform's times is all of them, not a dropped connection
+        history = await http(self.app.dashboard_port, "GET",
+                             "/api/stats/history?range=99999999999999999d")
+        self.assertEqual(history.status, 200)
+
     async def test_lone_surrogates_go_out_as_they_came_and_break_nothing(self):
         # json.loads takes an unpaired \ud83d escape (a JavaScript client that cut a string in
         # an emoji): re-encoding it as UTF-8 for a fallback plan was a 500, and a model name

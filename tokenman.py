@@ -366,8 +366,9 @@ def parse_size(value: object) -> int:
 
 
 def parse_since(text: str, now: float) -> float:
-    """An absolute start time from "24h", "7d", "30m" (relative to now)."""
-    return now - parse_duration(text)
+    """An absolute start time from "24h", "7d", "30m" (relative to now; at the earliest the
+    epoch: a range of a billion days means all of it, not a time past the platform's)."""
+    return max(0.0, now - parse_duration(text))
 
 
 def json_dumps(obj: object) -> bytes:
@@ -1527,16 +1528,23 @@ def decode_content(coding: bytes, body: bytes, limit: int) -> bytes:
         if name not in INFLATABLE:
             raise HTTPError(415, f"Content-Encoding {name.decode('latin-1')[:40]} is not "
                                  "supported: send gzip, deflate or identity")
-        inflater = zlib.decompressobj(inflate_bits(name, body[:2]))
-        try:
-            out = inflater.decompress(body, limit + 1 if limit else 0)
-        except zlib.error:
-            raise HTTPError(400, f"request body is not valid {name.decode()} data") from None
-        if limit and len(out) > limit:
-            raise HTTPError(413, f"request body too large once decoded: over the limit of "
-                                 f"{limit:,} bytes (server.max_body_size)")
-        if not inflater.eof:
-            raise HTTPError(400, f"request body is cut short {name.decode()} data")
+        out, rest = b"", body
+        while True:  # (a gzip body may hold several members, one after the other: RFC 1952)
+            inflater = zlib.decompressobj(inflate_bits(name, rest[:2]))
+            try:
+                out += inflater.decompress(rest, limit + 1 - len(out) if limit else 0)
+            except zlib.error:
+                raise HTTPError(400, f"request body is not valid {name.decode()} data") from None
+            if limit and len(out) > limit:
+                raise HTTPError(413, f"request body too large once decoded: over the limit of "
+                                     f"{limit:,} bytes (server.max_body_size)")
+            if not inflater.eof:
+                raise HTTPError(400, f"request body is cut short {name.decode()} data")
+            rest = inflater.unused_data
+            if not rest:
+                break
+            if rest[:2] != b"\x1f\x8b":  # (bytes after the data, not another member)
+                raise HTTPError(400, f"request body has bytes after its {name.decode()} data")
         body = out
     return body
 
@@ -1557,7 +1565,8 @@ class Request:
         self.body = b""
         conn = headers.map.get(b"connection", b"").lower()
         self.keep_alive = (b"close" not in conn) if version == 1 else (b"keep-alive" in conn)
-        self.expect_continue = headers.map.get(b"expect", b"").lower() == b"100-continue"
+        self.expect_continue = version == 1 and \
+            headers.map.get(b"expect", b"").lower() == b"100-continue"  # (HTTP/1.0: ignored)
         self.t0 = 0.0
 
 
@@ -1623,6 +1632,8 @@ def parse_request_head(data: bytes) -> Request:
     if ver == 1 and (b"host" not in headers.map or (headers.repeated and b"host" in
                                                      headers.repeated)):
         raise HTTPError(400, "exactly one Host header is required", close=True)
+    if ver == 0 and b"transfer-encoding" in headers.map:  # (RFC 9112 6.1: faulty framing)
+        raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request", close=True)
     return Request(method.decode("ascii"), target_s, ver, headers)
 
 
@@ -1973,16 +1984,22 @@ class Channel(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def read_head(self, limit: int, deadline: float | None) -> bytes:
-        """Bytes through the first CRLF CRLF. ConnectionGone at EOF, HeadTooLarge past limit."""
+        """Bytes through the first CRLF CRLF (or LF LF: such a head is the parser's to refuse,
+        not a wait for a CRLF that never comes), empty lines before it skipped (RFC 9112 2.2).
+        ConnectionGone at EOF, HeadTooLarge past limit."""
         buf = self.buf
         start = 0
         while True:
+            while buf[:2] == b"\r\n":
+                del buf[:2]
             i = buf.find(b"\r\n\r\n", start)
-            if i >= 0:
-                if i + 4 > limit:
+            j = buf.find(b"\n\n", start, i if i >= 0 else len(buf))
+            end = j + 2 if j >= 0 else i + 4 if i >= 0 else 0
+            if end:
+                if end > limit:
                     raise HeadTooLarge()
-                head = bytes(buf[:i + 4])
-                del buf[:i + 4]
+                head = bytes(buf[:end])
+                del buf[:end]
                 self._consumed()
                 return head
             if len(buf) > limit:
@@ -2606,14 +2623,15 @@ class HTTPServer:
             api = api_for(req.path if req else _target_hint(head or chan.buf),
                           req.headers if req else None)
             conn.send_error(req, api, exc.status, exc.detail,
-                            self._rejected(req, t0, exc.status, exc.detail))
+                            self._rejected(req, t0, exc.status, exc.detail, head or chan.buf))
             return None
         except TimeoutError:
             if req is not None or chan.buf.strip():
                 conn.close_after = True
                 conn.send_error(req, api_for(req.path if req else _target_hint(chan.buf), None),
                                 408, "request not received in time",
-                                self._rejected(req, t0, 408, "request not received in time"))
+                                self._rejected(req, t0, 408, "request not received in time",
+                                               chan.buf))
             return None
         except ConnectionGone:
             return None
@@ -2622,13 +2640,20 @@ class HTTPServer:
             req.keep_alive = False
         return req
 
-    def _rejected(self, req: Request | None, t0: float, status: int,
-                  detail: str) -> list[tuple[bytes, bytes]]:
-        """Logs a refused request (on_reject); the headers its answer carries (X-Request-Id)."""
-        if req is not None and self.on_reject is not None:
-            req.t0 = t0
-            return self.on_reject(req, status, detail)
-        return [(b"X-Request-Id", new_request_id().encode())] if self.on_reject else []
+    def _rejected(self, req: Request | None, t0: float, status: int, detail: str,
+                  raw: bytes | bytearray = b"") -> list[tuple[bytes, bytes]]:
+        """Logs a refused request (on_reject); the headers its answer carries (X-Request-Id).
+        A head that could not be parsed is logged with the method and path its request line
+        shows (so a /v1 request has its row whatever went wrong)."""
+        if self.on_reject is None:
+            return []
+        if req is None:
+            line = bytes(raw[:MAX_REQUEST_LINE + 2]).lstrip(b"\r\n").split(b" ", 1)[0]
+            method = re.sub(r"[^A-Z]", "", line[:16].decode("latin-1").upper()) or "-"
+            req = Request(method, _CONTROL_RE.sub("", _target_hint(raw)[:2048]) or "-", 1,
+                          Headers([]))
+        req.t0 = t0
+        return self.on_reject(req, status, detail)
 
     def stop_accepting(self) -> None:
         self.draining = True
