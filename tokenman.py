@@ -1990,7 +1990,7 @@ class Channel(asyncio.Protocol):
         buf = self.buf
         start = 0
         while True:
-            while buf[:2] == b"\r\n":
+            while buf.startswith(b"\r\n"):
                 del buf[:2]
             i = buf.find(b"\r\n\r\n", start)
             j = buf.find(b"\n\n", start, i if i >= 0 else len(buf))
@@ -4852,23 +4852,16 @@ def prompt_fields(obj: dict, member: str) -> list[tuple]:
     return []
 
 
-# the end user's id a request may carry (OpenAI's user and safety_identifier, Anthropic's
-# metadata.user_id): often an e-mail address, never shown back to the client
-_ID_FIELDS = (("user",), ("safety_identifier",), ("metadata", "user_id"))
-
-
 def id_fields(obj: dict) -> list[tuple]:
     """A request's end-user ids, in text_fields' form with the role "id": personal data in
     one is replaced by a keyed digest in redact, hash and block mode (never refused), so that
     users stay apart for the provider's abuse checks (a numbered placeholder would make them all
     [EMAIL_1]); log mode only records it."""
-    out = []
-    for path in _ID_FIELDS:
-        parent = obj
-        for part in path[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), str):
-            out.append((parent, path[-1], path, "id"))
+    out = [(obj, key, (key,), "id") for key in ("user", "safety_identifier")
+           if type(obj.get(key)) is str]
+    meta = obj.get("metadata")  # (Anthropic's)
+    if type(meta) is dict and type(meta.get("user_id")) is str:
+        out.append((meta, "user_id", ("metadata", "user_id"), "id"))
     return out
 
 
