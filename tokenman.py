@@ -5164,7 +5164,8 @@ def answer_cost(ctx: Context) -> float | None:
 
 def _note_own_thinking(ctx: Context, body: bytes) -> None:
     """A stored answer whose thinking blocks are unsigned was translated: tokenman made them
-    (a provider signs each of its own), so the PII stage may restore values in them."""
+    (a provider signs each of its own), so the PII stage may restore values in them when the
+    answer is given as a stream, whose events do not carry the signature up front."""
     if b'"signature":""' not in body:
         return
     obj = _loads(body)
@@ -6092,8 +6093,12 @@ class PIIGuard(Stage):
             if not spans:
                 continue
             where = field_path(path)
-            done = "hash" if role == "id" and action != "log" else action \
-                if action not in ("redact", "hash") or type(parent) is not CitedText else "log"
+            if role == "id" and action != "log":
+                done = "hash"  # an end user's id: digested, never refused
+            elif type(parent) is CitedText and action in ("redact", "hash"):
+                done = "log"  # cited text: checked, never rewritten
+            else:
+                done = action
             found += [(kind, where, text[s:e], done) for s, e, kind in spans]
             if done in ("redact", "hash"):
                 if taken is None and action == "redact":
@@ -6235,9 +6240,7 @@ class PIIGuard(Stage):
         if ctx.notes.get("pii_keep") and ctx.status < 300:
             obj = _loads(body)
             self._learn(ctx, obj.get("id") if isinstance(obj, dict) else None)
-        restorer = ctx.notes["pii"]
-        restorer.own_thinking = ctx.upstream_api != ctx.api or "own_thinking" in ctx.notes
-        return restorer.restore_json(body)  # (translated, now or when stored: tokenman's)
+        return ctx.notes["pii"].restore_json(body)
 
     def finish(self, ctx: Context) -> None:
         forget = ctx.notes.get("pii_forget")  # (the provider's answer: its body may have
@@ -6281,8 +6284,9 @@ class PIIRestorer:
     def __init__(self, originals: dict[str, str], json_answer: bool = False) -> None:
         self.plain = originals  # placeholder -> original value
         self.json_answer = json_answer  # the answer's text is JSON (JSON mode, a schema)
-        self.own_thinking = False  # thinking blocks tokenman made (from a server's reasoning,
-        # unsigned): restored like text; a provider's own are signed and left as they are
+        self.own_thinking = False  # a stream's thinking blocks are tokenman's (made from a
+        # server's reasoning, unsigned): restored like text; a provider's own are signed and
+        # left as they are (in a whole answer each block says which it is: its signature)
         self.escaped = {p: _compact(v)[1:-1] for p, v in originals.items()}
         self.pending: dict[tuple, tuple[dict, str]] = {}  # Responses: a delta event held whole
         self.held: dict[tuple, str] = {}  # (choice or block index, field) -> held-back text
@@ -6328,8 +6332,8 @@ class PIIRestorer:
                     for k, v in value.items()}
         if isinstance(value, list):  # (thinking content blocks are signed: left as they are)
             return [v if key == "content" and isinstance(v, dict) and v.get("type") in (
-                "thinking", "redacted_thinking") and not self.own_thinking
-                and v.get("signature") != "" else self._restore_value(v, key, False, answer_ok)
+                "thinking", "redacted_thinking") and v.get("signature") != ""
+                else self._restore_value(v, key, False, answer_ok)
                 for v in value]  # (an unsigned block is tokenman's: translated)
         return value
 
