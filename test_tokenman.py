@@ -2756,6 +2756,213 @@ class TestUpstreamTLSAndProxy(ProxyTestCase):
         self.assertEqual(self.proxy.targets, [])
 
 
+class TestUpstreamEdges(ProxyTestCase):
+    """Upstream answers that bend or break HTTP/1.1 or SSE, and clients that stop reading."""
+
+    NO_RETRY = {"resilience": {"retry_enabled": False}}
+
+    async def test_a_client_that_stops_reading_is_its_own_fault_not_the_providers(self):
+        big = anthropic_events({"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": "x" * 60000}})[0]
+        events, body = anthropic_fixture("text")
+
+        async def handler(rec, r, w):  # a healthy provider that writes as fast as it may
+            if rec.method == b"POST" and not rec.json().get("stream"):
+                return await json_reply(w, body)
+            if rec.target.startswith(b"/v1/files"):
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n")
+                piece = b"%x\r\n%s\r\n" % (65536, b"z" * 65536)
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n")
+                w.write(b"%x\r\n%s\r\n" % (len(events[0]), events[0]))
+                piece = b"%x\r\n%s\r\n" % (len(big), big)
+            try:
+                for _ in range(4000):
+                    w.write(piece)
+                    await w.drain()
+            except ConnectionError:
+                return False
+        self.up.handler = handler
+        await self.start_proxy({"server": {"write_timeout": 0.3},
+                                "resilience": {"retry_enabled": False,
+                                               "cb_failure_threshold": 1}})
+        stalled = []
+        for path, method, body in (("/v1/messages", "POST", dict(ANTHROPIC_REQ, stream=True)),
+                                   ("/v1/files/file-1/content", "GET", None)):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", self.port))
+            stalled.append(sock)
+            self.addCleanup(sock.close)
+            data = json.dumps(body).encode() if body else b""
+            sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                         b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
+                         % (method.encode(), path.encode(), len(data), data))
+            row = (await self.rows(len(stalled)))[-1]  # (never read: cut off at write_timeout)
+            self.assertEqual((row["outcome"], row["path"]), ("client_closed", path))
+            breaker = self.app.breakers["anthropic"]
+            self.assertEqual((breaker.state, breaker.failures), ("closed", 0))
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)  # (the provider was never at fault: no 503)
+
+    async def test_sse_lines_ended_by_a_bare_cr_are_one_attempt_relayed_at_once(self):
+        events, _ = anthropic_fixture("text")
+        cr = [e.replace(b"\n", b"\r") for e in events]
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            await sse_reply(w, cr, gate=gate, after=2)
+        self.up.handler = handler
+        await self.start_proxy()  # (retries on: a stream judged empty would be sent again)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        seen = b""
+        while b"content_block_start" not in seen:  # before the gate opens: not held back
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        gate.set()
+        while not seen.endswith(b"0\r\n\r\n"):
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        self.assertIn(b"message_stop", seen)
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)  # (whole at once: not taken for a stream without events)
+        self.assertEqual(resp.body, b"".join(cr))
+        rows = await self.rows(2)
+        self.assertEqual([(r["outcome"], r["attempts"], r["input_tokens"], r["output_tokens"])
+                          for r in rows], [("ok", 1, 12, 420)] * 2)
+        self.assertEqual(len(self.up.requests), 2)
+
+    async def test_a_gzip_answer_of_several_members_is_inflated_whole(self):
+        import gzip
+        events, body = anthropic_fixture("text")
+        raw = json.dumps(body).encode()
+        buffered = gzip.compress(raw[:40]) + gzip.compress(raw[40:])
+        stream = b"".join(gzip.compress(e) for e in events)
+
+        async def handler(rec, r, w):
+            if not rec.json().get("stream"):
+                return await json_reply(w, buffered, headers=[b"content-encoding: gzip"])
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(stream), stream))
+        self.up.handler = handler
+        await self.start_proxy(self.NO_RETRY)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.json(), body)
+        resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
+                          A_HEADERS)
+        self.assertEqual(resp.body, b"".join(events))
+        rows = await self.rows(2)
+        self.assertEqual([(r["outcome"], r["output_tokens"], r["estimated"]) for r in rows],
+                         [("ok", body["usage"]["output_tokens"], 0), ("ok", 420, 0)])
+
+    async def test_a_connect_proxy_that_fails_the_tunnel_leaves_no_socket_open(self):
+        closed = asyncio.Event()
+
+        async def bad_proxy(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HELLO THERE\r\n\r\n")  # not an HTTP status line
+            await reader.read()  # until tokenman lets go of the socket
+            closed.set()
+            writer.close()
+        server = await asyncio.start_server(bad_proxy, "127.0.0.1", 0)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        port = server.sockets[0].getsockname()[1]
+        await self.start_proxy(self.NO_RETRY, env={"HTTP_PROXY": f"http://127.0.0.1:{port}"},
+                               providers={"anthropic": {"api_base": "http://provider.test"}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()["type"]), (502, "error"))
+        await asyncio.wait_for(closed.wait(), WAIT)
+        self.assertTrue(closed.is_set())
+
+    async def test_interim_heads_do_not_extend_the_providers_timeout(self):
+        async def handler(rec, r, w):
+            for _ in range(40):  # 103s for 4 s, then the answer
+                w.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+                await w.drain()
+                await asyncio.sleep(0.1)
+            await json_reply(w, {"late": True})
+        self.up.handler = handler
+        await self.start_proxy(self.NO_RETRY, providers={
+            "anthropic": {"api_base": self.up.base, "timeout": 0.5}})
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((resp.status, resp.json()["type"]), (504, "error"))
+
+    async def test_framing_and_status_lines_tokenman_cannot_relay_are_a_native_502(self):
+        heads = [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                 b"transfer-encoding: gzip, chunked\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                 b"transfer-encoding: chunked, chunked\r\n\r\n",
+                 b"HTTP/1.1 007 Weird\r\ncontent-length: 2\r\n\r\n{}",
+                 b"HTTP/1.1 099 Weird\r\ncontent-length: 2\r\n\r\n{}",
+                 b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"]
+
+        async def handler(rec, r, w):
+            w.write(heads[len(self.up.requests) - 1])
+            await w.drain()
+            return False
+        self.up.handler = handler
+        await self.start_proxy(self.NO_RETRY)
+        for _ in heads:
+            resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+            self.assertEqual((resp.status, resp.json()["type"]), (502, "error"))
+        self.assertEqual(self.up.connections, len(heads))  # (none was taken back for reuse)
+        self.assertEqual(self.app.pool.size(), 0)
+
+    async def test_a_head_answer_keeps_the_providers_content_length(self):
+        async def handler(rec, r, w):
+            if rec.method == b"HEAD":
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: 1234\r\n\r\n")
+            else:
+                await json_reply(w, {"data": []})
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                     b"anthropic-version: 2023-06-01\r\n\r\n"
+                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                     b"anthropic-version: 2023-06-01\r\n\r\n")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
+        self.assertIn(b"\r\ncontent-length: 1234\r\n", head)
+        self.assertEqual(head.count(b"content-length"), 1)
+        self.assertNotIn(b"transfer-encoding", head)
+        after = await asyncio.wait_for(read_response(reader), WAIT)  # framing intact after it
+        self.assertEqual((after.status, after.json()), (200, {"data": []}))
+
+    async def test_media_types_are_case_insensitive(self):
+        events, _ = anthropic_fixture("text")
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; Charset=UTF-8\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+            for i, event in enumerate(events):
+                if i == 2:
+                    await gate.wait()
+                w.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await w.drain()
+            w.write(b"0\r\n\r\n")
+        self.up.handler = handler
+        await self.start_proxy()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        seen = b""
+        while b"content_block_start" not in seen:  # streamed, not buffered whole
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        self.assertIn(b"transfer-encoding: chunked", seen.lower())
+        gate.set()
+
+
 class TestResilience(ProxyTestCase):
     FAST = {"retry_base_delay_ms": 1, "retry_max_delay_ms": 20}
 

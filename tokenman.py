@@ -1477,7 +1477,7 @@ def render_config(cfg: Config, title: str, mask: bool = False) -> str:
 
 _BAD_HEAD_BYTES = bytes(i for i in range(32) if i not in (9, 10, 13)) + b"\x7f"
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
-_STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+_STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: ([^\r\n]*))?")  # (RFC 9110 15)
 
 
 class Headers:
@@ -1703,9 +1703,11 @@ def response_framing(head: ResponseHead, method: str) -> tuple[str, int]:
     if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         return "none", 0
     te = head.headers.map.get(b"transfer-encoding")
-    if te is not None:
-        last = te.split(b",")[-1].strip(b" \t").lower()
-        return ("chunked", 0) if last == b"chunked" else ("close", 0)
+    if te is not None:  # (chunked alone: a body in another transfer coding is not decoded)
+        if te.strip(b" \t").lower() != b"chunked":
+            raise UpstreamError("unsupported Transfer-Encoding from upstream: "
+                                + te.decode("latin-1")[:60])
+        return "chunked", 0
     try:
         length = content_length(head.headers)
     except HTTPError:
@@ -1787,12 +1789,14 @@ class SSESplitter:
 
 def leading_event(data: bytes) -> bytes | None:
     """The first whole event of a stream's start that is more than comments or a ping (the
-    keep-alives some providers send while they wait), LF-normalized; None before one."""
+    keep-alives some providers send while they wait), LF-normalized (lines may end in CRLF, LF
+    or CR); None before one."""
     end = data.find(b"\n\n")  # (the usual first event: LF lines, no comment or ping first)
     if end > 0 and data[:1] not in b":\n" and b"\r" not in data[:end] \
             and not (data[:6] == b"event:" and b"ping" in data[:data.find(b"\n")]):
         return data[:end + 2]
-    text = data.replace(b"\r\n", b"\n")
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # (a bare CR ends a line, a
+    # last one too: an LF after it would end no other line)
     pos = 0
     while True:
         end = text.find(b"\n\n", pos)
@@ -2326,6 +2330,10 @@ class InflatingReader:
             except self.error as exc:
                 raise ValueError(f"answer is not valid compressed data: {exc}") from None
             self.pending = self.inflater.unconsumed_tail
+            rest = self.inflater.unused_data
+            if rest and self.coding != b"deflate" and rest[:2] in (b"\x1f\x8b", b"\x1f"):
+                self.inflater = None  # another gzip member follows (RFC 1952 2.2)
+                self.pending = rest
             if out:
                 return out
         return b""
@@ -2395,6 +2403,10 @@ class _DateCache:
         return self.value
 
 
+def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in headers)
+
+
 class ServerConn:
     """The server side of one client connection: what handlers use to answer."""
     __slots__ = ("server", "chan", "busy", "chunked", "close_after", "started", "held",
@@ -2424,6 +2436,8 @@ class ServerConn:
             headers = headers + [(b"Connection", b"close")]
         if status in (204, 304):  # no body and no Content-Length of one (RFC 9110 8.6)
             head, body = render_head(status, headers, reason), b""
+        elif req is not None and req.method == "HEAD" and _declares_length(headers):
+            head = render_head(status, headers, reason)  # (the provider's, for its GET)
         else:
             head = render_head(status, headers + [(b"Content-Length", b"%d" % len(body))],
                                reason)
@@ -2443,9 +2457,11 @@ class ServerConn:
         close-delimited to HTTP/1.0 ones. hold: the head waits for the first stream_write
         (one send, one wake-up of the client, for head and first bytes); release_head()
         sends it alone."""
-        empty = status in (204, 304)  # no body by definition (RFC 9112 6.3): no framing either
+        self.bodiless = req.method == "HEAD" or status in (204, 304)
+        # no body by definition (RFC 9112 6.3): no framing either, but a HEAD answer may say
+        # the length its GET would have
+        empty = status in (204, 304) or self.bodiless and _declares_length(headers)
         self.chunked = req.version == 1 and not empty
-        self.bodiless = req.method == "HEAD" or empty
         if empty:
             if not req.keep_alive or self.server.draining:
                 self.close_after = True
@@ -2486,8 +2502,16 @@ class ServerConn:
             self.chan.write(b"0\r\n\r\n")
 
     async def drain(self) -> None:
-        await self.chan.drain(self.server.loop.time() + self.server.cfg.write_timeout
-                              if self.server.cfg.write_timeout else None)
+        """Waits while the client is not reading. One that stalls past write_timeout is cut
+        off and counts as gone (ConnectionGone, `lost`): the fault is its own, never the
+        provider's whose stream was being relayed."""
+        try:
+            await self.chan.drain(self.server.loop.time() + self.server.cfg.write_timeout
+                                  if self.server.cfg.write_timeout else None)
+        except TimeoutError:
+            self.chan.lost = True
+            self.chan.abort()
+            raise ConnectionGone() from None
 
 
 def _target_hint(buf: bytearray) -> str:
@@ -2911,14 +2935,17 @@ class UpstreamPool:
             cred = f"{urllib.parse.unquote(proxy.username)}:" \
                    f"{urllib.parse.unquote(proxy.password or '')}"
             lines.append(b"Proxy-Authorization: Basic " + base64.b64encode(cred.encode()))
-        chan.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        head = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD, None))
-        if head.status != 200:
+        try:  # (every way out but a tunnel closes the socket: a timeout, a bad head, TLS)
+            chan.write(b"\r\n".join(lines) + b"\r\n\r\n")
+            head = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD, None))
+            if head.status != 200:
+                raise OSError(f"proxy refused CONNECT with status {head.status}")
+            if origin.ssl is not None:
+                chan.transport = await loop.start_tls(chan.transport, chan, origin.ssl,
+                                                      server_hostname=origin.host)
+        except BaseException:
             chan.abort()
-            raise OSError(f"proxy refused CONNECT with status {head.status}")
-        if origin.ssl is not None:
-            chan.transport = await loop.start_tls(chan.transport, chan, origin.ssl,
-                                                  server_hostname=origin.host)
+            raise
         return chan
 
     async def request(self, origin: Origin, method: str, target: str,
@@ -2947,12 +2974,16 @@ class UpstreamPool:
                 watch.on_lost = chan.abort
             chan.write(payload)
             written = loop.time()
+            deadline = written + read_timeout  # (interim 1xx heads do not extend it)
             try:
                 while True:
-                    rhead = parse_response_head(
-                        await chan.read_head(MAX_UPSTREAM_HEAD, loop.time() + read_timeout))
-                    if not 100 <= rhead.status < 200 or rhead.status == 101:
+                    rhead = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD,
+                                                                     deadline))
+                    if rhead.status == 101:  # (tokenman never asks for an upgrade)
+                        raise UpstreamError("upstream switched protocols unasked (101)")
+                    if rhead.status >= 200:
                         break
+                mode, length = response_framing(rhead, method)
             except ConnectionGone as exc:
                 chan.abort()
                 if watch is not None and watch.lost:
@@ -2969,7 +3000,6 @@ class UpstreamPool:
             except UpstreamError:
                 chan.abort()
                 raise
-            mode, length = response_framing(rhead, method)
             return UpstreamResponse(rhead, BodyReader(chan, mode, length), chan, self, origin)
         raise AssertionError("unreachable")
 
@@ -8130,7 +8160,9 @@ class Failure:
 
 def relay_kind(accounted: bool, ctype: bytes) -> str:
     """How an answer is relayed, by its path and content type: "sse" (event by event),
-    "buffered" (read whole: accounted, restored, translated) or "raw" (bytes as they come)."""
+    "buffered" (read whole: accounted, restored, translated) or "raw" (bytes as they come).
+    (Media types are case-insensitive: RFC 9110 8.3.1.)"""
+    ctype = ctype.lower()
     if ctype.startswith(b"text/event-stream"):
         return "sse"
     return "buffered" if accounted or ctype.startswith(b"application/json") else "raw"
@@ -8289,7 +8321,7 @@ class Dispatcher:
         is no such error, or comes later, is relayed untouched. The bytes are looked at where
         they lie (through the chunked framing): only an error or an end is taken from them."""
         head = resp.head.headers.map
-        if not head.get(b"content-type", b"").startswith(b"text/event-stream") \
+        if relay_kind(False, head.get(b"content-type", b"")) != "sse" \
                 or head.get(b"content-encoding", b"identity").strip().lower() != b"identity":
             return None
         if resp.body.done:
@@ -9386,8 +9418,8 @@ class Proxy(ResponseRelay, RequestLog):
         own_id = True
         for name, value in head.headers.raw:
             lower = name.lower()
-            if lower in drop or lower == b"content-length":
-                continue
+            if lower in drop or lower == b"content-length" and ctx.req.method != "HEAD":
+                continue  # (a HEAD answer keeps the length its GET would have)
             if lower == b"x-request-id":
                 ctx.upstream_request_id = value.decode("latin-1")[:128]
                 if ctx.client_id:  # the client's id wins; the provider's stays visible
