@@ -6018,6 +6018,37 @@ class TestRateLimitStage(ProxyTestCase):
         again = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
         self.assertEqual(again.status, 200)
 
+    async def test_concurrent_calls_reserve_the_output_they_allow_themselves(self):
+        # 50 calls at once against 600 tokens a minute, each allowing itself 100 tokens of
+        # answer: reserving the input alone let all 50 through (5,500 tokens) and the overdrawn
+        # bucket then refused everything for 8 minutes; as the providers count, 5 go out
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            await gate.wait()
+            await json_reply(w, {"model": "gpt-4o", "choices": [], "usage": {
+                "prompt_tokens": 10, "completion_tokens": 100}})
+        self.up.handler = handler
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 1000, "default_burst": 1000,
+            "tokens_per_minute": 600}}})
+        now = [0.0]
+        self.app.pipeline.stage("ratelimit").clock = lambda: now[0]
+        body = dict(OPENAI_REQ, max_tokens=100)
+        calls = [asyncio.create_task(http(self.port, "POST", "/v1/chat/completions", body,
+                                          O_HEADERS)) for _ in range(50)]
+        while len(self.up.requests) + sum(c.done() for c in calls) < 50:
+            await asyncio.sleep(0.005)
+        gate.set()
+        answers = [await c for c in calls]
+        self.assertEqual(sorted(r.status for r in answers), [200] * 5 + [429] * 45)
+        self.assertEqual(len(self.up.requests), 5)
+        self.assertLessEqual(max(int(r.headers["retry-after"]) for r in answers
+                                 if r.status == 429), 60)
+        now[0] += 60  # a minute later the bucket is full again: no long lockout
+        again = await http(self.port, "POST", "/v1/chat/completions", body, O_HEADERS)
+        self.assertEqual(again.status, 200)
+
 
 # -- token savings ------------------------------------------------------------------------------
 

@@ -3378,6 +3378,16 @@ _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  #
 # limit on its answer, as each API names it (Anthropic; OpenAI chat; OpenAI Responses)
 
 
+def stated_output(obj: dict) -> tuple[int | None, int]:
+    """The request's own limit on each answer (None when it states none) and how many answers
+    it asks for (OpenAI's `n`)."""
+    if not isinstance(obj, dict):
+        return None, 1
+    most = next((obj[k] for k in _OUTPUT_LIMITS if _is_count(obj.get(k))), None)
+    n = obj.get("n")
+    return most, n if _is_count(n) and n > 1 else 1
+
+
 class Price:
     """USD per million tokens for one model family."""
     __slots__ = PRICE_FIELDS
@@ -6609,11 +6619,9 @@ class BudgetGuard(Stage):
                   if p is not None]
         if not prices:
             return 0.0  # unpriced models cost null: nothing to reserve, logged by PriceTable
-        obj = ctx.obj
-        most = next((obj[k] for k in _OUTPUT_LIMITS if _is_count(obj.get(k))),
-                    self.cfg.default_max_tokens)
-        n = obj.get("n")
-        n = n if _is_count(n) and n > 1 else 1
+        most, n = stated_output(ctx.obj)
+        if most is None:
+            most = self.cfg.default_max_tokens
         tokens = request_estimate(ctx)
         return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h)
                    + (min(most, cap) if cap else most) * n * p.output
@@ -6711,7 +6719,9 @@ class TokenBucket:
 
 class RateLimiter(Stage):
     """Requests per second and tokens per minute per provider (optionally per project), as token
-    buckets. Tokens are reserved from the input estimate and settled with the actual usage.
+    buckets. Tokens are reserved from the input estimate plus the output the request allows
+    itself (max_tokens times n; nothing when it states no limit) and settled with the actual
+    usage.
     429 with Retry-After of the real wait (at least 1 s). Buckets outlive reloads. Fails closed."""
     name = "ratelimit"
     section = "rate_limit"
@@ -6766,8 +6776,10 @@ class RateLimiter(Stage):
         now = self.clock()
         key, requests, tokens = self._buckets(ctx.provider, ctx.project, now)
         wait = requests.wait(1, now)
-        need = request_estimate(ctx) if tokens is not None else 0
-        if tokens is not None:
+        need = 0
+        if tokens is not None:  # input and the output the request allows itself, as the
+            most, n = stated_output(ctx.obj)  # providers count a call against their own
+            need = request_estimate(ctx) + (most or 0) * n  # limits; settled at its end
             wait = max(wait, tokens.wait(need, now))
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
