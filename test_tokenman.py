@@ -6269,6 +6269,19 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         ctx, sent = await self.run_stage(stage, dict(obj, messages=[
             {"role": "user", "content": "a\n\n\n\nb"}]))
         self.assertEqual(sent["messages"][0]["content"], "a\n\nb")
+        # a tool result is a program's text: a file's blank lines (in a string literal, or
+        # an agent's exact-match edit of it) stay; only a whole JSON document is compacted
+        tools = tm.RulesCompressor(tm.config_from_dict(
+            {"compression": {"rules": {"enabled": True, "tool_results": True}}}, {}))
+        source = 'HELP = """usage:\n\n\n  run it"""\n\n\ndef main():\n    pass\n'
+        ctx, sent = await self.run_stage(tools, dict(obj, messages=[
+            {"role": "user", "content": "a\n\n\n\nb"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "c1", "type": "function", "function": {"name": "cat", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": source},
+            {"role": "tool", "tool_call_id": "c1", "content": '{\n  "a": [1, 2]\n}'}]))
+        self.assertEqual([m["content"] for m in sent["messages"]],
+                         ["a\n\nb", None, source, '{"a":[1,2]}'])
         defaults = tm.config_from_dict({}, {})
         self.assertEqual((defaults.rules.enabled, defaults.history.enabled,
                           defaults.heartbeat.enabled, defaults.cache_hints.enabled),

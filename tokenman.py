@@ -843,7 +843,9 @@ class RulesConfig:
                                          "at its end or in a fence changes)")
     minify_json: bool = _f(True, "text parts that are a whole JSON document lose the blanks "
                                  "between tokens (every key, string and number kept as written)")
-    tool_results: bool = _f(False, "also compress tool results")
+    tool_results: bool = _f(False, "also compact tool results that are a whole JSON document "
+                                   "(an agent that edits a file by exact match after reading it "
+                                   "as JSON would miss: leave off for coding agents)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6985,8 +6987,9 @@ def _fenced_spans(text: str) -> list[tuple[int, int]]:
 
 
 class RulesCompressor(Stage):
-    """compress_text over user, system and (when configured) tool-result text; off by default.
-    Records the estimated tokens it removed. Fails open."""
+    """compress_text over user, system and (when configured) tool-result text, whose empty
+    lines stay as they are; off by default. Records the estimated tokens it removed. Fails
+    open."""
     name = "rules"
 
     def __init__(self, cfg: Config, **_: object) -> None:
@@ -7001,8 +7004,11 @@ class RulesCompressor(Stage):
         for parent, key, path, role in text_fields(ctx.api, ctx.obj, self.roles):
             if role not in self.roles or type(parent) is CitedText:
                 continue
-            text = parent[key]
-            new = compress_text(text, self.cfg.collapse_whitespace, self.cfg.minify_json)
+            text = parent[key]  # (a tool result is a program's text as it is on disk: a
+            # file an agent edits by exact match, a string literal holding empty lines; only a
+            # whole JSON document in one is compacted)
+            new = compress_text(text, self.cfg.collapse_whitespace and role != "tool",
+                                self.cfg.minify_json)
             if new != text:
                 before += estimate_tokens(text)
                 after += estimate_tokens(new)
