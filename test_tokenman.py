@@ -6443,6 +6443,40 @@ class TestSavingsEndToEnd(ProxyTestCase):
         self.assertTrue(all(r.headers.get(b"authorization") != b"Bearer tok-123"
                             for r in self.up.requests))
 
+    async def test_summary_calls_carry_the_callers_bearer_login(self):
+        # Claude Code with ANTHROPIC_AUTH_TOKEN or a subscription login sends Authorization
+        # (an OAuth token with its beta flag), no x-api-key: the summary call went out with no
+        # credential, failed with 401 on every turn and the whole conversation went on
+        seen = []
+
+        async def provider(rec, r, w):
+            first = rec.json()["messages"][0]["content"]
+            if isinstance(first, str) and first.startswith(tm.SUMMARY_PROMPT):
+                seen.append((rec.headers.get(b"authorization"), rec.headers.get(b"x-api-key"),
+                             rec.headers.get(b"anthropic-beta")))
+                if rec.headers.get(b"authorization") != b"Bearer oat-login":
+                    return await json_reply(w, {"type": "error", "error": {
+                        "type": "authentication_error", "message": "no key"}}, status=401)
+                return await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+                    {"type": "text", "text": "summary"}], "usage": {"input_tokens": 9,
+                                                                    "output_tokens": 2}})
+            await json_reply(w, {"model": "claude-haiku-4-5", "content": [], "usage": {
+                "input_tokens": 5, "output_tokens": 5}})
+        self.up.handler = provider
+        await self.start_proxy({"compression": {"summarization": {
+            "enabled": True, "threshold_messages": 6, "keep_last": 1,
+            "model": "claude-haiku-4-5"}}, "resilience": {"retry_enabled": False}})
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 20}
+                    for i in range(11)]
+        resp = await http(self.port, "POST", "/v1/messages",
+                          dict(ANTHROPIC_REQ, model="claude-haiku-4-5", messages=messages),
+                          {"Authorization": "Bearer oat-login", "anthropic-version": "2023-06-01",
+                           "anthropic-beta": "claude-code-20250219, oauth-2025-04-20"})
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(seen, [(b"Bearer oat-login", None, b"oauth-2025-04-20")])
+        sent = self.up.requests[-1].json()["messages"]
+        self.assertLess(len(sent), len(messages))  # the summary took the older turns' place
+
     async def test_a_text_about_cache_control_still_gets_breakpoints(self):
         # a member another stage rewrote (a path redacted) was searched for the bare word
         # cache_control: an agent working on LLM code lost prompt caching on every turn

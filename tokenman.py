@@ -7154,20 +7154,24 @@ class Summarizer(Stage):
         prompt = SUMMARY_PROMPT + transcript
         headers = [(b"Content-Type", b"application/json")]
         key = prov.api_key.encode() if prov.api_key else None
+        client = ctx.req.headers
+        auth = client.get(b"authorization")  # (the caller's bearer token or OAuth login)
+        if self.auth_enabled and not client.get(b"x-tokenman-token"):
+            auth = None  # with auth on and no X-Tokenman-Token, that is tokenman's token
+        body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
+                "messages": [{"role": "user", "content": prompt}]}
         if prov.cfg.format == API_ANTHROPIC:
-            body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
-                    "messages": [{"role": "user", "content": prompt}]}
             headers.append((b"anthropic-version", b"2023-06-01"))
-            if key or ctx.req.headers.get(b"x-api-key"):
-                headers.append((b"x-api-key", key or ctx.req.headers.get(b"x-api-key")))
-        else:
-            body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
-                    "messages": [{"role": "user", "content": prompt}]}
-            auth = b"Bearer " + key if key else ctx.req.headers.get(b"authorization")
-            if not key and self.auth_enabled and not ctx.req.headers.get(b"x-tokenman-token"):
-                auth = None  # with auth on and no X-Tokenman-Token, that is tokenman's token
-            if auth:
-                headers.append((b"Authorization", auth))
+            if key or client.get(b"x-api-key"):
+                headers.append((b"x-api-key", key or client.get(b"x-api-key")))
+            elif auth:  # (Claude Code with ANTHROPIC_AUTH_TOKEN or a subscription login;
+                headers.append((b"Authorization", auth))  # an OAuth token needs its beta)
+                beta = b",".join(flag.strip() for flag in client.get(b"anthropic-beta", b"")
+                                 .split(b",") if flag.strip().startswith(b"oauth-"))
+                if beta:
+                    headers.append((b"anthropic-beta", beta))
+        elif key or auth:
+            headers.append((b"Authorization", b"Bearer " + key if key else auth))
         resp = await self.pool.request(prov.origin, "POST", prov.origin.target(
             API_PATHS[prov.cfg.format]), headers, json_dumps(body), prov.cfg.connect_timeout,
             prov.cfg.timeout)
