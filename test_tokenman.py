@@ -8399,6 +8399,37 @@ class TestReload(ProxyTestCase):
         return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
                 f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
 
+    async def test_a_limit_added_later_counts_what_its_period_already_spent(self):
+        # $3 spent with no limit, then a $4.01 monthly limit (by a reload, or a restart): the
+        # ledger started from 0 and let another $4 through (170% of the limit), and the panel
+        # showed the log's figure, then the ledger's
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 0,
+                                                                  "output_tokens": 100000}})
+        req = dict(ANTHROPIC_REQ, model="claude-haiku-4-5", max_tokens=100000)  # $0.50 each
+        await self.start_from_file(self.config())
+        for _ in range(6):
+            self.assertEqual((await http(self.port, "POST", "/v1/messages", req,
+                                         A_HEADERS)).status, 200)
+        await self.rows(6)
+        with open(self.cfg_path, "a") as fh:
+            fh.write("[security.budget]\nenabled = true\nmonthly_limit = 4.01\n")
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        statuses = [(await http(self.port, "POST", "/v1/messages", req, A_HEADERS)).status
+                    for _ in range(4)]
+        self.assertEqual(statuses, [200, 200, 429, 429])  # $3 + 2 x $0.50 fit in $4.01
+        await self.rows(8, "outcome = 'ok'")
+        panel = await http(self.app.dashboard_port, "GET", "/api/security/budget")
+        monthly = next(b for b in panel.json()
+                       if (b["scope"], b["period"]) == ("global", "monthly"))
+        self.assertAlmostEqual(monthly["spent"], 4.0)
+        await self.app.stop()  # a restart keeps the figure (the budgets table holds it all)
+        await self.start_from_file(self.config(
+            "[security.budget]\nenabled = true\nmonthly_limit = 4.01\n"))
+        refused = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(refused.status, 429)
+        self.assertIn("spent $4.0000", refused.json()["error"]["message"])
+
     async def test_a_minimal_stage_runs_and_every_replaced_pipeline_closes(self):
         # a plugin stage with only name and request() (as the example says is enough) stopped
         # tokenman at start (no finish()), and failed every reload; close() was never called

@@ -6559,6 +6559,25 @@ def period_bounds(period: str, now: float) -> tuple[str, float]:
     return start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.timestamp()
 
 
+def spend_query(start: str, project: str) -> tuple[str, tuple]:
+    """SQL and parameters for the request log's spend since a period's start, of one project
+    or all (row stamps have milliseconds: compared without the Z)."""
+    return ("SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM requests WHERE timestamp >= ?"
+            + (" AND project = ?" if project else ""),
+            (start[:-1], project) if project else (start[:-1],))
+
+
+def budget_limits(cfg: BudgetConfig, project: str | None = None) -> list[tuple[str, str, float]]:
+    """(scope, period, USD) of every limit set: global, and one project's (None: every
+    configured project's)."""
+    out = [("global", p, getattr(cfg, p + "_limit")) for p in BUDGET_PERIODS]
+    names = cfg.projects if project is None else (project,)
+    for name in names:
+        own = cfg.projects.get(name, {})
+        out += [("project:" + name, p, own.get(p + "_limit", 0.0)) for p in BUDGET_PERIODS]
+    return [limit for limit in out if limit[2] > 0]
+
+
 class BudgetLedger:
     """Spend per (scope, period, period start): settled spend plus open reservations. One per
     process, kept across config reloads, loaded from the budgets table at start. The event loop
@@ -6568,6 +6587,29 @@ class BudgetLedger:
         self.spent: dict[tuple, float] = {}
         self.reserved: dict[tuple, float] = {}
         self.fired: set[tuple] = set()
+
+    def missing(self, store: Store, limits: list[tuple[str, str, float]],
+                now: float) -> dict[tuple, tuple[float, float]]:
+        """For each limit whose current period the ledger does not track yet (a limit just
+        added, by a reload or a restart), the spend the request log has for that period so far,
+        with the limit: spend made while no limit watched still counts against one. (Reads
+        the database: run in a worker thread.)"""
+        out = {}
+        for scope, period, limit in limits:
+            key = (scope, period, period_bounds(period, now)[0])
+            if key not in self.spent:
+                sql, params = spend_query(key[2], scope.partition(":")[2])
+                out[key] = (store.query(sql, params)[0]["spent"] or 0.0, limit)
+        return out
+
+    def adopt(self, found: dict[tuple, tuple[float, float]], store: Store, now: float) -> None:
+        """Takes what missing() found (on the event loop: a request that settled meanwhile
+        made its key, and the ledger's figure stands), kept in the budgets table too."""
+        for key, (spent, limit) in found.items():
+            if key not in self.spent:
+                self.spent[key] = spent
+                if spent:
+                    store.write(_BUDGET_SQL, key + (spent, limit, utc_iso(now)))
 
     def load(self, store: Store) -> None:
         for r in store.query("SELECT scope, period, period_start, spent_usd FROM budgets"):
@@ -6604,12 +6646,6 @@ class BudgetGuard(Stage):
         self.ledger = ledger
         self.clock = clock
 
-    def _limits(self, project: str) -> list[tuple[str, str, float]]:
-        out = [("global", p, getattr(self.cfg, p + "_limit")) for p in BUDGET_PERIODS]
-        own = self.cfg.projects.get(project, {})
-        out += [("project:" + project, p, own.get(p + "_limit", 0.0)) for p in BUDGET_PERIODS]
-        return [limit for limit in out if limit[2] > 0]
-
     def _worst(self, ctx: Context) -> float:
         """The most this request can cost: its input estimate at the dearest input rate and
         max_tokens (times n choices; lowered to a provider's max_output_tokens where the step
@@ -6632,7 +6668,7 @@ class BudgetGuard(Stage):
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or ctx.req.path in UNBILLED_PATHS:
             return None
-        limits = self._limits(ctx.project)
+        limits = budget_limits(self.cfg, ctx.project)
         if not limits:
             return None
         now = self.clock()
@@ -9793,12 +9829,8 @@ class Dashboard:
             for period in BUDGET_PERIODS:
                 start, _ = period_bounds(period, now)
                 spent = self.ledger.spent.get((scope, period, start))
-                if spent is None:  # (row stamps have milliseconds: compare without the Z)
-                    project = scope.partition(":")[2]
-                    rows = await self._query(
-                        "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM requests WHERE "
-                        "timestamp >= ?" + (" AND project = ?" if project else ""),
-                        (start[:-1], project) if project else (start[:-1],))
+                if spent is None:
+                    rows = await self._query(*spend_query(start, scope.partition(":")[2]))
                     spent = rows[0]["spent"] or 0.0
                 limit = limits[period]
                 out.append({"period": period, "scope": scope, "spent": round(spent, 8),
@@ -10421,6 +10453,7 @@ class App:
         self.pool = UpstreamPool(self.env)
         self.ledger = BudgetLedger()
         await asyncio.to_thread(self.ledger.load, self.store)
+        await self._count_earlier_spend(cfg)
         router, prices, self.pipeline, self.plugins = await asyncio.to_thread(
             self._components, cfg)
         self._set_breakers(cfg)
@@ -10472,6 +10505,13 @@ class App:
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline, plugins
 
+    async def _count_earlier_spend(self, cfg: Config) -> None:
+        """A limit the ledger does not track yet starts from what its period already spent."""
+        if cfg.budget.enabled:
+            found = await asyncio.to_thread(self.ledger.missing, self.store,
+                                            budget_limits(cfg.budget), time.time())
+            self.ledger.adopt(found, self.store, time.time())
+
     def _set_breakers(self, cfg: Config) -> None:
         """A breaker per provider (on the event loop, once the snapshot is known good): a new
         one closed, a kept one with the new thresholds and its state."""
@@ -10511,6 +10551,7 @@ class App:
         fixed += ["tracing"] if cfg.tracing != old.tracing else []
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
+        await self._count_earlier_spend(cfg)
         self._set_breakers(cfg)
         self.proxy.reconfigure(cfg, router, prices, pipeline)
         self.proxy.plugins = self.plugins = plugins
