@@ -6018,6 +6018,41 @@ class TestRateLimitStage(ProxyTestCase):
         again = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
         self.assertEqual(again.status, 200)
 
+    async def test_a_fallback_goes_through_its_own_providers_limits(self):
+        # the primary failing, every request went to the backup, whose bucket was empty: the
+        # limit was charged to the provider planned first, never to the one that served
+        backup = await FakeUpstream(lambda rec, r, w: json_reply(w, {
+            "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 1,
+                                                                  "output_tokens": 1}})).start()
+        self.addAsyncCleanup(backup.stop)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"type": "error", "error": {
+            "type": "overloaded_error", "message": "busy"}}, status=503)
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 100, "default_burst": 100,
+            "provider_limits": {"backup": {"rate": 0.001, "burst": 2}}}},
+            "resilience": {"retry_enabled": False, "cb_failure_threshold": 100}},
+            providers={"primary": {"api_base": self.up.base, "format": "anthropic",
+                                   "priority": 1},
+                       "backup": {"api_base": backup.base, "format": "anthropic",
+                                  "priority": 2}})
+        got = [await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+               for _ in range(4)]
+        self.assertEqual([r.status for r in got], [200, 200, 503, 503])  # (the primary's)
+        self.assertEqual(len(backup.requests), 2)
+        self.assertEqual(got[2].json()["error"]["type"], "overloaded_error")
+        rows = await self.rows(4)
+        self.assertEqual([r["provider"] for r in rows], ["backup", "backup", "primary",
+                                                         "primary"])
+        # with the primary's circuit open, the backup's limit is the answer: a native 429
+        breaker = self.app.breakers["primary"]
+        breaker.state, breaker.opened_at = tm.CircuitBreaker.OPEN, breaker.clock()
+        limited = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual((limited.status, limited.json()["error"]["type"]),
+                         (429, "rate_limit_error"))
+        self.assertIn("backup", limited.json()["error"]["message"])
+        self.assertGreaterEqual(int(limited.headers["retry-after"]), 1)
+        self.assertEqual(len(backup.requests), 2)
+
     async def test_concurrent_calls_reserve_the_output_they_allow_themselves(self):
         # 50 calls at once against 600 tokens a minute, each allowing itself 100 tokens of
         # answer: reserving the input alone let all 50 through (5,500 tokens) and the overdrawn

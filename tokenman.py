@@ -6811,14 +6811,7 @@ class RateLimiter(Stage):
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or ctx.req.path in SIDE_CALL_PATHS:  # (count_tokens: free)
             return None
-        now = self.clock()
-        key, requests, tokens = self._buckets(ctx.provider, ctx.project, now)
-        wait = requests.wait(1, now)
-        need = 0
-        if tokens is not None:  # input and the output the request allows itself, as the
-            most, n = stated_output(ctx.obj)  # providers count a call against their own
-            need = request_estimate(ctx) + (most or 0) * n  # limits; settled at its end
-            wait = max(wait, tokens.wait(need, now))
+        key, wait = self._take(ctx, ctx.provider)
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
             self.log.info("rate limited", id=ctx.id, key=key, wait=f"{wait:.3f}")
@@ -6826,11 +6819,37 @@ class RateLimiter(Stage):
                                "rate_limit_error" if ctx.api == API_ANTHROPIC
                                else "rate_limit_exceeded",
                                [(b"Retry-After", b"%d" % seconds)])
+        ctx.notes["admit"] = self._fallback
+        return None
+
+    def _take(self, ctx: Context, provider: str) -> tuple[str, float]:
+        """Takes a request, and the tokens it may use, from the provider's buckets: the key
+        and 0, or the key and the seconds until they would be there (nothing taken)."""
+        now = self.clock()
+        key, requests, tokens = self._buckets(provider, ctx.project, now)
+        wait = requests.wait(1, now)
+        need = 0
+        if tokens is not None:  # input and the output the request allows itself, as the
+            most, n = stated_output(ctx.obj)  # providers count a call against their own
+            need = request_estimate(ctx) + (most or 0) * n  # limits; settled at its end
+            wait = max(wait, tokens.wait(need, now))
+        if wait > 0:
+            return key, wait
         requests.level -= 1
         if tokens is not None:
             tokens.level -= need
-            ctx.notes["ratelimit"] = (key, requests, tokens, need)
-        return None
+        ctx.notes["ratelimit"] = (key, requests, tokens, need) if tokens is not None else None
+        return key, 0.0
+
+    def _fallback(self, ctx: Context, provider: str) -> tuple[str, float]:
+        """A fallback step to another provider goes through that provider's limits: taken
+        from its buckets (the tokens reserved at the one before, which did not answer, go
+        back to it; the request it was sent stays counted) or skipped."""
+        before = ctx.notes.get("ratelimit")
+        key, wait = self._take(ctx, provider)
+        if not wait and before is not None and before[0] != key:
+            before[2].level += before[3]
+        return key, wait
 
     def finish(self, ctx: Context) -> None:
         held = ctx.notes.get("ratelimit")
@@ -8203,8 +8222,9 @@ class Router:
 
 class Failure:
     """The last failed upstream attempt: a response (head and body, returned to the client as
-    it was) or an error (502/504), or nothing admitted at all (every breaker open)."""
-    __slots__ = ("head", "body", "error", "retry_in", "api")
+    it was) or an error (502/504), or nothing admitted at all (every breaker open, or a
+    fallback's rate limit reached: `limited` names its bucket)."""
+    __slots__ = ("head", "body", "error", "retry_in", "api", "limited")
 
     def __init__(self, head: ResponseHead | None = None, body: bytes = b"",
                  error: UpstreamError | None = None, retry_in: float = 0.0,
@@ -8214,6 +8234,7 @@ class Failure:
         self.error = error
         self.retry_in = retry_in
         self.api = api  # the provider's API format (its error body's shape)
+        self.limited = ""
 
 
 def relay_kind(accounted: bool, ctype: bytes) -> str:
@@ -8250,9 +8271,18 @@ class Dispatcher:
         Failure. Raises ConnectionGone when the client leaves while waiting."""
         last = Failure()
         waits = []
+        admit = ctx.notes.get("admit")  # (the rate limiter's, for a fallback to another provider)
         for index, (prov, model, body) in enumerate(plan):
             breaker = self.breakers.get(prov.key)
             retry_after = None
+            if admit is not None and prov.key != ctx.provider:
+                key, wait = admit(ctx, prov.key)
+                if wait:  # its own limits hold for a fallback's traffic too
+                    waits.append(wait)
+                    last.limited = last.limited or key
+                    self.metrics.inc("tokenman_provider_requests_total",
+                                     (("provider", prov.key), ("status", "rate_limited")))
+                    continue
             for attempt in range(self.policy.attempts):
                 if attempt:
                     await self._pause(self.policy.delay(attempt, retry_after), conn.chan)
@@ -8552,6 +8582,15 @@ class ResponseRelay:
             ctx.error = str(exc)
             conn.send_error(req, ctx.api, ctx.status, "upstream timed out"
                             if ctx.status == 504 else "upstream unavailable", xid)
+        elif failure.limited:  # (the provider planned first was skipped: its circuit open)
+            ctx.status = 429
+            ctx.outcome = "rejected"
+            ctx.error = f"rate limit for {failure.limited} reached"
+            seconds = max(1, int(failure.retry_in + 0.999))
+            conn.send_error(req, ctx.api, 429, f"{ctx.error}; retry in {seconds} s",
+                            xid + [(b"Retry-After", b"%d" % seconds)],
+                            "rate_limit_error" if ctx.api == API_ANTHROPIC
+                            else "rate_limit_exceeded")
         else:
             ctx.status = 503
             ctx.outcome = "upstream_failed"
