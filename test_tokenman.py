@@ -8434,6 +8434,61 @@ class TestReload(ProxyTestCase):
         return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
                 f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
 
+    async def test_a_reload_that_would_make_a_serving_provider_unusable_is_refused(self):
+        # a key_ref typo was "config reloaded" after a warning: every request a 503 and
+        # /health/ready not ready (Kubernetes takes the pod out) until someone noticed
+        env = {"GOOD_KEY": "sk-ant-good"}
+        await self.start_from_file(self.config('key_ref = "env:GOOD_KEY"\n'), env=env)
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config('key_ref = "env:GOOD_KEYY"\nmodels = ["claude-x"]\n'))
+        self.assertFalse(await self.app.reload("SIGHUP"))
+        self.assertIn("GOOD_KEYY", self.logbuf.getvalue())
+        self.assertIn("keeping the running config", self.logbuf.getvalue())
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.up.requests[-1].headers[b"x-api-key"], b"sk-ant-good")
+        ready = await http(self.port, "GET", "/health/ready")
+        self.assertEqual(ready.status, 200)
+        with open(self.cfg_path, "w") as fh:  # a new provider that cannot work only warns
+            fh.write(self.config('key_ref = "env:GOOD_KEY"\n[providers.spare]\n'
+                                 f'format = "openai"\napi_base = "{self.up.base}"\n'
+                                 'key_ref = "env:MISSING"\n'))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+
+    async def test_a_reload_applies_the_servers_limits_and_timeouts(self):
+        # HTTPServer kept the [server] section it started with: a smaller max_body_size (or
+        # any timeout) was "reloaded" and never applied, with no word in the log
+        await self.start_from_file(self.config().replace("[server]\n",
+                                                         "[server]\nmax_body_size = 100000\n"))
+        big = dict(ANTHROPIC_REQ, messages=[{"role": "user", "content": "x" * 1000}])
+        self.assertEqual((await http(self.port, "POST", "/v1/messages", big,
+                                     A_HEADERS)).status, 200)
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config().replace("[server]\n", "[server]\nmax_body_size = 200\n"
+                                                          "read_timeout = 7\n"))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertNotIn("need a restart", self.logbuf.getvalue())
+        refused = await http(self.port, "POST", "/v1/messages", big, A_HEADERS)
+        self.assertEqual(refused.status, 413)
+        self.assertEqual((self.app.server.cfg.read_timeout,
+                          self.app.dashboard.cfg.max_body_size), (7, 200))
+
+    async def test_an_edit_followed_by_sighup_is_read_once(self):
+        # the SIGHUP handler and the file watcher each reloaded the same edit: every line of
+        # the reload, and every problem of a broken config, twice in the log
+        await self.start_from_file(self.config())
+        self.assertFalse(await self.app._config_changed())
+        with open(self.cfg_path, "a") as fh:
+            fh.write("[cache]\nenabled = false\n")
+        self.assertTrue(await self.app._config_changed())  # (the watcher would reload it)
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertFalse(await self.app._config_changed())  # ... not once more
+        with open(self.cfg_path, "a") as fh:
+            fh.write("[oops\n")
+        self.assertFalse(await self.app.reload("SIGHUP"))
+        self.assertFalse(await self.app._config_changed())  # a broken one is reported once
+        self.assertEqual(self.logbuf.getvalue().count("config reload failed"), 1)
+
     async def test_a_limit_added_later_counts_what_its_period_already_spent(self):
         # $3 spent with no limit, then a $4.01 monthly limit (by a reload, or a restart): the
         # ledger started from 0 and let another $4 through (170% of the limit), and the panel

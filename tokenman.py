@@ -10470,6 +10470,7 @@ class App:
         self.port = 0
         self.dashboard_port = 0
         self._tasks: list[asyncio.Task] = []
+        self.config_seen: tuple | None = None  # the config file's version last read
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.pii_key = os.urandom(16)  # stable PII placeholders, kept across reloads
         self.pii_memory = PlaceholderMemory()  # Responses API placeholders (the same)
@@ -10492,6 +10493,7 @@ class App:
         self.pool = UpstreamPool(self.env)
         self.ledger = BudgetLedger()
         await asyncio.to_thread(self.ledger.load, self.store)
+        self.config_seen = await asyncio.to_thread(self._stamp, cfg.source)
         await self._count_earlier_spend(cfg)
         router, prices, self.pipeline, self.plugins = await asyncio.to_thread(
             self._components, cfg)
@@ -10567,6 +10569,7 @@ class App:
     async def reload(self, reason: str) -> bool:
         """Loads and validates the config again; on success swaps the snapshot (requests in
         flight finish on theirs), on failure keeps the old one and logs every problem."""
+        self.config_seen = await asyncio.to_thread(self._stamp, self.cfg.source)
         try:
             cfg = await asyncio.to_thread(load_config, self.cfg.source or None, self.env)
             router, prices, pipeline, plugins = await asyncio.to_thread(self._components, cfg)
@@ -10580,6 +10583,17 @@ class App:
             self.log.error("config reload failed; keeping the running config", reason=reason,
                            error=f"{type(exc).__name__}: {exc}")
             return False
+        running = self.proxy.router.providers
+        broken = [prov for key, prov in router.providers.items() if prov.cfg.enabled
+                  and prov.error and key in running and running[key].usable]
+        if broken:  # (a key_ref typo would turn every request into a 503 and the pod unready)
+            pipeline.retire()
+            self.log.error("config reload failed; keeping the running config", reason=reason,
+                           problems=len(broken))
+            for prov in broken:
+                self.log.error("config problem", problem=f"providers.{prov.key}: {prov.error} "
+                               "(it serves now; the new config would make it unusable)")
+            return False
         old = self.cfg
         fixed = [f"server.{k}" for k in ("bind_address", "proxy_port", "dashboard_port",
                                          "tls_enabled", "cert_file", "key_file", "data_dir",
@@ -10592,6 +10606,9 @@ class App:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
         await self._count_earlier_spend(cfg)
         self._set_breakers(cfg)
+        self.server.cfg = cfg.server  # (limits and timeouts: read for each new request)
+        if self.dashboard is not None:
+            self.dashboard.cfg = cfg.server
         self.proxy.reconfigure(cfg, router, prices, pipeline)
         self.proxy.plugins = self.plugins = plugins
         if self.pipeline is not None:
@@ -10603,27 +10620,30 @@ class App:
         self.log.info("config reloaded", reason=reason, source=cfg.source or "built-in defaults")
         return True
 
-    async def _watch(self) -> None:
-        """Reloads when the config file changes (mtime, size or inode: editors that save by
-        renaming a new file over the old one are seen too)."""
-        path = self.cfg.source
+    @staticmethod
+    def _stamp(path: str | None) -> tuple | None:
+        """What tells one version of the config file from another (mtime, size and inode:
+        editors that save by renaming a new file over the old one are seen too)."""
+        try:
+            st = os.stat(path)
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+        except (OSError, TypeError):
+            return None
 
-        def stamp() -> tuple | None:
-            try:
-                st = os.stat(path)
-                return (st.st_mtime_ns, st.st_size, st.st_ino)
-            except OSError:
-                return None
-        if not path:
+    async def _config_changed(self) -> bool:
+        now = await asyncio.to_thread(self._stamp, self.cfg.source)
+        return now is not None and now != self.config_seen
+
+    async def _watch(self) -> None:
+        """Reloads when the config file changes; a version a reload already read (SIGHUP sent
+        after an edit) is not read again."""
+        if not self.cfg.source:
             return
-        last = await asyncio.to_thread(stamp)
         while True:
             await asyncio.sleep(1.0)
             try:
-                now = await asyncio.to_thread(stamp)
-                if now is not None and now != last:
+                if await self._config_changed():
                     await asyncio.sleep(0.1)  # let the editor finish writing
-                    last = await asyncio.to_thread(stamp)
                     await self.reload("file changed")
             except Exception as exc:  # a background task logs and keeps going
                 self.log.error("config watcher failed", error=f"{type(exc).__name__}: {exc}")
@@ -10666,10 +10686,11 @@ class App:
                        error=f"{type(exc).__name__}: {exc}" if exc else "")
 
     async def _pruner(self) -> None:
-        days = self.cfg.metrics.retention_days
-        while days > 0:
+        while True:
+            days = self.cfg.metrics.retention_days  # (as the running config has it now)
             try:
-                self.store.submit(prune_job(days, time.time()))
+                if days > 0:
+                    self.store.submit(prune_job(days, time.time()))
             except Exception as exc:  # a background task logs and keeps going
                 self.log.error("pruner failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(3600)
