@@ -4054,6 +4054,7 @@ class Store:
         self.backlog = 0     # rows waiting for a retry
         self.last_error = ""
         self._ident: tuple | None = None  # (device, inode) of the file the writer has open
+        self._stop_by = 0.0  # (monotonic) until when close() lets failed writes be retried
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tokenman-store", daemon=True)
@@ -4078,7 +4079,10 @@ class Store:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Writes what is queued and stops the writer; rows a write could not take yet (a
+        database locked for a moment) are tried again for up to `timeout` seconds."""
         if self._thread is not None and self._thread.is_alive():
+            self._stop_by = time.monotonic() + max(0.0, timeout - STORE_RETRY_SECONDS)
             self._q.put(_STOP)
             self._thread.join(timeout)
 
@@ -4126,6 +4130,9 @@ class Store:
                 event.set()
             events.clear()
             if stopping:
+                while pending and time.monotonic() < self._stop_by:
+                    time.sleep(STORE_RETRY_SECONDS)  # (the writer's thread: nothing waits on it
+                    conn = self._write(conn, pending)  # but the shutdown, bounded)
                 if pending:
                     self.log.error("request log rows lost at shutdown", rows=len(pending),
                                    error=self.last_error)
@@ -4324,6 +4331,9 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_pii_detections_total": ("counter", "PII detections by type and action."),
     "tokenman_injection_detections_total": ("counter", "Injection detections."),
     "tokenman_store_errors_total": ("counter", "Failed request-log writes."),
+    "tokenman_store_backlog_rows": ("gauge", "Request-log rows waiting for a write to succeed."),
+    "tokenman_store_dropped_rows_total": ("counter", "Request-log rows given up (backlog full, "
+                                                     "or a value that cannot be stored)."),
     "tokenman_build_info": ("gauge", "Version and Python of this process."),
 })
 MODEL_LABEL_CAP = 100  # distinct model (and project) label values; later ones are "other"
@@ -9204,6 +9214,8 @@ class Proxy(ResponseRelay, RequestLog):
                   {"name": "providers", "status": "ok" if self.router.usable_count() else "fail"}]
         if db_error:
             checks[0]["error"] = db_error
+        elif self.store.backlog:  # (requests are served: ready, but the rows wait)
+            checks[0].update(backlog=self.store.backlog, error=self.store.last_error)
         if not self.router.usable_count():
             checks[1]["error"] = "no usable provider (check enabled and key_ref)"
         ok = all(c["status"] == "ok" for c in checks)
@@ -10660,6 +10672,8 @@ class App:
                ("tokenman_savings_percent", {}, saved / (cost + saved) * 100
                 if cost + saved > 0 else 0.0),
                ("tokenman_store_errors_total", {}, self.store.errors),
+               ("tokenman_store_backlog_rows", {}, self.store.backlog),
+               ("tokenman_store_dropped_rows_total", {}, self.store.dropped),
                ("tokenman_build_info", {"python": sys.version.split()[0],
                                         "version": __version__}, 1)]
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
