@@ -6909,6 +6909,31 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
 
 @unittest.skipUnless(CHROMIUM, "no chromium on this machine (apt-get install chromium to run "
                                "the dashboard browser test)")
+class TestCacheCounters(ProxyTestCase):
+    async def test_a_miss_is_a_request_the_cache_looked_up(self):
+        # with the cache off, /v1/models, count_tokens and every call were counted as misses:
+        # the hit rate fell for requests no cache could have answered
+        self.up.handler = lambda rec, r, w: json_reply(w, {"data": []} if rec.method == b"GET"
+                                                       else {"model": "claude-haiku-4-5",
+                                                             "content": [], "usage": {
+                                                                 "input_tokens": 3,
+                                                                 "output_tokens": 2}})
+
+        async def counts() -> tuple:
+            stats = (await http(self.app.dashboard_port, "GET", "/api/stats")).json()
+            return stats["cache_hits"], stats["cache_misses"]
+        for enabled, expected in ((False, (0, 0)), (True, (1, 1))):
+            await self.start_proxy({"cache": {"enabled": enabled}})
+            await http(self.port, "GET", "/v1/models", headers=A_HEADERS)
+            await http(self.port, "POST", "/v1/messages/count_tokens", ANTHROPIC_REQ, A_HEADERS)
+            for _ in range(2):  # (temperature 0: an answer the cache may keep)
+                resp = await http(self.port, "POST", "/v1/messages",
+                                  dict(ANTHROPIC_REQ, temperature=0), A_HEADERS)
+                self.assertEqual(resp.status, 200)
+            self.assertEqual(await counts(), expected)
+            await self.app.stop()
+
+
 class TestDashboardInBrowser(ProxyTestCase):
     async def test_page_renders_live_data_in_headless_chromium(self):
         events, body = anthropic_fixture("text")

@@ -4318,7 +4318,8 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_savings_percent": ("gauge", "Savings as a percent of cost plus savings."),
     "tokenman_cache_hits_total": ("counter", "Requests answered from the response cache or "
                                              "the heartbeat."),
-    "tokenman_cache_misses_total": ("counter", "Requests not answered from the cache."),
+    "tokenman_cache_misses_total": ("counter", "Requests the cache looked up and could not "
+                                               "answer."),
     "tokenman_cache_hit_rate": ("gauge", "Cache hits as a percent of hits plus misses."),
     "tokenman_active_requests": ("gauge", "Requests in flight."),
     "tokenman_uptime_seconds": ("gauge", "Seconds since start."),
@@ -9035,7 +9036,9 @@ class RequestLog:
                            (_TOKENS_IN_KEY, u.input + u.cache_read + u.cache_write),
                            (_TOKENS_OUT_KEY, u.output),
                            (_TOKENS_SAVED_KEY, ctx.tokens_saved + compressed),
-                           (_CACHE_HITS_KEY if outcome in HIT_OUTCOMES else _CACHE_MISSES_KEY, 1),
+                           (_CACHE_HITS_KEY if outcome in HIT_OUTCOMES else _CACHE_MISSES_KEY,
+                            1 if outcome in HIT_OUTCOMES or "cache" in ctx.notes
+                            or "heartbeat" in ctx.notes else 0),  # (a miss: the cache looked)
                            (("tokenman_cost_usd_total", cost_labels), ctx.cost or 0.0)):
             values[key] = get(key, 0.0) + value
         for labels, count in zip(kinds, (u.input, u.output, u.cache_read, u.cache_write)):
