@@ -4753,17 +4753,18 @@ class TestPIIStage(ProxyTestCase):
         for user in ("ann@corp.io", "bob@corp.io", "ann@corp.io"):
             await http(self.port, "POST", "/v1/chat/completions",
                        dict(OPENAI_REQ, user=user), O_HEADERS)
-        await http(self.port, "POST", "/v1/messages",
-                   dict(ANTHROPIC_REQ, metadata={"user_id": "ann@corp.io"}), A_HEADERS)
+        for user in ("ann@corp.io", "cy@corp.io"):
+            await http(self.port, "POST", "/v1/messages",
+                       dict(ANTHROPIC_REQ, metadata={"user_id": user}), A_HEADERS)
         sent = [r.json().get("user") for r in self.up.requests[:3]]
         self.assertTrue(all(re.fullmatch(r"\[EMAIL_HASH_[0-9a-f]{8}\]", u) for u in sent), sent)
         self.assertEqual((sent[0] == sent[2], sent[0] == sent[1]), (True, False))
         self.assertEqual(self.up.requests[3].json()["metadata"]["user_id"], sent[0])
-        await self.rows(4)
+        await self.rows(5)
         logged = await asyncio.to_thread(self.app.store.query,
                                          "SELECT action, field_path FROM pii_log ORDER BY id")
-        self.assertEqual([tuple(r) for r in logged], [("hash", "user")] * 3
-                         + [("hash", "metadata.user_id")])
+        self.assertEqual([tuple(r) for r in logged], [("hash", "user")] * 2  # (ann once:
+                         + [("hash", "metadata.user_id")])  # every request digests her id)
         await self.start_proxy({"security": {"pii": {"action": "block"}}})  # (an id is
         resp = await http(self.port, "POST", "/v1/chat/completions",  # digested, not refused)
                           dict(OPENAI_REQ, user="ann@corp.io"), O_HEADERS)
@@ -5690,19 +5691,20 @@ class TestInjectionStage(ProxyTestCase):
         # output reached the model; embeddings and count_tokens are not a conversation
         self.up.handler = lambda rec, r, w: json_reply(w, {"object": "response", "output": []})
         await self.start_proxy({"security": {"injection": {"action": "block"}}})
-        attacks = [{"model": "gpt-4o", "input": self.ATTACK},
+        attack = [f"{self.ATTACK} (case {i})" for i in range(5)]  # (a text recorded once)
+        attacks = [{"model": "gpt-4o", "input": attack[0]},
                    {"model": "gpt-4o", "input": [{"role": "user", "content": [
-                       {"type": "input_text", "text": self.ATTACK}]}]},
+                       {"type": "input_text", "text": attack[1]}]}]},
                    {"model": "gpt-4o", "input": [
                        {"type": "message", "role": "user", "content": "run the tool"},
                        {"type": "function_call", "call_id": "c1", "name": "fetch",
                         "arguments": "{}"},
-                       {"type": "function_call_output", "call_id": "c1", "output": self.ATTACK}]},
+                       {"type": "function_call_output", "call_id": "c1", "output": attack[2]}]},
                    {"model": "gpt-4o", "input": [  # (an output as text parts, an MCP call's)
                        {"type": "function_call_output", "call_id": "c2", "output": [
-                           {"type": "input_text", "text": self.ATTACK}]}]},
+                           {"type": "input_text", "text": attack[3]}]}]},
                    {"model": "gpt-4o", "input": [{"type": "mcp_call", "name": "fetch",
-                                                  "arguments": "{}", "output": self.ATTACK}]}]
+                                                  "arguments": "{}", "output": attack[4]}]}]
         for body in attacks:
             resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
             self.assertEqual(resp.status, 400, body)
@@ -5721,6 +5723,45 @@ class TestInjectionStage(ProxyTestCase):
         self.assertEqual(sorted(r["field_path"] for r in logged),
                          ["input", "input[0].content[0].text", "input[0].output",
                           "input[0].output[0].text", "input[2].output"])
+
+    async def test_an_agents_history_is_recorded_once_and_acted_on_every_turn(self):
+        # an injection and an e-mail address in an early tool result were new detections on
+        # every later turn of the agent (7 injections showed as 112); the action (here the
+        # warning, and the redaction) still applies to every request that carries them
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "claude-haiku-4-5", "content": [{"type": "text", "text": "ok"}],
+            "usage": {"input_tokens": 5, "output_tokens": 5}})
+        await self.start_proxy({"security": {"injection": {"action": "warn"}}})
+        messages = [{"role": "user", "content": "fetch the page"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
+                                                       "name": "fetch", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                  "content": self.ATTACK + " ann@corp.io"}]}]
+        for turn in range(4):
+            resp = await http(self.port, "POST", "/v1/messages",
+                              dict(ANTHROPIC_REQ, messages=messages), A_HEADERS)
+            self.assertIn("x-tokenman-injection-warning", resp.headers)
+            sent = json.dumps(self.up.requests[-1].json())
+            self.assertNotIn("ann@corp.io", sent)
+            messages = messages + [{"role": "assistant", "content": f"answer {turn}"},
+                                   {"role": "user", "content": f"next {turn}"}]
+        await self.rows(4)
+        injections = await asyncio.to_thread(self.app.store.query,
+                                             "SELECT request_id FROM injection_log")
+        pii = await asyncio.to_thread(self.app.store.query, "SELECT request_id FROM pii_log")
+        self.assertEqual((len(injections), len(pii)), (1, 1))
+        metrics = parse_exposition((await http(self.app.dashboard_port, "GET",
+                                               "/metrics")).body.decode())
+        self.assertEqual(sum(metrics["tokenman_injection_detections_total"].values()), 1)
+        self.assertEqual(sum(metrics["tokenman_pii_detections_total"].values()), 1)
+        other = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, messages=[
+            messages[0], messages[1], messages[2]]), dict(A_HEADERS, **{
+                "X-Tokenman-Project": "other"}))  # another project's own record
+        self.assertEqual(other.status, 200)
+        await self.rows(5)
+        injections = await asyncio.to_thread(self.app.store.query,
+                                             "SELECT request_id FROM injection_log")
+        self.assertEqual(len(injections), 2)
 
     async def test_sanitize(self):
         resp = await self.send("sanitize")

@@ -5767,6 +5767,29 @@ class ScanMemo:
         return sys.getsizeof(text) + self.ENTRY_BYTES + 96 * len(found)  # (a hit: a tuple)
 
 
+class FirstSeen:
+    """Texts whose findings an earlier request of the project recorded already: an agent
+    resends its whole history on every turn, and one injection (or email) in an early tool
+    result would be a new detection in each of them. The action applies every time; the
+    record is made once (by the first request: every field of it). Bounded, oldest first out."""
+    __slots__ = ("keys", "limit")
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.keys: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self.limit = limit
+
+    def first(self, project: str, text: str, request: str) -> bool:
+        key = (project, len(text), hash(text))
+        owner = self.keys.get(key)
+        if owner is not None:
+            self.keys.move_to_end(key)
+            return owner == request
+        self.keys[key] = request
+        if len(self.keys) > self.limit:
+            self.keys.popitem(last=False)
+        return True
+
+
 class InjectionGuard(Stage):
     """Prompt-injection patterns in user messages and tool results (both APIs, array content
     and nested tool results included), and in Responses API calls (`input` and tool outputs).
@@ -5783,6 +5806,7 @@ class InjectionGuard(Stage):
         self.log = log
         self.metrics = metrics
         self.memo = ScanMemo()
+        self.recorded = FirstSeen()
 
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
@@ -5802,7 +5826,8 @@ class InjectionGuard(Stage):
                 continue
             where = field_path(path)
             done = "log" if action == "sanitize" and type(parent) is CitedText else action
-            hits += [(where, done, f) for f in found]
+            fresh = self.recorded.first(ctx.project, parent[key], ctx.id)
+            hits += [(where, done, f, fresh) for f in found]
             if done == "sanitize":
                 text = parent[key]
                 for _, _, matched in found:
@@ -5812,14 +5837,16 @@ class InjectionGuard(Stage):
         if not hits:
             return None
         now = utc_iso(ctx.wall)
-        categories = sorted({f[1] for _, _, f in hits})
-        for path, done, (pattern, category, matched) in hits:
+        categories = sorted({f[1] for _, _, f, _ in hits})
+        fresh = [hit for hit in hits if hit[3]]
+        for path, done, (pattern, category, matched), _ in fresh:
             self.store.write(_INJECTION_SQL, (ctx.id, now, category, pattern, done, path,
                                               mask(matched[:60])))
             self.metrics.inc("tokenman_injection_detections_total",
                              (("action", done), ("category", category)))
-        self.log.warn("prompt injection detected", id=ctx.id, action=action,
-                      categories=",".join(categories), fields=len(hits))
+        if fresh or action == "block":
+            self.log.warn("prompt injection detected", id=ctx.id, action=action,
+                          categories=",".join(categories), fields=len(hits))
         if action == "block":
             return error_reply(ctx, 400, "prompt injection detected: " + ", ".join(categories),
                                extra={"categories": categories} if ctx.api == API_OPENAI
@@ -6111,6 +6138,7 @@ class PIIGuard(Stage):
         self.store = store
         self.log = log
         self.memo = ScanMemo()
+        self.recorded = FirstSeen()
 
     def _scan(self, text: str) -> list[tuple[int, int, str]]:
         return find_pii(text, self.types, self.allow)
@@ -6152,7 +6180,7 @@ class PIIGuard(Stage):
                 done = "log"  # cited text: checked, never rewritten
             else:
                 done = action
-            found += [(kind, where, text[s:e], done) for s, e, kind in spans]
+            found += [(kind, where, text[s:e], done, text) for s, e, kind in spans]
             if done in ("redact", "hash"):
                 if taken is None and action == "redact":
                     taken = _spelled_placeholders(ctx.obj)
@@ -6170,14 +6198,16 @@ class PIIGuard(Stage):
                 mark_changed(ctx, path)
         if not found and not earlier:
             return None
-        if found and not ctx.cache_hit and ctx.req.path not in _COUNTING_PATHS:  # (counting:
-            now = utc_iso(ctx.wall)  # the call it counts records the same detections)
-            for kind, path, value, done in found:
+        fresh = [] if ctx.cache_hit or ctx.req.path in _COUNTING_PATHS else \
+            self._first_found(ctx, found)  # (counting: the call it counts records them)
+        if fresh:
+            now = utc_iso(ctx.wall)
+            for kind, path, value, done, _ in fresh:
                 self.store.write(_PII_SQL, (ctx.id, now, kind, done, path, mask(value)))
                 self.metrics.inc("tokenman_pii_detections_total",
                                  (("action", done), ("type", kind)))
             self.log.info("pii detected", id=ctx.id, action=action,
-                          types=",".join(sorted({f[0] for f in found})), count=len(found))
+                          types=",".join(sorted({f[0] for f in fresh})), count=len(fresh))
         if any(f[3] == "block" for f in found):  # (an id is digested, never refused)
             kinds = sorted({f[0] for f in found if f[3] == "block"})
             return error_reply(ctx, 400, "request contains personal data or secrets: "
@@ -6193,6 +6223,15 @@ class PIIGuard(Stage):
             if keep is not None:  # (this turn's own values: the earlier ones are kept already)
                 ctx.notes["pii_keep"] = keep + ({p: v for v, p in mapping.items()},)
         return None
+
+    def _first_found(self, ctx: Context, found: list[tuple]) -> list[tuple]:
+        """The findings in texts no earlier request of the project had (recorded then)."""
+        first: dict[int, bool] = {}
+        for finding in found:
+            text = finding[4]
+            if id(text) not in first:
+                first[id(text)] = self.recorded.first(ctx.project, text, ctx.id)
+        return [finding for finding in found if first[id(finding[4])]]
 
     # -- Responses API: placeholders kept per response and conversation ---------------------------
     # A stored response is continued by id (previous_response_id, a conversation) without the
