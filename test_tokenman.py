@@ -5211,6 +5211,28 @@ class TestPIIStage(ProxyTestCase):
                          "the template has [EMAIL_1] in it; mail [EMAIL_2]")
         self.assertEqual(resp.json()["content"][0]["text"], "You said: " + said)
 
+    async def test_a_placeholder_quoted_in_a_later_turn_renumbers_nothing_before_it(self):
+        # a tool result quoting a README that spells [EMAIL_1] made the user's address
+        # [EMAIL_2] in every earlier message: the history changed under the model (its signed
+        # thinking still said [EMAIL_1]) and the provider's prompt cache missed from there on
+        self.up.handler = self.echo
+        await self.start_proxy()
+        first = {"role": "user", "content": "mail ann@corp.io about it"}
+        later = [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
+                                                    "name": "read", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                               "content": "README: redaction gives [EMAIL_1]"
+                                                          " for bob@corp.io"}]}]
+        for messages in ([first], [first] + later):
+            resp = await http(self.port, "POST", "/v1/messages",
+                              dict(ANTHROPIC_REQ, messages=messages), A_HEADERS)
+            self.assertEqual(resp.status, 200)
+        before, after = (r.json()["messages"] for r in self.up.requests)
+        self.assertEqual(before[0], after[0])  # the prefix is byte for byte the same
+        self.assertEqual(after[0]["content"], "mail [EMAIL_1] about it")
+        self.assertEqual(after[2]["content"][0]["content"],
+                         "README: redaction gives [EMAIL_1] for [EMAIL_2]")
+
     async def test_numbers_stay_the_same_across_turns_with_thinking(self):
         # turn 2 sends back turn 1's thinking, which keeps [FILE_PATH_1]: that is ours, so the
         # path gets the same number again (a new one would change the cached prefix each turn)

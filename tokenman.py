@@ -6043,6 +6043,36 @@ def _spelled_placeholders(obj: object) -> set[str]:
     return {t for text in strings if "[" in text for t in _PLACEHOLDER_TEXT_RE.findall(text)}
 
 
+class SpelledSoFar:
+    """The placeholders a request spells (as _spelled_placeholders) before a field's turn ends:
+    the parts before its turns (tools, system, instructions) and its turns up to that one. A
+    value is never numbered as a placeholder spelled before it; one spelled only in a later
+    turn (a document quoted in a tool result) does not renumber the values before it, so an
+    agent's history, and the provider's prompt cache of it, stay as they were. Each turn is
+    read before it is redacted (fields come in order)."""
+    __slots__ = ("turns", "upto", "turns_key")
+
+    def __init__(self, obj: dict) -> None:
+        key = next((k for k in ("messages", "input") if isinstance(obj.get(k), list)), None)
+        self.turns = obj[key] if key else []
+        self.upto = [_spelled_placeholders({k: v for k, v in obj.items() if k != key})]
+        self.turns_key = key
+
+    def at(self, path: tuple) -> set[str]:
+        if len(path) < 2 or path[0] != self.turns_key or type(path[1]) is not int:
+            return self.upto[0]
+        return self._through(path[1])
+
+    def everything(self) -> set[str]:
+        return self._through(len(self.turns) - 1)
+
+    def _through(self, index: int) -> set[str]:
+        upto = self.upto
+        while len(upto) <= index + 1:
+            upto.append(upto[-1] | _spelled_placeholders(self.turns[len(upto) - 1]))
+        return upto[index + 1]
+
+
 _RESPONSES_BODIES = frozenset((RESPONSES_PATH, RESPONSES_PATH + "/input_tokens"))  # (the same
 # body: input_tokens counts what a call would send, so it is screened as the call is)
 _COUNTING_PATHS = SIDE_CALL_PATHS | {RESPONSES_PATH + "/input_tokens"}  # (their detections
@@ -6149,6 +6179,7 @@ class PIIGuard(Stage):
         action = self.cfg.action
         mapping: dict[str, str] = {}     # original value -> placeholder
         counters: dict[str, int] = {}
+        spelled: SpelledSoFar | None = None
         taken: set[str] | None = None
         found = []
         responses = ctx.req.path in _RESPONSES_BODIES
@@ -6182,8 +6213,9 @@ class PIIGuard(Stage):
                 done = action
             found += [(kind, where, text[s:e], done, text) for s, e, kind in spans]
             if done in ("redact", "hash"):
-                if taken is None and action == "redact":
-                    taken = _spelled_placeholders(ctx.obj)
+                if action == "redact":
+                    spelled = spelled or SpelledSoFar(ctx.obj)
+                    taken = spelled.at(path)
                 out, pos = [], 0
                 json_text = key == "arguments"  # (a value there is spelled JSON-escaped:
                 for s, e, kind in spans:  # C:\\Users\\bob means C:\Users\bob, restored so)
@@ -6215,7 +6247,7 @@ class PIIGuard(Stage):
         if action == "redact" and prompt != "input":  # (embeddings and moderations answer
             originals = {p: v for v, p in mapping.items()}  # with no text to restore)
             if earlier:  # an earlier turn's values (not where this request spells the same)
-                taken = _spelled_placeholders(ctx.obj) if taken is None else taken
+                taken = spelled.everything() if spelled else _spelled_placeholders(ctx.obj)
                 originals = {**{p: v for p, v in earlier.items() if p not in taken},
                              **originals}
             ctx.notes["pii"] = PIIRestorer(originals, json_answer(ctx.obj))
@@ -6323,9 +6355,10 @@ class PIIGuard(Stage):
             while f"[{kind.upper()}_{number}]" in taken or f"[{kind.upper()}_{number}]" in used:
                 number += 1
             placeholder = mapping[value] = f"[{kind.upper()}_{number}]"
-        while placeholder is None or placeholder in taken:  # a number nobody else means
-            counters[kind] = counters.get(kind, 0) + 1
-            placeholder = mapping[value] = f"[{kind.upper()}_{counters[kind]}]"
+        while placeholder is None or placeholder in taken and mapping.get(value) is None:
+            counters[kind] = counters.get(kind, 0) + 1  # a number nobody else means
+            placeholder = f"[{kind.upper()}_{counters[kind]}]"
+        mapping[value] = placeholder
         return placeholder
 
     def response(self, ctx: Context, body: bytes) -> bytes:
