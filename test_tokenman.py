@@ -125,11 +125,12 @@ async def json_reply(writer, obj, status=200, headers=(), reason=b"OK"):
                  b"%s\r\n%s" % (status, reason, len(body), extra, body))
 
 
-async def sse_reply(writer, events, headers=(), gate=None, after=None):
+async def sse_reply(writer, events, headers=(), gate=None, after=None,
+                    ctype=b"text/event-stream"):
     """Sends events as chunks (one per event); waits on `gate` after `after` events."""
     extra = b"".join(h + b"\r\n" for h in headers)
-    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                 b"transfer-encoding: chunked\r\n%s\r\n" % extra)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n"
+                 b"transfer-encoding: chunked\r\n%s\r\n" % (ctype, extra))
     for i, event in enumerate(events):
         if gate is not None and i == after:
             await writer.drain()
@@ -137,6 +138,18 @@ async def sse_reply(writer, events, headers=(), gate=None, after=None):
         writer.write(b"%x\r\n%s\r\n" % (len(event), event))
         await writer.drain()
     writer.write(b"0\r\n\r\n")
+
+
+async def read_past_gate(reader, gate) -> bytes:
+    """A stream's bytes: its first events must arrive before the upstream's gate opens (not
+    held back), then the rest to its last chunk."""
+    seen = b""
+    while b"content_block_start" not in seen:
+        seen += await asyncio.wait_for(reader.read(65536), WAIT)
+    gate.set()
+    while not seen.endswith(b"0\r\n\r\n"):
+        seen += await asyncio.wait_for(reader.read(65536), WAIT)
+    return seen
 
 
 class Response:
@@ -1875,12 +1888,7 @@ class TestRelay(ProxyTestCase):
                      b"\r\nx-api-key: k\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         self.assertNotIn(b"content-encoding", head.lower())
-        seen = b""
-        while b"content_block_start" not in seen:  # before the gate opens: not held back
-            seen += await asyncio.wait_for(reader.read(65536), WAIT)
-        gate.set()
-        while not seen.endswith(b"0\r\n\r\n"):
-            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        seen = await read_past_gate(reader, gate)
         rows = await self.rows(4)
         self.assertEqual({(r["input_tokens"], r["output_tokens"], r["estimated"]) for r in rows
                           if r["outcome"] == "ok"}, {(12, 420, 0)})
@@ -2783,6 +2791,16 @@ class TestUpstreamEdges(ProxyTestCase):
     """Upstream answers that bend or break HTTP/1.1 or SSE, and clients that stop reading."""
 
     NO_RETRY = {"resilience": {"retry_enabled": False}}
+    _STREAMED = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
+    STREAM = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: %d" \
+             b"\r\n\r\n%s" % (len(_STREAMED), _STREAMED)
+
+    async def send_raw(self, data: bytes) -> asyncio.StreamReader:
+        """Writes the bytes on a new connection to tokenman; its reader, to read by hand."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(data)
+        return reader
 
     async def test_a_client_that_stops_reading_is_its_own_fault_not_the_providers(self):
         big = anthropic_events({"type": "content_block_delta", "index": 0,
@@ -2839,17 +2857,8 @@ class TestUpstreamEdges(ProxyTestCase):
             await sse_reply(w, cr, gate=gate, after=2)
         self.up.handler = handler
         await self.start_proxy()  # (retries on: a stream judged empty would be sent again)
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.addCleanup(writer.close)
-        raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-        seen = b""
-        while b"content_block_start" not in seen:  # before the gate opens: not held back
-            seen += await asyncio.wait_for(reader.read(65536), WAIT)
-        gate.set()
-        while not seen.endswith(b"0\r\n\r\n"):
-            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        reader = await self.send_raw(self.STREAM)
+        seen = await read_past_gate(reader, gate)
         self.assertIn(b"message_stop", seen)
         resp = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, stream=True),
                           A_HEADERS)  # (whole at once: not taken for a stream without events)
@@ -2946,12 +2955,10 @@ class TestUpstreamEdges(ProxyTestCase):
                 await json_reply(w, {"data": []})
         self.up.handler = handler
         await self.start_proxy()
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.addCleanup(writer.close)
-        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
-                     b"anthropic-version: 2023-06-01\r\n\r\n"
-                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
-                     b"anthropic-version: 2023-06-01\r\n\r\n")
+        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                                    b"anthropic-version: 2023-06-01\r\n\r\n"
+                                    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                                    b"anthropic-version: 2023-06-01\r\n\r\n")
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
         self.assertIn(b"\r\ncontent-length: 1234\r\n", head)
         self.assertEqual(head.count(b"content-length"), 1)
@@ -2964,26 +2971,13 @@ class TestUpstreamEdges(ProxyTestCase):
         gate = asyncio.Event()
 
         async def handler(rec, r, w):
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; Charset=UTF-8\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n")
-            for i, event in enumerate(events):
-                if i == 2:
-                    await gate.wait()
-                w.write(b"%x\r\n%s\r\n" % (len(event), event))
-                await w.drain()
-            w.write(b"0\r\n\r\n")
+            await sse_reply(w, events, gate=gate, after=2,
+                            ctype=b"Text/Event-Stream; Charset=UTF-8")
         self.up.handler = handler
         await self.start_proxy()
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.addCleanup(writer.close)
-        raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-        seen = b""
-        while b"content_block_start" not in seen:  # streamed, not buffered whole
-            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        reader = await self.send_raw(self.STREAM)
+        seen = await read_past_gate(reader, gate)  # streamed, not buffered whole
         self.assertIn(b"transfer-encoding: chunked", seen.lower())
-        gate.set()
 
 
 class TestResilience(ProxyTestCase):
@@ -6059,19 +6053,24 @@ class TestRateLimitStage(ProxyTestCase):
         self.assertLess(len(limiter.state), 300)
         self.assertIn("anthropic/p599", limiter.state)  # the newest are kept
 
-    async def test_a_call_whose_buckets_were_pruned_still_settles_its_tokens(self):
+    async def held_calls(self, completion_tokens: int, **limits) -> tuple[asyncio.Event, list]:
+        """A provider whose OpenAI answers (10 tokens in, `completion_tokens` out) wait for
+        the gate, a proxy with those rate limits on, and the limiter's clock (a list to move)."""
         gate = asyncio.Event()
 
-        async def slow(rec, r, w):
+        async def held(rec, r, w):
             await gate.wait()
             await json_reply(w, {"model": "gpt-4o", "choices": [], "usage": {
-                "prompt_tokens": 10, "completion_tokens": 1990}})
-        self.up.handler = slow
-        await self.start_proxy({"security": {"rate_limit": {
-            "enabled": True, "default_rate": 100, "tokens_per_minute": 1000}}})
+                "prompt_tokens": 10, "completion_tokens": completion_tokens}})
+        self.up.handler = held
+        await self.start_proxy({"security": {"rate_limit": dict(enabled=True, **limits)}})
         now = [0.0]
+        self.app.pipeline.stage("ratelimit").clock = lambda: now[0]
+        return gate, now
+
+    async def test_a_call_whose_buckets_were_pruned_still_settles_its_tokens(self):
+        gate, now = await self.held_calls(1990, default_rate=100, tokens_per_minute=1000)
         limiter = self.app.pipeline.stage("ratelimit")
-        limiter.clock = lambda: now[0]
         call = asyncio.create_task(http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
                                         O_HEADERS))
         while not self.up.requests:
@@ -6143,18 +6142,8 @@ class TestRateLimitStage(ProxyTestCase):
         # 50 calls at once against 600 tokens a minute, each allowing itself 100 tokens of
         # answer: reserving the input alone let all 50 through (5,500 tokens) and the overdrawn
         # bucket then refused everything for 8 minutes; as the providers count, 5 go out
-        gate = asyncio.Event()
-
-        async def handler(rec, r, w):
-            await gate.wait()
-            await json_reply(w, {"model": "gpt-4o", "choices": [], "usage": {
-                "prompt_tokens": 10, "completion_tokens": 100}})
-        self.up.handler = handler
-        await self.start_proxy({"security": {"rate_limit": {
-            "enabled": True, "default_rate": 1000, "default_burst": 1000,
-            "tokens_per_minute": 600}}})
-        now = [0.0]
-        self.app.pipeline.stage("ratelimit").clock = lambda: now[0]
+        gate, now = await self.held_calls(100, default_rate=1000, default_burst=1000,
+                                          tokens_per_minute=600)
         body = dict(OPENAI_REQ, max_tokens=100)
         calls = [asyncio.create_task(http(self.port, "POST", "/v1/chat/completions", body,
                                           O_HEADERS)) for _ in range(50)]
