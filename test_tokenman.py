@@ -5205,6 +5205,29 @@ class TestPIIStage(ProxyTestCase):
                          "the template has [EMAIL_1] in it; mail [EMAIL_2]")
         self.assertEqual(resp.json()["content"][0]["text"], "You said: " + said)
 
+    async def test_hash_digests_stay_the_same_across_restarts_and_replicas(self):
+        # the key was made per process: every restart changed every digest (a join of
+        # yesterday's rows with today's found nothing), and two replicas never agreed
+        hashing = {"security": {"pii": {"action": "hash"}}}
+
+        async def digest(extra=hashing, env=None) -> str:
+            await self.start_proxy(extra, env=env)
+            await http(self.port, "POST", "/v1/chat/completions",
+                       dict(OPENAI_REQ, user="ann@corp.io"), O_HEADERS)
+            await self.app.stop()
+            return self.up.requests[-1].json()["user"]
+        first = await digest()
+        self.assertEqual(os.stat(os.path.join(self.tmp.name, "pii.key")).st_mode & 0o777, 0o600)
+        self.assertEqual(await digest(), first)  # a restart on the same data dir
+        shared = {"security": {"pii": {"action": "hash", "hash_key_ref": "env:PII_KEY"}}}
+        env = {"PII_KEY": "a-secret-both-replicas-share"}
+        one = await digest(shared, env)
+        os.unlink(os.path.join(self.tmp.name, "pii.key"))  # (another replica's data dir)
+        self.assertEqual(await digest(shared, env), one)
+        self.assertNotEqual(one, first)
+        with self.assertRaisesRegex(tm.TokenmanError, "16 characters"):
+            await self.start_proxy(shared, env={"PII_KEY": "short"})
+
     async def test_a_placeholder_quoted_in_a_later_turn_renumbers_nothing_before_it(self):
         # a tool result quoting a README that spells [EMAIL_1] made the user's address
         # [EMAIL_2] in every earlier message: the history changed under the model (its signed

@@ -884,6 +884,10 @@ class PIIConfig:
     action: str = _f("redact", "redact (placeholders, restored in answers), hash, log or block")
     allow_list: tuple = _f((), "exact values never treated as PII")
     types: tuple = _f(PII_TYPES, "detectors to run")
+    hash_key_ref: str = _f("", "the secret that keys hash digests and placeholder numbers "
+                               "(env:, file:// or keyring:// ref, 16+ characters; share one "
+                               "across replicas); empty: one made at first start, kept in "
+                               "the data dir (pii.key)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -10540,6 +10544,33 @@ def claim_pid_file(data_dir: str) -> str:
     return path
 
 
+def load_pii_key(data_dir: str, key_ref: str, env: dict) -> bytes:
+    """The secret behind PII digests, so that one value has one digest across restarts (and
+    replicas, given one ref): from the ref, or made once and kept in data_dir/pii.key (0600)."""
+    if key_ref:
+        try:
+            value = resolve_key(key_ref, env)
+        except ValueError as exc:
+            raise ValueError(f"security.pii.hash_key_ref: {exc}") from None
+        if len(value) < 16:
+            raise ValueError("security.pii.hash_key_ref: the key must have 16 characters or more")
+        return value.encode()
+    path = os.path.join(data_dir, "pii.key")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as fh:
+            key = fh.read()
+        if len(key) < 16:
+            raise ValueError(f"{path} holds no key (delete it to make a new one: PII digests "
+                             "will change)") from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
 class App:
     """Owns the store, the upstream pool, the proxy and its server, and background tasks."""
 
@@ -10559,7 +10590,7 @@ class App:
         self._tasks: list[asyncio.Task] = []
         self.config_seen: tuple | None = None  # the config file's version last read
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
-        self.pii_key = os.urandom(16)  # stable PII placeholders, kept across reloads
+        self.pii_key = b""  # PII digests and stable placeholders: read at start, kept
         self.pii_memory = PlaceholderMemory()  # Responses API placeholders (the same)
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
@@ -10575,6 +10606,13 @@ class App:
             self.log.warn("config", problem=warning)
         path = await asyncio.to_thread(open_database, cfg.data_dir)
         self.pid_path = await asyncio.to_thread(claim_pid_file, cfg.data_dir)
+        try:
+            self.pii_key = await asyncio.to_thread(load_pii_key, cfg.data_dir,
+                                                   cfg.pii.hash_key_ref, self.env)
+        except ValueError as exc:
+            raise TokenmanError(str(exc)) from None
+        except OSError as exc:
+            raise TokenmanError(f"cannot keep the PII key in the data dir: {exc}") from None
         self.store = Store(path, self.log)
         self.store.start()
         self.pool = UpstreamPool(self.env)
@@ -10689,6 +10727,8 @@ class App:
         fixed += [f"dashboard.{k}" for k in ("enabled", "bind_address")
                   if getattr(cfg.dashboard, k) != getattr(old.dashboard, k)]
         fixed += ["tracing"] if cfg.tracing != old.tracing else []
+        fixed += ["security.pii.hash_key_ref"] if cfg.pii.hash_key_ref != old.pii.hash_key_ref \
+            else []
         if fixed:
             self.log.warn("these settings need a restart to take effect", keys=",".join(fixed))
         await self._count_earlier_spend(cfg)
