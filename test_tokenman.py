@@ -5231,8 +5231,15 @@ class TestPIIStage(ProxyTestCase):
     async def test_a_placeholder_quoted_in_a_later_turn_renumbers_nothing_before_it(self):
         # a tool result quoting a README that spells [EMAIL_1] made the user's address
         # [EMAIL_2] in every earlier message: the history changed under the model (its signed
-        # thinking still said [EMAIL_1]) and the provider's prompt cache missed from there on
-        self.up.handler = self.echo
+        # thinking still said [EMAIL_1]) and the provider's prompt cache missed from there on;
+        # nor may the quoted spelling then mean the address
+        async def echo_last(rec, r, w):  # the model quotes the tool result and the address
+            sent = rec.json()["messages"]
+            said = sent[-1]["content"] if len(sent) == 1 else sent[-1]["content"][0]["content"]
+            await json_reply(w, {"model": "claude-haiku-4-5", "content": [
+                {"type": "text", "text": f"{said}; and [EMAIL_1]"}],
+                "usage": {"input_tokens": 5, "output_tokens": 5}})
+        self.up.handler = echo_last
         await self.start_proxy()
         first = {"role": "user", "content": "mail ann@corp.io about it"}
         later = [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
@@ -5247,8 +5254,13 @@ class TestPIIStage(ProxyTestCase):
         before, after = (r.json()["messages"] for r in self.up.requests)
         self.assertEqual(before[0], after[0])  # the prefix is byte for byte the same
         self.assertEqual(after[0]["content"], "mail [EMAIL_1] about it")
+        # the README's own spelling gets a number of its own: the model cannot take it for
+        # the address, and an answer quoting it (an edit of that README) gets it back as
+        # written, while [EMAIL_1] is the address
         self.assertEqual(after[2]["content"][0]["content"],
-                         "README: redaction gives [EMAIL_1] for [EMAIL_2]")
+                         "README: redaction gives [EMAIL_2] for [EMAIL_3]")
+        self.assertEqual(resp.json()["content"][0]["text"],
+                         "README: redaction gives [EMAIL_1] for bob@corp.io; and ann@corp.io")
 
     async def test_numbers_stay_the_same_across_turns_with_thinking(self):
         # turn 2 sends back turn 1's thinking, which keeps [FILE_PATH_1]: that is ours, so the

@@ -6047,6 +6047,16 @@ def _spelled_placeholders(obj: object) -> set[str]:
     return {t for text in strings if "[" in text for t in _PLACEHOLDER_TEXT_RE.findall(text)}
 
 
+def _clashes(text: str, mapping: dict[str, str]) -> list[tuple[int, int, str]]:
+    """Where a text spells, as written by the client, a placeholder this request already gave
+    a value (a README quoted in a later turn that shows [EMAIL_1]): such a spelling is given a
+    placeholder of its own, restored as it was written, so that neither the model nor the
+    restorer takes it for the value (an agent editing that README would write the address)."""
+    given = set(mapping.values())
+    return [(m.start(), m.end(), m.group()[1:].rpartition("_")[0].lower())
+            for m in _PLACEHOLDER_TEXT_RE.finditer(text) if m.group() in given]
+
+
 class SpelledSoFar:
     """The placeholders a request spells (as _spelled_placeholders) before a field's turn ends:
     the parts before its turns (tools, system, instructions) and its turns up to that one. A
@@ -6206,7 +6216,9 @@ class PIIGuard(Stage):
         for parent, key, path, role in fields:
             text = parent[key]
             spans = self.memo.get(text, self._scan, short)
-            if not spans:
+            clashes = _clashes(text, mapping) if mapping and action == "redact" \
+                and "[" in text and type(parent) is not CitedText else ()
+            if not spans and not clashes:
                 continue
             where = field_path(path)
             if role == "id" and action != "log":
@@ -6220,6 +6232,8 @@ class PIIGuard(Stage):
                 if action == "redact":
                     spelled = spelled or SpelledSoFar(ctx.obj)
                     taken = spelled.at(path)
+                    if clashes:
+                        spans = sorted((*spans, *clashes))
                 out, pos = [], 0
                 json_text = key == "arguments"  # (a value there is spelled JSON-escaped:
                 for s, e, kind in spans:  # C:\\Users\\bob means C:\Users\bob, restored so)
