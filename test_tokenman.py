@@ -6190,6 +6190,17 @@ class TestRateLimitStage(ProxyTestCase):
         self.assertEqual(len(self.up.requests), 5)
         self.assertLessEqual(max(int(r.headers["retry-after"]) for r in answers
                                  if r.status == 429), 60)
+        # a provider capped at 100 output tokens is sent 100, whatever the client allows:
+        # the reservation is what it is sent (2,000 reserved each locked 2 calls out)
+        await self.app.stop()
+        await self.start_proxy({"security": {"rate_limit": {
+            "enabled": True, "default_rate": 1000, "tokens_per_minute": 600}}},
+            providers={"openai": {"api_base": self.up.base, "max_output_tokens": 100}})
+        self.app.pipeline.stage("ratelimit").clock = lambda: now[0]
+        capped = [asyncio.create_task(http(self.port, "POST", "/v1/chat/completions",
+                                           dict(OPENAI_REQ, max_tokens=2000), O_HEADERS))
+                  for _ in range(5)]
+        self.assertEqual(sorted([(await c).status for c in capped]), [200] * 5)
         now[0] += 60  # a minute later the bucket is full again: no long lockout
         again = await http(self.port, "POST", "/v1/chat/completions", body, O_HEADERS)
         self.assertEqual(again.status, 200)

@@ -6932,7 +6932,11 @@ class RateLimiter(Stage):
         need = 0
         if tokens is not None:  # input and the output the request allows itself, as the
             most, n = stated_output(ctx.obj)  # providers count a call against their own
-            need = request_estimate(ctx) + (most or 0) * n  # limits; settled at its end
+            cap = next((prov.cfg.max_output_tokens for prov, _ in ctx.plan  # limits (at most
+                        if prov.key == provider), 0)  # what a capped provider is sent)
+            if most and cap:
+                most = min(most, cap)
+            need = request_estimate(ctx) + (most or 0) * n  # (settled at its end)
             wait = max(wait, tokens.wait(need, now))
         if wait > 0:
             return key, wait
