@@ -25,6 +25,7 @@ import time
 import tomllib
 import types
 import unittest
+import unittest.mock
 
 import tokenman as tm
 
@@ -8665,6 +8666,25 @@ class TestReload(ProxyTestCase):
         refused = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertEqual(refused.status, 429)
         self.assertIn("spent $4.0000", refused.json()["error"]["message"])
+        with open(self.cfg_path, "w") as fh:  # the limit removed for a while, then back
+            fh.write(self.config())
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        for _ in range(2):
+            self.assertEqual((await http(self.port, "POST", "/v1/messages", req,
+                                         A_HEADERS)).status, 200)
+        await self.rows(10, "outcome = 'ok'")
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config("[security.budget]\nenabled = true\nmonthly_limit = 5.4\n"))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        refused = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(refused.status, 429)  # $5 spent: not the $4 of when it was removed
+        self.assertIn("spent $5.0000", refused.json()["error"]["message"])
+
+        def broken(*_):
+            raise sqlite3.OperationalError("disk I/O error")
+        with unittest.mock.patch.object(tm.BudgetLedger, "logged", broken):  # (it raised out
+            self.assertTrue(await self.app.reload("SIGHUP"))  # of reload: nothing logged)
+        self.assertIn("could not be read", self.logbuf.getvalue())
 
     async def test_a_minimal_stage_runs_and_every_replaced_pipeline_closes(self):
         # a plugin stage with only name and request() (as the example says is enough) stopped

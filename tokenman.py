@@ -6689,28 +6689,28 @@ class BudgetLedger:
         self.reserved: dict[tuple, float] = {}
         self.fired: set[tuple] = set()
 
-    def missing(self, store: Store, limits: list[tuple[str, str, float]],
-                now: float) -> dict[tuple, tuple[float, float]]:
-        """For each limit whose current period the ledger does not track yet (a limit just
-        added, by a reload or a restart), the spend the request log has for that period so far,
-        with the limit: spend made while no limit watched still counts against one. (Reads
-        the database: run in a worker thread.)"""
+    @staticmethod
+    def logged(store: Store, limits: list[tuple[str, str, float]],
+               now: float) -> dict[tuple, tuple[float, float]]:
+        """For each limit, the spend the request log has for its current period so far (and
+        the limit). (Reads the database: run in a worker thread.)"""
         out = {}
         for scope, period, limit in limits:
             key = (scope, period, period_bounds(period, now)[0])
-            if key not in self.spent:
-                sql, params = spend_query(key[2], scope.partition(":")[2])
-                out[key] = (store.query(sql, params)[0]["spent"] or 0.0, limit)
+            sql, params = spend_query(key[2], scope.partition(":")[2])
+            out[key] = (store.query(sql, params)[0]["spent"] or 0.0, limit)
         return out
 
-    def adopt(self, found: dict[tuple, tuple[float, float]], store: Store, now: float) -> None:
-        """Takes what missing() found (on the event loop: a request that settled meanwhile
-        made its key, and the ledger's figure stands), kept in the budgets table too."""
-        for key, (spent, limit) in found.items():
-            if key not in self.spent:
+    def adopt(self, logged: dict[tuple, tuple[float, float]], store: Store, now: float) -> None:
+        """Raises each limit's figure to what the request log shows (on the event loop):
+        spend made while no limit watched (one added by a reload or a restart, or removed
+        and added again) counts against it; kept in the budgets table too. A figure above
+        the log's (rows not written yet, or pruned) stands."""
+        for key, (spent, limit) in logged.items():
+            more = spent - self.spent.get(key, 0.0)
+            if more > 1e-12:
                 self.spent[key] = spent
-                if spent:
-                    store.write(_BUDGET_SQL, key + (spent, limit, utc_iso(now)))
+                store.write(_BUDGET_SQL, key + (more, limit, utc_iso(now)))
 
     def load(self, store: Store) -> None:
         for r in store.query("SELECT scope, period, period_start, spent_usd FROM budgets"):
@@ -10690,11 +10690,16 @@ class App:
         return router, prices, pipeline, plugins
 
     async def _count_earlier_spend(self, cfg: Config) -> None:
-        """A limit the ledger does not track yet starts from what its period already spent."""
-        if cfg.budget.enabled:
-            found = await asyncio.to_thread(self.ledger.missing, self.store,
-                                            budget_limits(cfg.budget), time.time())
-            self.ledger.adopt(found, self.store, time.time())
+        """Each limit starts from no less than what its period already spent (the log's)."""
+        if not cfg.budget.enabled:
+            return
+        try:
+            logged = await asyncio.to_thread(BudgetLedger.logged, self.store,
+                                             budget_limits(cfg.budget), time.time())
+        except (sqlite3.Error, OSError) as exc:  # (the ledger's own figures still hold)
+            self.log.warn("budget: the request log's spend could not be read", error=str(exc))
+            return
+        self.ledger.adopt(logged, self.store, time.time())
 
     def _set_breakers(self, cfg: Config) -> None:
         """A breaker per provider (on the event loop, once the snapshot is known good): a new
