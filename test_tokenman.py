@@ -6597,6 +6597,12 @@ class TestSavingsEndToEnd(ProxyTestCase):
         self.assertEqual(resp.status, 200)
         self.assertEqual(len(seen), 1)  # the summary was asked for ...
         self.assertNotEqual(seen[0], b"Bearer tok-123")  # ... without tokenman's token
+        messages[0]["content"] = "another conversation " * 10  # (sent in both headers too)
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          {"model": "gpt-4o-mini", "messages": messages},
+                          {"Authorization": "Bearer tok-123", "X-Tokenman-Token": "tok-123"})
+        self.assertEqual((resp.status, len(seen)), (200, 2))
+        self.assertIsNone(seen[1])
         self.assertTrue(all(r.headers.get(b"authorization") != b"Bearer tok-123"
                             for r in self.up.requests))
 

@@ -1351,6 +1351,11 @@ def validate_config(cfg: Config, env: dict | None = None) -> list[str]:
     return errs
 
 
+def is_own_token(authorization: bytes, token: str) -> bool:
+    """An Authorization value that carries tokenman's own auth token (never sent upstream)."""
+    return bool(token) and authorization[7:].strip() == token.encode()
+
+
 def resolve_key(key_ref: str, env: dict) -> str:
     """The provider key a key_ref names ("" = passthrough). Raises ValueError when unresolvable."""
     if not key_ref:
@@ -7261,7 +7266,7 @@ class Summarizer(Stage):
     def __init__(self, cfg: Config, log: Logger, prices: PriceTable, pool: UpstreamPool = None,
                  router: "Router" = None, **_: object) -> None:
         self.cfg = cfg.summarization
-        self.auth_enabled = cfg.auth.enabled
+        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
         self.log = log
         self.prices = prices
         self.pool = pool
@@ -7316,8 +7321,8 @@ class Summarizer(Stage):
         key = prov.api_key.encode() if prov.api_key else None
         client = ctx.req.headers
         auth = client.get(b"authorization")  # (the caller's bearer token or OAuth login)
-        if self.auth_enabled and not client.get(b"x-tokenman-token"):
-            auth = None  # with auth on and no X-Tokenman-Token, that is tokenman's token
+        if auth and is_own_token(auth, self.auth_token):
+            auth = None  # tokenman's own token never leaves the host
         body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                 "messages": [{"role": "user", "content": prompt}]}
         if prov.cfg.format == API_ANTHROPIC:
@@ -9583,8 +9588,7 @@ class Proxy(ResponseRelay, RequestLog):
                 continue
             if replace_auth and lower in (b"authorization", b"x-api-key", b"api-key"):
                 continue
-            if lower == b"authorization" and self.auth_token and \
-                    value[7:].strip() == self.auth_token.encode():
+            if lower == b"authorization" and is_own_token(value, self.auth_token):
                 continue  # tokenman's own token never leaves the host
             if cross:  # the other API: its feature headers mean nothing there, and a
                 if lower.startswith((b"anthropic-", b"openai-")):  # passed-through key moves
