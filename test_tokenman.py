@@ -2810,7 +2810,9 @@ class TestUpstreamEdges(ProxyTestCase):
 
         async def handler(rec, r, w):  # a healthy provider that writes as fast as it may
             if rec.method == b"POST" and not rec.json().get("stream"):
-                return await json_reply(w, body)
+                return await json_reply(w, dict(body, content=[{  # (24 MB for "big")
+                    "type": "text", "text": "x" * (24 << 20)}]) if rec.json()["model"] == "big"
+                    else body)
             if rec.target.startswith(b"/v1/files"):
                 w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
                         b"transfer-encoding: chunked\r\n\r\n")
@@ -2832,7 +2834,8 @@ class TestUpstreamEdges(ProxyTestCase):
                                                "cb_failure_threshold": 1}})
         stalled = []
         for path, method, body in (("/v1/messages", "POST", dict(ANTHROPIC_REQ, stream=True)),
-                                   ("/v1/files/file-1/content", "GET", None)):
+                                   ("/v1/files/file-1/content", "GET", None),
+                                   ("/v1/messages", "POST", dict(ANTHROPIC_REQ, model="big"))):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", self.port))
@@ -2844,6 +2847,8 @@ class TestUpstreamEdges(ProxyTestCase):
                          % (method.encode(), path.encode(), len(data), data))
             row = (await self.rows(len(stalled)))[-1]  # (never read: cut off at write_timeout)
             self.assertEqual((row["outcome"], row["path"]), ("client_closed", path))
+            await asyncio.sleep(0)  # (the aborted connection's end is a callback away)
+            self.assertTrue(all(chan.lost for chan in self.app.server.chans))  # (its memory)
             breaker = self.app.breakers["anthropic"]
             self.assertEqual((breaker.state, breaker.failures), ("closed", 0))
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)

@@ -2616,6 +2616,11 @@ class HTTPServer:
                     await chan.linger(LINGER_SECONDS, LINGER_IDLE)
                 return
             await self.handler(req, conn)
+            if chan._write_paused and not chan.lost:  # an answer the client is not taking:
+                try:  # cut off after write_timeout, never held (and its memory) forever
+                    await conn.drain()
+                except ConnectionGone:
+                    return
             if not req.keep_alive or conn.close_after or chan.lost:
                 return
 
@@ -8756,6 +8761,12 @@ class ResponseRelay:
         conn.send(req, resp.status, headers, data, resp.head.reason)
         if self.cfg.server.store_body:
             ctx.response_body = data
+        if conn.chan._write_paused:  # a large answer: the client has write_timeout to take it
+            try:
+                await conn.drain()
+            except ConnectionGone:
+                ctx.outcome = "client_closed"
+                ctx.error = "client stopped reading the answer"
 
     def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
         if status >= 400:
