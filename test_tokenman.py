@@ -5811,11 +5811,20 @@ class TestInjectionStage(ProxyTestCase):
                                                "/metrics")).body.decode())
         self.assertEqual(sum(metrics["tokenman_injection_detections_total"].values()), 1)
         self.assertEqual(sum(metrics["tokenman_pii_detections_total"].values()), 1)
+        router, prices, pipeline, _ = await asyncio.to_thread(self.app._components,
+                                                              self.app.cfg)
+        self.app.proxy.reconfigure(self.app.cfg, router, prices, pipeline)  # (as a reload)
+        await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, messages=messages),
+                   A_HEADERS)
+        await self.rows(5)
+        recorded = await asyncio.to_thread(self.app.store.query,
+                                           "SELECT COUNT(*) AS n FROM pii_log")
+        self.assertEqual(recorded[0]["n"], 1)
         other = await http(self.port, "POST", "/v1/messages", dict(ANTHROPIC_REQ, messages=[
             messages[0], messages[1], messages[2]]), dict(A_HEADERS, **{
                 "X-Tokenman-Project": "other"}))  # another project's own record
         self.assertEqual(other.status, 200)
-        await self.rows(5)
+        await self.rows(6)
         injections = await asyncio.to_thread(self.app.store.query,
                                              "SELECT request_id FROM injection_log")
         self.assertEqual(len(injections), 2)

@@ -5785,15 +5785,17 @@ class FirstSeen:
     """Texts whose findings an earlier request of the project recorded already: an agent
     resends its whole history on every turn, and one injection (or email) in an early tool
     result would be a new detection in each of them. The action applies every time; the
-    record is made once (by the first request: every field of it). Bounded, oldest first out."""
+    record is made once (by the first request: every field of it). One per process (a reload
+    keeps it), shared by the stages that record; bounded, oldest first out."""
     __slots__ = ("keys", "limit")
 
     def __init__(self, limit: int = 65536) -> None:
         self.keys: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self.limit = limit
 
-    def first(self, project: str, text: str, request: str) -> bool:
-        key = (project, len(text), hash(text))
+    def first(self, scope: str, text: str, request: str) -> bool:
+        """True when no earlier request in this scope (a stage and a project) had the text."""
+        key = (scope, len(text), hash(text))
         owner = self.keys.get(key)
         if owner is not None:
             self.keys.move_to_end(key)
@@ -5814,13 +5816,14 @@ class InjectionGuard(Stage):
     side_calls = True  # for /v1/responses; other pass-through calls are not a conversation
 
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
-                 **_: object) -> None:
+                 first_seen: "FirstSeen | None" = None, **_: object) -> None:
         self.cfg = cfg.injection
         self.store = store
         self.log = log
         self.metrics = metrics
         self.memo = ScanMemo()
-        self.recorded = FirstSeen()
+        self.recorded = first_seen if first_seen is not None else FirstSeen()  # (outlives
+        # reloads)
 
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or not isinstance(ctx.obj, dict):
@@ -5840,7 +5843,7 @@ class InjectionGuard(Stage):
                 continue
             where = field_path(path)
             done = "log" if action == "sanitize" and type(parent) is CitedText else action
-            fresh = self.recorded.first(ctx.project, parent[key], ctx.id)
+            fresh = self.recorded.first("injection/" + ctx.project, parent[key], ctx.id)
             hits += [(where, done, f, fresh) for f in found]
             if done == "sanitize":
                 text = parent[key]
@@ -6178,7 +6181,8 @@ class PIIGuard(Stage):
 
     def __init__(self, cfg: Config, store: Store, log: Logger, metrics: Metrics,
                  pii_key: bytes = b"", pii_memory: "PlaceholderMemory | None" = None,
-                 router: "Router | None" = None, **_: object) -> None:
+                 router: "Router | None" = None, first_seen: "FirstSeen | None" = None,
+                 **_: object) -> None:
         self.cfg = cfg.pii
         self.key = pii_key or os.urandom(16)  # numbers stable placeholders (kept across reloads)
         # the Responses API's stored answers, for later turns and fetches (kept across reloads)
@@ -6192,7 +6196,8 @@ class PIIGuard(Stage):
         self.store = store
         self.log = log
         self.memo = ScanMemo()
-        self.recorded = FirstSeen()
+        self.recorded = first_seen if first_seen is not None else FirstSeen()  # (outlives
+        # reloads)
 
     def _scan(self, text: str) -> list[tuple[int, int, str]]:
         return find_pii(text, self.types, self.allow)
@@ -6290,7 +6295,7 @@ class PIIGuard(Stage):
         for finding in found:
             text = finding[4]
             if id(text) not in first:
-                first[id(text)] = self.recorded.first(ctx.project, text, ctx.id)
+                first[id(text)] = self.recorded.first("pii/" + ctx.project, text, ctx.id)
         return [finding for finding in found if first[id(finding[4])]]
 
     # -- Responses API: placeholders kept per response and conversation ---------------------------
@@ -10625,6 +10630,7 @@ class App:
         self.rate_state: dict = {}  # rate-limit buckets, kept across reloads
         self.pii_key = b""  # PII digests and stable placeholders: read at start, kept
         self.pii_memory = PlaceholderMemory()  # Responses API placeholders (the same)
+        self.first_seen = FirstSeen()  # texts whose PII and injection findings are recorded
         self.metrics = Metrics()
         self.tracer: Tracer | None = None
         self.pipeline: Pipeline | None = None
@@ -10701,6 +10707,7 @@ class App:
         pipeline = build_pipeline(cfg, self.log, plugins, store=self.store, prices=prices,
                                   ledger=self.ledger, rate_state=self.rate_state,
                                   pii_key=self.pii_key, pii_memory=self.pii_memory,
+                                  first_seen=self.first_seen,
                                   metrics=self.metrics, pool=self.pool, router=router)
         return router, prices, pipeline, plugins
 
