@@ -2971,6 +2971,13 @@ class TestUpstreamEdges(ProxyTestCase):
         self.assertNotIn(b"transfer-encoding", head)
         after = await asyncio.wait_for(read_response(reader), WAIT)  # framing intact after it
         self.assertEqual((after.status, after.json()), (200, {"data": []}))
+        self.up.handler = lambda rec, r, w: w.write(  # a compressed answer's length is not the
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip"
+            b"\r\ncontent-length: 173\r\n\r\n")  # one its GET is sent with (inflated)
+        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                                    b"anthropic-version: 2023-06-01\r\n\r\n")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
+        self.assertNotIn(b"content-length: 173", head)
 
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
@@ -6187,6 +6194,9 @@ class TestRateLimitStage(ProxyTestCase):
         self.assertIn("backup", limited.json()["error"]["message"])
         self.assertGreaterEqual(int(limited.headers["retry-after"]), 1)
         self.assertEqual(len(backup.requests), 2)
+        errors = parse_exposition((await http(self.app.dashboard_port, "GET",
+                                              "/metrics")).body.decode())["tokenman_errors_total"]
+        self.assertIn('{provider="primary",status_code="429",type="ratelimit"}', errors)
 
     async def test_concurrent_calls_reserve_the_output_they_allow_themselves(self):
         # 50 calls at once against 600 tokens a minute, each allowing itself 100 tokens of

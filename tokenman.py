@@ -2590,9 +2590,9 @@ class HTTPServer:
 
     async def _requests(self, conn: ServerConn) -> None:
         chan = conn.chan
-        cfg = self.cfg
         loop = self.loop
         while True:
+            cfg = self.cfg  # (a reload's limits and timeouts: from the next request on)
             conn.busy = False
             if self.draining:
                 return
@@ -2833,12 +2833,14 @@ class UpstreamResponse:
 
     def inflate(self) -> None:
         """A gzip- or deflate-encoded body (sent although tokenman asked for identity) is read
-        inflated from now on, and the head no longer names the encoding."""
+        inflated from now on, and the head no longer names the encoding, nor the compressed
+        length (a HEAD answer would pass it on)."""
         coding = self.head.headers.map.get(b"content-encoding", b"").strip().lower()
         if coding in INFLATABLE:
             self.body = InflatingReader(self.body, coding)
             self.head.headers = Headers([(n, v) for n, v in self.head.headers.raw
-                                         if n.lower() != b"content-encoding"])
+                                         if n.lower() not in (b"content-encoding",
+                                                              b"content-length")])
 
 
 def _quiet(chan: Channel) -> bool:
@@ -8395,14 +8397,6 @@ class Dispatcher:
         for index, (prov, model, body) in enumerate(plan):
             breaker = self.breakers.get(prov.key)
             retry_after = None
-            if admit is not None and prov.key != ctx.provider:
-                key, wait = admit(ctx, prov.key)
-                if wait:  # its own limits hold for a fallback's traffic too
-                    waits.append(wait)
-                    last.limited = last.limited or key
-                    self.metrics.inc("tokenman_provider_requests_total",
-                                     (("provider", prov.key), ("status", "rate_limited")))
-                    continue
             for attempt in range(self.policy.attempts):
                 if attempt:
                     await self._pause(self.policy.delay(attempt, retry_after), conn.chan)
@@ -8412,6 +8406,16 @@ class Dispatcher:
                     self.metrics.inc("tokenman_provider_requests_total",
                                      (("provider", prov.key), ("status", "circuit_open")))
                     break
+                if admit is not None and prov.key != ctx.provider:
+                    key, wait = admit(ctx, prov.key)
+                    if wait:  # its own limits hold for a fallback's traffic too
+                        if breaker is not None:
+                            breaker.release(ticket)
+                        waits.append(wait)
+                        last.limited = last.limited or key
+                        self.metrics.inc("tokenman_provider_requests_total",
+                                         (("provider", prov.key), ("status", "rate_limited")))
+                        break
                 ctx.attempts += 1
                 ctx.provider = prov.key
                 started = time.perf_counter()
@@ -8705,6 +8709,7 @@ class ResponseRelay:
         elif failure.limited:  # (the provider planned first was skipped: its circuit open)
             ctx.status = 429
             ctx.outcome = "rejected"
+            ctx.notes["refused_by"] = "ratelimit"  # (as the stage's own refusal is counted)
             ctx.error = f"rate limit for {failure.limited} reached"
             seconds = max(1, int(failure.retry_in + 0.999))
             conn.send_error(req, ctx.api, 429, f"{ctx.error}; retry in {seconds} s",
