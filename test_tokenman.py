@@ -2979,6 +2979,37 @@ class TestUpstreamEdges(ProxyTestCase):
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
         self.assertNotIn(b"content-length: 173", head)
 
+    async def test_downloads_and_json_lines_pass_as_they_come(self):
+        # a stored file served as application/json(l) was read whole: a 60 MiB JSONL download
+        # took 250 MiB of memory and a JSON file over max_response_size was a 502
+        gate = asyncio.Event()
+        big = json.dumps({"rows": ["x" * 1000] * 2000}).encode()  # 2 MB
+
+        async def handler(rec, r, w):
+            if rec.target.endswith(b"/results"):
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-jsonl\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n")
+                line = b'{"custom_id": "a"}\n'
+                w.write(b"%x\r\n%s\r\n" % (len(line), line))
+                await w.drain()
+                await gate.wait()
+                w.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line))
+            else:
+                await json_reply(w, big)
+        self.up.handler = handler
+        await self.start_proxy({"server": {"max_response_size": "1MiB"}})
+        got = await http(self.port, "GET", "/v1/files/file-1/content", headers=A_HEADERS)
+        self.assertEqual((got.status, got.body), (200, big))
+        reader = await self.send_raw(b"GET /v1/messages/batches/b1/results HTTP/1.1\r\n"
+                                    b"Host: x\r\nx-api-key: k\r\n\r\n")
+        seen = b""
+        while b"custom_id" not in seen:  # the first line before the provider sent the rest
+            seen += await asyncio.wait_for(reader.read(65536), WAIT)
+        gate.set()
+        self.assertEqual(tm.relay_kind(False, b"application/jsonl"), "raw")
+        self.assertEqual(tm.relay_kind(False, b"Application/JSON; charset=utf-8"), "buffered")
+        self.assertEqual(tm.relay_kind(False, b"application/problem+json"), "buffered")
+
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()

@@ -8359,14 +8359,24 @@ class Failure:
         self.limited = ""
 
 
-def relay_kind(accounted: bool, ctype: bytes) -> str:
+def relay_kind(accounted: bool, ctype: bytes, download: bool = False) -> str:
     """How an answer is relayed, by its path and content type: "sse" (event by event),
-    "buffered" (read whole: accounted, restored, translated) or "raw" (bytes as they come).
-    (Media types are case-insensitive: RFC 9110 8.3.1.)"""
+    "buffered" (read whole: accounted, restored, translated) or "raw" (bytes as they come: a
+    file's content or a batch's results, whatever their type; JSON Lines). (Media types are
+    case-insensitive: RFC 9110 8.3.1.)"""
     ctype = ctype.lower()
     if ctype.startswith(b"text/event-stream"):
         return "sse"
-    return "buffered" if accounted or ctype.startswith(b"application/json") else "raw"
+    if accounted:
+        return "buffered"
+    media = ctype.partition(b";")[0].strip()
+    return "buffered" if not download and (media == b"application/json" or
+                                           media.endswith(b"+json")) else "raw"
+
+
+def is_download(path: str) -> bool:
+    """A file's content or a batch's results: relayed as it comes, never read whole."""
+    return path.endswith(("/content", "/results"))
 
 
 class Dispatcher:
@@ -9697,7 +9707,8 @@ class Proxy(ResponseRelay, RequestLog):
                 ctx.error = "client disconnected before the upstream answered"
                 return
             kind = relay_kind(req.path in ACCOUNTED_PATHS,
-                              resp.head.headers.map.get(b"content-type", b""))
+                              resp.head.headers.map.get(b"content-type", b""),
+                              is_download(req.path))
             if kind != "raw":
                 resp.inflate()  # (usage, placeholders and events are in the plain bytes)
             if kind == "sse":
