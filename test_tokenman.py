@@ -5948,6 +5948,29 @@ class TestBudgetStage(ProxyTestCase):
                                dict(self.MODEL_REQ, model="claude-sonnet-4-5")), 0.0)  # unpriced
         # model: nothing to reserve)
 
+    async def test_an_overspent_period_still_lets_unpriced_and_free_calls_through(self):
+        # an embeddings call billed above its estimate took the period past its limit; every
+        # call after it was refused, "may cost up to $0.0000" (a local model, a file upload)
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "object": "list", "data": [], "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 2_000_000, "total_tokens": 2_000_000}} if b"embed"
+            in rec.target else {"model": "my-llama", "choices": [], "usage": {
+                "prompt_tokens": 5, "completion_tokens": 5}})
+        await self.start_proxy({"security": {"budget": {"enabled": True,
+                                                        "monthly_limit": 0.01}}})
+        spent = await http(self.port, "POST", "/v1/embeddings",
+                           {"model": "text-embedding-3-small", "input": "x"}, O_HEADERS)
+        self.assertEqual(spent.status, 200)  # ($0.04 billed: past the $0.01 limit)
+        again = await http(self.port, "POST", "/v1/embeddings",
+                           {"model": "text-embedding-3-small", "input": "x"}, O_HEADERS)
+        self.assertEqual(again.status, 429)
+        local = await http(self.port, "POST", "/v1/chat/completions",
+                           dict(OPENAI_REQ, model="my-llama"), O_HEADERS)
+        upload = await http(self.port, "POST", "/v1/uploads", {
+            "purpose": "batch", "filename": "a.jsonl", "bytes": 10,
+            "mime_type": "text/jsonl"}, O_HEADERS)
+        self.assertEqual((local.status, upload.status), (200, 200))
+
     async def test_a_providers_output_cap_bounds_the_worst_case_and_background_bills(self):
         self.up.handler = lambda rec, r, w: json_reply(w, {
             "id": "resp_1", "object": "response", "status": "queued", "model": "gpt-4o"})

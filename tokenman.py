@@ -6791,6 +6791,8 @@ class BudgetGuard(Stage):
             return None
         now = self.clock()
         worst = self._worst(ctx)
+        if not worst:  # (an unpriced model, a free call: nothing to hold, never refused)
+            return None
         keys = []
         ledger = self.ledger
         for scope, period, limit in limits:
