@@ -3010,6 +3010,29 @@ class TestUpstreamEdges(ProxyTestCase):
         self.assertEqual(tm.relay_kind(False, b"Application/JSON; charset=utf-8"), "buffered")
         self.assertEqual(tm.relay_kind(False, b"application/problem+json"), "buffered")
 
+    async def test_a_batchs_results_url_names_tokenman(self):
+        # the SDKs follow results_url as it is: the results download went to the provider
+        # past tokenman (no row; with key_ref, the client's placeholder key; no way out at all
+        # where only tokenman reaches the provider)
+        async def handler(rec, r, w):
+            if rec.target.endswith(b"/results"):
+                return await json_reply(w, b'{"custom_id": "a"}\n')
+            await json_reply(w, {"id": "msgbatch_1", "type": "message_batch",
+                                 "results_url": f"{self.up.base}/v1/messages/batches/"
+                                                "msgbatch_1/results"})
+        self.up.handler = handler
+        await self.start_proxy()
+        made = await http(self.port, "POST", "/v1/messages/batches", {"requests": []},
+                          dict(A_HEADERS, Host=f"127.0.0.1:{self.port}"))
+        url = made.json()["results_url"]
+        self.assertEqual(url, f"http://127.0.0.1:{self.port}/v1/messages/batches/msgbatch_1"
+                              "/results")
+        results = await http(self.port, "GET", url.split(str(self.port), 1)[1],
+                             headers=A_HEADERS)
+        self.assertEqual(results.body, b'{"custom_id": "a"}\n')
+        rows = await self.rows(2)
+        self.assertEqual(rows[-1]["path"], "/v1/messages/batches/msgbatch_1/results")
+
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()

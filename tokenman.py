@@ -8376,6 +8376,10 @@ def relay_kind(accounted: bool, ctype: bytes, download: bool = False) -> str:
                                            media.endswith(b"+json")) else "raw"
 
 
+BATCHES_PATH = "/v1/messages/batches"
+_HOST_RE = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 def is_download(path: str) -> bool:
     """A file's content or a batch's results: relayed as it comes, never read whole."""
     return path.endswith(("/content", "/results"))
@@ -8772,6 +8776,8 @@ class ResponseRelay:
         if ctx.outcome == "ok":
             ctx.upstream_body = data  # what the cache keeps: before any PII restore
             ctx.notes["cache_headers"] = resp.head.headers.raw
+        if req.path.startswith(BATCHES_PATH) and b'"results_url"' in data:
+            data = self._local_results_url(req, prov, data)
         if ctx.hooks:
             data = ctx.pipeline.response(ctx, data)
         headers = self._client_headers(resp.head, ctx)
@@ -8789,6 +8795,18 @@ class ResponseRelay:
             except ConnectionGone:
                 ctx.outcome = "client_closed"
                 ctx.error = "client stopped reading the answer"
+
+    def _local_results_url(self, req: Request, prov: Provider, data: bytes) -> bytes:
+        """A message batch names its results by an absolute URL at the provider, which SDKs
+        follow as it is: past tokenman (no row, no key_ref, no way out where only tokenman
+        reaches the provider). It is made to name tokenman, as the client reached it."""
+        host = req.headers.map.get(b"host", b"")
+        if not _HOST_RE.fullmatch(host):
+            return data
+        origin = (b"https://" if self.cfg.server.tls_enabled else b"http://") + host
+        return re.sub(rb'("results_url"\s*:\s*")' + re.escape(prov.cfg.api_base.rstrip("/")
+                                                              .encode()),
+                      lambda m: m.group(1) + origin, data)
 
     def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
         if status >= 400:
