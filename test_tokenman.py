@@ -3010,6 +3010,26 @@ class TestUpstreamEdges(ProxyTestCase):
         self.assertEqual(tm.relay_kind(False, b"Application/JSON; charset=utf-8"), "buffered")
         self.assertEqual(tm.relay_kind(False, b"application/problem+json"), "buffered")
 
+    async def test_a_download_keeps_the_providers_length_and_a_cut_is_told(self):
+        # re-framed as chunks, a download lost its Content-Length: no progress in the client
+        payload = os.urandom(300_000)
+
+        async def handler(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                    b"content-length: %d\r\n\r\n" % len(payload))
+            w.write(payload if b"file-1" in rec.target else payload[:1000])
+            return b"file-1" in rec.target
+        self.up.handler = handler
+        await self.start_proxy()
+        got = await http(self.port, "GET", "/v1/files/file-1/content", headers=A_HEADERS)
+        self.assertEqual((got.headers["content-length"], got.body),
+                         (str(len(payload)), payload))
+        self.assertNotIn("transfer-encoding", got.headers)
+        with self.assertRaises(asyncio.IncompleteReadError):  # the cut: the connection ends
+            await http(self.port, "GET", "/v1/files/file-2/content", headers=A_HEADERS)
+        row = (await self.rows(2))[-1]
+        self.assertEqual(row["outcome"], "upstream_failed")
+
     async def test_a_batchs_results_url_names_tokenman(self):
         # the SDKs follow results_url as it is: the results download went to the provider
         # past tokenman (no row; with key_ref, the client's placeholder key; no way out at all

@@ -2463,17 +2463,20 @@ class ServerConn:
         self.send(req, status, headers + list(extra), native_error(api, status, message, kind))
 
     def start_stream(self, req: Request, status: int, headers: list[tuple[bytes, bytes]],
-                     reason: bytes = b"", hold: bool = False) -> None:
-        """Response head for a body of unknown length: chunked to HTTP/1.1 clients,
-        close-delimited to HTTP/1.0 ones. hold: the head waits for the first stream_write
-        (one send, one wake-up of the client, for head and first bytes); release_head()
-        sends it alone."""
+                     reason: bytes = b"", hold: bool = False, length: int | None = None) -> None:
+        """Response head for a body sent piece by piece: of `length` bytes when it is known
+        (a provider's download), else chunked to HTTP/1.1 clients and close-delimited to
+        HTTP/1.0 ones. hold: the head waits for the first stream_write (one send, one
+        wake-up of the client, for head and first bytes); release_head() sends it alone."""
         self.bodiless = req.method == "HEAD" or status in (204, 304)
-        # no body by definition (RFC 9112 6.3): no framing either, but a HEAD answer may say
-        # the length its GET would have
-        empty = status in (204, 304) or self.bodiless and _declares_length(headers)
-        self.chunked = req.version == 1 and not empty
-        if empty:
+        if length is not None and not self.bodiless:
+            headers = headers + [(b"Content-Length", b"%d" % length)]
+        # its end told without chunks: no body by definition (RFC 9112 6.3; a HEAD answer may
+        # say the length its GET would have), or a known length
+        told = status in (204, 304) or self.bodiless and _declares_length(headers) \
+            or length is not None
+        self.chunked = req.version == 1 and not told
+        if told:
             if not req.keep_alive or self.server.draining:
                 self.close_after = True
                 headers = headers + [(b"Connection", b"close")]
@@ -9096,8 +9099,9 @@ class ResponseRelay:
         """Any other body (files, audio, HTML errors) passes through as it arrives."""
         loop = asyncio.get_running_loop()
         conn.start_stream(req, resp.status, self._client_headers(resp.head, ctx),
-                          resp.head.reason)
-        try:
+                          resp.head.reason, length=resp.body.remaining
+                          if resp.body.mode == "length" else None)  # (the provider's length:
+        try:  # a client can show progress; a cut is still told, the connection closing)
             while True:
                 data = await resp.body.read(loop.time() + prov.cfg.timeout)
                 if not data:
