@@ -8233,6 +8233,26 @@ class TestServerHardening(ProxyTestCase):
         writer.close()
         await self.assert_still_serving()
 
+    async def test_a_large_upload_on_a_slow_link_is_not_a_slow_client(self):
+        # read_timeout bounded head and body together: a 20 MiB upload at 2 MiB/s was a 408
+        # after 10 s; a body now has a second more per 64 KiB of its declared length
+        upload = os.urandom(2 << 20)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"id": "file-1", "bytes": len(
+            rec.body), "same": rec.body == upload})
+        await self.start_proxy({"server": {"read_timeout": 0.2}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                     % len(upload))
+        for start in range(0, len(upload), 256 * 1024):  # (0.5 s in all: past read_timeout)
+            writer.write(upload[start:start + 256 * 1024])
+            await writer.drain()
+            await asyncio.sleep(0.06)
+        resp = await asyncio.wait_for(read_response(reader), WAIT)
+        self.assertEqual((resp.status, resp.json()), (200, {"id": "file-1", "bytes": 2 << 20,
+                                                            "same": True}))
+
     async def test_half_closed_and_reset_clients_do_not_hurt_the_server(self):
         await self.start_proxy()
         for _ in range(3):

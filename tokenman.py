@@ -114,6 +114,11 @@ READ_CHUNK = 64 * 1024           # the most bytes taken from a buffer in one rea
 READ_HIGH_WATER = 256 * 1024     # pause reading a socket past this much unread data
 READ_LOW_WATER = 64 * 1024       # and resume below this
 WRITE_BATCH_MAX = 64 * 1024      # a write this large is sent at once, not held for the batch
+UPLOAD_PIECE = 1024 * 1024       # a large request body goes upstream in pieces of this size
+LARGE_BODY = 1024 * 1024         # a request body this large: memory is trimmed after it
+MIN_BODY_RATE = 64 * 1024        # bytes/s a request body may arrive at: its declared length
+                                 # adds that time to read_timeout (a large upload on a slow
+                                 # link is not a slow client)
 LINGER_SECONDS = 10.0            # after refusing a request whose body is still arriving, read
 LINGER_IDLE = 2.0                # and drop it this long (this long without bytes ends it) before
                                  # closing: closing on unread bytes sends a reset, and the
@@ -701,7 +706,8 @@ class ServerConfig:
     tls_enabled: bool = _f(False, "serve HTTPS with cert_file and key_file")
     cert_file: str = _f("", "PEM certificate chain, when tls_enabled")
     key_file: str = _f("", "PEM private key, when tls_enabled")
-    read_timeout: float = _f(10.0, "seconds a client may take to send a request head and body",
+    read_timeout: float = _f(10.0, "seconds a client may take to send a request head and body "
+                                   "(plus a second per 64 KiB of a declared body)",
                              "duration")
     idle_timeout: float = _f(120.0, "seconds an idle keep-alive client connection is kept",
                              "duration")
@@ -2045,8 +2051,13 @@ class Channel(asyncio.Protocol):
             if self.eof:
                 raise ConnectionGone(partial=True)
             await self._wait(deadline)
-        data = bytes(buf[:n])
-        del buf[:n]
+        if len(buf) == n:  # (the usual case, and a large body's: one copy, and the buffer's
+            data = bytes(buf)  # memory handed back at once)
+            buf.clear()
+        else:
+            with memoryview(buf) as view:
+                data = bytes(view[:n])
+            del buf[:n]
         self._consumed()
         return data
 
@@ -2083,9 +2094,11 @@ class Channel(asyncio.Protocol):
             return
         out = self._out
         if out is not None:  # held writes go first
-            out.append(data)
-            if len(data) >= WRITE_BATCH_MAX:
-                self.flush()
+            if len(data) >= WRITE_BATCH_MAX:  # (then the large one as it is: not copied into
+                self.flush()  # one with them)
+                self.transport.write(data)
+            else:
+                out.append(data)
         elif self.batch is None or not self.batch.ready or len(data) >= WRITE_BATCH_MAX:
             self.transport.write(data)
         else:
@@ -2555,6 +2568,7 @@ class HTTPServer:
         self.draining = False
         self.date = _DateCache()
         self.port = 0
+        self.large_bodies = 0  # request bodies of LARGE_BODY bytes or more read so far
 
     async def start(self, host: str, port: int) -> int:
         self.loop = asyncio.get_running_loop()
@@ -2626,6 +2640,7 @@ class HTTPServer:
                     return
             if not req.keep_alive or conn.close_after or chan.lost:
                 return
+            req = None  # (its body, megabytes maybe, is not kept while the connection idles)
 
     async def _read_request(self, conn: ServerConn, t0: float) -> Request | None:
         """The next request with its body, or None after answering an error / on EOF."""
@@ -2659,7 +2674,10 @@ class HTTPServer:
                 except ValueError:
                     raise HTTPError(400, "malformed chunked body", close=True) from None
             elif length:
-                req.body = await chan.read_exactly(length, deadline)
+                req.body = await chan.read_exactly(length, deadline and deadline + length /
+                                                   MIN_BODY_RATE)
+                if length >= LARGE_BODY:
+                    self.large_bodies += 1  # (their memory is handed back once it is quiet)
         except HTTPError as exc:
             self.log.debug("bad request", server=self.name, status=exc.status, error=exc.detail)
             conn.close_after = True
@@ -2969,6 +2987,16 @@ class UpstreamPool:
             raise
         return chan
 
+    @staticmethod
+    async def _send_large(chan: Channel, body: bytes, deadline: float) -> None:
+        """A large upload in pieces, each once the provider took the one before: the
+        transport never holds a copy of what the socket did not take at once (megabytes)."""
+        view = memoryview(body)  # (not released here: the transport may hold a piece yet)
+        for start in range(0, len(body), UPLOAD_PIECE):
+            chan.write(view[start:start + UPLOAD_PIECE])
+            if chan._write_paused:
+                await chan.drain(deadline)
+
     async def request(self, origin: Origin, method: str, target: str,
                       headers: list[tuple[bytes, bytes]], body: bytes, connect_timeout: float,
                       read_timeout: float, watch: Channel | None = None) -> UpstreamResponse:
@@ -2981,7 +3009,9 @@ class UpstreamPool:
         if body or method in ("POST", "PUT", "PATCH"):
             head.append(b"Content-Length: %d\r\n" % len(body))
         head.append(b"\r\n")
-        payload = b"".join(head) + body
+        data = b"".join(head)
+        if len(body) < WRITE_BATCH_MAX:  # (one write: one segment for head and body; a large
+            data, body = data + body, b""  # upload is written as it is, not copied)
         loop = asyncio.get_running_loop()
         for attempt in range(2):
             chan = self.take(origin) if attempt == 0 else None
@@ -2993,10 +3023,12 @@ class UpstreamPool:
                     chan.abort()
                     raise ConnectionGone()
                 watch.on_lost = chan.abort
-            chan.write(payload)
+            chan.write(data)
             written = loop.time()
             deadline = written + read_timeout  # (interim 1xx heads do not extend it)
             try:
+                if body:
+                    await self._send_large(chan, body, deadline)
                 while True:
                     rhead = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD,
                                                                      deadline))
@@ -10913,7 +10945,7 @@ class App:
         """Four times a second: flush the batched log lines. And once a burst of traffic is
         over, hand the memory its buffers used back to the OS (malloc_trim, a millisecond)."""
         trim = malloc_trim()
-        served, quiet_since = 0, time.monotonic()
+        served, large, quiet_since = 0, 0, time.monotonic()
         while True:
             await asyncio.sleep(0.25)
             self.log.flush()
@@ -10923,8 +10955,9 @@ class App:
                 quiet_since = time.monotonic()
                 continue
             count = int(self.metrics.get("tokenman_requests_total"))
-            if count - served >= 1000 and time.monotonic() - quiet_since >= 0.5:
-                served = count
+            if (count - served >= 1000 or self.server.large_bodies != large) \
+                    and time.monotonic() - quiet_since >= 0.5:  # (a burst, or an upload)
+                served, large = count, self.server.large_bodies
                 trim(0)
 
     async def _purger(self) -> None:
