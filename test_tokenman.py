@@ -3053,6 +3053,47 @@ class TestUpstreamEdges(ProxyTestCase):
         rows = await self.rows(2)
         self.assertEqual(rows[-1]["path"], "/v1/messages/batches/msgbatch_1/results")
 
+    async def test_a_websocket_is_tunnelled_with_the_providers_key(self):
+        # the Realtime API: the upgrade request went out without Upgrade and Connection (the
+        # provider answered 426) and nothing could carry the frames
+        ended = asyncio.Event()
+
+        async def handler(rec, r, w):
+            if rec.headers.get(b"upgrade") != b"websocket" or \
+                    rec.headers.get(b"authorization") != b"Bearer sk-real":
+                await json_reply(w, {"error": {"message": "upgrade required"}}, status=426)
+                return False
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n")
+            while data := await r.read(65536):  # an echo, frames or not
+                w.write(data)
+                await w.drain()
+            ended.set()
+            return False
+        self.up.handler = handler
+        await self.start_proxy(env={"OPENAI_KEY": "sk-real"}, providers={
+            "openai": {"api_base": self.up.base, "key_ref": "env:OPENAI_KEY"}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.addCleanup(writer.close)
+        writer.write(
+            b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer sk-placeholder\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\x81\x05hello")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
+        self.assertTrue(head.startswith(b"http/1.1 101 "), head)
+        self.assertIn(b"\r\nupgrade: websocket\r\n", head)
+        self.assertIn(b"\r\nsec-websocket-accept: abc=\r\n", head)
+        self.assertEqual(await asyncio.wait_for(reader.readexactly(7), WAIT), b"\x81\x05hello")
+        sent = self.up.requests[0]
+        self.assertEqual((sent.target, sent.headers[b"sec-websocket-key"]),
+                         (b"/v1/realtime?model=gpt-realtime", b"dGhlIHNhbXBsZSBub25jZQ=="))
+        writer.close()  # the client goes: the provider's side closes too
+        await asyncio.wait_for(ended.wait(), WAIT)
+        row = (await self.rows())[0]
+        self.assertEqual((row["path"], row["status_code"], row["outcome"]),
+                         ("/v1/realtime", 101, "ok"))
+
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()

@@ -2999,9 +2999,11 @@ class UpstreamPool:
 
     async def request(self, origin: Origin, method: str, target: str,
                       headers: list[tuple[bytes, bytes]], body: bytes, connect_timeout: float,
-                      read_timeout: float, watch: Channel | None = None) -> UpstreamResponse:
+                      read_timeout: float, watch: Channel | None = None,
+                      upgrade: bool = False) -> UpstreamResponse:
         """Sends one request and reads the response head. UpstreamError when the provider
-        cannot be reached or answers badly; ConnectionGone when `watch` (the client) left."""
+        cannot be reached or answers badly; ConnectionGone when `watch` (the client) left.
+        upgrade: the request asks for one (a WebSocket), so a 101 is its answer."""
         head = [f"{method} {target} HTTP/1.1\r\n".encode(), b"Host: ", origin.host_header,
                 b"\r\n"]
         for name, value in headers:
@@ -3032,7 +3034,9 @@ class UpstreamPool:
                 while True:
                     rhead = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD,
                                                                      deadline))
-                    if rhead.status == 101:  # (tokenman never asks for an upgrade)
+                    if rhead.status == 101:
+                        if upgrade:
+                            break
                         raise UpstreamError("upstream switched protocols unasked (101)")
                     if rhead.status >= 200:
                         break
@@ -8411,6 +8415,24 @@ def relay_kind(accounted: bool, ctype: bytes, download: bool = False) -> str:
                                            media.endswith(b"+json")) else "raw"
 
 
+def is_websocket(req: Request) -> bool:
+    """A WebSocket opening handshake (RFC 6455 4.1): a GET asking to upgrade."""
+    headers = req.headers.map
+    return req.method == "GET" and b"websocket" in headers.get(b"upgrade", b"").lower() \
+        and b"upgrade" in headers.get(b"connection", b"").lower()
+
+
+async def _pipe(src: Channel, dst: Channel) -> None:
+    """Bytes from one side of a tunnel to the other as they come, until src ends."""
+    while True:
+        data = await src.read_some(READ_CHUNK, None)
+        if not data or dst.lost:
+            return
+        dst.write(data)
+        if dst._write_paused:
+            await dst.drain(None)
+
+
 BATCHES_PATH = "/v1/messages/batches"
 _HOST_RE = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -9460,6 +9482,8 @@ class Proxy(ResponseRelay, RequestLog):
                 pairs, reply = self._passthrough_plan(req, ctx, pairs)
             if reply is not None:
                 self._answer(req, conn, ctx, reply)
+            elif is_websocket(req):
+                await self._tunnel(req, conn, ctx, pairs[0][0])
             else:
                 await self._forward(req, conn, ctx, self._bodies(req, ctx, pairs))
         except HTTPError as exc:
@@ -9494,6 +9518,44 @@ class Proxy(ResponseRelay, RequestLog):
             ctx.pipeline.finish(ctx)
             ctx.pipeline.leave()
             self._finish(ctx)
+
+    async def _tunnel(self, req: Request, conn: ServerConn, ctx: Context,
+                      prov: Provider) -> None:
+        """A WebSocket (the Realtime API) to the provider: the upgrade request is sent with its
+        key (as any call's), and once the provider switches protocols, bytes pass both ways
+        as they come until either side closes. Its frames are not read: no usage is recorded.
+        An answer other than 101 (a refusal) is relayed as any answer."""
+        ctx.provider = prov.key
+        headers = self.upstream_headers(req, prov, ctx) + [
+            (b"Connection", b"Upgrade"), (b"Upgrade", req.headers.map[b"upgrade"])]
+        try:
+            resp = await self.pool.request(prov.origin, "GET", prov.origin.target(req.target),
+                                           headers, b"", prov.cfg.connect_timeout,
+                                           prov.cfg.timeout, watch=conn.chan, upgrade=True)
+        except UpstreamError as exc:
+            return self._fail(req, conn, ctx, 504 if exc.timeout and not exc.connect else 502,
+                              f"upstream unavailable: {exc}")
+        except ConnectionGone:
+            ctx.outcome, ctx.error = "client_closed", "client left before the upgrade"
+            return
+        ctx.status = resp.status
+        if resp.status != 101:
+            return await self._relay_raw(req, conn, ctx, prov, resp)
+        conn.close_after = True
+        conn.started = True
+        conn.chan.write(render_head(101, self._client_headers(resp.head, ctx) + [
+            (b"Connection", b"Upgrade"), (b"Upgrade", resp.head.headers.map.get(
+                b"upgrade", req.headers.map[b"upgrade"]))], resp.head.reason))
+        ctx.ttfb = time.perf_counter()
+        up = resp.chan
+        ends = [asyncio.ensure_future(_pipe(conn.chan, up)),
+                asyncio.ensure_future(_pipe(up, conn.chan))]
+        try:
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in ends:
+                task.cancel()
+            up.abort()  # (never pooled; the client's connection closes after this answer)
 
     async def _decode_body(self, req: Request) -> None:
         """A compressed POST body is decoded here, in a worker thread (~1.5 ms per MiB of
