@@ -3094,6 +3094,23 @@ class TestUpstreamEdges(ProxyTestCase):
         self.assertEqual((row["path"], row["status_code"], row["outcome"]),
                          ("/v1/realtime", 101, "ok"))
 
+    async def test_a_transcriptions_model_is_read_from_its_form(self):
+        # the model of /v1/audio/transcriptions is a form field: rows had model "" (and the
+        # log warned of a model without a price named "")
+        self.up.handler = lambda rec, r, w: json_reply(w, {"text": "hello", "usage": {
+            "type": "tokens", "input_tokens": 10, "output_tokens": 2, "total_tokens": 12}})
+        await self.start_proxy()
+        form = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="model"\r\n'
+                b'Content-Type: audio/wav\r\n\r\nRIFF\x00\x01\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+                b'gpt-4o-transcribe\r\n--b--\r\n')
+        resp = await http(self.port, "POST", "/v1/audio/transcriptions", form,
+                          dict(O_HEADERS, **{"Content-Type": "multipart/form-data; boundary=b"}))
+        self.assertEqual(resp.json()["text"], "hello")
+        self.assertEqual(self.up.requests[0].body, form)  # (forwarded as it came)
+        row = (await self.rows())[0]
+        self.assertEqual(row["model"], "gpt-4o-transcribe")
+
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()

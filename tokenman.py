@@ -8415,6 +8415,14 @@ def relay_kind(accounted: bool, ctype: bytes, download: bool = False) -> str:
                                            media.endswith(b"+json")) else "raw"
 
 
+def form_field(body: bytes, name: bytes) -> str:
+    """A short text field of a multipart/form-data body (RFC 7578), "" when absent."""
+    at = body.find(b' name="%s"' % name)  # (the space: not a filename="...")
+    start = body.find(b"\r\n\r\n", at) + 4 if at >= 0 else -1
+    end = body.find(b"\r\n", start, start + 202) if start >= 4 else -1
+    return body[start:end].decode("utf-8", "replace") if end >= 0 else ""
+
+
 def is_websocket(req: Request) -> bool:
     """A WebSocket opening handshake (RFC 6455 4.1): a GET asking to upgrade."""
     headers = req.headers.map
@@ -9702,6 +9710,9 @@ class Proxy(ResponseRelay, RequestLog):
                     opts["include_usage"] = True
                     ctx.changes["stream_options"] = opts
                     ctx.drop_usage_chunk = True
+        elif req.method == "POST" and b"multipart/form-data" in req.headers.map.get(
+                b"content-type", b"").lower():  # (an audio transcription names its model
+            ctx.model = form_field(body, b"model")  # in a form field: for routing and the row)
         routing = self.cfg.routing
         pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
                                  routing.fallback_models.get(ctx.model, ()),
