@@ -3111,6 +3111,31 @@ class TestUpstreamEdges(ProxyTestCase):
         row = (await self.rows())[0]
         self.assertEqual(row["model"], "gpt-4o-transcribe")
 
+    async def test_a_provider_that_answers_before_taking_an_upload_is_heard(self):
+        # a provider (nginx, Go) may answer 401 or 413 before it reads a large body and stop
+        # reading: the upload waited for its whole timeout (a 504), or broke (a 502, a 500)
+        done = asyncio.Event()
+
+        async def provider(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
+                         b"content-length: 27\r\n\r\n{\"error\": {\"type\": \"auth\"}}")
+            await done.wait()  # (reads nothing more, keeps the socket open)
+            writer.close()
+        server = await asyncio.start_server(provider, "127.0.0.1", 0)
+        self.addCleanup(done.set)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        await self.start_proxy({"server": {"max_body_size": "64MiB"}, **self.NO_RETRY},
+                               providers={"openai": {"api_base": base, "timeout": 600}})
+        upload = os.urandom(16 << 20)
+        resp = await http(self.port, "POST", "/v1/files", upload, dict(
+            O_HEADERS, **{"Content-Type": "application/octet-stream"}))
+        self.assertEqual((resp.status, resp.body), (401, b'{"error": {"type": "auth"}}'))
+        self.assertEqual(self.app.pool.size(), 0)  # (a connection with the body cut: never
+        # reused)
+
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")
         gate = asyncio.Event()

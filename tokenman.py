@@ -1900,6 +1900,7 @@ class Channel(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # armed at _timer_at, kept across reads
         self._timer_at = 0.0
         self._drain: asyncio.Future | None = None
+        self._drain_on_data = False  # a drain also ends when the peer sends (or closes)
         self._write_paused = False
         self._read_paused = False
         self.on_lost = None  # callable run once when the peer goes away
@@ -1919,6 +1920,8 @@ class Channel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if self._drain_on_data:  # (an upload watched for the provider's early answer)
+            self._end_drain()
         if len(self.buf) > READ_HIGH_WATER and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()
@@ -1930,6 +1933,8 @@ class Channel(asyncio.Protocol):
         self.flush()  # the transport closes when this returns: what is held goes out first
         self.eof = True
         self._wake()
+        if self._drain_on_data:
+            self._end_drain()
         return False  # let the transport close; a half-closed peer counts as gone
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1960,6 +1965,11 @@ class Channel(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _end_drain(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     # -- reading --------------------------------------------------------------------------------
     # One timer per channel, not one per read: a keep-alive connection waits with about the
@@ -2157,8 +2167,8 @@ class Channel(asyncio.Protocol):
 
     def abort(self) -> None:
         self._out = None
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is not None and not self.lost:  # (a transport already gone is
+            self.transport.abort()  # left alone: asyncio's has let go of its loop)
 
 
 class BodyReader:
@@ -2536,8 +2546,8 @@ class ServerConn:
             await self.chan.drain(self.server.loop.time() + self.server.cfg.write_timeout
                                   if self.server.cfg.write_timeout else None)
         except TimeoutError:
-            self.chan.lost = True
             self.chan.abort()
+            self.chan.lost = True
             raise ConnectionGone() from None
 
 
@@ -2988,14 +2998,25 @@ class UpstreamPool:
         return chan
 
     @staticmethod
-    async def _send_large(chan: Channel, body: bytes, deadline: float) -> None:
+    async def _send_large(chan: Channel, body: bytes, deadline: float) -> bool:
         """A large upload in pieces, each once the provider took the one before: the
-        transport never holds a copy of what the socket did not take at once (megabytes)."""
+        transport never holds a copy of what the socket did not take at once (megabytes).
+        A provider may answer (a 401, a 413) or close before it has read it all: the upload
+        stops there, and its answer is read as any (False: not all of the body went)."""
         view = memoryview(body)  # (not released here: the transport may hold a piece yet)
-        for start in range(0, len(body), UPLOAD_PIECE):
-            chan.write(view[start:start + UPLOAD_PIECE])
-            if chan._write_paused:
-                await chan.drain(deadline)
+        chan._drain_on_data = True
+        try:
+            for start in range(0, len(body), UPLOAD_PIECE):
+                if chan.buf or chan.eof:
+                    return False
+                chan.write(view[start:start + UPLOAD_PIECE])
+                if chan._write_paused:
+                    await chan.drain(deadline)
+        except ConnectionGone:  # (closed: what it said before, if anything, is in the buffer)
+            return False
+        finally:
+            chan._drain_on_data = False
+        return True
 
     async def request(self, origin: Origin, method: str, target: str,
                       headers: list[tuple[bytes, bytes]], body: bytes, connect_timeout: float,
@@ -3028,9 +3049,10 @@ class UpstreamPool:
             chan.write(data)
             written = loop.time()
             deadline = written + read_timeout  # (interim 1xx heads do not extend it)
+            whole = True
             try:
                 if body:
-                    await self._send_large(chan, body, deadline)
+                    whole = await self._send_large(chan, body, deadline)
                 while True:
                     rhead = parse_response_head(await chan.read_head(MAX_UPSTREAM_HEAD,
                                                                      deadline))
@@ -3057,7 +3079,9 @@ class UpstreamPool:
             except UpstreamError:
                 chan.abort()
                 raise
-            return UpstreamResponse(rhead, BodyReader(chan, mode, length), chan, self, origin)
+            resp = UpstreamResponse(rhead, BodyReader(chan, mode, length), chan, self, origin)
+            resp.reusable = resp.reusable and whole  # (an upload cut short: never reused)
+            return resp
         raise AssertionError("unreachable")
 
 # ================================================================================================
