@@ -3030,6 +3030,28 @@ class TestUpstreamEdges(ProxyTestCase):
         row = (await self.rows(2))[-1]
         self.assertEqual(row["outcome"], "upstream_failed")
 
+    async def test_a_slow_reader_of_a_large_answer_is_not_a_stalled_one(self):
+        # write_timeout bounded the whole transfer of a buffered answer: a client reading a
+        # few MB steadily but slowly was cut off as if it had stopped
+        answer = json.dumps({"data": ["x" * 1000] * 8000}).encode()  # 8 MB
+        self.up.handler = lambda rec, r, w: json_reply(w, answer)
+        await self.start_proxy({"server": {"write_timeout": 0.3}})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 131072)
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                                      b"x-api-key: k\r\nConnection: close\r\n\r\n")
+        got = b""
+        while data := await asyncio.wait_for(loop.sock_recv(sock, 131072), WAIT):
+            got += data
+            await asyncio.sleep(0.02)  # (a slow link: the whole takes a second or two)
+        self.assertTrue(got.endswith(answer), len(got))
+        row = (await self.rows())[0]
+        self.assertEqual(row["outcome"], "ok")
+
     async def test_a_batchs_results_url_names_tokenman(self):
         # the SDKs follow results_url as it is: the results download went to the provider
         # past tokenman (no row; with key_ref, the client's placeholder key; no way out at all
@@ -3041,7 +3063,7 @@ class TestUpstreamEdges(ProxyTestCase):
                                  "results_url": f"{self.up.base}/v1/messages/batches/"
                                                 "msgbatch_1/results"})
         self.up.handler = handler
-        await self.start_proxy()
+        await self.start_proxy(providers={"anthropic": {"api_base": self.up.base + "/v1"}})
         made = await http(self.port, "POST", "/v1/messages/batches", {"requests": []},
                           dict(A_HEADERS, Host=f"127.0.0.1:{self.port}"))
         url = made.json()["results_url"]
@@ -3091,8 +3113,16 @@ class TestUpstreamEdges(ProxyTestCase):
         writer.close()  # the client goes: the provider's side closes too
         await asyncio.wait_for(ended.wait(), WAIT)
         row = (await self.rows())[0]
-        self.assertEqual((row["path"], row["status_code"], row["outcome"]),
-                         ("/v1/realtime", 101, "ok"))
+        self.assertEqual((row["path"], row["status_code"], row["outcome"], row["model"]),
+                         ("/v1/realtime", 101, "ok", "gpt-realtime"))
+        self.app.proxy.router.providers["openai"].api_key = "sk-revoked"  # a refusal: as
+        refused = await raw_exchange(self.port, (  # the provider's error, then the close
+            b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertTrue(refused.startswith(b"HTTP/1.1 426 "), refused[:40])
+        self.assertEqual(refused.count(b"HTTP/1.1 "), 1)  # (what followed was not served)
+        row = (await self.rows(2))[-1]
+        self.assertEqual((row["status_code"], row["outcome"]), (426, "upstream_error"))
 
     async def test_a_transcriptions_model_is_read_from_its_form(self):
         # the model of /v1/audio/transcriptions is a form field: rows had model "" (and the

@@ -2539,16 +2539,27 @@ class ServerConn:
             self.chan.write(b"0\r\n\r\n")
 
     async def drain(self) -> None:
-        """Waits while the client is not reading. One that stalls past write_timeout is cut
-        off and counts as gone (ConnectionGone, `lost`): the fault is its own, never the
-        provider's whose stream was being relayed."""
-        try:
-            await self.chan.drain(self.server.loop.time() + self.server.cfg.write_timeout
-                                  if self.server.cfg.write_timeout else None)
-        except TimeoutError:
-            self.chan.abort()
-            self.chan.lost = True
-            raise ConnectionGone() from None
+        """Waits while the client is not reading. One that takes nothing for write_timeout
+        is cut off and counts as gone (ConnectionGone, `lost`): the fault is its own, never
+        the provider's whose stream was being relayed. A slow reader that keeps taking bytes
+        is not stalled, however long a large answer takes it."""
+        chan, loop, timeout = self.chan, self.server.loop, self.server.cfg.write_timeout
+        if not timeout:
+            return await chan.drain(None)
+        left = chan.transport.get_write_buffer_size() if chan.transport is not None else 0
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await chan.drain(min(deadline, loop.time() + 1.0))
+            except TimeoutError:
+                now = chan.transport.get_write_buffer_size() if chan.transport is not None \
+                    else 0
+                if now < left:  # (it took some since: the wait starts again)
+                    left, deadline = now, loop.time() + timeout
+                elif loop.time() >= deadline:
+                    chan.abort()
+                    chan.lost = True
+                    raise ConnectionGone() from None
 
 
 def _target_hint(buf: bytearray) -> str:
@@ -2678,6 +2689,8 @@ class HTTPServer:
             if length is None:
                 try:
                     req.body = await BodyReader(chan, "chunked").read_all(limit, deadline)
+                    if len(req.body) >= LARGE_BODY:
+                        self.large_bodies += 1
                 except HeadTooLarge:
                     raise HTTPError(413, f"request body too large: over the limit of {limit:,} "
                                     "bytes (server.max_body_size)", close=True) from None
@@ -8454,15 +8467,17 @@ def is_websocket(req: Request) -> bool:
         and b"upgrade" in headers.get(b"connection", b"").lower()
 
 
-async def _pipe(src: Channel, dst: Channel) -> None:
-    """Bytes from one side of a tunnel to the other as they come, until src ends."""
+async def _pipe(src: Channel, dst: Channel, stall: float) -> None:
+    """Bytes from one side of a tunnel to the other as they come, until src ends (or dst
+    takes nothing for `stall` seconds: TimeoutError)."""
+    loop = asyncio.get_running_loop()
     while True:
         data = await src.read_some(READ_CHUNK, None)
         if not data or dst.lost:
             return
         dst.write(data)
         if dst._write_paused:
-            await dst.drain(None)
+            await dst.drain(loop.time() + stall if stall else None)
 
 
 BATCHES_PATH = "/v1/messages/batches"
@@ -8892,10 +8907,13 @@ class ResponseRelay:
         host = req.headers.map.get(b"host", b"")
         if not _HOST_RE.fullmatch(host):
             return data
-        origin = (b"https://" if self.cfg.server.tls_enabled else b"http://") + host
-        return re.sub(rb'("results_url"\s*:\s*")' + re.escape(prov.cfg.api_base.rstrip("/")
-                                                              .encode()),
-                      lambda m: m.group(1) + origin, data)
+        https = self.cfg.server.tls_enabled or req.headers.map.get(  # (behind a proxy that
+            b"x-forwarded-proto", b"").strip().lower() == b"https"  # ends TLS)
+        origin = (b"https://" if https else b"http://") + host
+        base = urllib.parse.urlsplit(prov.cfg.api_base)
+        return re.sub(rb'("results_url"\s*:\s*")' + re.escape(
+            f"{base.scheme}://{base.netloc}".encode()) + rb'[^"]*?(/v1/messages/batches/)',
+            lambda m: m.group(1) + origin + m.group(2), data)
 
     def _translate_body(self, ctx: Context, data: bytes, status: int) -> bytes:
         if status >= 400:
@@ -9295,12 +9313,16 @@ class RequestLog:
                 "parse" if ctx.status in _PARSE_STATUSES else "rejected")
             m.inc("tokenman_errors_total", (("provider", provider),
                                             ("status_code", str(ctx.status)), ("type", kind)))
-        if outcome == "ok" and provider and provider != "cache":
+        if ctx.status == 101:  # a WebSocket session: its length is no request's latency
+            pass
+        elif outcome == "ok" and provider and provider != "cache":
             live = self._live(provider)  # (its attempts are counted as they are made)
             ms = seconds * 1000
             old = live.get("latency_ms")
             live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
-        duration.observe(seconds)
+            duration.observe(seconds)
+        else:
+            duration.observe(seconds)
         stage_hists = self._stage_hists
         for stage, secs in ctx.timings.items():
             hist = stage_hists.get(stage)
@@ -9570,24 +9592,36 @@ class Proxy(ResponseRelay, RequestLog):
         except ConnectionGone:
             ctx.outcome, ctx.error = "client_closed", "client left before the upgrade"
             return
+        finally:
+            conn.chan.on_lost = None  # (the client's end no longer aborts the provider's)
         ctx.status = resp.status
+        conn.close_after = True  # (refused too: what the client sends next is not HTTP)
         if resp.status != 101:
-            return await self._relay_raw(req, conn, ctx, prov, resp)
-        conn.close_after = True
+            await self._relay_raw(req, conn, ctx, prov, resp)
+            if resp.status >= 400 and ctx.outcome == "ok":
+                ctx.outcome = "upstream_error"
+                ctx.error = f"upgrade refused ({resp.status})"
+            return
         conn.started = True
         conn.chan.write(render_head(101, self._client_headers(resp.head, ctx) + [
             (b"Connection", b"Upgrade"), (b"Upgrade", resp.head.headers.map.get(
                 b"upgrade", req.headers.map[b"upgrade"]))], resp.head.reason))
         ctx.ttfb = time.perf_counter()
         up = resp.chan
-        ends = [asyncio.ensure_future(_pipe(conn.chan, up)),
-                asyncio.ensure_future(_pipe(up, conn.chan))]
+        stall = self.cfg.server.write_timeout
+        ends = [asyncio.ensure_future(_pipe(conn.chan, up, stall)),
+                asyncio.ensure_future(_pipe(up, conn.chan, stall))]
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in ends:
                 task.cancel()
-            up.abort()  # (never pooled; the client's connection closes after this answer)
+            ctx.upstream_s = time.perf_counter() - ctx.ttfb  # (the session: not overhead)
+            if ends[0].done() and not ends[0].cancelled() and ends[0].exception() is None:
+                up.close()  # the client ended: what it sent last (a Close frame) still goes,
+                asyncio.get_running_loop().call_later(CLOSE_FLUSH_SECONDS, up.abort)  # bounded
+            else:
+                up.abort()  # (never pooled; the client's connection closes after this answer)
 
     async def _decode_body(self, req: Request) -> None:
         """A compressed POST body is decoded here, in a worker thread (~1.5 ms per MiB of
@@ -9737,6 +9771,8 @@ class Proxy(ResponseRelay, RequestLog):
         elif req.method == "POST" and b"multipart/form-data" in req.headers.map.get(
                 b"content-type", b"").lower():  # (an audio transcription names its model
             ctx.model = form_field(body, b"model")  # in a form field: for routing and the row)
+        elif req.query and is_websocket(req):  # (a Realtime session, in its query string)
+            ctx.model = urllib.parse.parse_qs(req.query).get("model", [""])[0][:200]
         routing = self.cfg.routing
         pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
                                  routing.fallback_models.get(ctx.model, ()),
