@@ -3121,6 +3121,7 @@ class TestUpstreamEdges(ProxyTestCase):
             b"Upgrade: websocket\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
         self.assertTrue(refused.startswith(b"HTTP/1.1 426 "), refused[:40])
         self.assertEqual(refused.count(b"HTTP/1.1 "), 1)  # (what followed was not served)
+        self.assertIn(b"\r\nConnection: close\r\n", refused)  # (and the client was told)
         row = (await self.rows(2))[-1]
         self.assertEqual((row["status_code"], row["outcome"]), (426, "upstream_error"))
 
@@ -3165,6 +3166,29 @@ class TestUpstreamEdges(ProxyTestCase):
         self.assertEqual((resp.status, resp.body), (401, b'{"error": {"type": "auth"}}'))
         self.assertEqual(self.app.pool.size(), 0)  # (a connection with the body cut: never
         # reused)
+
+    async def test_an_interim_head_during_an_upload_is_no_answer(self):
+        # a provider (or a middlebox) that sends 100 Continue or 103 unasked while it reads a
+        # large body: the upload stopped there as if answered, and the call ended in a 504
+        async def provider(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n")
+            body = await reader.readexactly(length)
+            answer = json.dumps({"bytes": len(body)}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(provider, "127.0.0.1", 0)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        await self.start_proxy({"server": {"max_body_size": "64MiB"}, **self.NO_RETRY},
+                               providers={"openai": {"api_base": base, "timeout": 600}})
+        resp = await http(self.port, "POST", "/v1/files", os.urandom(16 << 20), dict(
+            O_HEADERS, **{"Content-Type": "application/octet-stream"}))
+        self.assertEqual((resp.status, resp.json()), (200, {"bytes": 16 << 20}))
 
     async def test_media_types_are_case_insensitive(self):
         events, _ = anthropic_fixture("text")

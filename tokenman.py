@@ -2500,12 +2500,12 @@ class ServerConn:
             or length is not None
         self.chunked = req.version == 1 and not told
         if told:
-            if not req.keep_alive or self.server.draining:
+            if not req.keep_alive or self.close_after or self.server.draining:
                 self.close_after = True
                 headers = headers + [(b"Connection", b"close")]
         elif self.chunked:
             headers = headers + [(b"Transfer-Encoding", b"chunked")]
-            if not req.keep_alive or self.server.draining:
+            if not req.keep_alive or self.close_after or self.server.draining:
                 self.close_after = True
                 headers.append((b"Connection", b"close"))
         else:
@@ -2846,6 +2846,19 @@ class Origin:
         return base + path_and_query
 
 
+def _final_head(buf: bytearray) -> bool:
+    """Whether the bytes hold a whole response head other than an interim (1xx) one."""
+    pos = 0
+    while True:
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return False
+        status = bytes(buf[pos + 9:pos + 12])
+        if not (status[:1] == b"1" and status != b"101"):
+            return True
+        pos = end + 4
+
+
 class UpstreamResponse:
     """A provider's response whose body is read on demand; release() or close() it."""
     __slots__ = ("head", "body", "chan", "pool", "origin", "reusable", "data")
@@ -3020,8 +3033,8 @@ class UpstreamPool:
         chan._drain_on_data = True
         try:
             for start in range(0, len(body), UPLOAD_PIECE):
-                if chan.buf or chan.eof:
-                    return False
+                if chan.eof or chan.buf and _final_head(chan.buf):  # (an interim 100 or 103
+                    return False  # is no answer: the provider still waits for the body)
                 chan.write(view[start:start + UPLOAD_PIECE])
                 if chan._write_paused:
                     await chan.drain(deadline)
@@ -9613,6 +9626,12 @@ class Proxy(ResponseRelay, RequestLog):
                 asyncio.ensure_future(_pipe(up, conn.chan, stall))]
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for task, side, outcome in ((ends[1], "client", "client_closed"),
+                                        (ends[0], "provider", "upstream_failed")):
+                if task.done() and not task.cancelled() \
+                        and isinstance(task.exception(), TimeoutError):
+                    ctx.outcome = outcome
+                    ctx.error = f"the {side} took nothing for write_timeout: session ended"
         finally:
             for task in ends:
                 task.cancel()
