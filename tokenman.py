@@ -1839,6 +1839,22 @@ def sse_fields(event: bytes) -> tuple[bytes, bytes]:
             name = value[1:] if value.startswith(b" ") else value
     return name, b"\n".join(data)
 
+
+def form_field(body: bytes, name: bytes) -> str:
+    """A short text field of a multipart/form-data body (RFC 7578), "" when absent."""
+    at = body.find(b' name="%s"' % name)  # (the space: not a filename="...")
+    start = body.find(b"\r\n\r\n", at) + 4 if at >= 0 else -1
+    end = body.find(b"\r\n", start, start + 202) if start >= 4 else -1
+    return body[start:end].decode("utf-8", "replace") if end >= 0 else ""
+
+
+def is_websocket(req: Request) -> bool:
+    """A WebSocket opening handshake (RFC 6455 4.1): a GET asking to upgrade."""
+    headers = req.headers.map
+    return req.method == "GET" and b"websocket" in headers.get(b"upgrade", b"").lower() \
+        and b"upgrade" in headers.get(b"connection", b"").lower()
+
+
 # ================================================================================================
 # §06 connections over asyncio: one Protocol with awaitable reads, used by server and client
 # ================================================================================================
@@ -2374,6 +2390,20 @@ class InflatingReader:
 
     async def read_all(self, limit: int, deadline: float | None) -> bytes:
         return await read_to_end(self, limit, deadline)
+
+
+async def _pipe(src: Channel, dst: Channel, stall: float) -> None:
+    """Bytes from one side of a tunnel to the other as they come, until src ends (or dst
+    takes nothing for `stall` seconds: TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        data = await src.read_some(READ_CHUNK, None)
+        if not data or dst.lost:
+            return
+        dst.write(data)
+        if dst._write_paused:
+            await dst.drain(loop.time() + stall if stall else None)
+
 
 # ================================================================================================
 # §07 HTTP server: accept, one guarded loop per connection, keep-alive, limits and timeouts
@@ -8463,34 +8493,6 @@ def relay_kind(accounted: bool, ctype: bytes, download: bool = False) -> str:
     media = ctype.partition(b";")[0].strip()
     return "buffered" if not download and (media == b"application/json" or
                                            media.endswith(b"+json")) else "raw"
-
-
-def form_field(body: bytes, name: bytes) -> str:
-    """A short text field of a multipart/form-data body (RFC 7578), "" when absent."""
-    at = body.find(b' name="%s"' % name)  # (the space: not a filename="...")
-    start = body.find(b"\r\n\r\n", at) + 4 if at >= 0 else -1
-    end = body.find(b"\r\n", start, start + 202) if start >= 4 else -1
-    return body[start:end].decode("utf-8", "replace") if end >= 0 else ""
-
-
-def is_websocket(req: Request) -> bool:
-    """A WebSocket opening handshake (RFC 6455 4.1): a GET asking to upgrade."""
-    headers = req.headers.map
-    return req.method == "GET" and b"websocket" in headers.get(b"upgrade", b"").lower() \
-        and b"upgrade" in headers.get(b"connection", b"").lower()
-
-
-async def _pipe(src: Channel, dst: Channel, stall: float) -> None:
-    """Bytes from one side of a tunnel to the other as they come, until src ends (or dst
-    takes nothing for `stall` seconds: TimeoutError)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        data = await src.read_some(READ_CHUNK, None)
-        if not data or dst.lost:
-            return
-        dst.write(data)
-        if dst._write_paused:
-            await dst.drain(loop.time() + stall if stall else None)
 
 
 BATCHES_PATH = "/v1/messages/batches"
