@@ -3154,9 +3154,9 @@ class TestUpstreamEdges(ProxyTestCase):
             await done.wait()  # (reads nothing more, keeps the socket open)
             writer.close()
         server = await asyncio.start_server(provider, "127.0.0.1", 0)
+        self.addAsyncCleanup(server.wait_closed)  # (3.12+ waits for its connections: the
+        self.addCleanup(server.close)  # provider's is let go first, cleanups run last first)
         self.addCleanup(done.set)
-        self.addAsyncCleanup(server.wait_closed)
-        self.addCleanup(server.close)
         base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         await self.start_proxy({"server": {"max_body_size": "64MiB"}, **self.NO_RETRY},
                                providers={"openai": {"api_base": base, "timeout": 600}})
