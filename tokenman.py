@@ -2719,8 +2719,6 @@ class HTTPServer:
             if length is None:
                 try:
                     req.body = await BodyReader(chan, "chunked").read_all(limit, deadline)
-                    if len(req.body) >= LARGE_BODY:
-                        self.large_bodies += 1
                 except HeadTooLarge:
                     raise HTTPError(413, f"request body too large: over the limit of {limit:,} "
                                     "bytes (server.max_body_size)", close=True) from None
@@ -2729,8 +2727,8 @@ class HTTPServer:
             elif length:
                 req.body = await chan.read_exactly(length, deadline and deadline + length /
                                                    MIN_BODY_RATE)
-                if length >= LARGE_BODY:
-                    self.large_bodies += 1  # (their memory is handed back once it is quiet)
+            if len(req.body) >= LARGE_BODY:
+                self.large_bodies += 1  # (their memory is handed back once it is quiet)
         except HTTPError as exc:
             self.log.debug("bad request", server=self.name, status=exc.status, error=exc.detail)
             conn.close_after = True
@@ -6412,12 +6410,8 @@ class PIIGuard(Stage):
 
     def _first_found(self, ctx: Context, found: list[tuple]) -> list[tuple]:
         """The findings in texts no earlier request of the project had (recorded then)."""
-        first: dict[int, bool] = {}
-        for finding in found:
-            text = finding[4]
-            if id(text) not in first:
-                first[id(text)] = self.recorded.first("pii/" + ctx.project, text, ctx.id)
-        return [finding for finding in found if first[id(finding[4])]]
+        scope = "pii/" + ctx.project
+        return [finding for finding in found if self.recorded.first(scope, finding[4], ctx.id)]
 
     # -- Responses API: placeholders kept per response and conversation ---------------------------
     # A stored response is continued by id (previous_response_id, a conversation) without the
@@ -9328,15 +9322,12 @@ class RequestLog:
                 "parse" if ctx.status in _PARSE_STATUSES else "rejected")
             m.inc("tokenman_errors_total", (("provider", provider),
                                             ("status_code", str(ctx.status)), ("type", kind)))
-        if ctx.status == 101:  # a WebSocket session: its length is no request's latency
-            pass
-        elif outcome == "ok" and provider and provider != "cache":
-            live = self._live(provider)  # (its attempts are counted as they are made)
-            ms = seconds * 1000
-            old = live.get("latency_ms")
-            live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
-            duration.observe(seconds)
-        else:
+        if ctx.status != 101:  # (a WebSocket session: its length is no request's latency)
+            if outcome == "ok" and provider and provider != "cache":
+                live = self._live(provider)  # (its attempts are counted as they are made)
+                ms = seconds * 1000
+                old = live.get("latency_ms")
+                live["latency_ms"] = round(ms if old is None else old * 0.9 + ms * 0.1, 3)
             duration.observe(seconds)
         stage_hists = self._stage_hists
         for stage, secs in ctx.timings.items():
