@@ -1178,6 +1178,44 @@ class TestUsage(unittest.TestCase):
         self.assertFalse(u.reported)
 
 
+    def test_empty_null_and_absurd_counts_report_nothing(self):
+        # an empty or all-null Anthropic usage object reported 0 tokens at $0 (not estimated);
+        # 10**400 failed the answer with a 500 (OverflowError pricing it), 10**19 was stored
+        for junk in ({}, {"input_tokens": None, "output_tokens": None},
+                     {"input_tokens": 10 ** 400, "output_tokens": 10 ** 19}):
+            with self.subTest(junk=str(junk)[:40]):
+                u = tm.Usage()
+                u.apply_anthropic(junk)
+                self.assertFalse(u.reported)
+                self.assertEqual((u.input, u.output), (0, 0))
+        u = tm.Usage()  # integral floats are counts; a side left out is not stated
+        u.apply_anthropic({"input_tokens": 100.0, "output_tokens": None})
+        self.assertEqual((u.input, u.reported, u.sides), (100, True, tm.INPUT_SIDE))
+        u = tm.Usage()
+        u.apply_openai({"prompt_tokens": None, "completion_tokens": 20})
+        self.assertEqual((u.output, u.sides), (20, tm.OUTPUT_SIDE))
+
+    def test_audio_tokens_and_web_searches(self):
+        u = tm.Usage()
+        u.apply_openai({"prompt_tokens": 1100, "completion_tokens": 550,
+                        "prompt_tokens_details": {"audio_tokens": 1000},
+                        "completion_tokens_details": {"audio_tokens": 500}})
+        self.assertEqual((u.audio_in, u.audio_out), (1000, 500))
+        warned = []
+        table = tm.PriceTable({"voice-1": {"input": 2.5, "output": 10.0}}, warn=warned.append)
+        self.assertIsNone(table.cost("voice-1", u))  # (it was priced as 1,650 text tokens)
+        self.assertEqual(warned, ["voice-1"])
+        table = tm.PriceTable({"voice-1": {"input": 2.5, "output": 10.0, "audio_input": 40.0,
+                                           "audio_output": 80.0}})
+        self.assertAlmostEqual(table.cost("voice-1", u),
+                               (100 * 2.5 + 1000 * 40 + 50 * 10 + 500 * 80) / 1e6, places=12)
+        u = tm.Usage()
+        u.apply_anthropic({"input_tokens": 1000, "output_tokens": 100,
+                           "server_tool_use": {"web_search_requests": 2}})
+        self.assertAlmostEqual(tm.PriceTable().cost("claude-sonnet-4-5", u),
+                               (1000 * 3 + 100 * 15) / 1e6 + 0.02, places=12)
+
+
 class TestPrices(unittest.TestCase):
     def test_longest_prefix_and_dated_ids(self):
         table = tm.PriceTable()
@@ -1198,6 +1236,22 @@ class TestPrices(unittest.TestCase):
         for model in ("gpt-5.9-hypothetical", "gpt-4omni", "llama-3-70b", ""):
             with self.subTest(model=model):
                 self.assertIsNone(table.lookup(model))
+
+    def test_variants_with_prices_of_their_own_are_not_the_family(self):
+        # gpt-4o-realtime-preview was priced as gpt-4o ($2.50 / $10, half its price), the
+        # deep-research models as o3 / o4-mini, the instruct model as gpt-3.5-turbo
+        table = tm.PriceTable()
+        for model in ("gpt-4o-realtime-preview-2024-12-17", "gpt-4o-mini-realtime-preview",
+                      "gpt-4o-audio-preview", "gpt-4o-mini-tts", "gpt-4o-mini-transcribe",
+                      "gpt-4o-search-preview", "gpt-3.5-turbo-16k-0613"):
+            with self.subTest(model=model):
+                self.assertIsNone(table.lookup(model))
+        for model, price in (("o3-deep-research-2025-06-26", 10), ("o4-mini-deep-research", 2),
+                             ("gpt-3.5-turbo-instruct", 1.5), ("gpt-4o-2024-11-20", 2.5)):
+            with self.subTest(model=model):
+                self.assertEqual(table.lookup(model).input, price)
+        named = tm.PriceTable({"gpt-4o-realtime-preview": {"input": 5.0, "output": 20.0}})
+        self.assertEqual(named.lookup("gpt-4o-realtime-preview-2024-12-17").input, 5.0)
 
     def test_cost_of_every_token_kind(self):
         u = tm.Usage()
@@ -2434,6 +2488,71 @@ class TestStreaming(ProxyTestCase):
         self.assertGreater(row["output_tokens"], 0)
         self.assertGreater(row["input_tokens"], 0)
         self.assertIsNone(row["cost_usd"])  # "local" has no price: null, never 0
+
+    async def test_legacy_completions_stream_is_accounted(self):
+        # a streamed /v1/completions call was recorded at 0 tokens and $0: usage was never
+        # asked for, and no estimate stood in for it
+        chunks = [{"id": "c1", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+                   "choices": [{"text": "Once upon ", "index": 0, "finish_reason": None}]},
+                  {"id": "c1", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+                   "choices": [{"text": "a time", "index": 0, "finish_reason": "stop"}]}]
+        usage = {"id": "c1", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+                 "choices": None, "usage": {"prompt_tokens": 5, "completion_tokens": 4}}
+        self.up.handler = fixture_handler(openai_events(*chunks, usage, b"[DONE]"), None)
+        await self.start_proxy()
+        req = {"model": "gpt-3.5-turbo-instruct", "prompt": "Tell a story", "stream": True}
+        resp = await self.stream("/v1/completions", req, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        sent = self.up.requests[0].json()
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        self.assertNotIn(b'"usage"', resp.body)  # (asked for on its behalf: not shown; a
+        self.assertIn(b"a time", resp.body)  # usage chunk with "choices": null reached it)
+        row = (await self.rows())[0]
+        self.assertEqual((row["input_tokens"], row["output_tokens"], row["estimated"]), (5, 4, 0))
+        self.assertAlmostEqual(row["cost_usd"], (5 * 1.5 + 4 * 2) / 1e6, places=12)
+        self.up.handler = fixture_handler(openai_events(*chunks, b"[DONE]"), None)
+        await self.stream("/v1/completions", req, O_HEADERS)  # a server that sends no usage
+        row = (await self.rows(2))[1]
+        self.assertEqual(row["estimated"], 1)
+        self.assertGreater(row["input_tokens"], 0)
+        self.assertGreater(row["output_tokens"], 0)
+
+    async def test_usage_sides_left_out_are_estimated(self):
+        # an Anthropic stream whose message_delta carries no usage recorded the placeholder
+        # output of message_start (1 token); an OpenAI usage without prompt_tokens recorded 0
+        # input; neither was marked estimated
+        text = "word " * 200
+        events = anthropic_events(
+            {"type": "message_start", "message": {"model": "claude-haiku-4-5", "usage": {
+                "input_tokens": 30, "output_tokens": 1}}},
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": text}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}},
+            {"type": "message_stop"})
+        self.up.handler = fixture_handler(events, None)
+        await self.start_proxy()
+        await self.stream("/v1/messages", dict(ANTHROPIC_REQ, stream=True), A_HEADERS)
+        row = (await self.rows())[0]
+        self.assertEqual((row["input_tokens"], row["estimated"]), (30, 1))
+        self.assertGreater(row["output_tokens"], 150)
+        self.up.handler = fixture_handler(None, {
+            "model": "gpt-4o-mini", "choices": [{"message": {"content": "ok"}}],
+            "usage": {"prompt_tokens": None, "completion_tokens": 20}})
+        await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        row = (await self.rows(2))[1]
+        self.assertEqual((row["output_tokens"], row["estimated"]), (20, 1))
+        self.assertGreater(row["input_tokens"], 0)
+        self.up.handler = fixture_handler(None, {  # a count no call has: the estimate, and
+            "model": "gpt-4o-mini", "choices": [{"message": {"content": "ok"}}],  # the answer
+            "usage": {"prompt_tokens": 10 ** 400, "completion_tokens": 10 ** 19}})  # relayed
+        resp = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        row = (await self.rows(3))[2]
+        self.assertEqual((row["outcome"], row["estimated"]), ("ok", 1))
+        self.assertLess(row["cost_usd"], 0.001)
 
     async def test_provider_error_event_marks_the_row(self):
         events = anthropic_events(

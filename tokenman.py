@@ -199,6 +199,7 @@ API_PATHS = types.MappingProxyType({API_ANTHROPIC: ANTHROPIC_PATH, API_OPENAI: O
 SIDE_CALL_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})
 UNBILLED_PATHS = frozenset({ANTHROPIC_PATH + "/count_tokens"})  # free: no budget reserved
 EMBEDDINGS_PATH = "/v1/embeddings"
+COMPLETIONS_PATH = "/v1/completions"  # OpenAI's legacy text completions (passed through)
 SHUTDOWN_CUT = "tokenman shut down with the request in flight (server.shutdown_timeout)"
 BATCHES_PATH = ANTHROPIC_PATH + "/batches"  # (its requests are capped as each call would be)
 RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (passed through, accounted)
@@ -210,6 +211,9 @@ MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input
                          "input_file"))
 MEDIA_PART_TOKENS = 1_600
 DOCUMENT_MAX_TOKENS = 300_000
+USAGE_MAX = 1_000_000_000  # a provider's token count past this is taken as garbage (the largest
+# context windows are a few million tokens; a batch's usage is per request)
+WEB_SEARCH_USD = 0.01  # Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -932,7 +936,8 @@ BUILTIN_PROVIDERS = types.MappingProxyType({
     "openai": {"api_base": "https://api.openai.com", "format": API_OPENAI, "name": "openai",
                "priority": 2},
 })
-PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read",
+                "audio_input", "audio_output")
 # (TOML path, Config attribute, class) of every plain section
 SECTIONS = (("server", "server", ServerConfig), ("routing", "routing", RoutingConfig),
             ("resilience", "resilience", ResilienceConfig), ("pipeline", "pipeline",
@@ -1484,7 +1489,9 @@ def render_config(cfg: Config, title: str, mask: bool = False) -> str:
               "# of the input price (1.25x, 2x, 0.1x).",
               '# [pricing."my-model"]',
               "# input = 1.0", "# output = 2.0", "# cache_write_5m = 1.25",
-              "# cache_write_1h = 2.0", "# cache_read = 0.1", ""]
+              "# cache_write_1h = 2.0", "# cache_read = 0.1",
+              "# audio tokens (OpenAI audio models): without both, a call that reports them",
+              "# costs null", "# audio_input = 40.0", "# audio_output = 80.0", ""]
     return "\n".join(lines)
 
 
@@ -3432,15 +3439,20 @@ def _estimate_chunk(text: str) -> float:
 
 
 class Usage:
-    """Token counts of one call. `reported` is False while they come only from an estimate."""
+    """Token counts of one call. `reported` is False while they come only from an estimate;
+    `sides` says which the provider stated (INPUT_SIDE, OUTPUT_SIDE): a side it left out is
+    estimated by the caller, which knows the request and the answer."""
     __slots__ = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read",
-                 "reasoning", "reported", "estimated")
+                 "reasoning", "reported", "estimated", "sides", "audio_in", "audio_out",
+                 "web_searches")
 
     def __init__(self) -> None:
         self.input = self.output = self.cache_write_5m = self.cache_write_1h = 0
-        self.cache_read = self.reasoning = 0
+        self.cache_read = self.reasoning = self.audio_in = self.audio_out = 0
+        self.web_searches = 0  # Anthropic's server-side web search: billed per search
         self.reported = False
         self.estimated = False
+        self.sides = 0
 
     @property
     def cache_write(self) -> int:
@@ -3451,52 +3463,59 @@ class Usage:
         is cumulative, so later values replace earlier ones; nothing is ever added twice."""
         if not isinstance(u, dict):
             return
-        if _is_count(u.get("input_tokens")):
-            self.input = u["input_tokens"]
-        if _is_count(u.get("output_tokens")):
-            self.output = u["output_tokens"]
-        if _is_count(u.get("cache_read_input_tokens")):
-            self.cache_read = u["cache_read_input_tokens"]
+        if (n := _tokens(u.get("input_tokens"))) is not None:
+            self.input = n
+            self.sides |= INPUT_SIDE
+        if (n := _tokens(u.get("output_tokens"))) is not None:
+            self.output = n
+            self.sides |= OUTPUT_SIDE
+        if (n := _tokens(u.get("cache_read_input_tokens"))) is not None:
+            self.cache_read = n
         split = u.get("cache_creation")
-        total = u.get("cache_creation_input_tokens")
+        total = _tokens(u.get("cache_creation_input_tokens"))
         if isinstance(split, dict):
-            m5 = split.get("ephemeral_5m_input_tokens")
-            h1 = split.get("ephemeral_1h_input_tokens")
-            self.cache_write_5m = m5 if _is_count(m5) else 0
-            self.cache_write_1h = h1 if _is_count(h1) else 0
-            if _is_count(total) and total > self.cache_write:
+            self.cache_write_5m = _tokens(split.get("ephemeral_5m_input_tokens")) or 0
+            self.cache_write_1h = _tokens(split.get("ephemeral_1h_input_tokens")) or 0
+            if total is not None and total > self.cache_write:
                 self.cache_write_5m += total - self.cache_write  # tokens the split leaves out
-        elif _is_count(total) and total != self.cache_write:
+        elif total is not None and total != self.cache_write:
             self.cache_write_1h = min(self.cache_write_1h, total)
             self.cache_write_5m = total - self.cache_write_1h
         details = u.get("output_tokens_details")
-        if isinstance(details, dict) and _is_count(details.get("thinking_tokens")):
-            self.reasoning = details["thinking_tokens"]
-        self.reported = True
+        if isinstance(details, dict) and (n := _tokens(details.get("thinking_tokens"))) \
+                is not None:
+            self.reasoning = n
+        tools = u.get("server_tool_use")
+        if isinstance(tools, dict) and (n := _tokens(tools.get("web_search_requests"))) \
+                is not None:
+            self.web_searches = n
+        self.reported = self.reported or bool(self.sides)  # (an empty or all-null usage
+        # object reports nothing: the estimate stands in for it)
 
     def apply_openai(self, u: object) -> None:
         """Sets the counts from an OpenAI usage object (chat completions or responses API)."""
         if not isinstance(u, dict):
             return
-        prompt = u.get("prompt_tokens", u.get("input_tokens"))
-        completion = u.get("completion_tokens", u.get("output_tokens"))
+        prompt = _tokens(u.get("prompt_tokens", u.get("input_tokens")))
+        completion = _tokens(u.get("completion_tokens", u.get("output_tokens")))
         pdet = u.get("prompt_tokens_details", u.get("input_tokens_details"))
         cdet = u.get("completion_tokens_details", u.get("output_tokens_details"))
         pdet = pdet if isinstance(pdet, dict) else {}
         cdet = cdet if isinstance(cdet, dict) else {}
-        cached = pdet.get("cached_tokens")
-        written = pdet.get("cache_write_tokens")
-        self.cache_read = cached if _is_count(cached) else 0
-        self.cache_write_5m = written if _is_count(written) else 0
+        self.cache_read = _tokens(pdet.get("cached_tokens")) or 0
+        self.cache_write_5m = _tokens(pdet.get("cache_write_tokens")) or 0
         self.cache_write_1h = 0
-        if _is_count(prompt):
+        self.audio_in = _tokens(pdet.get("audio_tokens")) or 0
+        self.audio_out = _tokens(cdet.get("audio_tokens")) or 0
+        if prompt is not None:
             self.input = max(0, prompt - self.cache_read - self.cache_write_5m)
-        if _is_count(completion):
+            self.sides |= INPUT_SIDE
+        if completion is not None:
             self.output = completion
-        if _is_count(cdet.get("reasoning_tokens")):
-            self.reasoning = cdet["reasoning_tokens"]
-        self.reported = self.reported or _is_count(prompt) or _is_count(completion)  # (an
-        # empty or all-null usage object reports nothing: the estimate stands in for it)
+            self.sides |= OUTPUT_SIDE
+        if (n := _tokens(cdet.get("reasoning_tokens"))) is not None:
+            self.reasoning = n
+        self.reported = self.reported or bool(self.sides)
 
     def apply(self, api: str, u: object) -> None:
         if api == API_ANTHROPIC:
@@ -3505,8 +3524,20 @@ class Usage:
             self.apply_openai(u)
 
 
+INPUT_SIDE, OUTPUT_SIDE = 1, 2  # Usage.sides: which counts the provider stated
+
+
 def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0
+
+
+def _tokens(value: object) -> int | None:
+    """A token count as a provider states it (an integral float too), or None for anything
+    else: missing, null, negative, or past USAGE_MAX (no call is that large: such a number
+    would poison every total and budget it joins, and the estimate stands in for it)."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    return value if type(value) is int and 0 <= value <= USAGE_MAX else None
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # a request's
@@ -3524,21 +3555,31 @@ def stated_output(obj: dict) -> tuple[int | None, int]:
 
 
 class Price:
-    """USD per million tokens for one model family."""
+    """USD per million tokens for one model family. Audio tokens have prices of their own, which
+    no built-in entry holds: a call that reports them costs null unless the config gives both."""
     __slots__ = PRICE_FIELDS
 
     def __init__(self, input: float, output: float, cache_write_5m: float | None = None,
-                 cache_write_1h: float | None = None, cache_read: float | None = None) -> None:
+                 cache_write_1h: float | None = None, cache_read: float | None = None,
+                 audio_input: float | None = None, audio_output: float | None = None) -> None:
         self.input = input
         self.output = output
         self.cache_write_5m = input * 1.25 if cache_write_5m is None else cache_write_5m
         self.cache_write_1h = input * 2.0 if cache_write_1h is None else cache_write_1h
         self.cache_read = input * 0.1 if cache_read is None else cache_read
+        self.audio_input = audio_input
+        self.audio_output = audio_output
 
-    def cost(self, u: Usage) -> float:
-        return (u.input * self.input + u.output * self.output
+    def cost(self, u: Usage) -> float | None:
+        cost = (u.input * self.input + u.output * self.output
                 + u.cache_write_5m * self.cache_write_5m + u.cache_write_1h * self.cache_write_1h
-                + u.cache_read * self.cache_read) / 1_000_000
+                + u.cache_read * self.cache_read) / 1_000_000 + u.web_searches * WEB_SEARCH_USD
+        if u.audio_in or u.audio_out:  # (counted in input and output at text rates so far)
+            if self.audio_input is None or self.audio_output is None:
+                return None
+            cost += (min(u.audio_in, u.input) * (self.audio_input - self.input)
+                     + min(u.audio_out, u.output) * (self.audio_output - self.output)) / 1e6
+        return cost
 
 
 # Built-in list prices (USD per million tokens): input, output, cache write 5m, cache write 1h,
@@ -3608,16 +3649,24 @@ BUILTIN_PRICES = (
     ("o1-mini", 1.1, 4.4, 1.1, 1.1, 0.55),
     ("o1", 15, 60, 15, 15, 7.5),
     ("o3-pro", 20, 80, 20, 20, 20),
+    ("o3-deep-research", 10, 40, 10, 10, 2.5),
+    ("o4-mini-deep-research", 2, 8, 2, 2, 0.5),
     ("o3-mini", 1.1, 4.4, 1.1, 1.1, 0.55),
     ("o3", 2, 8, 2, 2, 0.5),
     ("o4-mini", 1.1, 4.4, 1.1, 1.1, 0.275),
     ("gpt-4-turbo", 10, 30, 10, 10, 10),
+    ("gpt-3.5-turbo-instruct", 1.5, 2, 1.5, 1.5, 1.5),
     ("gpt-3.5-turbo", 0.5, 1.5, 0.5, 0.5, 0.5),
     ("text-embedding-3-small", 0.02, 0, 0.02, 0.02, 0.02),  # (input only)
     ("text-embedding-3-large", 0.13, 0, 0.13, 0.13, 0.13),
     ("text-embedding-ada-002", 0.1, 0, 0.1, 0.1, 0.1),
 )
 _MODEL_BOUNDARY = "-@:[_"  # a prefix must end where the id's next part begins
+# Words that make a variant with prices of its own (audio, realtime, per-call fees, a longer
+# context): after a family's prefix they stop the id taking the family's price (null instead,
+# unless an entry names the variant), so gpt-4o-realtime-preview is never priced as gpt-4o.
+_PRICED_APART = re.compile(r"[-_.](?:realtime|audio|transcribe|tts|instruct|deep-research|"
+                           r"search|computer-use|image|16k|32k)(?![a-z])")
 
 
 class PriceTable:
@@ -3651,7 +3700,9 @@ class PriceTable:
             if len(prefix) > len(best) and model.startswith(prefix) and (
                     len(model) == len(prefix) or model[len(prefix)] in _MODEL_BOUNDARY):
                 best = prefix
-        return self.prices[best] if best else None
+        if not best or _PRICED_APART.search(model, len(best) - 1):
+            return None
+        return self.prices[best]
 
     def cost(self, model: str, usage: Usage) -> float | None:
         """USD for the usage; None (not 0) when the model has no price, warned once per model."""
@@ -3664,7 +3715,12 @@ class PriceTable:
                 if self._warn is not None:
                     self._warn(model)
             return None
-        return price.cost(usage)
+        cost = price.cost(usage)
+        if cost is None and model not in self._warned and len(self._warned) < 1024:
+            self._warned.add(model)  # (audio tokens, which the entry has no price for)
+            if self._warn is not None:
+                self._warn(model)
+        return cost
 
 
 _DELTA_TEXT_RE = re.compile(
@@ -3740,6 +3796,8 @@ class StreamMeter:
                         if isinstance(msg, dict):
                             self.model = str(msg.get("model") or self.model)
                             self.usage.apply_anthropic(msg.get("usage"))
+                            self.usage.sides &= ~OUTPUT_SIDE  # (a placeholder: 1 or so; the
+                            # count comes with message_delta, estimated if it never does)
                     else:
                         self.usage.apply_anthropic(obj.get("usage"))
                         delta = obj.get("delta")
@@ -3797,7 +3855,7 @@ class StreamMeter:
                     self.errors += 1
                 if has_usage and isinstance(obj.get("usage"), dict):
                     self.usage.apply_openai(obj["usage"])
-                    if self.drop_usage_chunk and obj.get("choices") == []:
+                    if self.drop_usage_chunk and not obj.get("choices"):  # ([] or null)
                         return False
         if not self.responses:
             self._keep_text(raw)
@@ -5022,7 +5080,7 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
 
 # OpenAI calls whose text is a bare prompt: path -> its member (a string, or a list of strings;
 # token-id arrays carry no text to screen)
-_PROMPT_MEMBERS = types.MappingProxyType({EMBEDDINGS_PATH: "input", "/v1/completions": "prompt",
+_PROMPT_MEMBERS = types.MappingProxyType({EMBEDDINGS_PATH: "input", COMPLETIONS_PATH: "prompt",
                                           "/v1/moderations": "input"})
 
 
@@ -8957,16 +9015,32 @@ class ResponseRelay:
         if isinstance(obj, dict) and obj.get("object") == "response" and not usage.reported \
                 and obj.get("status") in ("queued", "in_progress"):
             usage = self._background_estimate(ctx)
-        if not usage.reported and (ctx.req.path in ACCOUNTED_PATHS or self._responses_call(ctx)
-                                   or ctx.req.path == EMBEDDINGS_PATH):  # (as streamed)
-            usage.input = estimate_request_tokens(ctx.obj)
+        if ctx.req.path == EMBEDDINGS_PATH and usage.sides:
+            usage.sides |= OUTPUT_SIDE  # (it has none to state)
+        if usage.sides != INPUT_SIDE | OUTPUT_SIDE and (
+                usage.reported or self._answers(ctx) or ctx.req.path == EMBEDDINGS_PATH):
             answer = obj.get("response", obj) if isinstance(obj, dict) else None
-            usage.output = estimate_tokens(answer_text(
+            self._estimate_sides(ctx, usage, lambda: estimate_tokens(answer_text(
                 answer.get("content", answer.get("choices", answer.get("output")))
-                if isinstance(answer, dict) and ctx.req.path != EMBEDDINGS_PATH else None))
-            usage.estimated = True
+                if isinstance(answer, dict) and ctx.req.path != EMBEDDINGS_PATH else None)))
         ctx.usage = usage
         ctx.cost = self.prices.cost(ctx.model, usage)
+
+    def _answers(self, ctx: Context) -> bool:
+        """A call answered now whose usage is recorded (estimated if the provider says none)."""
+        return ctx.req.path in ACCOUNTED_PATHS or self._responses_call(ctx) \
+            or ctx.req.path == COMPLETIONS_PATH and ctx.req.method == "POST"
+
+    @staticmethod
+    def _estimate_sides(ctx: Context, usage: Usage, output) -> None:
+        """Estimates what the provider left out: its input from the request, its output (never
+        below a count it stated: streamed Anthropic usage states one at the start) by calling
+        output()."""
+        if not usage.sides & INPUT_SIDE:
+            usage.input = estimate_request_tokens(ctx.obj)
+        if not usage.sides & OUTPUT_SIDE:
+            usage.output = max(usage.output, output())
+        usage.estimated = True
 
     @staticmethod
     def _responses_call(ctx: Context) -> bool:
@@ -9194,11 +9268,9 @@ class ResponseRelay:
             return  # shows usage billed when the answer was made
         if not usage.reported and self._background(ctx):  # left before it ended: it goes on
             usage = self._background_estimate(ctx)  # (and is billed) at the provider
-        if ctx.req.path in ACCOUNTED_PATHS or usage.reported or self._responses_call(ctx):
-            if not usage.reported:
-                usage.input = estimate_request_tokens(ctx.obj)
-                usage.output = meter.estimate_output()
-                usage.estimated = True
+        if usage.reported or self._answers(ctx):
+            if usage.sides != INPUT_SIDE | OUTPUT_SIDE:
+                self._estimate_sides(ctx, usage, meter.estimate_output)
             elif ctx.outcome != "ok" and not meter.complete:
                 guess = meter.estimate_output()
                 if guess > usage.output:  # generated before the cut, not yet reported
@@ -9751,6 +9823,7 @@ class Proxy(ResponseRelay, RequestLog):
         body = req.body
         accounted = req.method == "POST" and req.path in ACCOUNTED_PATHS
         checked = accounted or req.method == "POST" and req.path in SIDE_CALL_PATHS
+        metered = accounted or req.method == "POST" and req.path == COMPLETIONS_PATH
         obj = None
         if checked or (body[:1] == b"{" and req.method == "POST"):
             if checked and body[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM: not forwarded
@@ -9773,7 +9846,7 @@ class Proxy(ResponseRelay, RequestLog):
             model = obj.get("model")
             ctx.model = model if isinstance(model, str) else ""
             ctx.streaming = obj.get("stream") is True
-            if accounted and ctx.api == API_OPENAI and ctx.streaming:
+            if metered and ctx.api == API_OPENAI and ctx.streaming:  # (usage is asked for)
                 opts = obj.get("stream_options")
                 if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                     opts = dict(opts) if isinstance(opts, dict) else {}
