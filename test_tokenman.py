@@ -4674,6 +4674,80 @@ class TestCacheStage(ProxyTestCase):
             req, stream=True, stream_options={"include_usage": True}), O_HEADERS)
         self.assertEqual(assemble_openai(again.body)["usage"], usage)
 
+    async def test_an_error_sent_with_200_is_not_an_answer(self):
+        # OpenRouter answers 200 {"error": ...} when a model fails mid-way: it was recorded ok,
+        # billed at an estimate, cached, and replayed (as an empty stream) for the whole TTL
+        bodies = {"/v1/chat/completions": {"error": {"message": "provider error", "code": 502}},
+                  "/v1/messages": {"type": "error", "error": {"type": "api_error",
+                                                              "message": "provider error"}}}
+        self.up.handler = lambda rec, r, w: json_reply(w, bodies[rec.target.decode()])
+        await self.start_proxy()
+        for n, (path, req, headers) in enumerate((
+                ("/v1/chat/completions", OPENAI_REQ, O_HEADERS),
+                ("/v1/messages", ANTHROPIC_REQ, A_HEADERS))):
+            for _ in range(2):
+                resp = await http(self.port, "POST", path, dict(req, temperature=0), headers)
+                self.assertEqual((resp.status, resp.headers["x-tokenman-cache"]), (200, "MISS"))
+                self.assertEqual(resp.json(), bodies[path])
+            rows = await self.rows(2 * n + 2)
+            for row in rows[2 * n:]:
+                self.assertEqual((row["outcome"], row["estimated"], row["output_tokens"]),
+                                 ("upstream_error", 0, 0), path)
+                self.assertIn("provider error", row["error_message"])
+        self.assertEqual(len(self.up.requests), 4)
+
+    async def test_the_key_holds_routing_query_and_opt_out(self):
+        # a fallback model's answer was kept for the request (its own model served the stand-in
+        # for the TTL once it recovered); a reload changing model_map, a query string the
+        # provider reads (?beta=true, Azure's api-version), and X-Tokenman-No-Compress (an
+        # answer made on a rewritten history) all hit the old answer
+        failing = {"on": True}
+
+        async def handler(rec, r, w):
+            model = rec.json()["model"]
+            if model == "claude-sonnet-4-5-20250929" and failing["on"]:
+                await json_reply(w, {"type": "error", "error": {"type": "api_error",
+                                                                "message": "down"}}, 500)
+            else:
+                await json_reply(w, dict(anthropic_fixture("text")[1], model=model))
+        self.up.handler = handler
+        await self.start_proxy({"resilience": {"retry_enabled": False}, "routing": {
+            "fallback_models": {"claude-sonnet-4-5-20250929": ["claude-haiku-4-5"]}}})
+        req = dict(ANTHROPIC_REQ, temperature=0)
+        first = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(first.json()["model"], "claude-haiku-4-5")
+        await self.rows(1)
+        failing["on"] = False
+        again = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual((again.headers["x-tokenman-cache"], again.json()["model"]),
+                         ("MISS", "claude-sonnet-4-5-20250929"))
+        await self.rows(2)
+        calls = len(self.up.requests)
+        hit = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+        self.assertEqual(hit.headers["x-tokenman-cache"], "HIT")
+        for path, headers in (("/v1/messages?beta=true", A_HEADERS),
+                              ("/v1/messages", dict(A_HEADERS, **{
+                                  "X-Tokenman-No-Compress": "1"})),
+                              ("/v1/messages", dict(A_HEADERS, **{"Pragma": "no-cache"})),
+                              ("/v1/messages", dict(A_HEADERS, **{
+                                  "Cache-Control": "max-age=0"}))):
+            other = await http(self.port, "POST", path, req, headers)
+            self.assertEqual(other.headers["x-tokenman-cache"], "MISS", (path, headers))
+        self.assertEqual(len(self.up.requests), calls + 4)
+
+    async def test_empty_tool_calls_lists_are_cached(self):
+        # vLLM writes "tool_calls": [] in every message: its answers were never cached
+        body = dict(openai_fixture("text")[1])
+        body["choices"] = [dict(body["choices"][0], message=dict(
+            body["choices"][0]["message"], tool_calls=[], function_call=None))]
+        self.up.handler = lambda rec, r, w: json_reply(w, body)
+        await self.start_proxy()
+        req = dict(OPENAI_REQ, temperature=0)
+        await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        await self.rows(1)
+        hit = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(hit.headers["x-tokenman-cache"], "HIT")
+
     async def test_every_credential_header_and_org_is_part_of_the_key(self):
         # an Azure-style client sends its key as api-key: it was not in the key, so another
         # caller (a wrong key, none at all) got the first caller's answer from the cache; the
@@ -6662,6 +6736,27 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         small = claude_code_request(big=False)
         ctx, sent = await self.run_stage(stage, small)
         self.assertEqual(ctx.changes, {})  # below the minimum cacheable length: untouched
+
+    async def test_a_client_mark_spelled_with_escapes_is_seen(self):
+        # the client's cache_control was found by a byte search: written "cache\u005fcontrol"
+        # (the same key once parsed) tokenman added three more (7 breakpoints, a 400 from
+        # Anthropic) and overwrote a 1h mark on the last block with its own 5m one
+        stage = tm.CacheHints(tm.config_from_dict({}, {}))
+        obj = claude_code_request()
+        obj["messages"][-1]["content"] = [{"type": "text", "text": "go on",
+                                           "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+        ctx = self.ctx_for(obj)
+        ctx.req.body = ctx.req.body.replace(b'"cache_control"', b'"cache\\u005fcontrol"')
+        self.assertNotIn(b'"cache_control"', ctx.req.body)
+        ctx.obj = json.loads(ctx.req.body)
+        stage.request(ctx)
+        self.assertEqual(ctx.changes, {})
+        ctx = self.ctx_for(claude_code_request())  # a value that is the bare word is no mark
+        ctx.obj["metadata"] = {"note": "cache_control"}
+        ctx.req.body = json.dumps(ctx.obj).encode()
+        stage.request(ctx)
+        self.assertGreaterEqual(len(breakpoints(json.loads(tm.json_patch(ctx.req.body,
+                                                                         ctx.changes)))), 2)
 
     async def test_cache_hints_rules_hold_for_generated_requests(self):
         import random

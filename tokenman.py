@@ -3954,6 +3954,13 @@ def _error_text(obj: object) -> str:
     return f"{kind}: {message}" if kind else message
 
 
+def _is_error_body(obj: dict) -> bool:
+    """A whole body that is an error in either API's shape, not an answer (which may carry
+    `"error": null`, or a failed Responses API call's error beside its output)."""
+    return obj.get("type") == "error" or bool(obj.get("error")) and not any(
+        key in obj for key in ("choices", "content", "output", "data"))
+
+
 def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
     """Usage and model from a whole (non-streamed) response body."""
     usage = Usage()
@@ -5260,6 +5267,9 @@ _KEYED_HEADERS = (b"anthropic-version", b"anthropic-beta", b"openai-beta",  # pa
                   b"openai-organization", b"openai-project")  # (whose data, settings, models)
 # a client's own credential, in any of the headers a provider takes it from (Azure: api-key)
 _CREDENTIAL_HEADERS = (b"x-api-key", b"authorization", b"api-key")
+_MAX_AGE_0 = re.compile(rb"(?:^|[,\s])max-age\s*=\s*\"?0+\"?(?:$|[,\s])")  # nothing stored is fresh
+# an answer that calls a tool (not vLLM's empty "tool_calls": [] in every message)
+_CALLS_TOOL = re.compile(rb'"tool_use"|"(?:tool_calls|function_call)"\s*:\s*[\[{]\s*[^\s\]]')
 # (not request-id / x-request-id: a hit answers with its own X-Request-Id, and the provider's id
 # belongs to the request that filled the cache)
 
@@ -5297,8 +5307,10 @@ class ResponseCache(Stage):
             cred = b"\x00".join(headers.get(name, b"") for name in _CREDENTIAL_HEADERS)
             tenant += ":" + hashlib.sha256(cred).hexdigest()[:16]
         digest = hashlib.sha256()
-        for part in (ctx.api, ctx.req.path, tenant):
-            digest.update(part.encode() + b"\x00")
+        planned = ctx.plan[0][1] if ctx.plan else ""  # where it goes, as routed now (a
+        for part in (ctx.api, ctx.req.path, ctx.req.query, tenant, ctx.provider, planned,  # map
+                     "raw" if no_compress(ctx) else ""):  # changed by a reload: not the old
+            digest.update(part.encode() + b"\x00")  # answer), and what the stages rewrote
         headers = ctx.req.headers.map
         for name in _KEYED_HEADERS:  # an API version or beta changes what the model does
             digest.update(headers.get(name, b"") + b"\x00")
@@ -5312,11 +5324,14 @@ class ResponseCache(Stage):
         return self._lookup(ctx)
 
     async def _lookup(self, ctx: Context) -> Reply | None:
-        control = ctx.req.headers.map.get(b"cache-control", b"").lower()
+        headers = ctx.req.headers.map
+        control = headers.get(b"cache-control", b"").lower()
+        if not control and b"no-cache" in headers.get(b"pragma", b"").lower():
+            control = b"no-cache"  # (RFC 9111 5.4: Pragma without Cache-Control)
         key = self.key(ctx)
         ctx.notes["cache"] = None if b"no-store" in control else key
         ctx.headers_out.append((b"X-Tokenman-Cache", b"MISS"))
-        if b"no-cache" in control:
+        if b"no-cache" in control or _MAX_AGE_0.search(control):
             return None
         entry = self.memory.get(key)
         now = self.clock()
@@ -5374,10 +5389,9 @@ class ResponseCache(Stage):
         key = ctx.notes.get("cache")
         body = ctx.upstream_body
         if not key or ctx.cache_hit or ctx.outcome != "ok" or not replayable(ctx, body) \
-                or len(body) > self.cfg.max_entry_bytes:
-            return
-        if not self.cfg.tool_use and (b'"tool_use"' in body or b'"tool_calls"' in body
-                                      or b'"function_call"' in body):  # (legacy functions)
+                or len(body) > self.cfg.max_entry_bytes or "stand_in" in ctx.notes:
+            return  # (a fallback's answer stands in for the request's own: not kept for it)
+        if not self.cfg.tool_use and _CALLS_TOOL.search(body):
             return
         u = ctx.usage
         now = self.clock()
@@ -7159,6 +7173,17 @@ class RateLimiter(Stage):
 
 # -- token savings: prompt-cache hints, lossless compression, history window, heartbeat ---------
 
+def has_member(obj: object, name: str, depth: int = 0) -> bool:
+    """Whether any object inside has a member `name` (a parsed body: however it was spelled)."""
+    if depth > 64:
+        return False
+    if isinstance(obj, dict):
+        return name in obj or any(isinstance(v, (dict, list)) and has_member(v, name, depth + 1)
+                                  for v in obj.values())
+    return isinstance(obj, list) and any(isinstance(v, (dict, list)) and has_member(
+        v, name, depth + 1) for v in obj)
+
+
 def no_compress(ctx: Context) -> bool:
     """The client opted out of rewriting stages for this request."""
     return ctx.req.headers.map.get(b"x-tokenman-no-compress", b"").strip() in (b"1", b"true")
@@ -7177,6 +7202,11 @@ def cache_minimum(model: str) -> int:
                 CACHE_MINIMUM_ANY)
 
 
+# an escaped letter of "cache_control" (c a h e _ o n t r l): rare in real text, where only
+# quotes, controls and non-ASCII are escaped
+_ESCAPED_NAME = re.compile(rb"\\u00(?:6[1358cCeEfF]|5[fF]|7[24])")
+
+
 class CacheHints(Stage):
     """Adds Anthropic prompt-cache breakpoints (end of tools, end of system, last message) to
     requests that carry no cache_control anywhere, each only when the prefix before it reaches
@@ -7192,9 +7222,11 @@ class CacheHints(Stage):
 
     def request(self, ctx: Context) -> Reply | None:
         obj = ctx.obj
-        if not self.cfg.enabled or ctx.api != API_ANTHROPIC or b'"cache_control"' in \
-                ctx.req.body:
-            return None
+        body = ctx.req.body
+        if not self.cfg.enabled or ctx.api != API_ANTHROPIC or (
+                b'"cache_control"' in body or _ESCAPED_NAME.search(body)) \
+                and has_member(obj, "cache_control"):
+            return None  # (the name may be written with escapes: the parsed body is asked)
         if len(ctx.req.body) // 3 < CACHE_MINIMUM_ANY:  # the whole prompt is too short to cache
             return None
         minimum = cache_minimum(ctx.model)
@@ -8605,6 +8637,8 @@ class Dispatcher:
                         break
                 ctx.attempts += 1
                 ctx.provider = prov.key
+                if index:
+                    ctx.notes["stand_in"] = True  # (a later step of the plan answers)
                 started = time.perf_counter()
                 failed = ""  # the attempt's error, for its span
                 if ctx.trace is not None:
@@ -9017,6 +9051,10 @@ class ResponseRelay:
             usage = self._background_estimate(ctx)
         if ctx.req.path == EMBEDDINGS_PATH and usage.sides:
             usage.sides |= OUTPUT_SIDE  # (it has none to state)
+        if isinstance(obj, dict) and _is_error_body(obj):  # an error sent with a 200 (as
+            ctx.outcome = "upstream_error"  # OpenRouter does when a model fails mid-way): no
+            ctx.error = redact_secrets(_error_text(obj)[:500]) or "error body"  # answer to
+            usage.sides |= INPUT_SIDE | OUTPUT_SIDE  # estimate, bill or cache
         if usage.sides != INPUT_SIDE | OUTPUT_SIDE and (
                 usage.reported or self._answers(ctx) or ctx.req.path == EMBEDDINGS_PATH):
             answer = obj.get("response", obj) if isinstance(obj, dict) else None
