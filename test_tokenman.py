@@ -583,6 +583,39 @@ class TestUtilities(unittest.TestCase):
         self.assertEqual([s["name"] for s in spans], ["GET /v1/x", "middleware.pii.request"])
         self.assertEqual(spans[1]["parentSpanId"], spans[0]["spanId"])
 
+    def test_a_stalled_stdout_never_stops_the_loop(self):
+        # the stdout exporter wrote on the event loop: a reader that stopped reading (a pipe
+        # to a stalled process) froze every request
+        import contextlib
+        import threading
+        cfg = tm.config_from_dict({"tracing": {"enabled": True, "exporter": "stdout"}}, {})
+        tracer = tm.Tracer(cfg.tracing, tm.Logger("fatal"), rng=lambda: 0.0)
+        req = tm.parse_request_head(head("GET /v1/x HTTP/1.1", "Host: a"))
+        req.t0 = time.perf_counter()
+        tracer.finish(tracer.start(req), "GET /v1/x", req.t0 + 0.002, False)
+
+        class Stalled:
+            gate = threading.Event()
+            text = []
+
+            def write(self, text):
+                self.gate.wait(WAIT)
+                self.text.append(text)
+
+            def flush(self):
+                pass
+
+        async def scenario():
+            out = Stalled()
+            with contextlib.redirect_stdout(out):
+                task = asyncio.ensure_future(tracer.flush(None, None))
+                with self.assertRaises(TimeoutError):  # (the loop runs while it waits)
+                    await asyncio.wait_for(asyncio.shield(task), 0.05)
+                out.gate.set()
+                await task
+            return out.text
+        self.assertIn("GET /v1/x", "".join(asyncio.run(scenario())))
+
     def test_logger_formats_only_enabled_levels(self):
         import io
         out = io.StringIO()
@@ -7304,9 +7337,16 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual((await http(port, "GET", "/api/stats/history?range=zz")).status, 400)
         most = (await http(port, "GET", "/api/requests?limit=100000")).json()
         self.assertEqual(most["limit"], 500)  # the most, not the default of 50
-        for query in ("page=100000000000000000000", "status=99999999999999999999999",
-                      "status=%C2%B2"):  # (past SQLite's integers: the connection was dropped)
-            self.assertEqual((await http(port, "GET", "/api/requests?" + query)).status, 200)
+        far = await http(port, "GET", "/api/requests?page=100000000000000000000")
+        self.assertEqual(far.status, 200)  # (past SQLite's integers: the connection was dropped)
+        for query in ("status=99999999999999999999999", "status=%C2%B2", "status=-1",
+                      "limit=-5", "limit=0", "limit=xyz", "limit=%00", "page=-1", "page=abc",
+                      "limit=1e23"):  # (each was replaced by a default, or matched as an
+            with self.subTest(query=query):  # outcome, silently)
+                bad = await http(port, "GET", "/api/requests?" + query)
+                self.assertEqual(bad.status, 400)
+                self.assertIn("invalid", bad.json()["error"])
+        self.assertEqual((await http(port, "GET", "/api/projects?limit=0")).status, 400)
         page = (await http(port, "GET", "/api/requests?limit=2&page=1")).json()
         self.assertEqual((page["page"], page["limit"], page["total"], len(page["requests"])),
                          (1, 2, 5, 2))
@@ -7576,6 +7616,40 @@ class TestTracing(ProxyTestCase):
             self.assertGreater(int(span["startTimeUnixNano"]), 1_600_000_000 * 10**9)
         tokens = {a["key"]: a["value"] for a in server["attributes"]}
         self.assertEqual(tokens["http.response.status_code"], {"intValue": "200"})
+
+    async def test_a_collector_that_stalls_mid_answer_leaves_no_socket(self):
+        # the collector sent its head and part of its body, then held the connection: the
+        # export failed (after its timeout) but the socket stayed open, one more each time
+        async def stall(rec, r, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{")
+            await w.drain()
+            await r.read()  # (until tokenman closes it)
+            return False
+        collector = await FakeUpstream(stall).start()
+        self.addAsyncCleanup(collector.stop)
+        await self.start_proxy({"tracing": {"enabled": True,
+                                            "endpoint": collector.base + "/v1/traces"}})
+        tracer = self.app.tracer
+        tracer.export_timeout = 0.2
+        await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        await self.rows()
+        await tracer.flush(self.app.pool, tm.Origin(collector.base + "/v1/traces"))
+        await asyncio.wait_for(collector.closed_event.wait(), WAIT)
+        self.assertEqual((collector.connections, collector.closed), (1, 1))
+        self.assertGreater(tracer.dropped, 0)
+
+    async def test_model_names_past_the_limit_are_refused(self):
+        # a 1 MB model name became a label (14 lines of /metrics each), a span attribute and a
+        # log field: 20 such requests made /metrics 210 MB and stalled the loop for seconds
+        await self.start_proxy()
+        resp = await http(self.port, "POST", "/v1/chat/completions",
+                          dict(OPENAI_REQ, model="A" * 100_000), O_HEADERS)
+        self.assertEqual(resp.status, 400)
+        self.assertIn("longer than 256", resp.json()["error"]["message"])
+        ok = await http(self.port, "POST", "/v1/chat/completions",
+                        dict(OPENAI_REQ, model="m" * 256), O_HEADERS)
+        self.assertEqual(ok.status, 200)
+        self.assertEqual(len(self.up.requests), 1)
 
     async def test_invalid_traceparents_are_ignored_and_attempts_carry_their_status(self):
         # W3C Trace Context: all-zero trace or parent ids are invalid, as if no header came (an

@@ -211,6 +211,8 @@ MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input
                          "input_file"))
 MEDIA_PART_TOKENS = 1_600
 DOCUMENT_MAX_TOKENS = 300_000
+MODEL_NAME_MAX = 256  # characters in a model id a request may name (the longest real ones,
+# fine-tuned ids and cloud ARNs, are under 200): each becomes a label, a span, a log field
 USAGE_MAX = 1_000_000_000  # a provider's token count past this is taken as garbage (the largest
 # context windows are a few million tokens; a batch's usage is per request)
 WEB_SEARCH_USD = 0.01  # Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
@@ -3794,7 +3796,8 @@ class StreamMeter:
                     if name == b"message_start":
                         msg = obj.get("message")
                         if isinstance(msg, dict):
-                            self.model = str(msg.get("model") or self.model)
+                            self.model = str(msg.get("model") or self.model)[
+                                :MODEL_NAME_MAX]  # (a provider's id, as a request's is)
                             self.usage.apply_anthropic(msg.get("usage"))
                             self.usage.sides &= ~OUTPUT_SIDE  # (a placeholder: 1 or so; the
                             # count comes with message_delta, estimated if it never does)
@@ -3844,7 +3847,7 @@ class StreamMeter:
             if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
                 self._on_response(obj)  # the Responses API: a response.* event
             elif isinstance(obj, dict):
-                self.model = self.model or str(obj.get("model") or "")
+                self.model = self.model or str(obj.get("model") or "")[:MODEL_NAME_MAX]
                 if obj.get("error"):
                     self.error = _error_text(obj) or "error event"
                     self.error_status = error_status(obj["error"])
@@ -3867,7 +3870,7 @@ class StreamMeter:
         """response.created / .in_progress / .completed / .incomplete / .failed: the model,
         the usage (on the final one) and how the answer ended are inside `response`."""
         resp = obj["response"]
-        self.model = self.model or str(resp.get("model") or "")
+        self.model = self.model or str(resp.get("model") or "")[:MODEL_NAME_MAX]
         if isinstance(resp.get("usage"), dict):
             self.usage.apply_openai(resp["usage"])
         kind = obj.get("type")
@@ -3967,7 +3970,7 @@ def usage_from_body(api: str, obj: object) -> tuple[Usage, str]:
     model = ""
     if isinstance(obj, dict):
         usage.apply(api, obj.get("usage"))
-        model = str(obj.get("model") or "")
+        model = str(obj.get("model") or "")[:MODEL_NAME_MAX]
     return usage, model
 
 
@@ -4724,6 +4727,7 @@ class Tracer:
         self.dropped = 0
         self.exported = 0
         self.max_queue = 4096
+        self.export_timeout = 10.0  # seconds for the collector's whole answer
 
     def start(self, req: Request) -> Trace | None:
         """A Trace for this request when it is sampled (the client's decision wins)."""
@@ -4777,23 +4781,35 @@ class Tracer:
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(512, len(self.queue)))]
             body = self.payload(batch)
-            if origin is None:
-                sys.stdout.write(body.decode() + "\n")
-                self.exported += len(batch)
-                continue
             try:
+                if origin is None:  # (in a thread: a reader that stalls never stops the loop)
+                    await asyncio.to_thread(_write_line, sys.stdout, body.decode() + "\n")
+                    self.exported += len(batch)
+                    continue
                 resp = await pool.request(origin, "POST", origin.target(""),
                                           [(b"Content-Type", b"application/json")], body,
-                                          5.0, 10.0)
-                await resp.body.read_all(1024 * 1024, asyncio.get_running_loop().time() + 10)
+                                          5.0, self.export_timeout)
+                try:
+                    await resp.body.read_all(1024 * 1024, asyncio.get_running_loop().time()
+                                             + self.export_timeout)
+                except BaseException:
+                    resp.close()  # (a collector that stalls mid-answer: not a socket leaked)
+                    raise
                 resp.release()
                 if resp.status >= 300:
                     raise UpstreamError(f"collector answered {resp.status}")
                 self.exported += len(batch)
-            except (UpstreamError, TimeoutError, ConnectionGone, HeadTooLarge, ValueError) as exc:
+            except (UpstreamError, TimeoutError, ConnectionGone, HeadTooLarge, ValueError,
+                    OSError) as exc:
                 self.dropped += len(batch)
-                self.log.warn("trace export failed", spans=len(batch), error=str(exc))
+                self.log.warn("trace export failed", spans=len(batch),
+                              error=f"{type(exc).__name__}: {exc}")
                 return
+
+
+def _write_line(stream, text: str) -> None:
+    stream.write(text)
+    stream.flush()
 
 
 # ================================================================================================
@@ -9883,6 +9899,8 @@ class Proxy(ResponseRelay, RequestLog):
             ctx.obj = obj
             model = obj.get("model")
             ctx.model = model if isinstance(model, str) else ""
+            if len(ctx.model) > MODEL_NAME_MAX:
+                raise HTTPError(400, f"model is longer than {MODEL_NAME_MAX} characters")
             ctx.streaming = obj.get("stream") is True
             if metered and ctx.api == API_OPENAI and ctx.streaming:  # (usage is asked for)
                 opts = obj.get("stream_options")
@@ -9893,9 +9911,10 @@ class Proxy(ResponseRelay, RequestLog):
                     ctx.drop_usage_chunk = True
         elif req.method == "POST" and b"multipart/form-data" in req.headers.map.get(
                 b"content-type", b"").lower():  # (an audio transcription names its model
-            ctx.model = form_field(body, b"model")  # in a form field: for routing and the row)
+            ctx.model = form_field(body, b"model")[:MODEL_NAME_MAX]  # in a form field: for
+            # routing and the row)
         elif req.query and is_websocket(req):  # (a Realtime session, in its query string)
-            ctx.model = urllib.parse.parse_qs(req.query).get("model", [""])[0][:200]
+            ctx.model = urllib.parse.parse_qs(req.query).get("model", [""])[0][:MODEL_NAME_MAX]
         routing = self.cfg.routing
         pairs = self.router.plan(ctx.api, ctx.model, routing.fallback_enabled,
                                  routing.fallback_models.get(ctx.model, ()),
@@ -10095,15 +10114,16 @@ def request_detail(row: sqlite3.Row) -> dict:
 
 
 def _page(query: dict, default: int = 50) -> tuple[int, int]:
-    try:
-        page = min(max(1, int(query.get("page", ["1"])[0])), 10**9)  # (SQLite's integers)
-    except ValueError:
-        page = 1
-    try:
-        limit = int(query.get("limit", [str(default)])[0])
-    except ValueError:
-        limit = default
-    return page, default if limit < 1 else min(limit, _PAGE_LIMIT)  # (more: the most)
+    """`page` (from 1) and `limit` of a dashboard query (a larger limit is _PAGE_LIMIT, the
+    most); a value that is not a whole number from 1 is refused with a 400 (it was silently
+    replaced)."""
+    out = []
+    for name, fallback, most in (("page", "1", 10 ** 9), ("limit", str(default), _PAGE_LIMIT)):
+        text = query.get(name, [fallback])[0]
+        if not (text.isascii() and text.isdigit() and int(text) >= 1):
+            raise HTTPError(400, f"invalid {name} parameter: expected a whole number from 1")
+        out.append(min(int(text), most))  # (past SQLite's integers: the most)
+    return out[0], out[1]
 
 
 def human_uptime(seconds: float) -> str:
@@ -10182,6 +10202,8 @@ class Dashboard:
         query = urllib.parse.parse_qs(req.query)
         try:
             status, obj = await self._api(path, query)
+        except HTTPError as exc:
+            status, obj = exc.status, {"error": exc.detail}
         except sqlite3.Error as exc:
             self.log.error("dashboard query failed", path=path, error=str(exc))
             status, obj = 500, {"error": "database error"}
@@ -10217,11 +10239,13 @@ class Dashboard:
                                (rid, rid))
             return (200, request_detail(rows[0])) if rows else \
                 (404, {"error": "request not found"})
-        if path == "/api/projects":
+        if path == "/api/projects":  # (the busiest first, a page at a time: any client can
+            page, limit = _page(query, 100)  # name a project)
             rows = await q("SELECT project, COUNT(*) AS requests, SUM(input_tokens + "
                            "cache_read_tokens + cache_write_tokens) AS tin, SUM(output_tokens) "
                            "AS tout, SUM(cost_usd) AS cost, SUM(savings_usd) AS savings FROM "
-                           "requests WHERE project != '' GROUP BY project ORDER BY requests DESC")
+                           "requests WHERE project != '' GROUP BY project ORDER BY requests DESC, "
+                           "project LIMIT ? OFFSET ?", (limit, (page - 1) * limit))
             return 200, [{"project": r["project"], "requests": r["requests"],
                           "tokens_in": r["tin"] or 0, "tokens_out": r["tout"] or 0,
                           "cost_usd": round(r["cost"] or 0.0, 8),
@@ -10252,11 +10276,14 @@ class Dashboard:
             if field in query:
                 where.append(f"{field} = ?")
                 params.append(query[field][0])
-        if "status" in query:
+        if "status" in query:  # an HTTP status, or an outcome by name
             value = query["status"][0]
-            code = value.isascii() and value.isdigit() and len(value) <= 3  # (an HTTP status;
-            where.append("status_code = ?" if code else "outcome = ?")  # a longer number was
-            params.append(int(value) if code else value)  # past SQLite's integers)
+            code = value.isascii() and value.isdigit() and len(value) == 3
+            if not code and value not in OUTCOMES:
+                raise HTTPError(400, "invalid status parameter: expected an HTTP status (3 "
+                                     f"digits) or an outcome ({', '.join(OUTCOMES)})")
+            where.append("status_code = ?" if code else "outcome = ?")
+            params.append(int(value) if code else value)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = (await self._query(f"SELECT COUNT(*) AS n FROM requests {clause}",
                                    tuple(params)))[0]["n"]
