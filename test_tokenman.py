@@ -1551,7 +1551,7 @@ class TestRelay(ProxyTestCase):
         await self.start_proxy()
         for path in ("/health", "/nope"):
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: [::1]\r\n\r\n".encode())
             writer.write_eof()
             reply = await asyncio.wait_for(reader.read(), WAIT)
             writer.close()
@@ -1878,7 +1878,7 @@ class TestRelay(ProxyTestCase):
         raw = json.dumps({"model": "gpt-4o", "input": "hi", "background": True, "stream": True,
                           "max_output_tokens": 500}).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: [::1]\r\nContent-Type: "
                      b"application/json\r\nAuthorization: Bearer k\r\nContent-Length: %d"
                      b"\r\n\r\n%s" % (len(raw), raw))
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
@@ -1972,7 +1972,7 @@ class TestRelay(ProxyTestCase):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         raw = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json"
                      b"\r\nx-api-key: k\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         self.assertNotIn(b"content-encoding", head.lower())
@@ -2241,7 +2241,7 @@ class TestRelay(ProxyTestCase):
         self.assertEqual((row["status_code"], row["outcome"], row["format"]),
                          (413, "rejected", "anthropic"))
         self.assertEqual(resp.headers["x-request-id"], row["id"])
-        big = await raw_exchange(self.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+        big = await raw_exchange(self.port, b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\n"
                                  + b"X-Pad: " + b"a" * (70 * 1024) + b"\r\n\r\n", read_all=False)
         self.assertEqual(big.status, 431)
         self.assertEqual(big.json()["type"], "error")  # Anthropic's shape, from the request line
@@ -2294,14 +2294,14 @@ class TestStreaming(ProxyTestCase):
         """A raw connection with one streamed Anthropic request written on it."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         return reader, writer
 
     async def stream(self, path, req, headers):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(req).encode()
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {len(body)}\r\n"
                      .encode() + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
                      + b"\r\n" + body)
         try:
@@ -2650,7 +2650,7 @@ class TestStreamHead(ProxyTestCase):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n"
                      b"x-api-key: k\r\n\r\n%s" % (len(body), body))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # before the gate
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
@@ -2666,8 +2666,8 @@ class TestStreamHead(ProxyTestCase):
         await self.start_proxy()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
-        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n\r\n"
-                     b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n\r\n"
+                     b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         self.assertTrue(first.startswith(b"HTTP/1.1 200"), first)
         second = await asyncio.wait_for(read_response(reader), WAIT)  # right after the head
@@ -2682,11 +2682,11 @@ class TestStreamHead(ProxyTestCase):
         await self.start_proxy()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
-        writer.write(b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n\r\n"
-                     b"GET /v1/files/file-2 HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+        writer.write(b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n\r\n"
+                     b"GET /v1/files/file-2 HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                      b"If-None-Match: \"e\"\r\n\r\n"
-                     b"DELETE /v1/files/file-3 HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n\r\n"
-                     b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                     b"DELETE /v1/files/file-3 HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n\r\n"
+                     b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n")
         for status in (204, 304, 204):
             head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
             self.assertTrue(head.startswith(b"http/1.1 %d" % status), head)
@@ -2945,7 +2945,7 @@ class TestUpstreamEdges(ProxyTestCase):
 
     NO_RETRY = {"resilience": {"retry_enabled": False}}
     _STREAMED = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-    STREAM = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: %d" \
+    STREAM = b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\nContent-Length: %d" \
              b"\r\n\r\n%s" % (len(_STREAMED), _STREAMED)
 
     async def send_raw(self, data: bytes) -> asyncio.StreamReader:
@@ -2994,7 +2994,7 @@ class TestUpstreamEdges(ProxyTestCase):
             stalled.append(sock)
             self.addCleanup(sock.close)
             data = json.dumps(body).encode() if body else b""
-            sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+            sock.sendall(b"%s %s HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                          b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
                          % (method.encode(), path.encode(), len(data), data))
             row = (await self.rows(len(stalled)))[-1]  # (never read: cut off at write_timeout)
@@ -3113,9 +3113,9 @@ class TestUpstreamEdges(ProxyTestCase):
                 await json_reply(w, {"data": []})
         self.up.handler = handler
         await self.start_proxy()
-        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                                     b"anthropic-version: 2023-06-01\r\n\r\n"
-                                    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+                                    b"GET /v1/models HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                                     b"anthropic-version: 2023-06-01\r\n\r\n")
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
         self.assertIn(b"\r\ncontent-length: 1234\r\n", head)
@@ -3126,7 +3126,7 @@ class TestUpstreamEdges(ProxyTestCase):
         self.up.handler = lambda rec, r, w: w.write(  # a compressed answer's length is not the
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip"
             b"\r\ncontent-length: 173\r\n\r\n")  # one its GET is sent with (inflated)
-        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+        reader = await self.send_raw(b"HEAD /v1/models HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                                     b"anthropic-version: 2023-06-01\r\n\r\n")
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).lower()
         self.assertNotIn(b"content-length: 173", head)
@@ -3153,7 +3153,7 @@ class TestUpstreamEdges(ProxyTestCase):
         got = await http(self.port, "GET", "/v1/files/file-1/content", headers=A_HEADERS)
         self.assertEqual((got.status, got.body), (200, big))
         reader = await self.send_raw(b"GET /v1/messages/batches/b1/results HTTP/1.1\r\n"
-                                    b"Host: x\r\nx-api-key: k\r\n\r\n")
+                                    b"Host: [::1]\r\nx-api-key: k\r\n\r\n")
         seen = b""
         while b"custom_id" not in seen:  # the first line before the provider sent the rest
             seen += await asyncio.wait_for(reader.read(65536), WAIT)
@@ -3194,7 +3194,7 @@ class TestUpstreamEdges(ProxyTestCase):
         sock.setblocking(False)
         self.addCleanup(sock.close)
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+        await loop.sock_sendall(sock, b"GET /v1/models HTTP/1.1\r\nHost: [::1]\r\n"
                                       b"x-api-key: k\r\nConnection: close\r\n\r\n")
         got = b""
         while data := await asyncio.wait_for(loop.sock_recv(sock, 131072), WAIT):
@@ -3250,7 +3250,7 @@ class TestUpstreamEdges(ProxyTestCase):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         writer.write(
-            b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\n"
+            b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: [::1]\r\n"
             b"Authorization: Bearer sk-placeholder\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\x81\x05hello")
@@ -3269,8 +3269,8 @@ class TestUpstreamEdges(ProxyTestCase):
                          ("/v1/realtime", 101, "ok", "gpt-realtime"))
         self.app.proxy.router.providers["openai"].api_key = "sk-revoked"  # a refusal: as
         refused = await raw_exchange(self.port, (  # the provider's error, then the close
-            b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
+            b"GET /v1/realtime HTTP/1.1\r\nHost: [::1]\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: [::1]\r\n\r\n"))
         self.assertTrue(refused.startswith(b"HTTP/1.1 426 "), refused[:40])
         self.assertEqual(refused.count(b"HTTP/1.1 "), 1)  # (what followed was not served)
         self.assertIn(b"\r\nConnection: close\r\n", refused)  # (and the client was told)
@@ -3780,7 +3780,7 @@ class TestResilience(ProxyTestCase):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
         body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        request = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        request = (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n"
                    b"x-api-key: k\r\nanthropic-version: 2023-06-01\r\n\r\n%s"
                    % (len(body), body))
         writer.write(request)
@@ -4058,7 +4058,7 @@ class TestResilience(ProxyTestCase):
         await self.start_proxy({"resilience": {"retry_enabled": False}})
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(dict(ANTHROPIC_REQ, stream=True)).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n"
                      b"x-api-key: k\r\nanthropic-version: 2023-06-01\r\n\r\n%s"
                      % (len(body), body))
         seen = b""
@@ -4232,7 +4232,7 @@ class TestResilience(ProxyTestCase):
         await self.start_proxy({"resilience": {"retry_max_delay_ms": 60000}})
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(ANTHROPIC_REQ).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         while not calls:
             await asyncio.sleep(0.005)
@@ -5189,6 +5189,19 @@ class TestPIIStage(ProxyTestCase):
             {"type": "text", "text": "You said: " + text}],
             "usage": {"input_tokens": 5, "output_tokens": 5}})
 
+    async def test_a_text_full_of_findings_is_screened_at_once(self):
+        # each finding was checked against every one taken before it: 20,000 e-mail addresses
+        # in one tool output (140 KB) held the event loop for 8 s, 50,000 for nearly a minute
+        await self.start_proxy()
+        text = "".join(f"u{i}@corp.io /home/u{i} " for i in range(25_000))
+        resp = await http(self.port, "POST", "/v1/chat/completions", dict(
+            OPENAI_REQ, messages=[{"role": "user", "content": text}]), O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        sent = self.up.requests[0].json()["messages"][0]["content"]
+        self.assertNotIn("@corp.io", sent)
+        self.assertNotIn("/home/", sent)
+        self.assertIn("[EMAIL_25000]", sent)
+
     async def test_end_user_ids_are_digested_not_numbered(self):
         # OpenAI's user and Anthropic's metadata.user_id (often an e-mail address) went to the
         # provider as they were; a numbered placeholder would make every user [EMAIL_1], so a
@@ -6114,10 +6127,10 @@ class TestPIIStage(ProxyTestCase):
             resp = await http(self.port, "POST", "/v1/messages", raw.encode(), A_HEADERS)
             self.assertEqual(resp.status, 400)
             self.assertIn("twice", resp.json()["error"]["message"])
-        self.assertEqual(self.up.requests, [])
         resp = await http(self.port, "POST", "/v1/files", b'{"a":1,"a":2}', A_HEADERS)
-        self.assertEqual(resp.status, 200)  # not an API request tokenman reads: passed through
-        self.assertEqual(self.up.requests[0].body, b'{"a":1,"a":2}')
+        self.assertEqual(resp.status, 400)  # a pass-through body is screened too: it was sent
+        self.assertIn("twice", resp.json()["error"]["message"])  # as it came, unscreened
+        self.assertEqual(self.up.requests, [])
 
     async def test_a_lone_surrogate_escape_survives_redaction(self):
         await self.start_proxy({"security": {"pii": {"enabled": True, "action": "redact"}}})
@@ -7428,7 +7441,7 @@ class TestDashboard(ProxyTestCase):
             probe.close()
         await self.start_proxy({"dashboard": {"bind_address": "127.0.0.2"}})
         reader, writer = await asyncio.open_connection("127.0.0.2", self.app.dashboard_port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
         reply = await asyncio.wait_for(reader.read(), WAIT)
         writer.close()
         self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
@@ -8567,7 +8580,7 @@ class TestServerHardening(ProxyTestCase):
                     body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 try:
-                    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n"
+                    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\n" + head + b"\r\n"
                                  + body)
                     await asyncio.wait_for(writer.drain(), WAIT)
                     reply = await asyncio.wait_for(reader.read(), WAIT)
@@ -8577,30 +8590,72 @@ class TestServerHardening(ProxyTestCase):
                 self.assertIn(b"server.max_body_size", reply)
         await self.assert_still_serving()
 
+    async def test_web_pages_and_odd_requests_are_kept_from_the_provider(self):
+        # a web page could post to the proxy (text/plain, no preflight) and spend with the
+        # operator's key; a page whose name was rebound to 127.0.0.1 could read the dashboard;
+        # a lowercase method or a leading blank skipped the pipeline (PII, budgets, limits);
+        # dot segments went upstream with the key, for a gateway to resolve outside its base
+        await self.start_proxy({"security": {"pii": {"enabled": True}}})
+        refused = [("POST", "/v1/chat/completions", {"Origin": "https://evil.example"}, 403),
+                   ("POST", "/v1/chat/completions", {"Origin": "null"}, 403),
+                   ("POST", "/v1/chat/completions", {"Host": "evil.example:7677"}, 403),
+                   ("post", "/v1/chat/completions", {}, 501),
+                   ("POST", "/v1/../../internal/admin", {}, 400),
+                   ("POST", "/v1/%2e%2e/admin", {}, 400),
+                   ("POST", "/v1/files%2F..%2Fadmin", {}, 400)]
+        for method, path, headers, status in refused:
+            with self.subTest(method=method, path=path, headers=headers):
+                resp = await http(self.port, method, path, OPENAI_REQ,
+                                  dict(O_HEADERS, **headers))
+                self.assertEqual(resp.status, status, resp.body[:200])
+                self.assertIn("message", resp.json()["error"])
+        rebound = await http(self.app.dashboard_port, "GET", "/api/requests",
+                             headers={"Host": "attacker.example:7678"})
+        self.assertEqual(rebound.status, 403)
+        self.assertEqual(len(self.up.requests), 0)
+        rows = await self.rows(len(refused))
+        self.assertEqual({r["outcome"] for r in rows}, {"rejected"})
+        for headers in ({"Origin": "http://localhost:3000"}, {"Host": "127.0.0.1:7677"},
+                        {"Origin": "vscode-webview://abc"}, {"Host": "[::1]:7677"}):
+            with self.subTest(headers=headers):
+                ok = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                                dict(O_HEADERS, **headers))
+                self.assertEqual(ok.status, 200)
+        body = b' \r\n{"model": "gpt-4o", "input": "mail me at ann@corp.io"}'
+        resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertNotIn(b"ann@corp.io", self.up.requests[-1].body)
+        for bad in (b' {"model": "gpt-4o", "input": "ann@corp.io", "input": 1}',
+                    b'{"model": "gpt-4o", "input": "ann@corp.io" \xff}'):
+            with self.subTest(bad=bad):
+                resp = await http(self.port, "POST", "/v1/responses", bad, O_HEADERS)
+                self.assertEqual(resp.status, 400)
+        self.assertEqual(len(self.up.requests), 5)
+
     async def test_smuggling_and_malformed_heads_get_status_and_close(self):
         await self.start_proxy({"server": {"max_body_size": 1000}})
         cases = [
             # (raw request, expected status) — RFC 9112 6.1/6.3; CL.TE and TE.CL desync
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 4\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n", 400),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked, identity"
              b"\r\n\r\n0\r\n\r\n", 501),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 1\r\n"
              b"Content-Length: 2\r\n\r\nab", 400),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: +12\r\n\r\n", 400),
-            (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n", 400),
-            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-            (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
-            (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: v\r\n" % i for i in range(101))
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: +12\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: [::1]\r\nX: a\r\n folded\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: [::1]\r\n\r\n", 414),
+            (b"GET / HTTP/1.1\r\nHost: [::1]\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nHost: [::1]\r\n" + b"".join(b"X%d: v\r\n" % i for i in range(101))
              + b"\r\n", 431),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 5000\r\n\r\n", 413),
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"800\r\n" + b"a" * 2048 + b"\r\n0\r\n\r\n", 413),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"zz\r\n", 400),
-            (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"fffffffffffffffff\r\n", 400),  # chunk-size overflow
-            (b"BREW / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+            (b"BREW / HTTP/3.0\r\nHost: [::1]\r\n\r\n", 505),
             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to plain port
         ]
         for raw, status in cases:
@@ -8615,7 +8670,7 @@ class TestServerHardening(ProxyTestCase):
     async def test_chunked_request_body_with_extensions_and_trailers(self):
         await self.start_proxy()
         body = json.dumps(ANTHROPIC_REQ).encode()
-        raw = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw = (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n"
                + b"%x;ext=1\r\n%s\r\n" % (10, body[:10]) + b"%x\r\n%s\r\n" % (len(body) - 10,
                                                                               body[10:])
                + b"0\r\nX-Trailer: y\r\n\r\n")
@@ -8626,8 +8681,9 @@ class TestServerHardening(ProxyTestCase):
     async def test_pipelined_requests_are_answered_in_order(self):
         await self.start_proxy()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n"
+                     b"GET /nope HTTP/1.1\r\nHost: [::1]\r\n\r\n"
+                     b"GET /health/ready HTTP/1.1\r\nHost: [::1]\r\n\r\n")
         statuses = [(await asyncio.wait_for(read_response(reader), WAIT)).status
                     for _ in range(3)]
         writer.close()
@@ -8637,7 +8693,7 @@ class TestServerHardening(ProxyTestCase):
         await self.start_proxy()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(ANTHROPIC_REQ).encode()
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nExpect: 100-continue\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body))
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         self.assertEqual(interim, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -8649,7 +8705,7 @@ class TestServerHardening(ProxyTestCase):
     async def test_slow_client_gets_408_and_idle_connection_is_closed(self):
         await self.start_proxy({"server": {"read_timeout": 0.2, "idle_timeout": 0.2}})
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100\r\n\r\n{")
         reply = await asyncio.wait_for(reader.read(), WAIT)  # slowloris body
         writer.close()
         self.assertTrue(reply.startswith(b"HTTP/1.1 408 "))
@@ -8667,7 +8723,7 @@ class TestServerHardening(ProxyTestCase):
         await self.start_proxy({"server": {"read_timeout": 0.2}})
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.addCleanup(writer.close)
-        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer k\r\n"
                      b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
                      % len(upload))
         for start in range(0, len(upload), 256 * 1024):  # (0.5 s in all: past read_timeout)
@@ -8688,7 +8744,8 @@ class TestServerHardening(ProxyTestCase):
             writer.close()
             sock = socket.create_connection(("127.0.0.1", self.port))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\n"
+                         b"Content-Length: 50\r\n\r\n{")
             sock.close()  # RST
         await self.assert_still_serving()
 
@@ -8856,7 +8913,7 @@ class TestHostileInput(ProxyTestCase):
         self.up.handler = fixture_handler(*anthropic_fixture("text"))
         await self.start_proxy(extra={"server": {"read_timeout": 30}})
         body = json.dumps(ANTHROPIC_REQ).encode()
-        head = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\n"
+        head = (b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\nx-api-key: k\r\n"
                 b"Content-Type: application/json\r\n")
         # a head the parser refuses (obs-fold) has its row, under the id the client got
         folded = await raw_exchange(self.port, head + b"X-A: a\r\n b\r\nContent-Length: %d"
@@ -8886,8 +8943,11 @@ class TestHostileInput(ProxyTestCase):
         self.assertTrue(expect.startswith(b"HTTP/1.1 200"), expect[:80])
         # a gzip body of two members is the two decoded; bytes after a member are refused
         half = len(body) // 2
+        empty = gzip.compress(b"")  # (past 64 members: each copied the rest of the body,
         for data, status in ((gzip.compress(body[:half]) + gzip.compress(body[half:]), 200),
-                             (gzip.compress(body) + b"GARBAGE", 400)):
+                             (gzip.compress(body) + b"GARBAGE", 400),  # and 9 MB of empty
+                             (gzip.compress(body) + empty * 63, 200),  # ones took a minute)
+                             (gzip.compress(body) + empty * 64, 400)):
             resp = await http(self.port, "POST", "/v1/messages", data,
                               dict(A_HEADERS, **{"Content-Encoding": "gzip"}))
             self.assertEqual(resp.status, status, resp.body[:200])
@@ -8954,10 +9014,10 @@ class TestHostileInput(ProxyTestCase):
     async def test_dashboard_survives_the_same_attacks(self):
         await self.start_proxy()
         dash = self.app.dashboard_port
-        for raw in (b"GET /api/stats HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        for raw in (b"GET /api/stats HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 4\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-                    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                    b"GET //evil.example/api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+                    b"GET //evil.example/api HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n",
                     b"\x00\xff\r\n\r\n"):
             with self.subTest(raw=raw[:40]):
                 reply = await raw_exchange(dash, raw)
@@ -9599,7 +9659,8 @@ class TestSubprocess(unittest.TestCase):
                     # drops PYTHON*; the variable's warning filter comes before -W's)
                     self.assertEqual(argv[-2:], ["--config", path])
                 with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
-                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: [::1]\r\n"
+                                 b"Connection: close\r\n\r\n")
                     reply = b""
                     while chunk := conn.recv(4096):
                         reply += chunk
@@ -9687,7 +9748,7 @@ class TestServerTLS(ProxyTestCase):
         for port, path in ((self.port, "/v1/messages"), (self.app.dashboard_port, "/api/stats")):
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
             body = json.dumps(ANTHROPIC_REQ).encode() if path.startswith("/v1") else b""
-            writer.write(f"{'POST' if body else 'GET'} {path} HTTP/1.1\r\nHost: x\r\n"
+            writer.write(f"{'POST' if body else 'GET'} {path} HTTP/1.1\r\nHost: [::1]\r\n"
                          f"x-api-key: k\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             resp = await asyncio.wait_for(read_response(reader), WAIT)
             writer.close()
@@ -9777,7 +9838,7 @@ class TestShutdownWithStream(ProxyTestCase):
         stalled.setblocking(False)
         await asyncio.get_running_loop().sock_connect(stalled, ("127.0.0.1", self.port))
         body = json.dumps(dict(OPENAI_REQ, stream=True)).encode()
-        stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: [::1]\r\nAuthorization: "
                      b"Bearer sk-x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         try:
             while not self.up.requests:
@@ -9807,7 +9868,7 @@ class TestShutdownWithStream(ProxyTestCase):
         stalled.setblocking(False)
         await asyncio.get_running_loop().sock_connect(stalled, ("127.0.0.1", self.port))
         body = json.dumps(OPENAI_REQ).encode()
-        stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n"
                      b"Authorization: Bearer sk-x\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         try:
