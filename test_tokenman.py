@@ -394,6 +394,7 @@ def fixture_handler(events, body, gate=None, after=None):
     return handler
 
 
+SHARED_KEYS = {"share_client_keys": True}  # (fakes on other ports are other hosts)
 ANTHROPIC_REQ = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 100,
                  "messages": [{"role": "user", "content": "Hi"}]}
 OPENAI_REQ = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
@@ -734,6 +735,27 @@ class TestConfig(unittest.TestCase):
         cfg = tm.config_from_dict({"server": {"prxy_port": 1}, "extra": {}}, {})
         self.assertTrue(any("prxy_port" in w for w in cfg.warnings))
         self.assertTrue(any("extra" in w for w in cfg.warnings))
+
+    def test_credentials_in_api_base_are_refused(self):
+        # user:password in api_base was never sent, yet shown by /api/config, /api/providers
+        # and every upstream span's upstream.url
+        with self.assertRaises(tm.ConfigError) as ctx:
+            tm.config_from_dict({"providers": {"gw": {
+                "api_base": "https://user:pw@gw.example/v1", "format": "openai"}}}, {})
+        self.assertIn("must not carry a user name or password", str(ctx.exception))
+        self.assertNotIn("pw@", str(ctx.exception))
+
+    def test_echoed_keys_are_masked(self):
+        # a provider that echoes the key it got: /api/providers showed it (log and database
+        # masked only sk- keys and bearer tokens)
+        for text, secret in (("invalid x-api-key: UPKEY-s3cr3t-9f8e", "UPKEY"),
+                             ('{"api_key": "abcd1234efgh"}', "abcd1234"),
+                             ("Authorization: Bearer UPKEY-s3cr3t", "UPKEY"),
+                             ("key=AIzaSyA1234567890abcdefghijklmnop", "567890")):
+            with self.subTest(text=text):
+                self.assertNotIn(secret, tm.redact_secrets(text))
+        self.assertEqual(tm.redact_secrets("api_error: overloaded (x-api-key)"),
+                         "api_error: overloaded (x-api-key)")
 
     def test_key_refs(self):
         with tempfile.NamedTemporaryFile("w", delete=False) as fh:
@@ -3546,7 +3568,8 @@ class TestResilience(ProxyTestCase):
         self.up.handler, calls = self.scripted([503])
         providers = {"primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
                      "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}}
-        await self.start_proxy({"resilience": self.FAST}, providers=providers)
+        await self.start_proxy({"resilience": self.FAST, "routing": SHARED_KEYS},
+                               providers=providers)
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.json()["from"], "backup")
         row = (await self.rows())[0]
@@ -3572,6 +3595,31 @@ class TestResilience(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 503)
 
+    async def test_a_clients_key_never_falls_back_to_another_host(self):
+        # the primary failing, the client's own x-api-key went to a passthrough provider on
+        # another host (a gateway run by someone else), and across formats as a Bearer token
+        # to an OpenAI-format one: only a provider with its own key (key_ref) stands in
+        other = await FakeUpstream(lambda rec, r, w: json_reply(w, dict(
+            anthropic_fixture("text")[1], model="claude-x"))).start()
+        self.addAsyncCleanup(other.stop)
+        self.up.handler = lambda rec, r, w: json_reply(w, {"type": "error", "error": {
+            "type": "overloaded_error", "message": "busy"}}, status=529)
+        providers = {"primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
+                     "gateway": {"api_base": other.base, "format": "anthropic", "priority": 2},
+                     "oai": {"api_base": other.base, "format": "openai"}}
+        await self.start_proxy({"resilience": dict(self.FAST, retry_enabled=False),
+                                "routing": {"cross_format_fallback": True}}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 529)
+        self.assertEqual(other.requests, [])
+        await self.app.stop()
+        providers["gateway"]["key_ref"] = "env:GATEWAY_KEY"
+        await self.start_proxy({"resilience": dict(self.FAST, retry_enabled=False)},
+                               env={"GATEWAY_KEY": "gw-own-key"}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(other.requests[0].headers[b"x-api-key"], b"gw-own-key")
+
     async def test_a_stream_that_opens_with_overloaded_is_retried_and_falls_back(self):
         # a 200 whose first event (sent with the head) is overloaded_error: nothing had reached
         # the client, yet it got the error, with no retry, fallback or breaker failure
@@ -3585,7 +3633,8 @@ class TestResilience(ProxyTestCase):
         self.addAsyncCleanup(backup.stop)
         providers = {"primary": {"api_base": self.up.base, "format": "anthropic", "priority": 1},
                      "backup": {"api_base": backup.base, "format": "anthropic", "priority": 2}}
-        await self.start_proxy({"resilience": self.FAST}, providers=providers)
+        await self.start_proxy({"resilience": self.FAST, "routing": SHARED_KEYS},
+                               providers=providers)
         req = dict(ANTHROPIC_REQ, stream=True)
         retried = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
         self.assertEqual(assemble_anthropic(retried.body)["content"][0]["text"], "Hello!")
@@ -5690,6 +5739,21 @@ class TestPIIStage(ProxyTestCase):
         self.assertNotEqual(one, first)
         with self.assertRaisesRegex(tm.TokenmanError, "16 characters"):
             await self.start_proxy(shared, env={"PII_KEY": "short"})
+        # a symlink in the data dir was followed: the key read from a file someone else chose,
+        # the PID written over the link's target
+        chosen = os.path.join(self.tmp.name, "chosen")
+        with open(chosen, "wb") as fh:
+            fh.write(b"k" * 32)
+        os.symlink(chosen, os.path.join(self.tmp.name, "pii.key"))
+        with self.assertRaisesRegex(tm.TokenmanError, "symlink is refused"):
+            await self.start_proxy(hashing)
+        os.unlink(os.path.join(self.tmp.name, "pii.key"))
+        os.unlink(os.path.join(self.tmp.name, "tokenman.pid"))
+        os.symlink(chosen, os.path.join(self.tmp.name, "tokenman.pid"))
+        with self.assertRaisesRegex(tm.TokenmanError, "symlink is refused"):
+            await self.start_proxy(hashing)
+        with open(chosen, "rb") as fh:
+            self.assertEqual(fh.read(), b"k" * 32)
 
     async def test_a_placeholder_quoted_in_a_later_turn_renumbers_nothing_before_it(self):
         # a tool result quoting a README that spells [EMAIL_1] made the user's address
@@ -6645,7 +6709,8 @@ class TestRateLimitStage(ProxyTestCase):
         await self.start_proxy({"security": {"rate_limit": {
             "enabled": True, "default_rate": 100, "default_burst": 100,
             "provider_limits": {"backup": {"rate": 0.001, "burst": 2}}}},
-            "resilience": {"retry_enabled": False, "cb_failure_threshold": 100}},
+            "resilience": {"retry_enabled": False, "cb_failure_threshold": 100},
+            "routing": SHARED_KEYS},
             providers={"primary": {"api_base": self.up.base, "format": "anthropic",
                                    "priority": 1},
                        "backup": {"api_base": backup.base, "format": "anthropic",
@@ -8545,7 +8610,8 @@ class TestCrossFormat(ProxyTestCase):
         providers = {"anthropic": {"api_base": self.up.base},
                      "backup": {"api_base": backup.base, "format": "openai"}}
         await self.start_proxy({"resilience": {"retry_base_delay_ms": 1},
-                                "routing": {"cross_format_fallback": True}}, providers=providers)
+                                "routing": dict(SHARED_KEYS, cross_format_fallback=True)},
+                               providers=providers)
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 200)
         self.assertEqual(resp.json()["content"][0]["text"], "Hello")

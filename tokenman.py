@@ -211,6 +211,7 @@ MEDIA_PARTS = frozenset(("image", "document", "image_url", "input_image", "input
                          "input_file"))
 MEDIA_PART_TOKENS = 1_600
 DOCUMENT_MAX_TOKENS = 300_000
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # files tokenman writes in data_dir (not on Windows)
 MODEL_NAME_MAX = 256  # characters in a model id a request may name (the longest real ones,
 # fine-tuned ids and cloud ARNs, are under 200): each becomes a label, a span, a log field
 GZIP_MEMBERS_MAX = 64  # members of a gzip request body (RFC 1952 allows many; clients send one)
@@ -274,7 +275,11 @@ class HeadTooLarge(TokenmanError):
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PROJECT_RE = re.compile(r"[^A-Za-z0-9._:/@-]")  # characters not allowed in a project name
-_SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+", re.I)
+_SECRET_RE = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+|(Bearer\s+)\S+|"
+                        r"((?:x-)?api[-_]key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+|"
+                        r"(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}", re.I)
+# (an OpenAI or Anthropic key, a bearer token, an api-key header or field echoed back, a
+# Google key)
 # a log value with one of these must be escaped
 _LOG_SPECIAL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"=]")
 
@@ -346,7 +351,7 @@ def load_ssl() -> types.ModuleType:
 
 def redact_secrets(text: str) -> str:
     """Masks API keys and bearer tokens that might sit inside an error text."""
-    return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+    return _SECRET_RE.sub(lambda m: next(g for g in m.groups() if g) + "***", text)
 
 
 def parse_duration(value: object) -> float:
@@ -638,7 +643,8 @@ class Logger:
         texts = [v if type(v) is str else str(v) for v in fields.values()]
         joined = "|".join(texts)  # one check for the whole line: most need no escaping
         low = joined.lower()
-        if _LOG_SPECIAL.search(joined) or "sk-" in low or "bearer" in low:
+        if _LOG_SPECIAL.search(joined) or "sk-" in low or "bearer" in low or "aiza" in low \
+                or "api-key" in low or "api_key" in low:
             texts = [escape_log(redact_secrets(t)) for t in texts]
             texts = [json.dumps(t) if " " in t or '"' in t or "=" in t else t for t in texts]
         line = " ".join([self.stamp(time.time()), name, escape_log(msg)]
@@ -767,6 +773,9 @@ class RoutingConfig:
     fallback_models: dict = _f({}, "model id -> alternate models to try after its own "
                                     "providers, e.g. {\"claude-sonnet-4-5\" = "
                                     "[\"claude-haiku-4-5\"]}", "maplist")
+    share_client_keys: bool = _f(False, "let a fallback send a client's own key (passthrough) "
+                                        "to a provider on another host than the one its "
+                                        "request was routed to")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1263,7 +1272,10 @@ def validate_config(cfg: Config, env: dict | None = None) -> list[str]:
             errs.append(f"{where}.format: must be anthropic or openai (got {p.format!r}; it "
                         f"cannot be inferred from the name {key!r})")
         url = urllib.parse.urlsplit(p.api_base)
-        if url.scheme not in ("http", "https") or not url.hostname:
+        if "@" in url.netloc:  # (never used to sign in, and shown by the dashboard, the spans)
+            errs.append(f"{where}.api_base: must not carry a user name or password (they are "
+                        "never sent: put the provider's key in key_ref)")
+        elif url.scheme not in ("http", "https") or not url.hostname:
             errs.append(f"{where}.api_base: must be an http:// or https:// URL "
                         f"(got {p.api_base!r})")
         if p.key_ref and not p.key_ref.startswith(("env:", "file://", "keyring://")):
@@ -8540,6 +8552,7 @@ class Router:
                           for api in API_FORMATS}
         self.model_map = cfg.routing.model_map
         self.default = cfg.routing.default_provider
+        self.share_keys = cfg.routing.share_client_keys
         self._memo: dict[tuple[str, str], Provider | None] = {}
         self._plans: dict[tuple, tuple] = {}
 
@@ -8620,6 +8633,10 @@ class Router:
                     if (prov, name) not in plan and (prov.serves(name) or not pinned
                                                      and not (prov.exact or prov.patterns)):
                         plan.append((prov, name))
+        if plan and not self.share_keys:  # a client's own key goes only where its request
+            home = plan[0][0].origin.key[:3]  # is routed: never, by a fallback, to another
+            plan = plan[:1] + [(p, m) for p, m in plan[1:]  # host that passes keys through
+                               if p.cfg.key_ref or p.origin.key[:3] == home]
         return tuple(plan)
 
     def usable_count(self) -> int:
@@ -9546,7 +9563,7 @@ class RequestLog:
     def note_failure(self, provider: str, error: str) -> None:
         live = self._live(provider)
         live["errors"] += 1
-        live["last_error"] = error[:200]
+        live["last_error"] = redact_secrets(error)[:200]  # (a provider may echo a key)
 
     def _finish(self, ctx: Context) -> None:
         req = ctx.req
@@ -11016,7 +11033,11 @@ def claim_pid_file(data_dir: str) -> str:
     if pid and pid != os.getpid() and pid_alive(pid):
         raise TokenmanError(f"tokenman is already running with this data_dir (pid {pid})")
     path = os.path.join(data_dir, "tokenman.pid")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:  # (never through a symlink: truncating its target)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise TokenmanError(f"cannot write {path}: {exc.strerror} (a symlink is refused)") \
+            from None
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{os.getpid()}\n")
     return path
@@ -11037,8 +11058,12 @@ def load_pii_key(data_dir: str, key_ref: str, env: dict) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        with open(path, "rb") as fh:
-            key = fh.read()
+        try:  # (never through a symlink: a key someone else chose)
+            with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as fh:
+                key = fh.read()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror} (a symlink is refused)") \
+                from None
         if len(key) < 16:
             raise ValueError(f"{path} holds no key (delete it to make a new one: PII digests "
                              "will change)") from None
