@@ -8698,6 +8698,20 @@ class TestServerHardening(ProxyTestCase):
                 self.assertEqual(resp.status, 400)
         self.assertEqual(len(self.up.requests), 5)
 
+    async def test_a_connection_that_sends_nothing_gets_the_read_timeout(self):
+        # a new connection that sent nothing was held for idle_timeout (120 s), as if between
+        # requests: a few hundred of them took every descriptor the process had
+        await self.start_proxy({"server": {"read_timeout": 0.3, "idle_timeout": 30}})
+        silent = await asyncio.open_connection("127.0.0.1", self.port)
+        used = await asyncio.open_connection("127.0.0.1", self.port)
+        used[1].write(b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+        self.assertEqual((await asyncio.wait_for(read_response(used[0]), WAIT)).status, 200)
+        self.assertEqual(await asyncio.wait_for(silent[0].read(), WAIT), b"")  # closed
+        used[1].write(b"GET /health HTTP/1.1\r\nHost: [::1]\r\n\r\n")  # (kept: idle)
+        self.assertEqual((await asyncio.wait_for(read_response(used[0]), WAIT)).status, 200)
+        for _, writer in (silent, used):
+            writer.close()
+
     async def test_smuggling_and_malformed_heads_get_status_and_close(self):
         await self.start_proxy({"server": {"max_body_size": 1000}})
         cases = [

@@ -2737,6 +2737,7 @@ class HTTPServer:
     async def _requests(self, conn: ServerConn) -> None:
         chan = conn.chan
         loop = self.loop
+        first = True
         while True:
             cfg = self.cfg  # (a reload's limits and timeouts: from the next request on)
             conn.busy = False
@@ -2745,12 +2746,14 @@ class HTTPServer:
             if not chan.buf:
                 if chan.eof:
                     return
-                try:
-                    await chan._wait(loop.time() + cfg.idle_timeout if cfg.idle_timeout else None)
-                except TimeoutError:
+                wait = cfg.read_timeout if first and cfg.read_timeout else cfg.idle_timeout
+                try:  # (a new connection that sends nothing is not held as if it were idle
+                    await chan._wait(loop.time() + wait if wait else None)  # between requests:
+                except TimeoutError:  # hundreds of them took every descriptor)
                     return
                 if not chan.buf or self.draining and not chan.buf.strip():
                     return
+            first = False
             conn.busy = True
             conn.started = False
             conn.held = b""
