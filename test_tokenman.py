@@ -5224,7 +5224,8 @@ class TestPIIRestorer(unittest.TestCase):
              "encrypted_content": "gAAA"}, {"type": ["not", "a", "name"], "output": "x"}]}
         paths = [tm.field_path(f[2]) for f in tm.responses_text_fields(obj)]
         self.assertEqual(paths, ["instructions", "input[0].content[0].refusal", "input[1].input",
-                                 "input[2].output[0].text", "input[3].output"])
+                                 "input[2].output[0].text", "input[3].arguments",
+                                 "input[3].output"])
         tools = [tm.field_path(f[2]) for f in tm.responses_text_fields(obj, ("user", "tool"))]
         self.assertEqual(tools, ["input[2].output[0].text", "input[3].output"])
 
@@ -5237,6 +5238,36 @@ class TestPIIStage(ProxyTestCase):
         await json_reply(w, {"model": "claude-haiku-4-5", "content": [
             {"type": "text", "text": "You said: " + text}],
             "usage": {"input_tokens": 5, "output_tokens": 5}})
+
+    async def test_every_field_the_model_reads_is_screened(self):
+        # an OpenAI prediction and an assistant's refusal, Anthropic's MCP tool blocks, the
+        # Responses API's shell output and MCP call arguments, and /v1/responses/ (a slash at
+        # the end: walked as a chat body) went upstream with the address in them
+        await self.start_proxy()
+        mail = "ann@corp.io"
+        calls = [
+            ("/v1/chat/completions", O_HEADERS, dict(OPENAI_REQ, prediction={
+                "type": "content", "content": f"Dear {mail}"}, messages=[
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": None, "refusal": f"not for {mail}"},
+                    {"role": "user", "content": "again"}])),
+            ("/v1/messages", A_HEADERS, dict(ANTHROPIC_REQ, messages=[
+                {"role": "assistant", "content": [{"type": "mcp_tool_use", "id": "m1",
+                                                   "name": "crm", "server_name": "s",
+                                                   "input": {"q": mail}}]},
+                {"role": "user", "content": [{"type": "mcp_tool_result", "tool_use_id": "m1",
+                                              "content": [{"type": "text", "text": mail}]}]}])),
+            ("/v1/responses", O_HEADERS, {"model": "gpt-4o", "input": [
+                {"type": "local_shell_call_output", "call_id": "c", "output": mail},
+                {"type": "mcp_call", "id": "m", "server_label": "s", "name": "n",
+                 "arguments": json.dumps({"q": mail}), "output": "ok"}]}),
+            ("/v1/responses/", O_HEADERS, {"model": "gpt-4o", "input": f"write to {mail}"})]
+        for path, headers, body in calls:
+            with self.subTest(path=path):
+                resp = await http(self.port, "POST", path, body, headers)
+                self.assertEqual(resp.status, 200)
+                self.assertNotIn(mail.encode(), self.up.requests[-1].body)
+                self.assertIn(b"[EMAIL_", self.up.requests[-1].body)
 
     async def test_a_text_full_of_findings_is_screened_at_once(self):
         # each finding was checked against every one taken before it: 20,000 e-mail addresses

@@ -5162,6 +5162,8 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
         if roles is not None and role not in roles and not (role == "user" and "tool" in roles):
             continue
         _content_fields(out, msg, "content", ("messages", i, "content"), role, roles, 0)
+        if isinstance(msg.get("refusal"), str) and (roles is None or role in roles):
+            out.append((msg, "refusal", ("messages", i, "refusal"), role))
         calls = msg.get("tool_calls") if calls_too else None
         if isinstance(calls, list):
             for j, call in enumerate(calls):
@@ -5170,6 +5172,9 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
                     out.append((fn, "arguments",
                                 ("messages", i, "tool_calls", j, "function", "arguments"),
                                 "assistant"))
+    prediction = obj.get("prediction")  # (OpenAI's predicted output: text the model is shown)
+    if isinstance(prediction, dict) and (roles is None or "user" in roles):
+        _content_fields(out, prediction, "content", ("prediction", "content"), "user", None, 0)
     return out
 
 
@@ -5208,9 +5213,12 @@ def id_fields(obj: dict) -> list[tuple]:
 
 # Responses API input items that carry text: type -> (its member, the role it counts as)
 _RESPONSES_ITEM_TEXT = {
-    "function_call_output": ("output", "tool"), "custom_tool_call_output": ("output", "tool"),
-    "mcp_call": ("output", "tool"), "function_call": ("arguments", "assistant"),
-    "custom_tool_call": ("input", "assistant"),
+    "function_call_output": (("output", "tool"),),
+    "custom_tool_call_output": (("output", "tool"),),
+    "local_shell_call_output": (("output", "tool"),),
+    "mcp_call": (("arguments", "assistant"), ("output", "tool")),
+    "function_call": (("arguments", "assistant"),),
+    "custom_tool_call": (("input", "assistant"),),
 }
 
 
@@ -5233,23 +5241,23 @@ def responses_text_fields(obj: dict, roles: tuple | None = None) -> list[tuple]:
             continue
         kind = item.get("type")
         if kind in (None, "message"):
-            role = item.get("role") if isinstance(item.get("role"), str) else ""
-            key = "content"
+            members = (("content", item.get("role") if isinstance(item.get("role"), str)
+                        else ""),)
         else:  # (a type that is not a string names nothing)
-            key, role = _RESPONSES_ITEM_TEXT.get(kind, ("", "")) if type(kind) is str \
-                else ("", "")
-        if not key or roles is not None and role not in roles:
-            continue
-        value = item.get(key)
-        if isinstance(value, str):
-            out.append((item, key, ("input", i, key), role))
-        for j, part in enumerate(value if isinstance(value, list) else ()):
-            if not isinstance(part, dict):
+            members = _RESPONSES_ITEM_TEXT.get(kind, ()) if type(kind) is str else ()
+        for key, role in members:
+            if roles is not None and role not in roles:
                 continue
-            field = "refusal" if part.get("type") == "refusal" else "text"
-            if part.get("type") in ("input_text", "output_text", "refusal") \
-                    and isinstance(part.get(field), str):
-                out.append((part, field, ("input", i, key, j, field), role))
+            value = item.get(key)
+            if isinstance(value, str):
+                out.append((item, key, ("input", i, key), role))
+            for j, part in enumerate(value if isinstance(value, list) else ()):
+                if not isinstance(part, dict):
+                    continue
+                field = "refusal" if part.get("type") == "refusal" else "text"
+                if part.get("type") in ("input_text", "output_text", "refusal") \
+                        and isinstance(part.get(field), str):
+                    out.append((part, field, ("input", i, key, j, field), role))
     return out
 
 
@@ -5266,11 +5274,12 @@ def _content_fields(out: list, parent: dict, key: str, path: tuple, role: str, r
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
-        if kind == "tool_result":
+        if kind in ("tool_result", "mcp_tool_result"):
             if roles is None or "tool" in roles:
                 _content_fields(out, block, "content", path + (j, "content"), "tool", None,
                                 depth + 1)
-        elif kind in ("tool_use", "server_tool_use") and (roles is None or "assistant" in roles):
+        elif kind in ("tool_use", "server_tool_use", "mcp_tool_use") and (
+                roles is None or "assistant" in roles):
             _value_fields(out, block, "input", path + (j, "input"), depth)
         elif kind in ("thinking", "redacted_thinking"):
             continue
@@ -6496,8 +6505,11 @@ class PIIGuard(Stage):
         spelled: SpelledSoFar | None = None
         taken: set[str] | None = None
         found = []
-        responses = ctx.req.path in _RESPONSES_BODIES
-        prompt = _PROMPT_MEMBERS.get(ctx.req.path) if ctx.api == API_OPENAI else None
+        path = ctx.req.path
+        if path.endswith("/") or "//" in path:  # (a path the provider may read as its own)
+            path = re.sub("/+", "/", path).rstrip("/")
+        responses = path in _RESPONSES_BODIES
+        prompt = _PROMPT_MEMBERS.get(path) if ctx.api == API_OPENAI else None
         fields = responses_text_fields(ctx.obj) if responses else \
             prompt_fields(ctx.obj, prompt) if prompt else text_fields(ctx.api, ctx.obj)
         fields += id_fields(ctx.obj)
