@@ -617,6 +617,34 @@ class TestUtilities(unittest.TestCase):
             return out.text
         self.assertIn("GET /v1/x", "".join(asyncio.run(scenario())))
 
+    def test_a_stalled_log_reader_never_stops_the_caller(self):
+        # log lines were written on the event loop: a reader that stopped reading stderr (a
+        # full pipe, a stalled log driver) froze every request with the first line it missed
+        import threading
+        gate = threading.Event()
+        written = []
+
+        class Stalled:
+            def write(self, text):
+                gate.wait(WAIT)
+                written.append(text)
+
+            def flush(self):
+                pass
+        self.addCleanup(setattr, tm, "LOG_PENDING_MAX", tm.LOG_PENDING_MAX)
+        tm.LOG_PENDING_MAX = 50
+        log = tm.Logger("info", Stalled(), buffered=True)
+        log.error("first")
+        for i in range(60):
+            log.info("line", i=i)
+        self.assertEqual(written, [])  # (the writer thread waits on the reader, not this one)
+        gate.set()
+        log.flush()
+        text = "".join(written)
+        self.assertIn("first", text)
+        self.assertIn("log lines dropped", text)
+        self.assertLessEqual(text.count(" INFO "), 50)
+
     def test_logger_formats_only_enabled_levels(self):
         import io
         out = io.StringIO()

@@ -215,6 +215,7 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # files tokenman writes in data_dir (
 MODEL_NAME_MAX = 256  # characters in a model id a request may name (the longest real ones,
 # fine-tuned ids and cloud ARNs, are under 200): each becomes a label, a span, a log field
 GZIP_MEMBERS_MAX = 64  # members of a gzip request body (RFC 1952 allows many; clients send one)
+LOG_PENDING_MAX = 100_000  # log lines waiting for a stalled reader, at the most (then dropped)
 USAGE_MAX = 1_000_000_000  # a provider's token count past this is taken as garbage (the largest
 # context windows are a few million tokens; a batch's usage is per request)
 WEB_SEARCH_USD = 0.01  # Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
@@ -620,18 +621,23 @@ class RotatingFile:
 
 class Logger:
     """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
-    happens for enabled levels; values are escaped so no client input can forge a line."""
-    __slots__ = ("level", "stream", "json", "pending", "stamp")
+    happens for enabled levels; values are escaped so no client input can forge a line.
+    Buffered (the server's): lines are queued (bounded: past LOG_PENDING_MAX they are counted
+    and dropped) and written by a thread of their own, warnings and errors at once, the rest
+    within a quarter second, so a log reader that stops reading (a full pipe, a stalled log
+    driver) never stops the event loop."""
+    __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "dropped")
 
     def __init__(self, level: str = "info", stream=None, fmt: str = "text",
                  buffered: bool = False) -> None:
         self.level = LOG_LEVELS.get(level.lower(), 20)
         self.stream = stream if stream is not None else sys.stderr
         self.json = fmt == "json"
-        # buffered: info and debug lines are written in batches (by flush(), which the App
-        # calls a few times a second, or every 256 lines); warnings and errors at once
-        self.pending: list[str] | None = [] if buffered else None
+        self.pending: collections.deque | None = collections.deque() if buffered else None
         self.stamp = IsoStamps()
+        self.wake: threading.Event | None = None  # the writer thread's, once it runs
+        self.lock = threading.Lock()  # one writer at a time: lines keep their order
+        self.dropped = 0
 
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
@@ -653,27 +659,55 @@ class Logger:
 
     def _write(self, line: str, name: str = "ERROR") -> None:
         pending = self.pending
-        if pending is not None and name in ("INFO", "DEBUG"):
-            pending.append(line)
-            if len(pending) >= 256:
-                self.flush()
-            return
-        if pending:
-            self.flush()
-        try:
-            self.stream.write(line)
-        except (OSError, ValueError):
-            pass  # a closed or full log stream never fails a request
-
-    def flush(self) -> None:
-        if self.pending:
-            text = "".join(self.pending)
-            self.pending.clear()
+        if pending is None:
             try:
-                self.stream.write(text)
+                self.stream.write(line)
+            except (OSError, ValueError):
+                pass  # a closed or full log stream never fails a request
+            return
+        if len(pending) >= LOG_PENDING_MAX:
+            self.dropped += 1
+            return
+        pending.append(line)
+        if self.wake is None:
+            self.wake = threading.Event()
+            threading.Thread(target=self._run, name="tokenman-log", daemon=True).start()
+        if name not in ("INFO", "DEBUG") or len(pending) >= 256:
+            self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(0.25)
+            self.wake.clear()
+            with self.lock:
+                self._drain()
+
+    def _drain(self) -> None:
+        pending = self.pending
+        lines = []
+        while pending:
+            lines.append(pending.popleft())
+        if self.dropped:  # (said here, in this thread: utc_iso, not the loop's stamp cache)
+            msg, now = "log lines dropped: the log was not read fast enough", utc_iso(time.time())
+            lines.append(json.dumps({"time": now, "level": "warn", "msg": msg,
+                                     "dropped": self.dropped}) + "\n" if self.json else
+                         f"{now} WARN {escape_log(msg)} dropped={self.dropped}\n")
+            self.dropped = 0
+        if lines:
+            try:
+                self.stream.write("".join(lines))
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Writes what is queued now (at stop and exit; the writer thread does it otherwise),
+        waiting at most `timeout` for a write the thread has under way."""
+        if self.pending and self.lock.acquire(timeout=timeout):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
 
     def debug(self, msg: str, **fields: object) -> None:
         if self.level <= 10:
@@ -11355,8 +11389,7 @@ class App:
         trim = malloc_trim()
         served, large, quiet_since = 0, 0, time.monotonic()
         while True:
-            await asyncio.sleep(0.25)
-            self.log.flush()
+            await asyncio.sleep(0.25)  # (the log's own thread writes its lines)
             if trim is None or self.proxy is None:
                 continue
             if self.proxy.in_flight:
