@@ -7458,6 +7458,28 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(self.app.metrics.model("brand-new"), "other")
         self.assertEqual(self.app.metrics.model("m3"), "m3")
 
+    async def test_refused_models_and_named_projects_take_no_label_slots(self):
+        # any client could spend the 100 model slots on names a provider refuses, and the
+        # project slots before a budgeted project was ever seen: real ones were "other"
+        self.up.handler = lambda rec, r, w: json_reply(w, {"error": {
+            "message": "model not found"}}, 404) if rec.json()["model"].startswith("junk") \
+            else json_reply(w, openai_fixture("text")[1])
+        await self.start_proxy({"security": {"budget": {"enabled": True, "projects": {
+            "team-a": {"daily_limit": 5.0}}}}})
+        self.assertEqual(self.app.metrics.projects, {"team-a"})  # before any request
+        self.app.metrics.projects |= {f"p{i}" for i in range(tm.MODEL_LABEL_CAP)}  # (full)
+        for i in range(3):
+            await http(self.port, "POST", "/v1/chat/completions",
+                       dict(OPENAI_REQ, model=f"junk-{i}"), O_HEADERS)
+        await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
+                   dict(O_HEADERS, **{"X-Tokenman-Project": "team-a"}))
+        await self.rows(4)
+        text = (await http(self.app.dashboard_port, "GET", "/metrics")).body.decode()
+        self.assertNotIn("junk-", text)
+        self.assertIn('project="team-a"', text)
+        self.assertIn("gpt-4o-mini", text)
+
+
     async def test_json_api_shapes(self):
         await self.start_proxy()
         await self.traffic()
@@ -9117,8 +9139,9 @@ class TestHostileInput(ProxyTestCase):
         self.assertEqual([r["model"] for r in rows][:1], ["claude-x?"])
         self.assertEqual(rows[1]["status_code"], 200)
         metrics = await http(self.app.dashboard_port, "GET", "/metrics")
-        self.assertEqual(metrics.status, 200)
-        self.assertIn(b'model="claude-x?"', metrics.body)
+        self.assertEqual(metrics.status, 200)  # (refused by the provider, the model is
+        self.assertIn(b'model="other"', metrics.body)  # "other" there; a label value with a
+        self.assertEqual(tm._label_value("claude-x\udfff"), "claude-x?")  # surrogate is "?")
 
     def test_header_fields_parse_exactly_as_the_grammar_says(self):
         """The head parser uses byte-string methods for speed; on mutated heads it must accept

@@ -4654,10 +4654,10 @@ _PARSE_STATUSES = frozenset((400, 411, 413, 414, 415, 431))
 _CLIENT_FAULTS = frozenset((400, 404, 409, 413, 422))  # a provider refusing a request
 
 
-def _capped(seen: set[str], name: str) -> str:
+def _capped(seen: set[str], name: str, admit: bool = True) -> str:
     if name in seen:
         return name
-    if len(seen) < MODEL_LABEL_CAP:
+    if admit and len(seen) < MODEL_LABEL_CAP:
         seen.add(name)
         return name
     return "other"
@@ -4711,13 +4711,21 @@ class Metrics:
         self.projects: set[str] = set()
         self.gauges = []  # callables returning [(name, labels dict, value)] at render time
 
-    def model(self, name: str) -> str:
-        """The model label value, folded into "other" past the cardinality cap."""
-        return _capped(self.models, name)
+    def model(self, name: str, answered: bool = True) -> str:
+        """The model label value, folded into "other" past the cardinality cap. A model takes
+        a label of its own once a provider answered for it: names a provider refused (any
+        client can send a hundred) never fill the slots."""
+        return _capped(self.models, name, answered)
 
     def project(self, name: str) -> str:
-        """The project label value (any client can name one): capped the same way."""
+        """The project label value (any client can name one): capped the same way; projects
+        with a budget have theirs before any client names one (seen())."""
         return _capped(self.projects, name)
+
+    def seen(self, projects) -> None:
+        """Gives these projects label values of their own first (at start and reload)."""
+        for name in projects:
+            _capped(self.projects, name)
 
     def inc(self, name: str, labels: tuple = (), value: float = 1.0) -> None:
         key = (name, labels)
@@ -9552,8 +9560,9 @@ class RequestLog:
         u = ctx.usage
         provider = ctx.provider
         outcome = ctx.outcome
-        kinds, cost_labels, duration = self._labels(provider, m.model(ctx.model),
-                                                    m.project(ctx.project), ctx.streaming)
+        kinds, cost_labels, duration = self._labels(
+            provider, m.model(ctx.model, outcome == "ok" or outcome in HIT_OUTCOMES),
+            m.project(ctx.project), ctx.streaming)
         for key, value in ((_REQUESTS_KEY, 1),
                            (_TOKENS_IN_KEY, u.input + u.cache_read + u.cache_write),
                            (_TOKENS_OUT_KEY, u.output),
@@ -9696,6 +9705,7 @@ class Proxy(ResponseRelay, RequestLog):
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
         self.guard = BrowserGuard(cfg.server.bind_address, cfg.server.allowed_hosts,
                                   cfg.server.allowed_origins)
+        self.metrics.seen(cfg.budget.projects)
 
     def reconfigure(self, cfg: Config, router: Router, prices: PriceTable,
                     pipeline: Pipeline) -> None:
@@ -9709,6 +9719,7 @@ class Proxy(ResponseRelay, RequestLog):
         self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
         self.guard = BrowserGuard(cfg.server.bind_address, cfg.server.allowed_hosts,
                                   cfg.server.allowed_origins)
+        self.metrics.seen(cfg.budget.projects)
 
     async def handle(self, req: Request, conn: ServerConn) -> None:
         path = req.path
