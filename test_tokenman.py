@@ -7621,14 +7621,21 @@ class TestDashboard(ProxyTestCase):
         self.assertEqual(self.up.requests[1].headers.get(b"authorization"), None)  # not leaked
         refused = await http(port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(refused.json()["error"]["type"], "authentication_error")
+        self.assertEqual(refused.headers["www-authenticate"], "Bearer")
+        # refused from the head alone: a stranger's body was read (10 MB of it, 100-continued
+        # first) before the token was looked at
+        early = await raw_exchange(port, b"POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\n"
+                                   b"Expect: 100-continue\r\nContent-Length: 9000000\r\n\r\n")
+        self.assertTrue(early.startswith(b"HTTP/1.1 401 "), early[:60])
+        self.assertNotIn(b"100 Continue", early)
         # every /v1 request has its row, refusals too (they left none, and no error metric)
-        rows = await self.rows(3, "status_code IN (401, 403)")
+        rows = await self.rows(4, "status_code IN (401, 403)")
         self.assertEqual(sorted((r["status_code"], r["outcome"]) for r in rows),
-                         [(401, "rejected")] * 2 + [(403, "rejected")])
+                         [(401, "rejected")] * 3 + [(403, "rejected")])
         self.assertIn("x-request-id", refused.headers)
         metrics = (await http(dash, "GET", "/metrics", headers={
             "Authorization": "Bearer tok-123"})).body.decode()
-        self.assertIn('tokenman_errors_total{provider="",status_code="401",type="rejected"} 2',
+        self.assertIn('tokenman_errors_total{provider="",status_code="401",type="rejected"} 3',
                       metrics)
 
     async def test_tokenman_token_header_lets_the_clients_own_key_through(self):

@@ -232,12 +232,14 @@ class TokenmanError(Exception):
 class HTTPError(TokenmanError):
     """A request tokenman answers itself: status, a client-safe message, whether to close."""
 
-    def __init__(self, status: int, detail: str, close: bool = False, kind: str = "") -> None:
+    def __init__(self, status: int, detail: str, close: bool = False, kind: str = "",
+                 headers: tuple = ()) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.close = close
         self.kind = kind
+        self.headers = headers  # (name, value) pairs the answer carries
 
 
 class ConfigError(TokenmanError):
@@ -2716,9 +2718,10 @@ class HTTPServer:
 
     def __init__(self, handler, cfg: ServerConfig, log: "Logger",
                  ssl_ctx: ssl.SSLContext | None = None, name: str = "proxy",
-                 on_reject=None) -> None:
+                 on_reject=None, screen=None) -> None:
         self.handler = handler
         self.on_reject = on_reject  # on_reject(req, status, detail): a parsed request refused
+        self.screen = screen  # screen(req): an HTTPError refusing it before its body is read
         self.cfg = cfg
         self.log = log
         self.ssl_ctx = ssl_ctx
@@ -2825,6 +2828,10 @@ class HTTPServer:
                 raise HTTPError(431, "request head too large", close=True) from None
             req = parse_request_head(head)
             length = request_framing(req.headers)
+            if self.screen is not None:  # (a stranger's 10 MB is not read, nor 100-continued)
+                refused = self.screen(req)
+                if refused is not None:
+                    raise refused
             limit = cfg.max_body_size
             if length is not None and limit and length > limit:
                 raise HTTPError(413, f"request body too large: {length:,} bytes, the limit is "
@@ -2850,7 +2857,8 @@ class HTTPServer:
             api = api_for(req.path if req else _target_hint(head or chan.buf),
                           req.headers if req else None)
             conn.send_error(req, api, exc.status, exc.detail,
-                            self._rejected(req, t0, exc.status, exc.detail, head or chan.buf))
+                            self._rejected(req, t0, exc.status, exc.detail, head or chan.buf)
+                            + list(exc.headers))
             return None
         except TimeoutError:
             if req is not None or chan.buf.strip():
@@ -9721,30 +9729,32 @@ class Proxy(ResponseRelay, RequestLog):
                                   cfg.server.allowed_origins)
         self.metrics.seen(cfg.budget.projects)
 
-    async def handle(self, req: Request, conn: ServerConn) -> None:
-        path = req.path
+    def screen(self, req: Request) -> HTTPError | None:
+        """Refuses, from its head alone (its body is not read), a request from a web page
+        (BrowserGuard), without tokenman's token when auth is on, or with a method or path no
+        provider API has. Logged and counted like any refused request."""
         refused = self.guard.refusal(req.headers)
         if refused:
-            conn.send_error(req, api_for(path, req.headers), 403, refused,
-                            self.rejected(req, 403, refused))
-            return
+            return HTTPError(403, refused, close=True)
+        if not req.path.startswith("/v1/"):
+            return None
+        if self.auth_token:
+            denied = check_token(req.headers, self.auth_token)
+            if denied:
+                return HTTPError(denied, "authentication required" if denied == 401 else
+                                 "invalid token", close=True, headers=(
+                                     ((b"WWW-Authenticate", b"Bearer"),) if denied == 401
+                                     else ()))
+        if req.method not in HTTP_METHODS:
+            return HTTPError(501, f"method {req.method[:20]!r} is not supported", close=True)
+        if _PATH_ESCAPE_RE.search(req.path):
+            return HTTPError(400, "request path has dot segments or escaped slashes or dots",
+                             close=True)
+        return None
+
+    async def handle(self, req: Request, conn: ServerConn) -> None:
+        path = req.path
         if path.startswith("/v1/"):
-            if self.auth_token:
-                denied = check_token(req.headers, self.auth_token)
-                if denied:  # (logged and counted like any refused request)
-                    detail = "authentication required" if denied == 401 else "invalid token"
-                    conn.send_error(req, api_for(path, req.headers), denied, detail,
-                                    self.rejected(req, denied, detail) + (
-                                        [(b"WWW-Authenticate", b"Bearer")] if denied == 401
-                                        else []))
-                    return
-            if req.method not in HTTP_METHODS or _PATH_ESCAPE_RE.search(path):
-                status, detail = (501, f"method {req.method[:20]!r} is not supported") \
-                    if req.method not in HTTP_METHODS else \
-                    (400, "request path has dot segments or escaped slashes or dots")
-                conn.send_error(req, api_for(path, req.headers), status, detail,
-                                self.rejected(req, status, detail))
-                return
             self.in_flight += 1
             try:
                 await self.relay(req, conn)
@@ -11198,7 +11208,7 @@ class App:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
         self.server = HTTPServer(self.proxy.handle, cfg.server, self.log, ssl_ctx,
-                                 on_reject=self.proxy.rejected)
+                                 on_reject=self.proxy.rejected, screen=self.proxy.screen)
         self.port = await self.server.start(cfg.server.bind_address, cfg.server.proxy_port)
         if cfg.dashboard.enabled:
             self.dashboard_api = Dashboard(cfg, self.store, self.metrics, self.proxy,
