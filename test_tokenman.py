@@ -644,6 +644,7 @@ class TestUtilities(unittest.TestCase):
         self.assertIn("first", text)
         self.assertIn("log lines dropped", text)
         self.assertLessEqual(text.count(" INFO "), 50)
+        self.assertEqual(log.dropped_total, 60 - text.count(" INFO "))
 
     def test_logger_formats_only_enabled_levels(self):
         import io
@@ -7803,6 +7804,8 @@ class TestTracing(ProxyTestCase):
         await asyncio.wait_for(collector.closed_event.wait(), WAIT)
         self.assertEqual((collector.connections, collector.closed), (1, 1))
         self.assertGreater(tracer.dropped, 0)
+        text = (await http(self.app.dashboard_port, "GET", "/metrics")).body.decode()
+        self.assertIn(f'tokenman_trace_spans_total{{result="dropped"}} {tracer.dropped}', text)
 
     async def test_model_names_past_the_limit_are_refused(self):
         # a 1 MB model name became a label (14 lines of /metrics each), a span attribute and a

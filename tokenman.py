@@ -628,7 +628,8 @@ class Logger:
     and dropped) and written by a thread of their own, warnings and errors at once, the rest
     within a quarter second, so a log reader that stops reading (a full pipe, a stalled log
     driver) never stops the event loop."""
-    __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "dropped")
+    __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "dropped",
+                 "dropped_total")
 
     def __init__(self, level: str = "info", stream=None, fmt: str = "text",
                  buffered: bool = False) -> None:
@@ -639,7 +640,8 @@ class Logger:
         self.stamp = IsoStamps()
         self.wake: threading.Event | None = None  # the writer thread's, once it runs
         self.lock = threading.Lock()  # one writer at a time: lines keep their order
-        self.dropped = 0
+        self.dropped = 0  # lines dropped since the writer last said so
+        self.dropped_total = 0
 
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
@@ -669,6 +671,7 @@ class Logger:
             return
         if len(pending) >= LOG_PENDING_MAX:
             self.dropped += 1
+            self.dropped_total += 1
             return
         pending.append(line)
         if self.wake is None:
@@ -4650,6 +4653,10 @@ METRICS_HELP = types.MappingProxyType({
     "tokenman_store_backlog_rows": ("gauge", "Request-log rows waiting for a write to succeed."),
     "tokenman_store_dropped_rows_total": ("counter", "Request-log rows given up (backlog full, "
                                                      "or a value that cannot be stored)."),
+    "tokenman_log_dropped_lines_total": ("counter", "Log lines dropped: the log was not read "
+                                                    "fast enough."),
+    "tokenman_trace_spans_total": ("counter", "Spans exported, or dropped (the collector slow, "
+                                              "down or refusing)."),
     "tokenman_build_info": ("gauge", "Version and Python of this process."),
 })
 MODEL_LABEL_CAP = 100  # distinct model (and project) label values; later ones are "other"
@@ -11369,10 +11376,14 @@ class App:
                ("tokenman_store_errors_total", {}, self.store.errors),
                ("tokenman_store_backlog_rows", {}, self.store.backlog),
                ("tokenman_store_dropped_rows_total", {}, self.store.dropped),
+               ("tokenman_log_dropped_lines_total", {}, self.log.dropped_total),
                ("tokenman_build_info", {"python": sys.version.split()[0],
                                         "version": __version__}, 1)]
         states = {CircuitBreaker.CLOSED: 0, CircuitBreaker.OPEN: 1, CircuitBreaker.HALF_OPEN: 2}
         live = self.proxy.router.providers  # (a provider a reload removed keeps no series)
+        if self.tracer is not None:
+            out += [("tokenman_trace_spans_total", {"result": "exported"}, self.tracer.exported),
+                    ("tokenman_trace_spans_total", {"result": "dropped"}, self.tracer.dropped)]
         out += [("tokenman_provider_circuit_state", {"provider": key}, states[b.shown])
                 for key, b in list(self.breakers.items()) if key in live]  # (a reload's
         # worker thread may add to it meanwhile: list() copies it in one step)
