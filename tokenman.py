@@ -2550,6 +2550,11 @@ class BrowserGuard:
         return ""
 
 
+def auth_token(cfg: "Config") -> str:
+    """tokenman's own token ("" with auth off): a value, or read from where it says."""
+    return resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+
+
 def check_token(headers: Headers, token: str, allow_custom: bool = True) -> int:
     """0 when the request carries the bearer token (X-Tokenman-Token, else Authorization),
     401 when it carries none, 403 when it carries a wrong one. Constant-time comparison. With
@@ -9717,21 +9722,22 @@ class Proxy(ResponseRelay, RequestLog):
         self._stage_hists: dict[str, Histogram] = {}  # stage name -> its duration series
         self._stamp = IsoStamps()
         self.plugins: list[Plugin] = []
-        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+        self.auth_token = auth_token(cfg)
         self.guard = BrowserGuard(cfg.server.bind_address, cfg.server.allowed_hosts,
                                   cfg.server.allowed_origins)
         self.metrics.seen(cfg.budget.projects)
 
     def reconfigure(self, cfg: Config, router: Router, prices: PriceTable,
-                    pipeline: Pipeline) -> None:
-        """A reload: new requests use the new snapshot, requests in flight keep theirs."""
+                    pipeline: Pipeline, token: str | None = None) -> None:
+        """A reload: new requests use the new snapshot, requests in flight keep theirs.
+        `token`: tokenman's own, as auth_token() read it (None: read it now)."""
         self.cfg = cfg
         self.router = router
         self.prices = prices
         self.pipeline = pipeline
         self.dispatcher = Dispatcher(cfg, self.pool, self.breakers, self.log,
                                      metrics=self.metrics)
-        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+        self.auth_token = auth_token(cfg) if token is None else token
         self.guard = BrowserGuard(cfg.server.bind_address, cfg.server.allowed_hosts,
                                   cfg.server.allowed_origins)
         self.metrics.seen(cfg.budget.projects)
@@ -10322,10 +10328,10 @@ class Dashboard:
         self.log = log
         self.reconfigure(cfg)
 
-    def reconfigure(self, cfg: Config) -> None:
+    def reconfigure(self, cfg: Config, token: str | None = None) -> None:
         """A reload: auth and CORS follow the new snapshot, as the proxy port's do."""
         self.cfg = cfg
-        self.token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+        self.token = auth_token(cfg) if token is None else token
         self.origins = frozenset(cfg.dashboard.allowed_origins)
         self.guard = BrowserGuard(cfg.dashboard.bind_address or cfg.server.bind_address,
                                   cfg.server.allowed_hosts)  # (its Origins: by CORS)
@@ -11285,7 +11291,8 @@ class App:
         try:
             cfg = await asyncio.to_thread(load_config, self.cfg.source or None, self.env)
             router, prices, pipeline, plugins = await asyncio.to_thread(self._components, cfg)
-        except ConfigError as exc:
+            token = await asyncio.to_thread(auth_token, cfg)  # (a file: read off the loop;
+        except ConfigError as exc:  # gone since validation, the reload fails, not half-done)
             self.log.error("config reload failed; keeping the running config", reason=reason,
                            problems=len(exc.problems))
             for problem in exc.problems:
@@ -11323,12 +11330,12 @@ class App:
         self.server.cfg = cfg.server  # (limits and timeouts: read for each new request)
         if self.dashboard is not None:
             self.dashboard.cfg = cfg.server
-        self.proxy.reconfigure(cfg, router, prices, pipeline)
+        self.proxy.reconfigure(cfg, router, prices, pipeline, token)
         self.proxy.plugins = self.plugins = plugins
         if self.pipeline is not None:
             self.pipeline.retire()  # (its stages close when its last request ends)
         if self.dashboard is not None:
-            self.dashboard_api.reconfigure(cfg)
+            self.dashboard_api.reconfigure(cfg, token)
         self.log.level = LOG_LEVELS.get(cfg.server.log_level, 20)
         self.pipeline, self.cfg = pipeline, cfg
         self.log.info("config reloaded", reason=reason, source=cfg.source or "built-in defaults")
