@@ -646,6 +646,27 @@ class TestUtilities(unittest.TestCase):
         self.assertLessEqual(text.count(" INFO "), 50)
         self.assertEqual(log.dropped_total, 60 - text.count(" INFO "))
 
+    def test_flush_waits_for_lines_the_writer_has_taken(self):
+        # flush() at stop returned at once when the writer thread had already taken the last
+        # lines and was still writing them: the process exited and they were lost
+        import threading
+        taken, release, written = threading.Event(), threading.Event(), []
+
+        class Slow:
+            def write(self, text):
+                taken.set()
+                release.wait(WAIT)
+                written.append(text)
+
+            def flush(self):
+                pass
+        log = tm.Logger("info", Slow(), buffered=True)
+        log.error("tokenman stopped")
+        self.assertTrue(taken.wait(WAIT))
+        threading.Timer(0.05, release.set).start()  # (a slow log sink)
+        log.flush()
+        self.assertIn("tokenman stopped", "".join(written))
+
     def test_logger_formats_only_enabled_levels(self):
         import io
         out = io.StringIO()
@@ -1323,19 +1344,28 @@ class TestPrices(unittest.TestCase):
 
     def test_variants_with_prices_of_their_own_are_not_the_family(self):
         # gpt-4o-realtime-preview was priced as gpt-4o ($2.50 / $10, half its price), the
-        # deep-research models as o3 / o4-mini, the instruct model as gpt-3.5-turbo
-        table = tm.PriceTable()
-        for model in ("gpt-4o-realtime-preview-2024-12-17", "gpt-4o-mini-realtime-preview",
-                      "gpt-4o-audio-preview", "gpt-4o-mini-tts", "gpt-4o-mini-transcribe",
-                      "gpt-4o-search-preview", "gpt-3.5-turbo-16k-0613"):
+        # deep-research models as o3 / o4-mini, the instruct model as gpt-3.5-turbo; a
+        # variant the table does not hold is unpriced, never its family's price
+        table = tm.PriceTable({"llama-3.1-8b": {"input": 0.1, "output": 0.2}})
+        for model in ("gpt-4o-mini-tts", "gpt-4o-mini-transcribe", "gpt-3.5-turbo-16k-0613",
+                      "gpt-4o-computer-use-x"):
             with self.subTest(model=model):
                 self.assertIsNone(table.lookup(model))
         for model, price in (("o3-deep-research-2025-06-26", 10), ("o4-mini-deep-research", 2),
-                             ("gpt-3.5-turbo-instruct", 1.5), ("gpt-4o-2024-11-20", 2.5)):
+                             ("gpt-3.5-turbo-instruct", 1.5), ("gpt-4o-2024-11-20", 2.5),
+                             ("gpt-4o-realtime-preview-2024-12-17", 5),
+                             ("gpt-4o-mini-realtime-preview", 0.6),
+                             ("gpt-4o-audio-preview-2024-12-17", 2.5),
+                             ("gpt-4o-search-preview-2025-03-11", 2.5),
+                             # the operator's own entries price what they match, and a
+                             # fine-tune's name is no variant
+                             ("llama-3.1-8b-instruct", 0.1),
+                             ("ft:gpt-4o-mini-2024-07-18:acme:web-search:9abcD", 0.3)):
             with self.subTest(model=model):
                 self.assertEqual(table.lookup(model).input, price)
-        named = tm.PriceTable({"gpt-4o-realtime-preview": {"input": 5.0, "output": 20.0}})
-        self.assertEqual(named.lookup("gpt-4o-realtime-preview-2024-12-17").input, 5.0)
+        self.assertEqual(table.lookup("gpt-4o-audio-preview").audio_output, 80)
+        named = tm.PriceTable({"gpt-4o-realtime-preview": {"input": 6.0, "output": 20.0}})
+        self.assertEqual(named.lookup("gpt-4o-realtime-preview-2024-12-17").input, 6.0)
 
     def test_cost_of_every_token_kind(self):
         u = tm.Usage()
@@ -3648,6 +3678,14 @@ class TestResilience(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 200)
         self.assertEqual(other.requests[0].headers[b"x-api-key"], b"gw-own-key")
+        await self.app.stop()  # the first step with a key of its own: the client's goes to the
+        providers["gateway"]["key_ref"] = ""  # first that passes keys through (its home)
+        providers["primary"]["key_ref"] = "env:PRIMARY_KEY"
+        await self.start_proxy({"resilience": dict(self.FAST, retry_enabled=False)},
+                               env={"PRIMARY_KEY": "own"}, providers=providers)
+        resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(other.requests[-1].headers[b"x-api-key"], b"sk-ant-client")
 
     async def test_a_stream_that_opens_with_overloaded_is_retried_and_falls_back(self):
         # a 200 whose first event (sent with the head) is overloaded_error: nothing had reached
@@ -8755,7 +8793,8 @@ class TestServerHardening(ProxyTestCase):
         await self.start_proxy({"security": {"pii": {"enabled": True}}})
         refused = [("POST", "/v1/chat/completions", {"Origin": "https://evil.example"}, 403),
                    ("POST", "/v1/chat/completions", {"Origin": "null"}, 403),
-                   ("POST", "/v1/chat/completions", {"Host": "evil.example:7677"}, 403),
+                   ("POST", "/v1/chat/completions", {"Host": "evil.example:7677",
+                                                     "Sec-Fetch-Mode": "cors"}, 403),
                    ("post", "/v1/chat/completions", {}, 501),
                    ("POST", "/v1/../../internal/admin", {}, 400),
                    ("POST", "/v1/%2e%2e/admin", {}, 400),
@@ -8766,18 +8805,24 @@ class TestServerHardening(ProxyTestCase):
                                   dict(O_HEADERS, **headers))
                 self.assertEqual(resp.status, status, resp.body[:200])
                 self.assertIn("message", resp.json()["error"])
-        rebound = await http(self.app.dashboard_port, "GET", "/api/requests",
-                             headers={"Host": "attacker.example:7678"})
+        rebound = await http(self.app.dashboard_port, "GET", "/api/requests", headers={
+            "Host": "attacker.example:7678", "Sec-Fetch-Site": "same-origin"})
         self.assertEqual(rebound.status, 403)
         self.assertEqual(len(self.up.requests), 0)
         rows = await self.rows(len(refused))
         self.assertEqual({r["outcome"] for r in rows}, {"rejected"})
         for headers in ({"Origin": "http://localhost:3000"}, {"Host": "127.0.0.1:7677"},
-                        {"Origin": "vscode-webview://abc"}, {"Host": "[::1]:7677"}):
+                        {"Origin": "vscode-webview://abc"}, {"Host": "[::1]:7677"},
+                        {"Origin": "http://app.localhost:5173"},
+                        {"Host": "host.docker.internal:7677", "Sec-Fetch-Mode": "cors"},
+                        {"Host": "tokenman.internal"}):  # (no browser: a reverse proxy's)
             with self.subTest(headers=headers):
                 ok = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
                                 dict(O_HEADERS, **headers))
                 self.assertEqual(ok.status, 200)
+        model = await http(self.port, "GET", "/v1/models/meta-llama%2FLlama-3.1-8B",
+                           headers=O_HEADERS)  # (an escaped slash in an id is no escape)
+        self.assertEqual(model.status, 200)
         body = b' \r\n{"model": "gpt-4o", "input": "mail me at ann@corp.io"}'
         resp = await http(self.port, "POST", "/v1/responses", body, O_HEADERS)
         self.assertEqual(resp.status, 200)
@@ -8787,7 +8832,7 @@ class TestServerHardening(ProxyTestCase):
             with self.subTest(bad=bad):
                 resp = await http(self.port, "POST", "/v1/responses", bad, O_HEADERS)
                 self.assertEqual(resp.status, 400)
-        self.assertEqual(len(self.up.requests), 5)
+        self.assertEqual(len(self.up.requests), 9)
 
     async def test_a_connection_that_sends_nothing_gets_the_read_timeout(self):
         # a new connection that sent nothing was held for idle_timeout (120 s), as if between
@@ -9384,6 +9429,32 @@ class TestReload(ProxyTestCase):
     def config(self, extra: str = "") -> str:
         return (f'[server]\nproxy_port = 0\ndashboard_port = 0\ndata_dir = "{self.tmp.name}"\n'
                 f'[providers.anthropic]\napi_base = "{self.up.base}"\n' + extra)
+
+    async def test_a_reloaded_route_never_serves_the_old_routes_answer(self):
+        # the cache key held the request, not where it went: after a reload sent the model to
+        # another provider, the old provider's answer kept coming back for the TTL
+        async def handler(rec, r, w):
+            if rec.target.endswith(b"/v1/messages"):
+                await json_reply(w, dict(anthropic_fixture("text")[1], model="from-claude"))
+            else:
+                await json_reply(w, dict(openai_fixture("text")[1], model="from-gpt"))
+        self.up.handler = handler
+        route = ('[providers.openai]\napi_base = "{base}"\n[routing.model_map]\n'
+                 '"my-model" = "{to}"\n')
+        await self.start_from_file(self.config(route.format(
+            base=self.up.base, to="anthropic:claude-sonnet-4-5")))
+        req = dict(OPENAI_REQ, model="my-model", temperature=0)
+        first = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(first.json()["model"], "from-claude")
+        await self.rows(1)
+        again = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(again.headers["x-tokenman-cache"], "HIT")
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config(route.format(base=self.up.base, to="openai:gpt-4o")))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        moved = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual((moved.headers["x-tokenman-cache"], moved.json()["model"]),
+                         ("MISS", "from-gpt"))
 
     async def test_a_reload_that_would_make_a_serving_provider_unusable_is_refused(self):
         # a key_ref typo was "config reloaded" after a warning: every request a 503 and

@@ -621,6 +621,12 @@ class RotatingFile:
         self.fh.close()
 
 
+def _secret_hint(low: str) -> bool:
+    """Whether a lowercased text may hold what redact_secrets() masks (a cheap first look)."""
+    return "sk-" in low or "bearer" in low or "aiza" in low or "api-key" in low \
+        or "api_key" in low
+
+
 class Logger:
     """Leveled logfmt lines (`time level msg key=value ...`) to a text stream. Formatting only
     happens for enabled levels; values are escaped so no client input can forge a line.
@@ -628,7 +634,7 @@ class Logger:
     and dropped) and written by a thread of their own, warnings and errors at once, the rest
     within a quarter second, so a log reader that stops reading (a full pipe, a stalled log
     driver) never stops the event loop."""
-    __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "dropped",
+    __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "told",
                  "dropped_total")
 
     def __init__(self, level: str = "info", stream=None, fmt: str = "text",
@@ -640,21 +646,23 @@ class Logger:
         self.stamp = IsoStamps()
         self.wake: threading.Event | None = None  # the writer thread's, once it runs
         self.lock = threading.Lock()  # one writer at a time: lines keep their order
-        self.dropped = 0  # lines dropped since the writer last said so
-        self.dropped_total = 0
+        self.dropped_total = 0  # lines dropped (counted where they are made)
+        self.told = 0  # of them, how many the writer has said so (only it changes this)
 
     def _emit(self, name: str, msg: str, fields: dict) -> None:
         if self.json:
             record = {"time": utc_iso(time.time()), "level": name.lower(), "msg": msg}
-            record.update({k: v if type(v) in (int, float, bool) or v is None
-                           else redact_secrets(str(v)) for k, v in fields.items()})
+            texts = {k: str(v) for k, v in fields.items()
+                     if not (type(v) in (int, float, bool) or v is None)}
+            secret = _secret_hint("|".join(texts.values()).lower())  # (one check, as below)
+            record.update({k: (redact_secrets(texts[k]) if secret else texts[k])
+                           if k in texts else v for k, v in fields.items()})
             self._write(json.dumps(record, ensure_ascii=False) + "\n", name)
             return
         texts = [v if type(v) is str else str(v) for v in fields.values()]
         joined = "|".join(texts)  # one check for the whole line: most need no escaping
         low = joined.lower()
-        if _LOG_SPECIAL.search(joined) or "sk-" in low or "bearer" in low or "aiza" in low \
-                or "api-key" in low or "api_key" in low:
+        if _LOG_SPECIAL.search(joined) or _secret_hint(low):
             texts = [escape_log(redact_secrets(t)) for t in texts]
             texts = [json.dumps(t) if " " in t or '"' in t or "=" in t else t for t in texts]
         line = " ".join([self.stamp(time.time()), name, escape_log(msg)]
@@ -670,7 +678,6 @@ class Logger:
                 pass  # a closed or full log stream never fails a request
             return
         if len(pending) >= LOG_PENDING_MAX:
-            self.dropped += 1
             self.dropped_total += 1
             return
         pending.append(line)
@@ -692,12 +699,13 @@ class Logger:
         lines = []
         while pending:
             lines.append(pending.popleft())
-        if self.dropped:  # (said here, in this thread: utc_iso, not the loop's stamp cache)
+        dropped = self.dropped_total - self.told
+        if dropped:  # (said here, in this thread: utc_iso, not the loop's stamp cache)
+            self.told += dropped
             msg, now = "log lines dropped: the log was not read fast enough", utc_iso(time.time())
             lines.append(json.dumps({"time": now, "level": "warn", "msg": msg,
-                                     "dropped": self.dropped}) + "\n" if self.json else
-                         f"{now} WARN {escape_log(msg)} dropped={self.dropped}\n")
-            self.dropped = 0
+                                     "dropped": dropped}) + "\n" if self.json else
+                         f"{now} WARN {escape_log(msg)} dropped={dropped}\n")
         if lines:
             try:
                 self.stream.write("".join(lines))
@@ -708,8 +716,8 @@ class Logger:
     def flush(self, timeout: float = 2.0) -> None:
         """Writes what is queued now (at stop and exit; the writer thread does it otherwise),
         waiting at most `timeout` for a write the thread has under way."""
-        if self.pending and self.lock.acquire(timeout=timeout):
-            try:
+        if self.pending is not None and self.lock.acquire(timeout=timeout):
+            try:  # (taken even with nothing queued: the thread may be writing lines it took)
                 self._drain()
             finally:
                 self.lock.release()
@@ -2502,16 +2510,23 @@ def native_error(api: str, status: int, message: str, kind: str = "") -> bytes:
                                  "code": etype if status == 429 else None}})  # codes its 429s)
 
 
-_LOOPBACK_HOST_RE = re.compile(
-    rb"(?:localhost|[a-z0-9-]+\.localhost|127(?:\.[0-9]{1,3}){3}|0\.0\.0\.0|\[::1\])"
-    rb"(?::[0-9]{1,5})?\Z",
-    re.IGNORECASE)
-_LOOPBACK_ORIGIN_RE = re.compile(
-    rb"https?://(?:localhost|127(?:\.[0-9]{1,3}){3}|\[::1\])(?::[0-9]{1,5})?\Z", re.IGNORECASE)
+_LOOPBACK_NAME = (rb"(?:localhost|[a-z0-9-]+\.localhost|127(?:\.[0-9]{1,3}){3}|0\.0\.0\.0|"
+                  rb"\[(?:0{0,4}:){2,7}0{0,3}1\]|host\.docker\.internal)\.?")
+_LOOPBACK_HOST_RE = re.compile(_LOOPBACK_NAME + rb"(?::[0-9]{1,5})?\Z", re.IGNORECASE)
+_LOOPBACK_ORIGIN_RE = re.compile(rb"https?://" + _LOOPBACK_NAME + rb"(?::[0-9]{1,5})?/?\Z",
+                                 re.IGNORECASE)
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # a path that a server behind the provider's base URL could resolve elsewhere: dot segments,
-# and slashes or dots written as escapes (no API path has them)
-_PATH_ESCAPE_RE = re.compile(r"/\.\.?(?:/|\Z)|%2[ef]|%5c|\\", re.IGNORECASE)
+# plain or escaped, and backslashes (an escaped slash inside a segment is a model id's, as the
+# OpenAI SDKs write "meta-llama/Llama-3.1-8B": it passes)
+_PATH_ESCAPE_RE = re.compile(r"(?:/|%2f)(?:\.|%2e){1,2}(?:/|%2f|\Z)|\\|%5c", re.IGNORECASE)
+
+
+def _host_name(host: bytes) -> bytes:
+    """A Host value without its port (and a trailing dot)."""
+    if host[:1] == b"[":
+        return host[:host.index(b"]") + 1] if b"]" in host else host
+    return (host.rpartition(b":")[0] if b":" in host else host).rstrip(b".")
 
 
 def is_loopback(address: str) -> bool:
@@ -2519,25 +2534,28 @@ def is_loopback(address: str) -> bool:
 
 
 class BrowserGuard:
-    """Keeps web pages out of a server on loopback: a Host that is not a loopback name (a page
-    whose DNS name was rebound to 127.0.0.1) and, where `origins` is given, a web page's Origin
-    that is not a loopback page nor allowed (a page elsewhere posting to the proxy, which adds
-    the operator's key). Apps' own origins (vscode-webview://, app://) are not web pages."""
+    """Keeps web pages out of a server on loopback. A browser's request (it says so: Origin,
+    Sec-Fetch-*) whose Host is not a loopback name comes from a page whose DNS name was
+    rebound to 127.0.0.1; where `origins` is given, a web page's Origin that is neither a
+    loopback page nor allowed is a page elsewhere posting to the proxy, which adds the
+    operator's key. Other clients (SDKs, curl, a reverse proxy passing its Host on) and apps'
+    own origins (vscode-webview://, app://) are not web pages."""
     __slots__ = ("check_host", "hosts", "origins")
 
     def __init__(self, bind: str, hosts: tuple = (), origins: tuple | None = None) -> None:
         self.check_host = is_loopback(bind) and "*" not in hosts
-        self.hosts = frozenset(h.lower().encode() for h in hosts)
+        self.hosts = frozenset(_host_name(h.lower().encode()) for h in hosts)
         self.origins = None if origins is None or "*" in origins else frozenset(
             o.rstrip("/").encode() for o in origins)
 
     def refusal(self, headers: Headers) -> str:
         """Why the request is refused, or "" when it is not."""
-        host = headers.map.get(b"host", b"")
-        if self.check_host and host and not _LOOPBACK_HOST_RE.match(host):
-            name = host[:host.index(b"]") + 1] if host[:1] == b"[" and b"]" in host \
-                else host.rpartition(b":")[0] or host
-            if name.lower() not in self.hosts:
+        fields = headers.map
+        host = fields.get(b"host", b"")
+        if self.check_host and host and (b"origin" in fields or b"sec-fetch-mode" in fields
+                                         or b"sec-fetch-site" in fields) \
+                and not _LOOPBACK_HOST_RE.match(host):
+            if _host_name(host.lower()) not in self.hosts:
                 return (f"Host {host.decode('latin-1')[:100]!r} is not a loopback name "
                         "(server.allowed_hosts lists others)")
         origin = headers.map.get(b"origin")
@@ -3707,7 +3725,7 @@ class Price:
 
 
 # Built-in list prices (USD per million tokens): input, output, cache write 5m, cache write 1h,
-# cache read. Standard tier, no batch or long-context surcharges. Compiled 2026-11-27 from the
+# cache read (and audio input, audio output where the model takes audio). Standard tier, no batch or long-context surcharges. Compiled 2026-11-27 from the
 # providers' pricing pages; OpenAI bills cache writes only from GPT-5.6 on (earlier: = input).
 # Override or extend with [pricing."<model>"] in the config.
 BUILTIN_PRICES = (
@@ -3766,6 +3784,12 @@ BUILTIN_PRICES = (
     ("gpt-4.1-mini", 0.4, 1.6, 0.4, 0.4, 0.1),
     ("gpt-4.1-nano", 0.1, 0.4, 0.1, 0.1, 0.025),
     ("gpt-4.1", 2, 8, 2, 2, 0.5),
+    ("gpt-4o-mini-search-preview", 0.15, 0.6, 0.15, 0.15, 0.15),  # (its per-search fee:
+    ("gpt-4o-search-preview", 2.5, 10, 2.5, 2.5, 2.5),  # not modelled)
+    ("gpt-4o-mini-audio-preview", 0.15, 0.6, 0.15, 0.15, 0.15, 10, 20),  # (then audio tokens)
+    ("gpt-4o-audio-preview", 2.5, 10, 2.5, 2.5, 2.5, 40, 80),
+    ("gpt-4o-mini-realtime-preview", 0.6, 2.4, 0.6, 0.6, 0.3, 10, 20),
+    ("gpt-4o-realtime-preview", 5, 20, 5, 5, 2.5, 40, 80),
     ("gpt-4o-mini", 0.15, 0.6, 0.15, 0.15, 0.075),
     ("gpt-4o-2024-05-13", 5, 15, 5, 5, 5),
     ("gpt-4o", 2.5, 10, 2.5, 2.5, 1.25),
@@ -3802,6 +3826,7 @@ class PriceTable:
         self.prices: dict[str, Price] = {row[0]: Price(*row[1:]) for row in BUILTIN_PRICES}
         for model, entry in (overrides or {}).items():
             self.prices[model] = Price(**dict(entry))
+        self.builtin = frozenset(row[0] for row in BUILTIN_PRICES) - set(overrides or ())
         self._memo: dict[str, Price | None] = {}
         self._warned: set[str] = set()
         self._warn = warn
@@ -3824,8 +3849,12 @@ class PriceTable:
             if len(prefix) > len(best) and model.startswith(prefix) and (
                     len(model) == len(prefix) or model[len(prefix)] in _MODEL_BOUNDARY):
                 best = prefix
-        if not best or _PRICED_APART.search(model, len(best) - 1):
+        if not best:
             return None
+        if best in self.builtin:  # (a family tokenman's table holds; the operator's own
+            end = model.find(":", len(best))  # entries price what they match; a fine-tune's
+            if _PRICED_APART.search(model, len(best) - 1, len(model) if end < 0 else end):
+                return None  # :org:name: suffix is its name, not a variant)
         return self.prices[best]
 
     def cost(self, model: str, usage: Usage) -> float | None:
@@ -7373,6 +7402,8 @@ def cache_minimum(model: str) -> int:
 # an escaped letter of "cache_control" (c a h e _ o n t r l): rare in real text, where only
 # quotes, controls and non-ASCII are escaped
 _ESCAPED_NAME = re.compile(rb"\\u00(?:6[1358cCeEfF]|5[fF]|7[24])")
+# the name as a member (a quote no backslash escapes, a colon after it), not as a string value
+_CACHE_CONTROL_KEY = re.compile(rb'(?<!\\)(?:\\\\)*"cache_control"\s*:')
 
 
 class CacheHints(Stage):
@@ -7391,10 +7422,11 @@ class CacheHints(Stage):
     def request(self, ctx: Context) -> Reply | None:
         obj = ctx.obj
         body = ctx.req.body
-        if not self.cfg.enabled or ctx.api != API_ANTHROPIC or (
-                b'"cache_control"' in body or _ESCAPED_NAME.search(body)) \
-                and has_member(obj, "cache_control"):
-            return None  # (the name may be written with escapes: the parsed body is asked)
+        if not self.cfg.enabled or ctx.api != API_ANTHROPIC:
+            return None
+        if b'"cache_control"' in body and _CACHE_CONTROL_KEY.search(body) or \
+                _ESCAPED_NAME.search(body) and has_member(obj, "cache_control"):
+            return None  # (a member, not a value; spelled with escapes, the parsed body says)
         if len(ctx.req.body) // 3 < CACHE_MINIMUM_ANY:  # the whole prompt is too short to cache
             return None
         minimum = cache_minimum(ctx.model)
@@ -8630,6 +8662,7 @@ class Router:
         self.model_map = cfg.routing.model_map
         self.default = cfg.routing.default_provider
         self.share_keys = cfg.routing.share_client_keys
+        self.log = log
         self._memo: dict[tuple[str, str], Provider | None] = {}
         self._plans: dict[tuple, tuple] = {}
 
@@ -8710,11 +8743,22 @@ class Router:
                     if (prov, name) not in plan and (prov.serves(name) or not pinned
                                                      and not (prov.exact or prov.patterns)):
                         plan.append((prov, name))
-        if plan and not self.share_keys:  # a client's own key goes only where its request
-            home = plan[0][0].origin.key[:3]  # is routed: never, by a fallback, to another
-            plan = plan[:1] + [(p, m) for p, m in plan[1:]  # host that passes keys through
-                               if p.cfg.key_ref or p.origin.key[:3] == home]
-        return tuple(plan)
+        return tuple(self._own_keys_stay(plan, model))
+
+    def _own_keys_stay(self, plan: list, model: str) -> list:
+        """A client's own key goes only to the host its request is routed to (the first step
+        that passes keys through): never, by a fallback, to another such host (a gateway run
+        by someone else; a provider of the other format, as its Bearer token). Steps with
+        their own key stay. Each step taken out is logged once (plans are memoized)."""
+        home = next((p.origin.key[:3] for p, _ in plan if not p.cfg.key_ref), None)
+        if self.share_keys or home is None:
+            return plan
+        kept = [(p, m) for p, m in plan if p.cfg.key_ref or p.origin.key[:3] == home]
+        for step in plan:
+            if step not in kept:
+                self.log.info("fallback step skipped: it would get the client's own key "
+                              "(routing.share_client_keys)", provider=step[0].key, model=model)
+        return kept
 
     def usable_count(self) -> int:
         return sum(len(v) for v in self.by_format.values())
