@@ -4749,6 +4749,9 @@ class TestStreamAssembler(unittest.TestCase):
         got = self.assembled(tm.API_OPENAI, events)
         self.assertEqual(got["choices"][0]["message"], body["choices"][0]["message"])
         self.assertEqual((got["usage"], got["service_tier"]), (body["usage"], "default"))
+        first = json.loads(events[0][6:])["choices"][0]["delta"]  # content null, as the
+        self.assertEqual(first, {"role": "assistant", "content": None})  # provider streams
+        # it for an answer without text (a tool call, a refusal): "" made the SDKs' content ""
 
     def test_tool_calls_numbered_alike_are_kept_apart(self):
         # a trial: a server numbering every call 0 (ids differ) filled the cache with one call

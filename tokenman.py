@@ -6016,8 +6016,9 @@ def _openai_events(obj: dict, include_usage: bool) -> list[bytes]:
     for choice in obj.get("choices") or ():
         index = choice.get("index", 0)
         message = choice.get("message") or {}
-        chunk([{"index": index, "delta": {"role": message.get("role", "assistant"),
-                                          "content": ""}, "finish_reason": None}])
+        chunk([{"index": index, "delta": {"role": message.get("role", "assistant"), "content":
+                                          None if message.get("content") is None else ""},
+                 "finish_reason": None}])  # (a tool call's message has content null)
         for key in _REASONING_KEYS:  # (a reasoning server's thoughts come before the answer)
             if message.get(key) and type(message[key]) is str:
                 chunk([{"index": index, "delta": {key: message[key]}, "finish_reason": None}])
