@@ -2596,7 +2596,8 @@ class TestStreaming(ProxyTestCase):
             "content": "hello there friend"}}]}, b"[DONE]")
         self.up.handler = fixture_handler(chunks, None)
         await self.start_proxy()
-        await self.stream("/v1/chat/completions", dict(OPENAI_REQ, stream=True), O_HEADERS)
+        await self.stream("/v1/chat/completions", dict(OPENAI_REQ, model="local", stream=True),
+                          O_HEADERS)
         row = (await self.rows())[0]
         self.assertEqual(row["estimated"], 1)
         self.assertGreater(row["output_tokens"], 0)
@@ -6531,6 +6532,94 @@ class TestBudgetStage(ProxyTestCase):
         self.assertEqual(worst("/v1/messages", "anthropic",  # (a priced name mapped to an
                                dict(self.MODEL_REQ, model="claude-sonnet-4-5")), 0.0)  # unpriced
         # model: nothing to reserve)
+
+    async def test_the_worst_case_holds_fees_summaries_and_audio(self):
+        # left out of the reservation, each let a budget be overspent many times: web searches
+        # ($10 per 1,000, 10 a call: 160x the limit), the summary call tokenman makes for a
+        # long conversation (4x), audio output at $80 / M reserved at the text rate (6x);
+        # best_of answers and a whole-number float max_tokens were not counted either
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100}},
+                                "compression": {"summarization": {
+                                    "enabled": True, "threshold_messages": 4}}})
+        budget = self.app.pipeline.stage("budget")
+
+        def worst(path, api, body):
+            req = tm.Request("POST", path, 1, tm.Headers([(b"host", b"x")]))
+            req.body = json.dumps(body).encode()
+            ctx = tm.Context(req, api)
+            self.app.proxy._prepare(req, ctx)
+            return budget._worst(ctx)
+        base = worst("/v1/messages", "anthropic", self.MODEL_REQ)
+        search = dict(self.MODEL_REQ, tools=[{"type": "web_search_20250305",
+                                              "name": "web_search", "max_uses": 7}])
+        self.assertAlmostEqual(worst("/v1/messages", "anthropic", search) - base, 0.07,
+                               delta=0.0001)  # (and the tool's own few tokens)
+        del search["tools"][0]["max_uses"]
+        self.assertAlmostEqual(worst("/v1/messages", "anthropic", search) - base,
+                               tm.WEB_SEARCH_USES * tm.WEB_SEARCH_USD, delta=0.0001)
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+                 for i in range(7)]
+        long = worst("/v1/messages", "anthropic", dict(self.MODEL_REQ, messages=turns))
+        short = worst("/v1/messages", "anthropic", dict(self.MODEL_REQ, messages=turns[:3]))
+        haiku = self.app.proxy.prices.lookup("claude-haiku-4-5")
+        self.assertGreater(long - short, 1024 * haiku.output / 1e6)  # (its summary at most)
+        audio = {"model": "gpt-4o-audio-preview", "max_tokens": 100,
+                 "messages": [{"role": "user", "content": "hi"}]}
+        self.assertGreaterEqual(worst("/v1/chat/completions", "openai", audio), 100 * 80 / 1e6)
+        legacy = {"model": "gpt-3.5-turbo-instruct", "prompt": "x", "max_tokens": 10.0}
+        self.assertAlmostEqual(worst("/v1/completions", "openai", dict(legacy, best_of=3))
+                               - worst("/v1/completions", "openai", legacy), 2 * 10 * 2 / 1e6)
+
+    async def test_a_refusal_says_when_to_come_back_and_an_unnamed_model_still_spends(self):
+        # a refusal's Retry-After was the rest of the period even when only requests in flight
+        # were in the way, and the Anthropic SDK waits for it (it hung for the day); a provider
+        # naming a model without a price (a gateway's alias) left the spend null: no budget saw
+        # it again
+        gate = asyncio.Event()
+
+        async def handler(rec, r, w):
+            if rec.json()["messages"][0]["content"] == "hold":
+                await gate.wait()
+            await json_reply(w, {"model": "gateway-alias-7", "content": [],
+                                 "usage": {"input_tokens": 10, "output_tokens": 1000}})
+        self.up.handler = handler
+        limit = round(self.worst() * 1.5, 6)
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": limit}}})
+        held = asyncio.create_task(http(self.port, "POST", "/v1/messages", dict(
+            self.MODEL_REQ, messages=[{"role": "user", "content": "hold"}]), A_HEADERS))
+        while not self.up.requests:
+            await asyncio.sleep(0.01)
+        busy = await http(self.port, "POST", "/v1/messages", self.MODEL_REQ, A_HEADERS)
+        self.assertEqual(busy.status, 429)
+        self.assertEqual(busy.headers["retry-after"], str(tm.BUDGET_HELD_RETRY))
+        self.assertNotIn("x-should-retry", busy.headers)
+        gate.set()
+        self.assertEqual((await asyncio.wait_for(held, WAIT)).status, 200)
+        row = (await self.rows(2, "status_code = 200"))[0]
+        self.assertEqual(row["model"], "gateway-alias-7")
+        self.assertAlmostEqual(row["cost_usd"], (10 * 1 + 1000 * 5) / 1e6)  # (as haiku)
+        spent = await http(self.port, "POST", "/v1/messages", self.MODEL_REQ, A_HEADERS)
+        self.assertEqual(spent.status, 429)  # (the period: only its end helps)
+        self.assertEqual(spent.headers["x-should-retry"], "false")
+        self.assertGreater(int(spent.headers["retry-after"]), tm.BUDGET_HELD_RETRY)
+
+    async def test_alerts_follow_a_reloaded_limit(self):
+        # a reload lowered the limit while requests were in flight: they settled at 250% of
+        # it, and no alert was logged (the limit held at reservation time was compared)
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 1.0}}})
+        old = self.app.pipeline.stage("budget")
+        req = tm.Request("POST", "/v1/messages", 1, tm.Headers([(b"host", b"x")]))
+        req.body = json.dumps(self.MODEL_REQ).encode()
+        ctx = tm.Context(req, "anthropic")
+        self.app.proxy._prepare(req, ctx)
+        self.assertIsNone(old.request(ctx))
+        lower = tm.config_from_dict({"security": {"budget": {"enabled": True,
+                                                             "daily_limit": 0.001}}}, {})
+        tm.BudgetGuard(lower, store=self.app.store, log=tm.Logger("fatal"),
+                       prices=self.app.proxy.prices, ledger=old.ledger)  # (the reload's)
+        ctx.cost = 0.0025
+        old.finish(ctx)
+        self.assertEqual({mark[-1] for mark in old.ledger.fired}, {50.0, 75.0, 90.0})
 
     async def test_an_overspent_period_still_lets_unpriced_and_free_calls_through(self):
         # an embeddings call billed above its estimate took the period past its limit; every

@@ -219,6 +219,8 @@ LOG_PENDING_MAX = 100_000  # log lines waiting for a stalled reader, at the most
 USAGE_MAX = 1_000_000_000  # a provider's token count past this is taken as garbage (the largest
 # context windows are a few million tokens; a batch's usage is per request)
 WEB_SEARCH_USD = 0.01  # Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
+BUDGET_HELD_RETRY = 5  # Retry-After (s) of a budget refusal that only held reservations cause
+WEB_SEARCH_USES = 10  # searches a budget holds for a web search tool that sets no max_uses
 
 # ================================================================================================
 # §02 errors: exceptions that know how they look on the wire
@@ -3687,13 +3689,25 @@ _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  #
 
 
 def stated_output(obj: dict) -> tuple[int | None, int]:
-    """The request's own limit on each answer (None when it states none) and how many answers
-    it asks for (OpenAI's `n`)."""
+    """The request's own limit on each answer (None when it states none; a whole-number float
+    is a number) and how many answers it asks for (OpenAI's `n`; legacy completions' `best_of`
+    makes that many, billed, and returns n of them)."""
     if not isinstance(obj, dict):
         return None, 1
-    most = next((obj[k] for k in _OUTPUT_LIMITS if _is_count(obj.get(k))), None)
-    n = obj.get("n")
-    return most, n if _is_count(n) and n > 1 else 1
+    most = next((n for n in (_tokens(obj.get(k)) for k in _OUTPUT_LIMITS) if n is not None),
+                None)
+    n = max(_tokens(obj.get("n")) or 1, _tokens(obj.get("best_of")) or 1)
+    return most, n
+
+
+def web_searches_at_most(obj: object) -> int:
+    """Web searches an Anthropic request allows its model (each billed apart from the tokens):
+    every web search tool's max_uses, WEB_SEARCH_USES for one that sets none."""
+    tools = obj.get("tools") if isinstance(obj, dict) else None
+    if not isinstance(tools, list):
+        return 0
+    return sum(_tokens(t.get("max_uses")) or WEB_SEARCH_USES for t in tools
+               if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search"))
 
 
 class Price:
@@ -7088,6 +7102,7 @@ class BudgetLedger:
         self.spent: dict[tuple, float] = {}
         self.reserved: dict[tuple, float] = {}
         self.fired: set[tuple] = set()
+        self.limits: dict[tuple, float] = {}  # (scope, period) -> USD, as the config says now
 
     @staticmethod
     def logged(store: Store, limits: list[tuple[str, str, float]],
@@ -7141,11 +7156,14 @@ class BudgetGuard(Stage):
     def __init__(self, cfg: Config, store: Store, log: Logger, prices: PriceTable,
                  ledger: BudgetLedger, clock=time.time, **_: object) -> None:
         self.cfg = cfg.budget
+        self.summaries = cfg.summarization
         self.store = store
         self.log = log
         self.prices = prices
         self.ledger = ledger
         self.clock = clock
+        ledger.limits = {(scope, period): limit for scope, period, limit in budget_limits(
+            cfg.budget)}  # (a new pipeline: a reload's limits count for alerts at once)
 
     def _worst(self, ctx: Context) -> float:
         """The most this request can cost: its input estimate at the dearest input rate and
@@ -7162,9 +7180,22 @@ class BudgetGuard(Stage):
         if most is None:
             most = self.cfg.default_max_tokens
         tokens = request_estimate(ctx)
-        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h)
-                   + (min(most, cap) if cap else most) * n * p.output
-                   for p, cap in prices) / 1_000_000
+        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h, p.audio_input or 0)
+                   + (min(most, cap) if cap else most) * n * max(p.output, p.audio_output or 0)
+                   for p, cap in prices) / 1_000_000 \
+            + web_searches_at_most(ctx.obj) * WEB_SEARCH_USD + self._summary_worst(ctx, tokens)
+
+    def _summary_worst(self, ctx: Context, tokens: int) -> float:
+        """What the summary call tokenman may make for this request can cost (its transcript
+        is at most the request's input; its answer summarization.max_tokens)."""
+        s = self.summaries
+        messages = ctx.obj.get("messages") if isinstance(ctx.obj, dict) else None
+        if not s.enabled or not isinstance(messages, list) \
+                or len(messages) <= s.threshold_messages or no_compress(ctx):
+            return 0.0
+        price = self.prices.lookup(s.model)
+        return 0.0 if price is None else (tokens * price.input
+                                          + s.max_tokens * price.output) / 1_000_000
 
     def request(self, ctx: Context) -> Reply | None:
         if not self.cfg.enabled or ctx.req.path in UNBILLED_PATHS:
@@ -7183,8 +7214,10 @@ class BudgetGuard(Stage):
             key = (scope, period, start)
             spent = ledger.spent.get(key, 0.0)
             held = ledger.reserved.get(key, 0.0)
-            if spent + held + worst > limit + 1e-12:
-                wait = b"%d" % max(1, int(end - now + 0.999))
+            if spent + held + worst > limit + 1e-12:  # (until the period ends; when only
+                wait = b"%d" % (max(1, int(end - now + 0.999)) if spent + worst > limit  # what
+                                else BUDGET_HELD_RETRY)  # requests in flight hold is in the way,
+                # it is soon back; an SDK told to wait for the period would hang for it)
                 self.log.warn("budget exceeded", id=ctx.id, scope=scope, period=period,
                               limit=limit, spent=f"{spent:.6f}", held=f"{held:.6f}")
                 state = f"spent ${spent:.4f}" + (
@@ -7196,7 +7229,8 @@ class BudgetGuard(Stage):
                     f"{period} budget for {scope}: this request may cost up to ${worst:.4f}, "
                     f"more than the ${max(0.0, limit - spent - held):.4f} left ({state})",
                     "rate_limit_error" if ctx.api == API_ANTHROPIC else "budget_exceeded",
-                    [(b"Retry-After", wait)],
+                    [(b"Retry-After", wait)] + ([(b"X-Should-Retry", b"false")]
+                                                if spent + worst > limit else []),
                     {"period": period, "scope": scope, "limit": limit,
                      "spent": round(spent, 6)})
             keys.append((key, limit))
@@ -7210,11 +7244,12 @@ class BudgetGuard(Stage):
         if not held:
             return
         keys, worst = held
-        actual = ctx.cost or 0.0
-        ledger = self.ledger
+        actual = worst if ctx.cost is None else ctx.cost  # (usage priced nowhere, audio with
+        ledger = self.ledger  # no audio rates: the most it could cost, not nothing)
         now = utc_iso(self.clock())
         for key, limit in keys:
             ledger.reserved[key] = max(0.0, ledger.reserved.get(key, 0.0) - worst)
+            limit = ledger.limits.get(key[:2], limit)  # (a reload may have changed it since)
             if not actual:
                 continue
             before = ledger.spent.get(key, 0.0)
@@ -9262,6 +9297,7 @@ class ResponseRelay:
         if isinstance(obj, dict) and not usage.reported and isinstance(obj.get("response"),
                                                                         dict):
             usage, model = usage_from_body(ctx.upstream_api, obj["response"])
+        sent = ctx.model
         if model:
             ctx.model = model
         if isinstance(obj, dict) and obj.get("object") == "response" and not usage.reported \
@@ -9280,7 +9316,16 @@ class ResponseRelay:
                 answer.get("content", answer.get("choices", answer.get("output")))
                 if isinstance(answer, dict) and ctx.req.path != EMBEDDINGS_PATH else None)))
         ctx.usage = usage
-        ctx.cost = self.prices.cost(ctx.model, usage)
+        ctx.cost = self._cost(ctx, usage, sent)
+
+    def _cost(self, ctx: Context, usage: Usage, sent: str) -> float | None:
+        """The answer's cost at the price of the model the provider names; one that names a
+        model without a price (a gateway's alias) is priced as the model it was sent for,
+        which its budget reservation was made for (it would be null: spend no budget sees)."""
+        if sent and sent != ctx.model and self.prices.lookup(ctx.model) is None \
+                and self.prices.lookup(sent) is not None:
+            return self.prices.cost(sent, usage)
+        return self.prices.cost(ctx.model, usage)
 
     def _answers(self, ctx: Context) -> bool:
         """A call answered now whose usage is recorded (estimated if the provider says none)."""
@@ -9518,6 +9563,7 @@ class ResponseRelay:
 
     def _account_stream(self, ctx: Context, meter: StreamMeter) -> None:
         usage = meter.usage
+        sent = ctx.model
         if meter.model:
             ctx.model = meter.model
         if not self._billable(ctx):  # a streamed retrieval (GET /v1/responses/{id}?stream=)
@@ -9533,7 +9579,7 @@ class ResponseRelay:
                     usage.output = guess
                     usage.estimated = True
         ctx.usage = usage
-        ctx.cost = self.prices.cost(ctx.model, usage)
+        ctx.cost = self._cost(ctx, usage, sent)
 
     async def _relay_raw(self, req: Request, conn: ServerConn, ctx: Context, prov: Provider,
                          resp: UpstreamResponse) -> None:
