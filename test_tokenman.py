@@ -8940,6 +8940,38 @@ class TestServerHardening(ProxyTestCase):
         for _, writer in (silent, used):
             writer.close()
 
+    async def test_every_address_means_ipv4_too_and_an_open_proxy_is_warned_of(self):
+        # bind_address "::" listened on IPv6 only (asyncio's own sockets are IPv6-only) and
+        # the start line said http://:::7677; 0.0.0.0 with auth off said nothing at all
+        import io
+        try:  # (a machine without IPv6 has only the second case)
+            socket.socket(socket.AF_INET6).close()
+            binds = ("::", "0.0.0.0")
+        except OSError:
+            binds = ("0.0.0.0",)
+        for bind in binds:
+            with self.subTest(bind=bind):
+                out = io.StringIO()
+                cfg = tm.config_from_dict({"server": {
+                    "proxy_port": 0, "dashboard_port": 0, "data_dir": self.tmp.name,
+                    "bind_address": bind}, "providers": {"anthropic": {"api_base": self.up.base}}},
+                    {})
+                app = tm.App(cfg, env={}, log=tm.Logger("info", out))
+                await app.start()
+                try:
+                    for host in ("127.0.0.1", "::1") if bind == "::" else ("127.0.0.1",):
+                        reader, writer = await asyncio.open_connection(host, app.port)
+                        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                        reply = await asyncio.wait_for(read_response(reader), WAIT)
+                        writer.close()
+                        self.assertEqual(reply.status, 200, host)
+                finally:
+                    await app.stop()
+                log = out.getvalue()
+                self.assertIn("listens beyond this machine with auth off", log)
+                if bind == "::":
+                    self.assertIn(f"proxy=http://[::]:{app.port}", log)
+
     async def test_smuggling_and_malformed_heads_get_status_and_close(self):
         await self.start_proxy({"server": {"max_body_size": 1000}})
         cases = [

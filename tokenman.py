@@ -2531,6 +2531,11 @@ def _host_name(host: bytes) -> bytes:
     return (host.rpartition(b":")[0] if b":" in host else host).rstrip(b".")
 
 
+def url_host(address: str) -> str:
+    """An address as a URL's host part (an IPv6 one in brackets)."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
 def is_loopback(address: str) -> bool:
     return address in ("localhost", "::1") or address.startswith("127.")
 
@@ -2775,8 +2780,20 @@ class HTTPServer:
             self.chans.add(chan)
             return chan
 
-        self.server = await loop.create_server(factory, host, port, ssl=self.ssl_ctx,
-                                               reuse_address=True, backlog=1024)
+        if host in ("::", "[::]"):  # every address, IPv4 too (asyncio's own would be IPv6
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # only)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+            except OSError:
+                sock.close()
+                raise
+            self.server = await loop.create_server(factory, sock=sock, ssl=self.ssl_ctx,
+                                                   backlog=1024)
+        else:
+            self.server = await loop.create_server(factory, host, port, ssl=self.ssl_ctx,
+                                                   reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
@@ -9846,7 +9863,9 @@ class Proxy(ResponseRelay, RequestLog):
             denied = check_token(req.headers, self.auth_token)
             if denied:
                 return HTTPError(denied, "authentication required" if denied == 401 else
-                                 "invalid token", close=True, headers=(
+                                 "invalid token (tokenman's token goes in X-Tokenman-Token, or "
+                                 "in Authorization when no key of your own is sent there)",
+                                 close=True, headers=(
                                      ((b"WWW-Authenticate", b"Bearer"),) if denied == 401
                                      else ()))
         if req.method not in HTTP_METHODS:
@@ -11327,14 +11346,17 @@ class App:
         if self.tracer is not None:
             self._tasks.append(loop.create_task(self.tracer.run(self.pool)))
         scheme = "https" if ssl_ctx else "http"
+        dash_bind = cfg.dashboard.bind_address or cfg.server.bind_address
         self.log.info("tokenman started", version=__version__,
-                      proxy=f"{scheme}://{cfg.server.bind_address}:{self.port}",
-                      dashboard=f"{scheme}://"
-                      f"{cfg.dashboard.bind_address or cfg.server.bind_address}"
-                      f":{self.dashboard_port}"
+                      proxy=f"{scheme}://{url_host(cfg.server.bind_address)}:{self.port}",
+                      dashboard=f"{scheme}://{url_host(dash_bind)}:{self.dashboard_port}"
                       if self.dashboard else "off",
                       config=cfg.source or "built-in defaults", database=path,
                       providers=",".join(p.key for ps in router.by_format.values() for p in ps))
+        if not is_loopback(cfg.server.bind_address) and not cfg.auth.enabled:
+            self.log.warn("the proxy listens beyond this machine with auth off: anyone who "
+                          "reaches it spends with its providers' keys (set [auth] enabled and "
+                          "a token)", bind_address=cfg.server.bind_address)
 
     def _components(self, cfg: Config) -> tuple[Router, PriceTable, Pipeline, list[Plugin]]:
         """What one config snapshot needs (reads key files: run in a worker thread). Breakers,
