@@ -613,7 +613,7 @@ class TestUtilities(unittest.TestCase):
                 with self.assertRaises(TimeoutError):  # (the loop runs while it waits)
                     await asyncio.wait_for(asyncio.shield(task), 0.05)
                 out.gate.set()
-                await task
+                await asyncio.wait_for(task, WAIT)
             return out.text
         self.assertIn("GET /v1/x", "".join(asyncio.run(scenario())))
 
@@ -631,9 +631,7 @@ class TestUtilities(unittest.TestCase):
 
             def flush(self):
                 pass
-        self.addCleanup(setattr, tm, "LOG_PENDING_MAX", tm.LOG_PENDING_MAX)
-        tm.LOG_PENDING_MAX = 50
-        log = tm.Logger("info", Stalled(), buffered=True)
+        log = tm.Logger("info", Stalled(), buffered=True, max_pending=50)
         log.error("first")
         for i in range(60):
             log.info("line", i=i)
@@ -7930,7 +7928,8 @@ class TestTracing(ProxyTestCase):
         tracer.export_timeout = 0.2
         await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         await self.rows()
-        await tracer.flush(self.app.pool, tm.Origin(collector.base + "/v1/traces"))
+        await asyncio.wait_for(tracer.flush(self.app.pool,
+                                            tm.Origin(collector.base + "/v1/traces")), WAIT)
         await asyncio.wait_for(collector.closed_event.wait(), WAIT)
         self.assertEqual((collector.connections, collector.closed), (1, 1))
         self.assertGreater(tracer.dropped, 0)

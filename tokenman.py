@@ -637,11 +637,12 @@ class Logger:
     within a quarter second, so a log reader that stops reading (a full pipe, a stalled log
     driver) never stops the event loop."""
     __slots__ = ("level", "stream", "json", "pending", "stamp", "wake", "lock", "told",
-                 "dropped_total")
+                 "dropped_total", "max_pending")
 
     def __init__(self, level: str = "info", stream=None, fmt: str = "text",
-                 buffered: bool = False) -> None:
+                 buffered: bool = False, max_pending: int = LOG_PENDING_MAX) -> None:
         self.level = LOG_LEVELS.get(level.lower(), 20)
+        self.max_pending = max_pending
         self.stream = stream if stream is not None else sys.stderr
         self.json = fmt == "json"
         self.pending: collections.deque | None = collections.deque() if buffered else None
@@ -679,7 +680,7 @@ class Logger:
             except (OSError, ValueError):
                 pass  # a closed or full log stream never fails a request
             return
-        if len(pending) >= LOG_PENDING_MAX:
+        if len(pending) >= self.max_pending:
             self.dropped_total += 1
             return
         pending.append(line)
