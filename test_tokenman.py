@@ -1362,8 +1362,11 @@ class TestPrices(unittest.TestCase):
             with self.subTest(model=model):
                 self.assertEqual(table.lookup(model).input, price)
         self.assertEqual(table.lookup("gpt-4o-audio-preview").audio_output, 80)
-        named = tm.PriceTable({"gpt-4o-realtime-preview": {"input": 6.0, "output": 20.0}})
+        named = tm.PriceTable({"gpt-4o-realtime-preview": {"input": 6.0, "output": 20.0},
+                               "gpt-4o": {"input": 2.0, "output": 8.0}})
         self.assertEqual(named.lookup("gpt-4o-realtime-preview-2024-12-17").input, 6.0)
+        self.assertIsNone(named.lookup("gpt-4o-transcribe"))  # (a family priced anew: not
+        self.assertEqual(named.lookup("gpt-4o-2024-11-20").input, 2.0)  # its variants)
 
     def test_cost_of_every_token_kind(self):
         u = tm.Usage()
@@ -3677,14 +3680,14 @@ class TestResilience(ProxyTestCase):
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
         self.assertEqual(resp.status, 200)
         self.assertEqual(other.requests[0].headers[b"x-api-key"], b"gw-own-key")
-        await self.app.stop()  # the first step with a key of its own: the client's goes to the
-        providers["gateway"]["key_ref"] = ""  # first that passes keys through (its home)
-        providers["primary"]["key_ref"] = "env:PRIMARY_KEY"
+        await self.app.stop()  # the first step with a key of its own: still its host alone
+        providers["gateway"]["key_ref"] = ""  # may have the client's (a gateway elsewhere
+        providers["primary"]["key_ref"] = "env:PRIMARY_KEY"  # is someone else)
         await self.start_proxy({"resilience": dict(self.FAST, retry_enabled=False)},
                                env={"PRIMARY_KEY": "own"}, providers=providers)
         resp = await http(self.port, "POST", "/v1/messages", ANTHROPIC_REQ, A_HEADERS)
-        self.assertEqual(resp.status, 200)
-        self.assertEqual(other.requests[-1].headers[b"x-api-key"], b"sk-ant-client")
+        self.assertEqual(resp.status, 529)
+        self.assertEqual(len(other.requests), 1)
 
     async def test_a_stream_that_opens_with_overloaded_is_retried_and_falls_back(self):
         # a 200 whose first event (sent with the head) is overloaded_error: nothing had reached
@@ -6567,6 +6570,12 @@ class TestBudgetStage(ProxyTestCase):
         legacy = {"model": "gpt-3.5-turbo-instruct", "prompt": "x", "max_tokens": 10.0}
         self.assertAlmostEqual(worst("/v1/completions", "openai", dict(legacy, best_of=3))
                                - worst("/v1/completions", "openai", legacy), 2 * 10 * 2 / 1e6)
+        huge = dict(legacy, max_tokens=2 ** 53)  # (past 10^9: held at 10^9, never as unstated)
+        self.assertAlmostEqual(worst("/v1/completions", "openai", huge), 10 ** 9 * 2 / 1e6,
+                               delta=0.001)
+        local = worst("/v1/messages", "anthropic", dict(self.MODEL_REQ, model="my-local-llm",
+                                                        messages=turns))
+        self.assertGreater(local, 1024 * haiku.output / 1e6)  # (its summary is no local call)
 
     async def test_a_refusal_says_when_to_come_back_and_an_unnamed_model_still_spends(self):
         # a refusal's Retry-After was the rest of the period even when only requests in flight
@@ -6601,6 +6610,23 @@ class TestBudgetStage(ProxyTestCase):
         self.assertEqual(spent.headers["x-should-retry"], "false")
         self.assertGreater(int(spent.headers["retry-after"]), tm.BUDGET_HELD_RETRY)
 
+    async def test_a_cost_that_stays_null_settles_at_the_reservation(self):
+        # a priced model whose answer could not be priced (audio tokens, no audio rates) was
+        # settled at 0: its spend left the budget for good
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "voice-1", "choices": [{"message": {"content": "ok"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 100,
+                      "completion_tokens_details": {"audio_tokens": 90}}})
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 10}},
+                                "pricing": {"voice-1": {"input": 1.0, "output": 2.0}}})
+        req = dict(OPENAI_REQ, model="voice-1", max_tokens=100)
+        resp = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
+        self.assertEqual(resp.status, 200)
+        row = (await self.rows())[0]
+        self.assertIsNone(row["cost_usd"])
+        spent = sum(self.app.ledger.spent.values())
+        self.assertGreaterEqual(spent, 100 * 2.0 / 1e6)  # (its worst case, held as spent)
+
     async def test_alerts_follow_a_reloaded_limit(self):
         # a reload lowered the limit while requests were in flight: they settled at 250% of
         # it, and no alert was logged (the limit held at reservation time was compared)
@@ -6614,7 +6640,9 @@ class TestBudgetStage(ProxyTestCase):
         lower = tm.config_from_dict({"security": {"budget": {"enabled": True,
                                                              "daily_limit": 0.001}}}, {})
         tm.BudgetGuard(lower, store=self.app.store, log=tm.Logger("fatal"),
-                       prices=self.app.proxy.prices, ledger=old.ledger)  # (the reload's)
+                       prices=self.app.proxy.prices, ledger=old.ledger)  # (a reload builds
+        self.assertEqual(old.ledger.limits, {("global", "daily"): 1.0})  # it, and may fail)
+        old.ledger.set_limits(lower.budget)  # (the reload committed)
         ctx.cost = 0.0025
         old.finish(ctx)
         self.assertEqual({mark[-1] for mark in old.ledger.fired}, {50.0, 75.0, 90.0})
@@ -8881,11 +8909,12 @@ class TestServerHardening(ProxyTestCase):
         # operator's key; a page whose name was rebound to 127.0.0.1 could read the dashboard;
         # a lowercase method or a leading blank skipped the pipeline (PII, budgets, limits);
         # dot segments went upstream with the key, for a gateway to resolve outside its base
-        await self.start_proxy({"security": {"pii": {"enabled": True}}})
+        await self.start_proxy({"security": {"pii": {"enabled": True}},
+                                "server": {"allowed_hosts": ["tokenman.internal:7677"]}})
         refused = [("POST", "/v1/chat/completions", {"Origin": "https://evil.example"}, 403),
                    ("POST", "/v1/chat/completions", {"Origin": "null"}, 403),
-                   ("POST", "/v1/chat/completions", {"Host": "evil.example:7677",
-                                                     "Sec-Fetch-Mode": "cors"}, 403),
+                   ("POST", "/v1/chat/completions", {"Host": "evil.example:7677"}, 403),
+                   ("POST", "/v1/chat%2Fcompletions", {}, 400),  # (not metered, if served)
                    ("post", "/v1/chat/completions", {}, 501),
                    ("POST", "/v1/../../internal/admin", {}, 400),
                    ("POST", "/v1/%2e%2e/admin", {}, 400),
@@ -8897,7 +8926,7 @@ class TestServerHardening(ProxyTestCase):
                 self.assertEqual(resp.status, status, resp.body[:200])
                 self.assertIn("message", resp.json()["error"])
         rebound = await http(self.app.dashboard_port, "GET", "/api/requests", headers={
-            "Host": "attacker.example:7678", "Sec-Fetch-Site": "same-origin"})
+            "Host": "attacker.example:7678"})  # (a same-origin GET: no Origin, no Sec-Fetch)
         self.assertEqual(rebound.status, 403)
         self.assertEqual(len(self.up.requests), 0)
         rows = await self.rows(len(refused))
@@ -8905,8 +8934,8 @@ class TestServerHardening(ProxyTestCase):
         for headers in ({"Origin": "http://localhost:3000"}, {"Host": "127.0.0.1:7677"},
                         {"Origin": "vscode-webview://abc"}, {"Host": "[::1]:7677"},
                         {"Origin": "http://app.localhost:5173"},
-                        {"Host": "host.docker.internal:7677", "Sec-Fetch-Mode": "cors"},
-                        {"Host": "tokenman.internal"}):  # (no browser: a reverse proxy's)
+                        {"Host": "host.docker.internal:7677"},
+                        {"Host": "tokenman.internal"}):  # (allowed: a port there is ignored)
             with self.subTest(headers=headers):
                 ok = await http(self.port, "POST", "/v1/chat/completions", OPENAI_REQ,
                                 dict(O_HEADERS, **headers))

@@ -2520,9 +2520,10 @@ _LOOPBACK_ORIGIN_RE = re.compile(rb"https?://" + _LOOPBACK_NAME + rb"(?::[0-9]{1
                                  re.IGNORECASE)
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # a path that a server behind the provider's base URL could resolve elsewhere: dot segments,
-# plain or escaped, and backslashes (an escaped slash inside a segment is a model id's, as the
-# OpenAI SDKs write "meta-llama/Llama-3.1-8B": it passes)
+# plain or escaped, and backslashes; an escaped slash too, but in a model id (the OpenAI SDKs
+# write "meta-llama/Llama-3.1-8B" so)
 _PATH_ESCAPE_RE = re.compile(r"(?:/|%2f)(?:\.|%2e){1,2}(?:/|%2f|\Z)|\\|%5c", re.IGNORECASE)
+_ESCAPED_SLASH = re.compile(r"%2f", re.IGNORECASE)
 
 
 def _host_name(host: bytes) -> bytes:
@@ -2538,15 +2539,16 @@ def url_host(address: str) -> str:
 
 
 def is_loopback(address: str) -> bool:
+    address = address.strip("[]")
     return address in ("localhost", "::1") or address.startswith("127.")
 
 
 class BrowserGuard:
-    """Keeps web pages out of a server on loopback. A browser's request (it says so: Origin,
-    Sec-Fetch-*) whose Host is not a loopback name comes from a page whose DNS name was
-    rebound to 127.0.0.1; where `origins` is given, a web page's Origin that is neither a
-    loopback page nor allowed is a page elsewhere posting to the proxy, which adds the
-    operator's key. Other clients (SDKs, curl, a reverse proxy passing its Host on) and apps'
+    """Keeps web pages out of a server on loopback. A request whose Host is not a loopback
+    name (nor allowed) may come from a page whose DNS name was rebound to 127.0.0.1 (a
+    same-origin GET carries neither Origin nor, over plain HTTP, Sec-Fetch-*: the Host is all
+    that tells); where `origins` is given, a web page's Origin that is neither a loopback page
+    nor allowed is a page elsewhere posting to the proxy, which adds the operator's key. Apps'
     own origins (vscode-webview://, app://) are not web pages."""
     __slots__ = ("check_host", "hosts", "origins")
 
@@ -2560,9 +2562,7 @@ class BrowserGuard:
         """Why the request is refused, or "" when it is not."""
         fields = headers.map
         host = fields.get(b"host", b"")
-        if self.check_host and host and (b"origin" in fields or b"sec-fetch-mode" in fields
-                                         or b"sec-fetch-site" in fields) \
-                and not _LOOPBACK_HOST_RE.match(host):
+        if self.check_host and host and not _LOOPBACK_HOST_RE.match(host):
             if _host_name(host.lower()) not in self.hosts:
                 return (f"Host {host.decode('latin-1')[:100]!r} is not a loopback name "
                         "(server.allowed_hosts lists others)")
@@ -3712,10 +3712,18 @@ def stated_output(obj: dict) -> tuple[int | None, int]:
     makes that many, billed, and returns n of them)."""
     if not isinstance(obj, dict):
         return None, 1
-    most = next((n for n in (_tokens(obj.get(k)) for k in _OUTPUT_LIMITS) if n is not None),
+    most = next((n for n in (_asked(obj.get(k)) for k in _OUTPUT_LIMITS) if n is not None),
                 None)
-    n = max(_tokens(obj.get("n")) or 1, _tokens(obj.get("best_of")) or 1)
+    n = max(_asked(obj.get("n")) or 1, _asked(obj.get("best_of")) or 1)
     return most, n
+
+
+def _asked(value: object) -> int | None:
+    """A count a request states (a whole-number float too), at most USAGE_MAX: a larger one is
+    that much, never "unstated" (a reservation would shrink to the default)."""
+    if type(value) is float and value.is_integer() and value >= 0:
+        return int(min(value, USAGE_MAX))
+    return min(value, USAGE_MAX) if type(value) is int and value >= 0 else None
 
 
 def web_searches_at_most(obj: object) -> int:
@@ -3858,7 +3866,8 @@ class PriceTable:
         self.prices: dict[str, Price] = {row[0]: Price(*row[1:]) for row in BUILTIN_PRICES}
         for model, entry in (overrides or {}).items():
             self.prices[model] = Price(**dict(entry))
-        self.builtin = frozenset(row[0] for row in BUILTIN_PRICES) - set(overrides or ())
+        self.builtin = frozenset(row[0] for row in BUILTIN_PRICES)  # (an entry overriding
+        # one prices the family anew, not its variants)
         self._memo: dict[str, Price | None] = {}
         self._warned: set[str] = set()
         self._warn = warn
@@ -7122,6 +7131,11 @@ class BudgetLedger:
         self.fired: set[tuple] = set()
         self.limits: dict[tuple, float] = {}  # (scope, period) -> USD, as the config says now
 
+    def set_limits(self, cfg: BudgetConfig) -> None:
+        """The limits alerts compare against (at start, and when a reload is committed: a
+        request that reserved under the old ones settles against these)."""
+        self.limits = {(scope, period): limit for scope, period, limit in budget_limits(cfg)}
+
     @staticmethod
     def logged(store: Store, limits: list[tuple[str, str, float]],
                now: float) -> dict[tuple, tuple[float, float]]:
@@ -7180,8 +7194,6 @@ class BudgetGuard(Stage):
         self.prices = prices
         self.ledger = ledger
         self.clock = clock
-        ledger.limits = {(scope, period): limit for scope, period, limit in budget_limits(
-            cfg.budget)}  # (a new pipeline: a reload's limits count for alerts at once)
 
     def _worst(self, ctx: Context) -> float:
         """The most this request can cost: its input estimate at the dearest input rate and
@@ -7192,16 +7204,17 @@ class BudgetGuard(Stage):
         steps = [(m, prov.cfg.max_output_tokens) for prov, m in ctx.plan] or [(ctx.model, 0)]
         prices = [(p, cap) for p, cap in ((self.prices.lookup(m), cap) for m, cap in steps)
                   if p is not None]
-        if not prices:
-            return 0.0  # unpriced models cost null: nothing to reserve, logged by PriceTable
         most, n = stated_output(ctx.obj)
         if most is None:
             most = self.cfg.default_max_tokens
         tokens = request_estimate(ctx)
-        return max(tokens * max(p.input, p.cache_write_5m, p.cache_write_1h, p.audio_input or 0)
-                   + (min(most, cap) if cap else most) * n * max(p.output, p.audio_output or 0)
-                   for p, cap in prices) / 1_000_000 \
+        return max((tokens * max(p.input, p.cache_write_5m, p.cache_write_1h,
+                                 p.audio_input or 0)
+                    + (min(most, cap) if cap else most) * n * max(p.output, p.audio_output or 0)
+                    for p, cap in prices), default=0.0) / 1_000_000 \
             + web_searches_at_most(ctx.obj) * WEB_SEARCH_USD + self._summary_worst(ctx, tokens)
+        # (an unpriced model costs null: its tokens reserve nothing, logged by PriceTable; a
+        # summary tokenman makes for it, or a search fee, still cost)
 
     def _summary_worst(self, ctx: Context, tokens: int) -> float:
         """What the summary call tokenman may make for this request can cost (its transcript
@@ -7456,8 +7469,21 @@ def cache_minimum(model: str) -> int:
 # an escaped letter of "cache_control" (c a h e _ o n t r l): rare in real text, where only
 # quotes, controls and non-ASCII are escaped
 _ESCAPED_NAME = re.compile(rb"\\u00(?:6[1358cCeEfF]|5[fF]|7[24])")
-# the name as a member (a quote no backslash escapes, a colon after it), not as a string value
-_CACHE_CONTROL_KEY = re.compile(rb'(?<!\\)(?:\\\\)*"cache_control"\s*:')
+# the name as a member (a colon after it; its quote escaped by no backslash), not a value
+_CACHE_CONTROL_KEY = re.compile(rb'"cache_control"\s*:')
+
+
+def names_member(body: bytes, pattern: re.Pattern) -> bool:
+    """Whether a JSON text has a member the pattern (its quoted name and colon) matches, not a
+    string holding those characters: its quote follows an even number of backslashes.
+    (A pattern with a literal start: the search runs at C speed.)"""
+    for m in pattern.finditer(body):
+        i = start = m.start()
+        while i and body[i - 1] == 92:  # (a backslash)
+            i -= 1
+        if (start - i) % 2 == 0:
+            return True
+    return False
 
 
 class CacheHints(Stage):
@@ -7478,7 +7504,7 @@ class CacheHints(Stage):
         body = ctx.req.body
         if not self.cfg.enabled or ctx.api != API_ANTHROPIC:
             return None
-        if b'"cache_control"' in body and _CACHE_CONTROL_KEY.search(body) or \
+        if b'"cache_control"' in body and names_member(body, _CACHE_CONTROL_KEY) or \
                 _ESCAPED_NAME.search(body) and has_member(obj, "cache_control"):
             return None  # (a member, not a value; spelled with escapes, the parsed body says)
         if len(ctx.req.body) // 3 < CACHE_MINIMUM_ANY:  # the whole prompt is too short to cache
@@ -8800,18 +8826,21 @@ class Router:
         return tuple(self._own_keys_stay(plan, model))
 
     def _own_keys_stay(self, plan: list, model: str) -> list:
-        """A client's own key goes only to the host its request is routed to (the first step
-        that passes keys through): never, by a fallback, to another such host (a gateway run
-        by someone else; a provider of the other format, as its Bearer token). Steps with
-        their own key stay. Each step taken out is logged once (plans are memoized)."""
-        home = next((p.origin.key[:3] for p, _ in plan if not p.cfg.key_ref), None)
-        if self.share_keys or home is None:
+        """A client's own key goes only to the host its request is routed to (the first
+        step's): never, by a fallback, to another host that passes keys through (a gateway
+        run by someone else; a provider of the other format, as its Bearer token), whether the
+        first step passes it or uses a key of its own. Steps with their own key stay. Each
+        step taken out is logged (once: plans are memoized)."""
+        if self.share_keys or not plan:
             return plan
+        home = plan[0][0].origin.key[:3]
         kept = [(p, m) for p, m in plan if p.cfg.key_ref or p.origin.key[:3] == home]
-        for step in plan:
-            if step not in kept:
-                self.log.info("fallback step skipped: it would get the client's own key "
-                              "(routing.share_client_keys)", provider=step[0].key, model=model)
+        if len(self._plans) < 4096:  # (past it plans are not kept: not said every time)
+            for step in plan:
+                if step not in kept:
+                    self.log.info("fallback step skipped: it would get the client's own key "
+                                  "(routing.share_client_keys)", provider=step[0].key,
+                                  model=model)
         return kept
 
     def usable_count(self) -> int:
@@ -9871,10 +9900,11 @@ class Proxy(ResponseRelay, RequestLog):
                                      else ()))
         if req.method not in HTTP_METHODS:
             return HTTPError(501, f"method {req.method[:20]!r} is not supported", close=True)
-        if _PATH_ESCAPE_RE.search(req.path):
+        if _PATH_ESCAPE_RE.search(req.path) or "%" in req.path and _ESCAPED_SLASH.search(
+                req.path) and not req.path.startswith("/v1/models/"):  # (a model id's is
             return HTTPError(400, "request path has dot segments or escaped slashes or dots",
-                             close=True)
-        return None
+                             close=True)  # its own; elsewhere an escaped slash may be read as
+        return None  # a path tokenman did not meter: /v1/chat%2Fcompletions)
 
     async def handle(self, req: Request, conn: ServerConn) -> None:
         path = req.path
@@ -11315,6 +11345,7 @@ class App:
         self.store.start()
         self.pool = UpstreamPool(self.env)
         self.ledger = BudgetLedger()
+        self.ledger.set_limits(cfg.budget)
         await asyncio.to_thread(self.ledger.load, self.store)
         self.config_seen = await asyncio.to_thread(self._stamp, cfg.source)
         await self._count_earlier_spend(cfg)
@@ -11445,6 +11476,7 @@ class App:
         if self.dashboard is not None:
             self.dashboard.cfg = cfg.server
         self.proxy.reconfigure(cfg, router, prices, pipeline, token)
+        self.ledger.set_limits(cfg.budget)
         self.proxy.plugins = self.plugins = plugins
         if self.pipeline is not None:
             self.pipeline.retire()  # (its stages close when its last request ends)
