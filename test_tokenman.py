@@ -6627,6 +6627,26 @@ class TestBudgetStage(ProxyTestCase):
         spent = sum(self.app.ledger.spent.values())
         self.assertGreaterEqual(spent, 100 * 2.0 / 1e6)  # (its worst case, held as spent)
 
+    async def test_an_unpriced_model_spends_only_what_was_billed(self):
+        # its reservation holds a search fee it may incur; settled at the whole reservation
+        # (as a priced model's null cost is), a local model that searched nothing used up
+        # the budget with spend that never happened
+        self.up.handler = lambda rec, r, w: json_reply(w, {
+            "model": "my-local-llm", "content": [], "usage": {
+                "input_tokens": 10, "output_tokens": 10,
+                "server_tool_use": {"web_search_requests": int(
+                    rec.json()["messages"][0]["content"] == "search")}}})
+        await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 10}}})
+        tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
+        for text in ("no search", "search"):
+            req = dict(self.MODEL_REQ, model="my-local-llm", tools=tools,
+                       messages=[{"role": "user", "content": text}])
+            resp = await http(self.port, "POST", "/v1/messages", req, A_HEADERS)
+            self.assertEqual(resp.status, 200)
+            self.assertAlmostEqual(sum(self.app.ledger.spent.values()),
+                                   0.01 if text == "search" else 0.0)
+        self.assertEqual(sum(self.app.ledger.reserved.values()), 0.0)
+
     async def test_alerts_follow_a_reloaded_limit(self):
         # a reload lowered the limit while requests were in flight: they settled at 250% of
         # it, and no alert was logged (the limit held at reservation time was compared)
@@ -7078,12 +7098,15 @@ class TestSavingsStages(unittest.IsolatedAsyncioTestCase):
         ctx.obj = json.loads(ctx.req.body)
         stage.request(ctx)
         self.assertEqual(ctx.changes, {})
-        ctx = self.ctx_for(claude_code_request())  # a value that is the bare word is no mark
-        ctx.obj["metadata"] = {"note": "cache_control"}
-        ctx.req.body = json.dumps(ctx.obj).encode()
-        stage.request(ctx)
-        self.assertGreaterEqual(len(breakpoints(json.loads(tm.json_patch(ctx.req.body,
-                                                                         ctx.changes)))), 2)
+        for note in ({"note": "cache_control"}, {'a "cache_control': 1}):  # a value that is
+            ctx = self.ctx_for(claude_code_request())  # the bare word, or a member whose name
+            ctx.obj["metadata"] = note  # ends in it after an escaped quote, is no mark
+            ctx.req.body = json.dumps(ctx.obj).encode()
+            stage.request(ctx)
+            self.assertGreaterEqual(len(breakpoints(json.loads(tm.json_patch(
+                ctx.req.body, ctx.changes)))), 2, note)
+        self.assertTrue(tm.names_member(b'{"a\\\\": 1, "cache_control": {}}',
+                                        tm._CACHE_CONTROL_KEY))  # (an escaped backslash)
 
     async def test_cache_hints_rules_hold_for_generated_requests(self):
         import random
@@ -9607,6 +9630,23 @@ class TestReload(ProxyTestCase):
         moved = await http(self.port, "POST", "/v1/chat/completions", req, O_HEADERS)
         self.assertEqual((moved.headers["x-tokenman-cache"], moved.json()["model"]),
                          ("MISS", "from-gpt"))
+
+    async def test_budget_alerts_compare_with_the_limits_a_reload_committed(self):
+        # the limits alerts compare with changed when a reload built its pipeline, before it
+        # could fail: a refused reload's lower limit fired alerts all the same
+        env = {"GOOD_KEY": "sk-ant-good"}
+        budget = '[security.budget]\nenabled = true\ndaily_limit = {}\n'
+        await self.start_from_file(self.config('key_ref = "env:GOOD_KEY"\n'
+                                               + budget.format(100)), env=env)
+        self.assertEqual(self.app.ledger.limits, {("global", "daily"): 100.0})
+        with open(self.cfg_path, "w") as fh:  # (a key_ref typo: refused)
+            fh.write(self.config('key_ref = "env:GOOD_KEYY"\n' + budget.format(0.001)))
+        self.assertFalse(await self.app.reload("SIGHUP"))
+        self.assertEqual(self.app.ledger.limits, {("global", "daily"): 100.0})
+        with open(self.cfg_path, "w") as fh:
+            fh.write(self.config('key_ref = "env:GOOD_KEY"\n' + budget.format(0.001)))
+        self.assertTrue(await self.app.reload("SIGHUP"))
+        self.assertEqual(self.app.ledger.limits, {("global", "daily"): 0.001})
 
     async def test_a_reload_that_would_make_a_serving_provider_unusable_is_refused(self):
         # a key_ref typo was "config reloaded" after a warning: every request a 503 and

@@ -2539,7 +2539,6 @@ def url_host(address: str) -> str:
 
 
 def is_loopback(address: str) -> bool:
-    address = address.strip("[]")
     return address in ("localhost", "::1") or address.startswith("127.")
 
 
@@ -7267,16 +7266,22 @@ class BudgetGuard(Stage):
             keys.append((key, limit))
         for key, _ in keys:
             ledger.reserved[key] = ledger.reserved.get(key, 0.0) + worst
-        ctx.notes["budget"] = (keys, worst)
+        ctx.notes["budget"] = (keys, worst, any(  # (whether its tokens were priced)
+            self.prices.lookup(m) is not None for _, m in ctx.plan or [(None, ctx.model)]))
         return None
 
     def finish(self, ctx: Context) -> None:
         held = ctx.notes.get("budget")
         if not held:
             return
-        keys, worst = held
-        actual = worst if ctx.cost is None else ctx.cost  # (usage priced nowhere, audio with
-        ledger = self.ledger  # no audio rates: the most it could cost, not nothing)
+        keys, worst, priced = held
+        if ctx.cost is not None:
+            actual = ctx.cost
+        elif priced:  # (usage a priced model's entry could not price, audio with no audio
+            actual = worst  # rates: the most it could cost, not nothing)
+        else:  # (an unpriced model: its tokens cost null; its searches are billed all the same)
+            actual = ctx.usage.web_searches * WEB_SEARCH_USD
+        ledger = self.ledger
         now = utc_iso(self.clock())
         for key, limit in keys:
             ledger.reserved[key] = max(0.0, ledger.reserved.get(key, 0.0) - worst)
