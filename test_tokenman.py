@@ -6468,6 +6468,14 @@ class TestBudgetStage(ProxyTestCase):
         est = tm.estimate_request_tokens(self.MODEL_REQ)
         return (est * 2.0 + 1000 * 5.0) / 1e6  # haiku 4.5: 1h cache-write rate 2, output 5
 
+    def worst_of(self, path, api, body):
+        """The budget stage's worst case for a request, planned as _prepare plans it."""
+        req = tm.Request("POST", path, 1, tm.Headers([(b"host", b"x")]))
+        req.body = json.dumps(body).encode()
+        ctx = tm.Context(req, api)
+        self.app.proxy._prepare(req, ctx)
+        return self.app.pipeline.stage("budget")._worst(ctx)
+
     async def test_concurrent_requests_cannot_overspend(self):
         gate = asyncio.Event()
 
@@ -6506,14 +6514,7 @@ class TestBudgetStage(ProxyTestCase):
                                 "routing": {"model_map": {
                                     "team-default": "anthropic:claude-opus-4-1",
                                     "claude-sonnet-4-5": "anthropic:my-local-qwen"}}})
-        budget = self.app.pipeline.stage("budget")
-
-        def worst(path, api, body):
-            req = tm.Request("POST", path, 1, tm.Headers([(b"host", b"x")]))
-            req.body = json.dumps(body).encode()
-            ctx = tm.Context(req, api)
-            self.app.proxy._prepare(req, ctx)
-            return budget._worst(ctx)
+        worst = self.worst_of
         chat = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user",
                                                                     "content": "hi"}]}
         price = self.app.proxy.prices.lookup("gpt-4o")
@@ -6542,14 +6543,7 @@ class TestBudgetStage(ProxyTestCase):
         await self.start_proxy({"security": {"budget": {"enabled": True, "daily_limit": 100}},
                                 "compression": {"summarization": {
                                     "enabled": True, "threshold_messages": 4}}})
-        budget = self.app.pipeline.stage("budget")
-
-        def worst(path, api, body):
-            req = tm.Request("POST", path, 1, tm.Headers([(b"host", b"x")]))
-            req.body = json.dumps(body).encode()
-            ctx = tm.Context(req, api)
-            self.app.proxy._prepare(req, ctx)
-            return budget._worst(ctx)
+        worst = self.worst_of
         base = worst("/v1/messages", "anthropic", self.MODEL_REQ)
         search = dict(self.MODEL_REQ, tools=[{"type": "web_search_20250305",
                                               "name": "web_search", "max_uses": 7}])
