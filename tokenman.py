@@ -583,6 +583,30 @@ def _json_strings(obj: object, out: list[str], depth: int = 0, counted=None) -> 
             _json_strings(value, out, depth + 1, counted)
 
 
+def has_member(obj: object, name: str, depth: int = 0) -> bool:
+    """Whether any object inside has a member `name` (a parsed body: however it was spelled)."""
+    if depth > 64:
+        return False
+    if isinstance(obj, dict):
+        return name in obj or any(isinstance(v, (dict, list)) and has_member(v, name, depth + 1)
+                                  for v in obj.values())
+    return isinstance(obj, list) and any(isinstance(v, (dict, list)) and has_member(
+        v, name, depth + 1) for v in obj)
+
+
+def names_member(body: bytes, pattern: re.Pattern) -> bool:
+    """Whether a JSON text has a member the pattern (its quoted name and colon) matches, not a
+    string holding those characters: its quote follows an even number of backslashes.
+    (A pattern with a literal start: the search runs at C speed.)"""
+    for m in pattern.finditer(body):
+        i = start = m.start()
+        while i and body[i - 1] == 92:  # (a backslash)
+            i -= 1
+        if (start - i) % 2 == 0:
+            return True
+    return False
+
+
 class RotatingFile:
     """A log file that rotates itself by size (path, path.1 .. path.N), 0600."""
 
@@ -1918,6 +1942,9 @@ def sse_fields(event: bytes) -> tuple[bytes, bytes]:
             value = line[6:]
             name = value[1:] if value.startswith(b" ") else value
     return name, b"\n".join(data)
+
+
+_JSON_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")  # a JSON object's body
 
 
 def form_field(body: bytes, name: bytes) -> str:
@@ -5311,8 +5338,6 @@ def text_fields(api: str, obj: dict, roles: tuple | None = None) -> list[tuple]:
 
 # OpenAI calls whose text is a bare prompt: path -> its member (a string, or a list of strings;
 # token-id arrays carry no text to screen)
-_JSON_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")  # a JSON object's body
-
 _PROMPT_MEMBERS = types.MappingProxyType({EMBEDDINGS_PATH: "input", COMPLETIONS_PATH: "prompt",
                                           "/v1/moderations": "input"})
 
@@ -7442,17 +7467,6 @@ class RateLimiter(Stage):
 
 # -- token savings: prompt-cache hints, lossless compression, history window, heartbeat ---------
 
-def has_member(obj: object, name: str, depth: int = 0) -> bool:
-    """Whether any object inside has a member `name` (a parsed body: however it was spelled)."""
-    if depth > 64:
-        return False
-    if isinstance(obj, dict):
-        return name in obj or any(isinstance(v, (dict, list)) and has_member(v, name, depth + 1)
-                                  for v in obj.values())
-    return isinstance(obj, list) and any(isinstance(v, (dict, list)) and has_member(
-        v, name, depth + 1) for v in obj)
-
-
 def no_compress(ctx: Context) -> bool:
     """The client opted out of rewriting stages for this request."""
     return ctx.req.headers.map.get(b"x-tokenman-no-compress", b"").strip() in (b"1", b"true")
@@ -7476,19 +7490,6 @@ def cache_minimum(model: str) -> int:
 _ESCAPED_NAME = re.compile(rb"\\u00(?:6[1358cCeEfF]|5[fF]|7[24])")
 # the name as a member (a colon after it; its quote escaped by no backslash), not a value
 _CACHE_CONTROL_KEY = re.compile(rb'"cache_control"\s*:')
-
-
-def names_member(body: bytes, pattern: re.Pattern) -> bool:
-    """Whether a JSON text has a member the pattern (its quoted name and colon) matches, not a
-    string holding those characters: its quote follows an even number of backslashes.
-    (A pattern with a literal start: the search runs at C speed.)"""
-    for m in pattern.finditer(body):
-        i = start = m.start()
-        while i and body[i - 1] == 92:  # (a backslash)
-            i -= 1
-        if (start - i) % 2 == 0:
-            return True
-    return False
 
 
 class CacheHints(Stage):
@@ -7768,7 +7769,7 @@ class Summarizer(Stage):
     def __init__(self, cfg: Config, log: Logger, prices: PriceTable, pool: UpstreamPool = None,
                  router: "Router" = None, **_: object) -> None:
         self.cfg = cfg.summarization
-        self.auth_token = resolve_secret(cfg.auth.token, os.environ) if cfg.auth.enabled else ""
+        self.auth_token = auth_token(cfg)
         self.log = log
         self.prices = prices
         self.pool = pool
